@@ -1,0 +1,35 @@
+"""The `flexnpu` command line: one Typer app per command group, composed here."""
+
+from __future__ import annotations
+
+import typer
+
+from flexnpu.emulator.cli import app as emu_app
+
+app = typer.Typer(
+    name="flexnpu",
+    help="Share AI accelerators between LLM serving processes: observe, gate and interleave "
+    "prefill and decode on one device.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(emu_app, name="emu")
+
+
+def _register_optional() -> None:
+    """Command groups added by other parts of the package register themselves here."""
+    from flexnpu import doctor
+
+    app.command("doctor")(doctor.doctor_command)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""`flexnpu emu`: start, stop and inspect the emulated Ascend device."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flexnpu import paths
+from flexnpu.emulator import control
+from flexnpu.emulator.profiles import PROFILES
+
+app = typer.Typer(
+    help="The emulated Ascend device (real AscendCL ABI, published-spec performance model).",
+    no_args_is_help=True,
+)
+err = Console(stderr=True)
+
+
+@app.command()
+def start(
+    devices: Annotated[int, typer.Option(help="Number of emulated devices (1-16).")] = 8,
+    profile: Annotated[str, typer.Option(help=f"Device profile: {', '.join(PROFILES)}.")] = "910b",
+    mode: Annotated[
+        str,
+        typer.Option(help="serial (one op at a time, arrival order) or shared (fluid sharing); "
+                     "a comma list gives one per device."),
+    ] = "serial",
+    time_scale: Annotated[float, typer.Option(help="Multiply every modelled time by this.")] = 1.0,
+    foreground: Annotated[bool, typer.Option(help="Run in the foreground (for systemd).")] = False,
+) -> None:
+    """Start the device server.
+
+    Examples:
+      flexnpu emu start --devices 2
+      flexnpu emu start --profile 910c --mode serial,shared --devices 2
+    """
+    try:
+        pid = control.start(devices, profile, mode, time_scale, foreground=foreground)
+    except control.EmulatorError as e:
+        err.print(f"flexnpu emu start: {e}")
+        raise typer.Exit(1)
+    typer.echo(f"emulator started: pid {pid}, {devices} x {PROFILES[profile].soc} ({mode}), "
+               f"socket {paths.emulator_socket()}")
+
+
+@app.command()
+def stop() -> None:
+    """Stop the device server (clients then get ACL_ERROR_RT_SOCKET_CLOSE)."""
+    if control.stop():
+        typer.echo("emulator stopped")
+    else:
+        typer.echo(f"no emulator running under {paths.runtime_dir()}")
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+@app.command()
+def status(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Per device and client process: busy time, bytes copied by direction, memory in use.
+
+    Exit code 1 if no emulator is running.
+    """
+    try:
+        st = control.status()
+    except control.EmulatorError as e:
+        if json_out:
+            typer.echo(json.dumps({"schema": 1, "running": False, "error": str(e)}))
+        else:
+            err.print(f"flexnpu emu status: {e}")
+        raise typer.Exit(1)
+    if json_out:
+        typer.echo(json.dumps({**st, "running": True}))
+        return
+    con = Console()
+    for d in st["devices"]:
+        p = d["params"]
+        con.print(
+            f"[bold]device {d['index']}[/] {d['soc']} {d['mode']}  "
+            f"{p['peak_tflops']:.0f} TFLOPS  {p['hbm_gbps']:.0f} GB/s HBM  "
+            f"memory {_mib(d['memory']['used'])}/{_mib(d['memory']['total'])} MiB  "
+            f"busy {d['busy_ns'] / 1e6:.1f} ms  pending {d['pending_ops']}"
+        )
+        if not d["clients"]:
+            continue
+        t = Table(box=None, pad_edge=False)
+        for col in ("pid", "alive", "busy ms", "kernels", "H2D MiB", "D2H MiB", "D2D MiB", "mem MiB", "top kernels"):
+            t.add_column(col, justify="right" if col not in ("top kernels", "alive") else "left")
+        for c in d["clients"]:
+            b = c["bytes_copied"]
+            top = sorted(c["busy_by_name"].items(), key=lambda kv: -kv[1])[:3]
+            t.add_row(
+                str(c["pid"]), "yes" if c["alive"] else "exited", f"{c['busy_ns'] / 1e6:.2f}",
+                str(c["ops"]["kernel"]), _mib(b["h2d"]), _mib(b["d2h"]), _mib(b["d2d"] + b["inner_d2d"]),
+                _mib(c["memory_used"]), " ".join(f"{k}:{v / 1e6:.2f}ms" for k, v in top),
+            )
+        con.print(t)
+
+
+@app.command()
+def env() -> None:
+    """Print shell exports that make programs load the emulated libascendcl.so.
+
+    Example:  eval "$(flexnpu emu env)"
+    """
+    e = control.emulator_env()
+    e["FLEXNPU_EMU_KERNELS"] = str(paths.emulator_kernel_library())
+    e["FLEXNPU_ACL_INCLUDE"] = str(paths.emulator_include_dir())
+    for k, v in e.items():
+        typer.echo(f"export {k}={v}")

@@ -1,0 +1,1190 @@
+/* The emulated libascendcl.so: the AscendCL C ABI on top of the FlexNPU device server.
+ *
+ * Data effects (copies, memsets, kernels) happen in the caller's thread at call time, on
+ * the process's mapping of the device memory file. Calls reach the library in program
+ * order, which is a legal order of the stream graph for any race-free program, so results
+ * are those of a real device. Timing is the server's: each device operation becomes an op
+ * in this process's ring, and synchronisation waits until the server's performance model
+ * says the op has completed.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <sys/mman.h>
+#include <sys/sysinfo.h>
+
+#include "emu_kernels.h"
+#include "emu_shared.h"
+#include "emu_util.h"
+#include "include/acl/acl.h"
+
+#define STREAM_MAGIC 0x5354524dU
+#define EVENT_MAGIC 0x45564e54U
+#define CTX_MAGIC 0x43545854U
+#define BIN_MAGIC 0x42494e48U
+#define FUNC_MAGIC 0x46554e43U
+
+struct alloc {
+    uintptr_t base;
+    size_t size;
+};
+
+struct device {
+    bool open;
+    int refs;
+    struct emu_dev_seg *seg;
+    char *mem;
+    uint64_t cap;
+    pthread_mutex_t ring_lock;
+    pthread_mutex_t alloc_lock;
+    struct alloc *allocs; /* sorted by base */
+    size_t nallocs, cap_allocs;
+};
+
+struct stream {
+    uint32_t magic;
+    uint32_t idx;
+    int dev;
+};
+
+struct event {
+    uint32_t magic;
+    uint32_t idx;
+    uint32_t flags;
+    _Atomic uint32_t gen; /* records issued */
+};
+
+struct context {
+    uint32_t magic;
+    int dev;
+};
+
+struct func {
+    uint32_t magic;
+    int builtin;
+    _Atomic int name_id; /* server name id, registered on first launch; -1 until then */
+    char name[EMU_NAME_LEN];
+};
+
+struct binary {
+    uint32_t magic;
+    int nfuncs;
+    struct func funcs[];
+};
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* connection, tables */
+static bool g_inited, g_finalized;
+static int g_sock = -1;
+static int g_ndev;
+static struct emu_client_seg *g_seg;
+static struct device g_dev[EMU_MAX_DEVICES];
+static _Atomic uint64_t g_stream_seq[EMU_MAX_STREAMS]; /* ops issued per stream */
+static uint8_t g_stream_used[EMU_MAX_STREAMS];
+static uint8_t g_event_used[EMU_MAX_EVENTS];
+static _Atomic bool g_server_lost;
+static char g_sock_path[108];
+
+static __thread int t_dev = -1;
+static __thread char t_errmsg[256];
+
+static int fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t_errmsg, sizeof t_errmsg, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static void warn_once(_Atomic bool *flag, const char *msg)
+{
+    if (!atomic_exchange(flag, true)) fprintf(stderr, "libascendcl (FlexNPU emulator): %s\n", msg);
+}
+
+/* ---------------------------------------------------------------- connection */
+
+static int rpc(struct emu_req *req, struct emu_rep *rep, int *fds, int *nfds)
+{
+    if (g_sock < 0) return ACL_ERROR_RT_SOCKET_CLOSE;
+    if (emu_send_fds(g_sock, req, sizeof *req, NULL, 0) < 0) goto lost;
+    ssize_t r = emu_recv_fds(g_sock, rep, sizeof *rep, fds, nfds);
+    if (r != (ssize_t)sizeof *rep) goto lost;
+    return 0;
+lost:
+    atomic_store(&g_server_lost, true);
+    static _Atomic bool said;
+    warn_once(&said, "lost the connection to the device server; device calls now fail with "
+                     "ACL_ERROR_RT_SOCKET_CLOSE (507901)");
+    return ACL_ERROR_RT_SOCKET_CLOSE;
+}
+
+static bool server_alive(void)
+{
+    if (atomic_load(&g_server_lost) || g_sock < 0) return false;
+    struct pollfd p = {.fd = g_sock, .events = POLLRDHUP};
+    if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
+        atomic_store(&g_server_lost, true);
+        static _Atomic bool said;
+        warn_once(&said, "the device server went away; device calls now fail with "
+                         "ACL_ERROR_RT_SOCKET_CLOSE (507901)");
+        return false;
+    }
+    return true;
+}
+
+/* Connects to the device server and registers this process. Caller holds g_lock. */
+static int connect_locked(void)
+{
+    if (g_sock >= 0) return atomic_load(&g_server_lost) ? ACL_ERROR_RT_SOCKET_CLOSE : 0;
+    if (emu_socket_path(g_sock_path, sizeof g_sock_path) < 0)
+        return fail(ACL_ERROR_RT_NO_DEVICE, "FLEXNPU_RUNTIME_DIR is too long for a socket path");
+    int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    memcpy(sa.sun_path, g_sock_path, strlen(g_sock_path) + 1);
+    if (s < 0 || connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int e = errno;
+        if (s >= 0) close(s);
+        static _Atomic bool said;
+        if (!atomic_exchange(&said, true))
+            fprintf(stderr,
+                    "libascendcl (FlexNPU emulator): no device server at %s (%s); "
+                    "start one with `flexnpu emu start`\n",
+                    g_sock_path, strerror(e));
+        return fail(ACL_ERROR_RT_NO_DEVICE, "no emulated device server at %s", g_sock_path);
+    }
+    int fd = memfd_create("flexnpu-emu-client", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, sizeof(struct emu_client_seg)) < 0) {
+        if (fd >= 0) close(fd);
+        close(s);
+        return fail(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "memfd_create failed");
+    }
+    struct emu_client_seg *seg = mmap(NULL, sizeof *seg, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (seg == MAP_FAILED) {
+        close(fd);
+        close(s);
+        return fail(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "mmap of the client segment failed");
+    }
+    seg->magic = EMU_MAGIC_CLIENT;
+    seg->version = EMU_PROTO_VERSION;
+    seg->pid = getpid();
+    struct emu_req req = {.type = EMU_REQ_HELLO, .a = EMU_PROTO_VERSION};
+    struct emu_rep rep;
+    int nfds = 0;
+    if (emu_send_fds(s, &req, sizeof req, &fd, 1) < 0 ||
+        emu_recv_fds(s, &rep, sizeof rep, NULL, &nfds) != (ssize_t)sizeof rep || rep.err != 0) {
+        close(fd);
+        close(s);
+        munmap(seg, sizeof *seg);
+        return fail(ACL_ERROR_RT_NO_DEVICE, "the device server at %s refused this process", g_sock_path);
+    }
+    close(fd);
+    g_sock = s;
+    g_seg = seg;
+    g_ndev = (int)rep.a;
+    atomic_store(&g_server_lost, false);
+    return 0;
+}
+
+static int open_device_locked(int dev)
+{
+    struct device *d = &g_dev[dev];
+    if (d->open) return 0;
+    struct emu_req req = {.type = EMU_REQ_OPEN_DEVICE, .device = dev};
+    struct emu_rep rep;
+    int fds[2] = {-1, -1}, nfds = 0;
+    int rc = rpc(&req, &rep, fds, &nfds);
+    if (rc) return rc;
+    if (rep.err || nfds != 2) {
+        for (int i = 0; i < nfds; i++) close(fds[i]);
+        return rep.err ? rep.err : ACL_ERROR_RT_DEV_SETUP_ERROR;
+    }
+    d->seg = mmap(NULL, sizeof(struct emu_dev_seg), PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+    d->cap = rep.a;
+    d->mem = mmap(NULL, d->cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fds[1], 0);
+    close(fds[0]);
+    close(fds[1]);
+    if (d->seg == MAP_FAILED || d->mem == MAP_FAILED) return ACL_ERROR_RT_DEV_SETUP_ERROR;
+    pthread_mutex_init(&d->ring_lock, NULL);
+    pthread_mutex_init(&d->alloc_lock, NULL);
+    d->open = true;
+    /* The default and synchronous-copy streams of this device. */
+    atomic_store(&g_seg->streams[EMU_STREAM_DEFAULT(dev)].device, (uint32_t)dev + 1);
+    atomic_store(&g_seg->streams[EMU_STREAM_SYNCCOPY(dev)].device, (uint32_t)dev + 1);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- checks */
+
+#define REQUIRE_INIT()                                                                         \
+    do {                                                                                       \
+        if (!g_inited) return fail(ACL_ERROR_UNINITIALIZE, "aclInit has not been called");     \
+    } while (0)
+
+static int current_device(int *dev)
+{
+    if (t_dev < 0 || !g_dev[t_dev].open)
+        return fail(ACL_ERROR_RT_CONTEXT_NULL, "no device set in this thread; call aclrtSetDevice first");
+    *dev = t_dev;
+    return 0;
+}
+
+static int resolve_stream(aclrtStream stream, int *dev, uint32_t *idx)
+{
+    if (stream == NULL) {
+        int rc = current_device(dev);
+        if (rc) return rc;
+        *idx = EMU_STREAM_DEFAULT(*dev);
+        return 0;
+    }
+    struct stream *s = stream;
+    if (s->magic != STREAM_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not a stream handle");
+    *dev = s->dev;
+    *idx = s->idx;
+    return 0;
+}
+
+/* The device a range [p, p+n) of device memory lies in, whole, inside one allocation;
+ * -1 if the range is host memory; -2 if it is device memory but not inside one allocation. */
+static int classify(const void *p, size_t n)
+{
+    uintptr_t a = (uintptr_t)p;
+    for (int dev = 0; dev < EMU_MAX_DEVICES; dev++) {
+        struct device *d = &g_dev[dev];
+        if (!d->open) continue;
+        uintptr_t lo = (uintptr_t)d->mem, hi = lo + d->cap;
+        if (a < lo || a >= hi) continue;
+        int found = -2;
+        pthread_mutex_lock(&d->alloc_lock);
+        size_t l = 0, r = d->nallocs;
+        while (l < r) { /* last allocation with base <= a */
+            size_t m = (l + r) / 2;
+            if (d->allocs[m].base <= a) l = m + 1;
+            else r = m;
+        }
+        if (l > 0) {
+            struct alloc *al = &d->allocs[l - 1];
+            if (a + n >= a && a + n <= al->base + al->size) found = dev;
+        }
+        pthread_mutex_unlock(&d->alloc_lock);
+        return found;
+    }
+    return -1;
+}
+
+/* ---------------------------------------------------------------- ops */
+
+static bool stream_done(uint32_t idx, uint64_t target)
+{
+    uint32_t c = atomic_load_explicit(&g_seg->streams[idx].completed, memory_order_acquire);
+    return (int32_t)(c - (uint32_t)target) >= 0;
+}
+
+/* Waits until *word reaches target (wrapping compare), for at most timeout_ms (-1: forever).
+ * Returns 0, 1 on timeout, or -1 if the server is gone. */
+static int wait_word(_Atomic uint32_t *word, _Atomic uint32_t *waiters, uint32_t target, int64_t timeout_ms)
+{
+    uint64_t start = emu_now_ns();
+    for (;;) {
+        uint32_t c = atomic_load_explicit(word, memory_order_acquire);
+        if ((int32_t)(c - target) >= 0) return 0;
+        int64_t slice = 100000000; /* recheck the server's liveness every 100 ms */
+        if (timeout_ms >= 0) {
+            int64_t left = timeout_ms * 1000000LL - (int64_t)(emu_now_ns() - start);
+            if (left <= 0) return 1;
+            if (left < slice) slice = left;
+        }
+        atomic_fetch_add(waiters, 1);
+        c = atomic_load_explicit(word, memory_order_seq_cst);
+        if ((int32_t)(c - target) < 0) emu_futex_wait(word, c, slice);
+        atomic_fetch_sub(waiters, 1);
+        c = atomic_load_explicit(word, memory_order_acquire);
+        if ((int32_t)(c - target) >= 0) return 0;
+        if (!server_alive()) return -1;
+    }
+}
+
+static int wait_stream(uint32_t idx, uint64_t target, int64_t timeout_ms)
+{
+    struct emu_stream_state *s = &g_seg->streams[idx];
+    int r = wait_word(&s->completed, &s->waiters, (uint32_t)target, timeout_ms);
+    if (r == 1) return fail(ACL_ERROR_RT_STREAM_SYNC_TIMEOUT, "stream synchronize timed out");
+    if (r < 0) return fail(ACL_ERROR_RT_SOCKET_CLOSE, "the device server went away");
+    return 0;
+}
+
+/* Queues one op on a stream of device dev. *seq gets its position on the stream. */
+static int submit(int dev, uint32_t sidx, struct emu_op *op, uint64_t *seq)
+{
+    struct device *d = &g_dev[dev];
+    struct emu_ring *r = &g_seg->rings[dev];
+    if (atomic_load_explicit(&g_server_lost, memory_order_relaxed))
+        return fail(ACL_ERROR_RT_SOCKET_CLOSE, "the device server went away");
+    op->stream = sidx;
+    pthread_mutex_lock(&d->ring_lock);
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    while (tail - atomic_load_explicit(&r->head, memory_order_acquire) >= EMU_RING_SLOTS) {
+        /* Full: the server is behind. Nudge it and back off. */
+        atomic_fetch_add(&d->seg->doorbell, 1);
+        emu_futex_wake(&d->seg->doorbell, 1);
+        pthread_mutex_unlock(&d->ring_lock);
+        usleep(50);
+        if (!server_alive()) return fail(ACL_ERROR_RT_SOCKET_CLOSE, "the device server went away");
+        pthread_mutex_lock(&d->ring_lock);
+        tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    }
+    uint64_t s = atomic_load_explicit(&g_stream_seq[sidx], memory_order_relaxed) + 1;
+    atomic_store_explicit(&g_stream_seq[sidx], s, memory_order_relaxed);
+    op->stream_seq = s;
+    op->t_submit_ns = emu_now_ns();
+    r->ops[tail & (EMU_RING_SLOTS - 1)] = *op;
+    atomic_store_explicit(&r->tail, tail + 1, memory_order_seq_cst);
+    pthread_mutex_unlock(&d->ring_lock);
+    if (seq) *seq = s;
+    /* Ring the doorbell only if the server would sleep past this op's earliest completion. */
+    const struct emu_params *p = &d->seg->params;
+    double end = (double)op->t_submit_ns + p->launch_ns * p->time_scale +
+                 emu_solo_ns(p, op->flops, op->hbm_bytes, op->link_bytes);
+    if (end < (double)atomic_load_explicit(&d->seg->deadline_ns, memory_order_seq_cst)) {
+        atomic_fetch_add(&d->seg->doorbell, 1);
+        emu_futex_wake(&d->seg->doorbell, 1);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- init */
+
+ACL_FUNC_VISIBILITY aclError aclInit(const char *configPath)
+{
+    pthread_mutex_lock(&g_lock);
+    int rc = 0;
+    if (g_inited) rc = fail(ACL_ERROR_REPEAT_INITIALIZE, "aclInit was already called");
+    else if (configPath && *configPath && access(configPath, R_OK) != 0)
+        rc = fail(ACL_ERROR_INVALID_FILE, "cannot read config file %s", configPath);
+    else {
+        g_inited = true;
+        g_finalized = false;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+ACL_FUNC_VISIBILITY aclError aclFinalize(void)
+{
+    pthread_mutex_lock(&g_lock);
+    if (!g_inited) {
+        int rc = g_finalized ? fail(ACL_ERROR_REPEAT_FINALIZE, "aclFinalize was already called")
+                             : fail(ACL_ERROR_UNINITIALIZE, "aclInit has not been called");
+        pthread_mutex_unlock(&g_lock);
+        return rc;
+    }
+    if (g_sock >= 0) {
+        close(g_sock); /* the server frees what this process still holds */
+        g_sock = -1;
+    }
+    for (int i = 0; i < EMU_MAX_DEVICES; i++) {
+        struct device *d = &g_dev[i];
+        if (!d->open) continue;
+        munmap(d->mem, d->cap);
+        munmap(d->seg, sizeof *d->seg);
+        free(d->allocs);
+        memset(d, 0, sizeof *d);
+    }
+    if (g_seg) munmap(g_seg, sizeof *g_seg);
+    g_seg = NULL;
+    memset(g_stream_used, 0, sizeof g_stream_used);
+    memset(g_event_used, 0, sizeof g_event_used);
+    for (int i = 0; i < EMU_MAX_STREAMS; i++) atomic_store(&g_stream_seq[i], 0);
+    g_inited = false;
+    g_finalized = true;
+    t_dev = -1;
+    pthread_mutex_unlock(&g_lock);
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY const char *aclGetRecentErrMsg(void) { return t_errmsg[0] ? t_errmsg : NULL; }
+
+ACL_FUNC_VISIBILITY const char *aclrtGetSocName(void)
+{
+    for (int i = 0; i < EMU_MAX_DEVICES; i++)
+        if (g_dev[i].open) return g_dev[i].seg->params.soc_name;
+    return NULL;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtGetRunMode(aclrtRunMode *runMode)
+{
+    REQUIRE_INIT();
+    if (!runMode) return fail(ACL_ERROR_INVALID_PARAM, "runMode is NULL");
+    *runMode = ACL_HOST;
+    return ACL_SUCCESS;
+}
+
+/* ---------------------------------------------------------------- devices */
+
+ACL_FUNC_VISIBILITY aclError aclrtGetDeviceCount(uint32_t *count)
+{
+    REQUIRE_INIT();
+    if (!count) return fail(ACL_ERROR_INVALID_PARAM, "count is NULL");
+    pthread_mutex_lock(&g_lock);
+    int rc = connect_locked();
+    if (!rc) *count = (uint32_t)g_ndev;
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSetDevice(int32_t deviceId)
+{
+    REQUIRE_INIT();
+    pthread_mutex_lock(&g_lock);
+    int rc = connect_locked();
+    if (!rc && (deviceId < 0 || deviceId >= g_ndev))
+        rc = fail(ACL_ERROR_RT_INVALID_DEVICEID, "device %d does not exist (%d devices)", deviceId, g_ndev);
+    if (!rc) rc = open_device_locked(deviceId);
+    if (!rc) {
+        g_dev[deviceId].refs++;
+        t_dev = deviceId;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+static aclError sync_device(int dev, int64_t timeout_ms)
+{
+    for (uint32_t i = 0; i < EMU_MAX_STREAMS; i++) {
+        if (atomic_load(&g_seg->streams[i].device) != (uint32_t)dev + 1) continue;
+        uint64_t target = atomic_load(&g_stream_seq[i]);
+        if (target == 0) continue;
+        int rc = wait_stream(i, target, timeout_ms);
+        if (rc) return rc;
+    }
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtResetDevice(int32_t deviceId)
+{
+    REQUIRE_INIT();
+    if (deviceId < 0 || deviceId >= g_ndev || !g_dev[deviceId].open)
+        return fail(ACL_ERROR_RT_INVALID_DEVICEID, "device %d was not set", deviceId);
+    int rc = sync_device(deviceId, -1);
+    pthread_mutex_lock(&g_lock);
+    if (g_dev[deviceId].refs > 0) g_dev[deviceId].refs--;
+    if (t_dev == deviceId) t_dev = -1;
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtGetDevice(int32_t *deviceId)
+{
+    REQUIRE_INIT();
+    if (!deviceId) return fail(ACL_ERROR_INVALID_PARAM, "deviceId is NULL");
+    int dev = -1, rc = current_device(&dev);
+    if (!rc) *deviceId = dev;
+    return rc;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSynchronizeDeviceWithTimeout(int32_t timeout)
+{
+    REQUIRE_INIT();
+    int dev = -1, rc = current_device(&dev);
+    if (rc) return rc;
+    if (timeout < -1) return fail(ACL_ERROR_INVALID_PARAM, "timeout must be -1 or >= 0 ms");
+    return sync_device(dev, timeout);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSynchronizeDevice(void) { return aclrtSynchronizeDeviceWithTimeout(-1); }
+
+ACL_FUNC_VISIBILITY aclError aclrtCreateContext(aclrtContext *context, int32_t deviceId)
+{
+    if (!context) {
+        REQUIRE_INIT();
+        return fail(ACL_ERROR_INVALID_PARAM, "context is NULL");
+    }
+    int rc = aclrtSetDevice(deviceId);
+    if (rc) return rc;
+    struct context *c = malloc(sizeof *c);
+    if (!c) return fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+    c->magic = CTX_MAGIC;
+    c->dev = deviceId;
+    *context = c;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtDestroyContext(aclrtContext context)
+{
+    REQUIRE_INIT();
+    struct context *c = context;
+    if (!c || c->magic != CTX_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not a context handle");
+    c->magic = 0;
+    free(c);
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSetCurrentContext(aclrtContext context)
+{
+    REQUIRE_INIT();
+    struct context *c = context;
+    if (!c || c->magic != CTX_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not a context handle");
+    t_dev = c->dev;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtGetCurrentContext(aclrtContext *context)
+{
+    REQUIRE_INIT();
+    if (!context) return fail(ACL_ERROR_INVALID_PARAM, "context is NULL");
+    return fail(ACL_ERROR_API_NOT_SUPPORT, "aclrtGetCurrentContext is not emulated");
+}
+
+/* ---------------------------------------------------------------- streams */
+
+ACL_FUNC_VISIBILITY aclError aclrtCreateStreamWithConfig(aclrtStream *stream, uint32_t priority, uint32_t flag)
+{
+    REQUIRE_INIT();
+    (void)flag;
+    if (!stream) return fail(ACL_ERROR_INVALID_PARAM, "stream is NULL");
+    if (priority > 7) return fail(ACL_ERROR_INVALID_PARAM, "priority must be 0..7");
+    int dev = -1, rc = current_device(&dev);
+    if (rc) return rc;
+    struct stream *s = malloc(sizeof *s);
+    if (!s) return fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+    pthread_mutex_lock(&g_lock);
+    int idx = -1;
+    for (int i = EMU_STREAM_FIRST_USER; i < EMU_MAX_STREAMS; i++)
+        if (!g_stream_used[i]) {
+            idx = i;
+            break;
+        }
+    if (idx >= 0) {
+        g_stream_used[idx] = 1;
+        atomic_store(&g_stream_seq[idx], 0);
+        atomic_store(&g_seg->streams[idx].completed, 0);
+        atomic_store(&g_seg->streams[idx].device, (uint32_t)dev + 1);
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (idx < 0) {
+        free(s);
+        return fail(ACL_ERROR_RT_NO_STREAM_RESOURCE, "too many streams (%d)", EMU_MAX_STREAMS);
+    }
+    s->magic = STREAM_MAGIC;
+    s->idx = (uint32_t)idx;
+    s->dev = dev;
+    *stream = s;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtCreateStream(aclrtStream *stream)
+{
+    return aclrtCreateStreamWithConfig(stream, 0, 0);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSynchronizeStreamWithTimeout(aclrtStream stream, int32_t timeout)
+{
+    REQUIRE_INIT();
+    if (timeout < -1) return fail(ACL_ERROR_INVALID_PARAM, "timeout must be -1 or >= 0 ms");
+    int dev = -1;
+    uint32_t idx = 0;
+    int rc = resolve_stream(stream, &dev, &idx);
+    if (rc) return rc;
+    return wait_stream(idx, atomic_load(&g_stream_seq[idx]), timeout);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSynchronizeStream(aclrtStream stream)
+{
+    return aclrtSynchronizeStreamWithTimeout(stream, -1);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtStreamQuery(aclrtStream stream, aclrtStreamStatus *status)
+{
+    REQUIRE_INIT();
+    if (!status) return fail(ACL_ERROR_INVALID_PARAM, "status is NULL");
+    int dev = -1;
+    uint32_t idx = 0;
+    int rc = resolve_stream(stream, &dev, &idx);
+    if (rc) return rc;
+    *status = stream_done(idx, atomic_load(&g_stream_seq[idx])) ? ACL_STREAM_STATUS_COMPLETE
+                                                                : ACL_STREAM_STATUS_NOT_READY;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtDestroyStream(aclrtStream stream)
+{
+    REQUIRE_INIT();
+    struct stream *s = stream;
+    if (!s || s->magic != STREAM_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not a stream handle");
+    /* Drain first: the index is reused, and the server must not complete old ops into it. */
+    int rc = wait_stream(s->idx, atomic_load(&g_stream_seq[s->idx]), -1);
+    pthread_mutex_lock(&g_lock);
+    g_stream_used[s->idx] = 0;
+    if (g_seg) atomic_store(&g_seg->streams[s->idx].device, 0);
+    pthread_mutex_unlock(&g_lock);
+    s->magic = 0;
+    free(s);
+    return rc == ACL_ERROR_RT_SOCKET_CLOSE ? ACL_SUCCESS : rc;
+}
+
+/* ---------------------------------------------------------------- memory */
+
+ACL_FUNC_VISIBILITY aclError aclrtMalloc(void **devPtr, size_t size, aclrtMemMallocPolicy policy)
+{
+    REQUIRE_INIT();
+    if (!devPtr) return fail(ACL_ERROR_INVALID_PARAM, "devPtr is NULL");
+    if (size == 0) return fail(ACL_ERROR_INVALID_PARAM, "size is 0");
+    unsigned pol = (unsigned)policy & ~(unsigned)(ACL_MEM_TYPE_LOW_BAND_WIDTH | ACL_MEM_TYPE_HIGH_BAND_WIDTH);
+    if (pol > ACL_MEM_MALLOC_HUGE1G_ONLY_P2P) return fail(ACL_ERROR_INVALID_PARAM, "unknown malloc policy %d", policy);
+    int dev = -1, rc = current_device(&dev);
+    if (rc) return rc;
+    struct device *d = &g_dev[dev];
+    struct emu_req req = {.type = EMU_REQ_ALLOC, .device = dev, .a = size};
+    struct emu_rep rep;
+    pthread_mutex_lock(&g_lock);
+    rc = rpc(&req, &rep, NULL, NULL);
+    pthread_mutex_unlock(&g_lock);
+    if (rc) return rc;
+    if (rep.err)
+        return fail(rep.err, "device %d out of memory: %zu bytes asked, %llu of %llu in use", dev, size,
+                    (unsigned long long)atomic_load(&d->seg->mem_used), (unsigned long long)d->cap);
+    uintptr_t base = (uintptr_t)d->mem + rep.a;
+    pthread_mutex_lock(&d->alloc_lock);
+    if (d->nallocs == d->cap_allocs) {
+        size_t nc = d->cap_allocs ? 2 * d->cap_allocs : 64;
+        struct alloc *na = realloc(d->allocs, nc * sizeof *na);
+        if (!na) {
+            pthread_mutex_unlock(&d->alloc_lock);
+            return fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+        }
+        d->allocs = na;
+        d->cap_allocs = nc;
+    }
+    size_t i = d->nallocs;
+    while (i > 0 && d->allocs[i - 1].base > base) {
+        d->allocs[i] = d->allocs[i - 1];
+        i--;
+    }
+    d->allocs[i] = (struct alloc){base, size};
+    d->nallocs++;
+    pthread_mutex_unlock(&d->alloc_lock);
+    *devPtr = (void *)base;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtFree(void *devPtr)
+{
+    REQUIRE_INIT();
+    if (!devPtr) return fail(ACL_ERROR_INVALID_PARAM, "devPtr is NULL");
+    uintptr_t a = (uintptr_t)devPtr;
+    for (int dev = 0; dev < EMU_MAX_DEVICES; dev++) {
+        struct device *d = &g_dev[dev];
+        if (!d->open || a < (uintptr_t)d->mem || a >= (uintptr_t)d->mem + d->cap) continue;
+        pthread_mutex_lock(&d->alloc_lock);
+        size_t i;
+        for (i = 0; i < d->nallocs && d->allocs[i].base != a; i++)
+            ;
+        if (i == d->nallocs) {
+            pthread_mutex_unlock(&d->alloc_lock);
+            return fail(ACL_ERROR_INVALID_PARAM, "%p is not the start of a device allocation", devPtr);
+        }
+        memmove(&d->allocs[i], &d->allocs[i + 1], (d->nallocs - i - 1) * sizeof *d->allocs);
+        d->nallocs--;
+        pthread_mutex_unlock(&d->alloc_lock);
+        struct emu_req req = {.type = EMU_REQ_FREE, .device = dev, .a = a - (uintptr_t)d->mem};
+        struct emu_rep rep;
+        pthread_mutex_lock(&g_lock);
+        int rc = rpc(&req, &rep, NULL, NULL);
+        pthread_mutex_unlock(&g_lock);
+        return rc ? rc : rep.err;
+    }
+    return fail(ACL_ERROR_INVALID_PARAM, "%p is not device memory", devPtr);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtMallocHost(void **hostPtr, size_t size)
+{
+    REQUIRE_INIT();
+    if (!hostPtr || size == 0) return fail(ACL_ERROR_INVALID_PARAM, "hostPtr is NULL or size is 0");
+    void *p = NULL;
+    if (posix_memalign(&p, 64, size) != 0) return fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+    *hostPtr = p;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtFreeHost(void *hostPtr)
+{
+    REQUIRE_INIT();
+    if (!hostPtr) return fail(ACL_ERROR_INVALID_PARAM, "hostPtr is NULL");
+    free(hostPtr);
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtGetMemInfo(aclrtMemAttr attr, size_t *free_, size_t *total)
+{
+    REQUIRE_INIT();
+    if (!free_ || !total) return fail(ACL_ERROR_INVALID_PARAM, "free or total is NULL");
+    int dev = -1, rc = current_device(&dev);
+    if (rc) return rc;
+    struct device *d = &g_dev[dev];
+    switch (attr) {
+    case ACL_HBM_MEM:
+    case ACL_HBM_MEM_HUGE:
+    case ACL_HBM_MEM_NORMAL:
+    case ACL_HBM_MEM_P2P_HUGE:
+    case ACL_HBM_MEM_P2P_NORMAL: {
+        uint64_t used = atomic_load(&d->seg->mem_used);
+        *total = d->cap;
+        *free_ = used > d->cap ? 0 : d->cap - used;
+        return ACL_SUCCESS;
+    }
+    case ACL_DDR_MEM:
+    case ACL_DDR_MEM_HUGE:
+    case ACL_DDR_MEM_NORMAL:
+    case ACL_DDR_MEM_P2P_HUGE:
+    case ACL_DDR_MEM_P2P_NORMAL: {
+        struct sysinfo si;
+        sysinfo(&si);
+        *total = (size_t)si.totalram * si.mem_unit;
+        *free_ = (size_t)si.freeram * si.mem_unit;
+        return ACL_SUCCESS;
+    }
+    }
+    return fail(ACL_ERROR_INVALID_PARAM, "unknown memory attribute %d", attr);
+}
+
+static aclError memset_common(void *devPtr, size_t maxCount, int32_t value, size_t count, int dev, uint32_t sidx,
+                              bool wait)
+{
+    if (!devPtr) return fail(ACL_ERROR_INVALID_PARAM, "devPtr is NULL");
+    if (count > maxCount) return fail(ACL_ERROR_INVALID_PARAM, "count %zu exceeds maxCount %zu", count, maxCount);
+    if (count == 0) return ACL_SUCCESS;
+    if (classify(devPtr, count) != dev)
+        return fail(ACL_ERROR_INVALID_PARAM, "[%p, +%zu) is not inside a device allocation", devPtr, count);
+    memset(devPtr, value, count);
+    struct emu_op op = {.kind = EMU_OP_MEMSET, .name_id = EMU_NAME_MEMSET, .hbm_bytes = (double)count,
+                        .copy_bytes = count};
+    uint64_t seq;
+    int rc = submit(dev, sidx, &op, &seq);
+    if (rc || !wait) return rc;
+    return wait_stream(sidx, seq, -1);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtMemset(void *devPtr, size_t maxCount, int32_t value, size_t count)
+{
+    REQUIRE_INIT();
+    int dev = -1, rc = current_device(&dev);
+    if (rc) return rc;
+    return memset_common(devPtr, maxCount, value, count, dev, EMU_STREAM_SYNCCOPY(dev), true);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtMemsetAsync(void *devPtr, size_t maxCount, int32_t value, size_t count,
+                                              aclrtStream stream)
+{
+    REQUIRE_INIT();
+    int dev = -1;
+    uint32_t idx = 0;
+    int rc = resolve_stream(stream, &dev, &idx);
+    if (rc) return rc;
+    return memset_common(devPtr, maxCount, value, count, dev, idx, false);
+}
+
+/* Checks a copy against its kind; fills the op's work and the device it runs on. */
+static aclError plan_copy(void *dst, size_t destMax, const void *src, size_t count, aclrtMemcpyKind kind,
+                          struct emu_op *op, int *dev)
+{
+    if (!dst || !src) return fail(ACL_ERROR_INVALID_PARAM, "dst or src is NULL");
+    if (count > destMax) return fail(ACL_ERROR_INVALID_PARAM, "count %zu exceeds destMax %zu", count, destMax);
+    if ((unsigned)kind > ACL_MEMCPY_INTER_DEVICE_TO_DEVICE)
+        return fail(ACL_ERROR_INVALID_PARAM, "unknown aclrtMemcpyKind %d", kind);
+    int ds = classify(src, count), dd = classify(dst, count);
+    if (ds == -2 || dd == -2)
+        return fail(ACL_ERROR_INVALID_PARAM, "a device range of the copy is not inside one allocation");
+    if (kind == ACL_MEMCPY_DEFAULT)
+        kind = ds < 0 ? (dd < 0 ? ACL_MEMCPY_HOST_TO_HOST : ACL_MEMCPY_HOST_TO_DEVICE)
+                      : (dd < 0 ? ACL_MEMCPY_DEVICE_TO_HOST : ACL_MEMCPY_DEVICE_TO_DEVICE);
+    bool ok;
+    switch (kind) {
+    case ACL_MEMCPY_HOST_TO_HOST: ok = ds < 0 && dd < 0; *dev = -1; break;
+    case ACL_MEMCPY_HOST_TO_DEVICE:
+    case ACL_MEMCPY_HOST_TO_BUF_TO_DEVICE: ok = ds < 0 && dd >= 0; *dev = dd; break;
+    case ACL_MEMCPY_DEVICE_TO_HOST: ok = ds >= 0 && dd < 0; *dev = ds; break;
+    case ACL_MEMCPY_DEVICE_TO_DEVICE:
+    case ACL_MEMCPY_INNER_DEVICE_TO_DEVICE: ok = ds >= 0 && ds == dd; *dev = ds; break;
+    default: ok = ds >= 0 && dd >= 0; *dev = ds; break; /* inter-device */
+    }
+    if (!ok) return fail(ACL_ERROR_INVALID_PARAM, "the pointers do not match aclrtMemcpyKind %d", kind);
+    op->kind = EMU_OP_COPY;
+    op->name_id = (uint16_t)(EMU_NAME_COPY_BASE + kind);
+    op->copy_bytes = count;
+    if (kind == ACL_MEMCPY_DEVICE_TO_DEVICE || kind == ACL_MEMCPY_INNER_DEVICE_TO_DEVICE)
+        op->hbm_bytes = 2.0 * (double)count;
+    else
+        op->link_bytes = (double)count;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size_t count,
+                                         aclrtMemcpyKind kind)
+{
+    REQUIRE_INIT();
+    struct emu_op op = {0};
+    int dev = -1, rc = plan_copy(dst, destMax, src, count, kind, &op, &dev);
+    if (rc) return rc;
+    if (count) memmove(dst, src, count);
+    if (dev < 0 || count == 0) return ACL_SUCCESS;
+    uint64_t seq;
+    rc = submit(dev, EMU_STREAM_SYNCCOPY(dev), &op, &seq);
+    return rc ? rc : wait_stream(EMU_STREAM_SYNCCOPY(dev), seq, -1);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtMemcpyAsync(void *dst, size_t destMax, const void *src, size_t count,
+                                              aclrtMemcpyKind kind, aclrtStream stream)
+{
+    REQUIRE_INIT();
+    int sdev = -1;
+    uint32_t idx = 0;
+    int rc = resolve_stream(stream, &sdev, &idx);
+    if (rc) return rc;
+    struct emu_op op = {0};
+    int dev = -1;
+    rc = plan_copy(dst, destMax, src, count, kind, &op, &dev);
+    if (rc) return rc;
+    if (count) memmove(dst, src, count);
+    if (dev < 0 || count == 0) return ACL_SUCCESS;
+    return submit(sdev, idx, &op, NULL);
+}
+
+/* ---------------------------------------------------------------- events */
+
+ACL_FUNC_VISIBILITY aclError aclrtCreateEventWithFlag(aclrtEvent *event, uint32_t flag)
+{
+    REQUIRE_INIT();
+    if (!event) return fail(ACL_ERROR_INVALID_PARAM, "event is NULL");
+    pthread_mutex_lock(&g_lock);
+    int rc = connect_locked(), idx = -1;
+    if (!rc)
+        for (int i = 0; i < EMU_MAX_EVENTS; i++)
+            if (!g_event_used[i]) {
+                idx = i;
+                g_event_used[i] = 1;
+                atomic_store(&g_seg->events[i].completed_gen, 0);
+                atomic_store(&g_seg->events[i].t_ns, 0);
+                break;
+            }
+    pthread_mutex_unlock(&g_lock);
+    if (rc) return rc;
+    if (idx < 0) return fail(ACL_ERROR_RT_NO_EVENT_RESOURCE, "too many events (%d)", EMU_MAX_EVENTS);
+    struct event *e = malloc(sizeof *e);
+    if (!e) return fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+    e->magic = EVENT_MAGIC;
+    e->idx = (uint32_t)idx;
+    e->flags = flag;
+    atomic_store(&e->gen, 0);
+    *event = e;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtCreateEvent(aclrtEvent *event)
+{
+    return aclrtCreateEventWithFlag(event, ACL_EVENT_SYNC | ACL_EVENT_TIME_LINE);
+}
+
+static int check_event(aclrtEvent event, struct event **out)
+{
+    struct event *e = event;
+    if (!e || e->magic != EVENT_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not an event handle");
+    *out = e;
+    return 0;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtRecordEvent(aclrtEvent event, aclrtStream stream)
+{
+    REQUIRE_INIT();
+    struct event *e = NULL;
+    int dev = -1, rc = check_event(event, &e);
+    uint32_t idx = 0;
+    if (rc || (rc = resolve_stream(stream, &dev, &idx))) return rc;
+    struct emu_op op = {.kind = EMU_OP_EVENT_RECORD, .event = e->idx};
+    op.event_gen = atomic_fetch_add(&e->gen, 1) + 1;
+    return submit(dev, idx, &op, NULL);
+}
+
+static bool event_done(struct event *e)
+{
+    uint32_t g = atomic_load(&e->gen);
+    uint32_t c = atomic_load_explicit(&g_seg->events[e->idx].completed_gen, memory_order_acquire);
+    return (int32_t)(c - g) >= 0;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtQueryEvent(aclrtEvent event, aclrtEventStatus *status)
+{
+    REQUIRE_INIT();
+    struct event *e = NULL;
+    int rc = check_event(event, &e);
+    if (rc) return rc;
+    if (!status) return fail(ACL_ERROR_INVALID_PARAM, "status is NULL");
+    *status = event_done(e) ? ACL_EVENT_STATUS_COMPLETE : ACL_EVENT_STATUS_NOT_READY;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtQueryEventStatus(aclrtEvent event, aclrtEventRecordedStatus *status)
+{
+    REQUIRE_INIT();
+    struct event *e = NULL;
+    int rc = check_event(event, &e);
+    if (rc) return rc;
+    if (!status) return fail(ACL_ERROR_INVALID_PARAM, "status is NULL");
+    *status = event_done(e) ? ACL_EVENT_RECORDED_STATUS_COMPLETE : ACL_EVENT_RECORDED_STATUS_NOT_READY;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSynchronizeEventWithTimeout(aclrtEvent event, int32_t timeout)
+{
+    REQUIRE_INIT();
+    struct event *e = NULL;
+    int rc = check_event(event, &e);
+    if (rc) return rc;
+    if (timeout < -1) return fail(ACL_ERROR_INVALID_PARAM, "timeout must be -1 or >= 0 ms");
+    struct emu_event_state *st = &g_seg->events[e->idx];
+    int r = wait_word(&st->completed_gen, &st->waiters, atomic_load(&e->gen), timeout);
+    if (r == 1) return fail(ACL_ERROR_RT_EVENT_SYNC_TIMEOUT, "event synchronize timed out");
+    if (r < 0) return fail(ACL_ERROR_RT_SOCKET_CLOSE, "the device server went away");
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtSynchronizeEvent(aclrtEvent event)
+{
+    return aclrtSynchronizeEventWithTimeout(event, -1);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtStreamWaitEvent(aclrtStream stream, aclrtEvent event)
+{
+    REQUIRE_INIT();
+    struct event *e = NULL;
+    int dev = -1, rc = check_event(event, &e);
+    uint32_t idx = 0;
+    if (rc || (rc = resolve_stream(stream, &dev, &idx))) return rc;
+    uint32_t g = atomic_load(&e->gen);
+    if (g == 0) return ACL_SUCCESS; /* never recorded: nothing to wait for */
+    struct emu_op op = {.kind = EMU_OP_EVENT_WAIT, .event = e->idx, .event_gen = g};
+    return submit(dev, idx, &op, NULL);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtEventElapsedTime(float *ms, aclrtEvent startEvent, aclrtEvent endEvent)
+{
+    REQUIRE_INIT();
+    struct event *a = NULL, *b = NULL;
+    int rc = check_event(startEvent, &a);
+    if (rc || (rc = check_event(endEvent, &b))) return rc;
+    if (!ms) return fail(ACL_ERROR_INVALID_PARAM, "ms is NULL");
+    if (atomic_load(&a->gen) == 0 || atomic_load(&b->gen) == 0)
+        return fail(ACL_ERROR_RT_INTERNAL_ERROR, "an event was never recorded");
+    if (!event_done(a) || !event_done(b))
+        return fail(ACL_ERROR_RT_EVENT_TIMESTAMP_INVALID, "an event has not completed yet");
+    int64_t ta = atomic_load(&g_seg->events[a->idx].t_ns), tb = atomic_load(&g_seg->events[b->idx].t_ns);
+    *ms = (float)((double)(tb - ta) / 1e6);
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtDestroyEvent(aclrtEvent event)
+{
+    REQUIRE_INIT();
+    struct event *e = NULL;
+    int rc = check_event(event, &e);
+    if (rc) return rc;
+    /* The slot is reused: let its last record complete first. */
+    struct emu_event_state *st = &g_seg->events[e->idx];
+    wait_word(&st->completed_gen, &st->waiters, atomic_load(&e->gen), -1);
+    pthread_mutex_lock(&g_lock);
+    g_event_used[e->idx] = 0;
+    pthread_mutex_unlock(&g_lock);
+    e->magic = 0;
+    free(e);
+    return ACL_SUCCESS;
+}
+
+/* ---------------------------------------------------------------- kernels */
+
+/* Kernel library text: a "flexnpu-kernels 1" line, then "kernel <name> <builtin>" lines;
+ * '#' starts a comment. See docs/emulator.md. */
+static aclError parse_library(const char *text, size_t len, aclrtBinHandle *binHandle)
+{
+    char *buf = malloc(len + 1);
+    if (!buf) return fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+    memcpy(buf, text, len);
+    buf[len] = 0;
+    int cap = 16, n = 0, header = 0, lineno = 0;
+    struct binary *bin = malloc(sizeof *bin + cap * sizeof(struct func));
+    aclError rc = ACL_SUCCESS;
+    char *save = NULL;
+    for (char *line = strtok_r(buf, "\n", &save); line && !rc; line = strtok_r(NULL, "\n", &save)) {
+        lineno++;
+        char *hash = strchr(line, '#');
+        if (hash) *hash = 0;
+        char w0[32], w1[EMU_NAME_LEN + 1], w2[32], extra[2];
+        int k = sscanf(line, "%31s %48s %31s %1s", w0, w1, w2, extra);
+        if (k <= 0) continue;
+        if (!header) {
+            if (k == 2 && strcmp(w0, "flexnpu-kernels") == 0 && strcmp(w1, "1") == 0) header = 1;
+            else rc = fail(ACL_ERROR_PARSE_FILE, "not a FlexNPU kernel library (line %d)", lineno);
+            continue;
+        }
+        int b = k == 3 ? emu_builtin_by_name(w2) : -1;
+        if (k != 3 || strcmp(w0, "kernel") != 0 || strlen(w1) >= EMU_NAME_LEN || b < 0) {
+            rc = fail(ACL_ERROR_PARSE_FILE, "kernel library line %d: expected 'kernel <name> <builtin>'", lineno);
+            break;
+        }
+        if (n == cap) {
+            cap *= 2;
+            struct binary *nb = realloc(bin, sizeof *bin + cap * sizeof(struct func));
+            if (!nb) {
+                rc = fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+                break;
+            }
+            bin = nb;
+        }
+        struct func *f = &bin->funcs[n++];
+        f->magic = FUNC_MAGIC;
+        f->builtin = b;
+        atomic_store(&f->name_id, -1);
+        snprintf(f->name, sizeof f->name, "%s", w1);
+    }
+    if (!rc && !header) rc = fail(ACL_ERROR_PARSE_FILE, "empty kernel library");
+    free(buf);
+    if (rc) {
+        free(bin);
+        return rc;
+    }
+    bin->magic = BIN_MAGIC;
+    bin->nfuncs = n;
+    *binHandle = bin;
+    return ACL_SUCCESS;
+}
+
+static aclError check_options(const aclrtBinaryLoadOptions *o)
+{
+    if (!o) return ACL_SUCCESS;
+    if (o->numOpt && !o->options) return fail(ACL_ERROR_INVALID_PARAM, "options is NULL with numOpt > 0");
+    for (size_t i = 0; i < o->numOpt; i++)
+        if (o->options[i].type < ACL_RT_BINARY_LOAD_OPT_LAZY_LOAD ||
+            o->options[i].type > ACL_RT_BINARY_LOAD_OPT_CPU_KERNEL_MODE)
+            return fail(ACL_ERROR_INVALID_PARAM, "unknown binary load option %d", o->options[i].type);
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtBinaryLoadFromFile(const char *binPath, aclrtBinaryLoadOptions *options,
+                                                     aclrtBinHandle *binHandle)
+{
+    REQUIRE_INIT();
+    if (!binPath || !binHandle) return fail(ACL_ERROR_INVALID_PARAM, "binPath or binHandle is NULL");
+    int rc = check_options(options);
+    if (rc) return rc;
+    FILE *f = fopen(binPath, "rb");
+    if (!f) return fail(ACL_ERROR_INVALID_FILE, "cannot open kernel library %s: %s", binPath, strerror(errno));
+    char *text = NULL;
+    size_t len = 0, cap = 0, r;
+    char chunk[4096];
+    while ((r = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (len + r > (1u << 20)) {
+            free(text);
+            fclose(f);
+            return fail(ACL_ERROR_INVALID_FILE_SIZE, "kernel library %s is larger than 1 MiB", binPath);
+        }
+        if (len + r > cap) {
+            cap = (len + r) * 2;
+            char *nt = realloc(text, cap);
+            if (!nt) {
+                free(text);
+                fclose(f);
+                return fail(ACL_ERROR_BAD_ALLOC, "out of host memory");
+            }
+            text = nt;
+        }
+        memcpy(text + len, chunk, r);
+        len += r;
+    }
+    fclose(f);
+    rc = parse_library(text ? text : "", len, binHandle);
+    free(text);
+    return rc;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtBinaryLoadFromData(const void *data, size_t length,
+                                                     const aclrtBinaryLoadOptions *options,
+                                                     aclrtBinHandle *binHandle)
+{
+    REQUIRE_INIT();
+    if (!data || !length || !binHandle) return fail(ACL_ERROR_INVALID_PARAM, "data, length or binHandle is empty");
+    int rc = check_options(options);
+    return rc ? rc : parse_library(data, length, binHandle);
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtBinaryUnLoad(aclrtBinHandle binHandle)
+{
+    REQUIRE_INIT();
+    struct binary *b = binHandle;
+    if (!b || b->magic != BIN_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not a binary handle");
+    b->magic = 0;
+    for (int i = 0; i < b->nfuncs; i++) b->funcs[i].magic = 0;
+    free(b);
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtBinaryGetFunction(const aclrtBinHandle binHandle, const char *kernelName,
+                                                    aclrtFuncHandle *funcHandle)
+{
+    REQUIRE_INIT();
+    struct binary *b = binHandle;
+    if (!b || b->magic != BIN_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not a binary handle");
+    if (!kernelName || !funcHandle) return fail(ACL_ERROR_INVALID_PARAM, "kernelName or funcHandle is NULL");
+    for (int i = 0; i < b->nfuncs; i++)
+        if (strcmp(b->funcs[i].name, kernelName) == 0) {
+            *funcHandle = &b->funcs[i];
+            return ACL_SUCCESS;
+        }
+    return fail(ACL_ERROR_KERNEL_NOT_FOUND, "no kernel named %s in this library", kernelName);
+}
+
+static int kernel_name_id(struct func *f)
+{
+    int id = atomic_load(&f->name_id);
+    if (id >= 0) return id;
+    struct emu_req req = {.type = EMU_REQ_NAME};
+    snprintf(req.name, sizeof req.name, "%s", f->name);
+    struct emu_rep rep;
+    pthread_mutex_lock(&g_lock);
+    int rc = rpc(&req, &rep, NULL, NULL);
+    pthread_mutex_unlock(&g_lock);
+    if (rc) return -rc;
+    if (rep.err) return -rep.err;
+    atomic_store(&f->name_id, (int)rep.a);
+    return (int)rep.a;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtLaunchKernel(aclrtFuncHandle funcHandle, uint32_t blockDim, const void *argsData,
+                                               size_t argsSize, aclrtStream stream)
+{
+    REQUIRE_INIT();
+    struct func *f = funcHandle;
+    if (!f || f->magic != FUNC_MAGIC) return fail(ACL_ERROR_INVALID_PARAM, "not a function handle");
+    if (blockDim == 0) return fail(ACL_ERROR_INVALID_PARAM, "blockDim is 0");
+    int dev = -1;
+    uint32_t idx = 0;
+    int rc = resolve_stream(stream, &dev, &idx);
+    if (rc) return rc;
+    struct emu_cost cost;
+    struct emu_range ranges[4];
+    int nranges;
+    rc = emu_kernel_prepare(f->builtin, argsData, argsSize, &cost, ranges, &nranges);
+    if (rc) return fail(rc, "bad arguments for kernel %s (%s)", f->name, emu_builtin_name(f->builtin));
+    for (int i = 0; i < nranges; i++)
+        if (classify((const void *)(uintptr_t)ranges[i].ptr, ranges[i].bytes) != dev)
+            return fail(ACL_ERROR_INVALID_PARAM, "kernel %s: argument %d is not inside a device allocation",
+                        f->name, i);
+    int id = kernel_name_id(f);
+    if (id < 0) return -id;
+    if (nranges) emu_kernel_run(f->builtin, argsData);
+    struct emu_op op = {.kind = EMU_OP_KERNEL, .name_id = (uint16_t)id, .flops = cost.flops,
+                        .hbm_bytes = cost.hbm_bytes};
+    return submit(dev, idx, &op, NULL);
+}

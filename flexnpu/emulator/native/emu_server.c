@@ -1,0 +1,560 @@
+/* flexnpu-emu-server: the device server of the FlexNPU emulated Ascend device.
+ *
+ * One process per node owns the emulated devices, as the driver does for real ones. It
+ * serves the client library on a unix socket (registration, memory, kernel names, status),
+ * runs one model thread per device (emu_sim.c), and frees what a client held when its
+ * connection closes, whether it finalised or was killed.
+ *
+ * Usage: flexnpu-emu-server --socket PATH --devices N --peak-flops F --hbm-bw B
+ *        --link-bw B --launch-ns T --capacity BYTES --time-scale X --mode serial[,shared...]
+ *        --soc NAME
+ * It prints "ready" on stdout once it accepts connections, and exits on SIGTERM/SIGINT.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+
+#include "emu_sim.h"
+#include "emu_util.h"
+#include "include/acl/acl_base.h"
+
+struct server g_srv;
+
+static const char *const copy_names[8] = {
+    "memcpy_h2h", "memcpy_h2d", "memcpy_d2h", "memcpy_d2d",
+    "memcpy_default", "memcpy_h2buf2d", "memcpy_inner_d2d", "memcpy_inter_d2d",
+};
+
+static void die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "flexnpu-emu-server: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(2);
+}
+
+static void lock_all(void)
+{
+    for (int i = 0; i < g_srv.ndev; i++) pthread_mutex_lock(&g_srv.dev[i].lock);
+}
+
+static void unlock_all(void)
+{
+    for (int i = g_srv.ndev - 1; i >= 0; i--) pthread_mutex_unlock(&g_srv.dev[i].lock);
+}
+
+/* ---------------------------------------------------------------- device threads */
+
+static int futex_wait_abs(_Atomic uint32_t *addr, uint32_t expected, int64_t abs_ns)
+{
+    struct timespec ts = {.tv_sec = abs_ns / 1000000000LL, .tv_nsec = abs_ns % 1000000000LL};
+    return (int)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET, expected, &ts, NULL,
+                        FUTEX_BITSET_MATCH_ANY);
+}
+
+static void *device_thread(void *arg)
+{
+    struct device *d = arg;
+    prctl(PR_SET_TIMERSLACK, 1UL); /* wake on time: the model's completions are published late by this */
+    for (;;) {
+        uint32_t bell = atomic_load(&d->seg->doorbell);
+        pthread_mutex_lock(&d->lock);
+        if (atomic_load(&g_srv.stopping)) {
+            pthread_mutex_unlock(&d->lock);
+            break;
+        }
+        sim_ingest(d);
+        sim_advance(d, sim_now());
+        double next = sim_next_deadline(d);
+        int64_t deadline = isinf(next) ? INT64_MAX : sim_abs(next);
+        atomic_store_explicit(&d->seg->deadline_ns, deadline, memory_order_seq_cst);
+        bool pending = sim_rings_pending(d);
+        pthread_mutex_unlock(&d->lock);
+        if (pending) continue;
+        if (deadline == INT64_MAX) emu_futex_wait(&d->seg->doorbell, bell, -1);
+        else if (deadline > (int64_t)emu_now_ns()) futex_wait_abs(&d->seg->doorbell, bell, deadline);
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- allocator */
+
+static int dev_alloc(struct device *d, struct client *c, uint64_t size, uint64_t *off)
+{
+    uint64_t need = (size + EMU_MEM_ALIGN - 1) & ~(uint64_t)(EMU_MEM_ALIGN - 1);
+    if (need < size || need > d->p.capacity - atomic_load(&d->seg->mem_used)) return ACL_ERROR_RT_MEMORY_ALLOCATION;
+    uint64_t at = 0;
+    size_t i;
+    for (i = 0; i < d->nblocks; i++) { /* first fit */
+        if (d->blocks[i].off - at >= need) break;
+        at = d->blocks[i].off + d->blocks[i].size;
+    }
+    if (i == d->nblocks && d->p.capacity - at < need) return ACL_ERROR_RT_MEMORY_ALLOCATION;
+    if (d->nblocks == d->cap_blocks) {
+        size_t nc = d->cap_blocks ? 2 * d->cap_blocks : 256;
+        struct block *nb = realloc(d->blocks, nc * sizeof *nb);
+        if (!nb) return ACL_ERROR_RT_MEMORY_ALLOCATION;
+        d->blocks = nb;
+        d->cap_blocks = nc;
+    }
+    memmove(&d->blocks[i + 1], &d->blocks[i], (d->nblocks - i) * sizeof *d->blocks);
+    d->blocks[i] = (struct block){at, need, c};
+    d->nblocks++;
+    atomic_fetch_add(&d->seg->mem_used, need);
+    c->dev[d->index].mem_used += need;
+    c->dev[d->index].allocs++;
+    *off = at;
+    return 0;
+}
+
+static void release_block(struct device *d, size_t i)
+{
+    struct block b = d->blocks[i];
+    /* give the pages back: device memory is a sparse file */
+    fallocate(d->mem_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b.off, (off_t)b.size);
+    memmove(&d->blocks[i], &d->blocks[i + 1], (d->nblocks - i - 1) * sizeof *d->blocks);
+    d->nblocks--;
+    atomic_fetch_sub(&d->seg->mem_used, b.size);
+    b.owner->dev[d->index].mem_used -= b.size;
+    b.owner->dev[d->index].frees++;
+}
+
+static int dev_free(struct device *d, struct client *c, uint64_t off, uint64_t *size)
+{
+    for (size_t i = 0; i < d->nblocks; i++)
+        if (d->blocks[i].off == off && d->blocks[i].owner == c) {
+            *size = d->blocks[i].size;
+            release_block(d, i);
+            return 0;
+        }
+    return ACL_ERROR_INVALID_PARAM;
+}
+
+/* ---------------------------------------------------------------- clients */
+
+static void client_gone(struct client *c)
+{
+    lock_all();
+    for (int i = 0; i < g_srv.ndev; i++) {
+        struct device *d = &g_srv.dev[i];
+        sim_drop_client(d, c);
+        for (size_t b = d->nblocks; b-- > 0;)
+            if (d->blocks[b].owner == c) release_block(d, b);
+    }
+    c->alive = false;
+    c->exited_s = sim_now() / 1e9;
+    if (c->seg) munmap(c->seg, sizeof *c->seg);
+    c->seg = NULL;
+    unlock_all();
+    close(c->fd);
+    c->fd = -1;
+}
+
+static void forget_oldest_exited(void)
+{
+    int exited = 0, oldest = -1;
+    for (int i = 0; i < g_srv.nclients; i++)
+        if (!g_srv.clients[i]->alive) {
+            exited++;
+            if (oldest < 0 || g_srv.clients[i]->id < g_srv.clients[oldest]->id) oldest = i;
+        }
+    if (oldest < 0 || (exited < 64 && g_srv.nclients < EMU_MAX_CLIENTS)) return;
+    struct client *c = g_srv.clients[oldest];
+    lock_all();
+    g_srv.clients[oldest] = g_srv.clients[--g_srv.nclients];
+    unlock_all();
+    for (int i = 0; i < EMU_MAX_DEVICES; i++) {
+        free(c->dev[i].busy_by_name);
+        free(c->dev[i].count_by_name);
+    }
+    free(c);
+}
+
+static void client_forget(struct client *c)
+{
+    lock_all();
+    for (int i = 0; i < g_srv.nclients; i++)
+        if (g_srv.clients[i] == c) g_srv.clients[i] = g_srv.clients[--g_srv.nclients];
+    unlock_all();
+    close(c->fd);
+    for (int i = 0; i < EMU_MAX_DEVICES; i++) {
+        free(c->dev[i].busy_by_name);
+        free(c->dev[i].count_by_name);
+    }
+    free(c);
+}
+
+static struct client *client_new(int fd)
+{
+    forget_oldest_exited();
+    if (g_srv.nclients >= EMU_MAX_CLIENTS) return NULL;
+    struct client *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->fd = fd;
+    c->id = ++g_srv.next_client_id;
+    c->connected_s = sim_now() / 1e9;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    c->pid = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 ? cred.pid : -1;
+    for (int s = 0; s < EMU_MAX_STREAMS; s++) c->queues[s].active_slot = -1;
+    lock_all();
+    g_srv.clients[g_srv.nclients++] = c;
+    unlock_all();
+    return c;
+}
+
+static int name_id(const char *name)
+{
+    pthread_mutex_lock(&g_srv.names_lock);
+    int id = -1;
+    for (int i = 0; i < g_srv.nnames; i++)
+        if (strncmp(g_srv.names[i], name, EMU_NAME_LEN) == 0) id = i;
+    if (id < 0 && g_srv.nnames < EMU_MAX_NAMES) {
+        id = g_srv.nnames++;
+        snprintf(g_srv.names[id], EMU_NAME_LEN, "%s", name);
+    }
+    pthread_mutex_unlock(&g_srv.names_lock);
+    return id;
+}
+
+/* ---------------------------------------------------------------- status */
+
+struct sbuf {
+    char *p;
+    size_t n, cap;
+};
+
+static void sb(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb(struct sbuf *b, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int w = vsnprintf(b->p + b->n, b->cap - b->n, fmt, ap);
+        va_end(ap);
+        if (w >= 0 && (size_t)w < b->cap - b->n) {
+            b->n += (size_t)w;
+            return;
+        }
+        b->cap = b->cap * 2 + (size_t)(w > 0 ? w : 0) + 1024;
+        b->p = realloc(b->p, b->cap);
+    }
+}
+
+static void status_json(struct sbuf *b)
+{
+    static const char *const kinds[8] = {"?", "kernel", "copy", "memset", "event_record", "event_wait", "?", "?"};
+    sb(b, "{\"schema\":1,\"pid\":%d,\"uptime_s\":%.3f,\"devices\":[", getpid(), sim_now() / 1e9);
+    for (int i = 0; i < g_srv.ndev; i++) {
+        struct device *d = &g_srv.dev[i];
+        pthread_mutex_lock(&d->lock);
+        sim_advance(d, sim_now()); /* busy times up to now */
+        const struct emu_params *p = &d->p;
+        sb(b,
+           "%s{\"index\":%d,\"soc\":\"%s\",\"mode\":\"%s\",\"params\":{\"peak_tflops\":%.3f,"
+           "\"hbm_gbps\":%.3f,\"link_gbps\":%.3f,\"launch_us\":%.3f,\"time_scale\":%g,\"capacity\":%llu},"
+           "\"memory\":{\"total\":%llu,\"used\":%llu},\"busy_ns\":%.0f,\"pending_ops\":%zu,\"clients\":[",
+           i ? "," : "", i, p->soc_name, p->mode == EMU_MODE_SERIAL ? "serial" : "shared", p->peak_flops / 1e12,
+           p->hbm_bw / 1e9, p->link_bw / 1e9, p->launch_ns / 1e3, p->time_scale, (unsigned long long)p->capacity,
+           (unsigned long long)p->capacity, (unsigned long long)atomic_load(&d->seg->mem_used), d->busy_ns,
+           sim_pending_ops(d));
+        int first = 1;
+        for (int k = 0; k < g_srv.nclients; k++) {
+            struct client *c = g_srv.clients[k];
+            struct client_dev *cd = &c->dev[i];
+            if (!cd->open) continue;
+            sb(b, "%s{\"pid\":%d,\"client\":%llu,\"alive\":%s,\"connected_s\":%.3f,\"busy_ns\":%.0f,\"memory_used\":%llu,"
+                  "\"allocs\":%llu,\"frees\":%llu,\"ops\":{",
+               first ? "" : ",", c->pid, (unsigned long long)c->id, c->alive ? "true" : "false", c->connected_s,
+               cd->busy_ns, (unsigned long long)cd->mem_used, (unsigned long long)cd->allocs,
+               (unsigned long long)cd->frees);
+            first = 0;
+            for (int o = 1; o <= 5; o++) sb(b, "%s\"%s\":%llu", o > 1 ? "," : "", kinds[o], (unsigned long long)cd->ops_by_kind[o]);
+            sb(b, "},\"bytes_copied\":{");
+            for (int o = 0; o < 8; o++)
+                sb(b, "%s\"%s\":%llu", o ? "," : "", copy_names[o] + 7, (unsigned long long)cd->bytes_by_copy_kind[o]);
+            sb(b, "},\"memset_bytes\":%llu,\"busy_by_name\":{", (unsigned long long)cd->memset_bytes);
+            int f2 = 1;
+            for (int n = 0; n < g_srv.nnames; n++)
+                if (cd->count_by_name[n]) {
+                    sb(b, "%s\"%s\":%.0f", f2 ? "" : ",", g_srv.names[n], cd->busy_by_name[n]);
+                    f2 = 0;
+                }
+            sb(b, "},\"count_by_name\":{");
+            f2 = 1;
+            for (int n = 0; n < g_srv.nnames; n++)
+                if (cd->count_by_name[n]) {
+                    sb(b, "%s\"%s\":%llu", f2 ? "" : ",", g_srv.names[n], (unsigned long long)cd->count_by_name[n]);
+                    f2 = 0;
+                }
+            sb(b, "}}");
+        }
+        sb(b, "]}");
+        pthread_mutex_unlock(&d->lock);
+    }
+    sb(b, "]}");
+}
+
+/* ---------------------------------------------------------------- requests */
+
+static void reply(struct client *c, int err, uint64_t a, const int *fds, int nfds)
+{
+    struct emu_rep rep = {.err = err, .a = a};
+    emu_send_fds(c->fd, &rep, sizeof rep, fds, nfds);
+}
+
+/* Handles one request; returns false if the connection should close. */
+static bool handle(struct client *c)
+{
+    struct emu_req req;
+    int fds[2], nfds = 0;
+    ssize_t r = emu_recv_fds(c->fd, &req, sizeof req, fds, &nfds);
+    if (r <= 0) return false;
+    if (r != (ssize_t)sizeof req) {
+        for (int i = 0; i < nfds; i++) close(fds[i]);
+        reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
+        return true;
+    }
+    if (req.type != EMU_REQ_HELLO)
+        for (int i = 0; i < nfds; i++) close(fds[i]);
+    bool dev_ok = req.device >= 0 && req.device < g_srv.ndev;
+    struct device *d = dev_ok ? &g_srv.dev[req.device] : NULL;
+    switch (req.type) {
+    case EMU_REQ_HELLO: {
+        if (c->seg || nfds != 1 || req.a != EMU_PROTO_VERSION) {
+            for (int i = 0; i < nfds; i++) close(fds[i]);
+            reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
+            return false;
+        }
+        struct stat st;
+        void *m = MAP_FAILED;
+        if (fstat(fds[0], &st) == 0 && (size_t)st.st_size >= sizeof(struct emu_client_seg))
+            m = mmap(NULL, sizeof(struct emu_client_seg), PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+        close(fds[0]);
+        if (m == MAP_FAILED || ((struct emu_client_seg *)m)->magic != EMU_MAGIC_CLIENT) {
+            if (m != MAP_FAILED) munmap(m, sizeof(struct emu_client_seg));
+            reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
+            return false;
+        }
+        lock_all();
+        c->seg = m;
+        c->alive = true;
+        unlock_all();
+        reply(c, 0, (uint64_t)g_srv.ndev, NULL, 0);
+        return true;
+    }
+    case EMU_REQ_OPEN_DEVICE: {
+        if (!c->seg || !d) {
+            reply(c, ACL_ERROR_RT_INVALID_DEVICEID, 0, NULL, 0);
+            return true;
+        }
+        struct client_dev *cd = &c->dev[req.device];
+        if (!cd->busy_by_name) {
+            cd->busy_by_name = calloc(EMU_MAX_NAMES, sizeof(double));
+            cd->count_by_name = calloc(EMU_MAX_NAMES, sizeof(uint64_t));
+        }
+        pthread_mutex_lock(&d->lock);
+        cd->open = cd->busy_by_name && cd->count_by_name;
+        pthread_mutex_unlock(&d->lock);
+        int out[2] = {d->seg_fd, d->mem_fd};
+        reply(c, cd->open ? 0 : ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, d->p.capacity, out, cd->open ? 2 : 0);
+        return true;
+    }
+    case EMU_REQ_ALLOC:
+    case EMU_REQ_FREE: {
+        if (!d || !c->dev[req.device].open) {
+            reply(c, ACL_ERROR_RT_INVALID_DEVICEID, 0, NULL, 0);
+            return true;
+        }
+        uint64_t out = 0;
+        pthread_mutex_lock(&d->lock);
+        int err = req.type == EMU_REQ_ALLOC ? dev_alloc(d, c, req.a, &out) : dev_free(d, c, req.a, &out);
+        pthread_mutex_unlock(&d->lock);
+        reply(c, err, out, NULL, 0);
+        return true;
+    }
+    case EMU_REQ_NAME: {
+        req.name[EMU_NAME_LEN - 1] = 0;
+        int id = req.name[0] ? name_id(req.name) : -1;
+        reply(c, id < 0 ? ACL_ERROR_RT_OVER_LIMIT : 0, (uint64_t)(id < 0 ? 0 : id), NULL, 0);
+        return true;
+    }
+    case EMU_REQ_STATUS: {
+        struct sbuf b = {0};
+        status_json(&b);
+        for (size_t off = 0; off < b.n; off += 16384) {
+            size_t len = b.n - off < 16384 ? b.n - off : 16384;
+            if (emu_send_fds(c->fd, b.p + off, len, NULL, 0) < 0) break;
+        }
+        send(c->fd, "", 0, MSG_NOSIGNAL);
+        free(b.p);
+        return true;
+    }
+    default:
+        reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
+        return true;
+    }
+}
+
+/* ---------------------------------------------------------------- setup */
+
+static void setup_device(struct device *d, int index, const struct emu_params *p)
+{
+    d->index = index;
+    d->p = *p;
+    pthread_mutex_init(&d->lock, NULL);
+    d->seg_fd = memfd_create("flexnpu-emu-device", MFD_CLOEXEC);
+    d->mem_fd = memfd_create("flexnpu-emu-hbm", MFD_CLOEXEC);
+    if (d->seg_fd < 0 || d->mem_fd < 0 || ftruncate(d->seg_fd, sizeof(struct emu_dev_seg)) < 0 ||
+        ftruncate(d->mem_fd, (off_t)p->capacity) < 0)
+        die("cannot create the memory of device %d: %s", index, strerror(errno));
+    d->seg = mmap(NULL, sizeof *d->seg, PROT_READ | PROT_WRITE, MAP_SHARED, d->seg_fd, 0);
+    if (d->seg == MAP_FAILED) die("mmap: %s", strerror(errno));
+    d->seg->magic = EMU_MAGIC_DEV;
+    d->seg->version = EMU_PROTO_VERSION;
+    d->seg->index = (uint32_t)index;
+    d->seg->params = *p;
+    atomic_store(&d->seg->deadline_ns, INT64_MAX);
+    if (pthread_create(&d->thread, NULL, device_thread, d) != 0) die("pthread_create failed");
+}
+
+static double num_arg(const char *v, const char *name)
+{
+    char *end;
+    double x = strtod(v, &end);
+    if (*end || !(x > 0) || !isfinite(x)) die("%s must be a positive number, got '%s'", name, v);
+    return x;
+}
+
+int main(int argc, char **argv)
+{
+    const char *sock_path = NULL, *modes = "serial";
+    int ndev = 1;
+    struct emu_params p = {.peak_flops = 353.9e12, .hbm_bw = 1.6e12, .link_bw = 23e9, .launch_ns = 10000,
+                           .time_scale = 1.0, .capacity = 64ULL << 30};
+    snprintf(p.soc_name, sizeof p.soc_name, "Ascend910B2");
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) die("option %s needs a value", a);
+        i++;
+        if (!strcmp(a, "--socket")) sock_path = v;
+        else if (!strcmp(a, "--devices")) ndev = (int)num_arg(v, a);
+        else if (!strcmp(a, "--peak-flops")) p.peak_flops = num_arg(v, a);
+        else if (!strcmp(a, "--hbm-bw")) p.hbm_bw = num_arg(v, a);
+        else if (!strcmp(a, "--link-bw")) p.link_bw = num_arg(v, a);
+        else if (!strcmp(a, "--launch-ns")) p.launch_ns = strtod(v, NULL) >= 0 ? strtod(v, NULL) : 0;
+        else if (!strcmp(a, "--capacity")) p.capacity = (uint64_t)num_arg(v, a);
+        else if (!strcmp(a, "--time-scale")) p.time_scale = num_arg(v, a);
+        else if (!strcmp(a, "--mode")) modes = v;
+        else if (!strcmp(a, "--soc")) snprintf(p.soc_name, sizeof p.soc_name, "%s", v);
+        else die("unknown option %s", a);
+    }
+    if (!sock_path) die("--socket is required");
+    if (ndev < 1 || ndev > EMU_MAX_DEVICES) die("--devices must be 1..%d", EMU_MAX_DEVICES);
+    p.capacity &= ~(uint64_t)(EMU_MEM_ALIGN - 1);
+
+    g_srv.t0_ns = emu_now_ns();
+    g_srv.ndev = ndev;
+    pthread_mutex_init(&g_srv.names_lock, NULL);
+    snprintf(g_srv.names[EMU_NAME_MEMSET], EMU_NAME_LEN, "memset");
+    for (int k = 0; k < 8; k++) snprintf(g_srv.names[EMU_NAME_COPY_BASE + k], EMU_NAME_LEN, "%s", copy_names[k]);
+    g_srv.nnames = EMU_NAME_FIRST_KERNEL;
+
+    /* --mode takes one mode for all devices, or a comma list, one per device */
+    char mbuf[256];
+    snprintf(mbuf, sizeof mbuf, "%s", modes);
+    uint32_t mode_of[EMU_MAX_DEVICES];
+    char *save = NULL, *tok = strtok_r(mbuf, ",", &save);
+    int nm = 0;
+    while (tok && nm < EMU_MAX_DEVICES) {
+        if (!strcmp(tok, "serial")) mode_of[nm++] = EMU_MODE_SERIAL;
+        else if (!strcmp(tok, "shared")) mode_of[nm++] = EMU_MODE_SHARED;
+        else die("--mode takes serial or shared, got '%s'", tok);
+        tok = strtok_r(NULL, ",", &save);
+    }
+    if (nm != 1 && nm != ndev) die("--mode needs one mode or one per device (%d)", ndev);
+
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* threads inherit the mask */
+    int sfd = signalfd(-1, &sigs, SFD_CLOEXEC);
+
+    for (int i = 0; i < ndev; i++) {
+        struct emu_params dp = p;
+        dp.mode = mode_of[nm == 1 ? 0 : i];
+        setup_device(&g_srv.dev[i], i, &dp);
+    }
+
+    int ls = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(sock_path) >= sizeof sa.sun_path) die("socket path too long: %s", sock_path);
+    strcpy(sa.sun_path, sock_path);
+    unlink(sock_path);
+    mode_t old = umask(0117);
+    if (ls < 0 || bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(ls, 64) < 0)
+        die("cannot listen on %s: %s", sock_path, strerror(errno));
+    umask(old);
+    printf("ready\n");
+    fflush(stdout);
+
+    for (;;) {
+        struct pollfd pf[EMU_MAX_CLIENTS + 2];
+        struct client *who[EMU_MAX_CLIENTS + 2];
+        int n = 0;
+        pf[n] = (struct pollfd){.fd = sfd, .events = POLLIN};
+        who[n++] = NULL;
+        pf[n] = (struct pollfd){.fd = ls, .events = POLLIN};
+        who[n++] = NULL;
+        for (int i = 0; i < g_srv.nclients; i++)
+            if (g_srv.clients[i]->fd >= 0) {
+                pf[n] = (struct pollfd){.fd = g_srv.clients[i]->fd, .events = POLLIN};
+                who[n++] = g_srv.clients[i];
+            }
+        if (poll(pf, (nfds_t)n, -1) < 0) {
+            if (errno == EINTR) continue;
+            die("poll: %s", strerror(errno));
+        }
+        if (pf[0].revents) {
+            struct signalfd_siginfo si;
+            if (read(sfd, &si, sizeof si) == sizeof si && si.ssi_signo != SIGPIPE) break;
+        }
+        if (pf[1].revents & POLLIN) {
+            int fd = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+            if (fd >= 0 && !client_new(fd)) close(fd);
+        }
+        for (int i = 2; i < n; i++) {
+            if (!pf[i].revents) continue;
+            struct client *c = who[i];
+            bool keep = (pf[i].revents & POLLIN) && handle(c);
+            if (!keep) {
+                if (c->seg) client_gone(c);
+                else client_forget(c); /* a status query, or a failed hello */
+            }
+        }
+    }
+
+    atomic_store(&g_srv.stopping, true);
+    for (int i = 0; i < g_srv.ndev; i++) {
+        atomic_fetch_add(&g_srv.dev[i].seg->doorbell, 1);
+        emu_futex_wake(&g_srv.dev[i].seg->doorbell, 1);
+        pthread_join(g_srv.dev[i].thread, NULL);
+    }
+    close(ls);
+    unlink(sock_path);
+    for (int i = 0; i < g_srv.nclients; i++)
+        if (g_srv.clients[i]->fd >= 0) close(g_srv.clients[i]->fd);
+    return 0;
+}

@@ -1,0 +1,163 @@
+/* Layout shared by the emulated libascendcl.so (client) and the device server.
+ *
+ * Three kinds of shared memory, all memfds passed over the server's unix socket:
+ *   - one device segment per device (server-created): parameters, the doorbell the
+ *     clients ring, the server's next deadline, memory in use;
+ *   - one device memory file per device (server-created, sparse, capacity bytes):
+ *     device pointers are addresses inside each client's mapping of it;
+ *   - one client segment per process (client-created): a submission ring per device,
+ *     stream completion counters and event completion records, written by the server.
+ *
+ * The hot path (a launch) writes one op into the client's ring and rings the doorbell
+ * only when the server would otherwise sleep past the op's modelled completion.
+ */
+#ifndef FLEXNPU_EMU_SHARED_H_
+#define FLEXNPU_EMU_SHARED_H_
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+
+#define EMU_MAGIC_DEV 0x46584e5044455631ULL    /* "FXNPDEV1" */
+#define EMU_MAGIC_CLIENT 0x46584e50434c5431ULL /* "FXNPCLT1" */
+#define EMU_PROTO_VERSION 1
+
+#define EMU_MAX_DEVICES 16
+#define EMU_RING_SLOTS 4096 /* power of two */
+#define EMU_MAX_STREAMS 1024
+#define EMU_MAX_EVENTS 8192
+#define EMU_MAX_NAMES 1024
+#define EMU_NAME_LEN 48
+#define EMU_MEM_ALIGN 4096 /* allocation granularity: whole pages, so frees return memory */
+
+/* Stream indices reserved per device in the client segment. */
+#define EMU_STREAM_DEFAULT(dev) (dev)                  /* the NULL stream */
+#define EMU_STREAM_SYNCCOPY(dev) (EMU_MAX_DEVICES + (dev)) /* synchronous copies and memsets */
+#define EMU_STREAM_FIRST_USER (2 * EMU_MAX_DEVICES)
+
+enum emu_op_kind {
+    EMU_OP_KERNEL = 1,
+    EMU_OP_COPY = 2,         /* name_id is the aclrtMemcpyKind */
+    EMU_OP_MEMSET = 3,
+    EMU_OP_EVENT_RECORD = 4, /* zero work; stamps the event at completion */
+    EMU_OP_EVENT_WAIT = 5,   /* zero work; the stream waits for event >= gen */
+};
+
+enum emu_mode { EMU_MODE_SERIAL = 0, EMU_MODE_SHARED = 1 };
+
+/* Names the server pre-registers: copies and memsets are reported under these. */
+#define EMU_NAME_MEMSET 0
+#define EMU_NAME_COPY_BASE 1 /* + aclrtMemcpyKind (0..7) */
+#define EMU_NAME_FIRST_KERNEL 9
+
+struct emu_op {
+    uint64_t t_submit_ns; /* CLOCK_MONOTONIC at the call */
+    uint64_t stream_seq;  /* 1-based position on its stream */
+    uint32_t stream;      /* index into the client's stream table */
+    uint16_t kind;        /* enum emu_op_kind */
+    uint16_t name_id;     /* kernel name, or copy kind */
+    uint32_t event;       /* event index (record/wait) */
+    uint32_t event_gen;   /* record generation (record/wait) */
+    double flops;         /* work: floating point operations */
+    double hbm_bytes;     /* work: device memory traffic */
+    double link_bytes;    /* work: host link traffic */
+    uint64_t copy_bytes;  /* bytes the op copies or sets (accounting) */
+};
+
+struct emu_ring {
+    _Atomic uint64_t head; /* next slot the server reads */
+    char pad0[56];
+    _Atomic uint64_t tail; /* next slot the client writes */
+    char pad1[56];
+    struct emu_op ops[EMU_RING_SLOTS];
+};
+
+struct emu_stream_state {
+    _Atomic uint32_t completed; /* low 32 bits of the last completed stream_seq; futex word */
+    _Atomic uint32_t waiters;   /* clients blocked on `completed` */
+    _Atomic uint32_t device;    /* device the stream belongs to, + 1 (0: unused) */
+    uint32_t pad;
+};
+
+struct emu_event_state {
+    _Atomic uint32_t completed_gen; /* generation whose record has completed; futex word */
+    _Atomic uint32_t waiters;
+    _Atomic int64_t t_ns; /* modelled completion time of that record */
+};
+
+struct emu_client_seg {
+    uint64_t magic;
+    uint32_t version;
+    int32_t pid;
+    struct emu_stream_state streams[EMU_MAX_STREAMS];
+    struct emu_event_state events[EMU_MAX_EVENTS];
+    struct emu_ring rings[EMU_MAX_DEVICES];
+};
+
+struct emu_params {
+    double peak_flops;    /* FLOP/s, fp16 dense */
+    double hbm_bw;        /* bytes/s */
+    double link_bw;       /* bytes/s, host <-> device */
+    double launch_ns;     /* submission to earliest start */
+    double time_scale;    /* multiplies every modelled time */
+    uint64_t capacity;    /* device memory, bytes */
+    uint32_t mode;        /* enum emu_mode */
+    uint32_t pad;
+    char soc_name[32];
+};
+
+struct emu_dev_seg {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t index;
+    struct emu_params params;
+    _Atomic uint64_t mem_used;
+    _Atomic uint32_t doorbell; /* futex word the server sleeps on */
+    _Atomic uint32_t pad0;
+    _Atomic int64_t deadline_ns; /* when the server next wakes by itself; INT64_MAX: idle */
+};
+
+/* Control messages (SOCK_SEQPACKET). Fixed size; fds ride along with SCM_RIGHTS. */
+enum emu_req_type {
+    EMU_REQ_HELLO = 1,       /* fd: client segment; rep.a = device count */
+    EMU_REQ_OPEN_DEVICE = 2, /* device; fds back: device segment, device memory */
+    EMU_REQ_ALLOC = 3,       /* device, a = size; rep.a = offset */
+    EMU_REQ_FREE = 4,        /* device, a = offset; rep.a = size freed */
+    EMU_REQ_NAME = 5,        /* name; rep.a = name id */
+    EMU_REQ_STATUS = 6,      /* reply: JSON text in chunks, then an empty message */
+    EMU_REQ_RELEASE_STREAM = 7, /* a = stream index: forget its queue */
+};
+
+struct emu_req {
+    uint32_t type;
+    int32_t device;
+    uint64_t a;
+    uint64_t b;
+    char name[EMU_NAME_LEN];
+};
+
+struct emu_rep {
+    int32_t err; /* aclError */
+    uint32_t pad;
+    uint64_t a;
+    uint64_t b;
+};
+
+static inline uint64_t emu_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Solo duration of a piece of work on a device: the roofline bound, scaled. */
+static inline double emu_solo_ns(const struct emu_params *p, double flops, double hbm, double link)
+{
+    double t = 0.0, x;
+    if (flops > 0 && (x = flops / p->peak_flops) > t) t = x;
+    if (hbm > 0 && (x = hbm / p->hbm_bw) > t) t = x;
+    if (link > 0 && (x = link / p->link_bw) > t) t = x;
+    return t * 1e9 * p->time_scale;
+}
+
+#endif /* FLEXNPU_EMU_SHARED_H_ */

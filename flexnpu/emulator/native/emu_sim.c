@@ -1,0 +1,317 @@
+/* Performance model of one emulated device.
+ *
+ * Each op needs some compute (FLOPs), device-memory traffic (HBM bytes) and host-link
+ * traffic; alone it runs for its roofline time, the largest of work / capacity over the
+ * three. A stream runs its ops in order; an op may start once it has arrived (submission
+ * plus launch latency) and, for an event wait, once the event has completed.
+ *
+ *   serial mode: one op at a time on the device, the earliest arrived among the ready
+ *                stream heads; an op runs to completion once started.
+ *   shared mode: every ready stream head runs at once; the three resources are shared
+ *                by max-min fairness (progressive filling), so two compute-bound ops each
+ *                run at half speed while a compute-bound and a memory-bound op barely slow
+ *                each other.
+ *
+ * The model runs on the real clock: the server thread advances it to "now" whenever it
+ * wakes, publishing completions (stream counters, event timestamps) as it passes them.
+ * Times it publishes are the model's exact times, not the moment the thread woke.
+ */
+#include "emu_sim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "emu_util.h"
+
+static void active_add(struct device *d, struct squeue *q)
+{
+    if (q->active_slot >= 0) return;
+    if (d->nactive == d->cap_active) {
+        d->cap_active = d->cap_active ? 2 * d->cap_active : 64;
+        d->active = realloc(d->active, d->cap_active * sizeof *d->active);
+    }
+    q->active_slot = (int)d->nactive;
+    d->active[d->nactive++] = q;
+}
+
+static void active_remove(struct device *d, struct squeue *q)
+{
+    int i = q->active_slot;
+    if (i < 0) return;
+    d->active[i] = d->active[--d->nactive];
+    d->active[i]->active_slot = i;
+    q->active_slot = -1;
+}
+
+static bool client_uses(struct client *c, int dev) { return c && c->alive && c->seg && c->dev[dev].open; }
+
+bool sim_rings_pending(struct device *d)
+{
+    for (int i = 0; i < g_srv.nclients; i++) {
+        struct client *c = g_srv.clients[i];
+        if (!client_uses(c, d->index)) continue;
+        struct emu_ring *r = &c->seg->rings[d->index];
+        if (atomic_load_explicit(&r->tail, memory_order_seq_cst) != atomic_load_explicit(&r->head, memory_order_relaxed))
+            return true;
+    }
+    return false;
+}
+
+void sim_ingest(struct device *d)
+{
+    const struct emu_params *p = &d->p;
+    for (int i = 0; i < g_srv.nclients; i++) {
+        struct client *c = g_srv.clients[i];
+        if (!client_uses(c, d->index)) continue;
+        struct emu_ring *r = &c->seg->rings[d->index];
+        struct client_dev *cd = &c->dev[d->index];
+        uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+        uint64_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+        if (tail - head > EMU_RING_SLOTS) tail = head; /* a corrupt ring: ignore it */
+        for (; head != tail; head++) {
+            struct emu_op op = r->ops[head & (EMU_RING_SLOTS - 1)];
+            if (op.stream >= EMU_MAX_STREAMS || op.kind < EMU_OP_KERNEL || op.kind > EMU_OP_EVENT_WAIT ||
+                op.name_id >= EMU_MAX_NAMES || op.event >= EMU_MAX_EVENTS || !(op.flops >= 0) ||
+                !(op.hbm_bytes >= 0) || !(op.link_bytes >= 0))
+                continue;
+            struct sop *s = calloc(1, sizeof *s);
+            if (!s) continue;
+            s->op = op;
+            s->c = c;
+            double t_sub = (double)((int64_t)op.t_submit_ns - (int64_t)g_srv.t0_ns);
+            if (t_sub < d->t_sim) t_sub = d->t_sim; /* the model never rewrites its past */
+            s->arrive = t_sub + p->launch_ns * p->time_scale;
+            s->solo = emu_solo_ns(p, op.flops, op.hbm_bytes, op.link_bytes);
+            s->remaining = 1.0;
+            if (s->solo > 0) {
+                double sec = s->solo / (1e9 * p->time_scale);
+                s->util[0] = op.flops / p->peak_flops / sec;
+                s->util[1] = op.hbm_bytes / p->hbm_bw / sec;
+                s->util[2] = op.link_bytes / p->link_bw / sec;
+            }
+            s->order = d->next_order++;
+            struct squeue *q = &c->queues[op.stream];
+            if (q->tail) q->tail->next = s;
+            else q->head = s;
+            q->tail = s;
+            active_add(d, q);
+            cd->ops_by_kind[op.kind & 7]++;
+            cd->count_by_name[op.name_id]++;
+            if (op.kind == EMU_OP_COPY) cd->bytes_by_copy_kind[(op.name_id - EMU_NAME_COPY_BASE) & 7] += op.copy_bytes;
+            if (op.kind == EMU_OP_MEMSET) cd->memset_bytes += op.copy_bytes;
+        }
+        atomic_store_explicit(&r->head, head, memory_order_release);
+    }
+}
+
+static bool wait_satisfied(struct sop *s)
+{
+    struct emu_event_state *e = &s->c->seg->events[s->op.event];
+    uint32_t done = atomic_load_explicit(&e->completed_gen, memory_order_acquire);
+    return (int32_t)(done - s->op.event_gen) >= 0;
+}
+
+/* An op at the head of its stream that may run now. */
+static bool ready(struct device *d, struct sop *s)
+{
+    if (s->arrive > d->t_sim) return false;
+    if (s->op.kind == EMU_OP_EVENT_WAIT && !wait_satisfied(s)) {
+        d->event_poll = true;
+        return false;
+    }
+    return true;
+}
+
+static void complete(struct device *d, struct squeue *q, double t)
+{
+    struct sop *s = q->head;
+    struct client *c = s->c;
+    q->head = s->next;
+    if (!q->head) {
+        q->tail = NULL;
+        active_remove(d, q);
+    }
+    if (d->current == s) d->current = NULL;
+    if (s->op.kind == EMU_OP_EVENT_RECORD) {
+        struct emu_event_state *e = &c->seg->events[s->op.event];
+        atomic_store_explicit(&e->t_ns, sim_abs(t), memory_order_relaxed);
+        atomic_store_explicit(&e->completed_gen, s->op.event_gen, memory_order_release);
+        if (atomic_load(&e->waiters)) emu_futex_wake(&e->completed_gen, INT32_MAX);
+    }
+    struct emu_stream_state *st = &c->seg->streams[s->op.stream];
+    atomic_store_explicit(&st->completed, (uint32_t)s->op.stream_seq, memory_order_release);
+    if (atomic_load(&st->waiters)) emu_futex_wake(&st->completed, INT32_MAX);
+    free(s);
+}
+
+/* Completes zero-work ops that are ready at the heads. Returns true if any did. */
+static bool complete_instant(struct device *d)
+{
+    bool any = false, again = true;
+    while (again) {
+        again = false;
+        for (size_t i = 0; i < d->nactive; i++) {
+            struct squeue *q = d->active[i];
+            struct sop *s = q->head;
+            if (s->solo > 0 || s == d->current || !ready(d, s)) continue;
+            complete(d, q, d->t_sim);
+            any = again = true;
+            break; /* the active list changed */
+        }
+    }
+    return any;
+}
+
+/* Max-min fair rates over compute, HBM and link for the running ops. */
+static void share_resources(struct sop **run, int n)
+{
+    bool fixed[n];
+    double used[3] = {0, 0, 0};
+    for (int i = 0; i < n; i++) fixed[i] = false, run[i]->rate = 0;
+    int left = n;
+    while (left > 0) {
+        double level = 1.0;
+        int bottleneck = -1;
+        for (int r = 0; r < 3; r++) {
+            double demand = 0;
+            for (int i = 0; i < n; i++)
+                if (!fixed[i]) demand += run[i]->util[r];
+            if (demand <= 0) continue;
+            double x = (1.0 - used[r]) / demand;
+            if (x < level) level = x, bottleneck = r;
+        }
+        if (level < 0) level = 0;
+        for (int i = 0; i < n; i++) {
+            if (fixed[i] || (bottleneck >= 0 && run[i]->util[bottleneck] <= 0)) continue;
+            run[i]->rate = level;
+            fixed[i] = true;
+            left--;
+            for (int r = 0; r < 3; r++) used[r] += level * run[i]->util[r];
+        }
+        if (bottleneck < 0) break;
+    }
+}
+
+/* The ops running at d->t_sim, with their rates. Returns how many. */
+static int running_set(struct device *d, struct sop **run)
+{
+    int n = 0;
+    if (d->p.mode == EMU_MODE_SERIAL) {
+        if (!d->current) {
+            struct sop *best = NULL;
+            for (size_t i = 0; i < d->nactive; i++) {
+                struct sop *s = d->active[i]->head;
+                if (s->solo > 0 && ready(d, s) && (!best || s->arrive < best->arrive ||
+                                                   (s->arrive == best->arrive && s->order < best->order)))
+                    best = s;
+            }
+            d->current = best;
+        }
+        if (d->current) {
+            d->current->rate = 1.0;
+            run[n++] = d->current;
+        }
+        return n;
+    }
+    for (size_t i = 0; i < d->nactive; i++) {
+        struct sop *s = d->active[i]->head;
+        if (s->solo > 0 && ready(d, s)) run[n++] = s;
+    }
+    share_resources(run, n);
+    return n;
+}
+
+void sim_advance(struct device *d, double t)
+{
+    d->event_poll = false;
+    for (int guard = 0; guard < 1000000; guard++) {
+        complete_instant(d);
+        struct sop *run[d->nactive + 1];
+        int n = running_set(d, run);
+        /* next thing that happens: a completion or an arrival */
+        double t_next = t;
+        for (int i = 0; i < n; i++)
+            if (run[i]->rate > 0) {
+                double done = d->t_sim + run[i]->remaining * run[i]->solo / run[i]->rate;
+                if (done < t_next) t_next = done;
+            }
+        for (size_t i = 0; i < d->nactive; i++) {
+            double a = d->active[i]->head->arrive;
+            if (a > d->t_sim && a < t_next) t_next = a;
+        }
+        if (t_next < d->t_sim) t_next = d->t_sim;
+        double dt = t_next - d->t_sim;
+        if (dt > 0 && n > 0) {
+            double total = 0;
+            for (int i = 0; i < n; i++) total += run[i]->rate;
+            d->busy_ns += dt;
+            for (int i = 0; i < n; i++) {
+                struct sop *s = run[i];
+                s->remaining -= dt * s->rate / s->solo;
+                double share = total > 0 ? dt * s->rate / total : 0;
+                struct client_dev *cd = &s->c->dev[d->index];
+                cd->busy_ns += share;
+                cd->busy_by_name[s->op.name_id] += share;
+            }
+        }
+        d->t_sim = t_next;
+        bool done_any = false;
+        for (int i = 0; i < n; i++) {
+            struct sop *s = run[i];
+            /* within a picosecond of the end counts as the end (rounding) */
+            if (s->rate > 0 && s->remaining * s->solo / s->rate <= 1e-3) {
+                complete(d, &s->c->queues[s->op.stream], d->t_sim);
+                done_any = true;
+            }
+        }
+        if (!done_any && d->t_sim >= t) break;
+    }
+    complete_instant(d);
+}
+
+double sim_next_deadline(struct device *d)
+{
+    double next = INFINITY;
+    struct sop *run[d->nactive + 1];
+    int n = running_set(d, run);
+    for (int i = 0; i < n; i++)
+        if (run[i]->rate > 0) {
+            double done = d->t_sim + run[i]->remaining * run[i]->solo / run[i]->rate;
+            if (done < next) next = done;
+        }
+    for (size_t i = 0; i < d->nactive; i++) {
+        double a = d->active[i]->head->arrive;
+        if (a > d->t_sim && a < next) next = a;
+    }
+    if (d->event_poll && d->t_sim + 200000.0 < next) next = d->t_sim + 200000.0;
+    return next;
+}
+
+void sim_drop_client(struct device *d, struct client *c)
+{
+    for (int s = 0; s < EMU_MAX_STREAMS; s++) {
+        struct squeue *q = &c->queues[s];
+        if (!q->head) continue;
+        if (d->current && d->current->c == c) d->current = NULL;
+        if (q->head->c != c) continue;
+        bool on_this_device = false;
+        for (size_t i = 0; i < d->nactive; i++)
+            if (d->active[i] == q) on_this_device = true;
+        if (!on_this_device) continue;
+        active_remove(d, q);
+        for (struct sop *x = q->head, *nx; x; x = nx) {
+            nx = x->next;
+            free(x);
+        }
+        q->head = q->tail = NULL;
+    }
+}
+
+size_t sim_pending_ops(struct device *d)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < d->nactive; i++)
+        for (struct sop *s = d->active[i]->head; s; s = s->next) n++;
+    return n;
+}

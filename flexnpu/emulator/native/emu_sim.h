@@ -1,0 +1,110 @@
+/* The device server's state and its performance model (emu_sim.c). */
+#ifndef FLEXNPU_EMU_SIM_H_
+#define FLEXNPU_EMU_SIM_H_
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "emu_shared.h"
+
+struct sop { /* an op on the model's timeline */
+    struct emu_op op;
+    struct client *c;
+    double arrive;    /* model time (ns since server start) it may start */
+    double solo;      /* ns it takes alone */
+    double remaining; /* fraction of its work left, 1 -> 0 */
+    double rate;      /* fraction of full speed it runs at now */
+    double util[3];   /* share of compute, HBM, link it uses at full speed */
+    uint64_t order;   /* arrival order on the device */
+    struct sop *next;
+};
+
+struct squeue { /* one stream of one client, in stream order */
+    struct sop *head, *tail;
+    int active_slot; /* index in the device's active list, or -1 */
+};
+
+struct client_dev { /* what a client did on one device: the ground truth `emu status` reports */
+    bool open;
+    double busy_ns;
+    double *busy_by_name;     /* [EMU_MAX_NAMES] */
+    uint64_t *count_by_name;  /* [EMU_MAX_NAMES] */
+    uint64_t ops_by_kind[8];  /* enum emu_op_kind */
+    uint64_t bytes_by_copy_kind[8]; /* aclrtMemcpyKind */
+    uint64_t memset_bytes;
+    uint64_t mem_used;
+    uint64_t allocs, frees;
+};
+
+struct client {
+    int fd;
+    pid_t pid;
+    bool alive;
+    uint64_t id;
+    struct emu_client_seg *seg;
+    struct squeue queues[EMU_MAX_STREAMS];
+    struct client_dev dev[EMU_MAX_DEVICES];
+    double connected_s, exited_s;
+};
+
+struct block { /* an allocation in device memory */
+    uint64_t off, size;
+    struct client *owner;
+};
+
+struct device {
+    int index;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    struct emu_dev_seg *seg;
+    int seg_fd, mem_fd;
+    struct emu_params p;
+    /* allocator */
+    struct block *blocks; /* sorted by off */
+    size_t nblocks, cap_blocks;
+    /* model */
+    double t_sim; /* model time simulated up to */
+    double busy_ns;
+    uint64_t next_order;
+    struct squeue **active; /* streams with queued ops */
+    size_t nactive, cap_active;
+    struct sop *current; /* serial mode: the op holding the device */
+    bool event_poll;     /* a stream waits on an event another device completes */
+};
+
+#define EMU_MAX_CLIENTS 256
+
+struct server {
+    struct device dev[EMU_MAX_DEVICES];
+    int ndev;
+    struct client *clients[EMU_MAX_CLIENTS]; /* live and recently exited */
+    int nclients;
+    uint64_t next_client_id;
+    char names[EMU_MAX_NAMES][EMU_NAME_LEN];
+    int nnames;
+    pthread_mutex_t names_lock;
+    uint64_t t0_ns; /* CLOCK_MONOTONIC of model time 0 */
+    _Atomic bool stopping;
+};
+
+extern struct server g_srv;
+
+/* Model time <-> CLOCK_MONOTONIC. */
+static inline double sim_now(void) { return (double)(emu_now_ns() - g_srv.t0_ns); }
+static inline int64_t sim_abs(double t) { return (int64_t)g_srv.t0_ns + (int64_t)(t + 0.5); }
+
+/* Moves new ops of every client from the rings into the stream queues. Caller holds d->lock. */
+void sim_ingest(struct device *d);
+/* Runs the model up to model time t. Caller holds d->lock. */
+void sim_advance(struct device *d, double t);
+/* Model time of the next completion or arrival, or INFINITY. Caller holds d->lock. */
+double sim_next_deadline(struct device *d);
+/* Drops every op of client c (it has gone). Caller holds d->lock. */
+void sim_drop_client(struct device *d, struct client *c);
+/* True if some client ring of the device holds ops not yet ingested. */
+bool sim_rings_pending(struct device *d);
+size_t sim_pending_ops(struct device *d);
+
+#endif

@@ -1,0 +1,78 @@
+"""Device profiles of the emulated Ascend device, from published specifications.
+
+Each number carries its source. Where sources disagree, the choice and the reason are
+in docs/emulator.md ("Parameters and their sources").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    soc: str
+    peak_tflops: float  # dense FP16/BF16
+    hbm_tbps: float  # HBM bandwidth, TB/s
+    link_gbps: float  # host <-> device copy bandwidth, GB/s
+    launch_us: float  # submission to earliest kernel start
+    capacity_gib: float  # HBM per device
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def server_args(self) -> list[str]:
+        return [
+            "--soc", self.soc,
+            "--peak-flops", repr(self.peak_tflops * 1e12),
+            "--hbm-bw", repr(self.hbm_tbps * 1e12),
+            "--link-bw", repr(self.link_gbps * 1e9),
+            "--launch-ns", repr(self.launch_us * 1e3),
+            "--capacity", str(int(self.capacity_gib * GIB)),
+        ]
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    # Ascend 910B2 (Atlas 800T A2): 24 AI Cores at 1800 MHz, 16x16x16 FP16 MACs per core
+    # per cycle -> 353.9 TFLOPS; 64 GiB HBM.
+    "910b": DeviceProfile(
+        name="910b",
+        soc="Ascend910B2",
+        peak_tflops=353.9,
+        hbm_tbps=1.6,
+        link_gbps=23.0,
+        launch_us=10.0,
+        capacity_gib=64,
+        sources={
+            "peak_tflops": "CANN platform config Ascend910B2.ini (ai_core_cnt=24, cube_freq=1800 MHz) x "
+            "16x16x16 FP16 MAC/cycle (CANN Ascend C best practices); a measured 4096^3 FP16 GEMM "
+            "reaches 314.5 TFLOPS (89%)",
+            "hbm_tbps": "Zuo et al., Serving LLMs on Huawei CloudMatrix384, arXiv:2506.12708: 3.2 TB/s "
+            "per two-die 910C package, whose die has the 910B's core configuration (1.6 TB/s per die)",
+            "link_gbps": "DeepSpeed issue #8531: ~23 GB/s host-to-device with registered pinned "
+            "memory on a 910B (CANN 8.5)",
+            "launch_us": "assumption: no vendor figure is published; between the smallest device "
+            "kernel time (8.5 us, sgl-kernel-npu #601) and framework per-op overheads (20-70 us)",
+            "capacity_gib": "CANN platform config Ascend910B2.ini memory_size = 64 GiB",
+        },
+    ),
+    # Ascend 910C, one die = one device as CANN presents it (two per package).
+    "910c": DeviceProfile(
+        name="910c",
+        soc="Ascend910_9392",
+        peak_tflops=376.0,
+        hbm_tbps=1.6,
+        link_gbps=23.0,
+        launch_us=10.0,
+        capacity_gib=64,
+        sources={
+            "peak_tflops": "arXiv:2506.12708 (CloudMatrix384): 752 TFLOPS dense FP16/BF16 per 910C "
+            "package, two dies, each a CANN device",
+            "hbm_tbps": "arXiv:2506.12708: 3.2 TB/s and 128 GB per package",
+            "link_gbps": "assumption: no published 910C host-to-device figure; the 910B's pinned rate",
+            "launch_us": "assumption, as for 910b",
+            "capacity_gib": "arXiv:2506.12708 (128 GB per package); CANN Ascend910_9392.ini memory_size = 64 GiB per die",
+        },
+    ),
+}
