@@ -1,0 +1,679 @@
+/* libflexnpu_shim.so: the data plane of FlexNPU, loaded with LD_PRELOAD into programs
+ * that know nothing of it.
+ *
+ * Every dispatching runtime call passes the dispatch gate of the calling thread's device
+ * (gate.h) before it goes on to the real runtime. With the gate open that costs a few
+ * loads and two relaxed atomic adds; with no forwarding daemon for the device the shim
+ * only counts. It also maps virtual device ids to physical ones (FLEXNPU_DEVICES), caps
+ * device memory (FLEXNPU_MEM_QUOTA) and keeps per-process counters in its slot.
+ *
+ * Programs that dlopen the runtime and look functions up with dlsym get the wrappers
+ * too: the shim interposes dlsym. Wrappers are generated from the runtime profile
+ * (flexnpu/forward/gen_shim.py); the device and memory-view calls are written here.
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gate.h"
+#include "shim_gen.h" /* the runtime profile's definitions */
+
+#define FX_EXPORT __attribute__((visibility("default")))
+#define FX_LIKELY(x) __builtin_expect(!!(x), 1)
+#define FX_MAX_DEVICES 64
+
+/* ---------------------------------------------------------------- state */
+
+struct fx_att { /* this process's attachment to one physical device's gate */
+    int dev;
+    const struct fx_ctl_seg *ctl;
+    struct fx_cli_seg *cli;
+    const struct fx_ctl_slot *g;
+    struct fx_cli_slot *me;
+};
+
+static struct fx_att *_Atomic g_att[FX_MAX_DEVICES];
+static struct fx_att *_Atomic g_last_att; /* for threads that never selected a device */
+static __thread struct fx_att *t_att;
+static __thread int t_depth; /* > 0 inside a wrapper: nested runtime calls pass straight on */
+static __thread int t_vdev = -1;
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool g_debug;
+static uint32_t g_role = FX_ROLE_AUTO;
+static int g_map[FX_MAX_DEVICES]; /* virtual -> physical */
+static int g_nmap = -1;           /* -1: no map, ids pass through */
+static uint64_t g_quota;          /* bytes per device; 0: none */
+static _Atomic uint64_t g_held[FX_MAX_DEVICES];
+static uint64_t g_last_attach_try_ns[FX_MAX_DEVICES];
+static char g_rundir[256] = "/run/flexnpu";
+
+static const uint64_t fx_above_mask[FX_PRIO_LEVELS] = {
+    ~0ULL << 8, ~0ULL << 16, ~0ULL << 24, ~0ULL << 32, ~0ULL << 40, ~0ULL << 48, ~0ULL << 56, 0,
+};
+
+static void fx_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void fx_debug(const char *fmt, ...)
+{
+    if (!g_debug) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "flexnpu shim[%d]: ", getpid());
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static void fx_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void fx_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "flexnpu shim: ");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static inline uint64_t fx_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static inline int fx_depth_enter(void) { return t_depth++ > 0 ? (t_depth--, 1) : 0; }
+static inline void fx_depth_leave(void) { t_depth--; }
+
+static inline struct fx_att *fx_current(void)
+{
+    struct fx_att *a = t_att;
+    return FX_LIKELY(a != NULL) ? a : atomic_load_explicit(&g_last_att, memory_order_relaxed);
+}
+
+static void fx_wake_waiters(struct fx_cli_seg *cli)
+{
+    atomic_fetch_add_explicit(&cli->wake_seq, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&cli->waiters, memory_order_seq_cst))
+        syscall(SYS_futex, &cli->wake_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* ---------------------------------------------------------------- attach */
+
+/* Maps device dev's gate segment and claims a slot. Caller holds g_lock. */
+static struct fx_att *fx_attach_locked(int dev)
+{
+    struct fx_att *a = atomic_load(&g_att[dev]);
+    if (a) return a;
+    uint64_t now = fx_now();
+    if (g_last_attach_try_ns[dev] && now - g_last_attach_try_ns[dev] < 1000000000ULL) return NULL;
+    g_last_attach_try_ns[dev] = now;
+    char path[320];
+    snprintf(path, sizeof path, "%s/gate-%d.ctl", g_rundir, dev);
+    int cfd = open(path, O_RDONLY | O_CLOEXEC);
+    snprintf(path, sizeof path, "%s/gate-%d.cli", g_rundir, dev);
+    int lfd = cfd >= 0 ? open(path, O_RDWR | O_CLOEXEC) : -1;
+    if (cfd < 0 || lfd < 0) {
+        fx_debug("no forwarding daemon for device %d (%s/gate-%d.*: %s); running without a gate", dev, g_rundir,
+                 dev, strerror(errno));
+        if (cfd >= 0) close(cfd);
+        return NULL;
+    }
+    const struct fx_ctl_seg *ctl = mmap(NULL, sizeof *ctl, PROT_READ, MAP_SHARED, cfd, 0);
+    struct fx_cli_seg *cli = mmap(NULL, sizeof *cli, PROT_READ | PROT_WRITE, MAP_SHARED, lfd, 0);
+    close(cfd);
+    close(lfd);
+    if (ctl == MAP_FAILED || cli == MAP_FAILED || ctl->magic != FX_GATE_MAGIC_CTL || cli->magic != FX_GATE_MAGIC_CLI ||
+        ctl->version != FX_GATE_VERSION || cli->version != FX_GATE_VERSION) {
+        fx_debug("device %d: gate segment missing or of another version; running without a gate", dev);
+        if (ctl != MAP_FAILED) munmap((void *)ctl, sizeof *ctl);
+        if (cli != MAP_FAILED) munmap(cli, sizeof *cli);
+        return NULL;
+    }
+    int slot = -1;
+    for (int i = 0; i < FX_MAX_SLOTS && slot < 0; i++) {
+        uint32_t freev = FX_SLOT_FREE;
+        if (atomic_compare_exchange_strong(&cli->slots[i].state, &freev, FX_SLOT_CLAIMED)) slot = i;
+    }
+    if (slot < 0) {
+        fx_error("device %d: all %d gate slots are taken; running without a gate", dev, FX_MAX_SLOTS);
+        munmap((void *)ctl, sizeof *ctl);
+        munmap(cli, sizeof *cli);
+        return NULL;
+    }
+    struct fx_cli_slot *me = &cli->slots[slot];
+    /* counters start from zero for each claim; the daemon reads them after it sees the claim */
+    uint32_t gen = atomic_load(&me->gen);
+    memset((char *)me + offsetof(struct fx_cli_slot, pending), 0,
+           sizeof *me - offsetof(struct fx_cli_slot, pending));
+    atomic_store(&me->pid, getpid());
+    atomic_store(&me->role, g_role);
+    atomic_store(&me->claimed_ns, now);
+    atomic_store(&me->gen, gen + 1);
+    atomic_fetch_add(&cli->claim_seq, 1);
+    syscall(SYS_futex, &cli->claim_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    a = calloc(1, sizeof *a);
+    a->dev = dev;
+    a->ctl = ctl;
+    a->cli = cli;
+    a->g = &ctl->slots[slot];
+    a->me = me;
+    atomic_store(&g_att[dev], a);
+    fx_debug("device %d: gate slot %d (role %u)", dev, slot, g_role);
+    return a;
+}
+
+static void fx_select_device(int phys)
+{
+    if (phys < 0 || phys >= FX_MAX_DEVICES) return;
+    struct fx_att *a = atomic_load(&g_att[phys]);
+    if (!a) {
+        pthread_mutex_lock(&g_lock);
+        a = fx_attach_locked(phys);
+        pthread_mutex_unlock(&g_lock);
+    }
+    t_att = a;
+    if (a) atomic_store(&g_last_att, a);
+}
+
+/* ---------------------------------------------------------------- gate */
+
+static inline bool fx_gate_open(const struct fx_att *a)
+{
+    uint32_t gate = atomic_load_explicit(&a->g->gate, memory_order_acquire);
+    uint32_t prio = atomic_load_explicit(&a->g->priority, memory_order_relaxed) & (FX_PRIO_LEVELS - 1);
+    uint64_t pending = atomic_load_explicit(&a->cli->pending_levels, memory_order_relaxed);
+    return gate == FX_GATE_OPEN && (pending & fx_above_mask[prio]) == 0;
+}
+
+static bool fx_daemon_alive(const struct fx_att *a, uint64_t now)
+{
+    uint64_t hb = atomic_load_explicit(&a->ctl->heartbeat_ns, memory_order_relaxed);
+    return hb != 0 && now - hb < (uint64_t)FX_HEARTBEAT_STALE_NS;
+}
+
+static void fx_gate_wait(struct fx_att *a)
+{
+    struct fx_cli_slot *me = a->me;
+    if (atomic_load_explicit(&me->released, memory_order_relaxed)) return; /* max_hold let it go */
+    uint64_t t0 = fx_now();
+    if (!fx_daemon_alive(a, t0)) return; /* fail open */
+    bool was_closed = atomic_load(&a->g->gate) != FX_GATE_OPEN;
+    uint64_t max_hold = atomic_load(&a->g->max_hold_ns);
+    atomic_fetch_add(&me->waiting, 1);
+    atomic_fetch_add(&me->gate_waits, 1);
+    for (;;) {
+        uint32_t seq = atomic_load_explicit(&a->cli->wake_seq, memory_order_seq_cst);
+        if (fx_gate_open(a)) break;
+        uint64_t now = fx_now(), held = now - t0;
+        if (held >= max_hold) {
+            atomic_store(&me->released, 1);
+            atomic_fetch_add(&me->gate_expired, 1);
+            break;
+        }
+        if (!fx_daemon_alive(a, now)) break;
+        uint64_t slice = max_hold - held;
+        if (slice > 100000000ULL) slice = 100000000ULL; /* recheck the daemon's heartbeat */
+        struct timespec ts = {.tv_sec = (time_t)(slice / 1000000000ULL), .tv_nsec = (long)(slice % 1000000000ULL)};
+        atomic_fetch_add_explicit(&a->cli->waiters, 1, memory_order_seq_cst);
+        if (atomic_load_explicit(&a->cli->wake_seq, memory_order_seq_cst) == seq && !fx_gate_open(a))
+            syscall(SYS_futex, &a->cli->wake_seq, FUTEX_WAIT, seq, &ts, NULL, 0);
+        atomic_fetch_sub_explicit(&a->cli->waiters, 1, memory_order_seq_cst);
+    }
+    uint64_t t1 = fx_now();
+    atomic_fetch_add(&me->gate_wait_ns, t1 - t0);
+    if (was_closed && atomic_load(&a->g->gate) == FX_GATE_OPEN) {
+        uint64_t changed = atomic_load(&a->g->changed_ns);
+        if (changed > t0 && t1 > changed) atomic_store(&me->last_release_lag_ns, t1 - changed);
+    }
+    atomic_fetch_sub(&me->waiting, 1);
+}
+
+/* Before every dispatching call. */
+static inline void fx_gate(void)
+{
+    struct fx_att *a = fx_current();
+    if (!a) return;
+    if (__builtin_expect(!fx_gate_open(a), 0)) fx_gate_wait(a);
+    struct fx_cli_slot *me = a->me;
+    if (__builtin_expect(!atomic_load_explicit(&me->pending, memory_order_relaxed), 0)) {
+        /* first work since the last sync: count it at this client's priority level */
+        if (!atomic_exchange(&me->pending, 1)) {
+            uint32_t lvl = atomic_load(&a->g->priority) & (FX_PRIO_LEVELS - 1);
+            atomic_store(&me->pending_level, lvl);
+            atomic_fetch_add(&a->cli->pending_levels, 1ULL << (8 * lvl));
+            atomic_store_explicit(&me->iter_start_ns, fx_now(), memory_order_relaxed);
+        }
+    }
+}
+
+/* After a successful dispatching call. */
+static inline void fx_count(int op, uint64_t bytes, int dir)
+{
+    struct fx_att *a = fx_current();
+    if (!a) return;
+    struct fx_cli_slot *me = a->me;
+    atomic_fetch_add_explicit(&me->ops[op], 1, memory_order_relaxed);
+    if (bytes) {
+        if (op == FX_OP_MEMSET || op == FX_OP_MEMSET_ASYNC)
+            atomic_fetch_add_explicit(&me->memset_bytes, bytes, memory_order_relaxed);
+        else if (dir >= 0)
+            atomic_fetch_add_explicit(&me->bytes[dir], bytes, memory_order_relaxed);
+    }
+}
+
+/* After every synchronisation: the end of an iteration if work was pending. */
+static void fx_sync_done(void)
+{
+    struct fx_att *a = fx_current();
+    if (!a) {
+        if (t_vdev >= 0 || g_nmap != 0) {
+            /* a daemon may have started since: try again, at most once a second */
+            int phys = -1;
+            if (t_vdev >= 0) phys = g_nmap > 0 ? g_map[t_vdev] : t_vdev;
+            if (phys >= 0) fx_select_device(phys);
+        }
+        return;
+    }
+    struct fx_cli_slot *me = a->me;
+    atomic_fetch_add_explicit(&me->ops[FX_OP_SYNC], 1, memory_order_relaxed);
+    atomic_store_explicit(&me->released, 0, memory_order_relaxed);
+    if (atomic_exchange(&me->pending, 0)) {
+        uint64_t now = fx_now(), start = atomic_load(&me->iter_start_ns);
+        atomic_fetch_add(&me->iterations, 1);
+        if (start && now > start) {
+            atomic_fetch_add(&me->iter_ns_total, now - start);
+            atomic_store(&me->iter_ns_last, now - start);
+        }
+        uint32_t lvl = atomic_load(&me->pending_level);
+        atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * lvl));
+        fx_wake_waiters(a->cli);
+    }
+}
+
+/* ---------------------------------------------------------------- memory */
+
+struct fx_alloc {
+    uintptr_t ptr;
+    uint64_t size;
+    int dev;
+};
+static struct fx_alloc *g_allocs; /* open addressing, ptr 0 = empty, 1 = deleted */
+static size_t g_allocs_cap, g_allocs_n;
+static pthread_mutex_t g_alloc_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t fx_hash(uintptr_t p) { return (size_t)((p >> 4) * 0x9E3779B97F4A7C15ULL); }
+
+static void fx_allocs_put(uintptr_t p, uint64_t size, int dev)
+{
+    if ((g_allocs_n + 1) * 2 > g_allocs_cap) {
+        size_t nc = g_allocs_cap ? g_allocs_cap * 2 : 1024;
+        struct fx_alloc *na = calloc(nc, sizeof *na);
+        if (!na) return;
+        for (size_t i = 0; i < g_allocs_cap; i++)
+            if (g_allocs[i].ptr > 1) {
+                size_t j = fx_hash(g_allocs[i].ptr) & (nc - 1);
+                while (na[j].ptr) j = (j + 1) & (nc - 1);
+                na[j] = g_allocs[i];
+            }
+        free(g_allocs);
+        g_allocs = na;
+        g_allocs_cap = nc;
+    }
+    size_t j = fx_hash(p) & (g_allocs_cap - 1);
+    while (g_allocs[j].ptr > 1) j = (j + 1) & (g_allocs_cap - 1);
+    g_allocs[j] = (struct fx_alloc){p, size, dev};
+    g_allocs_n++;
+}
+
+static bool fx_allocs_take(uintptr_t p, struct fx_alloc *out)
+{
+    if (!g_allocs_cap) return false;
+    size_t j = fx_hash(p) & (g_allocs_cap - 1);
+    for (size_t k = 0; k < g_allocs_cap && g_allocs[j].ptr; k++, j = (j + 1) & (g_allocs_cap - 1))
+        if (g_allocs[j].ptr == p) {
+            *out = g_allocs[j];
+            g_allocs[j].ptr = 1;
+            g_allocs_n--;
+            return true;
+        }
+    return false;
+}
+
+static int fx_current_phys(void)
+{
+    if (t_vdev < 0) return -1;
+    return g_nmap > 0 ? g_map[t_vdev] : t_vdev;
+}
+
+static int fx_alloc_check(uint64_t size)
+{
+    int dev = fx_current_phys();
+    if (g_quota && dev >= 0 && atomic_load(&g_held[dev]) + size > g_quota) {
+        fx_debug("device %d: allocation of %llu bytes refused: quota %llu, %llu held", dev,
+                 (unsigned long long)size, (unsigned long long)g_quota, (unsigned long long)atomic_load(&g_held[dev]));
+        return FX_ERR_OUT_OF_MEMORY;
+    }
+    return FX_SUCCESS;
+}
+
+static void fx_alloc_done(void *ptr, uint64_t size)
+{
+    int dev = fx_current_phys();
+    if (dev < 0) dev = 0;
+    pthread_mutex_lock(&g_alloc_lock);
+    fx_allocs_put((uintptr_t)ptr, size, dev);
+    pthread_mutex_unlock(&g_alloc_lock);
+    uint64_t held = atomic_fetch_add(&g_held[dev], size) + size;
+    struct fx_att *a = atomic_load(&g_att[dev]);
+    if (a) {
+        atomic_fetch_add(&a->me->ops[FX_OP_ALLOC], 1);
+        atomic_store(&a->me->mem_held, held);
+        if (held > atomic_load(&a->me->mem_peak)) atomic_store(&a->me->mem_peak, held);
+    }
+}
+
+static void fx_free_done(void *ptr)
+{
+    struct fx_alloc al;
+    pthread_mutex_lock(&g_alloc_lock);
+    bool found = fx_allocs_take((uintptr_t)ptr, &al);
+    pthread_mutex_unlock(&g_alloc_lock);
+    if (!found) return;
+    uint64_t held = atomic_fetch_sub(&g_held[al.dev], al.size) - al.size;
+    struct fx_att *a = atomic_load(&g_att[al.dev]);
+    if (a) {
+        atomic_fetch_add(&a->me->ops[FX_OP_FREE], 1);
+        atomic_store(&a->me->mem_held, held);
+    }
+}
+
+/* ---------------------------------------------------------------- real functions */
+
+static void *(*g_real_dlsym)(void *, const char *);
+static void *_Atomic g_runtime_handle; /* a handle the program dlopened the runtime with */
+
+static void *fx_lookup_real(const char *name)
+{
+    void *p = g_real_dlsym ? g_real_dlsym(RTLD_NEXT, name) : NULL;
+    void *h = atomic_load(&g_runtime_handle);
+    if (!p && h) p = g_real_dlsym(h, name);
+    if (!p) {
+        void *lib = dlopen(FX_RUNTIME_LIBRARY, RTLD_LAZY | RTLD_NOLOAD);
+        if (!lib) lib = dlopen(FX_RUNTIME_LIBRARY, RTLD_LAZY | RTLD_GLOBAL);
+        if (lib) p = g_real_dlsym(lib, name);
+    }
+    return p;
+}
+
+/* Resolves the real function once; a missing runtime is reported like a missing device. */
+#define FX_REAL(name)                                                                          \
+    do {                                                                                       \
+        if (__builtin_expect(real_##name == NULL, 0)) {                                        \
+            real_##name = fx_lookup_real(#name);                                               \
+            if (!real_##name) {                                                                \
+                fx_error("%s not found: is " FX_RUNTIME_LIBRARY " installed?", #name);         \
+                return 500003; /* ACL_ERROR_RT_FAILURE */                                      \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+
+#define FX_GEN_WRAPPERS
+#include "shim_gen.h" /* the generated wrappers */
+
+/* ---------------------------------------------------------------- device map */
+
+static int fx_phys_of(int32_t vdev, int32_t *phys)
+{
+    if (g_nmap < 0) {
+        *phys = vdev;
+        return FX_SUCCESS;
+    }
+    if (vdev < 0 || vdev >= g_nmap) return FX_ERR_INVALID_DEVICE;
+    *phys = g_map[vdev];
+    return FX_SUCCESS;
+}
+
+FX_EXPORT aclError aclrtSetDevice(int32_t deviceId)
+{
+    FX_REAL(aclrtSetDevice);
+    if (fx_depth_enter()) return real_aclrtSetDevice(deviceId);
+    int32_t phys;
+    aclError rc = fx_phys_of(deviceId, &phys);
+    if (rc == FX_SUCCESS) rc = real_aclrtSetDevice(phys);
+    if (rc == FX_SUCCESS) {
+        t_vdev = deviceId;
+        fx_select_device(phys);
+    }
+    fx_depth_leave();
+    return rc;
+}
+
+FX_EXPORT aclError aclrtResetDevice(int32_t deviceId)
+{
+    FX_REAL(aclrtResetDevice);
+    if (fx_depth_enter()) return real_aclrtResetDevice(deviceId);
+    int32_t phys;
+    aclError rc = fx_phys_of(deviceId, &phys);
+    if (rc == FX_SUCCESS) rc = real_aclrtResetDevice(phys);
+    fx_depth_leave();
+    return rc;
+}
+
+FX_EXPORT aclError aclrtGetDevice(int32_t *deviceId)
+{
+    FX_REAL(aclrtGetDevice);
+    if (fx_depth_enter()) return real_aclrtGetDevice(deviceId);
+    aclError rc = real_aclrtGetDevice(deviceId);
+    if (rc == FX_SUCCESS && deviceId && g_nmap >= 0) {
+        int v = -1;
+        for (int i = 0; i < g_nmap; i++)
+            if (g_map[i] == *deviceId) v = i;
+        if (v >= 0) *deviceId = v;
+    }
+    fx_depth_leave();
+    return rc;
+}
+
+FX_EXPORT aclError aclrtGetDeviceCount(uint32_t *count)
+{
+    FX_REAL(aclrtGetDeviceCount);
+    if (fx_depth_enter()) return real_aclrtGetDeviceCount(count);
+    aclError rc = real_aclrtGetDeviceCount(count);
+    if (rc == FX_SUCCESS && count && g_nmap >= 0) {
+        uint32_t n = 0;
+        for (int i = 0; i < g_nmap; i++)
+            if ((uint32_t)g_map[i] < *count) n++;
+        *count = n;
+    }
+    fx_depth_leave();
+    return rc;
+}
+
+struct fx_ctx {
+    aclrtContext ctx;
+    int vdev;
+};
+static struct fx_ctx g_ctx[256];
+
+FX_EXPORT aclError aclrtCreateContext(aclrtContext *context, int32_t deviceId)
+{
+    FX_REAL(aclrtCreateContext);
+    if (fx_depth_enter()) return real_aclrtCreateContext(context, deviceId);
+    int32_t phys;
+    aclError rc = fx_phys_of(deviceId, &phys);
+    if (rc == FX_SUCCESS) rc = real_aclrtCreateContext(context, phys);
+    if (rc == FX_SUCCESS && context) {
+        pthread_mutex_lock(&g_lock);
+        for (int i = 0; i < 256; i++)
+            if (!g_ctx[i].ctx) {
+                g_ctx[i] = (struct fx_ctx){*context, deviceId};
+                break;
+            }
+        pthread_mutex_unlock(&g_lock);
+        t_vdev = deviceId;
+        fx_select_device(phys);
+    }
+    fx_depth_leave();
+    return rc;
+}
+
+FX_EXPORT aclError aclrtSetCurrentContext(aclrtContext context)
+{
+    FX_REAL(aclrtSetCurrentContext);
+    if (fx_depth_enter()) return real_aclrtSetCurrentContext(context);
+    aclError rc = real_aclrtSetCurrentContext(context);
+    if (rc == FX_SUCCESS) {
+        int v = -1;
+        pthread_mutex_lock(&g_lock);
+        for (int i = 0; i < 256; i++)
+            if (g_ctx[i].ctx == context) v = g_ctx[i].vdev;
+        pthread_mutex_unlock(&g_lock);
+        int32_t phys;
+        if (v >= 0 && fx_phys_of(v, &phys) == FX_SUCCESS) {
+            t_vdev = v;
+            fx_select_device(phys);
+        }
+    }
+    fx_depth_leave();
+    return rc;
+}
+
+FX_EXPORT aclError aclrtGetMemInfo(aclrtMemAttr attr, size_t *free_, size_t *total)
+{
+    FX_REAL(aclrtGetMemInfo);
+    if (fx_depth_enter()) return real_aclrtGetMemInfo(attr, free_, total);
+    aclError rc = real_aclrtGetMemInfo(attr, free_, total);
+    int dev = fx_current_phys();
+    bool hbm = attr == ACL_HBM_MEM || attr == ACL_HBM_MEM_HUGE || attr == ACL_HBM_MEM_NORMAL ||
+               attr == ACL_HBM_MEM_P2P_HUGE || attr == ACL_HBM_MEM_P2P_NORMAL;
+    if (rc == FX_SUCCESS && g_quota && hbm && dev >= 0 && free_ && total) {
+        uint64_t held = atomic_load(&g_held[dev]), left = held < g_quota ? g_quota - held : 0;
+        if (*total > g_quota) *total = g_quota;
+        if (*free_ > left) *free_ = left;
+    }
+    fx_depth_leave();
+    return rc;
+}
+
+/* ---------------------------------------------------------------- dlsym */
+
+FX_EXPORT void *dlsym(void *handle, const char *name)
+{
+    if (!g_real_dlsym) return NULL; /* before the constructor: cannot happen in practice */
+    void *real = g_real_dlsym(handle, name);
+    if (!real || strncmp(name, "acl", 3) != 0 || handle == RTLD_NEXT) return real;
+    for (int i = 0; i < FX_NUM_WRAPPERS; i++) {
+        const struct fx_wrapper *w = &fx_wrappers[i];
+        if (strcmp(w->name, name) != 0) continue;
+        if (real == w->wrapper) return real; /* looked up through the global scope: already us */
+        void *expected = NULL;
+        atomic_compare_exchange_strong(w->real, &expected, real);
+        if (handle != RTLD_DEFAULT) atomic_store(&g_runtime_handle, handle);
+        return w->wrapper;
+    }
+    return real;
+}
+
+/* ---------------------------------------------------------------- set-up */
+
+static uint64_t fx_parse_size(const char *s, bool *ok)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    while (*end == ' ') end++;
+    uint64_t mul = 1;
+    char u = (char)toupper((unsigned char)*end);
+    if (u == 'K') mul = 1ULL << 10;
+    else if (u == 'M') mul = 1ULL << 20;
+    else if (u == 'G') mul = 1ULL << 30;
+    else if (u == 'T') mul = 1ULL << 40;
+    if (mul > 1) {
+        end++;
+        if (*end == 'i' || *end == 'I') end++;
+        if (*end == 'b' || *end == 'B') end++;
+    } else if (u == 'B') end++;
+    *ok = errno == 0 && end != s && *end == 0 && v > 0 && v * (double)mul < 1.8e19;
+    return *ok ? (uint64_t)(v * (double)mul) : 0;
+}
+
+static void fx_after_fork_child(void)
+{
+    /* the child is another client: it registers afresh if it uses a device */
+    for (int i = 0; i < FX_MAX_DEVICES; i++) {
+        atomic_store(&g_att[i], NULL);
+        g_last_attach_try_ns[i] = 0;
+    }
+    atomic_store(&g_last_att, NULL);
+    t_att = NULL;
+}
+
+__attribute__((constructor)) static void fx_init(void)
+{
+    g_real_dlsym = (void *(*)(void *, const char *))dlvsym(RTLD_NEXT, "dlsym", "GLIBC_2.34");
+    if (!g_real_dlsym) g_real_dlsym = (void *(*)(void *, const char *))dlvsym(RTLD_NEXT, "dlsym", "GLIBC_2.2.5");
+    const char *v = getenv("FLEXNPU_DEBUG");
+    g_debug = v && *v && strcmp(v, "0") != 0;
+    if ((v = getenv("FLEXNPU_RUNTIME_DIR")) && *v) snprintf(g_rundir, sizeof g_rundir, "%s", v);
+    if ((v = getenv("FLEXNPU_ROLE")) && *v) {
+        if (!strcmp(v, "prefill")) g_role = FX_ROLE_PREFILL;
+        else if (!strcmp(v, "decode")) g_role = FX_ROLE_DECODE;
+        else if (!strcmp(v, "auto")) g_role = FX_ROLE_AUTO;
+        else fx_error("FLEXNPU_ROLE=%s is not prefill, decode or auto; using auto", v);
+    }
+    if ((v = getenv("FLEXNPU_DEVICES")) && *v) {
+        int n = 0;
+        bool ok = true;
+        const char *p = v;
+        while (*p && ok) {
+            char *end;
+            long d = strtol(p, &end, 10);
+            if (end == p || d < 0 || d >= FX_MAX_DEVICES || n >= FX_MAX_DEVICES) ok = false;
+            else g_map[n++] = (int)d;
+            p = end;
+            if (*p == ',') p++;
+            else if (*p) ok = false;
+        }
+        if (ok) g_nmap = n;
+        else fx_error("FLEXNPU_DEVICES=%s is not a comma list of device ids (0-%d); ignoring it", v, FX_MAX_DEVICES - 1);
+    }
+    if ((v = getenv("FLEXNPU_MEM_QUOTA")) && *v) {
+        bool ok;
+        g_quota = fx_parse_size(v, &ok);
+        if (!ok) fx_error("FLEXNPU_MEM_QUOTA=%s is not a size such as 8G or 512MiB; ignoring it", v);
+    }
+    pthread_atfork(NULL, NULL, fx_after_fork_child);
+    fx_debug("loaded: runtime %s, role %u, %d mapped devices, quota %llu", FX_RUNTIME_NAME, g_role, g_nmap,
+             (unsigned long long)g_quota);
+}
+
+__attribute__((destructor)) static void fx_fini(void)
+{
+    /* leaving with work pending must not hold lower-priority clients until the daemon reaps us */
+    for (int i = 0; i < FX_MAX_DEVICES; i++) {
+        struct fx_att *a = atomic_load(&g_att[i]);
+        if (!a) continue;
+        if (atomic_exchange(&a->me->pending, 0)) {
+            atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&a->me->pending_level)));
+            fx_wake_waiters(a->cli);
+        }
+    }
+}
