@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from flexnpu.emulator.cli import app as emu_app
+from flexnpu.forward import cli as forward_cli
 
 app = typer.Typer(
     name="flexnpu",
@@ -15,6 +16,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(emu_app, name="emu")
+app.add_typer(forward_cli.gate_app, name="gate")
+app.command("daemon")(forward_cli.daemon_command)
+app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    forward_cli.run_command
+)
 
 
 def _register_optional() -> None:

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import os
+import sysconfig
+from functools import cache
 from pathlib import Path
 
 DEFAULT_RUNTIME_DIR = "/run/flexnpu"
-_NATIVE = Path(__file__).resolve().parent / "_native"
+
+
+@cache
+def _native() -> Path:
+    """flexnpu/_native beside this module when installed; when the package is imported from
+    a source checkout (python -m from the repo root), the interpreter's installed copy."""
+    here = Path(__file__).resolve().parent / "_native"
+    if here.is_dir() or os.environ.get("FLEXNPU_NATIVE_DIR"):
+        return Path(os.environ.get("FLEXNPU_NATIVE_DIR") or here)
+    for key in ("platlib", "purelib"):
+        cand = Path(sysconfig.get_paths()[key]) / "flexnpu" / "_native"
+        if cand.is_dir():
+            return cand
+    return here
 
 
 def runtime_dir() -> Path:
@@ -16,11 +31,11 @@ def runtime_dir() -> Path:
 
 def native_dir() -> Path:
     """The installed native parts (lib/, bin/, include/, share/)."""
-    return _NATIVE
+    return _native()
 
 
 def native_lib_dir() -> Path:
-    return _NATIVE / "lib"
+    return _native() / "lib"
 
 
 def emulator_library() -> Path:
@@ -29,16 +44,16 @@ def emulator_library() -> Path:
 
 
 def emulator_server_binary() -> Path:
-    return _NATIVE / "bin" / "flexnpu-emu-server"
+    return _native() / "bin" / "flexnpu-emu-server"
 
 
 def emulator_include_dir() -> Path:
-    return _NATIVE / "include"
+    return _native() / "include"
 
 
 def emulator_kernel_library() -> Path:
     """The emulator's default kernel library file (kernels.fxk)."""
-    return _NATIVE / "share" / "kernels.fxk"
+    return _native() / "share" / "kernels.fxk"
 
 
 def emulator_socket(rdir: Path | None = None) -> Path:

@@ -36,7 +36,9 @@ EXPORT const char *fx_layout(void)
     if (buf[0]) return buf;
     int n = 0;
 #define P(...) n += snprintf(buf + n, sizeof buf - n, __VA_ARGS__)
-    P("{\"version\":%d,\"max_slots\":%d,\"num_ops\":%d,\"num_dirs\":%d,\"prio_levels\":%d,", FX_GATE_VERSION,
+    P("{\"magic_ctl\":%llu,\"magic_cli\":%llu,", (unsigned long long)FX_GATE_MAGIC_CTL,
+      (unsigned long long)FX_GATE_MAGIC_CLI);
+    P("\"version\":%d,\"max_slots\":%d,\"num_ops\":%d,\"num_dirs\":%d,\"prio_levels\":%d,", FX_GATE_VERSION,
       FX_MAX_SLOTS, FX_NUM_OPS, FX_NUM_DIRS, FX_PRIO_LEVELS);
     P("\"ctl\":{\"size\":%zu,\"slots\":%zu,\"slot_size\":%zu,\"fields\":{", sizeof(struct fx_ctl_seg),
       offsetof(struct fx_ctl_seg, slots), sizeof(struct fx_ctl_slot));

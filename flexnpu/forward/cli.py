@@ -1,0 +1,204 @@
+"""`flexnpu daemon`, `flexnpu gate ...` and `flexnpu run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flexnpu import logs, paths
+
+err = Console(stderr=True)
+gate_app = typer.Typer(help="Inspect and set the dispatch gates of a device's clients.", no_args_is_help=True)
+
+
+def daemon_command(
+    device: Annotated[int, typer.Option(help="Physical device this daemon forwards.")] = 0,
+    max_hold_ms: Annotated[float, typer.Option(help="Default longest hold of a client's call.")] = 200.0,
+    priority: Annotated[int, typer.Option(help="Default priority of new clients (0-7).")] = 0,
+    gate: Annotated[str, typer.Option(help="Default gate of new clients: open or closed.")] = "open",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+) -> None:
+    """Run the forwarding daemon of one device in the foreground (SIGTERM stops it, gates open).
+
+    Examples:
+      flexnpu daemon --device 0
+      flexnpu daemon --device 1 --max-hold-ms 50
+    """
+    from flexnpu.forward import daemon, protocol
+
+    logs.setup(verbose)
+    try:
+        daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate)
+    except (protocol.RequestError, ValueError, OSError) as e:
+        err.print(f"flexnpu daemon: {e}")
+        raise typer.Exit(1)
+
+
+def _client(device: int):
+    from flexnpu.forward.client import DaemonClient
+
+    return DaemonClient(device)
+
+
+def _fail(what: str, e: Exception) -> None:
+    err.print(f"flexnpu gate {what}: {e}")
+    raise typer.Exit(1)
+
+
+@gate_app.command("list")
+def gate_list(
+    device: Annotated[int, typer.Option(help="Physical device.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List a device's clients with their gates and counters.
+
+    Example:  flexnpu gate list --device 0
+    """
+    from flexnpu.forward.client import DaemonError
+
+    try:
+        with _client(device) as c:
+            reply = c.request("list")
+    except DaemonError as e:
+        _fail("list", e)
+    if json_out:
+        typer.echo(json.dumps(reply))
+        return
+    t = Table(box=None)
+    for col in ("slot", "pid", "role", "gate", "prio", "hold ms", "kernels", "H2D MiB", "D2H MiB", "mem MiB",
+                "iters", "waits", "waited ms"):
+        t.add_column(col, justify="right")
+    for v in reply["clients"]:
+        t.add_row(str(v["slot"]), str(v["pid"]), v["role"], v["gate"], str(v["priority"]), f"{v['max_hold_ms']:g}",
+                  str(v["ops"]["kernel"]), f"{v['bytes']['h2d'] / 2**20:.1f}", f"{v['bytes']['d2h'] / 2**20:.1f}",
+                  f"{v['mem_held'] / 2**20:.1f}", str(v["iterations"]), str(v["gate_waits"]),
+                  f"{v['gate_wait_ns'] / 1e6:.1f}")
+    Console().print(t)
+
+
+@gate_app.command("set")
+def gate_set(
+    pid: Annotated[int, typer.Argument(help="Client process id.")],
+    device: Annotated[int, typer.Option(help="Physical device.")] = 0,
+    gate: Annotated[Optional[str], typer.Option(help="open or closed.")] = None,
+    priority: Annotated[Optional[int], typer.Option(help="0-7; higher goes first.")] = None,
+    max_hold_ms: Annotated[Optional[float], typer.Option(help="Longest hold of one call.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Set one client's gate, priority or max_hold.
+
+    Examples:
+      flexnpu gate set 4242 --gate closed
+      flexnpu gate set 4242 --priority 5 --max-hold-ms 20
+    """
+    from flexnpu.forward.client import DaemonError
+
+    try:
+        with _client(device) as c:
+            v = c.set(pid=pid, gate=gate, priority=priority, max_hold_ms=max_hold_ms)
+    except DaemonError as e:
+        _fail("set", e)
+    typer.echo(json.dumps({"schema": 1, "client": v}) if json_out else
+               f"pid {pid}: gate {v['gate']}, priority {v['priority']}, max_hold {v['max_hold_ms']:g} ms")
+
+
+@gate_app.command("defaults")
+def gate_defaults(
+    device: Annotated[int, typer.Option(help="Physical device.")] = 0,
+    gate: Annotated[Optional[str], typer.Option(help="open or closed.")] = None,
+    priority: Annotated[Optional[int], typer.Option(help="0-7.")] = None,
+    max_hold_ms: Annotated[Optional[float], typer.Option(help="Longest hold of one call.")] = None,
+    apply: Annotated[bool, typer.Option(help="Also apply to the clients there now.")] = False,
+) -> None:
+    """Set the device-wide defaults new clients start with.
+
+    Example:  flexnpu gate defaults --device 0 --max-hold-ms 100 --apply
+    """
+    from flexnpu.forward.client import DaemonError
+
+    try:
+        with _client(device) as c:
+            d = c.defaults(gate=gate, priority=priority, max_hold_ms=max_hold_ms, apply=apply)
+    except DaemonError as e:
+        _fail("defaults", e)
+    typer.echo(json.dumps({"schema": 1, "defaults": d}))
+
+
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([kKmMgGtT][iI]?)?[bB]?\s*$")
+
+
+def shim_library() -> str:
+    return str(paths.native_lib_dir() / "libflexnpu_shim.so")
+
+
+def run_env(devices: Optional[str], role: str, mem_quota: Optional[str], debug: bool,
+            base: dict[str, str]) -> dict[str, str]:
+    """The environment `flexnpu run` gives a program; ValueError for bad input."""
+    env = dict(base)
+    if role not in ("prefill", "decode", "auto"):
+        raise ValueError(f"--role must be prefill, decode or auto, not {role!r}")
+    if devices is not None:
+        ids = devices.split(",")
+        if not devices or not all(i.isdigit() and int(i) < 64 for i in ids):
+            raise ValueError(f"--device takes a comma list of physical device ids (0-63), not {devices!r}")
+        env["FLEXNPU_DEVICES"] = devices
+    if mem_quota is not None:
+        if not _SIZE.match(mem_quota) or float(re.match(r"\s*[\d.]+", mem_quota).group()) <= 0:
+            raise ValueError(f"--mem-quota takes a size such as 8G or 512MiB, not {mem_quota!r}")
+        env["FLEXNPU_MEM_QUOTA"] = mem_quota.strip()
+    env["FLEXNPU_ROLE"] = role
+    if debug:
+        env["FLEXNPU_DEBUG"] = "1"
+    env["LD_PRELOAD"] = shim_library() + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+    env.setdefault("FLEXNPU_RUNTIME_DIR", str(paths.runtime_dir()))
+    if not _real_cann_present():
+        # no CANN on this node: programs get the emulated device, as `flexnpu emu env` sets up
+        lib = str(paths.native_lib_dir())
+        old = env.get("LD_LIBRARY_PATH", "")
+        if lib not in old.split(":"):
+            env["LD_LIBRARY_PATH"] = old + ":" + lib if old else lib
+    return env
+
+
+def _real_cann_present() -> bool:
+    try:
+        from flexnpu.doctor import find_cann_library
+    except ImportError:
+        return False
+    return find_cann_library() is not None
+
+
+def run_command(
+    cmd: Annotated[list[str], typer.Argument(help="The program and its arguments, after --.")],
+    device: Annotated[Optional[str], typer.Option("--device", help="Physical devices the program sees, "
+                                                  "in order: '2,3' makes its device 0 physical 2.")] = None,
+    role: Annotated[str, typer.Option(help="prefill, decode or auto.")] = "auto",
+    mem_quota: Annotated[Optional[str], typer.Option(help="Cap on device memory per device, e.g. 8G.")] = None,
+    debug: Annotated[bool, typer.Option(help="The shim reports what it does on stderr.")] = False,
+) -> None:
+    """Run a program under the FlexNPU shim; its exit code passes through.
+
+    Examples:
+      flexnpu run --role prefill -- python serve.py --port 8000
+      flexnpu run --device 2,3 --mem-quota 24G -- ./my_acl_program
+    """
+    try:
+        env = run_env(device, role, mem_quota, debug, dict(os.environ))
+    except ValueError as e:
+        err.print(f"flexnpu run: {e}")
+        raise typer.Exit(2)
+    if not os.path.exists(shim_library()):
+        err.print(f"flexnpu run: {shim_library()} is missing; reinstall FlexNPU (pip install .)")
+        raise typer.Exit(1)
+    exe = shutil.which(cmd[0], path=env.get("PATH"))
+    if exe is None:
+        err.print(f"flexnpu run: {cmd[0]}: command not found")
+        raise typer.Exit(127)
+    os.execve(exe, cmd, env)

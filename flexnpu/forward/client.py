@@ -1,0 +1,81 @@
+"""A thin client of a forwarding daemon's control API (used by the CLI and the controller)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from flexnpu import SCHEMA
+from flexnpu.forward.daemon import daemon_socket
+
+
+class DaemonError(RuntimeError):
+    """The daemon refused a request, or did not answer."""
+
+
+class DaemonClient:
+    """Talks to `flexnpu daemon --device N`. Every call has a timeout; after one, the socket
+    is rebuilt so the REQ/REP lockstep starts afresh."""
+
+    def __init__(self, device: int, rdir: Path | None = None, timeout: float = 2.0):
+        self.device = device
+        self.path = daemon_socket(device, rdir)
+        self.timeout_ms = int(timeout * 1000)
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+            s.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+            s.connect(f"ipc://{self.path}")
+            self._sock = s
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, cmd: str, **args: Any) -> dict:
+        if not self.path.exists():
+            raise DaemonError(f"no daemon for device {self.device} at {self.path}; "
+                              f"start one with `flexnpu daemon --device {self.device}`")
+        s = self._socket()
+        try:
+            s.send(json.dumps({"schema": SCHEMA, "cmd": cmd, **args}).encode())
+            reply = json.loads(s.recv())
+        except zmq.Again:
+            self.close()
+            raise DaemonError(f"daemon for device {self.device} did not answer within {self.timeout_ms} ms") from None
+        if not reply.get("ok"):
+            raise DaemonError(reply.get("error", "unknown error"))
+        return reply
+
+    def ping(self) -> dict:
+        return self.request("ping")
+
+    def list(self) -> list[dict]:
+        return self.request("list")["clients"]
+
+    def set(self, pid: int | None = None, slot: int | None = None, gate: str | None = None,
+            priority: int | None = None, max_hold_ms: float | None = None) -> dict:
+        args = {k: v for k, v in dict(pid=pid, slot=slot, gate=gate, priority=priority,
+                                      max_hold_ms=max_hold_ms).items() if v is not None}
+        return self.request("set", **args)["client"]
+
+    def defaults(self, gate: str | None = None, priority: int | None = None, max_hold_ms: float | None = None,
+                 apply: bool = False) -> dict:
+        args = {k: v for k, v in dict(gate=gate, priority=priority, max_hold_ms=max_hold_ms).items() if v is not None}
+        return self.request("defaults", apply=apply, **args)["defaults"]

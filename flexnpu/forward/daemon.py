@@ -1,0 +1,248 @@
+"""The forwarding daemon of one physical device (`flexnpu daemon --device N`).
+
+It owns the device's gate segment: creates it, or adopts it after a restart together with
+the clients still alive; admits clients that claim slots; notices dead ones through pidfds
+and frees their slots and any hold they had on others; keeps a heartbeat the shims use to
+fail open when the daemon is gone. A zmq REP socket at ipc://$RUNTIME_DIR/daemon-<dev>.sock
+serves the control API (flexnpu/forward/protocol.py). SIGTERM opens every gate and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from flexnpu import paths, systemd
+from flexnpu.forward import protocol
+from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN, SLOT_FREE, GateSegment
+
+log = logging.getLogger("flexnpu.daemon")
+
+HEARTBEAT_S = 0.1
+SCAN_S = 0.05  # claims are seen at once (futex); deaths within this plus the poll
+
+
+def daemon_socket(device: int, rdir: Path | None = None) -> Path:
+    return Path(rdir or paths.runtime_dir()) / f"daemon-{device}.sock"
+
+
+@dataclass
+class Client:
+    slot: int
+    pid: int
+    gen: int
+    pidfd: int
+
+
+class ForwardDaemon:
+    """One device's daemon. `serve()` blocks until `stop()` or SIGTERM."""
+
+    def __init__(self, device: int, rdir: Path | None = None, max_hold_ms: float = 200.0,
+                 priority: int = 0, gate: str = "open"):
+        if device < 0:
+            raise ValueError("device must be >= 0")
+        protocol.check_settings({"max_hold_ms": max_hold_ms, "priority": priority, "gate": gate})
+        self.device = device
+        self.rdir = Path(rdir or paths.runtime_dir())
+        self.defaults = {"gate": gate, "priority": priority, "max_hold_ms": max_hold_ms}
+        self.clients: dict[int, Client] = {}  # by slot
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.seg: GateSegment | None = None
+        self.adopted = 0
+
+    # -- segment and clients
+    def _open_segment(self) -> None:
+        self.rdir.mkdir(parents=True, exist_ok=True)
+        self.seg = GateSegment(self.device, self.rdir)
+        adopt = self.seg.valid()
+        self.seg.init(os.getpid(), adopt)
+        d = self.defaults
+        self.seg.set_defaults(protocol.GATES[d["gate"]], d["priority"], protocol.ms_to_ns(d["max_hold_ms"]))
+        for i in range(self.seg.max_slots):
+            v = self.seg.slot(i)
+            if v.state == SLOT_FREE:
+                self.seg.free(i)  # its gate back to the defaults
+            elif adopt and self._register(i, v.pid, v.gen, adopting=True):
+                self.adopted += 1
+            else:
+                self.seg.free(i)
+        log.info("device %d: %s segment in %s, %d live clients adopted",
+                 self.device, "adopted the" if adopt else "created a", self.rdir, self.adopted)
+
+    def _register(self, slot: int, pid: int, gen: int, adopting: bool = False) -> bool:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            return False
+        with self.lock:
+            self.clients[slot] = Client(slot, pid, gen, pidfd)
+        self.seg.admit(slot, pid, gen)
+        log.info("device %d: %s client pid %d in slot %d", self.device, "adopted" if adopting else "admitted", pid, slot)
+        return True
+
+    def _reap(self, slot: int) -> None:
+        with self.lock:
+            c = self.clients.pop(slot, None)
+        if c is None:
+            return
+        os.close(c.pidfd)
+        self.seg.free(slot)
+        log.info("device %d: client pid %d left; slot %d freed", self.device, c.pid, slot)
+
+    def _scan(self) -> None:
+        """Admits new claims and notices re-claims of a slot."""
+        for i in range(self.seg.max_slots):
+            v = self.seg.slot(i)
+            known = self.clients.get(i)
+            if v.state == SLOT_FREE or (known and known.pid == v.pid and known.gen == v.gen):
+                continue
+            if known:  # claimed again by another process after its owner died unseen
+                self._reap(i)
+            if not self._register(i, v.pid, v.gen):
+                self.seg.free(i)  # it died before we saw it
+
+    def _watch(self) -> None:
+        """Heartbeat, admissions and deaths, until stopped."""
+        poller = select.poll()
+        watched: set[int] = set()
+        last_beat = 0.0
+        while not self._stop.is_set():
+            seq = self.seg.claim_seq()
+            self._scan()
+            with self.lock:
+                fds = {c.pidfd: c.slot for c in self.clients.values()}
+            for fd in set(fds) - watched:
+                poller.register(fd, select.POLLIN)
+            for fd in watched - set(fds):
+                try:
+                    poller.unregister(fd)
+                except KeyError:
+                    pass
+            watched = set(fds)
+            for fd, _ in poller.poll(0):
+                if fd in fds:
+                    poller.unregister(fd)
+                    watched.discard(fd)
+                    self._reap(fds[fd])
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_S:
+                self.seg.heartbeat(True)
+                last_beat = now
+            self.seg.wait_claim(seq, int(SCAN_S * 1e9))
+
+    # -- control API handlers (called from the server thread)
+    def find(self, pid: int | None, slot: int | None) -> Client:
+        with self.lock:
+            for c in self.clients.values():
+                if (pid is not None and c.pid == pid) or (slot is not None and c.slot == slot):
+                    return c
+        raise protocol.RequestError(f"no client with {'pid ' + str(pid) if pid is not None else 'slot ' + str(slot)}")
+
+    def client_info(self, c: Client) -> dict:
+        v = self.seg.slot(c.slot).as_dict()
+        v["max_hold_ms"] = v.pop("max_hold_ns") / 1e6
+        return v
+
+    def list_clients(self) -> list[dict]:
+        with self.lock:
+            cs = sorted(self.clients.values(), key=lambda c: c.slot)
+        return [self.client_info(c) for c in cs]
+
+    def set_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None) -> dict:
+        v = self.seg.slot(c.slot)
+        g = protocol.GATES[gate] if gate is not None else (GATE_OPEN if v.gate == "open" else GATE_CLOSED)
+        p = priority if priority is not None else v.priority
+        h = protocol.ms_to_ns(max_hold_ms) if max_hold_ms is not None else v.max_hold_ns
+        self.seg.set_gate(c.slot, g, p, h)
+        log.info("device %d: pid %d gate=%s priority=%d max_hold=%.1fms", self.device, c.pid,
+                 "open" if g == GATE_OPEN else "closed", p, h / 1e6)
+        return self.client_info(c)
+
+    def set_defaults(self, gate: str | None, priority: int | None, max_hold_ms: float | None, apply: bool) -> dict:
+        d = self.defaults
+        if gate is not None:
+            d["gate"] = gate
+        if priority is not None:
+            d["priority"] = priority
+        if max_hold_ms is not None:
+            d["max_hold_ms"] = max_hold_ms
+        self.seg.set_defaults(protocol.GATES[d["gate"]], d["priority"], protocol.ms_to_ns(d["max_hold_ms"]))
+        for i in range(self.seg.max_slots):
+            if self.seg.slot(i).state == SLOT_FREE:
+                self.seg.free(i)
+        if apply:
+            with self.lock:
+                cs = list(self.clients.values())
+            for c in cs:
+                self.set_client(c, d["gate"], d["priority"], d["max_hold_ms"])
+        return dict(d)
+
+    # -- process
+    def serve(self, ready: threading.Event | None = None) -> None:
+        self._open_segment()
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME)  # beyond this zmq drops the peer
+        path = daemon_socket(self.device, self.rdir)
+        path.unlink(missing_ok=True)
+        old = os.umask(0o117)  # socket file mode 0660
+        try:
+            sock.bind(f"ipc://{path}")
+        finally:
+            os.umask(old)
+        watcher = threading.Thread(target=self._watch, name=f"gate-watch-{self.device}", daemon=True)
+        watcher.start()
+        log.info("device %d: serving the control API at ipc://%s", self.device, path)
+        systemd.notify("READY=1", f"STATUS=forwarding device {self.device}")
+        if ready:
+            ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    continue
+                try:
+                    raw = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                except zmq.ZMQError as e:  # e.g. a message over MAXMSGSIZE dropped the peer
+                    log.warning("device %d: receive failed: %s", self.device, e)
+                    continue
+                sock.send(protocol.handle(self, raw))
+        finally:
+            systemd.notify("STOPPING=1")
+            self._stop.set()
+            watcher.join(timeout=2)
+            self.seg.open_all()  # nobody stays held by a daemon that is gone
+            self.seg.heartbeat(False)
+            sock.close(0)
+            ctx.term()
+            path.unlink(missing_ok=True)
+            with self.lock:
+                for c in self.clients.values():
+                    os.close(c.pidfd)
+                self.clients.clear()
+            self.seg.close()
+            log.info("device %d: stopped; gates left open", self.device)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run(device: int, rdir: Path | None = None, **defaults) -> None:
+    """Runs a daemon in this process until SIGTERM or SIGINT."""
+    d = ForwardDaemon(device, rdir, **defaults)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: d.stop())
+    d.serve()
