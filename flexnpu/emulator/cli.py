@@ -17,7 +17,8 @@ app = typer.Typer(
     help="The emulated Ascend device (real AscendCL ABI, published-spec performance model).",
     no_args_is_help=True,
 )
-err = Console(stderr=True)
+# soft_wrap: an error stays one line however narrow the terminal (or a pipe's 80 columns)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from flexnpu import logs, paths
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 gate_app = typer.Typer(help="Inspect and set the dispatch gates of a device's clients.", no_args_is_help=True)
 
 

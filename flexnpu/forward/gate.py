@@ -78,6 +78,7 @@ class SlotView:
     gate_wait_ns: int
     gate_expired: int
     last_release_lag_ns: int
+    last_hold_lag_ns: int
     gate: str
     priority: int
     max_hold_ns: int
@@ -165,7 +166,7 @@ class GateSegment:
             memset_bytes=c("memset_bytes"), mem_held=c("mem_held"), mem_peak=c("mem_peak"),
             iterations=c("iterations"), iter_ns_total=c("iter_ns_total"), iter_ns_last=c("iter_ns_last"),
             gate_waits=c("gate_waits"), gate_wait_ns=c("gate_wait_ns"), gate_expired=c("gate_expired"),
-            last_release_lag_ns=c("last_release_lag_ns"),
+            last_release_lag_ns=c("last_release_lag_ns"), last_hold_lag_ns=c("last_hold_lag_ns"),
             gate="open" if t("gate") == GATE_OPEN else "closed", priority=t("priority"),
             max_hold_ns=t("max_hold_ns"), admitted_pid=t("pid"),
         )

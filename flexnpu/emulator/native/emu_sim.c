@@ -97,7 +97,7 @@ void sim_ingest(struct device *d)
             q->tail = s;
             active_add(d, q);
             cd->ops_by_kind[op.kind & 7]++;
-            cd->count_by_name[op.name_id]++;
+            if (op.kind <= EMU_OP_MEMSET) cd->count_by_name[op.name_id]++; /* events carry no name */
             if (op.kind == EMU_OP_COPY) cd->bytes_by_copy_kind[(op.name_id - EMU_NAME_COPY_BASE) & 7] += op.copy_bytes;
             if (op.kind == EMU_OP_MEMSET) cd->memset_bytes += op.copy_bytes;
         }

@@ -82,7 +82,8 @@ struct fx_cli_slot { /* client-written */
     _Atomic uint64_t gate_wait_ns;         /* time held */
     _Atomic uint64_t gate_expired;         /* holds ended by max_hold */
     _Atomic uint64_t last_release_lag_ns;  /* gate opened (ctl.changed_ns) -> this client went */
-    uint64_t reserved[6];
+    _Atomic uint64_t last_hold_lag_ns;     /* gate closed (ctl.changed_ns) -> a call of it held */
+    uint64_t reserved[5];
 };
 
 struct fx_cli_seg {

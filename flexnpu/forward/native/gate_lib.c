@@ -64,7 +64,8 @@ EXPORT const char *fx_layout(void)
     P(F(struct fx_cli_slot, iterations)); P(","); P(F(struct fx_cli_slot, iter_ns_total)); P(",");
     P(F(struct fx_cli_slot, iter_ns_last)); P(","); P(F(struct fx_cli_slot, iter_start_ns)); P(",");
     P(F(struct fx_cli_slot, gate_waits)); P(","); P(F(struct fx_cli_slot, gate_wait_ns)); P(",");
-    P(F(struct fx_cli_slot, gate_expired)); P(","); P(F(struct fx_cli_slot, last_release_lag_ns));
+    P(F(struct fx_cli_slot, gate_expired)); P(","); P(F(struct fx_cli_slot, last_release_lag_ns)); P(",");
+    P(F(struct fx_cli_slot, last_hold_lag_ns));
     P("}}}");
 #undef P
     return buf;

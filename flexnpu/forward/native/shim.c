@@ -63,6 +63,7 @@ static int g_nmap = -1;           /* -1: no map, ids pass through */
 static uint64_t g_quota;          /* bytes per device; 0: none */
 static _Atomic uint64_t g_held[FX_MAX_DEVICES];
 static uint64_t g_last_attach_try_ns[FX_MAX_DEVICES];
+static bool g_said_no_gate[FX_MAX_DEVICES]; /* "running without a gate" is said once per device */
 static char g_rundir[256] = "/run/flexnpu";
 
 static const uint64_t fx_above_mask[FX_PRIO_LEVELS] = {
@@ -131,18 +132,28 @@ static struct fx_att *fx_attach_locked(int dev)
     snprintf(path, sizeof path, "%s/gate-%d.cli", g_rundir, dev);
     int lfd = cfd >= 0 ? open(path, O_RDWR | O_CLOEXEC) : -1;
     if (cfd < 0 || lfd < 0) {
-        fx_debug("no forwarding daemon for device %d (%s/gate-%d.*: %s); running without a gate", dev, g_rundir,
-                 dev, strerror(errno));
+        /* retried at most once a second (a daemon may start later); said only the first time */
+        if (!g_said_no_gate[dev])
+            fx_debug("no forwarding daemon for device %d (%s/gate-%d.*: %s); running without a gate", dev, g_rundir,
+                     dev, strerror(errno));
+        g_said_no_gate[dev] = true;
         if (cfd >= 0) close(cfd);
         return NULL;
     }
-    const struct fx_ctl_seg *ctl = mmap(NULL, sizeof *ctl, PROT_READ, MAP_SHARED, cfd, 0);
-    struct fx_cli_seg *cli = mmap(NULL, sizeof *cli, PROT_READ | PROT_WRITE, MAP_SHARED, lfd, 0);
+    /* a file shorter than its segment (a daemon between creating and sizing it) would
+     * fault on first touch: treat it as no segment */
+    struct stat cst, lst;
+    bool sized = fstat(cfd, &cst) == 0 && fstat(lfd, &lst) == 0 &&
+                 cst.st_size >= (off_t)sizeof(struct fx_ctl_seg) && lst.st_size >= (off_t)sizeof(struct fx_cli_seg);
+    const struct fx_ctl_seg *ctl = sized ? mmap(NULL, sizeof *ctl, PROT_READ, MAP_SHARED, cfd, 0) : MAP_FAILED;
+    struct fx_cli_seg *cli = sized ? mmap(NULL, sizeof *cli, PROT_READ | PROT_WRITE, MAP_SHARED, lfd, 0) : MAP_FAILED;
     close(cfd);
     close(lfd);
     if (ctl == MAP_FAILED || cli == MAP_FAILED || ctl->magic != FX_GATE_MAGIC_CTL || cli->magic != FX_GATE_MAGIC_CLI ||
         ctl->version != FX_GATE_VERSION || cli->version != FX_GATE_VERSION) {
-        fx_debug("device %d: gate segment missing or of another version; running without a gate", dev);
+        if (!g_said_no_gate[dev])
+            fx_debug("device %d: gate segment missing or of another version; running without a gate", dev);
+        g_said_no_gate[dev] = true;
         if (ctl != MAP_FAILED) munmap((void *)ctl, sizeof *ctl);
         if (cli != MAP_FAILED) munmap(cli, sizeof *cli);
         return NULL;
@@ -216,6 +227,10 @@ static void fx_gate_wait(struct fx_att *a)
     uint64_t t0 = fx_now();
     if (!fx_daemon_alive(a, t0)) return; /* fail open */
     bool was_closed = atomic_load(&a->g->gate) != FX_GATE_OPEN;
+    if (was_closed) {
+        uint64_t changed = atomic_load(&a->g->changed_ns);
+        if (changed && t0 > changed) atomic_store(&me->last_hold_lag_ns, t0 - changed);
+    }
     uint64_t max_hold = atomic_load(&a->g->max_hold_ns);
     atomic_fetch_add(&me->waiting, 1);
     atomic_fetch_add(&me->gate_waits, 1);
@@ -621,6 +636,7 @@ static void fx_after_fork_child(void)
     for (int i = 0; i < FX_MAX_DEVICES; i++) {
         atomic_store(&g_att[i], NULL);
         g_last_attach_try_ns[i] = 0;
+        g_said_no_gate[i] = false;
     }
     atomic_store(&g_last_att, NULL);
     t_att = NULL;
