@@ -26,8 +26,11 @@ app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_o
 def _register_optional() -> None:
     """Command groups added by other parts of the package register themselves here."""
     from flexnpu import doctor
+    from flexnpu.observe import cli as observe_cli
 
     app.command("doctor")(doctor.doctor_command)
+    app.command("attach")(observe_cli.attach_command)
+    app.command("observe")(observe_cli.observe_command)
 
 
 _register_optional()

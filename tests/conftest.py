@@ -9,7 +9,6 @@ A run in which every collected test skipped fails too: nothing was tested.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import queue
@@ -34,22 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 PROGS = Path(__file__).resolve().parent / "progs"
 SERVER_NAME = "flexnpu-emu-server"
 
-
-def _use_installed_native() -> None:
-    """`python -m pytest` puts the checkout first on sys.path, and a checkout has no built
-    flexnpu/_native (pip install . builds it into site-packages). Test the checkout's Python
-    code against the installed native parts rather than fail on a missing library."""
-    if paths.emulator_library().exists():
-        return
-    try:
-        installed = Path(str(importlib.metadata.distribution("flexnpu").locate_file("flexnpu/_native")))
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if (installed / "lib" / "libascendcl.so").exists():
-        paths._NATIVE = installed
-
-
-_use_installed_native()
 
 # Runtime dirs and server pids the tests created: the session-end check looks for these.
 _RUNTIME_DIRS: list[Path] = []

@@ -81,12 +81,13 @@ def test_serial_two_streams_take_the_sum(emulator, run_acl, workload, kernel_lib
     assert max(out["event_ms"]) == pytest.approx(20.0, rel=TOL), out
 
 
-def corun_processes(spawn, workload, klib, jobs, lead_s=0.5) -> tuple[list[dict], float]:
+def corun_processes(emu, spawn, workload, klib, jobs, lead_s=0.5) -> tuple[list[dict], float, float]:
     """Runs one `timing` process per (kernel, flops, hbm, n) job, all starting their batch at
     the same CLOCK_MONOTONIC instant (Python's monotonic clock is the same clock). Returns the
-    results and the skew between their actual starts in ms: on a loaded machine a process can
-    wake late, so a run with a large skew is tried again."""
+    results, the skew between their actual starts in ms (on a loaded machine a process can
+    wake late, so a run with a large skew is tried again) and the device busy ns it added."""
     for _attempt in range(4):
+        busy0 = emu.device()["busy_ns"]
         start_at = time.monotonic_ns() + int(lead_s * 1e9)
         procs = [spawn([workload, "timing", klib, repr(f), repr(h), n, "--kernel", k, "--start-at", start_at])
                  for k, f, h, n in jobs]
@@ -99,7 +100,7 @@ def corun_processes(spawn, workload, klib, jobs, lead_s=0.5) -> tuple[list[dict]
         if skew < 2.0:
             break
     assert skew < 5.0, f"the processes did not start together: {starts}"
-    return results, skew
+    return results, skew, emu.device()["busy_ns"] - busy0
 
 
 def makespan_ms(results: list[dict]) -> float:
@@ -113,15 +114,15 @@ def pid_busy(emu, pid: int, name: str) -> float:
 def test_serial_two_processes_take_the_sum(emulator, spawn, workload, named_kernels):
     emu = emulator(mode="serial")
     f = emu.flops_for_ms(2)
-    (a, b), _ = corun_processes(spawn, workload, named_kernels,
-                                [("prefill_like", f, 0, 10), ("decode_like", f, 0, 10)])
+    (a, b), _, busy = corun_processes(emu, spawn, workload, named_kernels,
+                                      [("prefill_like", f, 0, 10), ("decode_like", f, 0, 10)])
     # one op at a time: the device is busy for all 20 kernels back to back
     assert near(makespan_ms([a, b]), 40.0), (a, b)
     ca, cb = emu.client(a["pid"]), emu.client(b["pid"])
     assert ca["busy_by_name"] == {"prefill_like": pytest.approx(20 * MS, rel=1e-4)}
     assert cb["busy_by_name"] == {"decode_like": pytest.approx(20 * MS, rel=1e-4)}
     assert ca["count_by_name"] == {"prefill_like": 11} and cb["count_by_name"] == {"decode_like": 11}
-    assert emu.device()["busy_ns"] == pytest.approx(ca["busy_ns"] + cb["busy_ns"], rel=1e-6)
+    assert busy == pytest.approx(ca["busy_ns"] + cb["busy_ns"], rel=1e-6)
 
 
 def test_shared_two_compute_bound_each_take_twice(emulator, spawn, run_acl, workload, named_kernels):
@@ -130,8 +131,8 @@ def test_shared_two_compute_bound_each_take_twice(emulator, spawn, run_acl, work
     alone = timing(run_acl, workload, named_kernels, f, 0, 10, kernel="prefill_like")["event_ms"][0]
     assert near(alone, 20.0)
     busy0 = [pid_busy(emu, c["pid"], "prefill_like") for c in emu.device()["clients"]]
-    (a, b), skew = corun_processes(spawn, workload, named_kernels,
-                                   [("prefill_like", f, 0, 10), ("decode_like", f, 0, 10)])
+    (a, b), skew, _ = corun_processes(emu, spawn, workload, named_kernels,
+                                      [("prefill_like", f, 0, 10), ("decode_like", f, 0, 10)])
     # both run at half speed while they overlap: each takes twice as long, less the head
     # start (or late start) of `skew` ms at full speed
     for r in (a, b):
@@ -147,17 +148,16 @@ def test_shared_two_compute_bound_each_take_twice(emulator, spawn, run_acl, work
 def test_shared_compute_and_memory_bound_overlap(emulator, spawn, workload, named_kernels):
     emu = emulator(mode="shared")
     f, h = emu.flops_for_ms(2), emu.hbm_bytes_for_ms(2)
-    (a, b), skew = corun_processes(spawn, workload, named_kernels,
-                                   [("prefill_like", f, 0, 10), ("decode_like", 0, h, 10)])
+    (a, b), skew, busy = corun_processes(emu, spawn, workload, named_kernels,
+                                         [("prefill_like", f, 0, 10), ("decode_like", 0, h, 10)])
     longer_alone = 20.0
     for r in (a, b):  # different resources: each runs at nearly full speed
         assert r["event_ms"][0] < 1.25 * longer_alone, r
     assert makespan_ms([a, b]) < 1.25 * longer_alone + skew, (a, b)
     # the device is busy about as long as one of them, and that time is split between them
-    dev = emu.device()
-    assert 20 * MS * (1 - 1e-3) <= dev["busy_ns"] <= (20 + skew) * MS * (1 + 1e-3)
+    assert 20 * MS * (1 - 1e-3) <= busy < 1.25 * longer_alone * MS
     ca, cb = emu.client(a["pid"]), emu.client(b["pid"])
-    assert ca["busy_ns"] + cb["busy_ns"] == pytest.approx(dev["busy_ns"], rel=1e-3)
+    assert ca["busy_ns"] + cb["busy_ns"] == pytest.approx(busy, rel=1e-6)
     assert ca["busy_by_name"]["prefill_like"] == pytest.approx(ca["busy_ns"], rel=1e-6)
     assert cb["busy_by_name"]["decode_like"] == pytest.approx(cb["busy_ns"], rel=1e-6)
 
@@ -180,3 +180,29 @@ def test_per_device_modes(emulator, run_acl, workload, kernel_library):
     shared = run_acl([workload, "corun", kernel_library, f, 0, 0, emu.hbm_bytes_for_ms(1), 4, "--device", 1])
     assert max(serial["event_ms"]) == pytest.approx(8.0, rel=TOL), serial
     assert max(shared["event_ms"]) == pytest.approx(4.0, rel=TOL), shared
+
+
+@pytest.mark.parametrize("mode", ["serial", "shared"])
+def test_stream_wait_event_orders_streams(emulator, run_acl, workload, kernel_library, mode):
+    emu = emulator(mode=mode)
+    out = run_acl([workload, "waitevent", kernel_library, repr(emu.flops_for_ms(5)), repr(emu.flops_for_ms(1))])
+    assert out["stream1_ms"] == pytest.approx(5.0, rel=TOL), out
+    # stream 2's kernel starts only when stream 1's event completes: never shared with it
+    assert out["after_event_ms"] == pytest.approx(1.0, rel=TOL), out
+    assert out["stream2_ms"] == pytest.approx(6.0, rel=TOL), out
+    assert out["stream1_done_when_stream2_done"] is True
+    assert emu.client(out["pid"])["ops"]["event_wait"] == 1
+
+
+def test_910c_profile(emulator, run_acl, workload, kernel_library):
+    emu = emulator(profile="910c")
+    dev = emu.device()
+    assert dev["soc"] == "Ascend910_9392"
+    assert dev["params"]["peak_tflops"] == pytest.approx(376.0)
+    assert dev["memory"]["total"] == 64 << 30
+    out = timing(run_acl, workload, kernel_library, emu.flops_for_ms(2), 0, 10, reps=3)
+    assert near(statistics.median(out["event_ms"]), 20.0), out
+    # the 910b's 2 ms of FLOPs is shorter on the faster 910c die
+    b_flops = 353.9e12 * 2e-3
+    short = timing(run_acl, workload, kernel_library, b_flops, 0, 1, reps=3)
+    assert statistics.median(short["event_ms"]) == pytest.approx(2.0 * 353.9 / 376.0, rel=TOL)

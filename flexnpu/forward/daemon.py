@@ -103,7 +103,14 @@ class ForwardDaemon:
         for i in range(self.seg.max_slots):
             v = self.seg.slot(i)
             known = self.clients.get(i)
-            if v.state == SLOT_FREE or (known and known.pid == v.pid and known.gen == v.gen):
+            # pid 0: a claim in progress (the shim stores its pid after the CAS); registering it
+            # would fail and free the slot under the claiming client
+            if v.state == SLOT_FREE or v.pid == 0:
+                continue
+            if known and known.pid == v.pid:
+                if known.gen != v.gen:  # read mid-claim (the shim bumps gen after its pid): same client
+                    known.gen = v.gen
+                    self.seg.admit(i, v.pid, v.gen)
                 continue
             if known:  # claimed again by another process after its owner died unseen
                 self._reap(i)
@@ -213,13 +220,16 @@ class ForwardDaemon:
                 if not poller.poll(100):
                     continue
                 try:
-                    raw = sock.recv(zmq.NOBLOCK)
+                    # every frame, so the REP socket is ready to send: a reply after reading only the
+                    # first frame of a multipart request fails (EFSM) and took the daemon down
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
                 except zmq.ZMQError as e:  # e.g. a message over MAXMSGSIZE dropped the peer
                     log.warning("device %d: receive failed: %s", self.device, e)
                     continue
-                sock.send(protocol.handle(self, raw))
+                sock.send(protocol.handle(self, frames[0]) if len(frames) == 1 else protocol.error_reply(
+                    f"a request is one message frame, not {len(frames)}"))
         finally:
             systemd.notify("STOPPING=1")
             self._stop.set()

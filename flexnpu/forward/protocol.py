@@ -38,13 +38,15 @@ def ms_to_ns(ms: float) -> int:
 
 def check_settings(req: dict[str, Any]) -> None:
     gate, prio, hold = req.get("gate"), req.get("priority"), req.get("max_hold_ms")
-    if gate is not None and gate not in GATES:
+    if gate is not None and (not isinstance(gate, str) or gate not in GATES):  # a list is unhashable
         raise RequestError(f"gate must be 'open' or 'closed', not {gate!r}")
     if prio is not None and (isinstance(prio, bool) or not isinstance(prio, int) or not 0 <= prio <= 7):
         raise RequestError(f"priority must be an integer 0..7, not {prio!r}")
+    # the range test comes first: it rejects NaN and inf, and math.isfinite would raise
+    # OverflowError on an integer too large for a float
     if hold is not None and (
-        isinstance(hold, bool) or not isinstance(hold, (int, float)) or not math.isfinite(hold)
-        or not 0 < hold <= MAX_HOLD_LIMIT_MS
+        isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 < hold <= MAX_HOLD_LIMIT_MS
+        or not math.isfinite(hold)
     ):
         raise RequestError(f"max_hold_ms must be a number in (0, {MAX_HOLD_LIMIT_MS:g}], not {hold!r}")
 
@@ -78,6 +80,10 @@ def _dispatch(daemon, req: dict[str, Any]) -> dict[str, Any]:
     raise RequestError(f"unknown cmd {cmd!r}; expected ping, list, set or defaults")
 
 
+def error_reply(error: str) -> bytes:
+    return json.dumps({"schema": SCHEMA, "ok": False, "error": error}).encode()
+
+
 def handle(daemon, raw: bytes) -> bytes:
     """One request in, one reply out; never raises."""
     try:
@@ -85,15 +91,16 @@ def handle(daemon, raw: bytes) -> bytes:
             raise RequestError(f"message of {len(raw)} bytes is over the {MAX_MESSAGE}-byte limit")
         try:
             req = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # also: nested too deeply, integers of > 4300 digits
             raise RequestError(f"not JSON: {e}") from None
         if not isinstance(req, dict):
             raise RequestError("a request is a JSON object")
-        if req.get("schema") != SCHEMA:
+        schema = req.get("schema")
+        if isinstance(schema, bool) or not isinstance(schema, int) or schema != SCHEMA:  # true == 1, 1.0 == 1
             raise RequestError(f"schema must be {SCHEMA}")
         reply = {"schema": SCHEMA, "ok": True, **_dispatch(daemon, req)}
     except RequestError as e:
-        reply = {"schema": SCHEMA, "ok": False, "error": str(e)}
+        return error_reply(str(e))
     except Exception as e:  # a bug must not take the daemon down; say it and carry on
-        reply = {"schema": SCHEMA, "ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+        return error_reply(f"internal error: {type(e).__name__}: {e}")
     return json.dumps(reply).encode()

@@ -6,6 +6,7 @@
  *   timing KLIB FLOPS HBM N       N "synthetic" kernels back to back on one stream, events
  *                                 around the batch; wall and event milliseconds per rep
  *   corun KLIB F1 H1 F2 H2 N      two streams, N kernels each, launched interleaved
+ *   waitevent KLIB F1 F2          stream 2 waits (aclrtStreamWaitEvent) for stream 1's kernel
  *   copyback BYTES                host -> device -> device -> host byte pattern, verified
  *   oom                           allocations beyond capacity; aclrtGetMemInfo around them
  *   badargs KLIB                  the code each bad call returns
@@ -195,6 +196,50 @@ static int cmd_corun(const char *klib, double f1, double h1, double f2, double h
         CHECK(aclrtDestroyEvent(e[i]));
         CHECK(aclrtDestroyStream(s[i]));
     }
+    CHECK(aclrtBinaryUnLoad(bin));
+    teardown();
+    return 0;
+}
+
+/* Stream 1 runs a kernel of F1 FLOPs and records an event; stream 2 waits for that event,
+ * then runs F2. Both are launched before either starts, so only the wait orders them. */
+static int cmd_waitevent(const char *klib, double f1, double f2)
+{
+    setup();
+    aclrtBinHandle bin;
+    aclrtFuncHandle f = kernel(klib, "synthetic", &bin);
+    aclrtStream s1, s2;
+    aclrtEvent b1, done1, b2, e2;
+    CHECK(aclrtCreateStream(&s1));
+    CHECK(aclrtCreateStream(&s2));
+    CHECK(aclrtCreateEvent(&b1));
+    CHECK(aclrtCreateEvent(&done1));
+    CHECK(aclrtCreateEvent(&b2));
+    CHECK(aclrtCreateEvent(&e2));
+    launch_synthetic(f, 0, 0, s1);
+    CHECK(aclrtSynchronizeStream(s1));
+    CHECK(aclrtRecordEvent(b1, s1));
+    launch_synthetic(f, f1, 0, s1);
+    CHECK(aclrtRecordEvent(done1, s1));
+    CHECK(aclrtRecordEvent(b2, s2));
+    CHECK(aclrtStreamWaitEvent(s2, done1));
+    launch_synthetic(f, f2, 0, s2);
+    CHECK(aclrtRecordEvent(e2, s2));
+    CHECK(aclrtSynchronizeStream(s2));
+    aclrtEventRecordedStatus st1;
+    CHECK(aclrtQueryEventStatus(done1, &st1)); /* stream 2 finished, so stream 1 had */
+    float ms1, ms2, gap;
+    CHECK(aclrtEventElapsedTime(&ms1, b1, done1));
+    CHECK(aclrtEventElapsedTime(&ms2, b2, e2));
+    CHECK(aclrtEventElapsedTime(&gap, done1, e2));
+    printf("{\"ok\":true,\"pid\":%d,\"stream1_ms\":%.6f,\"stream2_ms\":%.6f,\"after_event_ms\":%.6f,"
+           "\"stream1_done_when_stream2_done\":%s}\n",
+           getpid(), ms1, ms2, gap, st1 == ACL_EVENT_RECORDED_STATUS_COMPLETE ? "true" : "false");
+    CHECK(aclrtSynchronizeStream(s1));
+    aclrtEvent evs[] = {b1, done1, b2, e2};
+    for (int i = 0; i < 4; i++) CHECK(aclrtDestroyEvent(evs[i]));
+    CHECK(aclrtDestroyStream(s1));
+    CHECK(aclrtDestroyStream(s2));
     CHECK(aclrtBinaryUnLoad(bin));
     teardown();
     return 0;
@@ -563,7 +608,8 @@ static int cmd_launchcost(const char *klib, int n)
 static int usage(void)
 {
     fprintf(stderr,
-            "usage: acl_workload timing KLIB FLOPS HBM N | corun KLIB F1 H1 F2 H2 N | copyback BYTES | oom |\n"
+            "usage: acl_workload timing KLIB FLOPS HBM N | corun KLIB F1 H1 F2 H2 N | waitevent KLIB F1 F2 |\n"
+            "       copyback BYTES | oom |\n"
             "       badargs KLIB | setdevice DEV | hold BYTES SECONDS | waitlong KLIB FLOPS |\n"
             "       launchcost KLIB N   [--device D] [--kernel NAME] [--kernel2 NAME] [--reps R]\n"
             "       [--start-at MONOTONIC_NS]\n");
@@ -598,6 +644,10 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "corun")) {
         NARGS(6);
         return cmd_corun(pos[1], atof(pos[2]), atof(pos[3]), atof(pos[4]), atof(pos[5]), atoi(pos[6]));
+    }
+    if (!strcmp(cmd, "waitevent")) {
+        NARGS(3);
+        return cmd_waitevent(pos[1], atof(pos[2]), atof(pos[3]));
     }
     if (!strcmp(cmd, "copyback")) {
         NARGS(1);

@@ -2,12 +2,14 @@
  * nothing of FlexNPU. Each iteration launches K "synthetic" kernels, each modelled at MS
  * milliseconds of device time, on one stream and synchronizes that stream.
  *
- *   gate_loop KLIB DEV ITERS MS K [--seconds S] [--wait-stdin] [--tflops T] [--quiet]
+ *   gate_loop KLIB DEV ITERS MS K [--seconds S] [--wait-stdin] [--wait-end] [--tflops T] [--quiet]
  *
  *   ITERS         iterations to run; 0 with --seconds S: run until S seconds have passed
  *   --wait-stdin  after set-up (device selected, kernel loaded, one warm-up kernel synced)
  *                 print the "ready" line and wait for a line on stdin before looping, so a
  *                 test can set gates before any timed work is dispatched
+ *   --wait-end    after the "done" line wait for a line on stdin before exiting, so a
+ *                 test can read the client's gate counters while it is still registered
  *   --tflops T    the device's peak (default 353.9, a 910b) to turn MS into flops
  *   --quiet       no per-iteration lines
  *
@@ -59,7 +61,8 @@ static uint64_t now_ns(void)
 int main(int argc, char **argv)
 {
     if (argc < 6) {
-        fprintf(stderr, "usage: %s KLIB DEV ITERS MS K [--seconds S] [--wait-stdin] [--tflops T] [--quiet]\n",
+        fprintf(stderr,
+                "usage: %s KLIB DEV ITERS MS K [--seconds S] [--wait-stdin] [--wait-end] [--tflops T] [--quiet]\n",
                 argv[0]);
         return 2;
     }
@@ -69,11 +72,12 @@ int main(int argc, char **argv)
     double ms = atof(argv[4]);
     int k = atoi(argv[5]);
     double seconds = 0, tflops = 353.9;
-    int wait_stdin = 0, quiet = 0;
+    int wait_stdin = 0, wait_end = 0, quiet = 0;
     for (int i = 6; i < argc; i++) {
         if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
         else if (!strcmp(argv[i], "--tflops") && i + 1 < argc) tflops = atof(argv[++i]);
         else if (!strcmp(argv[i], "--wait-stdin")) wait_stdin = 1;
+        else if (!strcmp(argv[i], "--wait-end")) wait_end = 1;
         else if (!strcmp(argv[i], "--quiet")) quiet = 1;
         else {
             fprintf(stderr, "%s: unknown argument %s\n", argv[0], argv[i]);
@@ -98,10 +102,8 @@ int main(int argc, char **argv)
     CHECK(aclrtSynchronizeStream(s));
     printf("{\"ready\":true,\"pid\":%d}\n", getpid());
     fflush(stdout);
-    if (wait_stdin) {
-        char line[64];
-        if (!fgets(line, sizeof line, stdin)) return 3;
-    }
+    char line[64];
+    if (wait_stdin && !fgets(line, sizeof line, stdin)) return 3;
 
     struct synthetic_args a = {tflops * 1e12 * ms / 1e3, 0};
     uint64_t t0 = now_ns(), deadline = seconds > 0 ? t0 + (uint64_t)(seconds * 1e9) : UINT64_MAX;
@@ -131,6 +133,7 @@ int main(int argc, char **argv)
     printf("{\"done\":true,\"pid\":%d,\"iters\":%ld,\"wall_ms\":%.3f,\"max_call_ms\":%.3f,\"max_iter_ms\":%.3f}\n",
            getpid(), done, (double)(now_ns() - t0) / 1e6, max_call, max_iter);
     fflush(stdout);
+    if (wait_end && !fgets(line, sizeof line, stdin)) return 3;
     CHECK(aclrtDestroyStream(s));
     CHECK(aclrtBinaryUnLoad(bin));
     CHECK(aclrtResetDevice(dev));

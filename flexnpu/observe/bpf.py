@@ -1,0 +1,177 @@
+"""Loads the observer's BPF program with bcc, attaches it to runtime libraries and reads
+its maps.
+
+bcc is imported only here and only when a program is loaded, so everything else in
+FlexNPU (and `--ebpf`) works where bcc is not installed. Map keys, values and trace events
+are decoded through the ctypes types bcc builds from their C declarations in
+probes/observe.h; this module only knows the field names.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from flexnpu.observe.errors import BccMissing, BpfUnavailable, NoPrivileges
+from flexnpu.observe.probegen import ProbeConfig, ProbedLibrary, ProbeProgram, DEFAULT_LIBRARIES, build
+
+# Debian's python3-bpfcc installs bcc here; a virtual environment does not see it unless
+# scripts/setup.sh added its .pth. Appended, not prepended: nothing else in dist-packages
+# may shadow the environment's own packages.
+_DEBIAN_BCC = "/usr/lib/python3/dist-packages"
+_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+
+
+def load_bcc() -> Any:
+    """The bcc module, or BccMissing."""
+    try:
+        import bcc  # noqa: PLC0415
+        return bcc
+    except ImportError:
+        pass
+    if Path(_DEBIAN_BCC, "bcc", "__init__.py").exists() and _DEBIAN_BCC not in sys.path:
+        sys.path.append(_DEBIAN_BCC)
+        try:
+            import bcc  # noqa: PLC0415
+            return bcc
+        except ImportError:
+            pass
+    raise BccMissing("bcc is not installed for this Python (apt-get install python3-bpfcc); "
+                     "run `flexnpu doctor`")
+
+
+def _effective_caps() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def check_privileges() -> None:
+    """Loading BPF and uprobes needs root, or CAP_BPF with CAP_PERFMON (or CAP_SYS_ADMIN)."""
+    if os.geteuid() == 0:
+        return
+    caps = _effective_caps()
+    if caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1):
+        return
+    raise NoPrivileges("loading BPF probes needs root (or CAP_BPF and CAP_PERFMON); run it with sudo")
+
+
+def check_kernel() -> None:
+    """Uprobes need the kernel's uprobe PMU or tracefs, and bcc needs kernel headers."""
+    if not (Path("/sys/bus/event_source/devices/uprobe").exists()
+            or Path("/sys/kernel/tracing/uprobe_events").exists()
+            or Path("/sys/kernel/debug/tracing/uprobe_events").exists()):
+        raise BpfUnavailable("this kernel has no uprobe support (CONFIG_UPROBE_EVENTS); run `flexnpu doctor`")
+    build_dir = Path("/lib/modules") / os.uname().release / "build"
+    if not build_dir.exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+        raise BpfUnavailable(f"kernel headers are missing ({build_dir}); run `flexnpu doctor`")
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A ctypes struct bcc built from a C declaration, as a dict (arrays as lists)."""
+    out = {}
+    for name, *_ in obj._fields_:
+        v = getattr(obj, name)
+        out[name] = list(v) if hasattr(v, "_length_") else v
+    return out
+
+
+class ProbeSession:
+    """One loaded program and the libraries it is attached to."""
+
+    def __init__(self, config: ProbeConfig = ProbeConfig(),
+                 libraries: tuple[ProbedLibrary, ...] = DEFAULT_LIBRARIES) -> None:
+        self.config = config
+        self.program: ProbeProgram = build(config, libraries)
+        check_privileges()
+        bcc = load_bcc()
+        check_kernel()
+        try:
+            self.bpf = bcc.BPF(text=self.program.text.encode(), cflags=self.program.cflags)
+        except Exception as e:  # bcc raises bare Exceptions for compile and load errors
+            raise BpfUnavailable(f"the BPF program did not load ({str(e).splitlines()[0]}); "
+                                 "run `flexnpu doctor`") from None
+        self.attached: dict[tuple[int, int], str] = {}  # (st_dev, inode) -> path
+        self.missing: list[str] = []  # symbols a library did not have
+        self._stats = self.bpf["stats"]
+        self._events_open = False
+
+    # -- attaching
+    def attach(self, path: str, soname: str) -> int:
+        """Attaches every probe of library `soname` to the file at `path`, once per file
+        (uprobes attach to the inode, so every process mapping it is covered, including
+        ones that start later). Returns the number of probes attached now."""
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in self.attached:
+            return 0
+        n = 0
+        for p in self.program.probes:
+            if p.library != soname:
+                continue
+            try:
+                # the return probe first: an entry seen without its return would leave a
+                # thread's nesting depth raised for good
+                if p.return_fn:
+                    self.bpf.attach_uretprobe(name=path, sym=p.symbol, fn_name=p.return_fn)
+                    n += 1
+                self.bpf.attach_uprobe(name=path, sym=p.symbol, fn_name=p.entry_fn)
+                n += 1
+            except Exception as e:
+                if p.required and "could not determine address" not in str(e):
+                    raise BpfUnavailable(f"cannot attach to {p.symbol} in {path}: {e}") from None
+                self.missing.append(p.symbol)
+        self.attached[key] = path
+        return n
+
+    def is_attached(self, key: tuple[int, int]) -> bool:
+        return key in self.attached
+
+    # -- reading
+    def read(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Counters by (pid, device), as named in struct fx_stats."""
+        return {(k.tgid, k.dev): _fields(v) for k, v in self._stats.items()}
+
+    def forget(self, pids: set[int]) -> None:
+        """Drops what the maps hold for processes that have exited."""
+        if not pids:
+            return
+        for name, pid_of in (("stats", lambda k: k.tgid), ("allocs", lambda k: k.tgid),
+                             ("threads", lambda k: k.value >> 32), ("proc_dev", lambda k: k.value)):
+            table = self.bpf[name]
+            for k in [k for k in table.keys() if pid_of(k) in pids]:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+
+    # -- events (ProbeConfig.trace)
+    def open_events(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        table = self.bpf["events"]
+
+        def on_event(ctx: Any, data: Any, size: int) -> None:
+            callback(_fields(table.event(data)))
+
+        table.open_ring_buffer(on_event)
+        self._events_open = True
+
+    def poll_events(self, timeout_ms: int = 0) -> None:
+        if self._events_open:
+            self.bpf.ring_buffer_poll(timeout_ms)
+
+    def close(self) -> None:
+        try:
+            self.bpf.cleanup()
+        except Exception:
+            pass
+
+
+def describe_os_error(e: OSError) -> str:
+    return os.strerror(e.errno or errno.EIO)

@@ -1,0 +1,98 @@
+"""`flexnpu attach` and `flexnpu observe`.
+
+Exit codes: 0 done (also after Ctrl-C), 2 bad usage, 3 no such process, 4 no runtime
+library mapped, 5 missing privileges, 6 BPF unavailable, 7 bcc missing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flexnpu import logs
+from flexnpu.observe.errors import ObserveError
+
+
+def _fail(cmd: str, e: ObserveError) -> None:
+    print(f"flexnpu {cmd}: {e}", file=sys.stderr)
+    raise typer.Exit(e.exit_code)
+
+
+def attach_command(
+    pid: Annotated[int, typer.Argument(help="Process to observe.")],
+    interval: Annotated[float, typer.Argument(help="Seconds between lines.")] = 1.0,
+    count: Annotated[Optional[int], typer.Argument(help="Number of lines, then exit.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per interval.")] = False,
+    trace: Annotated[Optional[Path], typer.Option(
+        help="Also write a timeline of every call to FILE (Chrome trace-event JSON; open it at "
+             "ui.perfetto.dev).", metavar="FILE")] = None,
+    ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the BPF program and exit.")] = False,
+) -> None:
+    """Probe a running process's device runtime and print what it does, one line per interval:
+    launches/s, H2D/D2H/D2D MB/s, device memory, time blocked in syncs, phase.
+
+    Examples:
+      flexnpu attach 1234            # a line a second until Ctrl-C
+      flexnpu attach 1234 0.5 10     # ten lines, half a second apart
+      flexnpu attach 1234 --json --trace run.json
+    """
+    from flexnpu.observe import attach
+
+    if ebpf:
+        print(attach.ebpf_text(pid, trace is not None))
+        return
+    if interval <= 0:
+        print("flexnpu attach: interval must be positive", file=sys.stderr)
+        raise typer.Exit(2)
+    if count is not None and count < 1:
+        print("flexnpu attach: count must be at least 1", file=sys.stderr)
+        raise typer.Exit(2)
+    try:
+        attach.run(pid, interval, count, json_out, trace)
+    except ObserveError as e:
+        _fail("attach", e)
+    except KeyboardInterrupt:
+        pass
+
+
+def observe_command(
+    interval_ms: Annotated[float, typer.Option(help="Milliseconds between snapshots.")] = 100.0,
+    source: Annotated[str, typer.Option(
+        help="auto (BPF, else the shim's counters), bpf (fail without BPF) or shim.")] = "auto",
+    library: Annotated[Optional[list[str]], typer.Option(
+        help="Also attach to this runtime library file at start (repeatable).")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Stop after this many snapshots.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Also print each snapshot on stdout.")] = False,
+    ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the BPF program and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+) -> None:
+    """Watch every process on this node that uses a device runtime, and publish a snapshot per
+    interval on ipc://$FLEXNPU_RUNTIME_DIR/observe.sock (zmq PUB, JSON with "schema": 1).
+
+    Examples:
+      flexnpu observe
+      flexnpu observe --interval-ms 500 --json
+    """
+    from flexnpu.observe.probegen import ProbeConfig, build
+
+    if ebpf:
+        print(build(ProbeConfig()).final())
+        return
+    if interval_ms <= 0:
+        print("flexnpu observe: --interval-ms must be positive", file=sys.stderr)
+        raise typer.Exit(2)
+    if source not in ("auto", "bpf", "shim"):
+        print(f"flexnpu observe: --source takes auto, bpf or shim, not {source!r}", file=sys.stderr)
+        raise typer.Exit(2)
+    logs.setup(verbose)
+    from flexnpu.observe import node
+
+    try:
+        node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out)
+    except ObserveError as e:
+        _fail("observe", e)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,207 @@
+"""`flexnpu observe`: watches every process on the node that maps a runtime library and
+publishes a snapshot per interval on zmq PUB at ipc://$RUNTIME_DIR/observe.sock.
+
+Libraries are found in /proc/<pid>/maps: new processes are looked at every interval and
+all of them every `rescan_s` (a process may dlopen the runtime late). Probes attach to a
+library file once; since uprobes attach to the file's inode, every process that maps it,
+now or later, is counted from its first call. Known install paths (the emulator's library,
+CANN's usual places, --library) are attached at start, so programs started later are
+counted even before a scan finds them.
+
+Where BPF cannot be loaded (no bcc, no privileges, no kernel support), the observer falls
+back to the shim's counters in the gate segments, and every snapshot says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from flexnpu import paths, systemd
+from flexnpu.observe import procs
+from flexnpu.observe.errors import BccMissing, BpfUnavailable, NoPrivileges, ObserveError
+from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig
+from flexnpu.observe.shimsource import ShimSource
+from flexnpu.observe.snapshot import ProcessInfo, SnapshotBuilder
+
+log = logging.getLogger("flexnpu.observe")
+SONAMES = tuple(lib.soname for lib in DEFAULT_LIBRARIES)
+# where CANN installs its runtime (set_env.sh points LD_LIBRARY_PATH here)
+CANN_DIRS = ("/usr/local/Ascend/ascend-toolkit/latest/lib64", "/usr/local/Ascend/ascend-toolkit/latest/runtime/lib64",
+             "/usr/local/Ascend/latest/lib64", "/usr/local/Ascend/nnae/latest/lib64")
+
+
+def observe_socket(rdir: Path | None = None) -> Path:
+    return Path(rdir or paths.runtime_dir()) / "observe.sock"
+
+
+class NodeObserver:
+    """Samples every observed process; source is "bpf" or "shim"."""
+
+    def __init__(self, source: str = "auto", libraries: tuple[str, ...] = (), rescan_s: float = 1.0,
+                 rdir: Path | None = None) -> None:
+        self.rdir = Path(rdir or paths.runtime_dir())
+        self.rescan_s = rescan_s
+        self.shim = ShimSource(self.rdir)
+        self.session: Any = None
+        self.note: str | None = None
+        self._known_pids: set[int] = set()
+        self._last_full = 0.0
+        self._info: dict[int, ProcessInfo] = {}
+        self.libraries: dict[tuple[int, int], str] = {}
+        if source not in ("auto", "bpf", "shim"):
+            raise ValueError(f"source must be auto, bpf or shim, not {source!r}")
+        if source != "shim":
+            try:
+                from flexnpu.observe.bpf import ProbeSession
+
+                self.session = ProbeSession(ProbeConfig())
+            except (BccMissing, NoPrivileges, BpfUnavailable) as e:
+                if source == "bpf":
+                    raise
+                self.note = f"BPF unavailable ({e}); counting from the shim's gate segments, " \
+                            "which cover only processes run under the shim"
+        else:
+            self.note = "counting from the shim's gate segments (--source shim)"
+        self.source = "bpf" if self.session else "shim"
+        if self.session:
+            for path in self._candidates(libraries):
+                so = next((s for s in SONAMES if procs.matches(Path(path).name, s)), None)
+                if so:
+                    self._attach(path, so)
+                else:
+                    log.warning("%s is not one of %s; not attached", path, ", ".join(SONAMES))
+        self.builder = SnapshotBuilder(self.source, note=self.note)
+
+    # -- discovery
+    @staticmethod
+    def _candidates(extra: tuple[str, ...]) -> list[str]:
+        out = [str(paths.emulator_library()), *extra]
+        for d in CANN_DIRS:
+            out += [f"{d}/{so}" for so in SONAMES]
+        return [p for p in out if Path(p).exists()]
+
+    def _attach(self, path: str, soname: str) -> None:
+        try:
+            n = self.session.attach(path, soname)
+        except (OSError, ObserveError) as e:
+            log.warning("cannot attach to %s: %s", path, e)
+            return
+        if n:
+            st = Path(path).stat()
+            self.libraries[(st.st_dev, st.st_ino)] = path
+            log.info("attached %d probes to %s", n, path)
+
+    def discover(self) -> None:
+        """Attaches to runtime libraries that processes map and that are not attached yet."""
+        if not self.session:
+            return
+        now = time.monotonic()
+        full = now - self._last_full >= self.rescan_s
+        pids = set(procs.pids())
+        todo = pids if full else pids - self._known_pids
+        if full:
+            self._last_full = now
+        self._known_pids = pids
+        for pid in todo:
+            try:
+                libs = procs.mapped_libraries(pid, SONAMES)
+            except (ProcessLookupError, PermissionError, OSError):
+                continue
+            for so, lib in libs.items():
+                if not self.session.is_attached(lib.key):
+                    self._attach(procs.attach_path(pid, lib), so)
+
+    # -- sampling
+    def info(self, pid: int) -> ProcessInfo:
+        pi = self._info.get(pid)
+        if pi is None:
+            pi = self._info[pid] = ProcessInfo(procs.comm(pid), procs.env_role(pid))
+        if pi.role is None and pid in self.shim.roles:
+            return ProcessInfo(pi.comm, self.shim.roles[pid])
+        return pi
+
+    def read(self) -> dict[tuple[int, int], dict[str, Any]]:
+        if self.session:
+            reads = self.session.read()
+            if self.shim.devices():
+                self.shim.read()  # roles given to the shim
+        else:
+            reads = self.shim.read()
+        return reads
+
+    def sample(self) -> dict[str, Any]:
+        self.discover()
+        reads = self.read()
+        snap = self.builder.build(reads, info=self.info)
+        gone = {pid for pid, _ in reads if not procs.exists(pid)}
+        if gone and self.session:
+            self.session.forget(gone)  # reported once more above, now dropped
+        for pid in gone:
+            self._info.pop(pid, None)
+        return snap
+
+    def close(self) -> None:
+        if self.session:
+            self.session.close()
+        self.shim.close()
+
+
+class _Stop(Exception):
+    pass
+
+
+def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, ...] = (),
+          count: int | None = None, print_json: bool = False, out: TextIO = sys.stdout) -> int:
+    """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop."""
+    import zmq
+
+    obs = NodeObserver(source, libraries)
+    sock_path = observe_socket(obs.rdir)
+    obs.rdir.mkdir(parents=True, exist_ok=True)
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.SNDHWM, 100)
+    pub.bind(f"ipc://{sock_path}")
+    msg = f"observing through {obs.source}" + (f": {obs.note}" if obs.note else "") + \
+          f"; publishing on ipc://{sock_path} every {interval_s * 1000:.0f} ms"
+    (log.warning if obs.source != "bpf" else log.info)(msg)
+    systemd.notify("READY=1", f"STATUS=source {obs.source}")
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stop()
+
+    old = signal.signal(signal.SIGTERM, stop)
+    n = 0
+    try:
+        deadline = time.monotonic() + interval_s
+        while count is None or n < count:
+            left = deadline - time.monotonic()
+            if left > 0:
+                time.sleep(left)
+            deadline = max(deadline + interval_s, time.monotonic())
+            snap = obs.sample()
+            data = json.dumps(snap)
+            try:
+                pub.send(data.encode(), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            if print_json:
+                print(data, file=out, flush=True)
+            n += 1
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        pub.close(0)
+        ctx.term()
+        sock_path.unlink(missing_ok=True)
+        obs.close()
+    return 0

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Benchmark of the FlexNPU emulated Ascend device: what a launch costs the caller, and how
+closely measured kernel times follow the performance model.
+
+    python3 scripts/bench_emulator.py [--json] [--quick] [--profile 910b]
+
+It builds tests/progs/acl_workload.c (an ordinary AscendCL program) into a temp dir, starts
+its own device server in a temp runtime dir (always stopped at the end), and measures
+
+  - launch cost: ns spent in each aclrtLaunchKernel call of a tiny kernel (p50/p99);
+  - model accuracy: synthetic kernels modelled at 50 us .. 20 ms, compute-bound and
+    memory-bound, timed by wall clock around launch+synchronize of a batch, and by events;
+  - one kernel's launch-to-sync wall time against the model's (launch latency + kernel).
+
+Prints a table, or with --json one JSON object with "schema": 1. Results: docs/emulator.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKLOAD_SRC = REPO / "tests" / "progs" / "acl_workload.c"
+
+try:
+    from flexnpu import SCHEMA, paths
+    from flexnpu.emulator import control
+    from flexnpu.emulator.profiles import PROFILES
+except ImportError:
+    sys.exit("bench_emulator: flexnpu is not installed; run `pip install .` in the repository first")
+
+FULL_SIZES_MS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
+QUICK_SIZES_MS = [0.05, 0.5, 2.0, 20.0]
+
+
+def machine() -> dict:
+    os_name = "unknown"
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    return {"os": os_name, "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
+            "python": platform.python_version()}
+
+
+def build_workload(out_dir: Path) -> Path:
+    if shutil.which("gcc") is None:
+        sys.exit("bench_emulator: gcc is needed to build the workload program (apt-get install gcc)")
+    exe = out_dir / "acl_workload"
+    cmd = ["gcc", "-O2", str(WORKLOAD_SRC), "-o", str(exe), "-I", str(paths.emulator_include_dir()),
+           "-L", str(paths.native_lib_dir()), "-lascendcl", "-lm", "-pthread"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench_emulator: building {WORKLOAD_SRC.name} failed:\n{r.stderr}")
+    return exe
+
+
+def run_json(argv: list, env: dict) -> dict:
+    r = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        sys.exit(f"bench_emulator: {' '.join(map(str, argv[:2]))} failed ({r.returncode}): {r.stdout}{r.stderr}")
+    return json.loads(lines[-1])
+
+
+def launch_cost(exe: Path, klib: Path, env: dict, n: int, runs: int) -> dict:
+    results = [run_json([exe, "launchcost", klib, n], env) for _ in range(runs)]
+    med = {k: statistics.median(r[k] for r in results) for k in ("p50_ns", "p90_ns", "p99_ns", "mean_ns")}
+    return {"calls_per_run": n, "runs": runs, "p50_us": med["p50_ns"] / 1e3, "p90_us": med["p90_ns"] / 1e3,
+            "p99_us": med["p99_ns"] / 1e3, "mean_us": med["mean_ns"] / 1e3,
+            "max_us": max(r["max_ns"] for r in results) / 1e3}
+
+
+def sweep(exe: Path, klib: Path, env: dict, sizes_ms: list[float], reps: int, batch_ms: float, profile) -> list[dict]:
+    peak, hbm = profile.peak_tflops * 1e12, profile.hbm_tbps * 1e12
+    rows = []
+    for bound in ("compute", "memory"):
+        for ms in sizes_ms:
+            flops, nbytes = (peak * ms / 1e3, 0.0) if bound == "compute" else (0.0, hbm * ms / 1e3)
+            n = max(3, math.ceil(batch_ms / ms))
+            batch = run_json([exe, "timing", klib, repr(flops), repr(nbytes), n, "--reps", reps], env)
+            single = run_json([exe, "timing", klib, repr(flops), repr(nbytes), 1, "--reps", reps], env)
+            wall = statistics.median(batch["wall_ms"]) / n
+            event = statistics.median(batch["event_ms"]) / n
+            one = statistics.median(single["wall_ms"])
+            one_model = ms + profile.launch_us / 1e3
+            rows.append({
+                "bound": bound, "modelled_ms": ms, "batch": n, "reps": reps,
+                "wall_ms_per_kernel": wall, "wall_error_pct": 100 * (wall - ms) / ms,
+                "event_ms_per_kernel": event, "event_error_pct": 100 * (event - ms) / ms,
+                "single_wall_ms": one, "single_modelled_ms": one_model,
+                "single_overhead_us": 1e3 * (one - one_model),
+            })
+    return rows
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=None if sys.stdout.isatty() else 100)
+    m, lc = result["machine"], result["launch"]
+    con.print(f"[bold]FlexNPU emulator benchmark[/], profile {result['profile']}: {m['os']}, "
+              f"kernel {m['kernel']}, {m['cpus']} CPUs ({m['cpu']})")
+    con.print(f"aclrtLaunchKernel call: p50 {lc['p50_us']:.2f} us, p90 {lc['p90_us']:.2f} us, "
+              f"p99 {lc['p99_us']:.2f} us, mean {lc['mean_us']:.2f} us "
+              f"({lc['runs']} x {lc['calls_per_run']} calls)")
+    t = Table(title="modelled vs measured time per kernel (median of reps)")
+    for col in ("bound", "model us", "batch", "wall us", "err %", "event us", "err %", "1-kernel us",
+                "extra us"):
+        t.add_column(col, justify="left" if col == "bound" else "right")
+    for r in result["sweep"]:
+        t.add_row(r["bound"], f"{r['modelled_ms'] * 1e3:.0f}", str(r["batch"]),
+                  f"{r['wall_ms_per_kernel'] * 1e3:.1f}", f"{r['wall_error_pct']:+.2f}",
+                  f"{r['event_ms_per_kernel'] * 1e3:.1f}", f"{r['event_error_pct']:+.2f}",
+                  f"{r['single_wall_ms'] * 1e3:.1f}", f"{r['single_overhead_us']:+.1f}")
+    con.print(t)
+    con.print("wall: launch+synchronize of a batch / batch size; event: aclrtEventElapsedTime around the "
+              "batch / batch size; 1-kernel: launch-to-synchronize wall time of one kernel; extra: that "
+              "less the model's launch latency + kernel time")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and calls (a few seconds)")
+    ap.add_argument("--profile", default="910b", choices=sorted(PROFILES), help="device profile")
+    args = ap.parse_args()
+    if not paths.emulator_server_binary().exists():
+        sys.exit(f"bench_emulator: {paths.emulator_server_binary()} is missing; run `pip install .`")
+
+    sizes = QUICK_SIZES_MS if args.quick else FULL_SIZES_MS
+    reps, calls, runs, batch_ms = (3, 20000, 1, 20.0) if args.quick else (5, 100000, 3, 40.0)
+    with tempfile.TemporaryDirectory(prefix="fxbench-") as tmp:
+        tmp = Path(tmp)
+        exe = build_workload(tmp)
+        rdir = tmp / "rt"
+        env = {**os.environ, **control.emulator_env(rdir), "FLEXNPU_RUNTIME_DIR": str(rdir)}
+        klib = paths.emulator_kernel_library()
+        control.start(devices=1, profile=args.profile, mode="serial", rdir=rdir)
+        try:
+            launch = launch_cost(exe, klib, env, calls, runs)
+            rows = sweep(exe, klib, env, sizes, reps, batch_ms, PROFILES[args.profile])
+        finally:
+            control.stop(rdir)
+    result = {"schema": SCHEMA, "profile": args.profile, "quick": args.quick, "machine": machine(),
+              "command": "python3 scripts/bench_emulator.py" + (" --quick" if args.quick else ""),
+              "launch": launch, "sweep": rows}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        render(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

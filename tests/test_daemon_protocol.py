@@ -1,0 +1,317 @@
+"""The forwarding daemon's control API.
+
+First its handlers, called directly as gunicorn tests its ctl handlers: protocol.handle on
+a ForwardDaemon whose segment is real (in this test's runtime dir) but which serves no
+socket, with a real process registered in one slot. Then the real thing over zmq: a
+`flexnpu daemon` process fuzzed with hypothesis (arbitrary JSON values, random bytes,
+near-valid requests, multipart and oversized messages) must answer every request with a
+well-formed reply and come out of it with its clients intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexnpu.forward import protocol
+from flexnpu.forward.daemon import ForwardDaemon
+from test_daemon_fixtures import daemons, gate_loop, ready, write_claim  # noqa: F401  (fixtures)
+
+SLOT = 3
+
+
+# ---------------------------------------------------------------- handlers, directly
+
+
+@pytest.fixture
+def handler_daemon(runtime_dir):
+    """A daemon object with its segment open and one live process (a `sleep`, its claim
+    written as a shim writes it) admitted in slot SLOT; nothing serves its socket and no
+    thread watches it."""
+    d = ForwardDaemon(0, runtime_dir)
+    d._open_segment()
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        write_claim(runtime_dir, 0, SLOT, state=1, pid=child.pid, gen=1)
+        d._scan()  # what the daemon's watcher does when a claim wakes it
+        assert [c.pid for c in d.clients.values()] == [child.pid]
+        yield d, child.pid
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        for c in d.clients.values():
+            os.close(c.pidfd)
+        d.seg.close()
+
+
+def call(d, req) -> dict:
+    raw = req if isinstance(req, bytes) else json.dumps(req).encode()
+    reply = json.loads(protocol.handle(d, raw))
+    assert reply["schema"] == 1 and isinstance(reply["ok"], bool), reply
+    return reply
+
+
+def ok(d, req) -> dict:
+    reply = call(d, req)
+    assert reply["ok"] is True and "error" not in reply, reply
+    return reply
+
+
+def test_ping(handler_daemon):
+    d, _ = handler_daemon
+    r = ok(d, {"schema": 1, "cmd": "ping"})
+    assert (r["device"], r["pid"], r["clients"]) == (0, os.getpid(), 1)
+
+
+def test_list(handler_daemon):
+    d, pid = handler_daemon
+    r = ok(d, {"schema": 1, "cmd": "list"})
+    assert r["device"] == 0
+    assert r["defaults"] == {"gate": "open", "priority": 0, "max_hold_ms": 200.0}
+    [c] = r["clients"]
+    assert (c["slot"], c["pid"], c["admitted_pid"]) == (SLOT, pid, pid)
+    assert (c["gate"], c["priority"], c["max_hold_ms"]) == ("open", 0, 200.0)
+    for key in ("ops", "bytes", "gate_waits", "gate_wait_ns", "gate_expired", "iterations", "role", "pending"):
+        assert key in c
+
+
+def test_set_by_pid_and_by_slot_writes_the_segment(handler_daemon):
+    d, pid = handler_daemon
+    c = ok(d, {"schema": 1, "cmd": "set", "pid": pid, "gate": "closed"})["client"]
+    assert (c["pid"], c["gate"], c["priority"], c["max_hold_ms"]) == (pid, "closed", 0, 200.0)
+    c = ok(d, {"schema": 1, "cmd": "set", "slot": SLOT, "priority": 7, "max_hold_ms": 12.5})["client"]
+    assert (c["gate"], c["priority"], c["max_hold_ms"]) == ("closed", 7, 12.5)  # gate kept
+    v = d.seg.slot(SLOT)  # what the shim reads
+    assert (v.gate, v.priority, v.max_hold_ns) == ("closed", 7, 12_500_000)
+
+
+def test_defaults_and_apply(handler_daemon):
+    d, pid = handler_daemon
+    r = ok(d, {"schema": 1, "cmd": "defaults", "gate": "closed", "priority": 2, "max_hold_ms": 300})
+    assert r["defaults"] == {"gate": "closed", "priority": 2, "max_hold_ms": 300}
+    assert d.seg.default("default_gate") == 1 and d.seg.default("default_priority") == 2
+    assert d.seg.slot(SLOT + 1).gate == "closed"  # a free slot: what a new client gets
+    assert d.seg.slot(SLOT).gate == "open"  # the client there now: unchanged without apply
+    ok(d, {"schema": 1, "cmd": "defaults", "apply": True})
+    v = d.seg.slot(SLOT)
+    assert (v.gate, v.priority, v.max_hold_ns) == ("closed", 2, 300_000_000)
+
+
+BAD = [
+    (b"not json", "not JSON"),
+    (b"\xff\xfe\xfd", "not JSON"),
+    (b"", "not JSON"),
+    (b"[" * 50_000, "not JSON"),  # nested too deeply for the decoder
+    (b'{"schema": 1, "cmd": "ping", "x": ' + b"7" * 5000 + b"}", "not JSON"),  # over int digits limit
+    (b"[1, 2]", "a request is a JSON object"),
+    (b'"ping"', "a request is a JSON object"),
+    (b"null", "a request is a JSON object"),
+    ({"cmd": "ping"}, "schema must be 1"),
+    ({"schema": 2, "cmd": "ping"}, "schema must be 1"),
+    ({"schema": "1", "cmd": "ping"}, "schema must be 1"),
+    ({"schema": True, "cmd": "ping"}, "schema must be 1"),
+    ({"schema": 1.0, "cmd": "ping"}, "schema must be 1"),
+    ({"schema": 1}, "unknown cmd None"),
+    ({"schema": 1, "cmd": "reboot"}, "unknown cmd 'reboot'"),
+    ({"schema": 1, "cmd": ["ping"]}, "unknown cmd"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "priority": 8}, "priority must be an integer 0..7"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "priority": -1}, "priority must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "priority": 1.5}, "priority must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "priority": True}, "priority must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "priority": "3"}, "priority must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": 0}, "max_hold_ms must be a number in (0, 60000]"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": -5}, "max_hold_ms must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": math.nan}, "max_hold_ms must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": math.inf}, "max_hold_ms must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": 60_000.001}, "max_hold_ms must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": 10**400}, "max_hold_ms must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": True}, "max_hold_ms must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "max_hold_ms": "100"}, "max_hold_ms must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "gate": "ajar"}, "gate must be 'open' or 'closed'"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "gate": 1}, "gate must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "gate": ["open"]}, "gate must be"),
+    ({"schema": 1, "cmd": "defaults", "gate": {"open": 1}}, "gate must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "pid": 1, "gate": "open"}, "exactly one of pid or slot"),
+    ({"schema": 1, "cmd": "set", "gate": "open"}, "exactly one of pid or slot"),
+    ({"schema": 1, "cmd": "set", "pid": "1", "gate": "open"}, "pid must be an integer"),
+    ({"schema": 1, "cmd": "set", "slot": 2.0, "gate": "open"}, "slot must be an integer"),
+    ({"schema": 1, "cmd": "set", "pid": 2**40, "gate": "closed"}, f"no client with pid {2**40}"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT + 1, "gate": "closed"}, f"no client with slot {SLOT + 1}"),
+    ({"schema": 1, "cmd": "defaults", "priority": 9}, "priority must be"),
+    ({"schema": 1, "cmd": "defaults", "apply": "yes"}, "apply must be true or false"),
+    (b'{"schema": 1, "cmd": "ping", "pad": "' + b"x" * protocol.MAX_MESSAGE + b'"}', "over the 65536-byte limit"),
+]
+
+
+@pytest.mark.parametrize("req,error", BAD, ids=[f"{i}-{e.split()[0]}" for i, (_, e) in enumerate(BAD)])
+def test_bad_request_gets_an_error_and_changes_nothing(handler_daemon, req, error):
+    d, _ = handler_daemon
+    before = (ok(d, {"schema": 1, "cmd": "list"}), dict(d.defaults))
+    reply = call(d, req)
+    assert reply["ok"] is False and error in reply["error"], reply
+    assert not reply["error"].startswith("internal error"), reply
+    assert len(reply["error"].splitlines()) == 1
+    after = (ok(d, {"schema": 1, "cmd": "list"}), dict(d.defaults))
+    strip = [{k: v for k, v in c.items() if k != "gen"} for c in before[0]["clients"]]
+    assert strip == [{k: v for k, v in c.items() if k != "gen"} for c in after[0]["clients"]]
+    assert before[1] == after[1]
+
+
+def test_a_request_of_exactly_the_limit_is_served(handler_daemon):
+    d, _ = handler_daemon
+    head = b'{"schema": 1, "cmd": "ping"}'
+    raw = head + b" " * (protocol.MAX_MESSAGE - len(head))
+    assert len(raw) == protocol.MAX_MESSAGE
+    ok(d, raw)
+
+
+def test_bad_settings_are_refused_before_any_write(handler_daemon):
+    """A set with one good and one bad setting writes neither."""
+    d, pid = handler_daemon
+    r = call(d, {"schema": 1, "cmd": "set", "pid": pid, "gate": "closed", "priority": 8})
+    assert r["ok"] is False
+    assert d.seg.slot(SLOT).gate == "open"
+
+
+# ---------------------------------------------------------------- a real daemon, over zmq
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+json_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)), max_leaves=20)
+_ints = st.one_of(st.integers(min_value=-3, max_value=70), st.integers(min_value=-(2**70), max_value=2**70))
+near_valid = st.fixed_dictionaries(
+    {"schema": st.one_of(st.just(1), st.sampled_from([0, 2, "1", True, 1.0, None])),
+     "cmd": st.one_of(st.sampled_from(["ping", "list", "set", "defaults", "pong", ""]), json_values)},
+    optional={
+        "pid": st.one_of(_ints, json_values),
+        "slot": st.one_of(_ints, json_values),
+        "gate": st.one_of(st.sampled_from(["open", "closed", "ajar", "OPEN"]), json_values),
+        "priority": st.one_of(_ints, json_values),
+        "max_hold_ms": st.one_of(st.floats(allow_nan=True, allow_infinity=True), _ints, json_values),
+        "apply": st.one_of(st.booleans(), json_values),
+    },
+)
+messages = st.one_of(
+    json_values.map(lambda v: [json.dumps(v).encode()]),
+    near_valid.map(lambda v: [json.dumps(v).encode()]),
+    st.binary(max_size=4096).map(lambda b: [b]),
+    st.integers(min_value=protocol.MAX_MESSAGE - 64, max_value=protocol.MAX_MESSAGE + 64).map(
+        lambda n: [(b'{"schema": 1, "cmd": "ping"}' + b" " * n)[:n]]),
+    st.lists(st.binary(max_size=64), min_size=2, max_size=4),  # multipart
+)
+
+
+def check_reply(raw: bytes) -> dict:
+    reply = json.loads(raw)
+    assert isinstance(reply, dict) and reply["schema"] == 1 and isinstance(reply["ok"], bool), reply
+    if not reply["ok"]:
+        assert isinstance(reply["error"], str) and reply["error"], reply
+        assert not reply["error"].startswith("internal error"), reply  # a handler bug, not bad input
+    return reply
+
+
+@pytest.fixture
+def zsocks():
+    """REQ/DEALER sockets on a private context; all closed with linger 0 at teardown, and a
+    context that will not terminate fails the test."""
+    ctx = zmq.Context()
+    made: list[zmq.Socket] = []
+
+    def make(kind: int, path) -> zmq.Socket:
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 15_000)
+        s.setsockopt(zmq.SNDTIMEO, 15_000)
+        s.connect(f"ipc://{path}")
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close(0)
+    done = []
+    t = threading.Thread(target=lambda: (ctx.term(), done.append(1)), daemon=True)
+    t.start()
+    t.join(10)
+    assert done, "zmq context did not terminate"
+
+
+@pytest.fixture
+def served(emulator, daemons, gate_loop):
+    """A real daemon with one real, idle client under the shim."""
+    emulator()
+    d = daemons(0)
+    a = gate_loop(1, 1, 1, "--wait-stdin")
+    ready(a)
+    d.wait_admitted(a.pid)
+    return d, a
+
+
+def _intact(d, pid: int) -> None:
+    assert d.proc.poll() is None, d.log()
+    r = d.client.ping()
+    assert r["pid"] == d.pid and r["clients"] == 1
+    assert [c["pid"] for c in d.list()] == [pid]
+
+
+@pytest.mark.slow
+def test_fuzz_real_daemon_answers_everything(served, zsocks):
+    d, a = served
+    sock = zsocks(zmq.REQ, d.socket)
+
+    @settings(max_examples=1500, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(messages)
+    def one(frames: list[bytes]) -> None:
+        sock.send_multipart(frames)
+        check_reply(sock.recv())
+
+    one()
+    _intact(d, a.pid)
+
+
+def test_multipart_request_gets_an_error_reply(served, zsocks):
+    d, a = served
+    sock = zsocks(zmq.REQ, d.socket)
+    sock.send_multipart([b'{"schema": 1, "cmd": "ping"}', b"more"])
+    r = check_reply(sock.recv())
+    assert r["ok"] is False and "one message frame" in r["error"]
+    sock.send(b'{"schema": 1, "cmd": "ping"}')
+    assert check_reply(sock.recv())["ok"] is True
+    _intact(d, a.pid)
+
+
+def test_garbage_peers_do_not_hurt_the_daemon(served, zsocks):
+    d, a = served
+    # a frame over zmq's MAXMSGSIZE: zmq drops that peer, so no reply comes
+    big = zsocks(zmq.REQ, d.socket)
+    big.setsockopt(zmq.RCVTIMEO, 1000)
+    big.send(b"x" * (protocol.MAX_FRAME + 1))
+    with pytest.raises(zmq.Again):
+        big.recv()
+    # a DEALER that leaves out the REQ envelope, then one that keeps it
+    dealer = zsocks(zmq.DEALER, d.socket)
+    dealer.send(b"no envelope")
+    dealer.send_multipart([b"", b'{"schema": 1, "cmd": "ping"}'])
+    empty, raw = dealer.recv_multipart()
+    assert empty == b"" and check_reply(raw)["ok"] is True
+    # not zmq at all: a plain unix stream writing junk, and one that closes at once
+    for junk in (b"\x00" * 64, b"\xff" + b"\x00" * 8 + b"\x7f" + os.urandom(512), b"GET / HTTP/1.0\r\n\r\n", b""):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(d.socket))
+            if junk:
+                s.sendall(junk)
+            time.sleep(0.05)
+    _intact(d, a.pid)
