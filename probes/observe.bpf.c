@@ -13,9 +13,9 @@
  *                       pointer it wrote is remembered with its size (allocs map)
  *   frees               ops[FREE]++; a remembered pointer is forgotten and its bytes freed
  *   synchronisations    ops[SYNC]++ on entry; on return the time blocked is added and an
- *                       open iteration is closed: iterations++, its span into iter_ns and
- *                       the span histogram, and classed prefill-like or decode-like by
- *                       its span, launches and H2D bytes (FX_LONG_ITER_NS, ...)
+ *                       open iteration is closed: iterations++, its span into iter_ns,
+ *                       and classed prefill-like or decode-like by its span, launches and
+ *                       H2D bytes (FX_LONG_ITER_NS, FX_PREFILL_LAUNCHES, FX_PREFILL_H2D)
  *   device selection    the thread's device, on successful return
  * Sync and alloc calls nest (aclrtSynchronizeStream calls aclrtSynchronizeStreamWithTimeout
  * inside the runtime): a per-thread depth counts the outermost call only.
@@ -193,11 +193,6 @@ static __always_inline int fx_sync_return(struct pt_regs *ctx)
     __sync_fetch_and_add(&s->iterations, 1);
     __sync_fetch_and_add(&s->iter_ns, span);
     s->iter_ns_last = span;
-    u32 b = bpf_log2l(span / 1000 + 1);
-    if (b >= FX_SPAN_BUCKETS)
-        b = FX_SPAN_BUCKETS - 1;
-    __sync_fetch_and_add(&s->span_count[b], 1);
-    __sync_fetch_and_add(&s->span_ns[b], span);
     fx_emit(id, dev, FX_SYM_ITERATION, FX_OP_SYNC, FX_DIR_NONE, 0, start, span, 0);
     return 0;
 }

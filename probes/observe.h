@@ -28,7 +28,6 @@
 #ifndef FX_RINGBUF_PAGES
 #define FX_RINGBUF_PAGES 256
 #endif
-#define FX_SPAN_BUCKETS 32 /* iteration spans: bucket b holds spans in [2^b, 2^(b+1)) us */
 /* An iteration is prefill-like when at least two of its span, launches and H2D bytes reach
  * these (PhaseRules in flexnpu/observe/phase.py passes its own as -D flags). */
 #ifndef FX_LONG_ITER_NS
@@ -69,8 +68,6 @@ struct fx_stats {
     u64 iter_h2d;         /* H2D bytes of the open iteration */
     u64 class_iters[2];   /* iterations that ended, by class: [0] decode-like, [1] prefill-like */
     u64 class_ns[2];      /* their spans */
-    u64 span_count[FX_SPAN_BUCKETS];
-    u64 span_ns[FX_SPAN_BUCKETS];
 };
 
 struct fx_alloc_key {

@@ -64,7 +64,8 @@ SOURCE = REPO / "tests" / "progs" / "fwd_callcost.c"
 TARGET_ADDED_NS = 25.0
 TIME_SCALE = 0.1  # the device keeps up with the host loop, so syncs between batches are short
 DEVICE = 0  # the daemon forwards this device
-UNGATED_DEVICE = 1  # no daemon: the "shim, no daemon" row runs here, interleaved with the others
+UNGATED_DEVICE = 1
+STEADY_GAP_NS = 2000  # the latency client's call interval: a call every 2 us, never idle  # no daemon: the "shim, no daemon" row runs here, interleaved with the others
 
 VARIANTS = {
     "direct": "direct (no shim)",
@@ -207,12 +208,72 @@ def cheapest_call(exe: Path, env: dict[str, str], calls: int, procs: int = 3) ->
     return ("kernel" if name == "aclrtLaunchKernel" else "event"), medians
 
 
-def measure_enforcement_latency() -> dict | None:
-    """LEAD: fill in. Enforcement latency of a gate change, p50/p99 in us: close a client's
-    gate through the daemon and time until its next dispatching call is held
-    (fx_cli_slot.last_hold_lag_ns), and open it and time until the held call goes
-    (last_release_lag_ns). Needs the daemon; returns None until written."""
-    return None
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, rdir: Path,
+                                samples: int) -> dict:
+    """Enforcement latency of gate changes made through the daemon, against a client that
+    dispatches without pause (fwd_callcost --steady: an event record every STEADY_GAP_NS):
+
+      close: the daemon writes `closed` (ctl.changed_ns) -> the client's next call is held
+             (fx_cli_slot.last_hold_lag_ns, stamped by the shim as the hold begins);
+      open:  the daemon writes `open` -> the held call goes (last_release_lag_ns, stamped
+             by the shim as it leaves the wait).
+
+    Both stamps are CLOCK_MONOTONIC in the client, so the figures do not include the
+    control API's round trip, only what the gate itself takes."""
+    from flexnpu.forward.gate import GateSegment
+
+    proc = subprocess.Popen([str(exe), str(paths.emulator_kernel_library()), "--steady", str(STEADY_GAP_NS),
+                             "--device", str(DEVICE)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seg = GateSegment(DEVICE, rdir)
+    close_us: list[float] = []
+    open_us: list[float] = []
+
+    def wait_for(pred, what: str, timeout: float = 5.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            v = seg.slot(slot)
+            if pred(v):
+                return v
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"enforcement latency: {what} did not happen within {timeout} s")
+            time.sleep(0.0002)
+
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            mine = [c for c in daemon.client.list() if c["pid"] == proc.pid]
+            if mine and mine[0]["ops"]["event_record"] > 0:
+                slot = mine[0]["slot"]
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("enforcement latency: the dispatching client did not register")
+            time.sleep(0.01)
+        for _ in range(samples):
+            before = seg.slot(slot)
+            daemon.client.set(pid=proc.pid, gate="closed", max_hold_ms=10_000)
+            v = wait_for(lambda v: v.waiting > 0 and v.gate_waits > before.gate_waits, "a held call")
+            close_us.append(v.last_hold_lag_ns / 1e3)
+            lag_before = v.last_release_lag_ns
+            daemon.client.set(pid=proc.pid, gate="open")
+            v = wait_for(lambda v: v.waiting == 0 and v.last_release_lag_ns != lag_before, "the release")
+            open_us.append(v.last_release_lag_ns / 1e3)
+            time.sleep(0.002)  # let it dispatch freely for a moment
+    finally:
+        proc.kill()
+        proc.wait()
+        seg.close()
+
+    def summary(xs: list[float]) -> dict:
+        return {"p50_us": round(_percentile(xs, 0.5), 2), "p99_us": round(_percentile(xs, 0.99), 2),
+                "max_us": round(max(xs), 2), "samples": len(xs)}
+
+    return {"close": summary(close_us), "open": summary(open_us), "target_p99_us": 50.0}
 
 
 def machine() -> dict:
@@ -232,6 +293,7 @@ def bench(quick: bool, calls: int | None, rounds: int | None) -> dict:
     batches = 5 if quick else 25
     rounds = rounds or (3 if quick else 21)
     have_daemon = daemon_available()
+    latency = None
     pending = [] if have_daemon else list(GATED)
     tmp = Path(tempfile.mkdtemp(prefix="fxbench-"))  # short: unix socket paths are limited
     daemon = None
@@ -269,6 +331,9 @@ def bench(quick: bool, calls: int | None, rounds: int | None) -> dict:
                         idle.close()
                         daemon.defaults(priority=0)
                 samples[v].append(next(iter(d.values()))["median"])
+        if daemon is not None:
+            daemon.defaults(priority=0)
+            latency = measure_enforcement_latency(exe, shim, daemon, rdir, 30 if quick else 200)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -305,7 +370,7 @@ def bench(quick: bool, calls: int | None, rounds: int | None) -> dict:
         "pending": pending,
         "target_added_ns": TARGET_ADDED_NS,
         "target_met": None if pending or noisy else open_added <= TARGET_ADDED_NS,
-        "enforcement_latency": measure_enforcement_latency(),
+        "enforcement_latency": latency,
     }
 
 
@@ -339,8 +404,13 @@ def table(doc: dict) -> str:
     else:
         lines.append(f"{target}: {'met' if doc['target_met'] else 'NOT met'}")
     lat = doc["enforcement_latency"]
-    lines.append("enforcement latency: "
-                 + ("pending (measure_enforcement_latency)" if lat is None else json.dumps(lat)))
+    if lat is None:
+        lines.append("enforcement latency: pending (no forwarding daemon)")
+    else:
+        for what in ("close", "open"):
+            x = lat[what]
+            lines.append(f"enforcement latency, gate {what}: p50 {x['p50_us']:.1f} us, p99 {x['p99_us']:.1f} us, "
+                         f"max {x['max_us']:.1f} us ({x['samples']} changes; target p99 <= {lat['target_p99_us']:g} us)")
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from flexnpu.forward.gate import GateSegment
 from test_daemon_fixtures import (  # noqa: F401  (fixtures)
     busy_ns,
@@ -34,6 +36,7 @@ def _admit_all(d, *clients) -> None:
         d.wait_admitted(c.pid)
 
 
+@pytest.mark.slow
 def test_daemon_killed_clients_fail_open_and_finish(emulator, daemons, gate_loop):
     emulator(mode="shared")  # the held clients' kernels run beside c's long one
     d = daemons(0)

@@ -133,8 +133,8 @@ def test_daemon_admits_a_claim_only_once_complete(daemons, runtime_dir):
         assert d.list() == []
 
         write_claim(runtime_dir, 0, slot, pid=child.pid)  # pid stored, gen not yet bumped
-        v = d.wait_admitted(child.pid, 5)
-        assert (v["slot"], v["gen"], v["admitted_pid"]) == (slot, 0, child.pid)
+        v = wait_for(lambda: (e := d.entry(child.pid)) and e["admitted_pid"] == child.pid and e, 5, "admission")
+        assert (v["slot"], v["gen"]) == (slot, 0)
         d.set(child.pid, priority=4)
 
         write_claim(runtime_dir, 0, slot, gen=1)  # the claim completes

@@ -8,13 +8,14 @@ from __future__ import annotations
 import statistics
 import time
 
+import pytest
+
 from test_daemon_fixtures import (  # noqa: F401  (fixtures)
     busy_ns,
     daemons,
     finish,
     gate_list_cli,
     gate_loop,
-    no_output,
     ready,
     send,
     wait_for,
@@ -67,16 +68,15 @@ def test_closed_gate_dispatches_nothing_until_opened(emulator, daemons, gate_loo
     assert time.monotonic() - t_open < 60
 
 
-def _shares(emu, d, a, b, seconds: float) -> dict:
-    """Device time of a and b over a window, and b's growth in time held at its gate."""
-    w0 = d.entry(b.pid)["gate_wait_ns"]
+def _shares(emu, a, b, seconds: float) -> dict:
+    """Device time (ms) of a and b over a window."""
     a0, b0 = busy_ns(emu, a.pid), busy_ns(emu, b.pid)
     time.sleep(seconds)
     a1, b1 = busy_ns(emu, a.pid), busy_ns(emu, b.pid)
-    w1 = d.entry(b.pid)["gate_wait_ns"]
-    return {"a": (a1 - a0) / 1e6, "b": (b1 - b0) / 1e6, "b_waited": (w1 - w0) / 1e6}
+    return {"a": (a1 - a0) / 1e6, "b": (b1 - b0) / 1e6}
 
 
+@pytest.mark.slow
 def test_priority_holds_lower_priority_while_higher_has_work_pending(emulator, daemons, gate_loop):
     emu = emulator(mode="serial")
     d = daemons(0)
@@ -91,19 +91,23 @@ def test_priority_holds_lower_priority_while_higher_has_work_pending(emulator, d
     send(a)
     send(b)
     time.sleep(0.5)
-    prio = _shares(emu, d, a, b, 2.0)
+    waited0 = d.entry(b.pid)["gate_wait_ns"]
+    prio = _shares(emu, a, b, 2.0)
     # b goes only in the moments between a's sync and a's next launch: at most about one
-    # 5 ms kernel per 20 ms iteration of a, usually less
+    # 5 ms kernel per 20 ms iteration of a, usually less (on a loaded machine, often none)
     assert prio["a"] > 800, prio  # a kept the device busy
     assert prio["b"] < 0.3 * prio["a"], prio
-    assert prio["b_waited"] > 600, prio  # b spent much of the window held (counted as each hold ends)
 
     d.set(a.pid, priority=0)
     time.sleep(0.5)
-    equal = _shares(emu, d, a, b, 2.0)
+    # a hold is counted when it ends, and b's last one ended when a's priority dropped
+    waited = (d.entry(b.pid)["gate_wait_ns"] - waited0) / 1e6
+    assert waited > 1000, (waited, prio)  # b was held for most of the 2 s window
+    waited0 = d.entry(b.pid)["gate_wait_ns"]
+    equal = _shares(emu, a, b, 2.0)
     assert equal["a"] + equal["b"] > 1000, equal
     assert 0.5 < equal["b"] / equal["a"] < 2.0, equal
-    assert equal["b_waited"] < 100, equal  # nobody above b now
+    assert d.entry(b.pid)["gate_wait_ns"] == waited0  # nobody above b now: never held
     assert prio["b"] / prio["a"] < 0.5 * equal["b"] / equal["a"], (prio, equal)
 
 

@@ -255,8 +255,9 @@ def test_generated_bodies_follow_each_op(generated: str) -> None:
         else:
             assert "fx_gate" not in body, f"{s.name} does not dispatch: it must not wait at the gate"
         if s.op is Op.ALLOC:
-            assert body.index(f"fx_alloc_check((uint64_t){s.bytes_arg})") < real
+            assert body.index(f"fx_alloc_reserve((uint64_t){s.bytes_arg}, ") < real
             assert f"fx_alloc_done(*{s.ptr_arg}, " in body
+            assert body.index(f"fx_alloc_cancel((uint64_t){s.bytes_arg}, ") > real
         if s.op is Op.FREE:
             assert f"fx_free_done({s.ptr_arg})" in body
         if s.op is Op.SYNC:

@@ -136,10 +136,13 @@ def test_device_map_single_device(emulator, fwd_programs, shim_env) -> None:
     assert devices_of(emu.status(), r.pid) == [3]
 
 
-def test_device_map_counts_only_devices_that_exist(emulator, fwd_programs, shim_env) -> None:
+def test_device_map_names_a_missing_device(emulator, fwd_programs, shim_env) -> None:
+    """The program sees the devices it was given, in order; one the node lacks is refused
+    with the runtime's invalid-device code when selected, so ids never shift."""
     emulator(devices=4)
-    doc = run_program([fwd_programs["fwd_probe"], 0], {**shim_env, "FLEXNPU_DEVICES": "1,9"}).ok().json()
-    assert doc["count"] == 1 and doc["device"] == 0
+    doc = run_program([fwd_programs["fwd_probe"], 0, "--try", 1], {**shim_env, "FLEXNPU_DEVICES": "1,9"}).ok().json()
+    assert doc["count"] == 2 and doc["device"] == 0
+    assert doc["tries"] == {"1": INVALID_DEVICE}
 
 
 @pytest.mark.parametrize("name", ["sample_acl", "fwd_threads"])

@@ -5,7 +5,7 @@ or by hand. Every wrapped symbol gets a pointer to the real function and, unless
 profile marks it hand-written (shim.c), a wrapper whose hooks follow from its Op:
 
   dispatching ops   fx_gate()  -> real call -> fx_count(op, bytes, direction)
-  ALLOC             fx_alloc_check() -> real call -> fx_alloc_done()
+  ALLOC             fx_alloc_reserve() -> real call -> fx_alloc_done() or fx_alloc_cancel()
   FREE              fx_free_size() -> real call -> fx_free_done()
   SYNC              real call -> fx_sync_done()
 
@@ -49,9 +49,12 @@ def _body(s: Symbol, p: RuntimeProfile) -> list[str]:
     elif s.op is Op.ALLOC:
         ptr, size = s.ptr_arg, s.bytes_arg
         lines += [
-            f"    {s.returns} rc = fx_alloc_check((uint64_t){size});",
-            f"    if (rc == {ok}) rc = {call};",
-            f"    if (rc == {ok} && {ptr}) fx_alloc_done(*{ptr}, (uint64_t){size});",
+            f"    int dev = -1;",
+            f"    {s.returns} rc = fx_alloc_reserve((uint64_t){size}, &dev);",
+            f"    if (rc != {ok}) {{ fx_depth_leave(); return rc; }}",
+            f"    rc = {call};",
+            f"    if (rc == {ok} && {ptr}) fx_alloc_done(*{ptr}, (uint64_t){size}, dev);",
+            f"    else fx_alloc_cancel((uint64_t){size}, dev);",
         ]
     elif s.op is Op.FREE:
         lines += [

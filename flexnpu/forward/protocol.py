@@ -9,7 +9,8 @@ Commands
   set       pid|slot, [gate], [priority], [max_hold_ms]    -> client
   defaults  [gate], [priority], [max_hold_ms], [apply]     -> defaults
 gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in (0, 60000].
-A malformed, unknown or oversized (> MAX_MESSAGE) request gets an error reply.
+A malformed, unknown, multipart or oversized (> MAX_MESSAGE) request gets an error reply;
+a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ SCENARIOS = [
     Scenario("prefill-like", [["p:12", "i:300", "p:12"]]),
     Scenario("decode-like", [["d:250", "i:300", "d:250"]]),
     Scenario("alternating", [["p:8", "d:150", "i:200", "p:8", "d:150"]]),
-    Scenario("mixed-rounds", [["m:12"]]),
+    Scenario("mixed-rounds", [["--mix-decodes", "12", "m:10"]]),
     Scenario("co-located", [["i:100", "p:6", "i:300", "p:6", "i:300", "p:6"], ["d:700"]]),
 ]
 

@@ -63,7 +63,8 @@ def run(pid: int, interval: float = 1.0, count: int | None = None, as_json: bool
             writer.process(pid, comm)
             session.open_events(writer.add)
         where = ", ".join(lib.path for lib in libs.values())
-        print(f"Tracing pid {pid} ({comm}) through {where}... Hit Ctrl-C to end.", file=err, flush=True)
+        print(f"Tracing pid {pid} ({comm}) through {where}; device memory counts what it "
+              "allocates from now on... Hit Ctrl-C to end.", file=err, flush=True)
         if not as_json:
             print(render.HEADER, file=out, flush=True)
         builder = SnapshotBuilder("bpf")

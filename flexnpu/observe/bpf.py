@@ -9,9 +9,10 @@ probes/observe.h; this module only knows the field names.
 
 from __future__ import annotations
 
-import errno
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -100,7 +101,7 @@ class ProbeSession:
                                  "run `flexnpu doctor`") from None
         self.attached: dict[tuple[int, int], str] = {}  # (st_dev, inode) -> path
         self.missing: list[str] = []  # symbols a library did not have
-        self._stats = self.bpf["stats"]
+        self._stats = self.bpf[b"stats"]
         self._events_open = False
 
     # -- attaching
@@ -119,10 +120,11 @@ class ProbeSession:
             try:
                 # the return probe first: an entry seen without its return would leave a
                 # thread's nesting depth raised for good
+                name, sym = path.encode(), p.symbol.encode()
                 if p.return_fn:
-                    self.bpf.attach_uretprobe(name=path, sym=p.symbol, fn_name=p.return_fn)
+                    self.bpf.attach_uretprobe(name=name, sym=sym, fn_name=p.return_fn.encode())
                     n += 1
-                self.bpf.attach_uprobe(name=path, sym=p.symbol, fn_name=p.entry_fn)
+                self.bpf.attach_uprobe(name=name, sym=sym, fn_name=p.entry_fn.encode())
                 n += 1
             except Exception as e:
                 if p.required and "could not determine address" not in str(e):
@@ -145,7 +147,7 @@ class ProbeSession:
             return
         for name, pid_of in (("stats", lambda k: k.tgid), ("allocs", lambda k: k.tgid),
                              ("threads", lambda k: k.value >> 32), ("proc_dev", lambda k: k.value)):
-            table = self.bpf[name]
+            table = self.bpf[name.encode()]
             for k in [k for k in table.keys() if pid_of(k) in pids]:
                 try:
                     del table[k]
@@ -154,7 +156,7 @@ class ProbeSession:
 
     # -- events (ProbeConfig.trace)
     def open_events(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        table = self.bpf["events"]
+        table = self.bpf[b"events"]
 
         def on_event(ctx: Any, data: Any, size: int) -> None:
             callback(_fields(table.event(data)))
@@ -167,11 +169,15 @@ class ProbeSession:
             self.bpf.ring_buffer_poll(timeout_ms)
 
     def close(self) -> None:
+        """Detaches every probe. A Ctrl-C in the middle would leave bcc's own exit handler
+        a half-detached set to trip over, so SIGINT waits until it is done."""
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             self.bpf.cleanup()
         except Exception:
             pass
-
-
-def describe_os_error(e: OSError) -> str:
-    return os.strerror(e.errno or errno.EIO)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flexnpu import paths
 from flexnpu.observe.ascend_rt import ASCEND_RT
+from flexnpu.observe.phase import PhaseRules
 from flexnpu.runtimes import ASCENDCL, Direction, Op, RuntimeProfile, Symbol
 
 # x86-64 and arm64 pass the first six integer arguments in registers bcc names PARM1-6
@@ -66,9 +67,10 @@ class ProbeConfig:
     max_keys: int | None = None
     max_allocs: int | None = None
     ringbuf_pages: int | None = None
+    rules: PhaseRules = PhaseRules()  # the per-iteration prefill/decode rule
 
     def cflags(self) -> list[str]:
-        flags = [f"-DFX_TRACE={int(self.trace)}", f"-DFX_TGID={int(self.tgid)}"]
+        flags = [f"-DFX_TRACE={int(self.trace)}", f"-DFX_TGID={int(self.tgid)}", *self.rules.cflags()]
         for name, v in (("FX_MAX_KEYS", self.max_keys), ("FX_MAX_ALLOCS", self.max_allocs),
                         ("FX_RINGBUF_PAGES", self.ringbuf_pages)):
             if v is not None:

@@ -79,7 +79,7 @@ class ShimSource:
                     "iter_ns": v.iter_ns_total,
                     "iter_ns_last": v.iter_ns_last,
                     "iter_start_ns": None,
-                    "span_count": None, "span_ns": None,
+                    "class_iters": None, "class_ns": None,
                 }
         self.roles = roles
         return out

@@ -148,13 +148,14 @@ class SnapshotBuilder:
         pstart = (p or {}).get("iter_start_ns") or 0
         carry = self.prev_ns - pstart if 0 < pstart <= self.prev_ns else 0
         busy_ns = min(max(iter_ns - carry + open_ns, 0), dt_ns) if iters or open_ns else 0
-        hc, hn = _dlist(c, p, "span_count"), _dlist(c, p, "span_ns")
-        lb = self.classifier.rules.long_bucket
+        ci, cn = _dlist(c, p, "class_iters"), _dlist(c, p, "class_ns")
         feats = IntervalFeatures(
             dt_s=dt, dispatches=dispatches, launches=launches, iterations=iters, iter_ns=iter_ns,
             h2d_bytes=nbytes[Direction.H2D], open_iter_ns=open_ns,
-            long_iter_ns=sum(hn[lb:]) if hn else None, short_iter_ns=sum(hn[:lb]) if hn else None,
-            long_iters=sum(hc[lb:]) if hc else None, short_iters=sum(hc[:lb]) if hc else None)
+            open_launches=max(c.get("iter_launches") or 0, c.get("iter_launches_rt") or 0) if open_ns else 0,
+            open_h2d_bytes=(c.get("iter_h2d") or 0) if open_ns else 0,
+            prefill_iters=ci[1] if ci else None, prefill_ns=cn[1] if cn else None,
+            decode_iters=ci[0] if ci else None, decode_ns=cn[0] if cn else None)
         verdict = self.classifier.classify(feats, pi.role)
         sync_ns = _d(c, p, "sync_ns")
         per_iter = iters if iters else None
@@ -193,6 +194,8 @@ class SnapshotBuilder:
             },
             "iteration": {
                 "count": iters,
+                "prefill_like": ci[1] if ci else None,
+                "decode_like": ci[0] if ci else None,
                 "mean_ms": _r(iter_ns / iters / 1e6 if iters else None, 3),
                 "last_ms": _r((c.get("iter_ns_last") or 0) / 1e6 if c.get("iter_ns_last") is not None else None, 3),
                 "open_ms": _r(open_ns / 1e6, 3),

@@ -74,6 +74,8 @@ ASCENDCL = RuntimeProfile(
                device_arg="deviceId", hand_written=True),
         Symbol("aclrtCreateContext", Op.CONTEXT_CREATE, "aclError",
                (("aclrtContext *", "context"), ("int32_t", "deviceId")), device_arg="deviceId", hand_written=True),
+        Symbol("aclrtDestroyContext", Op.CONTEXT_DESTROY, "aclError", (("aclrtContext", "context"),),
+               hand_written=True),
         Symbol("aclrtSetCurrentContext", Op.CONTEXT_SET, "aclError", (("aclrtContext", "context"),),
                hand_written=True),
     ),

@@ -27,6 +27,7 @@ class Op(IntEnum):
     CONTEXT_CREATE = 14
     CONTEXT_SET = 15
     MEMINFO = 16
+    CONTEXT_DESTROY = 17
 
     @property
     def dispatches(self) -> bool:

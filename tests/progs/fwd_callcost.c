@@ -5,12 +5,16 @@
  *
  *   fwd_callcost KLIB N ROUNDS [--call kernel|event|both] [--device D]
  *   fwd_callcost KLIB --idle [--device D]
+ *   fwd_callcost KLIB --steady GAP_NS [--device D]
  *
  * --call kernel  aclrtLaunchKernel of the zero-work "synthetic" kernel (no device memory)
  * --call event   aclrtRecordEvent
  * --call both    both, rounds interleaved (the default): tells which is cheaper
  * --idle         select the device, run one kernel, print {"ready":true}, then wait for
  *                stdin to close: a client that holds its place on the device without work
+ * --steady       record an event every GAP_NS (busy-waiting between calls) until killed,
+ *                synchronising every 100000 calls: a client that dispatches without pause,
+ *                for measuring how soon a gate change takes effect
  *
  * Prints one JSON line per measured call: {"call", "n", "rounds", "ns_per_call": [per
  * round], "median", "min"}.
@@ -98,11 +102,13 @@ int main(int argc, char **argv)
     }
     const char *call = "both";
     int dev = 0, idle = 0, npos = 0;
+    long steady = -1;
     const char *pos[3] = {0};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--call") && i + 1 < argc) call = argv[++i];
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) dev = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--idle")) idle = 1;
+        else if (!strcmp(argv[i], "--steady") && i + 1 < argc) steady = atol(argv[++i]);
         else if (npos < 3) pos[npos++] = argv[i];
         else {
             fprintf(stderr, usage, argv[0], argv[0]);
@@ -113,7 +119,7 @@ int main(int argc, char **argv)
     int rounds = npos > 2 ? atoi(pos[2]) : 0;
     int do_kernel = !strcmp(call, "kernel") || !strcmp(call, "both");
     int do_event = !strcmp(call, "event") || !strcmp(call, "both");
-    if (!idle && (n < 1 || rounds < 1 || (!do_kernel && !do_event))) {
+    if (!idle && steady < 0 && (n < 1 || rounds < 1 || (!do_kernel && !do_event))) {
         fprintf(stderr, usage, argv[0], argv[0]);
         return 2;
     }
@@ -126,7 +132,15 @@ int main(int argc, char **argv)
     CHECK(aclrtBinaryLoadFromFile(pos[0], NULL, &bin));
     CHECK(aclrtBinaryGetFunction(bin, "synthetic", &g_synthetic));
 
-    if (idle) {
+    if (steady >= 0) {
+        for (long i = 1;; i++) {
+            double next = now_ns() + (double)steady;
+            CHECK(aclrtRecordEvent(g_event, g_stream));
+            if (i % 100000 == 0) CHECK(aclrtSynchronizeStream(g_stream));
+            while (now_ns() < next) {
+            }
+        }
+    } else if (idle) {
         round_kernel(1);
         printf("{\"ready\":true}\n");
         fflush(stdout);

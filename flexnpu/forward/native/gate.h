@@ -25,7 +25,7 @@
 #define FX_GATE_MAGIC_CLI 0x464e5047434c31ULL /* "FNPGCL1" */
 #define FX_GATE_VERSION 1
 #define FX_MAX_SLOTS 64
-#define FX_NUM_OPS 17  /* Op in flexnpu/runtimes/base.py */
+#define FX_NUM_OPS 18  /* Op in flexnpu/runtimes/base.py */
 #define FX_NUM_DIRS 5  /* Direction in flexnpu/runtimes/base.py */
 #define FX_PRIO_LEVELS 8
 #define FX_HEARTBEAT_STALE_NS 1000000000LL /* a daemon silent this long is gone: fail open */

@@ -378,25 +378,31 @@ static int fx_current_phys(void)
     return g_nmap > 0 ? g_map[t_vdev] : t_vdev;
 }
 
-static int fx_alloc_check(uint64_t size)
+/* Reserves size bytes of the calling thread's device against the quota before the real
+ * allocation, so threads allocating at once cannot pass the quota together. */
+static int fx_alloc_reserve(uint64_t size, int *dev_out)
 {
     int dev = fx_current_phys();
-    if (g_quota && dev >= 0 && atomic_load(&g_held[dev]) + size > g_quota) {
+    if (dev < 0) dev = 0;
+    *dev_out = dev;
+    uint64_t held = atomic_fetch_add(&g_held[dev], size) + size;
+    if (g_quota && held > g_quota) {
+        atomic_fetch_sub(&g_held[dev], size);
         fx_debug("device %d: allocation of %llu bytes refused: quota %llu, %llu held", dev,
-                 (unsigned long long)size, (unsigned long long)g_quota, (unsigned long long)atomic_load(&g_held[dev]));
+                 (unsigned long long)size, (unsigned long long)g_quota, (unsigned long long)(held - size));
         return FX_ERR_OUT_OF_MEMORY;
     }
     return FX_SUCCESS;
 }
 
-static void fx_alloc_done(void *ptr, uint64_t size)
+static void fx_alloc_cancel(uint64_t size, int dev) { atomic_fetch_sub(&g_held[dev], size); }
+
+static void fx_alloc_done(void *ptr, uint64_t size, int dev)
 {
-    int dev = fx_current_phys();
-    if (dev < 0) dev = 0;
     pthread_mutex_lock(&g_alloc_lock);
     fx_allocs_put((uintptr_t)ptr, size, dev);
     pthread_mutex_unlock(&g_alloc_lock);
-    uint64_t held = atomic_fetch_add(&g_held[dev], size) + size;
+    uint64_t held = atomic_load(&g_held[dev]);
     struct fx_att *a = atomic_load(&g_att[dev]);
     if (a) {
         atomic_fetch_add(&a->me->ops[FX_OP_ALLOC], 1);
@@ -512,17 +518,12 @@ FX_EXPORT aclError aclrtGetDeviceCount(uint32_t *count)
     FX_REAL(aclrtGetDeviceCount);
     if (fx_depth_enter()) return real_aclrtGetDeviceCount(count);
     aclError rc = real_aclrtGetDeviceCount(count);
-    if (rc == FX_SUCCESS && count && g_nmap >= 0) {
-        uint32_t n = 0;
-        for (int i = 0; i < g_nmap; i++)
-            if ((uint32_t)g_map[i] < *count) n++;
-        *count = n;
-    }
+    if (rc == FX_SUCCESS && count && g_nmap >= 0) *count = (uint32_t)g_nmap; /* the devices it was given */
     fx_depth_leave();
     return rc;
 }
 
-struct fx_ctx {
+struct fx_ctx { /* contexts the program created, with the virtual device of each */
     aclrtContext ctx;
     int vdev;
 };
@@ -545,6 +546,21 @@ FX_EXPORT aclError aclrtCreateContext(aclrtContext *context, int32_t deviceId)
         pthread_mutex_unlock(&g_lock);
         t_vdev = deviceId;
         fx_select_device(phys);
+    }
+    fx_depth_leave();
+    return rc;
+}
+
+FX_EXPORT aclError aclrtDestroyContext(aclrtContext context)
+{
+    FX_REAL(aclrtDestroyContext);
+    if (fx_depth_enter()) return real_aclrtDestroyContext(context);
+    aclError rc = real_aclrtDestroyContext(context);
+    if (rc == FX_SUCCESS) {
+        pthread_mutex_lock(&g_lock);
+        for (int i = 0; i < 256; i++)
+            if (g_ctx[i].ctx == context) g_ctx[i].ctx = NULL;
+        pthread_mutex_unlock(&g_lock);
     }
     fx_depth_leave();
     return rc;

@@ -1,0 +1,96 @@
+"""The BPF program follows from the runtime profile (no root or bcc needed): one probe per
+symbol, arguments read at the positions Symbol.index() gives, the copy-kind switch taken
+from the profile's directions, settings as -D flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from flexnpu.observe.ascend_rt import ASCEND_RT
+from flexnpu.observe.phase import PhaseRules
+from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig, ProbedLibrary, build
+from flexnpu.runtimes import ASCENDCL, Direction, Op
+
+
+def _body(text: str, fn: str) -> str:
+    m = re.search(rf"int {fn}\(struct pt_regs \*ctx\)\n\{{\n(.*?)\n\}}", text, re.S)
+    assert m, fn
+    return m.group(1)
+
+
+def test_one_probe_per_symbol_with_returns_where_needed() -> None:
+    prog = build()
+    probes = {p.symbol: p for p in prog.probes}
+    assert set(probes) == {s.name for s in ASCENDCL.symbols} | {s.name for s in ASCEND_RT.symbols}
+    for s in ASCENDCL.symbols:
+        needs_return = s.op in (Op.SYNC, Op.ALLOC, Op.DEVICE_SET)
+        assert (probes[s.name].return_fn is not None) == needs_return, s.name
+        assert probes[s.name].library == "libascendcl.so" and probes[s.name].required
+    for s in ASCEND_RT.symbols:
+        assert probes[s.name].library == "libruntime.so" and not probes[s.name].required
+    assert prog.symbols[-1] == "iteration" and len(prog.symbols) == len(prog.probes) + 1
+
+
+def test_arguments_come_from_the_profile() -> None:
+    text = build().text
+    s = ASCENDCL.symbol("aclrtMemcpyAsync")
+    body = _body(text, "fx_enter_aclrtMemcpyAsync")
+    assert f"(u64)PT_REGS_PARM{s.index('count') + 1}(ctx)" in body
+    assert f"fx_direction_ascendcl((int)PT_REGS_PARM{s.index('kind') + 1}(ctx))" in body
+    m = ASCENDCL.symbol("aclrtMalloc")
+    assert _body(text, "fx_enter_aclrtMalloc") == (
+        f"    return fx_alloc_enter(FX_SYM_aclrtMalloc, (u64)PT_REGS_PARM{m.index('devPtr') + 1}(ctx), "
+        f"(u64)PT_REGS_PARM{m.index('size') + 1}(ctx));")
+    assert "PT_REGS_PARM1" in _body(text, "fx_enter_aclrtSetDevice")
+
+
+def test_a_changed_profile_changes_the_probes() -> None:
+    """Swap aclrtMemcpyAsync's count and destMax: the probe must read the other register."""
+    s = ASCENDCL.symbol("aclrtMemcpyAsync")
+    params = list(s.params)
+    params[1], params[3] = params[3], params[1]
+    swapped = dataclasses.replace(s, params=tuple(params))
+    profile = dataclasses.replace(ASCENDCL, symbols=tuple(swapped if x is s else x for x in ASCENDCL.symbols),
+                                  directions={1: Direction.D2H})
+    text = build(libraries=(ProbedLibrary(profile),)).text
+    body = _body(text, "fx_enter_aclrtMemcpyAsync")
+    assert "(u64)PT_REGS_PARM2(ctx)" in body and "PT_REGS_PARM4" not in body
+    assert "case 1: return FX_DIR_D2H;" in text and "case 2:" not in text
+
+
+def test_direction_switch_is_the_profiles() -> None:
+    text = build().text
+    for kind, d in ASCENDCL.directions.items():
+        assert f"case {kind}: return FX_DIR_{d.name};" in text
+    for o in Op:
+        assert f"#define FX_OP_{o.name} {o.value}" in text
+    assert f"#define FX_NUM_OPS {len(Op)}" in text
+
+
+def test_settings_are_d_flags_and_printed_as_defines() -> None:
+    cfg = ProbeConfig(trace=True, tgid=1234, rules=PhaseRules(prefill_launches=64))
+    prog = build(cfg)
+    assert "-DFX_TRACE=1" in prog.cflags and "-DFX_TGID=1234" in prog.cflags
+    assert "-DFX_PREFILL_LAUNCHES=64" in prog.cflags
+    final = prog.final()
+    assert "#define FX_TGID 1234" in final and "#define FX_PREFILL_LAUNCHES 64" in final
+    assert final.endswith(prog.text)
+    assert "#if FX_TGID" in prog.text  # the text uses the flag; nothing edits it
+
+
+def test_an_argument_past_the_registers_is_refused() -> None:
+    s = ASCEND_RT.symbol("rtKernelLaunchWithHandle")  # its kernelInfo is the 7th argument
+    bad = dataclasses.replace(s, op=Op.MEMCPY_ASYNC, bytes_arg="kernelInfo")
+    profile = dataclasses.replace(ASCEND_RT, symbols=(bad,))
+    with pytest.raises(ValueError, match="#7"):
+        build(libraries=(DEFAULT_LIBRARIES[0], ProbedLibrary(profile)))
+
+
+def test_module_prints_the_program(capsys) -> None:
+    from flexnpu.observe import probegen
+
+    assert probegen.main(["--pid", "9"]) == 0
+    assert "#define FX_TGID 9" in capsys.readouterr().out
