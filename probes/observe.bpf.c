@@ -23,7 +23,8 @@
 
 BPF_HASH(stats, struct fx_key, struct fx_stats, FX_MAX_KEYS);
 BPF_HASH(allocs, struct fx_alloc_key, struct fx_alloc, FX_MAX_ALLOCS);
-BPF_HASH(threads, u64, struct fx_thread, FX_MAX_THREADS);
+/* LRU: threads end without telling anyone; the least recently active entry makes room */
+BPF_TABLE("lru_hash", u64, struct fx_thread, threads, FX_MAX_THREADS);
 BPF_HASH(proc_dev, u32, s32, FX_MAX_KEYS); /* the device a process selected last */
 BPF_PERCPU_ARRAY(zero_stats, struct fx_stats, 1); /* initial value: too big for the stack */
 #if FX_TRACE

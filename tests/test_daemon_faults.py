@@ -187,3 +187,13 @@ def test_stale_segment_of_a_killed_daemon_holds_nobody(emulator, daemons, gate_l
         assert len(mine) == 1 and mine[0].gate == "closed", mine
     finally:
         seg.close()
+
+
+def test_a_second_daemon_for_a_served_device_refuses_to_start(daemons, runtime_dir):
+    first = daemons(0)
+    first.wait_ready()
+    second = daemons(0, ready=False)
+    assert second.wait_exit(15) == 1
+    assert f"already served by the daemon with pid {first.pid}" in second.log()
+    assert first.list() == []  # the first still answers, its socket and segment untouched
+    assert first.socket.exists()

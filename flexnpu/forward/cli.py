@@ -36,7 +36,7 @@ def daemon_command(
     logs.setup(verbose)
     try:
         daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate)
-    except (protocol.RequestError, ValueError, OSError) as e:
+    except (protocol.RequestError, ValueError, RuntimeError, OSError) as e:
         err.print(f"flexnpu daemon: {e}")
         raise typer.Exit(1)
 

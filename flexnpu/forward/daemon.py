@@ -22,7 +22,7 @@ import zmq
 
 from flexnpu import paths, systemd
 from flexnpu.forward import protocol
-from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN, SLOT_FREE, GateSegment
+from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN, SLOT_FREE, GateSegment, now_ns
 
 log = logging.getLogger("flexnpu.daemon")
 
@@ -64,6 +64,8 @@ class ForwardDaemon:
         self.rdir.mkdir(parents=True, exist_ok=True)
         self.seg = GateSegment(self.device, self.rdir)
         adopt = self.seg.valid()
+        if adopt:
+            self._refuse_if_served()
         self.seg.init(os.getpid(), adopt)
         d = self.defaults
         self.seg.set_defaults(protocol.GATES[d["gate"]], d["priority"], protocol.ms_to_ns(d["max_hold_ms"]))
@@ -77,6 +79,22 @@ class ForwardDaemon:
                 self.seg.free(i)
         log.info("device %d: %s segment in %s, %d live clients adopted",
                  self.device, "adopted the" if adopt else "created a", self.rdir, self.adopted)
+
+    def _refuse_if_served(self) -> None:
+        """Two daemons on one device would fight over its gates: refuse while the segment's
+        daemon is alive and beating."""
+        other = self.seg.default("daemon_pid")
+        beat = self.seg.default("heartbeat_ns")
+        if other and other != os.getpid() and beat and now_ns() - beat < 1_000_000_000:
+            try:
+                os.kill(other, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+            self.seg.close()
+            raise RuntimeError(f"device {self.device} is already served by the daemon with pid {other} "
+                               f"(segment in {self.rdir}); stop it first")
 
     def _register(self, slot: int, pid: int, gen: int, adopting: bool = False) -> bool:
         try:

@@ -8,7 +8,7 @@ Commands
   list                                   -> clients: [slot view + gate settings], defaults
   set       pid|slot, [gate], [priority], [max_hold_ms]    -> client
   defaults  [gate], [priority], [max_hold_ms], [apply]     -> defaults
-gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in (0, 60000].
+gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in [0.01, 60000].
 A malformed, unknown, multipart or oversized (> MAX_MESSAGE) request gets an error reply;
 a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 """
@@ -27,6 +27,7 @@ MAX_MESSAGE = 64 * 1024
 MAX_FRAME = 1 << 20
 GATES = {"open": GATE_OPEN, "closed": GATE_CLOSED}
 MAX_HOLD_LIMIT_MS = 60_000.0
+MIN_HOLD_MS = 0.01  # 10 us; anything shorter is not a hold a futex wait can honour
 
 
 class RequestError(ValueError):
@@ -46,10 +47,10 @@ def check_settings(req: dict[str, Any]) -> None:
     # the range test comes first: it rejects NaN and inf, and math.isfinite would raise
     # OverflowError on an integer too large for a float
     if hold is not None and (
-        isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 < hold <= MAX_HOLD_LIMIT_MS
+        isinstance(hold, bool) or not isinstance(hold, (int, float)) or not MIN_HOLD_MS <= hold <= MAX_HOLD_LIMIT_MS
         or not math.isfinite(hold)
     ):
-        raise RequestError(f"max_hold_ms must be a number in (0, {MAX_HOLD_LIMIT_MS:g}], not {hold!r}")
+        raise RequestError(f"max_hold_ms must be a number in [{MIN_HOLD_MS:g}, {MAX_HOLD_LIMIT_MS:g}], not {hold!r}")
 
 
 def _int_or_none(req: dict, key: str) -> int | None:

@@ -12,9 +12,10 @@
  * --call both    both, rounds interleaved (the default): tells which is cheaper
  * --idle         select the device, run one kernel, print {"ready":true}, then wait for
  *                stdin to close: a client that holds its place on the device without work
- * --steady       record an event every GAP_NS (busy-waiting between calls) until killed,
- *                synchronising every 100000 calls: a client that dispatches without pause,
- *                for measuring how soon a gate change takes effect
+ * --steady       record an event about every GAP_NS (sleeping between calls, timer slack
+ *                1 ns) until killed, synchronising every 10000 calls: a client that keeps
+ *                dispatching without holding a CPU, for measuring how soon a gate change
+ *                takes effect
  *
  * Prints one JSON line per measured call: {"call", "n", "rounds", "ns_per_call": [per
  * round], "median", "min"}.
@@ -25,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 
 #include "acl/acl.h"
@@ -133,12 +135,12 @@ int main(int argc, char **argv)
     CHECK(aclrtBinaryGetFunction(bin, "synthetic", &g_synthetic));
 
     if (steady >= 0) {
+        prctl(PR_SET_TIMERSLACK, 1UL);
+        struct timespec gap = {.tv_sec = steady / 1000000000L, .tv_nsec = steady % 1000000000L};
         for (long i = 1;; i++) {
-            double next = now_ns() + (double)steady;
             CHECK(aclrtRecordEvent(g_event, g_stream));
-            if (i % 100000 == 0) CHECK(aclrtSynchronizeStream(g_stream));
-            while (now_ns() < next) {
-            }
+            if (i % 10000 == 0) CHECK(aclrtSynchronizeStream(g_stream));
+            nanosleep(&gap, NULL);
         }
     } else if (idle) {
         round_kernel(1);
