@@ -243,7 +243,7 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
 
     proc = subprocess.Popen([str(exe), str(paths.emulator_kernel_library()), "--steady", str(STEADY_GAP_NS),
                              "--device", str(DEVICE)], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seg = GateSegment(DEVICE, rdir)
     close_us: list[float] = []
     open_us: list[float] = []
@@ -254,8 +254,12 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
             v = seg.slot(slot)
             if pred(v):
                 return v
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"enforcement latency: {what} did not happen within {timeout} s")
+            if proc.poll() is not None:
+                raise BenchError(f"enforcement latency: the client exited {proc.returncode} waiting for {what}: "
+                                 f"{proc.stderr.read().strip()[-300:]}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"enforcement latency: {what} did not happen within {timeout} s "
+                                 f"(slot: waiting {v.waiting}, gate {v.gate}, waits {v.gate_waits})")
             time.sleep(0.001)  # gently: this process shares the machine with the one it measures
 
     try:

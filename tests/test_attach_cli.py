@@ -110,6 +110,8 @@ def test_ebpf_needs_neither_root_nor_bcc() -> None:
     assert "#define FX_TGID 0" in r.stdout
     r = flexnpu_unprivileged("attach", "77", "--ebpf")
     assert r.returncode == 0 and "#define FX_TGID 77" in r.stdout
+    r = flexnpu_unprivileged("observe", "-p", "78", "--ebpf")
+    assert r.returncode == 0 and "#define FX_TGID 78" in r.stdout
 
 
 @as_nobody

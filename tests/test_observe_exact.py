@@ -20,8 +20,8 @@ import zmq
 
 from flexnpu import paths
 from test_observe_fixtures import (  # noqa: F401  (fixtures are used by name)
-    NEEDS_BPF, PRIME_OPS, flexnpu_argv, obs_programs, observed_from_counters, observed_from_entries, probes,
-    truth_of)
+    NEEDS_BPF, PRIME_OPS, flexnpu_argv, flexnpu_proc, obs_programs, observed_from_counters,
+    observed_from_entries, probes, truth_of)
 
 pytestmark = NEEDS_BPF
 KLIB = paths.emulator_kernel_library()
@@ -50,9 +50,10 @@ def _check_emulator(emu, pid: int, truth: dict) -> None:
 
 
 @pytest.mark.parametrize("build", ["linked", "dlopen"])
-def test_exact_when_attached_before_start(build, emulator, spawn, acl_env, obs_programs) -> None:
+def test_exact_when_attached_before_start(build, emulator, spawn, acl_env, obs_programs,
+                                          flexnpu_proc) -> None:
     emu = emulator()
-    obs = spawn(flexnpu_argv("observe", "--interval-ms", "100", "--json", "--source", "bpf"), env=acl_env)
+    obs = flexnpu_proc("observe", "--interval-ms", "100", "--json", "--source", "bpf", env=acl_env)
     first = obs.read(timeout=60)  # the probes are attached before the first snapshot
     assert first["schema"] == 1 and first["source"] == "bpf"
     wl = spawn([obs_programs[build], KLIB, "--hold"])
@@ -67,11 +68,11 @@ def test_exact_when_attached_before_start(build, emulator, spawn, acl_env, obs_p
 
 
 @pytest.mark.parametrize("build", ["linked", "dlopen"])
-def test_exact_when_attached_while_running(build, emulator, spawn, acl_env, obs_programs) -> None:
+def test_exact_when_attached_while_running(build, emulator, spawn, acl_env, obs_programs, flexnpu_proc) -> None:
     emu = emulator()
     wl = spawn([obs_programs[build], KLIB, "--wait", "--hold"])
     pid = wl.read(timeout=30)["pid"]  # the runtime is loaded and initialised; no work yet
-    att = spawn(flexnpu_argv("attach", str(pid), "0.1", "--json"), env=acl_env)
+    att = flexnpu_proc("attach", str(pid), "0.1", "--json", env=acl_env)
     first = att.read(timeout=60)
     assert (first["schema"], first["source"], first["pid"]) == (1, "bpf", pid)
     wl.proc.stdin.write("go\n")
@@ -99,12 +100,12 @@ def test_exact_for_concurrent_processes_in_one_session(emulator, spawn, probes, 
         assert {dev for p, dev in reads if p == pid} == {0}
 
 
-def test_trace_holds_every_call(emulator, spawn, acl_env, obs_programs, tmp_path: Path) -> None:
+def test_trace_holds_every_call(emulator, spawn, acl_env, obs_programs, flexnpu_proc, tmp_path: Path) -> None:
     emulator()
     wl = spawn([obs_programs["linked"], KLIB, "--wait", "--hold"])
     pid = wl.read(timeout=30)["pid"]
     trace = tmp_path / "trace.json"
-    att = spawn(flexnpu_argv("attach", str(pid), "0.1", "--json", "--trace", str(trace)), env=acl_env)
+    att = flexnpu_proc("attach", str(pid), "0.1", "--json", "--trace", str(trace), env=acl_env)
     att.read(timeout=60)
     wl.proc.stdin.write("go\n")
     wl.proc.stdin.flush()
@@ -112,7 +113,7 @@ def test_trace_holds_every_call(emulator, spawn, acl_env, obs_programs, tmp_path
     att.read(timeout=10)
     att.read(timeout=10)  # an interval after the last call: its events are drained
     att.proc.send_signal(2)  # SIGINT: attach closes the trace and exits 0
-    assert att.proc.wait(timeout=30) == 0
+    assert att.proc.wait(timeout=60) == 0
     events = json.loads(trace.read_text())  # a complete JSON array
     by_name: dict[str, int] = {}
     for e in events:
@@ -127,9 +128,9 @@ def test_trace_holds_every_call(emulator, spawn, acl_env, obs_programs, tmp_path
     assert 0 < by_name["iteration"] <= 29
 
 
-def test_observe_publishes_snapshots_on_zmq(emulator, spawn, acl_env, runtime_dir) -> None:
+def test_observe_publishes_snapshots_on_zmq(emulator, spawn, acl_env, runtime_dir, flexnpu_proc) -> None:
     emulator()
-    obs = spawn(flexnpu_argv("observe", "--interval-ms", "100", "--json"), env=acl_env)
+    obs = flexnpu_proc("observe", "--interval-ms", "100", "--json", env=acl_env)
     obs.read(timeout=60)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
@@ -169,14 +170,14 @@ def fake_libruntime(tmp_path: Path) -> Path:
     return lib
 
 
-def test_rt_launches_counted_where_libruntime_is_mapped(emulator, spawn, acl_env, acl_programs,
+def test_rt_launches_counted_where_libruntime_is_mapped(emulator, spawn, acl_env, acl_programs, flexnpu_proc,
                                                          fake_libruntime) -> None:
     """`flexnpu attach` finds libruntime.so in the process's maps (at any path) and counts
     launches there: 31 + 2 (prime) launches through two rt* entry points."""
     emulator()
     wl = spawn([acl_programs["obs_rtlaunch"], fake_libruntime, "31", "2", "--wait"])
     pid = wl.read(timeout=30)["pid"]
-    att = spawn(flexnpu_argv("attach", str(pid), "0.1", "--json"), env=acl_env)
+    att = flexnpu_proc("attach", str(pid), "0.1", "--json", env=acl_env)
     att.read(timeout=60)
     wl.proc.stdin.write("go\n")
     wl.proc.stdin.flush()
@@ -189,14 +190,15 @@ def test_rt_launches_counted_where_libruntime_is_mapped(emulator, spawn, acl_env
     assert _until_equal(lambda: att.read(timeout=10), launches, (33, 33), timeout=15) == (33, 33)
 
 
-def test_observe_finds_a_runtime_at_a_new_path(emulator, spawn, acl_env, obs_programs, tmp_path: Path) -> None:
+def test_observe_finds_a_runtime_at_a_new_path(emulator, spawn, acl_env, obs_programs, flexnpu_proc,
+                                               tmp_path: Path) -> None:
     """A runtime library at a path nobody told the observer about (a CANN install
     elsewhere) is found in the process's maps and probed from then on."""
     emulator()
     elsewhere = tmp_path / "cann" / "lib64"
     elsewhere.mkdir(parents=True)
     shutil.copy2(paths.emulator_library(), elsewhere / "libascendcl.so")
-    obs = spawn(flexnpu_argv("observe", "--interval-ms", "100", "--json"), env=acl_env)
+    obs = flexnpu_proc("observe", "--interval-ms", "100", "--json", env=acl_env)
     obs.read(timeout=60)
     env = {**acl_env, "LD_LIBRARY_PATH": f"{elsewhere}:{acl_env['LD_LIBRARY_PATH']}"}
     wl = spawn([obs_programs["dlopen"], KLIB, "--wait", "--hold"], env=env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,29 @@ def build(src: Path, exe: Path, *flags: str, link_acl: bool = True) -> Path:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"building {src.name} failed:\n{r.stderr}"
     return exe
+
+
+@pytest.fixture
+def flexnpu_proc(spawn: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """flexnpu_proc(*cli_args, env=...) runs `flexnpu ...` through conftest's spawn. At
+    teardown each one still running gets SIGINT and up to a minute to exit cleanly before
+    spawn kills it: the kernel takes a while to detach uprobes (about 0.1 s each in a VM)."""
+    started: list[Any] = []
+
+    def start(*args: str, env: dict | None = None) -> Any:
+        it = spawn(flexnpu_argv(*args), env=env)
+        started.append(it)
+        return it
+
+    yield start
+    for it in started:
+        if it.proc.poll() is None:
+            it.proc.send_signal(signal.SIGINT)
+    for it in started:
+        try:
+            it.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass  # spawn's teardown kills it
 
 
 @pytest.fixture(scope="session")

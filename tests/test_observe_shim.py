@@ -8,16 +8,18 @@ import time
 from flexnpu import paths
 from forward_fixtures import shim_env  # noqa: F401  (fixtures are used by name)
 from test_daemon_fixtures import daemons  # noqa: F401
-from test_observe_fixtures import PRIME_OPS, flexnpu_argv, obs_programs, observed_from_entries, truth_of  # noqa: F401
+from test_observe_fixtures import (  # noqa: F401
+    PRIME_OPS, flexnpu_proc, obs_programs, observed_from_entries, truth_of)
 
 KLIB = paths.emulator_kernel_library()
 SHIM_OPS = [k for k in PRIME_OPS if k != "device_set"]  # the shim counts work, not device selection
 
 
-def test_shim_source_counts_equal_the_truth(emulator, daemons, spawn, shim_env, acl_env, obs_programs) -> None:
+def test_shim_source_counts_equal_the_truth(emulator, daemons, spawn, shim_env, acl_env, obs_programs,
+                                            flexnpu_proc) -> None:
     emu = emulator()
     daemons(0)
-    obs = spawn(flexnpu_argv("observe", "--source", "shim", "--interval-ms", "100", "--json"), env=acl_env)
+    obs = flexnpu_proc("observe", "--source", "shim", "--interval-ms", "100", "--json", env=acl_env)
     first = obs.read(timeout=60)
     assert first["source"] == "shim" and "shim" in first["note"]
     wl = spawn([obs_programs["linked"], KLIB, "--hold"], env={**shim_env, "FLEXNPU_ROLE": "decode"})

@@ -66,6 +66,7 @@ def observe_command(
         help="Also attach to this runtime library file at start (repeatable).")] = None,
     count: Annotated[Optional[int], typer.Option(help="Stop after this many snapshots.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Also print each snapshot on stdout.")] = False,
+    pid: Annotated[int, typer.Option("-p", "--pid", help="Observe only this process.")] = 0,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the BPF program and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
@@ -75,14 +76,18 @@ def observe_command(
     Examples:
       flexnpu observe
       flexnpu observe --interval-ms 500 --json
+      flexnpu observe -p 1234 --json
     """
     from flexnpu.observe.probegen import ProbeConfig, build
 
     if ebpf:
-        print(build(ProbeConfig()).final())
+        print(build(ProbeConfig(tgid=pid)).final())
         return
     if interval_ms <= 0:
         print("flexnpu observe: --interval-ms must be positive", file=sys.stderr)
+        raise typer.Exit(2)
+    if pid < 0:
+        print("flexnpu observe: -p takes a process id", file=sys.stderr)
         raise typer.Exit(2)
     if source not in ("auto", "bpf", "shim"):
         print(f"flexnpu observe: --source takes auto, bpf or shim, not {source!r}", file=sys.stderr)
@@ -91,7 +96,7 @@ def observe_command(
     from flexnpu.observe import node
 
     try:
-        node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out)
+        node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out, pid=pid)
     except ObserveError as e:
         _fail("observe", e)
     except KeyboardInterrupt:

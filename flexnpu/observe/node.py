@@ -45,8 +45,9 @@ class NodeObserver:
     """Samples every observed process; source is "bpf" or "shim"."""
 
     def __init__(self, source: str = "auto", libraries: tuple[str, ...] = (), rescan_s: float = 1.0,
-                 rdir: Path | None = None) -> None:
+                 rdir: Path | None = None, pid: int = 0) -> None:
         self.rdir = Path(rdir or paths.runtime_dir())
+        self.pid = pid  # 0: every process
         self.rescan_s = rescan_s
         self.shim = ShimSource(self.rdir)
         self.session: Any = None
@@ -61,7 +62,7 @@ class NodeObserver:
             try:
                 from flexnpu.observe.bpf import ProbeSession
 
-                self.session = ProbeSession(ProbeConfig())
+                self.session = ProbeSession(ProbeConfig(tgid=pid))
             except (BccMissing, NoPrivileges, BpfUnavailable) as e:
                 if source == "bpf":
                     raise
@@ -82,6 +83,9 @@ class NodeObserver:
     # -- discovery
     @staticmethod
     def _candidates(extra: tuple[str, ...]) -> list[str]:
+        for p in extra:
+            if not Path(p).exists():
+                log.warning("--library %s does not exist; not attached", p)
         out = [str(paths.emulator_library()), *extra]
         for d in CANN_DIRS:
             out += [f"{d}/{so}" for so in SONAMES]
@@ -104,7 +108,7 @@ class NodeObserver:
             return
         now = time.monotonic()
         full = now - self._last_full >= self.rescan_s
-        pids = set(procs.pids())
+        pids = {self.pid} if self.pid else set(procs.pids())
         todo = pids if full else pids - self._known_pids
         if full:
             self._last_full = now
@@ -134,6 +138,8 @@ class NodeObserver:
                 self.shim.read()  # roles given to the shim
         else:
             reads = self.shim.read()
+        if self.pid:
+            reads = {k: v for k, v in reads.items() if k[0] == self.pid}
         return reads
 
     def sample(self) -> dict[str, Any]:
@@ -158,11 +164,11 @@ class _Stop(Exception):
 
 
 def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, ...] = (),
-          count: int | None = None, print_json: bool = False, out: TextIO = sys.stdout) -> int:
+          count: int | None = None, print_json: bool = False, out: TextIO = sys.stdout, pid: int = 0) -> int:
     """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop."""
     import zmq
 
-    obs = NodeObserver(source, libraries)
+    obs = NodeObserver(source, libraries, pid=pid)
     sock_path = observe_socket(obs.rdir)
     obs.rdir.mkdir(parents=True, exist_ok=True)
     ctx = zmq.Context()
