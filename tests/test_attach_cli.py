@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flexnpu import paths
-from flexnpu.observe.ascend_rt import ASCEND_RT
+from flexnpu.runtimes import ASCEND_RT
 from flexnpu.observe.errors import EXIT_CODES
 from flexnpu.runtimes import ASCENDCL, Op
 from test_observe_fixtures import NEEDS_BPF, REPO, flexnpu_argv, obs_programs  # noqa: F401

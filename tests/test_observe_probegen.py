@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from flexnpu.observe.ascend_rt import ASCEND_RT
+from flexnpu.runtimes import ASCEND_RT
 from flexnpu.observe.phase import PhaseRules
 from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig, ProbedLibrary, build
 from flexnpu.runtimes import ASCENDCL, Direction, Op

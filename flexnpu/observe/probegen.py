@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 
 from flexnpu import paths
-from flexnpu.observe.ascend_rt import ASCEND_RT
+from flexnpu.runtimes import ASCEND_RT
 from flexnpu.observe.phase import PhaseRules
 from flexnpu.runtimes import ASCENDCL, Direction, Op, RuntimeProfile, Symbol
 

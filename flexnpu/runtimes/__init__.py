@@ -9,7 +9,11 @@ all follow from it. Register a new runtime in RUNTIMES.
 
 from flexnpu.runtimes.base import Direction, Op, RuntimeProfile, Symbol
 from flexnpu.runtimes.ascendcl import ASCENDCL
+from flexnpu.runtimes.ascend_rt import ASCEND_RT
 
+# Runtimes the shim wraps (gen_shim builds one shim per entry).
 RUNTIMES: dict[str, RuntimeProfile] = {ASCENDCL.name: ASCENDCL}
+# Libraries only probed, beside a wrapped runtime: CANN's libruntime.so rt* launches.
+PROBED_WITH: dict[str, tuple[RuntimeProfile, ...]] = {ASCENDCL.name: (ASCEND_RT,)}
 
-__all__ = ["RUNTIMES", "ASCENDCL", "Direction", "Op", "RuntimeProfile", "Symbol"]
+__all__ = ["RUNTIMES", "PROBED_WITH", "ASCENDCL", "ASCEND_RT", "Direction", "Op", "RuntimeProfile", "Symbol"]
