@@ -102,8 +102,9 @@ def test_restarted_daemon_adopts_segment_and_live_clients(emulator, daemons, gat
     time.sleep(0.5)
     assert busy_ns(emu, a.pid) == a0
     assert busy_ns(emu, b.pid) > b0
-    # and the new daemon controls them
-    d2.set(a.pid, gate="open")
+    # and the new daemon controls them: opened and raised above b (which, busy without a
+    # pause at priority 6, would otherwise keep a waiting up to its long max_hold)
+    d2.set(a.pid, gate="open", priority=7)
     wait_for(lambda: busy_ns(emu, a.pid) > a0, 15, "a running after the new daemon opened it")
 
 

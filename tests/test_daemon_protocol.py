@@ -77,7 +77,7 @@ def test_list(handler_daemon):
     d, pid = handler_daemon
     r = ok(d, {"schema": 1, "cmd": "list"})
     assert r["device"] == 0
-    assert r["defaults"] == {"gate": "open", "priority": 0, "max_hold_ms": 200.0}
+    assert r["defaults"] == {"gate": "open", "priority": 0, "max_hold_ms": 200.0, "pending_grace_ms": 1.0}
     [c] = r["clients"]
     assert (c["slot"], c["pid"], c["admitted_pid"]) == (SLOT, pid, pid)
     assert (c["gate"], c["priority"], c["max_hold_ms"]) == ("open", 0, 200.0)
@@ -98,7 +98,7 @@ def test_set_by_pid_and_by_slot_writes_the_segment(handler_daemon):
 def test_defaults_and_apply(handler_daemon):
     d, pid = handler_daemon
     r = ok(d, {"schema": 1, "cmd": "defaults", "gate": "closed", "priority": 2, "max_hold_ms": 300})
-    assert r["defaults"] == {"gate": "closed", "priority": 2, "max_hold_ms": 300}
+    assert r["defaults"] == {"gate": "closed", "priority": 2, "max_hold_ms": 300, "pending_grace_ms": 1.0}
     assert d.seg.default("default_gate") == 1 and d.seg.default("default_priority") == 2
     assert d.seg.slot(SLOT + 1).gate == "closed"  # a free slot: what a new client gets
     assert d.seg.slot(SLOT).gate == "open"  # the client there now: unchanged without apply
@@ -107,7 +107,20 @@ def test_defaults_and_apply(handler_daemon):
     assert (v.gate, v.priority, v.max_hold_ns) == ("closed", 2, 300_000_000)
 
 
+def test_pending_grace_is_device_wide(handler_daemon):
+    d, _ = handler_daemon
+    assert d.seg.default("pending_grace_ns") == 1_000_000  # the daemon's default, 1 ms
+    r = ok(d, {"schema": 1, "cmd": "defaults", "pending_grace_ms": 0.25})
+    assert r["defaults"]["pending_grace_ms"] == 0.25
+    assert d.seg.default("pending_grace_ns") == 250_000
+    ok(d, {"schema": 1, "cmd": "defaults", "pending_grace_ms": 0})
+    assert d.seg.default("pending_grace_ns") == 0
+
+
 BAD = [
+    ({"schema": 1, "cmd": "defaults", "pending_grace_ms": -1}, "pending_grace_ms must be a number in [0, 1000]"),
+    ({"schema": 1, "cmd": "defaults", "pending_grace_ms": 1000.5}, "pending_grace_ms must be"),
+    ({"schema": 1, "cmd": "defaults", "pending_grace_ms": "1"}, "pending_grace_ms must be"),
     (b"not json", "not JSON"),
     (b"\xff\xfe\xfd", "not JSON"),
     (b"", "not JSON"),

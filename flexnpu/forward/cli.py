@@ -23,6 +23,9 @@ def daemon_command(
     max_hold_ms: Annotated[float, typer.Option(help="Default longest hold of a client's call.")] = 200.0,
     priority: Annotated[int, typer.Option(help="Default priority of new clients (0-7).")] = 0,
     gate: Annotated[str, typer.Option(help="Default gate of new clients: open or closed.")] = "open",
+    pending_grace_ms: Annotated[float, typer.Option(
+        help="How long a client's work still counts as pending for priority after its sync "
+             "(its next step keeps its turn).")] = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
     """Run the forwarding daemon of one device in the foreground (SIGTERM stops it, gates open).
@@ -35,7 +38,7 @@ def daemon_command(
 
     logs.setup(verbose)
     try:
-        daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate)
+        daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate, pending_grace_ms=pending_grace_ms)
     except (protocol.RequestError, ValueError, RuntimeError, OSError) as e:
         err.print(f"flexnpu daemon: {e}")
         raise typer.Exit(1)
@@ -115,6 +118,7 @@ def gate_defaults(
     gate: Annotated[Optional[str], typer.Option(help="open or closed.")] = None,
     priority: Annotated[Optional[int], typer.Option(help="0-7.")] = None,
     max_hold_ms: Annotated[Optional[float], typer.Option(help="Longest hold of one call.")] = None,
+    pending_grace_ms: Annotated[Optional[float], typer.Option(help="Priority grace after a sync (device-wide).")] = None,
     apply: Annotated[bool, typer.Option(help="Also apply to the clients there now.")] = False,
 ) -> None:
     """Set the device-wide defaults new clients start with.
@@ -125,7 +129,8 @@ def gate_defaults(
 
     try:
         with _client(device) as c:
-            d = c.defaults(gate=gate, priority=priority, max_hold_ms=max_hold_ms, apply=apply)
+            d = c.defaults(gate=gate, priority=priority, max_hold_ms=max_hold_ms, apply=apply,
+                           pending_grace_ms=pending_grace_ms)
     except DaemonError as e:
         _fail("defaults", e)
     typer.echo(json.dumps({"schema": 1, "defaults": d}))

@@ -76,6 +76,7 @@ class DaemonClient:
         return self.request("set", **args)["client"]
 
     def defaults(self, gate: str | None = None, priority: int | None = None, max_hold_ms: float | None = None,
-                 apply: bool = False) -> dict:
-        args = {k: v for k, v in dict(gate=gate, priority=priority, max_hold_ms=max_hold_ms).items() if v is not None}
+                 apply: bool = False, pending_grace_ms: float | None = None) -> dict:
+        args = {k: v for k, v in dict(gate=gate, priority=priority, max_hold_ms=max_hold_ms,
+                                      pending_grace_ms=pending_grace_ms).items() if v is not None}
         return self.request("defaults", apply=apply, **args)["defaults"]

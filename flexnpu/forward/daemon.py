@@ -46,13 +46,15 @@ class ForwardDaemon:
     """One device's daemon. `serve()` blocks until `stop()` or SIGTERM."""
 
     def __init__(self, device: int, rdir: Path | None = None, max_hold_ms: float = 200.0,
-                 priority: int = 0, gate: str = "open"):
+                 priority: int = 0, gate: str = "open", pending_grace_ms: float = 1.0):
         if device < 0:
             raise ValueError("device must be >= 0")
         protocol.check_settings({"max_hold_ms": max_hold_ms, "priority": priority, "gate": gate})
+        protocol.check_grace({"pending_grace_ms": pending_grace_ms})
         self.device = device
         self.rdir = Path(rdir or paths.runtime_dir())
-        self.defaults = {"gate": gate, "priority": priority, "max_hold_ms": max_hold_ms}
+        self.defaults = {"gate": gate, "priority": priority, "max_hold_ms": max_hold_ms,
+                         "pending_grace_ms": pending_grace_ms}
         self.clients: dict[int, Client] = {}  # by slot
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -69,6 +71,7 @@ class ForwardDaemon:
         self.seg.init(os.getpid(), adopt)
         d = self.defaults
         self.seg.set_defaults(protocol.GATES[d["gate"]], d["priority"], protocol.ms_to_ns(d["max_hold_ms"]))
+        self.seg.set_grace(protocol.ms_to_ns(d["pending_grace_ms"]))
         for i in range(self.seg.max_slots):
             v = self.seg.slot(i)
             if v.state == SLOT_FREE:
@@ -118,21 +121,20 @@ class ForwardDaemon:
 
     def _scan(self) -> None:
         """Admits new claims and notices re-claims of a slot."""
-        for i in range(self.seg.max_slots):
-            v = self.seg.slot(i)
+        for i, (state, pid, gen) in enumerate(self.seg.claims()):
             known = self.clients.get(i)
             # pid 0: a claim in progress (the shim stores its pid after the CAS); registering it
             # would fail and free the slot under the claiming client
-            if v.state == SLOT_FREE or v.pid == 0:
+            if state == SLOT_FREE or pid == 0:
                 continue
-            if known and known.pid == v.pid:
-                if known.gen != v.gen:  # read mid-claim (the shim bumps gen after its pid): same client
-                    known.gen = v.gen
-                    self.seg.admit(i, v.pid, v.gen)
+            if known and known.pid == pid:
+                if known.gen != gen:  # read mid-claim (the shim bumps gen after its pid): same client
+                    known.gen = gen
+                    self.seg.admit(i, pid, gen)
                 continue
             if known:  # claimed again by another process after its owner died unseen
                 self._reap(i)
-            if not self._register(i, v.pid, v.gen):
+            if not self._register(i, pid, gen):
                 self.seg.free(i)  # it died before we saw it
 
     def _watch(self) -> None:
@@ -183,17 +185,23 @@ class ForwardDaemon:
         return [self.client_info(c) for c in cs]
 
     def set_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None) -> dict:
-        v = self.seg.slot(c.slot)
-        g = protocol.GATES[gate] if gate is not None else (GATE_OPEN if v.gate == "open" else GATE_CLOSED)
-        p = priority if priority is not None else v.priority
-        h = protocol.ms_to_ns(max_hold_ms) if max_hold_ms is not None else v.max_hold_ns
-        self.seg.set_gate(c.slot, g, p, h)
+        info = self.client_info(c)
+        g = protocol.GATES[gate if gate is not None else info["gate"]]
+        p = priority if priority is not None else info["priority"]
+        h = protocol.ms_to_ns(max_hold_ms) if max_hold_ms is not None else int(round(info["max_hold_ms"] * 1e6))
         log.info("device %d: pid %d gate=%s priority=%d max_hold=%.1fms", self.device, c.pid,
                  "open" if g == GATE_OPEN else "closed", p, h / 1e6)
-        return self.client_info(c)
+        info.update(gate="open" if g == GATE_OPEN else "closed", priority=p, max_hold_ms=h / 1e6)
+        # the write comes last: a client it releases then competes with less of this request's work
+        self.seg.set_gate(c.slot, g, p, h)
+        return info
 
-    def set_defaults(self, gate: str | None, priority: int | None, max_hold_ms: float | None, apply: bool) -> dict:
+    def set_defaults(self, gate: str | None, priority: int | None, max_hold_ms: float | None, apply: bool,
+                     pending_grace_ms: float | None = None) -> dict:
         d = self.defaults
+        if pending_grace_ms is not None:
+            d["pending_grace_ms"] = pending_grace_ms
+            self.seg.set_grace(protocol.ms_to_ns(pending_grace_ms))
         if gate is not None:
             d["gate"] = gate
         if priority is not None:
@@ -201,8 +209,8 @@ class ForwardDaemon:
         if max_hold_ms is not None:
             d["max_hold_ms"] = max_hold_ms
         self.seg.set_defaults(protocol.GATES[d["gate"]], d["priority"], protocol.ms_to_ns(d["max_hold_ms"]))
-        for i in range(self.seg.max_slots):
-            if self.seg.slot(i).state == SLOT_FREE:
+        for i, (state, _, _) in enumerate(self.seg.claims()):
+            if state == SLOT_FREE:
                 self.seg.free(i)
         if apply:
             with self.lock:

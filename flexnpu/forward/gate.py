@@ -37,6 +37,7 @@ def gate_library() -> ctypes.CDLL:
     lib.fx_gate_set.argtypes = [vp, vp, ctypes.c_int, u32, u32, u64]
     lib.fx_defaults_set.argtypes = [vp, u32, u32, u64]
     lib.fx_slot_admit.argtypes = [vp, ctypes.c_int, i32, u32]
+    lib.fx_grace_set.argtypes = [vp, vp, u64]
     lib.fx_slot_free.argtypes = [vp, vp, ctypes.c_int]
     lib.fx_open_all.argtypes = [vp, vp]
     lib.fx_wait_claim.argtypes = [vp, u32, ctypes.c_int64]
@@ -145,6 +146,17 @@ class GateSegment:
     def default(self, name: str) -> int:
         return self._get(self.ctl, 0, self._ctl_l["fields"], name)
 
+    def claims(self) -> list[tuple[int, int, int]]:
+        """(state, pid, gen) of every slot: what the daemon's watcher needs, read cheaply."""
+        cl = self._cli_l
+        f = cl["slot_fields"]
+        out = []
+        for i in range(self.max_slots):
+            base = cl["slots"] + i * cl["slot_size"]
+            out.append((self._get(self.cli, base, f, "state"), self._get(self.cli, base, f, "pid"),
+                        self._get(self.cli, base, f, "gen")))
+        return out
+
     def slot(self, i: int) -> SlotView:
         cl, ct = self._cli_l, self._ctl_l
         cb, tb = cl["slots"] + i * cl["slot_size"], ct["slots"] + i * ct["slot_size"]
@@ -177,6 +189,10 @@ class GateSegment:
 
     def set_defaults(self, gate: int, priority: int, max_hold_ns: int) -> None:
         self.lib.fx_defaults_set(self.ctl_addr, gate, priority, max_hold_ns)
+
+    def set_grace(self, grace_ns: int) -> None:
+        """How long a synced client's pending work still counts for priority."""
+        self.lib.fx_grace_set(self.ctl_addr, self.cli_addr, grace_ns)
 
     def admit(self, i: int, pid: int, gen: int) -> None:
         self.lib.fx_slot_admit(self.ctl_addr, i, pid, gen)

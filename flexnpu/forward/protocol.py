@@ -7,8 +7,10 @@ Commands
   ping                                   -> device, pid, clients
   list                                   -> clients: [slot view + gate settings], defaults
   set       pid|slot, [gate], [priority], [max_hold_ms]    -> client
-  defaults  [gate], [priority], [max_hold_ms], [apply]     -> defaults
-gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in [0.01, 60000].
+  defaults  [gate], [priority], [max_hold_ms], [pending_grace_ms], [apply]  -> defaults
+gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in [0.01, 60000];
+pending_grace_ms in [0, 1000] (device-wide: how long a client's work still counts as pending
+for priority after its sync, so its next step keeps its turn).
 A malformed, unknown, multipart or oversized (> MAX_MESSAGE) request gets an error reply;
 a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 """
@@ -53,6 +55,16 @@ def check_settings(req: dict[str, Any]) -> None:
         raise RequestError(f"max_hold_ms must be a number in [{MIN_HOLD_MS:g}, {MAX_HOLD_LIMIT_MS:g}], not {hold!r}")
 
 
+MAX_GRACE_MS = 1000.0
+
+
+def check_grace(req: dict[str, Any]) -> None:
+    g = req.get("pending_grace_ms")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_GRACE_MS
+                          or not math.isfinite(g)):
+        raise RequestError(f"pending_grace_ms must be a number in [0, {MAX_GRACE_MS:g}], not {g!r}")
+
+
 def _int_or_none(req: dict, key: str) -> int | None:
     v = req.get(key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -75,10 +87,12 @@ def _dispatch(daemon, req: dict[str, Any]) -> dict[str, Any]:
         return {"client": daemon.set_client(c, req.get("gate"), req.get("priority"), req.get("max_hold_ms"))}
     if cmd == "defaults":
         check_settings(req)
+        check_grace(req)
         apply = req.get("apply", False)
         if not isinstance(apply, bool):
             raise RequestError("apply must be true or false")
-        return {"defaults": daemon.set_defaults(req.get("gate"), req.get("priority"), req.get("max_hold_ms"), apply)}
+        return {"defaults": daemon.set_defaults(req.get("gate"), req.get("priority"), req.get("max_hold_ms"), apply,
+                                                req.get("pending_grace_ms"))}
     raise RequestError(f"unknown cmd {cmd!r}; expected ping, list, set or defaults")
 
 

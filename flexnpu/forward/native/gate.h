@@ -10,7 +10,9 @@
  *
  * Gate decision for a dispatching call of a client in slot i (priority p):
  *   go  if ctl.slots[i].gate == OPEN and no client of higher priority has work pending
- *       (cli.pending_levels >> (8 * (p + 1)) == 0);
+ *       (cli.pending_levels >> (8 * (p + 1)) == 0). A client's level stays counted for
+ *       ctl.pending_grace_ns after its sync, so one that dispatches again at once (an
+ *       engine's next step) keeps its turn; a waiter uncounts an idle client past its grace;
  *   else wait on cli.wake_seq until that holds, at most max_hold; past max_hold the client
  *       goes anyway and keeps going until its next synchronisation (so nobody starves);
  *       if the daemon's heartbeat is older than FX_HEARTBEAT_STALE_NS it goes at once.
@@ -30,6 +32,7 @@
 #define FX_PRIO_LEVELS 8
 #define FX_HEARTBEAT_STALE_NS 1000000000LL /* a daemon silent this long is gone: fail open */
 #define FX_DEFAULT_MAX_HOLD_NS 200000000ULL  /* 200 ms */
+#define FX_DEFAULT_PENDING_GRACE_NS 1000000ULL /* 1 ms */
 
 enum fx_gate { FX_GATE_OPEN = 0, FX_GATE_CLOSED = 1 };
 enum fx_role { FX_ROLE_AUTO = 0, FX_ROLE_PREFILL = 1, FX_ROLE_DECODE = 2 };
@@ -55,7 +58,8 @@ struct fx_ctl_seg {
     _Atomic uint32_t default_gate;
     _Atomic uint32_t default_priority;
     _Atomic uint64_t default_max_hold_ns;
-    uint64_t reserved[8];
+    _Atomic uint64_t pending_grace_ns; /* how long a synced client's level stays counted */
+    uint64_t reserved[7];
     struct fx_ctl_slot slots[FX_MAX_SLOTS];
 };
 
@@ -66,6 +70,9 @@ struct fx_cli_slot { /* client-written */
     _Atomic uint32_t role; /* enum fx_role, from FLEXNPU_ROLE */
     _Atomic uint32_t pending; /* 1 while the client has work dispatched since its last sync */
     _Atomic uint32_t pending_level; /* the priority level counted in pending_levels */
+    _Atomic uint32_t counted;       /* 1 while pending_level is counted in pending_levels */
+    _Atomic uint32_t pad1;
+    _Atomic uint64_t idle_since_ns; /* its last sync that ended pending work */
     _Atomic uint32_t waiting;       /* threads held at the gate now */
     _Atomic uint32_t released;      /* 1 after max_hold released it; cleared at its next sync */
     _Atomic uint64_t claimed_ns;

@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include <linux/futex.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -25,7 +26,10 @@ EXPORT uint64_t fx_now(void)
 static void wake_all(struct fx_cli_seg *cli)
 {
     atomic_fetch_add(&cli->wake_seq, 1);
-    syscall(SYS_futex, &cli->wake_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    long woken = syscall(SYS_futex, &cli->wake_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    /* The scheduler tends to queue a woken client on the waker's CPU, behind the rest of the
+     * daemon's request; step aside so a released call goes now, not when the daemon sleeps. */
+    if (woken > 0) sched_yield();
 }
 
 /* JSON: {"ctl": {"size": N, "slot": offset, "slot_size": N, "fields": {name: [offset, size]}}, ...} */
@@ -44,7 +48,7 @@ EXPORT const char *fx_layout(void)
       offsetof(struct fx_ctl_seg, slots), sizeof(struct fx_ctl_slot));
     P(F(struct fx_ctl_seg, daemon_pid)); P(","); P(F(struct fx_ctl_seg, heartbeat_ns)); P(",");
     P(F(struct fx_ctl_seg, default_gate)); P(","); P(F(struct fx_ctl_seg, default_priority)); P(",");
-    P(F(struct fx_ctl_seg, default_max_hold_ns));
+    P(F(struct fx_ctl_seg, default_max_hold_ns)); P(","); P(F(struct fx_ctl_seg, pending_grace_ns));
     P("},\"slot_fields\":{");
     P(F(struct fx_ctl_slot, gate)); P(","); P(F(struct fx_ctl_slot, priority)); P(",");
     P(F(struct fx_ctl_slot, max_hold_ns)); P(","); P(F(struct fx_ctl_slot, pid)); P(",");
@@ -57,6 +61,7 @@ EXPORT const char *fx_layout(void)
     P(F(struct fx_cli_slot, state)); P(","); P(F(struct fx_cli_slot, gen)); P(",");
     P(F(struct fx_cli_slot, pid)); P(","); P(F(struct fx_cli_slot, role)); P(",");
     P(F(struct fx_cli_slot, pending)); P(","); P(F(struct fx_cli_slot, pending_level)); P(",");
+    P(F(struct fx_cli_slot, counted)); P(","); P(F(struct fx_cli_slot, idle_since_ns)); P(",");
     P(F(struct fx_cli_slot, waiting)); P(","); P(F(struct fx_cli_slot, released)); P(",");
     P(F(struct fx_cli_slot, claimed_ns)); P(","); P(F(struct fx_cli_slot, ops)); P(",");
     P(F(struct fx_cli_slot, bytes)); P(","); P(F(struct fx_cli_slot, memset_bytes)); P(",");
@@ -81,6 +86,7 @@ EXPORT void fx_seg_init(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, uint32_t
         ctl->version = FX_GATE_VERSION;
         ctl->device = device;
         atomic_store(&ctl->default_max_hold_ns, FX_DEFAULT_MAX_HOLD_NS);
+        atomic_store(&ctl->pending_grace_ns, FX_DEFAULT_PENDING_GRACE_NS);
         for (int i = 0; i < FX_MAX_SLOTS; i++) atomic_store(&ctl->slots[i].max_hold_ns, FX_DEFAULT_MAX_HOLD_NS);
     }
     if (!adopt || cli->magic != FX_GATE_MAGIC_CLI) {
@@ -117,6 +123,12 @@ EXPORT void fx_defaults_set(struct fx_ctl_seg *ctl, uint32_t gate, uint32_t prio
     atomic_store(&ctl->default_max_hold_ns, max_hold_ns);
 }
 
+EXPORT void fx_grace_set(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, uint64_t grace_ns)
+{
+    atomic_store(&ctl->pending_grace_ns, grace_ns);
+    wake_all(cli); /* waiters re-evaluate against the new grace */
+}
+
 EXPORT void fx_slot_admit(struct fx_ctl_seg *ctl, int slot, int32_t pid, uint32_t gen)
 {
     atomic_store(&ctl->slots[slot].gen, gen);
@@ -129,7 +141,8 @@ EXPORT void fx_slot_free(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, int slo
 {
     struct fx_cli_slot *c = &cli->slots[slot];
     struct fx_ctl_slot *s = &ctl->slots[slot];
-    if (atomic_exchange(&c->pending, 0))
+    atomic_store(&c->pending, 0);
+    if (atomic_exchange(&c->counted, 0))
         atomic_fetch_sub(&cli->pending_levels, 1ULL << (8 * (atomic_load(&c->pending_level) & 7)));
     atomic_store(&s->pid, 0);
     atomic_store(&s->gate, atomic_load(&ctl->default_gate));

@@ -214,6 +214,46 @@ static inline bool fx_gate_open(const struct fx_att *a)
     return gate == FX_GATE_OPEN && (pending & fx_above_mask[prio]) == 0;
 }
 
+static void fx_count_level(struct fx_att *a, struct fx_cli_slot *c)
+{
+    uint32_t zero = 0;
+    if (atomic_compare_exchange_strong(&c->counted, &zero, 1)) {
+        uint32_t lvl = atomic_load(&a->g->priority) & (FX_PRIO_LEVELS - 1);
+        atomic_store(&c->pending_level, lvl);
+        atomic_fetch_add(&a->cli->pending_levels, 1ULL << (8 * lvl));
+    }
+}
+
+/* Uncounts higher-priority clients that synced more than the grace ago and have not
+ * dispatched since. Returns ns until the next such client's grace ends (0: none waiting). */
+static uint64_t fx_uncount_idle(struct fx_att *a, uint64_t now)
+{
+    uint64_t grace = atomic_load(&a->ctl->pending_grace_ns), next = 0;
+    uint32_t mine = atomic_load(&a->g->priority) & (FX_PRIO_LEVELS - 1);
+    for (int i = 0; i < FX_MAX_SLOTS; i++) {
+        struct fx_cli_slot *c = &a->cli->slots[i];
+        if (c == a->me || !atomic_load(&c->counted) || atomic_load(&c->pending)) continue;
+        uint32_t lvl = atomic_load(&c->pending_level);
+        if (lvl <= mine) continue;
+        uint64_t idle = atomic_load(&c->idle_since_ns);
+        if (idle && now - idle < grace) {
+            uint64_t left = grace - (now - idle);
+            if (!next || left < next) next = left;
+            continue;
+        }
+        uint32_t one = 1;
+        if (!atomic_compare_exchange_strong(&c->counted, &one, 0)) continue;
+        atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * lvl));
+        /* it may have dispatched as we uncounted it: then it is counted again (by it or us) */
+        if (atomic_load(&c->pending)) {
+            uint32_t zero = 0;
+            if (atomic_compare_exchange_strong(&c->counted, &zero, 1))
+                atomic_fetch_add(&a->cli->pending_levels, 1ULL << (8 * lvl));
+        }
+    }
+    return next;
+}
+
 static bool fx_daemon_alive(const struct fx_att *a, uint64_t now)
 {
     uint64_t hb = atomic_load_explicit(&a->ctl->heartbeat_ns, memory_order_relaxed);
@@ -226,6 +266,8 @@ static void fx_gate_wait(struct fx_att *a)
     if (atomic_load_explicit(&me->released, memory_order_relaxed)) return; /* max_hold let it go */
     uint64_t t0 = fx_now();
     if (!fx_daemon_alive(a, t0)) return; /* fail open */
+    fx_uncount_idle(a, t0); /* a higher client idle past its grace holds nobody */
+    if (fx_gate_open(a)) return;
     bool was_closed = atomic_load(&a->g->gate) != FX_GATE_OPEN;
     if (was_closed) {
         uint64_t changed = atomic_load(&a->g->changed_ns);
@@ -236,8 +278,9 @@ static void fx_gate_wait(struct fx_att *a)
     atomic_fetch_add(&me->gate_waits, 1);
     for (;;) {
         uint32_t seq = atomic_load_explicit(&a->cli->wake_seq, memory_order_seq_cst);
-        if (fx_gate_open(a)) break;
         uint64_t now = fx_now(), held = now - t0;
+        uint64_t grace_left = fx_uncount_idle(a, now);
+        if (fx_gate_open(a)) break;
         if (held >= max_hold) {
             atomic_store(&me->released, 1);
             atomic_fetch_add(&me->gate_expired, 1);
@@ -246,6 +289,7 @@ static void fx_gate_wait(struct fx_att *a)
         if (!fx_daemon_alive(a, now)) break;
         uint64_t slice = max_hold - held;
         if (slice > 100000000ULL) slice = 100000000ULL; /* recheck the daemon's heartbeat */
+        if (grace_left && grace_left < slice) slice = grace_left; /* a holder's grace ends then */
         struct timespec ts = {.tv_sec = (time_t)(slice / 1000000000ULL), .tv_nsec = (long)(slice % 1000000000ULL)};
         atomic_fetch_add_explicit(&a->cli->waiters, 1, memory_order_seq_cst);
         if (atomic_load_explicit(&a->cli->wake_seq, memory_order_seq_cst) == seq && !fx_gate_open(a))
@@ -269,11 +313,14 @@ static inline void fx_gate(void)
     if (__builtin_expect(!fx_gate_open(a), 0)) fx_gate_wait(a);
     struct fx_cli_slot *me = a->me;
     if (__builtin_expect(!atomic_load_explicit(&me->pending, memory_order_relaxed), 0)) {
-        /* first work since the last sync: count it at this client's priority level */
+        /* first work since the last sync: count it at this client's priority level, unless
+         * its level is still counted from the last iteration (within the grace) */
         if (!atomic_exchange(&me->pending, 1)) {
             uint32_t lvl = atomic_load(&a->g->priority) & (FX_PRIO_LEVELS - 1);
-            atomic_store(&me->pending_level, lvl);
-            atomic_fetch_add(&a->cli->pending_levels, 1ULL << (8 * lvl));
+            if (atomic_load(&me->counted) && atomic_load(&me->pending_level) != lvl &&
+                atomic_exchange(&me->counted, 0)) /* its priority changed: count it afresh */
+                atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&me->pending_level)));
+            if (!atomic_load(&me->counted)) fx_count_level(a, me);
             atomic_store_explicit(&me->iter_start_ns, fx_now(), memory_order_relaxed);
         }
     }
@@ -317,8 +364,10 @@ static void fx_sync_done(void)
             atomic_fetch_add(&me->iter_ns_total, now - start);
             atomic_store(&me->iter_ns_last, now - start);
         }
-        uint32_t lvl = atomic_load(&me->pending_level);
-        atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * lvl));
+        /* its level stays counted for the grace; a waiter uncounts it after that */
+        atomic_store(&me->idle_since_ns, now);
+        if (atomic_load(&a->ctl->pending_grace_ns) == 0 && atomic_exchange(&me->counted, 0))
+            atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&me->pending_level)));
         fx_wake_waiters(a->cli);
     }
 }
@@ -703,7 +752,8 @@ __attribute__((destructor)) static void fx_fini(void)
     for (int i = 0; i < FX_MAX_DEVICES; i++) {
         struct fx_att *a = atomic_load(&g_att[i]);
         if (!a) continue;
-        if (atomic_exchange(&a->me->pending, 0)) {
+        atomic_store(&a->me->pending, 0);
+        if (atomic_exchange(&a->me->counted, 0)) {
             atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&a->me->pending_level)));
             fx_wake_waiters(a->cli);
         }
