@@ -85,24 +85,29 @@ def status(
         p = d["params"]
         con.print(
             f"[bold]device {d['index']}[/] {d['soc']} {d['mode']}  "
-            f"{p['peak_tflops']:.0f} TFLOPS  {p['hbm_gbps']:.0f} GB/s HBM  "
-            f"memory {_mib(d['memory']['used'])}/{_mib(d['memory']['total'])} MiB  "
-            f"busy {d['busy_ns'] / 1e6:.1f} ms  pending {d['pending_ops']}"
+            f"{p['peak_tflops']:.0f} TFLOPS  {p['hbm_gbps']:.0f} GB/s HBM\n"
+            f"  memory {_mib(d['memory']['used'])}/{_mib(d['memory']['total'])} MiB  "
+            f"busy {d['busy_ns'] / 1e6:.1f} ms  pending ops {d['pending_ops']}"
         )
         if not d["clients"]:
             continue
         t = Table(box=None, pad_edge=False)
-        for col in ("pid", "alive", "busy ms", "kernels", "H2D MiB", "D2H MiB", "D2D MiB", "mem MiB", "top kernels"):
-            t.add_column(col, justify="right" if col not in ("top kernels", "alive") else "left")
+        for col in ("pid", "alive", "busy ms", "kernels", "H2D MiB", "D2H MiB", "D2D MiB", "mem MiB"):
+            t.add_column(col, justify="left" if col == "alive" else "right")
+        tops = []
         for c in d["clients"]:
             b = c["bytes_copied"]
-            top = sorted(c["busy_by_name"].items(), key=lambda kv: -kv[1])[:3]
             t.add_row(
                 str(c["pid"]), "yes" if c["alive"] else "exited", f"{c['busy_ns'] / 1e6:.2f}",
                 str(c["ops"]["kernel"]), _mib(b["h2d"]), _mib(b["d2h"]), _mib(b["d2d"] + b["inner_d2d"]),
-                _mib(c["memory_used"]), " ".join(f"{k}:{v / 1e6:.2f}ms" for k, v in top),
+                _mib(c["memory_used"]),
             )
+            top = sorted(c["busy_by_name"].items(), key=lambda kv: -kv[1])[:4]
+            if top:
+                tops.append(f"  {c['pid']}: " + ", ".join(f"{k} {v / 1e6:.3f} ms" for k, v in top))
         con.print(t)
+        for line in tops:  # busiest names, one line per client, under 80 columns
+            con.print(line, soft_wrap=True, highlight=False)
 
 
 @app.command()
