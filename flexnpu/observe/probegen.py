@@ -21,9 +21,8 @@ from functools import cache
 from pathlib import Path
 
 from flexnpu import paths
-from flexnpu.runtimes import ASCEND_RT
 from flexnpu.observe.phase import PhaseRules
-from flexnpu.runtimes import ASCENDCL, Direction, Op, RuntimeProfile, Symbol
+from flexnpu.runtimes import ASCENDCL, PROBED_WITH, Direction, Op, RuntimeProfile, Symbol
 
 # x86-64 and arm64 pass the first six integer arguments in registers bcc names PARM1-6
 _MAX_REG_ARGS = 6
@@ -46,7 +45,8 @@ class ProbedLibrary:
 
 
 # The primary runtime first: its success code is the one the return probes compare with.
-DEFAULT_LIBRARIES = (ProbedLibrary(ASCENDCL), ProbedLibrary(ASCEND_RT, launches_only=True))
+DEFAULT_LIBRARIES = (ProbedLibrary(ASCENDCL),
+                     *(ProbedLibrary(p, launches_only=True) for p in PROBED_WITH[ASCENDCL.name]))
 
 
 @dataclass(frozen=True)

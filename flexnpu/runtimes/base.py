@@ -87,7 +87,6 @@ class RuntimeProfile:
     symbols: tuple[Symbol, ...]
     directions: dict[int, Direction] = field(default_factory=dict)  # copy kind value -> direction
     errors: dict[str, int] = field(default_factory=dict)  # codes the shim itself returns
-    extra_libraries: tuple[str, ...] = ()  # other libraries whose symbols are observed
 
     def symbol(self, name: str) -> Symbol:
         for s in self.symbols:

@@ -125,7 +125,6 @@ enum emu_req_type {
     EMU_REQ_FREE = 4,        /* device, a = offset; rep.a = size freed */
     EMU_REQ_NAME = 5,        /* name; rep.a = name id */
     EMU_REQ_STATUS = 6,      /* reply: JSON text in chunks, then an empty message */
-    EMU_REQ_RELEASE_STREAM = 7, /* a = stream index: forget its queue */
 };
 
 struct emu_req {
