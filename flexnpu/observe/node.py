@@ -170,23 +170,24 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
 
     obs = NodeObserver(source, libraries, pid=pid)
     sock_path = observe_socket(obs.rdir)
-    obs.rdir.mkdir(parents=True, exist_ok=True)
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    pub.setsockopt(zmq.SNDHWM, 100)
-    pub.bind(f"ipc://{sock_path}")
-    msg = f"observing through {obs.source}" + (f": {obs.note}" if obs.note else "") + \
-          f"; publishing on ipc://{sock_path} every {interval_s * 1000:.0f} ms"
-    (log.warning if obs.source != "bpf" else log.info)(msg)
-    systemd.notify("READY=1", f"STATUS=source {obs.source}")
+    ctx = pub = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _Stop()
 
     old = signal.signal(signal.SIGTERM, stop)
     n = 0
-    try:
+    try:  # from here on, however it ends (a signal may come at any point), the socket goes
+        obs.rdir.mkdir(parents=True, exist_ok=True)
+        ctx = zmq.Context()
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 100)
+        pub.bind(f"ipc://{sock_path}")
+        msg = f"observing through {obs.source}" + (f": {obs.note}" if obs.note else "") + \
+              f"; publishing on ipc://{sock_path} every {interval_s * 1000:.0f} ms"
+        (log.warning if obs.source != "bpf" else log.info)(msg)
+        systemd.notify("READY=1", f"STATUS=source {obs.source}")
         deadline = time.monotonic() + interval_s
         while count is None or n < count:
             left = deadline - time.monotonic()
@@ -205,9 +206,17 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
-        signal.signal(signal.SIGTERM, old)
-        pub.close(0)
-        ctx.term()
-        sock_path.unlink(missing_ok=True)
-        obs.close()
+        # a second Ctrl-C must not cut the clean-up short
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if pub is not None:
+                pub.close(0)
+            if ctx is not None:
+                ctx.term()
+            sock_path.unlink(missing_ok=True)
+            obs.close()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old)
     return 0
