@@ -170,6 +170,19 @@ def _mapped_libc() -> str | None:
     return ctypes.util.find_library("c")
 
 
+# The uprobe self-test's BPF program (`flexnpu doctor --ebpf` prints it).
+SELFTEST_PROGRAM = r"""
+BPF_ARRAY(hits, u64, 1);
+int on_getpid(struct pt_regs *ctx) {
+    int key = 0;
+    u64 *n = hits.lookup(&key);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    return 0;
+}
+"""
+
+
 def uprobe_selftest() -> int:
     """Run in a child process by check_bcc_uprobe: compile a counting uprobe program, attach
     it to libc's getpid for this process only, call getpid a prime number of times, compare.
@@ -180,16 +193,7 @@ def uprobe_selftest() -> int:
         libc_path = _mapped_libc()
         if not libc_path:
             raise RuntimeError("cannot find this process's libc")
-        prog = BPF(text=r"""
-BPF_ARRAY(hits, u64, 1);
-int on_getpid(struct pt_regs *ctx) {
-    int key = 0;
-    u64 *n = hits.lookup(&key);
-    if (n)
-        __sync_fetch_and_add(n, 1);
-    return 0;
-}
-""")
+        prog = BPF(text=SELFTEST_PROGRAM)
         pid = os.getpid()
         try:
             prog.attach_uprobe(name=libc_path, sym="getpid", fn_name="on_getpid", pid=pid)
@@ -352,6 +356,8 @@ def render(checks: list[Check]) -> Table:
 def doctor_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON "
                                            '({"schema": 1, "ready": ..., "checks": [...]}).')] = False,
+    ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True,
+                                       help="Print the self-test's BPF program and exit.")] = False,
 ) -> None:
     """Check that this machine can run FlexNPU, and print the fix for what is missing.
 
@@ -363,6 +369,9 @@ def doctor_command(
       sudo flexnpu doctor
       sudo flexnpu doctor --json
     """
+    if ebpf:
+        typer.echo(SELFTEST_PROGRAM.strip())
+        return
     checks = run_checks()
     doc = report(checks)
     if json_out:

@@ -187,3 +187,16 @@ def test_bpf_syscall_and_bcc_uprobe_as_root() -> None:
     check = doctor.check_bcc_uprobe()
     assert check.ok, check
     assert f"counted {doctor.UPROBE_CALLS} of {doctor.UPROBE_CALLS} calls" in check.detail
+
+
+def test_ebpf_prints_the_selftest_program_without_loading_it(monkeypatch) -> None:
+    """Like every BPF-loading command, doctor has a hidden --ebpf: no root, no bcc needed."""
+    from typer.testing import CliRunner
+
+    from flexnpu.cli import app
+
+    monkeypatch.setitem(sys.modules, "bcc", None)  # importing bcc would now fail
+    r = CliRunner().invoke(app, ["doctor", "--ebpf"])
+    assert r.exit_code == 0, r.output
+    assert "int on_getpid(struct pt_regs *ctx)" in r.output and "BPF_ARRAY(hits" in r.output
+    assert "--ebpf" not in CliRunner().invoke(app, ["doctor", "--help"]).output
