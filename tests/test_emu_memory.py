@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_daemon_fixtures import wait_for
 
 SAMPLES = Path(__file__).resolve().parent.parent / "flexnpu" / "samples"
 
@@ -78,17 +79,6 @@ def test_oom_and_truthful_mem_info(emulator, run_acl, workload):
     assert emu.device()["memory"]["used"] == 0
 
 
-def wait_for(cond, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_two_clients_share_a_device_and_a_killed_one_returns_its_memory(emulator, spawn, workload):
     emu = emulator()
     total = emu.profile.capacity_gib * (1 << 30)
@@ -112,7 +102,7 @@ def test_two_clients_share_a_device_and_a_killed_one_returns_its_memory(emulator
 
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(timeout=10)
-    wait_for(lambda: emu.device()["memory"]["used"] == page_round(size_b), what="the killed client's memory")
+    wait_for(lambda: emu.device()["memory"]["used"] == page_round(size_b), 5.0, "the killed client's memory")
     gone = emu.client(a.pid)
     assert gone["alive"] is False and gone["memory_used"] == 0
     # the other goes on as if nothing happened
@@ -124,7 +114,7 @@ def test_two_clients_share_a_device_and_a_killed_one_returns_its_memory(emulator
     b.proc.stdin.flush()
     assert b.read() == {"bye": True}
     assert b.proc.wait(timeout=10) == 0
-    wait_for(lambda: emu.device()["memory"]["used"] == 0, what="the exited client's memory")
+    wait_for(lambda: emu.device()["memory"]["used"] == 0, 5.0, "the exited client's memory")
 
 
 def test_clients_on_two_devices_are_separate(emulator, spawn, workload):

@@ -109,6 +109,13 @@ static inline struct fx_att *fx_current(void)
     return FX_LIKELY(a != NULL) ? a : atomic_load_explicit(&g_last_att, memory_order_relaxed);
 }
 
+/* The physical device the calling thread selected; -1 if none. */
+static int fx_current_phys(void)
+{
+    if (t_vdev < 0) return -1;
+    return g_nmap > 0 ? g_map[t_vdev] : t_vdev;
+}
+
 static void fx_wake_waiters(struct fx_cli_seg *cli)
 {
     atomic_fetch_add_explicit(&cli->wake_seq, 1, memory_order_seq_cst);
@@ -204,6 +211,13 @@ static void fx_select_device(int phys)
     if (a) atomic_store(&g_last_att, a);
 }
 
+/* The calling thread now works on virtual device vdev, physical phys. */
+static void fx_use_device(int vdev, int phys)
+{
+    t_vdev = vdev;
+    fx_select_device(phys);
+}
+
 /* ---------------------------------------------------------------- gate */
 
 static inline bool fx_gate_open(const struct fx_att *a)
@@ -214,11 +228,10 @@ static inline bool fx_gate_open(const struct fx_att *a)
     return gate == FX_GATE_OPEN && (pending & fx_above_mask[prio]) == 0;
 }
 
-static void fx_count_level(struct fx_att *a, struct fx_cli_slot *c)
+static void fx_count_level(struct fx_att *a, struct fx_cli_slot *c, uint32_t lvl)
 {
     uint32_t zero = 0;
     if (atomic_compare_exchange_strong(&c->counted, &zero, 1)) {
-        uint32_t lvl = atomic_load(&a->g->priority) & (FX_PRIO_LEVELS - 1);
         atomic_store(&c->pending_level, lvl);
         atomic_fetch_add(&a->cli->pending_levels, 1ULL << (8 * lvl));
     }
@@ -320,7 +333,7 @@ static inline void fx_gate(void)
             if (atomic_load(&me->counted) && atomic_load(&me->pending_level) != lvl &&
                 atomic_exchange(&me->counted, 0)) /* its priority changed: count it afresh */
                 atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&me->pending_level)));
-            if (!atomic_load(&me->counted)) fx_count_level(a, me);
+            if (!atomic_load(&me->counted)) fx_count_level(a, me, lvl);
             atomic_store_explicit(&me->iter_start_ns, fx_now(), memory_order_relaxed);
         }
     }
@@ -346,12 +359,9 @@ static void fx_sync_done(void)
 {
     struct fx_att *a = fx_current();
     if (!a) {
-        if (t_vdev >= 0 || g_nmap != 0) {
-            /* a daemon may have started since: try again, at most once a second */
-            int phys = -1;
-            if (t_vdev >= 0) phys = g_nmap > 0 ? g_map[t_vdev] : t_vdev;
-            if (phys >= 0) fx_select_device(phys);
-        }
+        /* a daemon may have started since: try again (fx_attach_locked: at most once a second) */
+        int phys = fx_current_phys();
+        if (phys >= 0) fx_select_device(phys);
         return;
     }
     struct fx_cli_slot *me = a->me;
@@ -421,11 +431,6 @@ static bool fx_allocs_take(uintptr_t p, struct fx_alloc *out)
     return false;
 }
 
-static int fx_current_phys(void)
-{
-    if (t_vdev < 0) return -1;
-    return g_nmap > 0 ? g_map[t_vdev] : t_vdev;
-}
 
 /* Reserves size bytes of the calling thread's device against the quota before the real
  * allocation, so threads allocating at once cannot pass the quota together. */
@@ -528,10 +533,7 @@ FX_EXPORT aclError aclrtSetDevice(int32_t deviceId)
     int32_t phys;
     aclError rc = fx_phys_of(deviceId, &phys);
     if (rc == FX_SUCCESS) rc = real_aclrtSetDevice(phys);
-    if (rc == FX_SUCCESS) {
-        t_vdev = deviceId;
-        fx_select_device(phys);
-    }
+    if (rc == FX_SUCCESS) fx_use_device(deviceId, phys);
     fx_depth_leave();
     return rc;
 }
@@ -593,8 +595,7 @@ FX_EXPORT aclError aclrtCreateContext(aclrtContext *context, int32_t deviceId)
                 break;
             }
         pthread_mutex_unlock(&g_lock);
-        t_vdev = deviceId;
-        fx_select_device(phys);
+        fx_use_device(deviceId, phys);
     }
     fx_depth_leave();
     return rc;
@@ -627,10 +628,7 @@ FX_EXPORT aclError aclrtSetCurrentContext(aclrtContext context)
             if (g_ctx[i].ctx == context) v = g_ctx[i].vdev;
         pthread_mutex_unlock(&g_lock);
         int32_t phys;
-        if (v >= 0 && fx_phys_of(v, &phys) == FX_SUCCESS) {
-            t_vdev = v;
-            fx_select_device(phys);
-        }
+        if (v >= 0 && fx_phys_of(v, &phys) == FX_SUCCESS) fx_use_device(v, phys);
     }
     fx_depth_leave();
     return rc;
