@@ -1,4 +1,9 @@
-"""Where FlexNPU keeps its runtime files and finds its native parts."""
+"""Every name that crosses components: where FlexNPU keeps its runtime files and sockets,
+where it finds its native parts and its configuration.
+
+Change a name here only: the shim (C) reads the runtime dir from $FLEXNPU_RUNTIME_DIR and
+builds the gate file names with the same patterns (flexnpu/forward/native/shim.c).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 DEFAULT_RUNTIME_DIR = "/run/flexnpu"
+DEFAULT_CONFIG = "/etc/flexnpu/flexnpu.toml"
 
 
 @cache
@@ -58,3 +64,29 @@ def emulator_kernel_library() -> Path:
 
 def emulator_socket(rdir: Path | None = None) -> Path:
     return (rdir or runtime_dir()) / "emu.sock"
+
+
+def observe_socket(rdir: Path | None = None) -> Path:
+    """`flexnpu observe` publishes snapshots here (zmq PUB)."""
+    return Path(rdir or runtime_dir()) / "observe.sock"
+
+
+def controller_socket(rdir: Path | None = None) -> Path:
+    """`flexnpu controller` publishes its decisions here (zmq PUB)."""
+    return Path(rdir or runtime_dir()) / "controller.sock"
+
+
+def daemon_socket(device: int, rdir: Path | None = None) -> Path:
+    """The forwarding daemon of a device serves its control API here (zmq REP)."""
+    return Path(rdir or runtime_dir()) / f"daemon-{device}.sock"
+
+
+def gate_files(device: int, rdir: Path | None = None) -> tuple[Path, Path]:
+    """A device's gate segment: (gate-N.ctl, gate-N.cli)."""
+    d = Path(rdir or runtime_dir())
+    return d / f"gate-{device}.ctl", d / f"gate-{device}.cli"
+
+
+def config_file() -> Path:
+    """The node's configuration: $FLEXNPU_CONFIG, else /etc/flexnpu/flexnpu.toml."""
+    return Path(os.environ.get("FLEXNPU_CONFIG") or DEFAULT_CONFIG)

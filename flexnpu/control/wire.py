@@ -1,0 +1,139 @@
+"""What the controller publishes: its gate settings and the reason for each change.
+
+`flexnpu controller` publishes one JSON message per tick that changed something, and at
+least every `REPORT_EVERY_S` otherwise, on zmq PUB at ipc://$RUNTIME_DIR/controller.sock.
+`flexnpu top` and logs read it through `ControllerReport.from_json`.
+
+Wire format, schema 1:
+
+    {"schema": 1, "kind": "controller", "seq": int, "time": unix s, "mono_ns": int,
+     "pid": int, "policy": str, "tick_ms": float,
+     "observer": "ok" | "stale" | "absent",
+     "devices": [{"device": int, "daemon": "ok" | "absent", "note": str,
+                  "clients": [{"pid": int, "gate": "open"|"closed", "priority": int,
+                               "max_hold_ms": float, "inflight": int, "owner": str|null}]}],
+     "decisions": [{"time": unix s, "device": int, "pid": int,
+                    "setting": {"gate", "priority", "max_hold_ms", "inflight"},
+                    "reason": str}]}
+
+"decisions" holds the changes applied since the previous message (the newest last);
+"clients" the settings in force as the controller last applied or read them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flexnpu import SCHEMA
+
+REPORT_EVERY_S = 0.5
+DEFAULT_MAX_HOLD_MS = 200.0
+
+
+class WireError(ValueError):
+    """A message that is not a controller report of this schema."""
+
+
+@dataclass(frozen=True)
+class GateSetting:
+    """What the controller wants for one client: the daemon's four knobs."""
+
+    gate: str = "open"  # "open" or "closed"
+    priority: int = 0  # 0..7, higher goes first
+    max_hold_ms: float = DEFAULT_MAX_HOLD_MS  # longest one call is held
+    inflight: int = 0  # dispatched-but-unfinished launches allowed; 0 = unlimited
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateSetting:
+        return cls(gate=str(d.get("gate", "open")), priority=int(d.get("priority", 0)),
+                   max_hold_ms=float(d.get("max_hold_ms", DEFAULT_MAX_HOLD_MS)),
+                   inflight=int(d.get("inflight", 0)))
+
+
+OPEN = GateSetting()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One change the controller applied, with why."""
+
+    time: float
+    device: int
+    pid: int
+    setting: GateSetting
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"time": self.time, "device": self.device, "pid": self.pid, "setting": self.setting.as_dict(),
+                "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Decision:
+        return cls(time=float(d["time"]), device=int(d["device"]), pid=int(d["pid"]),
+                   setting=GateSetting.from_dict(d.get("setting") or {}), reason=str(d.get("reason", "")))
+
+
+@dataclass(frozen=True)
+class ClientSetting:
+    pid: int
+    setting: GateSetting
+    owner: str | None  # None: the device defaults; "controller"; "manual"
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    device: int
+    daemon: str  # "ok" or "absent"
+    note: str  # the policy's summary of the device, e.g. its learned decode step time
+    clients: tuple[ClientSetting, ...] = ()
+
+
+@dataclass(frozen=True)
+class ControllerReport:
+    seq: int
+    time: float
+    mono_ns: int
+    pid: int
+    policy: str
+    tick_ms: float
+    observer: str  # "ok", "stale" or "absent"
+    devices: tuple[DeviceReport, ...]
+    decisions: tuple[Decision, ...] = field(default=())
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "schema": SCHEMA, "kind": "controller", "seq": self.seq, "time": self.time, "mono_ns": self.mono_ns,
+            "pid": self.pid, "policy": self.policy, "tick_ms": self.tick_ms, "observer": self.observer,
+            "devices": [{"device": d.device, "daemon": d.daemon, "note": d.note,
+                         "clients": [{"pid": c.pid, **c.setting.as_dict(), "owner": c.owner} for c in d.clients]}
+                        for d in self.devices],
+            "decisions": [x.as_dict() for x in self.decisions],
+        }).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | dict[str, Any]) -> ControllerReport:
+        try:
+            d = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+            if not isinstance(d, dict) or d.get("kind") != "controller":
+                raise WireError("not a controller report")
+            if isinstance(d.get("schema"), bool) or d.get("schema") != SCHEMA:
+                raise WireError(f"controller report schema {d.get('schema')!r}; this FlexNPU reads {SCHEMA}")
+            return cls(
+                seq=int(d["seq"]), time=float(d["time"]), mono_ns=int(d["mono_ns"]), pid=int(d["pid"]),
+                policy=str(d["policy"]), tick_ms=float(d["tick_ms"]), observer=str(d["observer"]),
+                devices=tuple(DeviceReport(
+                    device=int(x["device"]), daemon=str(x["daemon"]), note=str(x.get("note", "")),
+                    clients=tuple(ClientSetting(int(c["pid"]), GateSetting.from_dict(c), c.get("owner"))
+                                  for c in x.get("clients") or ()))
+                    for x in d.get("devices") or ()),
+                decisions=tuple(Decision.from_dict(x) for x in d.get("decisions") or ()),
+            )
+        except WireError:
+            raise
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise WireError(f"malformed controller report: {type(e).__name__}: {e}") from None
