@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flexnpu import paths
+from flexnpu.cann import ASCEND_ROOT, cann_library_candidates, find_cann_library  # noqa: F401 (re-exported)
 
 SCHEMA = 1
 
@@ -45,8 +46,6 @@ UPROBE_CALLS = 7  # prime, so a stray or doubled event cannot pass as the right 
 UPROBE_TIMEOUT_S = 60.0  # bcc's clang compile takes seconds on a slow machine
 
 TRACEFS = "/sys/kernel/tracing"
-ASCEND_ROOT = Path("/usr/local/Ascend")
-_ARCH_LIB_DIRS = ("lib64", "x86_64-linux/lib64", "aarch64-linux/lib64")
 _SETUP = "sudo bash scripts/setup.sh"
 
 
@@ -256,27 +255,6 @@ def check_bcc_uprobe(timeout: float = UPROBE_TIMEOUT_S, bcc_ok: bool | None = No
 
 
 # --- libascendcl and the emulator ---------------------------------------------------------
-
-
-def cann_library_candidates(env: Mapping[str, str] | None = None,
-                            ascend_root: Path = ASCEND_ROOT) -> list[Path]:
-    """Where CANN puts libascendcl.so, most specific first: the set_env.sh variables, then
-    the toolkit's and the newer cann-<version> install trees."""
-    env = os.environ if env is None else env
-    roots: list[Path] = [Path(env[v]) for v in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME") if env.get(v)]
-    roots.append(ascend_root / "ascend-toolkit" / "latest")
-    roots.extend(sorted(ascend_root.glob("cann*"), reverse=True))
-    return [root / sub / "libascendcl.so" for root in roots for sub in _ARCH_LIB_DIRS]
-
-
-def find_cann_library(env: Mapping[str, str] | None = None,
-                      ascend_root: Path = ASCEND_ROOT) -> Path | None:
-    """CANN's real libascendcl.so, or None when no CANN installation is found."""
-    emu = paths.emulator_library().resolve()
-    for p in cann_library_candidates(env, ascend_root):
-        if p.is_file() and p.resolve() != emu:
-            return p
-    return None
 
 
 def check_libascendcl(env: Mapping[str, str] | None = None,

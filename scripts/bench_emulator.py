@@ -61,7 +61,7 @@ def build_workload(out_dir: Path) -> Path:
     if shutil.which("gcc") is None:
         sys.exit("bench_emulator: gcc is needed to build the workload program (apt-get install gcc)")
     exe = out_dir / "acl_workload"
-    cmd = ["gcc", "-O2", str(WORKLOAD_SRC), "-o", str(exe), "-I", str(paths.emulator_include_dir()),
+    cmd = ["gcc", "-O2", str(WORKLOAD_SRC), "-o", str(exe), "-I", str(paths.acl_include_dir()),
            "-L", str(paths.native_lib_dir()), "-lascendcl", "-lm", "-pthread"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:

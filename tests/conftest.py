@@ -210,7 +210,7 @@ def acl_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     built = {}
     for src in sources:
         exe = out / src.stem
-        cmd = ["gcc", "-O2", "-Wall", str(src), "-o", str(exe), "-I", str(paths.emulator_include_dir()),
+        cmd = ["gcc", "-O2", "-Wall", str(src), "-o", str(exe), "-I", str(paths.acl_include_dir()),
                "-L", str(paths.native_lib_dir()), "-lascendcl", "-lm", "-pthread"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"building {src.name} failed:\n{r.stderr}"

@@ -49,7 +49,7 @@ def flexnpu_argv(*args: str) -> list[str]:
 
 
 def build(src: Path, exe: Path, *flags: str, link_acl: bool = True) -> Path:
-    cmd = ["gcc", "-O2", "-Wall", str(src), "-o", str(exe), "-I", str(paths.emulator_include_dir()), *flags]
+    cmd = ["gcc", "-O2", "-Wall", str(src), "-o", str(exe), "-I", str(paths.acl_include_dir()), *flags]
     if link_acl:
         cmd += ["-L", str(paths.native_lib_dir()), "-lascendcl"]
     cmd += ["-ldl", "-lm", "-pthread"]

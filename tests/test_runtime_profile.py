@@ -39,7 +39,7 @@ def needs_gcc() -> None:
 
 
 def include_dir() -> Path:
-    d = paths.emulator_include_dir()
+    d = paths.acl_include_dir()
     if not (d / "acl" / "acl.h").exists():
         pytest.fail(f"{d}/acl/acl.h is missing; build FlexNPU with `pip install .`", pytrace=False)
     return d

@@ -118,6 +118,6 @@ def env() -> None:
     """
     e = control.emulator_env()
     e["FLEXNPU_EMU_KERNELS"] = str(paths.emulator_kernel_library())
-    e["FLEXNPU_ACL_INCLUDE"] = str(paths.emulator_include_dir())
+    e["FLEXNPU_ACL_INCLUDE"] = str(paths.acl_include_dir())
     for k, v in e.items():
         typer.echo(f"export {k}={v}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from flexnpu import paths, systemd
+from flexnpu import cann, paths, systemd
 from flexnpu.observe import procs
 from flexnpu.observe.errors import BccMissing, BpfUnavailable, NoPrivileges, ObserveError
 from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig
@@ -32,13 +32,9 @@ from flexnpu.observe.snapshot import ProcessInfo, SnapshotBuilder
 
 log = logging.getLogger("flexnpu.observe")
 SONAMES = tuple(lib.soname for lib in DEFAULT_LIBRARIES)
-# where CANN installs its runtime (set_env.sh points LD_LIBRARY_PATH here)
-CANN_DIRS = ("/usr/local/Ascend/ascend-toolkit/latest/lib64", "/usr/local/Ascend/ascend-toolkit/latest/runtime/lib64",
-             "/usr/local/Ascend/latest/lib64", "/usr/local/Ascend/nnae/latest/lib64")
 
 
-def observe_socket(rdir: Path | None = None) -> Path:
-    return Path(rdir or paths.runtime_dir()) / "observe.sock"
+observe_socket = paths.observe_socket
 
 
 class NodeObserver:
@@ -87,7 +83,7 @@ class NodeObserver:
             if not Path(p).exists():
                 log.warning("--library %s does not exist; not attached", p)
         out = [str(paths.emulator_library()), *extra]
-        for d in CANN_DIRS:
+        for d in cann.library_dirs():
             out += [f"{d}/{so}" for so in SONAMES]
         return [p for p in out if Path(p).exists()]
 

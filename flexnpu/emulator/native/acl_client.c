@@ -21,7 +21,7 @@
 #include "emu_kernels.h"
 #include "emu_shared.h"
 #include "emu_util.h"
-#include "include/acl/acl.h"
+#include "acl/acl.h"
 
 #define STREAM_MAGIC 0x5354524dU
 #define EVENT_MAGIC 0x45564e54U

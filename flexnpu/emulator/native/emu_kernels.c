@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "include/acl/acl_base.h"
+#include "acl/acl_base.h"
 
 static const char *const builtin_names[EMU_K_COUNT] = {
     "gemm", "attention_prefill", "attention_decode", "elementwise", "copy", "synthetic",

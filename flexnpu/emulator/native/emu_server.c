@@ -23,7 +23,7 @@
 
 #include "emu_sim.h"
 #include "emu_util.h"
-#include "include/acl/acl_base.h"
+#include "acl/acl_base.h"
 
 struct server g_srv;
 
