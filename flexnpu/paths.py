@@ -53,6 +53,11 @@ def emulator_server_binary() -> Path:
     return _native() / "bin" / "flexnpu-emu-server"
 
 
+def acl_include_dir() -> Path:
+    """The AscendCL headers (acl/acl.h) programs and the shim compile against."""
+    return _native() / "include"
+
+
 def emulator_include_dir() -> Path:
     return _native() / "include"
 
