@@ -1,0 +1,230 @@
+"""A whole FlexNPU node in a temporary runtime dir, for benchmarks, end-to-end tests and
+the demo: the emulated device, a forwarding daemon per device, the observer and the
+controller, each a real process started the way a person would start it, and programs run
+under the shim beside them.
+
+    with LocalNode(devices=1, mode="serial", observer="shim", policy="flexpd") as node:
+        p = node.spawn([exe, ...], role="decode")
+        ...
+    # everything it started is stopped (SIGTERM, then SIGKILL), also on an exception
+
+Benchmarks import this, never tests/ (tests may import it too).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from flexnpu import paths
+
+FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
+START_TIMEOUT_S = 30.0  # Python services on two loaded cores can be slow to start
+
+
+class NodeError(RuntimeError):
+    """A part of the node did not start."""
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on: printed beside every benchmark's results."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "load1": round(os.getloadavg()[0], 2)}
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Polls pred until it returns something true; NodeError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise NodeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(p: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after timeout; always reaped."""
+    if p.poll() is None:
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        except ProcessLookupError:
+            pass
+    else:
+        p.wait()
+
+
+class LocalNode:
+    """Starts the parts asked for; `stop()` (or leaving the with-block) stops them all.
+
+    observer: None (none), "shim", "bpf" or "auto" (the `flexnpu observe --source`);
+    policy: None (no controller) or a policy name for `flexnpu controller`;
+    controller_args: extra command-line options for the controller (e.g. ["--tick-ms", "5"]).
+    """
+
+    def __init__(self, devices: int = 1, mode: str = "serial", profile: str = "910b", time_scale: float = 1.0,
+                 observer: str | None = "shim", observe_interval_ms: float = 50.0, policy: str | None = None,
+                 controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None) -> None:
+        self.devices = devices
+        self.mode = mode
+        self.profile = profile
+        self.time_scale = time_scale
+        self.observer = observer
+        self.observe_interval_ms = observe_interval_ms
+        self.policy = policy
+        self.controller_args = list(controller_args)
+        self.want_daemons = daemons
+        self._own_rdir = rdir is None
+        self.rdir = Path(rdir) if rdir else Path(tempfile.mkdtemp(prefix="flexnpu-node-"))
+        self.logs = self.rdir / "logs"
+        self.emu_pid: int | None = None
+        self.services: dict[str, subprocess.Popen] = {}
+        self.programs: list[subprocess.Popen] = []
+
+    # -- environment
+    def base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLEXNPU_RUNTIME_DIR"] = str(self.rdir)
+        env.pop("NOTIFY_SOCKET", None)
+        return env
+
+    def program_env(self, role: str = "auto", shim: bool = True, devices: str | None = None,
+                    extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of an AscendCL program on this node: the emulated runtime, and
+        under the shim (as `flexnpu run` sets it) unless shim is False."""
+        from flexnpu.emulator import control
+        from flexnpu.forward.cli import run_env
+
+        env = self.base_env()
+        env.update(control.emulator_env(self.rdir))
+        if shim:
+            env = run_env(devices, role, None, False, env)
+        env.update(extra or {})
+        return env
+
+    # -- lifecycle
+    def start(self) -> LocalNode:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        from flexnpu.emulator import control
+
+        self.rdir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir)
+        if self.want_daemons:
+            for dev in range(self.devices):
+                self._service(f"daemon-{dev}", ["daemon", "--device", str(dev)])
+            for dev in range(self.devices):
+                self._ready(f"daemon-{dev}", lambda d=dev: self._daemon_up(d))
+        if self.observer:
+            self._service("observe", ["observe", "--source", self.observer,
+                                      "--interval-ms", f"{self.observe_interval_ms:g}"])
+            self._ready("observe", lambda: paths.observe_socket(self.rdir).exists())
+        if self.policy:
+            self._service("controller", ["controller", "--policy", self.policy, *self.controller_args])
+            self._ready("controller", lambda: paths.controller_socket(self.rdir).exists())
+
+    def _service(self, name: str, args: list[str]) -> None:
+        log = open(self.logs / f"{name}.log", "wb")
+        try:
+            self.services[name] = subprocess.Popen([FLEXNPU, *args], env=self.base_env(), stdout=log,
+                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+
+    def _ready(self, name: str, pred: Callable[[], Any]) -> None:
+        p = self.services[name]
+
+        def up() -> Any:
+            if p.poll() is not None:
+                raise NodeError(f"{name} exited {p.returncode} while starting:\n{self.log(name)}")
+            return pred()
+
+        wait_for(up, START_TIMEOUT_S, f"{name} to start")
+
+    def _daemon_up(self, dev: int) -> bool:
+        from flexnpu.forward.client import DaemonClient, DaemonError
+
+        if not paths.daemon_socket(dev, self.rdir).exists():
+            return False
+        try:
+            with DaemonClient(dev, self.rdir, timeout=1.0) as c:
+                return c.ping()["pid"] == self.services[f"daemon-{dev}"].pid
+        except DaemonError:
+            return False
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.logs / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def spawn(self, argv: Sequence[str], role: str = "auto", shim: bool = True, devices: str | None = None,
+              extra_env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+        """Starts an AscendCL program on this node (text stdout, piped, unless given)."""
+        popen.setdefault("stdout", subprocess.PIPE)
+        popen.setdefault("stderr", subprocess.PIPE)
+        popen.setdefault("stdin", subprocess.DEVNULL)
+        popen.setdefault("text", True)
+        p = subprocess.Popen(list(argv), env=self.program_env(role, shim, devices, extra_env), **popen)
+        self.programs.append(p)
+        return p
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signals one service (fault injection); it stays in the table to be reaped."""
+        p = self.services[name]
+        if p.poll() is None:
+            p.send_signal(sig)
+            p.wait(10)
+
+    def emulator_status(self) -> dict:
+        from flexnpu.emulator import control
+
+        return control.status(self.rdir)
+
+    def stop(self) -> None:
+        from flexnpu.emulator import control
+
+        for p in self.programs:
+            stop_process(p, 2.0)
+        for name in ("controller", "observe", *sorted(n for n in self.services if n.startswith("daemon-"))):
+            if name in self.services:
+                stop_process(self.services[name])
+        if self.emu_pid is not None:
+            control.stop(self.rdir)
+            self.emu_pid = None
+        if self._own_rdir:
+            shutil.rmtree(self.rdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
