@@ -34,7 +34,7 @@ installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok
 arch=$(dpkg --print-architecture)
 # gcc/cmake/make build the native parts and the C samples; bcc comes only from
 # Debian (it is not on PyPI); its compiler needs kernel headers.
-want=(gcc make cmake python3-bpfcc libbpfcc "linux-headers-$arch")
+want=(gcc make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch")
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
