@@ -31,6 +31,7 @@ def _register_optional() -> None:
     app.command("doctor")(doctor.doctor_command)
     app.command("attach")(observe_cli.attach_command)
     app.command("observe")(observe_cli.observe_command)
+    app.command("controller")(__import__("flexnpu.control.cli", fromlist=["controller_command"]).controller_command)
     app.command("top")(__import__("flexnpu.tui.cli", fromlist=["top_command"]).top_command)
 
 

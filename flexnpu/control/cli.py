@@ -1,0 +1,88 @@
+"""`flexnpu controller`.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT (settings released), 2 a bad configuration or
+option (one line naming the key), 1 anything else that stops it from starting.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flexnpu import logs, paths, systemd
+
+
+def controller_command(
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help=f"TOML configuration (default {paths.DEFAULT_CONFIG}, or $FLEXNPU_CONFIG; a missing "
+                         "default file is fine, a missing --config file is an error).", metavar="FILE")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="passthrough, static-split or flexpd "
+                                                       "(key controller.policy).")] = None,
+    tick_ms: Annotated[Optional[float], typer.Option(help="Milliseconds between decisions "
+                                                          "(key controller.tick_ms).")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the effective configuration "
+                                                                      "(TOML) and exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print each report as a JSON line.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+) -> None:
+    """Decide when each process may dispatch: read the observer's snapshots, set every
+    device's gates through its daemon with a policy, and publish each decision and its reason
+    on ipc://$FLEXNPU_RUNTIME_DIR/controller.sock. SIGTERM/SIGINT open every gate it set.
+
+    Examples:
+      flexnpu controller
+      flexnpu controller --policy static-split --json
+      flexnpu controller --config my.toml --print-config > effective.toml
+    """
+    from flexnpu.control import config as cfgmod
+
+    try:
+        required = config is not None
+        cfg = cfgmod.load(config if required else paths.config_file(), required,
+                          {"policy": policy, "tick_ms": tick_ms})
+    except cfgmod.ConfigError as e:
+        print(f"flexnpu controller: {e}", file=sys.stderr)
+        raise typer.Exit(2)
+    if print_config:
+        sys.stdout.write(cfgmod.to_toml(cfg))
+        return
+
+    from flexnpu.control.controller import Controller
+
+    logs.setup(verbose)
+    on_report = None
+    if json_out:
+        def on_report(rep) -> None:
+            sys.stdout.write(rep.to_json().decode() + "\n")
+            sys.stdout.flush()
+    try:
+        ctl = Controller(cfg, on_report=on_report)
+    except Exception as e:  # zmq.ZMQError (the socket), OSError: say it in one line
+        print(f"flexnpu controller: cannot start: {e}", file=sys.stderr)
+        raise typer.Exit(1)
+
+    def stop(signum: int, _frame: object) -> None:
+        ctl.stop_flag.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    c = cfg.controller
+
+    def ready() -> None:
+        systemd.notify("READY=1", f"STATUS=policy {c.policy}, tick {c.tick_ms:g} ms, "
+                                  f"{len(ctl.links)} devices")
+
+    import logging
+
+    logging.getLogger("flexnpu.controller").info("policy %s, tick %g ms, lease %g ms, runtime dir %s",
+                                                 c.policy, c.tick_ms, c.lease_ms, ctl.rdir)
+    try:
+        ctl.run(ready)
+    finally:
+        systemd.notify("STOPPING=1")
+        ctl.close()

@@ -1,0 +1,284 @@
+"""`flexnpu controller`: the I/O around a policy.
+
+Each tick (default 5 ms) it takes the newest snapshot from the observer, the client lists of
+every device's daemon (read every `list_ms`; devices are the daemon sockets in the runtime
+dir, rescanned every `rescan_ms`), asks the policy for the settings it wants, and applies
+what differs from what is in force with one `set_many` per device (one wake of the waiters).
+The lease that `set_many` carries is renewed at least every `renew_ms`: if the controller
+dies, each daemon reverts its settings to the defaults (gates open) when the lease runs out.
+
+Failure behaviour: a daemon that is gone or does not answer is marked absent (its shims fail
+open by themselves) and tried again every `rescan_ms`; an observer silent for
+`stale_after_ms` makes every policy open every gate; either coming back is picked up without
+a restart. `stop()` (SIGTERM/SIGINT) opens every gate it set and shortens its lease to the
+minimum, so the daemons hand the clients back to their defaults at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from flexnpu import paths
+from flexnpu.control.config import Config
+from flexnpu.control.policies import POLICIES
+from flexnpu.control.policies.base import Client, Clients, PolicyOutput
+from flexnpu.control.wire import OPEN, ClientSetting, ControllerReport, Decision, DeviceReport, GateSetting
+from flexnpu.forward.client import DaemonClient, DaemonError
+from flexnpu.snapshot import NodeSnapshot, SnapshotSubscriber
+
+log = logging.getLogger("flexnpu.controller")
+
+OWNER = "controller"
+DAEMON_TIMEOUT_S = 0.25  # one slow daemon must not stall the others' ticks for long
+RELEASE_LEASE_MS = 10.0  # the shortest lease a daemon takes: what stop() leaves behind
+_SOCK = re.compile(r"^daemon-(\d+)\.sock$")
+
+
+def same(a: GateSetting, b: GateSetting) -> bool:
+    """Equal settings, max_hold compared to the daemon's ns resolution."""
+    return (a.gate == b.gate and a.priority == b.priority and a.inflight == b.inflight
+            and abs(a.max_hold_ms - b.max_hold_ms) < 1e-5)
+
+
+def diff(wanted: dict[int, GateSetting], clients: tuple[Client, ...]) -> list[tuple[Client, GateSetting]]:
+    """The clients whose wanted setting differs from the one in force. Manual settings are a
+    person's and are left alone; pids the policy did not mention are left alone."""
+    out = []
+    for c in clients:
+        s = wanted.get(c.pid)
+        if s is not None and c.owner != "manual" and not same(s, c.setting):
+            out.append((c, s))
+    return out
+
+
+@dataclass
+class DeviceLink:
+    """The controller's view of one device's daemon."""
+
+    device: int
+    client: DaemonClient
+    status: str = "absent"  # "ok" or "absent"
+    error: str = ""
+    clients: tuple[Client, ...] = ()
+    listed_ns: int = 0
+    renewed_ns: int = 0
+    retry_ns: int = 0  # when an absent daemon is tried again
+    skipped: dict[int, str] = field(default_factory=dict)  # pid -> why the daemon refused our setting
+
+    def mark_absent(self, why: str, now_ns: int, retry_ms: float) -> None:
+        if self.status != "absent" or why != self.error:
+            log.warning("device %d: daemon unavailable (%s); its gates are left to the daemon's defaults "
+                        "and the shims' fail-open", self.device, why)
+        self.status, self.error, self.clients = "absent", why, ()
+        self.retry_ns = now_ns + int(retry_ms * 1e6)
+        self.client.close()
+
+    def with_setting(self, pid: int, s: GateSetting) -> None:
+        self.clients = tuple(Client(c.pid, c.device, c.role, OWNER, s) if c.pid == pid else c for c in self.clients)
+
+
+class Controller:
+    """One controller: a subscriber, a daemon link per device, a policy and a report socket.
+    Create and run it in one thread (its zmq sockets are that thread's); `stop_flag` may be
+    set from anywhere."""
+
+    def __init__(self, cfg: Config, rdir: Path | None = None, on_report: Callable[[ControllerReport], Any] | None
+                 = None, publish: bool = True) -> None:
+        import zmq
+
+        self.cfg = cfg
+        self.opts = cfg.controller
+        self.rdir = Path(rdir or paths.runtime_dir())
+        self.policy = POLICIES[self.opts.policy]
+        self.options = cfg.policy_options
+        self.state = self.policy.initial_state()
+        self.links: dict[int, DeviceLink] = {}
+        self.snapshot: NodeSnapshot | None = None
+        self.sub = SnapshotSubscriber(self.rdir)
+        self.on_report = on_report
+        self.seq = 0
+        self.pending: list[Decision] = []
+        self.reported_ns = 0
+        self.scanned_ns = 0
+        self.stop_flag = threading.Event()
+        self.pub = None
+        if publish:
+            self.pub = zmq.Context.instance().socket(zmq.PUB)
+            self.pub.setsockopt(zmq.LINGER, 0)
+            self.pub.setsockopt(zmq.SNDHWM, 64)
+            sock = paths.controller_socket(self.rdir)
+            sock.unlink(missing_ok=True)  # a dead controller's file; a live one would not be replaced silently
+            self.pub.bind(f"ipc://{sock}")
+
+    # ------------------------------------------------------------------ devices
+
+    def scan(self, now_ns: int) -> None:
+        """Adds a link per daemon socket in the runtime dir; drops links whose socket is gone."""
+        self.scanned_ns = now_ns
+        try:
+            found = {int(m.group(1)) for e in os.scandir(self.rdir) if (m := _SOCK.match(e.name))}
+        except OSError:
+            found = set()
+        for dev in sorted(found - set(self.links)):
+            log.info("device %d: daemon socket found", dev)
+            self.links[dev] = DeviceLink(dev, DaemonClient(dev, self.rdir, timeout=DAEMON_TIMEOUT_S))
+        for dev in sorted(set(self.links) - found):
+            log.warning("device %d: daemon socket gone", dev)
+            self.links.pop(dev).client.close()
+
+    def refresh(self, link: DeviceLink, now_ns: int) -> None:
+        """Reads the daemon's client list (settings in force, owners, roles)."""
+        if link.status == "absent" and now_ns < link.retry_ns:
+            return
+        try:
+            reply = link.client.request("list")
+        except DaemonError as e:
+            link.mark_absent(str(e), now_ns, self.opts.rescan_ms)
+            return
+        if link.status != "ok":
+            log.info("device %d: daemon answers; %d clients", link.device, len(reply.get("clients") or ()))
+            link.renewed_ns = 0  # a daemon back from a restart gets our lease at once
+        link.status, link.error, link.listed_ns = "ok", "", now_ns
+        link.clients = tuple(Client.from_daemon(link.device, c) for c in reply.get("clients") or ())
+        link.skipped = {}  # the list says who holds a manual setting now; diff() leaves those alone
+
+    # ------------------------------------------------------------------ tick
+
+    def observer_status(self, now_ns: int) -> str:
+        if self.snapshot is None:
+            return "absent"
+        return "stale" if (now_ns - self.snapshot.mono_ns) / 1e6 > self.opts.stale_after_ms else "ok"
+
+    def decide(self, now_ns: int) -> PolicyOutput:
+        clients: Clients = {dev: link.clients for dev, link in self.links.items() if link.status == "ok"}
+        out = self.policy.decide(self.snapshot, clients, self.state, self.options, now_ns,
+                                 stale_after_ms=self.opts.stale_after_ms)
+        self.state = out.state
+        return out
+
+    def apply(self, link: DeviceLink, out: PolicyOutput, now_ns: int, wall: float) -> None:
+        """Sends what differs (one set_many) or, if nothing does and the lease is due, renews it."""
+        changes = diff(out.settings.get(link.device, {}), link.clients)
+        changes = [(c, s) for c, s in changes if c.pid not in link.skipped]
+        try:
+            if changes:
+                reply = link.client.request(
+                    "set_many", owner=OWNER, lease_ms=self.opts.lease_ms,
+                    settings=[{"pid": c.pid, **s.as_dict()} for c, s in changes])
+                link.renewed_ns = now_ns
+                applied = set(reply.get("applied") or ())
+                for one in reply.get("skipped") or ():
+                    link.skipped[int(one["pid"])] = str(one.get("reason", ""))
+                    log.info("device %d: pid %s left as set: %s", link.device, one["pid"], one.get("reason"))
+                for c, s in changes:
+                    if c.pid in applied:
+                        link.with_setting(c.pid, s)
+                        reason = out.reasons.get((link.device, c.pid)) or "policy setting"
+                        d = Decision(wall, link.device, c.pid, s, reason)
+                        self.pending.append(d)
+                        log.log(logging.DEBUG if reason.startswith("turn: ") else logging.INFO,
+                                "device %d pid %d -> %s, priority %d, max hold %g ms, in-flight %d: %s",
+                                link.device, c.pid, s.gate, s.priority, s.max_hold_ms, s.inflight, reason)
+            elif now_ns - link.renewed_ns >= self.opts.renew_ms * 1e6:
+                link.client.request("renew", owner=OWNER, lease_ms=self.opts.lease_ms)
+                link.renewed_ns = now_ns
+        except DaemonError as e:
+            link.mark_absent(str(e), now_ns, self.opts.rescan_ms)
+
+    def tick(self, now_ns: int | None = None) -> ControllerReport | None:
+        """One round: snapshot, lists, decide, apply, report. Returns the report if one went out."""
+        now_ns = now_ns if now_ns is not None else time.monotonic_ns()
+        wall = time.time()
+        snap = self.sub.latest()
+        if snap is not None:
+            self.snapshot = snap
+        if now_ns - self.scanned_ns >= self.opts.rescan_ms * 1e6:
+            self.scan(now_ns)
+        for link in self.links.values():
+            if now_ns - link.listed_ns >= self.opts.list_ms * 1e6:
+                self.refresh(link, now_ns)
+        out = self.decide(now_ns)
+        for link in self.links.values():
+            if link.status == "ok":
+                self.apply(link, out, now_ns, wall)
+        if self.pending or now_ns - self.reported_ns >= self.opts.report_ms * 1e6:
+            return self.report(now_ns, wall)
+        return None
+
+    def report(self, now_ns: int, wall: float) -> ControllerReport:
+        self.seq += 1
+        self.reported_ns = now_ns
+        devices = tuple(
+            DeviceReport(dev, link.status,
+                         self.policy.describe(self.state, dev) if link.status == "ok" else link.error,
+                         tuple(ClientSetting(c.pid, c.setting, c.owner) for c in link.clients))
+            for dev, link in sorted(self.links.items()))
+        rep = ControllerReport(self.seq, wall, now_ns, os.getpid(), self.opts.policy, self.opts.tick_ms,
+                               self.observer_status(now_ns), devices, tuple(self.pending))
+        self.pending = []
+        if self.pub is not None:
+            try:
+                self.pub.send(rep.to_json(), flags=self._noblock)
+            except Exception as e:  # zmq.Again: a full queue; reports are advisory, the next one comes
+                log.debug("report %d not sent: %s", rep.seq, e)
+        if self.on_report is not None:
+            self.on_report(rep)
+        return rep
+
+    @property
+    def _noblock(self) -> int:
+        import zmq
+
+        return zmq.NOBLOCK
+
+    # ------------------------------------------------------------------ life
+
+    def run(self, ready: Callable[[], Any] | None = None) -> None:
+        """Ticks every tick_ms until stop_flag is set, then releases its settings."""
+        period = int(self.opts.tick_ms * 1e6)
+        next_ns = time.monotonic_ns()
+        first = True
+        try:
+            while not self.stop_flag.is_set():
+                self.tick()
+                if first and ready is not None:
+                    ready()
+                    first = False
+                next_ns += period
+                left = next_ns - time.monotonic_ns()
+                if left < 0:  # an overrun (a slow daemon) skips ticks rather than bunching them
+                    next_ns = time.monotonic_ns()
+                    continue
+                self.stop_flag.wait(left / 1e9)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Opens every gate this controller set and shortens its lease, on every device."""
+        for link in self.links.values():
+            mine = [c for c in link.clients if c.owner == OWNER]
+            try:
+                if mine:
+                    link.client.request("set_many", owner=OWNER, lease_ms=RELEASE_LEASE_MS,
+                                        settings=[{"pid": c.pid, **OPEN.as_dict()} for c in mine])
+                else:
+                    link.client.request("renew", owner=OWNER, lease_ms=RELEASE_LEASE_MS)
+                log.info("device %d: released %d settings (gates open)", link.device, len(mine))
+            except DaemonError as e:
+                log.warning("device %d: could not release (%s); the lease reverts them within %g ms",
+                            link.device, e, self.opts.lease_ms)
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.client.close()
+        self.sub.close()
+        if self.pub is not None:
+            self.pub.close(0)
+            self.pub = None

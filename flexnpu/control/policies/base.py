@@ -1,0 +1,114 @@
+"""What every policy shares: its inputs, its output, and the checks every policy makes first.
+
+A policy is a module with `NAME`, an `Options` dataclass (its `[policy.NAME]` keys, each an
+`opt(...)` field), `initial_state()`, `describe(state, device) -> str` and
+
+    decide(snapshot, clients, state, options, now_ns) -> PolicyOutput(settings, state, reasons)
+
+It is a pure function: no sockets, no clock (time is `now_ns`, CLOCK_MONOTONIC, and the
+snapshot's own `mono_ns`), no mutation of its inputs. `settings` maps device -> pid ->
+GateSetting for every client the controller may set; `reasons` maps (device, pid) -> a plain
+sentence, for the clients whose setting the policy changed and why. The controller applies
+only what differs from what is in force, so a policy may return the same settings every tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
+
+from flexnpu.control.wire import OPEN, GateSetting
+from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
+
+Settings = dict[int, dict[int, GateSetting]]
+Reasons = dict[tuple[int, int], str]
+
+ROLES = ("prefill", "decode")
+
+
+def opt(default: Any, help: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+        choices: tuple[str, ...] | None = None) -> Any:
+    """A configuration field: its default, a one-line help and its valid range or choices
+    (checked by flexnpu.control.config, which names the key in any refusal)."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open,
+                                            "choices": choices})
+
+
+@dataclass(frozen=True)
+class Client:
+    """A client of a device's daemon as the controller last listed it."""
+
+    pid: int
+    device: int
+    role: str = "auto"  # prefill / decode given to the shim (FLEXNPU_ROLE), else auto
+    owner: str | None = None  # who set its gate: None (device defaults), "controller", "manual"
+    setting: GateSetting = OPEN  # in force now
+
+    @classmethod
+    def from_daemon(cls, device: int, d: Mapping[str, Any]) -> Client:
+        return cls(pid=int(d["pid"]), device=device, role=str(d.get("role") or "auto"), owner=d.get("owner"),
+                   setting=GateSetting(gate=str(d.get("gate", "open")), priority=int(d.get("priority", 0)),
+                                       max_hold_ms=float(d.get("max_hold_ms", OPEN.max_hold_ms)),
+                                       inflight=int(d.get("inflight") or 0)))
+
+
+Clients = Mapping[int, tuple[Client, ...]]  # device -> its clients
+
+
+class PolicyOutput(NamedTuple):
+    settings: Settings
+    state: Any
+    reasons: Reasons
+
+
+def observer_quiet(snapshot: NodeSnapshot | None, now_ns: int, stale_after_ms: float) -> str | None:
+    """Why the snapshot cannot be trusted (no observer, or silent past stale_after_ms), or None."""
+    if snapshot is None:
+        return "no snapshot from the observer"
+    age_ms = (now_ns - snapshot.mono_ns) / 1e6
+    if age_ms > stale_after_ms:
+        return f"observer silent for {age_ms / 1e3:.1f} s (> {stale_after_ms / 1e3:g} s)"
+    return None
+
+
+def all_open(clients: Clients, why: str) -> tuple[Settings, Reasons]:
+    """Every client of every device open without budget, each with the same reason."""
+    settings = {dev: {c.pid: OPEN for c in cs} for dev, cs in clients.items()}
+    reasons = {(dev, c.pid): why for dev, cs in clients.items() for c in cs if c.setting != OPEN}
+    return settings, reasons
+
+
+def class_of(client: Client, sample: ProcessSample | None, mixed_as: str, previous: str | None) -> str:
+    """prefill, decode or unknown: the role given to the shim if any (daemon's slot, then the
+    snapshot's), else the observed phase; a "mixed" process (a chunked-prefill engine, whose
+    every step carries decode tokens) counts as `mixed_as`; an idle one keeps its last class."""
+    if client.role in ROLES:
+        return client.role
+    if sample is not None:
+        if sample.role in ROLES:
+            return sample.role
+        if sample.phase in ROLES:
+            return sample.phase
+        if sample.phase == "mixed":
+            return mixed_as
+    return previous or "unknown"
+
+
+def samples_by_pid(snapshot: NodeSnapshot | None, device: int) -> dict[int, ProcessSample]:
+    if snapshot is None:
+        return {}
+    return {p.pid: p for p in snapshot.processes if p.device == device}
+
+
+def is_quiet(sample: ProcessSample | None) -> bool:
+    """Whether a process did no device work during the snapshot's interval (absent counts)."""
+    if sample is None:
+        return True
+    if sample.launches_per_s is not NA:
+        return sample.launches_per_s == 0
+    return sample.busy is not NA and sample.busy == 0
+
+
+def fmt_setting(s: GateSetting) -> str:
+    budget = "no budget" if s.inflight == 0 else f"in-flight {s.inflight}"
+    return f"{s.gate}, priority {s.priority}, max hold {s.max_hold_ms:g} ms, {budget}"

@@ -1,0 +1,212 @@
+"""flexpd: dynamic prefill/decode co-location on one device.
+
+Decode steps are never delayed past their budget; prefill gets every other moment.
+
+- **Mechanism.** Decode clients get priority 7, prefill clients priority 0: a prefill call
+  waits while a decode step is pending (the daemon's priority, with its short grace after a
+  sync), so prefill fills the gaps between decode steps. What prefill already queued on the
+  device cannot be pulled back, so prefill also gets a small in-flight budget (launches
+  dispatched but unfinished; `prefill_inflight` to start, 1 by default): the most a decode
+  step can find ahead of it. `prefill_max_hold_ms` bounds how long prefill waits in one go.
+- **Budget.** `tpot_ms` if set, else the decode client's own step time when alone times
+  (1 + `tpot_slack`). The alone step is learned (moving average, `learn_alpha`) from the
+  snapshot intervals in which no prefill client on its device did any work.
+- **Feedback**, once per new snapshot, from the decode steps measured while prefill ran:
+  any step over its budget halves the prefill budget (down to 1); every step under
+  `grow_below` x budget adds one (up to `prefill_inflight_max`). Prefill at 1 and still over
+  for `relearn_after` snapshots (decode's batch grew, so its alone step did): prefill's gates
+  close for one observer interval to measure decode alone again, then reopen.
+- **Stepping aside.** A device without both a prefill and a decode client (one client
+  alone, or only one side) gets every gate open and no budget.
+- **Classes.** The role given to the shim (FLEXNPU_ROLE) if any, else the observed phase.
+  A "mixed" process (a chunked-prefill engine: each step carries decode tokens) counts as
+  decode by default (`mixed_as`): its steps are what a TPOT target protects. An idle one
+  keeps its last class; one never seen working is left open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from flexnpu.control.policies.base import (
+    Client, Clients, PolicyOutput, Reasons, Settings, all_open, class_of, is_quiet, observer_quiet, opt,
+    samples_by_pid,
+)
+from flexnpu.control.wire import DEFAULT_MAX_HOLD_MS, OPEN, GateSetting
+from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
+
+NAME = "flexpd"
+DECODE_PRIORITY = 7
+PREFILL_PRIORITY = 0
+
+
+@dataclass(frozen=True)
+class Options:
+    tpot_slack: float = opt(0.10, "decode step budget relative to its step alone (0.1 = 10% over)",
+                            lo=0.0, hi=10.0, lo_open=True)
+    tpot_ms: float = opt(0.0, "absolute decode step budget in ms; 0 = use tpot_slack", lo=0.0, hi=60000.0)
+    prefill_inflight: int = opt(1, "prefill's in-flight budget to start with", lo=1, hi=1024)
+    prefill_inflight_max: int = opt(8, "the most prefill's in-flight budget grows to", lo=1, hi=1024)
+    prefill_max_hold_ms: float = opt(100.0, "longest one prefill call waits for decode", lo=0.01, hi=60000.0)
+    grow_below: float = opt(0.8, "grow prefill's budget while every decode step is under this share of "
+                                 "its budget", lo=0.0, hi=1.0, lo_open=True)
+    learn_alpha: float = opt(0.2, "weight of a new sample in the learned alone step time", lo=0.0, hi=1.0,
+                             lo_open=True)
+    relearn_after: int = opt(10, "snapshots over budget with prefill at 1 before decode's alone step is "
+                                 "measured again (0 = never)", lo=0, hi=100000)
+    mixed_as: str = opt("decode", "how a 'mixed' (chunked-prefill) process counts", choices=("decode", "prefill"))
+
+    def check(self) -> tuple[str, str] | None:
+        if self.prefill_inflight > self.prefill_inflight_max:
+            return ("prefill_inflight", f"{self.prefill_inflight} is over prefill_inflight_max "
+                                        f"({self.prefill_inflight_max})")
+        return None
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    inflight: int  # prefill's in-flight budget now
+    alone_ms: dict[int, float] = field(default_factory=dict)  # decode pid -> learned step when alone
+    step_ms: dict[int, float] = field(default_factory=dict)  # decode pid -> last step measured
+    last_mono_ns: int = 0  # the snapshot last learned from (each is used once)
+    over: int = 0  # consecutive snapshots over budget with prefill at 1
+    probe_ns: int = 0  # when prefill's gates closed to re-measure decode alone; 0: none
+
+
+@dataclass(frozen=True)
+class State:
+    devices: dict[int, DeviceState] = field(default_factory=dict)
+    classes: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
+def initial_state() -> State:
+    return State()
+
+
+def budget_ms(options: Options, alone: float | None) -> float | None:
+    if options.tpot_ms > 0:
+        return options.tpot_ms
+    return None if alone is None else alone * (1 + options.tpot_slack)
+
+
+def _learn(ds: DeviceState, snapshot: NodeSnapshot, samples: dict[int, ProcessSample], decodes: list[Client],
+           prefills: list[Client], options: Options, now_ns: int) -> tuple[DeviceState, str | None]:
+    """The device state after one new snapshot, and why prefill's budget changed (or None)."""
+    interval_start = snapshot.mono_ns - int(snapshot.interval_s * 1e9)
+    prefill_quiet = all(is_quiet(samples.get(c.pid)) for c in prefills)
+    steps = {c.pid: float(samples[c.pid].iter_mean_ms) for c in decodes
+             if c.pid in samples and samples[c.pid].iter_mean_ms is not NA and samples[c.pid].iter_mean_ms > 0}
+    alone = dict(ds.alone_ms)
+    if prefill_quiet:
+        for pid, ms in steps.items():
+            old = alone.get(pid)
+            alone[pid] = ms if old is None else old + options.learn_alpha * (ms - old)
+    alone = {pid: v for pid, v in alone.items() if any(c.pid == pid for c in decodes)}
+    ds = replace(ds, alone_ms=alone, step_ms=steps, last_mono_ns=snapshot.mono_ns)
+    if ds.probe_ns:
+        # the probe ends with the first interval that began after prefill's gates closed
+        # (learned from above if prefill was in fact quiet), or after three intervals at most
+        if interval_start >= ds.probe_ns or now_ns - ds.probe_ns > 3 * snapshot.interval_s * 1e9:
+            learned = ", ".join(f"pid {p} {alone[p]:.2f} ms" for p in steps if p in alone and prefill_quiet)
+            return replace(ds, probe_ns=0, over=0), (
+                f"decode measured alone again ({learned or 'no step seen'}): prefill reopens")
+        return ds, None
+    if prefill_quiet or not prefills:
+        return ds, None
+    judged = [(pid, ms, budget_ms(options, alone.get(pid))) for pid, ms in steps.items()]
+    judged = [(pid, ms, b) for pid, ms, b in judged if b is not None]
+    if not judged:
+        return ds, None
+    pid, ms, b = max(judged, key=lambda j: j[1] / j[2])  # the decode client closest to (or over) its budget
+    if ms > b:
+        if ds.inflight > 1:
+            return replace(ds, inflight=max(1, ds.inflight // 2), over=0), (
+                f"decode pid {pid} step {ms:.2f} ms > budget {b:.2f} ms")
+        over = ds.over + 1
+        if options.relearn_after and options.tpot_ms == 0 and over >= options.relearn_after:
+            return replace(ds, over=0, probe_ns=now_ns), (
+                f"decode pid {pid} step {ms:.2f} ms > budget {b:.2f} ms for {over} snapshots with prefill at "
+                f"in-flight 1: its load may have grown; prefill closed for one interval to measure it alone")
+        return replace(ds, over=over), None
+    if ms < options.grow_below * b and ds.inflight < options.prefill_inflight_max:
+        return replace(ds, inflight=ds.inflight + 1, over=0), (
+            f"decode pid {pid} step {ms:.2f} ms < {options.grow_below:g} x budget {b:.2f} ms")
+    return replace(ds, over=0), None
+
+
+def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, options: Options, now_ns: int,
+           stale_after_ms: float = 1000.0) -> PolicyOutput:
+    quiet = observer_quiet(snapshot, now_ns, stale_after_ms)
+    if quiet:
+        settings, reasons = all_open(clients, f"{quiet}: gate open, no budget")
+        # what was learned stays; the budget starts again from prefill_inflight
+        kept = {d: replace(ds, inflight=options.prefill_inflight, probe_ns=0, over=0)
+                for d, ds in state.devices.items()}
+        return PolicyOutput(settings, State(kept, state.classes), reasons)
+    assert snapshot is not None
+    settings: Settings = {}
+    reasons: Reasons = {}
+    devices: dict[int, DeviceState] = {}
+    classes: dict[tuple[int, int], str] = {}
+    for dev, cs in clients.items():
+        samples = samples_by_pid(snapshot, dev)
+        cls = {c.pid: class_of(c, samples.get(c.pid), options.mixed_as, state.classes.get((dev, c.pid)))
+               for c in cs}
+        classes.update({(dev, pid): k for pid, k in cls.items() if k != "unknown"})
+        decodes = [c for c in cs if cls[c.pid] == "decode"]
+        prefills = [c for c in cs if cls[c.pid] == "prefill"]
+        ds = state.devices.get(dev) or DeviceState(inflight=options.prefill_inflight)
+        why = None
+        if snapshot.mono_ns != ds.last_mono_ns:
+            ds, why = _learn(ds, snapshot, samples, decodes, prefills, options, now_ns)
+        out: dict[int, GateSetting] = {}
+        settings[dev] = out
+        if not decodes or not prefills:
+            aside = (f"pid {cs[0].pid} alone on device {dev}" if len(cs) == 1 else
+                     f"no {'prefill' if not prefills else 'decode'} client on device {dev}")
+            for c in cs:
+                out[c.pid] = OPEN
+                if c.setting != OPEN:
+                    reasons[(dev, c.pid)] = f"{aside}: flexpd steps aside, pid {c.pid} open, no budget"
+            devices[dev] = replace(ds, inflight=options.prefill_inflight, probe_ns=0, over=0)
+            continue
+        devices[dev] = ds
+        decode_set = GateSetting(gate="open", priority=DECODE_PRIORITY, max_hold_ms=DEFAULT_MAX_HOLD_MS, inflight=0)
+        hold = options.prefill_max_hold_ms
+        if ds.probe_ns:  # a closed gate must outlast the probe, or prefill's calls would go anyway
+            hold = max(hold, 4 * snapshot.interval_s * 1e3)
+        prefill_set = GateSetting(gate="closed" if ds.probe_ns else "open", priority=PREFILL_PRIORITY,
+                                  max_hold_ms=hold, inflight=ds.inflight)
+        with_decode = ", ".join(str(c.pid) for c in decodes)
+        for c in cs:
+            k = cls[c.pid]
+            s = decode_set if k == "decode" else prefill_set if k == "prefill" else OPEN
+            out[c.pid] = s
+            if s == c.setting:
+                continue
+            if k == "unknown":
+                reasons[(dev, c.pid)] = f"pid {c.pid} on device {dev} shows no phase yet: open, no budget"
+            elif k == "decode":
+                reasons[(dev, c.pid)] = (f"decode pid {c.pid} shares device {dev} with prefill: priority "
+                                         f"{DECODE_PRIORITY}, no budget")
+            elif why and c.setting.inflight != s.inflight and c.setting.priority == s.priority:
+                reasons[(dev, c.pid)] = f"{why}: prefill pid {c.pid} in-flight {c.setting.inflight} -> {s.inflight}"
+            elif why:
+                reasons[(dev, c.pid)] = f"{why}: prefill pid {c.pid} {s.gate}, in-flight {s.inflight}"
+            else:
+                reasons[(dev, c.pid)] = (f"prefill pid {c.pid} shares device {dev} with decode pid {with_decode}: "
+                                         f"priority {PREFILL_PRIORITY}, in-flight {s.inflight}, max hold {hold:g} ms")
+    return PolicyOutput(settings, State(devices, classes), reasons)
+
+
+def describe(state: State, device: int) -> str:
+    ds = state.devices.get(device)
+    if ds is None:
+        return "flexpd: no clients seen"
+    parts = []
+    for pid in sorted(set(ds.alone_ms) | set(ds.step_ms)):
+        alone, step = ds.alone_ms.get(pid), ds.step_ms.get(pid)
+        parts.append(f"decode {pid} step {step:.2f} ms" if step is not None else f"decode {pid} step N/A")
+        parts[-1] += f", alone {alone:.2f} ms" if alone is not None else ", alone not learned yet"
+    parts.append(f"prefill in-flight {ds.inflight}" + (" (closed: measuring decode alone)" if ds.probe_ns else ""))
+    return "flexpd: " + "; ".join(parts)

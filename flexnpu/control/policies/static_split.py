@@ -1,0 +1,99 @@
+"""static-split: static co-location by time. On a device with both prefill and decode
+clients, device time goes in turns: each cycle of `quantum_ms` starts with prefill's turn
+(`prefill_share` of the cycle; decode's gates closed) and ends with decode's turn (prefill's
+gates closed). Each side has a small in-flight budget so the work it queued in its turn
+does not run on into the other's. The controller's tick drives the turns, so their edges are
+as sharp as the tick (default 5 ms). A device with only one side steps aside (all open).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flexnpu.control.policies.base import (
+    Clients, PolicyOutput, Reasons, Settings, all_open, class_of, observer_quiet, opt, samples_by_pid,
+)
+from flexnpu.control.wire import OPEN, GateSetting
+from flexnpu.snapshot import NodeSnapshot
+
+NAME = "static-split"
+TURN = "turn: "  # reasons that only say whose turn it is start so: the controller logs them quietly
+
+
+@dataclass(frozen=True)
+class Options:
+    prefill_share: float = opt(0.5, "share of each cycle that is prefill's turn", lo=0.05, hi=0.95)
+    quantum_ms: float = opt(20.0, "length of one cycle (prefill's turn, then decode's)", lo=1.0, hi=10000.0)
+    inflight: int = opt(2, "in-flight budget of every client in a split (0 = unlimited)", lo=0, hi=1024)
+    mixed_as: str = opt("decode", "how a 'mixed' (chunked-prefill) process counts", choices=("decode", "prefill"))
+
+
+@dataclass(frozen=True)
+class State:
+    epoch_ns: dict[int, int] = field(default_factory=dict)  # device -> when its turns began
+    turn: dict[int, str] = field(default_factory=dict)  # device -> whose turn it was last
+    classes: dict[tuple[int, int], str] = field(default_factory=dict)  # (device, pid) -> class
+
+
+def initial_state() -> State:
+    return State()
+
+
+def turn_at(epoch_ns: int, now_ns: int, options: Options) -> tuple[str, float]:
+    """Whose turn it is at now_ns, and how far into the cycle (ms)."""
+    cycle_ns = options.quantum_ms * 1e6
+    pos_ns = (now_ns - epoch_ns) % cycle_ns
+    return ("prefill" if pos_ns < options.prefill_share * cycle_ns else "decode"), pos_ns / 1e6
+
+
+def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, options: Options, now_ns: int,
+           stale_after_ms: float = 1000.0) -> PolicyOutput:
+    quiet = observer_quiet(snapshot, now_ns, stale_after_ms)
+    if quiet:
+        settings, reasons = all_open(clients, f"{quiet}: gate open")
+        return PolicyOutput(settings, State(classes=state.classes), reasons)
+    settings: Settings = {}
+    reasons: Reasons = {}
+    epochs, turns, classes = {}, {}, {}
+    cycle = options.quantum_ms
+    for dev, cs in clients.items():
+        samples = samples_by_pid(snapshot, dev)
+        cls = {c.pid: class_of(c, samples.get(c.pid), options.mixed_as, state.classes.get((dev, c.pid)))
+               for c in cs}
+        classes.update({(dev, pid): k for pid, k in cls.items() if k != "unknown"})
+        present = set(cls.values())
+        out: dict[int, GateSetting] = {}
+        settings[dev] = out
+        if not {"prefill", "decode"} <= present:
+            why = (f"only {len(cs)} client on device {dev}" if len(cs) == 1 else
+                   f"no {'prefill' if 'prefill' not in present else 'decode'} client on device {dev}")
+            for c in cs:
+                out[c.pid] = OPEN
+                if c.setting != OPEN:
+                    reasons[(dev, c.pid)] = f"{why}: static-split steps aside, pid {c.pid} open, no budget"
+            continue
+        epochs[dev] = epoch = state.epoch_ns.get(dev, now_ns)
+        turn, pos = turn_at(epoch, now_ns, options)
+        turns[dev] = turn
+        share = options.prefill_share if turn == "prefill" else 1 - options.prefill_share
+        for c in cs:
+            k = cls[c.pid]
+            if k == "unknown":
+                out[c.pid] = OPEN
+                if c.setting != OPEN:
+                    reasons[(dev, c.pid)] = f"pid {c.pid} on device {dev} shows no phase yet: open, no budget"
+                continue
+            # a closed gate holds a call at most max_hold: a whole cycle outlasts any off-turn
+            s = GateSetting(gate="open" if k == turn else "closed", priority=0, max_hold_ms=cycle,
+                            inflight=options.inflight)
+            out[c.pid] = s
+            if s != c.setting:
+                reasons[(dev, c.pid)] = (
+                    f"{TURN}{turn}'s turn on device {dev} ({share * cycle:g} of {cycle:g} ms, "
+                    f"{pos:.1f} ms into the cycle): {k} pid {c.pid} {s.gate}, in-flight {s.inflight}")
+    return PolicyOutput(settings, State(epochs, turns, classes), reasons)
+
+
+def describe(state: State, device: int) -> str:
+    turn = state.turn.get(device)
+    return f"static-split: {turn}'s turn" if turn else "static-split: stepped aside (one side only)"
