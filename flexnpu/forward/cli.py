@@ -60,7 +60,12 @@ def gate_list(
     device: Annotated[int, typer.Option(help="Physical device.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List a device's clients with their gates and counters.
+    """List a device's clients with their gates, budgets, owners and counters.
+
+    owner: who set the client's settings: - (the device defaults), ctl (the controller) or
+    man (manual, `flexnpu gate set`; `flexnpu gate release PID` returns it). budget: its
+    in-flight budget (launches; - unlimited) and, after the slash, the launches it has
+    outstanding now.
 
     Example:  flexnpu gate list --device 0
     """
@@ -75,13 +80,18 @@ def gate_list(
         typer.echo(json.dumps(reply))
         return
     t = Table(box=None, pad_edge=False)  # under 80 columns; slots, max_hold and every counter: --json
-    for col in ("pid", "role", "gate", "prio", "kernels", "H2D MiB", "mem MiB", "iters", "held ms"):
-        t.add_column(col, justify="left" if col in ("role", "gate") else "right", no_wrap=True)
+    for col in ("pid", "role", "gate", "prio", "owner", "budget", "kernels", "mem MiB", "iters", "held ms"):
+        t.add_column(col, justify="left" if col in ("role", "gate", "owner") else "right", no_wrap=True)
+    short = {None: "-", "controller": "ctl", "manual": "man"}
     for v in reply["clients"]:
-        t.add_row(str(v["pid"]), v["role"], v["gate"], str(v["priority"]), str(v["ops"]["kernel"]),
-                  f"{v['bytes']['h2d'] / 2**20:.1f}", f"{v['mem_held'] / 2**20:.1f}", str(v["iterations"]),
-                  f"{v['gate_wait_ns'] / 1e6:.1f}")
-    Console().print(t)
+        budget = f"{v['inflight'] or '-'}/{v['inflight_now']}"
+        held = (v["gate_wait_ns"] + v["inflight_wait_ms"] * 1e6) / 1e6
+        t.add_row(str(v["pid"]), v["role"], v["gate"], str(v["priority"]), short.get(v["owner"], "?"), budget,
+                  str(v["ops"]["kernel"]), f"{v['mem_held'] / 2**20:.1f}", str(v["iterations"]), f"{held:.1f}")
+    Console(width=80).print(t)
+    lease = reply.get("controller")
+    if lease is not None:
+        typer.echo(f"controller lease: {lease['lease_left_ms']:.0f} ms left")
 
 
 @gate_app.command("set")
@@ -91,23 +101,61 @@ def gate_set(
     gate: Annotated[Optional[str], typer.Option(help="open or closed.")] = None,
     priority: Annotated[Optional[int], typer.Option(help="0-7; higher goes first.")] = None,
     max_hold_ms: Annotated[Optional[float], typer.Option(help="Longest hold of one call.")] = None,
+    inflight: Annotated[Optional[int], typer.Option(
+        help="In-flight budget: launches it may have dispatched and unfinished on the device; 0 unlimited.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Set one client's gate, priority or max_hold.
+    """Set one client's gate, priority, max_hold or in-flight budget (a manual setting).
+
+    A manual setting overrides the controller's and holds until `flexnpu gate release PID`.
 
     Examples:
       flexnpu gate set 4242 --gate closed
       flexnpu gate set 4242 --priority 5 --max-hold-ms 20
+      flexnpu gate set 4242 --inflight 2
     """
     from flexnpu.forward.client import DaemonError
 
     try:
         with _client(device) as c:
-            v = c.set(pid=pid, gate=gate, priority=priority, max_hold_ms=max_hold_ms)
+            v = c.set(pid=pid, gate=gate, priority=priority, max_hold_ms=max_hold_ms, inflight=inflight)
     except DaemonError as e:
         _fail("set", e)
+    budget = v["inflight"] or "unlimited"
     typer.echo(json.dumps({"schema": 1, "client": v}) if json_out else
-               f"pid {pid}: gate {v['gate']}, priority {v['priority']}, max_hold {v['max_hold_ms']:g} ms")
+               f"pid {pid}: gate {v['gate']}, priority {v['priority']}, max_hold {v['max_hold_ms']:g} ms, "
+               f"in-flight budget {budget} (manual until `flexnpu gate release {pid}`)")
+
+
+@gate_app.command("release")
+def gate_release(
+    pid: Annotated[Optional[int], typer.Argument(help="Client process id.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Release every client's manual settings.")] = False,
+    device: Annotated[int, typer.Option(help="Physical device.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Drop manual settings back to the device defaults (the controller may then set them).
+
+    Examples:
+      flexnpu gate release 4242
+      flexnpu gate release --all --device 1
+    """
+    from flexnpu.forward.client import DaemonError
+
+    if (pid is None) == (not all_):
+        err.print("flexnpu gate release: give a PID or --all")
+        raise typer.Exit(2)
+    try:
+        with _client(device) as c:
+            pids = c.release(pid=pid, all=all_)
+    except DaemonError as e:
+        _fail("release", e)
+    if json_out:
+        typer.echo(json.dumps({"schema": 1, "released": pids}))
+    elif pids:
+        typer.echo(f"released {', '.join(map(str, pids))}: back to the device defaults")
+    else:
+        typer.echo("nothing to release: no manual settings" + (f" on pid {pid}" if pid is not None else ""))
 
 
 @gate_app.command("defaults")

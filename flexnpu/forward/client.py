@@ -70,10 +70,33 @@ class DaemonClient:
         return self.request("list")["clients"]
 
     def set(self, pid: int | None = None, slot: int | None = None, gate: str | None = None,
-            priority: int | None = None, max_hold_ms: float | None = None) -> dict:
-        args = {k: v for k, v in dict(pid=pid, slot=slot, gate=gate, priority=priority,
-                                      max_hold_ms=max_hold_ms).items() if v is not None}
-        return self.request("set", **args)["client"]
+            priority: int | None = None, max_hold_ms: float | None = None, inflight: int | None = None,
+            owner: str = "manual", lease_ms: float | None = None) -> dict:
+        """One client's settings; returns its `list` record. owner "controller" renews the
+        controller's lease (lease_ms, default 500) and is refused on a manual setting."""
+        args = {k: v for k, v in dict(pid=pid, slot=slot, gate=gate, priority=priority, max_hold_ms=max_hold_ms,
+                                      inflight=inflight, lease_ms=lease_ms).items() if v is not None}
+        return self.request("set", owner=owner, **args)["client"]
+
+    def set_many(self, settings: list[dict], owner: str = "controller", lease_ms: float = 500) -> dict:
+        """Settings of many clients ({"pid", "gate"?, "priority"?, "max_hold_ms"?, "inflight"?}
+        each), applied at once with one wake-up; renews the controller's lease. Returns
+        {"applied": [pid, ...], "skipped": [{"pid", "reason"}, ...]}."""
+        args: dict[str, Any] = {"settings": settings, "owner": owner}
+        if owner == "controller":
+            args["lease_ms"] = lease_ms
+        reply = self.request("set_many", **args)
+        return {"applied": reply["applied"], "skipped": reply["skipped"]}
+
+    def release(self, pid: int | None = None, all: bool = False) -> list[int]:
+        """Drops manual settings (of pid, or every client's with all=True) back to the device
+        defaults; returns the pids released."""
+        args: dict[str, Any] = {"all": True} if all else {"pid": pid}
+        return self.request("release", **args)["released"]
+
+    def renew(self, owner: str = "controller", lease_ms: float = 500) -> dict:
+        """Renews the controller's lease without changing anything; returns {"lease_left_ms"}."""
+        return self.request("renew", owner=owner, lease_ms=lease_ms)["controller"]
 
     def defaults(self, gate: str | None = None, priority: int | None = None, max_hold_ms: float | None = None,
                  apply: bool = False, pending_grace_ms: float | None = None) -> dict:

@@ -5,6 +5,11 @@ the clients still alive; admits clients that claim slots; notices dead ones thro
 and frees their slots and any hold they had on others; keeps a heartbeat the shims use to
 fail open when the daemon is gone. A zmq REP socket at ipc://$RUNTIME_DIR/daemon-<dev>.sock
 serves the control API (flexnpu/forward/protocol.py). SIGTERM opens every gate and exits.
+
+Every client's settings have an owner (protocol.py): none (the device defaults), the
+controller, or manual. The controller holds a lease; the watcher reverts every
+controller-owned setting to the defaults within a heartbeat of the lease running out, so a
+dead controller leaves every gate open and every budget unlimited.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class ForwardDaemon:
         self._stop = threading.Event()
         self.seg: GateSegment | None = None
         self.adopted = 0
+        # settings writes (control API thread, lease expiry in the watcher) are one at a time
+        self.settings_lock = threading.RLock()
+        self.lease_deadline_ns: int | None = None  # CLOCK_MONOTONIC end of the controller's lease
 
     # -- segment and clients
     def _open_segment(self) -> None:
@@ -82,6 +90,9 @@ class ForwardDaemon:
                 self.seg.free(i)
         log.info("device %d: %s segment in %s, %d live clients adopted",
                  self.device, "adopted the" if adopt else "created a", self.rdir, self.adopted)
+        if any(self.seg.slot(c.slot).owner == "controller" for c in self.clients.values()):
+            # adopted controller settings: kept while a live controller renews, reverted otherwise
+            self.renew(protocol.LEASE_DEFAULT_MS)
 
     def _refuse_if_served(self) -> None:
         """Two daemons on one device would fight over its gates: refuse while the segment's
@@ -164,6 +175,7 @@ class ForwardDaemon:
             if now - last_beat >= HEARTBEAT_S:
                 self.seg.heartbeat(True)
                 last_beat = now
+            self._check_lease()
             self.seg.wait_claim(seq, int(SCAN_S * 1e9))
 
     # -- control API handlers (called from the server thread)
@@ -177,6 +189,8 @@ class ForwardDaemon:
     def client_info(self, c: Client) -> dict:
         v = self.seg.slot(c.slot).as_dict()
         v["max_hold_ms"] = v.pop("max_hold_ns") / 1e6
+        v["inflight"] = v.pop("inflight_max")
+        v["inflight_wait_ms"] = v.pop("inflight_wait_ns") / 1e6
         return v
 
     def list_clients(self) -> list[dict]:
@@ -184,17 +198,108 @@ class ForwardDaemon:
             cs = sorted(self.clients.values(), key=lambda c: c.slot)
         return [self.client_info(c) for c in cs]
 
-    def set_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None) -> dict:
+    def _write_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
+                      inflight: int | None, owner: str | None) -> dict:
+        """Writes c's settings (those not given keep their values) without waking anyone."""
         info = self.client_info(c)
         g = protocol.GATES[gate if gate is not None else info["gate"]]
         p = priority if priority is not None else info["priority"]
         h = protocol.ms_to_ns(max_hold_ms) if max_hold_ms is not None else int(round(info["max_hold_ms"] * 1e6))
-        log.info("device %d: pid %d gate=%s priority=%d max_hold=%.1fms", self.device, c.pid,
-                 "open" if g == GATE_OPEN else "closed", p, h / 1e6)
-        info.update(gate="open" if g == GATE_OPEN else "closed", priority=p, max_hold_ms=h / 1e6)
-        # the write comes last: a client it releases then competes with less of this request's work
-        self.seg.set_gate(c.slot, g, p, h)
+        n = inflight if inflight is not None else info["inflight"]
+        log.info("device %d: pid %d gate=%s priority=%d max_hold=%.1fms inflight=%d (%s)", self.device, c.pid,
+                 "open" if g == GATE_OPEN else "closed", p, h / 1e6, n, owner or "defaults")
+        info.update(gate="open" if g == GATE_OPEN else "closed", priority=p, max_hold_ms=h / 1e6, inflight=n,
+                    owner=owner)
+        self.seg.write_slot(c.slot, g, p, h, n, owner)
         return info
+
+    def _manual_holds(self, c: Client, owner: str) -> bool:
+        return owner == "controller" and self.seg.slot(c.slot).owner == "manual"
+
+    def set_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
+                   inflight: int | None = None, owner: str | None = "manual") -> dict:
+        with self.settings_lock:
+            if self._manual_holds(c, owner):
+                raise protocol.RequestError(f"pid {c.pid}: {protocol.MANUAL_HOLDS.replace('PID', str(c.pid))}")
+            info = self._write_client(c, gate, priority, max_hold_ms, inflight, owner)
+            # the wake comes last: a client it releases then competes with less of this request's work
+            self.seg.wake()
+        return info
+
+    def set_many(self, settings: list[dict], owner: str) -> dict:
+        """Applies every setting it can, then wakes waiters once for the whole batch."""
+        applied: list[int] = []
+        skipped: list[dict] = []
+        with self.settings_lock:
+            for one in settings:
+                pid = one["pid"]
+                try:
+                    c = self.find(pid, None)
+                except protocol.RequestError:
+                    skipped.append({"pid": pid, "reason": f"no client with pid {pid} on device {self.device}"})
+                    continue
+                if self._manual_holds(c, owner):
+                    skipped.append({"pid": pid, "reason": protocol.MANUAL_HOLDS.replace("PID", str(pid))})
+                    continue
+                self._write_client(c, one.get("gate"), one.get("priority"), one.get("max_hold_ms"),
+                                   one.get("inflight"), owner)
+                applied.append(pid)
+            if applied:
+                self.seg.wake()
+        return {"applied": applied, "skipped": skipped}
+
+    def _revert(self, owner: str | None) -> list[int]:
+        """Puts every client whose settings `owner` holds (None: any) back to the device
+        defaults, waking waiters once. Caller holds settings_lock."""
+        d = self.defaults
+        with self.lock:
+            cs = sorted(self.clients.values(), key=lambda c: c.slot)
+        done = []
+        for c in cs:
+            if self.seg.slot(c.slot).owner == owner:
+                self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], 0, None)
+                done.append(c.pid)
+        if done:
+            self.seg.wake()
+        return done
+
+    def release(self, pid: int | None) -> list[int]:
+        """Drops manual settings (of pid, or of every client) back to the device defaults."""
+        with self.settings_lock:
+            if pid is None:
+                return self._revert("manual")
+            c = self.find(pid, None)
+            if self.seg.slot(c.slot).owner != "manual":
+                return []
+            d = self.defaults
+            self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], 0, None)
+            self.seg.wake()
+            return [pid]
+
+    def renew(self, lease_ms: float) -> None:
+        """Extends the controller's lease to lease_ms from now."""
+        with self.settings_lock:
+            self.lease_deadline_ns = now_ns() + protocol.ms_to_ns(lease_ms)
+
+    def controller_info(self) -> dict | None:
+        deadline = self.lease_deadline_ns
+        if deadline is None:
+            return None
+        return {"lease_left_ms": max(0.0, (deadline - now_ns()) / 1e6)}
+
+    def _check_lease(self) -> None:
+        """In the watcher: a lease that ran out reverts every controller-owned setting."""
+        deadline = self.lease_deadline_ns
+        if deadline is None or now_ns() < deadline:
+            return
+        with self.settings_lock:
+            if self.lease_deadline_ns is None or now_ns() < self.lease_deadline_ns:
+                return  # renewed meanwhile
+            late_ms = (now_ns() - self.lease_deadline_ns) / 1e6
+            self.lease_deadline_ns = None
+            pids = self._revert("controller")
+        log.warning("device %d: the controller's lease ran out (%.0f ms ago); %d controller settings back "
+                    "to the defaults%s", self.device, late_ms, len(pids), f" (pids {pids})" if pids else "")
 
     def set_defaults(self, gate: str | None, priority: int | None, max_hold_ms: float | None, apply: bool,
                      pending_grace_ms: float | None = None) -> dict:
@@ -212,11 +317,14 @@ class ForwardDaemon:
         for i, (state, _, _) in enumerate(self.seg.claims()):
             if state == SLOT_FREE:
                 self.seg.free(i)
-        if apply:
-            with self.lock:
-                cs = list(self.clients.values())
-            for c in cs:
-                self.set_client(c, d["gate"], d["priority"], d["max_hold_ms"])
+        if apply:  # to the clients on the defaults: manual and controller settings stay theirs
+            with self.settings_lock:
+                with self.lock:
+                    cs = list(self.clients.values())
+                touched = [self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], None, None)
+                           for c in cs if self.seg.slot(c.slot).owner is None]
+                if touched:
+                    self.seg.wake()
         return dict(d)
 
     # -- process

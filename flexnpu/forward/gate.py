@@ -21,6 +21,8 @@ from flexnpu.runtimes import Direction, Op
 
 GATE_OPEN, GATE_CLOSED = 0, 1
 SLOT_FREE, SLOT_CLAIMED = 0, 1
+OWNERS = {0: None, 1: "controller", 2: "manual"}  # enum fx_owner: who set a slot's settings
+OWNER_IDS = {v: k for k, v in OWNERS.items()}
 ROLES = {0: "auto", 1: "prefill", 2: "decode"}
 ROLE_IDS = {v: k for k, v in ROLES.items()}
 _FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
@@ -34,7 +36,9 @@ def gate_library() -> ctypes.CDLL:
     lib.fx_now.restype = u64
     lib.fx_seg_init.argtypes = [vp, vp, u32, i32, ctypes.c_int]
     lib.fx_heartbeat.argtypes = [vp, ctypes.c_int]
-    lib.fx_gate_set.argtypes = [vp, vp, ctypes.c_int, u32, u32, u64]
+    lib.fx_gate_set.argtypes = [vp, vp, ctypes.c_int, u32, u32, u64, u32, u32]
+    lib.fx_slot_write.argtypes = [vp, ctypes.c_int, u32, u32, u64, u32, u32]
+    lib.fx_wake.argtypes = [vp]
     lib.fx_defaults_set.argtypes = [vp, u32, u32, u64]
     lib.fx_slot_admit.argtypes = [vp, ctypes.c_int, i32, u32]
     lib.fx_grace_set.argtypes = [vp, vp, u64]
@@ -80,9 +84,14 @@ class SlotView:
     gate_expired: int
     last_release_lag_ns: int
     last_hold_lag_ns: int
+    inflight_now: int
+    inflight_waits: int
+    inflight_wait_ns: int
     gate: str
     priority: int
     max_hold_ns: int
+    inflight_max: int
+    owner: str | None
     admitted_pid: int
 
     def as_dict(self) -> dict:
@@ -91,21 +100,55 @@ class SlotView:
 
 class GateSegment:
     """The two files of device `device`'s gate: gate-<dev>.ctl (daemon-written, mode 0644)
-    and gate-<dev>.cli (client slots, mode 0666)."""
+    and gate-<dev>.cli (client slots, mode 0666).
 
-    def __init__(self, device: int, rdir: Path | None = None):
+    readonly=True (or `open_readonly`) is the view of a reader such as the observer: both
+    files are opened O_RDONLY and mapped PROT_READ, never created nor resized (a missing or
+    short file raises OSError), and every write method raises PermissionError."""
+
+    def __init__(self, device: int, rdir: Path | None = None, readonly: bool = False):
         self.device = device
         self.rdir = Path(rdir or paths.runtime_dir())
+        self.readonly = readonly
         self.lib = gate_library()
         L = layout()
         self._ctl_l, self._cli_l = L["ctl"], L["cli"]
         self.max_slots = L["max_slots"]
         self._ctl_file = self.rdir / f"gate-{device}.ctl"
         self._cli_file = self.rdir / f"gate-{device}.cli"
+        if readonly:
+            self.ctl = self._map_readonly(self._ctl_file, self._ctl_l["size"])
+            try:
+                self.cli = self._map_readonly(self._cli_file, self._cli_l["size"])
+            except OSError:
+                self.ctl.close()
+                raise
+            self.ctl_addr = self.cli_addr = 0  # no pointers into a read-only map: nothing writes
+            return
         self.ctl = self._map(self._ctl_file, self._ctl_l["size"], 0o644)
         self.cli = self._map(self._cli_file, self._cli_l["size"], 0o666)
         self.ctl_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.ctl))
         self.cli_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.cli))
+
+    @classmethod
+    def open_readonly(cls, device: int, rdir: Path | None = None) -> GateSegment:
+        """A read-only view of an existing segment (OSError if it is missing or short)."""
+        return cls(device, rdir, readonly=True)
+
+    @staticmethod
+    def _map_readonly(path: Path, size: int) -> mmap.mmap:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            have = os.fstat(fd).st_size
+            if have < size:
+                raise OSError(f"{path} holds {have} bytes, not a segment of {size}")
+            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise PermissionError(f"gate segment of device {self.device} is open read-only")
 
     @staticmethod
     def _map(path: Path, size: int, mode: int) -> mmap.mmap:
@@ -119,6 +162,7 @@ class GateSegment:
             os.close(fd)
 
     def init(self, daemon_pid: int, adopt: bool) -> None:
+        self._writable()
         self.lib.fx_seg_init(self.ctl_addr, self.cli_addr, self.device, daemon_pid, 1 if adopt else 0)
 
     def valid(self) -> bool:
@@ -179,31 +223,55 @@ class GateSegment:
             iterations=c("iterations"), iter_ns_total=c("iter_ns_total"), iter_ns_last=c("iter_ns_last"),
             gate_waits=c("gate_waits"), gate_wait_ns=c("gate_wait_ns"), gate_expired=c("gate_expired"),
             last_release_lag_ns=c("last_release_lag_ns"), last_hold_lag_ns=c("last_hold_lag_ns"),
+            inflight_now=c("inflight_now"), inflight_waits=c("inflight_waits"),
+            inflight_wait_ns=c("inflight_wait_ns"),
             gate="open" if t("gate") == GATE_OPEN else "closed", priority=t("priority"),
-            max_hold_ns=t("max_hold_ns"), admitted_pid=t("pid"),
+            max_hold_ns=t("max_hold_ns"), inflight_max=t("inflight_max"), owner=OWNERS.get(t("owner")),
+            admitted_pid=t("pid"),
         )
 
     # -- writes (atomic, in C)
-    def set_gate(self, i: int, gate: int, priority: int, max_hold_ns: int) -> None:
-        self.lib.fx_gate_set(self.ctl_addr, self.cli_addr, i, gate, priority, max_hold_ns)
+    def set_gate(self, i: int, gate: int, priority: int, max_hold_ns: int, inflight_max: int = 0,
+                 owner: str | None = None) -> None:
+        """Writes one slot's settings and wakes every waiter."""
+        self._writable()
+        self.lib.fx_gate_set(self.ctl_addr, self.cli_addr, i, gate, priority, max_hold_ns, inflight_max,
+                             OWNER_IDS[owner])
+
+    def write_slot(self, i: int, gate: int, priority: int, max_hold_ns: int, inflight_max: int,
+                   owner: str | None) -> None:
+        """Writes one slot's settings without waking anyone: a batch ends with one wake()."""
+        self._writable()
+        self.lib.fx_slot_write(self.ctl_addr, i, gate, priority, max_hold_ns, inflight_max, OWNER_IDS[owner])
+
+    def wake(self) -> None:
+        """One wake_seq bump and one futex wake: every waiter re-evaluates."""
+        self._writable()
+        self.lib.fx_wake(self.cli_addr)
 
     def set_defaults(self, gate: int, priority: int, max_hold_ns: int) -> None:
+        self._writable()
         self.lib.fx_defaults_set(self.ctl_addr, gate, priority, max_hold_ns)
 
     def set_grace(self, grace_ns: int) -> None:
         """How long a synced client's pending work still counts for priority."""
+        self._writable()
         self.lib.fx_grace_set(self.ctl_addr, self.cli_addr, grace_ns)
 
     def admit(self, i: int, pid: int, gen: int) -> None:
+        self._writable()
         self.lib.fx_slot_admit(self.ctl_addr, i, pid, gen)
 
     def free(self, i: int) -> None:
+        self._writable()
         self.lib.fx_slot_free(self.ctl_addr, self.cli_addr, i)
 
     def heartbeat(self, alive: bool = True) -> None:
+        self._writable()
         self.lib.fx_heartbeat(self.ctl_addr, 1 if alive else 0)
 
     def open_all(self) -> None:
+        self._writable()
         self.lib.fx_open_all(self.ctl_addr, self.cli_addr)
 
     def wait_claim(self, seq: int, timeout_ns: int) -> None:

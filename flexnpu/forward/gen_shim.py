@@ -5,9 +5,11 @@ or by hand. Every wrapped symbol gets a pointer to the real function and, unless
 profile marks it hand-written (shim.c), a wrapper whose hooks follow from its Op:
 
   dispatching ops   fx_gate()  -> real call -> fx_count(op, bytes, direction)
+  budgeted ops      fx_budget(stream), fx_gate_at() -> real call -> fx_count(), fx_inflight_dispatched()
+                    (kernel launches, async copies and memsets: the in-flight budget)
   ALLOC             fx_alloc_reserve() -> real call -> fx_alloc_done() or fx_alloc_cancel()
   FREE              fx_free_size() -> real call -> fx_free_done()
-  SYNC              real call -> fx_sync_done()
+  SYNC              real call -> fx_sync_done(device|stream|other, stream, succeeded)
 
 A table of every wrapper lets the shim's dlsym hand out wrappers to programs that look
 functions up at run time.
@@ -19,6 +21,11 @@ import sys
 from pathlib import Path
 
 from flexnpu.runtimes import RUNTIMES, Direction, Op, RuntimeProfile, Symbol
+
+# Launches the in-flight budget counts and holds (shim_inflight.h): work that stays queued on
+# a stream after the call returns. Event records and stream waits add no work of their own;
+# synchronous copies and memsets are finished when they return.
+BUDGETED = (Op.KERNEL, Op.MEMCPY_ASYNC, Op.MEMSET_ASYNC)
 
 
 def _params(s: Symbol) -> str:
@@ -41,11 +48,23 @@ def _body(s: Symbol, p: RuntimeProfile) -> list[str]:
     if s.op.dispatches:
         nbytes = f"(uint64_t){s.bytes_arg}" if s.bytes_arg else "0"
         direction = f"fx_direction((int){s.kind_arg})" if s.kind_arg else ("FX_DIR_NONE")
-        lines += [
-            "    fx_gate();",
-            f"    {s.returns} rc = {call};",
-            f"    if (rc == {ok}) fx_count(FX_OP_{s.op.name}, {nbytes}, {direction});",
-        ]
+        if s.op in BUDGETED and s.stream_arg:
+            lines += [
+                "    struct fx_att *fx_a = fx_current();",
+                f"    uint32_t fx_b = fx_budget(fx_a, (void *){s.stream_arg});",
+                "    fx_gate_at(fx_a);",
+                f"    {s.returns} rc = {call};",
+                f"    if (rc == {ok}) {{",
+                f"        fx_count(FX_OP_{s.op.name}, {nbytes}, {direction});",
+                f"        if (fx_b) fx_inflight_dispatched(fx_a, fx_b, (void *){s.stream_arg});",
+                "    }",
+            ]
+        else:
+            lines += [
+                "    fx_gate();",
+                f"    {s.returns} rc = {call};",
+                f"    if (rc == {ok}) fx_count(FX_OP_{s.op.name}, {nbytes}, {direction});",
+            ]
     elif s.op is Op.ALLOC:
         ptr, size = s.ptr_arg, s.bytes_arg
         lines += [
@@ -62,7 +81,13 @@ def _body(s: Symbol, p: RuntimeProfile) -> list[str]:
             f"    if (rc == {ok}) fx_free_done({s.ptr_arg});",
         ]
     elif s.op is Op.SYNC:
-        lines += [f"    {s.returns} rc = {call};", "    fx_sync_done();"]
+        if s.stream_arg:
+            kind, stream = "FX_SYNC_STREAM", f"(void *){s.stream_arg}"
+        elif any(n == "event" for _, n in s.params):
+            kind, stream = "FX_SYNC_OTHER", "NULL"
+        else:
+            kind, stream = "FX_SYNC_DEVICE", "NULL"
+        lines += [f"    {s.returns} rc = {call};", f"    fx_sync_done({kind}, {stream}, rc == {ok});"]
     else:
         raise ValueError(f"{s.name}: op {s.op.name} needs a hand-written wrapper")
     lines += ["    fx_depth_leave();", "    return rc;"]

@@ -5,12 +5,24 @@ Reply:    {"schema": 1, "ok": true, ...}  or  {"schema": 1, "ok": false, "error"
 
 Commands
   ping                                   -> device, pid, clients
-  list                                   -> clients: [slot view + gate settings], defaults
-  set       pid|slot, [gate], [priority], [max_hold_ms]    -> client
+  list                                   -> clients: [slot view + settings], defaults, controller
+  set       pid|slot, [gate], [priority], [max_hold_ms], [inflight], [owner], [lease_ms]  -> client
+  set_many  owner, [lease_ms], settings: [{pid, [gate], [priority], [max_hold_ms], [inflight]}]
+                                         -> applied: [pid], skipped: [{pid, reason}]
+  release   pid | all: true              -> released: [pid]
+  renew     owner, [lease_ms]            -> controller: {lease_left_ms}
   defaults  [gate], [priority], [max_hold_ms], [pending_grace_ms], [apply]  -> defaults
 gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in [0.01, 60000];
+inflight 0..1000000 (launches a client may have dispatched and unfinished; 0 unlimited);
 pending_grace_ms in [0, 1000] (device-wide: how long a client's work still counts as pending
 for priority after its sync, so its next step keeps its turn).
+
+Ownership: each client's settings belong to nobody (the device defaults), the "controller"
+or "manual" (a person, `flexnpu gate set`). A manual set overrides anything and holds until
+released (`release`: back to the defaults). A controller set/set_many never overwrites a
+manual setting, and carries a lease (lease_ms in [10, 60000], default 500) that it and
+`renew` extend; when the lease runs out every controller-owned setting reverts to the
+device defaults.
 A malformed, unknown, multipart or oversized (> MAX_MESSAGE) request gets an error reply;
 a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 """
@@ -30,6 +42,11 @@ MAX_FRAME = 1 << 20
 GATES = {"open": GATE_OPEN, "closed": GATE_CLOSED}
 MAX_HOLD_LIMIT_MS = 60_000.0
 MIN_HOLD_MS = 0.01  # 10 us; anything shorter is not a hold a futex wait can honour
+INFLIGHT_LIMIT = 1_000_000  # launches; the segment holds a u32
+OWNERS = ("manual", "controller")
+LEASE_MIN_MS, LEASE_MAX_MS, LEASE_DEFAULT_MS = 10.0, 60_000.0, 500.0
+MANUAL_HOLDS = "manual setting holds; `flexnpu gate release PID` returns it to the controller"
+SETTING_KEYS = ("pid", "gate", "priority", "max_hold_ms", "inflight")
 
 
 class RequestError(ValueError):
@@ -53,6 +70,51 @@ def check_settings(req: dict[str, Any]) -> None:
         or not math.isfinite(hold)
     ):
         raise RequestError(f"max_hold_ms must be a number in [{MIN_HOLD_MS:g}, {MAX_HOLD_LIMIT_MS:g}], not {hold!r}")
+    inflight = req.get("inflight")
+    if inflight is not None and (isinstance(inflight, bool) or not isinstance(inflight, int)
+                                 or not 0 <= inflight <= INFLIGHT_LIMIT):
+        raise RequestError(f"inflight must be an integer 0..{INFLIGHT_LIMIT} (launches; 0: unlimited), "
+                           f"not {inflight!r}")
+
+
+def check_owner(req: dict[str, Any]) -> tuple[str, float | None]:
+    """The request's owner and, for the controller, its lease in ms."""
+    owner = req.get("owner", "manual")
+    if not isinstance(owner, str) or owner not in OWNERS:
+        raise RequestError(f"owner must be 'manual' or 'controller', not {owner!r}")
+    lease = req.get("lease_ms")
+    if owner != "controller":
+        if lease is not None:
+            raise RequestError("lease_ms goes with owner 'controller'; a manual setting holds until released")
+        return owner, None
+    if lease is None:
+        return owner, LEASE_DEFAULT_MS
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not LEASE_MIN_MS <= lease <= LEASE_MAX_MS \
+            or not math.isfinite(lease):
+        raise RequestError(f"lease_ms must be a number in [{LEASE_MIN_MS:g}, {LEASE_MAX_MS:g}], not {lease!r}")
+    return owner, float(lease)
+
+
+def check_setting_list(req: dict[str, Any]) -> list[dict[str, Any]]:
+    """set_many's settings: a list of objects, each with an integer pid; all validated before
+    any is applied."""
+    settings = req.get("settings")
+    if not isinstance(settings, list):
+        raise RequestError("settings must be a list of {pid, gate?, priority?, max_hold_ms?, inflight?}")
+    for i, one in enumerate(settings):
+        if not isinstance(one, dict):
+            raise RequestError(f"settings[{i}] must be an object")
+        extra = sorted(k for k in one if k not in SETTING_KEYS)
+        if extra:
+            raise RequestError(f"settings[{i}]: unknown key {extra[0]!r}; expected {', '.join(SETTING_KEYS)}")
+        pid = one.get("pid")
+        if isinstance(pid, bool) or not isinstance(pid, int):
+            raise RequestError(f"settings[{i}]: pid must be an integer, not {pid!r}")
+        try:
+            check_settings(one)
+        except RequestError as e:
+            raise RequestError(f"settings[{i}]: {e}") from None
+    return settings
 
 
 MAX_GRACE_MS = 1000.0
@@ -77,14 +139,38 @@ def _dispatch(daemon, req: dict[str, Any]) -> dict[str, Any]:
     if cmd == "ping":
         return {"device": daemon.device, "pid": os.getpid(), "clients": len(daemon.clients)}
     if cmd == "list":
-        return {"device": daemon.device, "clients": daemon.list_clients(), "defaults": dict(daemon.defaults)}
+        return {"device": daemon.device, "clients": daemon.list_clients(), "defaults": dict(daemon.defaults),
+                "controller": daemon.controller_info()}
     if cmd == "set":
         pid, slot = _int_or_none(req, "pid"), _int_or_none(req, "slot")
         if (pid is None) == (slot is None):
             raise RequestError("set needs exactly one of pid or slot")
         check_settings(req)
+        owner, lease = check_owner(req)
+        if lease is not None:
+            daemon.renew(lease)
         c = daemon.find(pid, slot)
-        return {"client": daemon.set_client(c, req.get("gate"), req.get("priority"), req.get("max_hold_ms"))}
+        return {"client": daemon.set_client(c, req.get("gate"), req.get("priority"), req.get("max_hold_ms"),
+                                            inflight=req.get("inflight"), owner=owner)}
+    if cmd == "set_many":
+        owner, lease = check_owner({**req, "owner": req.get("owner", "controller")})
+        settings = check_setting_list(req)
+        if lease is not None:
+            daemon.renew(lease)
+        return daemon.set_many(settings, owner)
+    if cmd == "release":
+        pid, everyone = _int_or_none(req, "pid"), req.get("all", False)
+        if not isinstance(everyone, bool):
+            raise RequestError("all must be true or false")
+        if (pid is None) == (not everyone):
+            raise RequestError("release needs a pid or \"all\": true")
+        return {"released": daemon.release(pid)}
+    if cmd == "renew":
+        owner, lease = check_owner({**req, "owner": req.get("owner", "controller")})
+        if owner != "controller":
+            raise RequestError("renew is for owner 'controller'")
+        daemon.renew(lease)
+        return {"controller": daemon.controller_info()}
     if cmd == "defaults":
         check_settings(req)
         check_grace(req)
@@ -93,7 +179,7 @@ def _dispatch(daemon, req: dict[str, Any]) -> dict[str, Any]:
             raise RequestError("apply must be true or false")
         return {"defaults": daemon.set_defaults(req.get("gate"), req.get("priority"), req.get("max_hold_ms"), apply,
                                                 req.get("pending_grace_ms"))}
-    raise RequestError(f"unknown cmd {cmd!r}; expected ping, list, set or defaults")
+    raise RequestError(f"unknown cmd {cmd!r}; expected ping, list, set, set_many, release, renew or defaults")
 
 
 def error_reply(error: str) -> bytes:

@@ -45,7 +45,10 @@ class ShimSource:
                     return None  # another version's segment: never resize it
             except OSError:
                 return None
-        seg = GateSegment(dev, self.rdir)
+        try:
+            seg = GateSegment.open_readonly(dev, self.rdir)  # the observer never holds a writable map
+        except OSError:
+            return None
         if not seg.valid():
             seg.close()
             return None

@@ -16,6 +16,12 @@
  *   else wait on cli.wake_seq until that holds, at most max_hold; past max_hold the client
  *       goes anyway and keeps going until its next synchronisation (so nobody starves);
  *       if the daemon's heartbeat is older than FX_HEARTBEAT_STALE_NS it goes at once.
+ *
+ * In-flight budget (ctl.slots[i].inflight_max, 0: unlimited): a kernel launch, async copy or
+ * async memset of the client also waits while its estimate of its own dispatched-but-
+ * unfinished launches on the device (cli.inflight_now) has reached the budget; bounded by
+ * max_hold and failing open like a gate hold. The shim learns completion from events it
+ * records on the application's streams (shim.c, "in-flight budget").
  */
 #ifndef FLEXNPU_GATE_H_
 #define FLEXNPU_GATE_H_
@@ -25,7 +31,7 @@
 
 #define FX_GATE_MAGIC_CTL 0x464e5047435431ULL /* "FNPGCT1" */
 #define FX_GATE_MAGIC_CLI 0x464e5047434c31ULL /* "FNPGCL1" */
-#define FX_GATE_VERSION 1
+#define FX_GATE_VERSION 2 /* 2: in-flight budget (ctl inflight_max, owner; cli inflight_*) */
 #define FX_MAX_SLOTS 64
 #define FX_NUM_OPS 18  /* Op in flexnpu/runtimes/base.py */
 #define FX_NUM_DIRS 5  /* Direction in flexnpu/runtimes/base.py */
@@ -38,14 +44,20 @@ enum fx_gate { FX_GATE_OPEN = 0, FX_GATE_CLOSED = 1 };
 enum fx_role { FX_ROLE_AUTO = 0, FX_ROLE_PREFILL = 1, FX_ROLE_DECODE = 2 };
 enum fx_slot_state { FX_SLOT_FREE = 0, FX_SLOT_CLAIMED = 1, FX_SLOT_ADMITTED = 2 };
 
-struct fx_ctl_slot { /* daemon-written */
-    _Atomic uint32_t gate;        /* enum fx_gate */
-    _Atomic uint32_t priority;    /* 0..7; higher goes first */
-    _Atomic uint64_t max_hold_ns; /* longest a call of this client is held */
-    _Atomic int32_t pid;          /* the client admitted into this slot; 0: none */
-    _Atomic uint32_t gen;         /* the claim generation admitted */
-    _Atomic uint64_t changed_ns;  /* CLOCK_MONOTONIC of the last gate write (enforcement latency) */
-    uint64_t reserved[4];
+enum fx_owner { FX_OWNER_NONE = 0, FX_OWNER_CONTROLLER = 1, FX_OWNER_MANUAL = 2 };
+
+/* 64-byte aligned, so gate, priority and inflight_max, which every dispatch loads, share
+ * one cache line. */
+struct __attribute__((aligned(64))) fx_ctl_slot { /* daemon-written */
+    _Atomic uint32_t gate;         /* enum fx_gate */
+    _Atomic uint32_t priority;     /* 0..7; higher goes first */
+    _Atomic uint32_t inflight_max; /* launches it may have dispatched and unfinished; 0: unlimited */
+    _Atomic uint32_t owner;        /* enum fx_owner: who set these (the daemon's bookkeeping) */
+    _Atomic uint64_t max_hold_ns;  /* longest a call of this client is held */
+    _Atomic int32_t pid;           /* the client admitted into this slot; 0: none */
+    _Atomic uint32_t gen;          /* the claim generation admitted */
+    _Atomic uint64_t changed_ns;   /* CLOCK_MONOTONIC of the last gate write (enforcement latency) */
+    uint64_t reserved[3];
 };
 
 struct fx_ctl_seg {
@@ -90,7 +102,10 @@ struct fx_cli_slot { /* client-written */
     _Atomic uint64_t gate_expired;         /* holds ended by max_hold */
     _Atomic uint64_t last_release_lag_ns;  /* gate opened (ctl.changed_ns) -> this client went */
     _Atomic uint64_t last_hold_lag_ns;     /* gate closed (ctl.changed_ns) -> a call of it held */
-    uint64_t reserved[5];
+    _Atomic uint64_t inflight_now;         /* the shim's estimate of its unfinished launches */
+    _Atomic uint64_t inflight_waits;       /* launches that waited for the budget */
+    _Atomic uint64_t inflight_wait_ns;     /* time they waited */
+    uint64_t reserved[2];
 };
 
 struct fx_cli_seg {

@@ -52,7 +52,8 @@ EXPORT const char *fx_layout(void)
     P("},\"slot_fields\":{");
     P(F(struct fx_ctl_slot, gate)); P(","); P(F(struct fx_ctl_slot, priority)); P(",");
     P(F(struct fx_ctl_slot, max_hold_ns)); P(","); P(F(struct fx_ctl_slot, pid)); P(",");
-    P(F(struct fx_ctl_slot, gen)); P(","); P(F(struct fx_ctl_slot, changed_ns));
+    P(F(struct fx_ctl_slot, gen)); P(","); P(F(struct fx_ctl_slot, changed_ns)); P(",");
+    P(F(struct fx_ctl_slot, inflight_max)); P(","); P(F(struct fx_ctl_slot, owner));
     P("}},\"cli\":{\"size\":%zu,\"slots\":%zu,\"slot_size\":%zu,\"fields\":{", sizeof(struct fx_cli_seg),
       offsetof(struct fx_cli_seg, slots), sizeof(struct fx_cli_slot));
     P(F(struct fx_cli_seg, pending_levels)); P(","); P(F(struct fx_cli_seg, wake_seq)); P(",");
@@ -70,7 +71,9 @@ EXPORT const char *fx_layout(void)
     P(F(struct fx_cli_slot, iter_ns_last)); P(","); P(F(struct fx_cli_slot, iter_start_ns)); P(",");
     P(F(struct fx_cli_slot, gate_waits)); P(","); P(F(struct fx_cli_slot, gate_wait_ns)); P(",");
     P(F(struct fx_cli_slot, gate_expired)); P(","); P(F(struct fx_cli_slot, last_release_lag_ns)); P(",");
-    P(F(struct fx_cli_slot, last_hold_lag_ns));
+    P(F(struct fx_cli_slot, last_hold_lag_ns)); P(",");
+    P(F(struct fx_cli_slot, inflight_now)); P(","); P(F(struct fx_cli_slot, inflight_waits)); P(",");
+    P(F(struct fx_cli_slot, inflight_wait_ns));
     P("}}}");
 #undef P
     return buf;
@@ -104,15 +107,28 @@ EXPORT void fx_heartbeat(struct fx_ctl_seg *ctl, int alive)
     atomic_store(&ctl->heartbeat_ns, alive ? fx_now() : 0);
 }
 
-/* Sets one slot's gate; wakes every waiter so each re-evaluates. */
-EXPORT void fx_gate_set(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, int slot, uint32_t gate, uint32_t priority,
-                        uint64_t max_hold_ns)
+/* Writes one slot's settings without waking anyone (a batch wakes once, fx_wake). The gate
+ * is written last: a client it releases then competes with less of this request's work. */
+EXPORT void fx_slot_write(struct fx_ctl_seg *ctl, int slot, uint32_t gate, uint32_t priority, uint64_t max_hold_ns,
+                          uint32_t inflight_max, uint32_t owner)
 {
     struct fx_ctl_slot *s = &ctl->slots[slot];
     atomic_store(&s->changed_ns, fx_now());
+    atomic_store(&s->owner, owner);
     atomic_store(&s->priority, priority & (FX_PRIO_LEVELS - 1));
     atomic_store(&s->max_hold_ns, max_hold_ns);
+    atomic_store(&s->inflight_max, inflight_max);
     atomic_store(&s->gate, gate);
+}
+
+/* Wakes every waiter so each re-evaluates its gate and budget. */
+EXPORT void fx_wake(struct fx_cli_seg *cli) { wake_all(cli); }
+
+/* Sets one slot's gate; wakes every waiter so each re-evaluates. */
+EXPORT void fx_gate_set(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, int slot, uint32_t gate, uint32_t priority,
+                        uint64_t max_hold_ns, uint32_t inflight_max, uint32_t owner)
+{
+    fx_slot_write(ctl, slot, gate, priority, max_hold_ns, inflight_max, owner);
     wake_all(cli);
 }
 
@@ -148,16 +164,20 @@ EXPORT void fx_slot_free(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, int slo
     atomic_store(&s->gate, atomic_load(&ctl->default_gate));
     atomic_store(&s->priority, atomic_load(&ctl->default_priority));
     atomic_store(&s->max_hold_ns, atomic_load(&ctl->default_max_hold_ns));
+    atomic_store(&s->inflight_max, 0);
+    atomic_store(&s->owner, FX_OWNER_NONE);
     atomic_store(&c->pid, 0);
     atomic_store(&c->state, FX_SLOT_FREE);
     wake_all(cli);
 }
 
-/* Opens every gate (daemon shutdown): nobody is held by a daemon that is going away. */
+/* Opens every gate and drops every budget (daemon shutdown): nobody is held by a daemon that
+ * is going away. */
 EXPORT void fx_open_all(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli)
 {
     for (int i = 0; i < FX_MAX_SLOTS; i++) {
         atomic_store(&ctl->slots[i].changed_ns, fx_now());
+        atomic_store(&ctl->slots[i].inflight_max, 0);
         atomic_store(&ctl->slots[i].gate, FX_GATE_OPEN);
     }
     wake_all(cli);

@@ -41,12 +41,35 @@
 
 /* ---------------------------------------------------------------- state */
 
+#define FX_RING 64 /* events per attached device; budget/stride + 1 are in use at most */
+
+struct fx_inflight_ev { /* one position of the ring; its event is reused once popped */
+    void *ev;           /* aclrtEvent, created lazily on the application's thread */
+    void *ctx;          /* the context it was created in (NULL: the device's default context) */
+    void *stream;       /* the stream it was last recorded on */
+    uint64_t seq;       /* launches counted when it was recorded */
+    bool done;          /* known complete (its stream was synchronised) */
+};
+
+struct fx_inflight { /* the in-flight budget's view of this process's work on one device */
+    pthread_mutex_t lock;        /* the ring; taken only while a budget is set */
+    _Atomic uint64_t seq;        /* budgeted launches dispatched */
+    _Atomic uint64_t done_seq;   /* of them, known finished */
+    _Atomic uint64_t rec_seq;    /* seq at the newest event recorded */
+    _Atomic int active;          /* 1 once a launch was counted: syncs then reset the ring */
+    void *last_stream;
+    bool mixed;                  /* launches went to more than one stream since the ring was empty */
+    uint32_t head, n;            /* entries head .. head+n-1 (mod FX_RING), oldest first */
+    struct fx_inflight_ev e[FX_RING];
+};
+
 struct fx_att { /* this process's attachment to one physical device's gate */
     int dev;
     const struct fx_ctl_seg *ctl;
     struct fx_cli_seg *cli;
     const struct fx_ctl_slot *g;
     struct fx_cli_slot *me;
+    struct fx_inflight inf;
 };
 
 static struct fx_att *_Atomic g_att[FX_MAX_DEVICES];
@@ -54,6 +77,7 @@ static struct fx_att *_Atomic g_last_att; /* for threads that never selected a d
 static __thread struct fx_att *t_att;
 static __thread int t_depth; /* > 0 inside a wrapper: nested runtime calls pass straight on */
 static __thread int t_vdev = -1;
+static __thread void *t_ctx; /* the thread's current context as the shim saw it set; NULL: the default */
 
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static bool g_debug;
@@ -188,6 +212,7 @@ static struct fx_att *fx_attach_locked(int dev)
     atomic_fetch_add(&cli->claim_seq, 1);
     syscall(SYS_futex, &cli->claim_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
     a = calloc(1, sizeof *a);
+    pthread_mutex_init(&a->inf.lock, NULL);
     a->dev = dev;
     a->ctl = ctl;
     a->cli = cli;
@@ -212,9 +237,10 @@ static void fx_select_device(int phys)
 }
 
 /* The calling thread now works on virtual device vdev, physical phys. */
-static void fx_use_device(int vdev, int phys)
+static void fx_use_device(int vdev, int phys, void *ctx)
 {
     t_vdev = vdev;
+    t_ctx = ctx;
     fx_select_device(phys);
 }
 
@@ -318,10 +344,9 @@ static void fx_gate_wait(struct fx_att *a)
     atomic_fetch_sub(&me->waiting, 1);
 }
 
-/* Before every dispatching call. */
-static inline void fx_gate(void)
+/* Before every dispatching call, with the calling thread's attachment (NULL: none). */
+static inline void fx_gate_at(struct fx_att *a)
 {
-    struct fx_att *a = fx_current();
     if (!a) return;
     if (__builtin_expect(!fx_gate_open(a), 0)) fx_gate_wait(a);
     struct fx_cli_slot *me = a->me;
@@ -339,6 +364,10 @@ static inline void fx_gate(void)
     }
 }
 
+static inline void fx_gate(void) { fx_gate_at(fx_current()); }
+
+#include "shim_inflight.h" /* the in-flight budget: fx_budget, fx_inflight_dispatched, fx_inflight_synced */
+
 /* After a successful dispatching call. */
 static inline void fx_count(int op, uint64_t bytes, int dir)
 {
@@ -354,8 +383,9 @@ static inline void fx_count(int op, uint64_t bytes, int dir)
     }
 }
 
-/* After every synchronisation: the end of an iteration if work was pending. */
-static void fx_sync_done(void)
+/* After every synchronisation: the end of an iteration if work was pending. kind: what was
+ * synchronised (enum fx_sync_kind), stream: which, ok: whether it succeeded. */
+static void fx_sync_done(int kind, void *stream, bool ok)
 {
     struct fx_att *a = fx_current();
     if (!a) {
@@ -367,6 +397,7 @@ static void fx_sync_done(void)
     struct fx_cli_slot *me = a->me;
     atomic_fetch_add_explicit(&me->ops[FX_OP_SYNC], 1, memory_order_relaxed);
     atomic_store_explicit(&me->released, 0, memory_order_relaxed);
+    if (ok && atomic_load_explicit(&a->inf.active, memory_order_relaxed)) fx_inflight_synced(a, kind, stream);
     if (atomic_exchange(&me->pending, 0)) {
         uint64_t now = fx_now(), start = atomic_load(&me->iter_start_ns);
         atomic_fetch_add(&me->iterations, 1);
@@ -533,7 +564,7 @@ FX_EXPORT aclError aclrtSetDevice(int32_t deviceId)
     int32_t phys;
     aclError rc = fx_phys_of(deviceId, &phys);
     if (rc == FX_SUCCESS) rc = real_aclrtSetDevice(phys);
-    if (rc == FX_SUCCESS) fx_use_device(deviceId, phys);
+    if (rc == FX_SUCCESS) fx_use_device(deviceId, phys, NULL);
     fx_depth_leave();
     return rc;
 }
@@ -544,6 +575,7 @@ FX_EXPORT aclError aclrtResetDevice(int32_t deviceId)
     if (fx_depth_enter()) return real_aclrtResetDevice(deviceId);
     int32_t phys;
     aclError rc = fx_phys_of(deviceId, &phys);
+    if (rc == FX_SUCCESS) fx_inflight_forget(phys, NULL); /* its default context goes */
     if (rc == FX_SUCCESS) rc = real_aclrtResetDevice(phys);
     fx_depth_leave();
     return rc;
@@ -595,7 +627,7 @@ FX_EXPORT aclError aclrtCreateContext(aclrtContext *context, int32_t deviceId)
                 break;
             }
         pthread_mutex_unlock(&g_lock);
-        fx_use_device(deviceId, phys);
+        fx_use_device(deviceId, phys, *context);
     }
     fx_depth_leave();
     return rc;
@@ -605,6 +637,7 @@ FX_EXPORT aclError aclrtDestroyContext(aclrtContext context)
 {
     FX_REAL(aclrtDestroyContext);
     if (fx_depth_enter()) return real_aclrtDestroyContext(context);
+    fx_inflight_forget(-1, context);
     aclError rc = real_aclrtDestroyContext(context);
     if (rc == FX_SUCCESS) {
         pthread_mutex_lock(&g_lock);
@@ -628,7 +661,7 @@ FX_EXPORT aclError aclrtSetCurrentContext(aclrtContext context)
             if (g_ctx[i].ctx == context) v = g_ctx[i].vdev;
         pthread_mutex_unlock(&g_lock);
         int32_t phys;
-        if (v >= 0 && fx_phys_of(v, &phys) == FX_SUCCESS) fx_use_device(v, phys);
+        if (v >= 0 && fx_phys_of(v, &phys) == FX_SUCCESS) fx_use_device(v, phys, context);
     }
     fx_depth_leave();
     return rc;
