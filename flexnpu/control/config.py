@@ -121,7 +121,10 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
     """The configuration from a parsed TOML document, with `overrides` (controller keys given as
     options) over it. ConfigError names the first bad key."""
     data = dict(data)
-    ctl = dict(data.pop("controller", {}) or {})
+    ctl = data.pop("controller", {})
+    if not isinstance(ctl, dict):
+        raise ConfigError("[controller] must be a table")
+    ctl = dict(ctl)
     ctl.update({k: v for k, v in (overrides or {}).items() if v is not None})
     pol = data.pop("policy", {}) or {}
     for k in data:

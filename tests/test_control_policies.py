@@ -1,0 +1,288 @@
+"""The controller's policies as pure functions, on hand-made snapshot sequences: no sockets,
+no clock (time is an argument), inputs never mutated."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from flexnpu.control.policies import POLICIES, flexpd, passthrough, static_split
+from flexnpu.control.policies.base import Client
+from flexnpu.control.wire import OPEN, GateSetting
+from flexnpu.snapshot import NodeSnapshot
+
+MS = 1_000_000
+T0 = 1_000_000 * MS  # an arbitrary CLOCK_MONOTONIC origin
+DEC, PRE = 101, 202
+
+
+def proc(pid: int, phase: str = "idle", step_ms: float | None = None, launches_per_s: float = 0.0,
+         role: str | None = None, device: int = 0) -> dict:
+    return {"pid": pid, "device": device, "comm": f"p{pid}", "role": role, "phase": phase,
+            "rates": {"launches_per_s": launches_per_s},
+            "iteration": {"mean_ms": step_ms}}
+
+
+def snap(t_ns: int, *procs: dict, seq: int = 0, interval_s: float = 0.1) -> NodeSnapshot:
+    return NodeSnapshot.from_json({"schema": 1, "source": "shim", "seq": seq, "mono_ns": t_ns,
+                                   "interval_s": interval_s, "devices": [], "processes": list(procs)})
+
+
+def clients(*cs: Client) -> dict[int, tuple[Client, ...]]:
+    out: dict[int, list[Client]] = {}
+    for c in cs:
+        out.setdefault(c.device, []).append(c)
+    return {d: tuple(v) for d, v in out.items()}
+
+
+def cl(pid: int, role: str = "auto", setting: GateSetting = OPEN, device: int = 0, owner: str | None = None) -> Client:
+    return Client(pid, device, role, owner, setting)
+
+
+class Run:
+    """Feeds a policy a sequence of snapshots, carrying its state and the settings in force
+    (as the controller would after applying them)."""
+
+    def __init__(self, policy, options=None, roles: dict[int, str] | None = None, device: int = 0):
+        self.policy = policy
+        self.options = options or policy.Options()
+        self.state = policy.initial_state()
+        self.roles = roles if roles is not None else {DEC: "decode", PRE: "prefill"}
+        self.inforce: dict[int, GateSetting] = {pid: OPEN for pid in self.roles}
+        self.device = device
+
+    def step(self, snapshot: NodeSnapshot | None, now_ns: int, **kw):
+        cs = clients(*(cl(p, r, self.inforce.get(p, OPEN), self.device) for p, r in self.roles.items()))
+        before_state = copy.deepcopy(self.state)
+        before_cs = copy.deepcopy(cs)
+        out = self.policy.decide(snapshot, cs, self.state, self.options, now_ns, **kw)
+        assert cs == before_cs and self.state == before_state, "decide mutated its input"
+        self.state = out.state
+        self.inforce = dict(out.settings.get(self.device, {}))
+        self.reasons = out.reasons
+        return out
+
+    def s(self, pid: int) -> GateSetting:
+        return self.inforce[pid]
+
+
+# ---------------------------------------------------------------- every policy
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_observer_quiet_opens_every_gate(name: str) -> None:
+    mod = POLICIES[name]
+    closed = GateSetting(gate="closed", priority=3, inflight=1)
+    cs = clients(cl(DEC, "decode", closed), cl(PRE, "prefill", closed), cl(303, "prefill", closed, device=1))
+    for snapshot, now, words in ((None, T0, "no snapshot"),
+                                 (snap(T0, proc(DEC, "decode", 2.0)), T0 + 1500 * MS, "silent for 1.5 s")):
+        out = mod.decide(snapshot, cs, mod.initial_state(), mod.Options(), now, stale_after_ms=1000)
+        assert out.settings == {0: {DEC: OPEN, PRE: OPEN}, 1: {303: OPEN}}
+        assert set(out.reasons) == {(0, DEC), (0, PRE), (1, 303)}
+        assert all("open" in r for r in out.reasons.values()), out.reasons
+        if name != "passthrough":  # which opens everything anyway
+            assert all(words in r for r in out.reasons.values()), out.reasons
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_no_reason_when_nothing_changes(name: str) -> None:
+    mod = POLICIES[name]
+    out = mod.decide(None, clients(cl(DEC, "decode")), mod.initial_state(), mod.Options(), T0)
+    assert out.settings == {0: {DEC: OPEN}} and out.reasons == {}
+
+
+def test_passthrough_opens_everything_with_no_budget() -> None:
+    r = Run(passthrough)
+    r.inforce[PRE] = GateSetting(gate="closed", inflight=2)
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", 30.0, 900)), T0)
+    assert r.s(DEC) == OPEN and r.s(PRE) == OPEN
+    assert r.reasons == {(0, PRE): "passthrough: gate open, no budget"}
+
+
+# ---------------------------------------------------------------- flexpd
+
+
+def test_flexpd_one_client_alone_steps_aside() -> None:
+    r = Run(flexpd, roles={DEC: "decode"})
+    r.inforce[DEC] = GateSetting(priority=7, inflight=3)
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500)), T0)
+    assert r.s(DEC) == OPEN
+    assert "alone on device 0" in r.reasons[(0, DEC)] and "steps aside" in r.reasons[(0, DEC)]
+
+
+def test_flexpd_prefill_low_priority_small_budget_decode_high() -> None:
+    r = Run(flexpd)
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", 30.0, 900)), T0)
+    assert r.s(DEC) == GateSetting(gate="open", priority=7, max_hold_ms=200.0, inflight=0)
+    assert r.s(PRE) == GateSetting(gate="open", priority=0, max_hold_ms=100.0, inflight=1)
+    assert f"decode pid {DEC}" in r.reasons[(0, DEC)]
+    assert f"prefill pid {PRE}" in r.reasons[(0, PRE)] and "in-flight 1" in r.reasons[(0, PRE)]
+
+
+def test_flexpd_learns_alone_step_only_while_prefill_is_quiet() -> None:
+    r = Run(flexpd)
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", None, 0)), T0)
+    assert r.state.devices[0].alone_ms == {DEC: 2.0}
+    # prefill busy: the (slower) step is not taken as the alone time
+    r.step(snap(T0 + 100 * MS, proc(DEC, "decode", 2.6, 500), proc(PRE, "prefill", 30.0, 900)), T0 + 100 * MS)
+    assert r.state.devices[0].alone_ms == {DEC: 2.0}
+    # quiet again: a moving average with learn_alpha 0.2
+    r.step(snap(T0 + 200 * MS, proc(DEC, "decode", 3.0, 500), proc(PRE, "prefill", None, 0)), T0 + 200 * MS)
+    assert r.state.devices[0].alone_ms[DEC] == pytest.approx(2.2)
+    assert "alone 2.20 ms" in flexpd.describe(r.state, 0)
+
+
+def test_flexpd_shrinks_when_over_budget_and_grows_when_well_under() -> None:
+    opts = flexpd.Options(prefill_inflight=4, prefill_inflight_max=6)
+    r = Run(flexpd, opts)
+    t = T0
+    r.step(snap(t, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", None, 0)), t)  # learn 2.0: budget 2.2
+    assert r.s(PRE).inflight == 4
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.3, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).inflight == 2
+    assert r.reasons[(0, PRE)] == f"decode pid {DEC} step 2.30 ms > budget 2.20 ms: prefill pid {PRE} in-flight 4 -> 2"
+    # ticks between snapshots use the same snapshot once only
+    for k in range(1, 5):
+        r.step(snap(t, proc(DEC, "decode", 2.3, 500), proc(PRE, "prefill", 30.0, 900)), t + k * 5 * MS)
+        assert r.s(PRE).inflight == 2 and r.reasons == {}
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.5, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).inflight == 1
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.1, 500), proc(PRE, "prefill", 30.0, 900)), t)  # within budget, not well under
+    assert r.s(PRE).inflight == 1 and r.reasons == {}
+    for want in (2, 3, 4, 5, 6, 6):
+        t += 100 * MS
+        r.step(snap(t, proc(DEC, "decode", 1.6, 500), proc(PRE, "prefill", 30.0, 900)), t)
+        assert r.s(PRE).inflight == want
+    assert "prefill in-flight 6" in flexpd.describe(r.state, 0)
+
+
+def test_flexpd_absolute_tpot_needs_no_learning() -> None:
+    r = Run(flexpd, flexpd.Options(tpot_ms=5.0, prefill_inflight=2))
+    r.step(snap(T0, proc(DEC, "decode", 6.0, 500), proc(PRE, "prefill", 30.0, 900)), T0)
+    assert r.s(PRE).inflight == 1 and "budget 5.00 ms" in r.reasons[(0, PRE)]
+
+
+def test_flexpd_without_a_learned_step_keeps_the_initial_budget() -> None:
+    r = Run(flexpd, flexpd.Options(prefill_inflight=3))
+    for k in range(5):
+        r.step(snap(T0 + k * 100 * MS, proc(DEC, "decode", 9.0, 500), proc(PRE, "prefill", 30.0, 900)),
+               T0 + k * 100 * MS)
+        assert r.s(PRE).inflight == 3
+    assert "alone not learned yet" in flexpd.describe(r.state, 0)
+
+
+def test_flexpd_decode_batch_growth_is_measured_again() -> None:
+    """Decode's step grows for good (a larger batch): prefill at 1 and still over budget for
+    relearn_after snapshots closes prefill for one interval, learns the new alone step, and
+    reopens prefill."""
+    r = Run(flexpd, flexpd.Options(relearn_after=3))
+    t = T0
+    r.step(snap(t, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", None, 0)), t)
+    for _ in range(2):
+        t += 100 * MS
+        r.step(snap(t, proc(DEC, "decode", 4.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+        assert r.s(PRE).gate == "open"
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 4.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).gate == "closed" and r.s(PRE).max_hold_ms >= 400
+    assert "measure it alone" in r.reasons[(0, PRE)]
+    probe = t
+    # the next snapshot's interval began before the close: not yet
+    t += 50 * MS
+    r.step(snap(t, proc(DEC, "decode", 4.0, 500), proc(PRE, "prefill", 30.0, 450)), t)
+    assert r.s(PRE).gate == "closed"
+    t = probe + 110 * MS
+    r.step(snap(t, proc(DEC, "decode", 3.8, 500), proc(PRE, "prefill", None, 0)), t)
+    assert r.s(PRE).gate == "open" and r.s(PRE).max_hold_ms == 100.0
+    assert r.state.devices[0].alone_ms[DEC] == pytest.approx(2.0 + 0.2 * 1.8)
+    assert "prefill reopens" in r.reasons[(0, PRE)]
+
+
+def test_flexpd_client_leaving_and_coming_back() -> None:
+    r = Run(flexpd)
+    t = T0
+    r.step(snap(t, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).inflight == 1
+    del r.roles[DEC]
+    t += 100 * MS
+    r.step(snap(t, proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE) == OPEN and "steps aside" in r.reasons[(0, PRE)]
+    assert DEC not in r.state.devices[0].alone_ms
+    r.roles[DEC] = "decode"
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).inflight == 1 and r.s(DEC).priority == 7
+
+
+def test_flexpd_classes_from_phase_when_no_role() -> None:
+    """auto clients: the observed phase decides; mixed counts as decode; idle keeps its class;
+    never seen working: left open."""
+    r = Run(flexpd, roles={DEC: "auto", PRE: "auto", 303: "auto"})
+    t = T0
+    r.step(snap(t, proc(DEC, "mixed", 3.0, 500), proc(PRE, "prefill", 30.0, 900), proc(303, "idle")), t)
+    assert r.s(DEC).priority == 7 and r.s(PRE).priority == 0 and r.s(303) == OPEN
+    # a prefill burst ends: it keeps its class while idle
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 3.0, 500), proc(PRE, "idle"), proc(303, "idle")), t)
+    assert r.s(PRE).priority == 0 and r.s(PRE).inflight >= 1
+    # the snapshot's role (given to the shim) wins over the phase: two decoders, no prefill
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 3.0, 500), proc(PRE, "prefill", 30.0, 900, role="decode"),
+                proc(303, "idle")), t)
+    assert r.s(PRE) == OPEN and r.s(DEC) == OPEN and "no prefill client" in r.reasons[(0, PRE)]
+    # mixed_as = prefill: a chunked-prefill engine yields to a pure decoder
+    r2 = Run(flexpd, flexpd.Options(mixed_as="prefill"), roles={DEC: "auto", PRE: "auto"})
+    r2.step(snap(T0, proc(DEC, "decode", 2.0, 500), proc(PRE, "mixed", 30.0, 900)), T0)
+    assert r2.s(PRE).priority == 0 and r2.s(DEC).priority == 7
+
+
+def test_flexpd_devices_are_independent() -> None:
+    cs = clients(cl(1, "decode", device=0), cl(2, "prefill", device=0), cl(3, "decode", device=1))
+    out = flexpd.decide(snap(T0, proc(1, "decode", 2.0, 5), proc(2, "prefill", 9.0, 5), proc(3, "decode", 2.0, 5,
+                                                                                          device=1)),
+                        cs, flexpd.initial_state(), flexpd.Options(), T0)
+    assert out.settings[0][2].inflight == 1 and out.settings[1][3] == OPEN
+
+
+# ---------------------------------------------------------------- static-split
+
+
+def test_static_split_turns_and_shares() -> None:
+    opts = static_split.Options(prefill_share=0.25, quantum_ms=20.0, inflight=2)
+    r = Run(static_split, opts)
+    s = snap(T0, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", 30.0, 900))
+    r.step(s, T0)
+    assert r.s(PRE) == GateSetting("open", 0, 20.0, 2) and r.s(DEC) == GateSetting("closed", 0, 20.0, 2)
+    assert r.reasons[(0, DEC)].startswith("turn: prefill's turn on device 0 (5 of 20 ms")
+    r.step(s, T0 + 6 * MS)
+    assert r.s(PRE).gate == "closed" and r.s(DEC).gate == "open"
+    assert "decode's turn" in r.reasons[(0, PRE)]
+    # over many cycles at a 1 ms tick prefill holds the device a quarter of the time
+    turns = []
+    for k in range(400):
+        r.step(s, T0 + k * MS)
+        turns.append(r.s(PRE).gate == "open")
+        assert r.s(PRE).gate != r.s(DEC).gate
+    assert sum(turns) / len(turns) == pytest.approx(0.25, abs=0.01)
+
+
+def test_static_split_steps_aside_with_one_side_only() -> None:
+    r = Run(static_split, roles={DEC: "decode", 303: "decode"})
+    r.inforce[DEC] = GateSetting(gate="closed", inflight=2)
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500), proc(303, "decode", 2.0, 500)), T0)
+    assert r.s(DEC) == OPEN and r.s(303) == OPEN
+    assert "no prefill client on device 0" in r.reasons[(0, DEC)]
+    assert r.state.epoch_ns == {}
+
+
+def test_static_split_follows_a_client_leaving() -> None:
+    r = Run(static_split)
+    s = snap(T0, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", 30.0, 900))
+    r.step(s, T0 + 15 * MS)
+    del r.roles[PRE]
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500)), T0 + 16 * MS)
+    assert r.s(DEC) == OPEN and "only 1 client" in r.reasons[(0, DEC)]
