@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from flexnpu.forward import protocol
 from flexnpu.forward.daemon import ForwardDaemon
+from flexnpu.forward.gate import GateSegment
 from test_daemon_fixtures import daemons, gate_loop, ready, write_claim  # noqa: F401  (fixtures)
 
 SLOT = 3
@@ -164,6 +165,31 @@ BAD = [
     ({"schema": 1, "cmd": "defaults", "priority": 9}, "priority must be"),
     ({"schema": 1, "cmd": "defaults", "apply": "yes"}, "apply must be true or false"),
     (b'{"schema": 1, "cmd": "ping", "pad": "' + b"x" * protocol.MAX_MESSAGE + b'"}', "over the 65536-byte limit"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "inflight": -1}, "inflight must be an integer 0..1000000"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "inflight": True}, "inflight must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "inflight": 1.0}, "inflight must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "inflight": "2"}, "inflight must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "inflight": 2**32}, "inflight must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "owner": "root"}, "owner must be 'manual' or 'controller'"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "owner": None}, "owner must be"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "lease_ms": 100}, "lease_ms goes with owner 'controller'"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "owner": "controller", "lease_ms": 5}, "lease_ms must be a number in [10, 60000]"),
+    ({"schema": 1, "cmd": "set", "slot": SLOT, "owner": "controller", "lease_ms": True}, "lease_ms must be"),
+    ({"schema": 1, "cmd": "set_many"}, "settings must be a list"),
+    ({"schema": 1, "cmd": "set_many", "settings": {"pid": 1}}, "settings must be a list"),
+    ({"schema": 1, "cmd": "set_many", "settings": [3]}, "settings[0] must be an object"),
+    ({"schema": 1, "cmd": "set_many", "settings": [{"gate": "open"}]}, "settings[0]: pid must be an integer"),
+    ({"schema": 1, "cmd": "set_many", "settings": [{"pid": True}]}, "settings[0]: pid must be"),
+    ({"schema": 1, "cmd": "set_many", "settings": [{"pid": 1}, {"pid": 2, "inflight": -3}]},
+     "settings[1]: inflight must be"),
+    ({"schema": 1, "cmd": "set_many", "settings": [{"pid": 1, "slot": 3}]}, "settings[0]: unknown key 'slot'"),
+    ({"schema": 1, "cmd": "set_many", "settings": [], "lease_ms": 70_000}, "lease_ms must be"),
+    ({"schema": 1, "cmd": "release"}, "release needs a pid or"),
+    ({"schema": 1, "cmd": "release", "pid": 1, "all": True}, "release needs a pid or"),
+    ({"schema": 1, "cmd": "release", "all": "yes"}, "all must be true or false"),
+    ({"schema": 1, "cmd": "release", "pid": 2**40}, f"no client with pid {2**40}"),
+    ({"schema": 1, "cmd": "renew", "owner": "manual"}, "renew is for owner 'controller'"),
+    ({"schema": 1, "cmd": "renew", "lease_ms": 0}, "lease_ms must be"),
 ]
 
 
@@ -195,6 +221,152 @@ def test_bad_settings_are_refused_before_any_write(handler_daemon):
     r = call(d, {"schema": 1, "cmd": "set", "pid": pid, "gate": "closed", "priority": 8})
     assert r["ok"] is False
     assert d.seg.slot(SLOT).gate == "open"
+
+
+def _wake_seq(d) -> int:
+    return d.seg._get(d.seg.cli, 0, d.seg._cli_l["fields"], "wake_seq")
+
+
+@pytest.fixture
+def second_client(handler_daemon, runtime_dir):
+    """A second live process admitted in slot SLOT + 1 of the handler daemon."""
+    d, _ = handler_daemon
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        write_claim(runtime_dir, 0, SLOT + 1, state=1, pid=child.pid, gen=1)
+        d._scan()
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def test_set_inflight_is_a_manual_setting(handler_daemon):
+    d, pid = handler_daemon
+    c = ok(d, {"schema": 1, "cmd": "set", "pid": pid, "inflight": 3})["client"]
+    assert (c["inflight"], c["owner"], c["gate"]) == (3, "manual", "open")
+    v = d.seg.slot(SLOT)  # what the shim reads
+    assert (v.inflight_max, v.owner) == (3, "manual")
+    r = ok(d, {"schema": 1, "cmd": "list"})
+    [c] = r["clients"]
+    assert r["controller"] is None
+    for key in ("owner", "inflight", "inflight_now", "inflight_waits", "inflight_wait_ms"):
+        assert key in c, key
+    assert (c["inflight"], c["inflight_now"], c["inflight_waits"], c["inflight_wait_ms"]) == (3, 0, 0, 0.0)
+
+
+def test_set_many_applies_a_batch_with_one_wake_and_skips_strangers(handler_daemon, second_client):
+    d, pid = handler_daemon
+    seq = _wake_seq(d)
+    r = ok(d, {"schema": 1, "cmd": "set_many", "owner": "controller", "lease_ms": 500, "settings": [
+        {"pid": pid, "gate": "closed", "priority": 2, "inflight": 1},
+        {"pid": 2**40, "gate": "open"},
+        {"pid": second_client, "max_hold_ms": 7.5, "inflight": 4},
+    ]})
+    assert r["applied"] == [pid, second_client]
+    assert r["skipped"] == [{"pid": 2**40, "reason": f"no client with pid {2**40} on device 0"}]
+    assert _wake_seq(d) == seq + 1  # one wake for the batch, not one per client
+    a, b = d.seg.slot(SLOT), d.seg.slot(SLOT + 1)
+    assert (a.gate, a.priority, a.inflight_max, a.owner) == ("closed", 2, 1, "controller")
+    assert (b.gate, b.max_hold_ns, b.inflight_max, b.owner) == ("open", 7_500_000, 4, "controller")
+    lease = ok(d, {"schema": 1, "cmd": "list"})["controller"]
+    assert 0 < lease["lease_left_ms"] <= 500
+    # nothing to apply: no wake at all
+    r = ok(d, {"schema": 1, "cmd": "set_many", "settings": [{"pid": 2**40}]})
+    assert r["applied"] == [] and _wake_seq(d) == seq + 1
+
+
+def test_manual_overrides_the_controller_until_released(handler_daemon, second_client):
+    d, pid = handler_daemon
+    ok(d, {"schema": 1, "cmd": "set_many", "settings": [{"pid": pid, "inflight": 1}]})
+    c = ok(d, {"schema": 1, "cmd": "set", "pid": pid, "gate": "closed"})["client"]  # manual, over it
+    assert (c["gate"], c["inflight"], c["owner"]) == ("closed", 1, "manual")
+    r = ok(d, {"schema": 1, "cmd": "set_many", "owner": "controller", "settings": [
+        {"pid": pid, "gate": "open", "inflight": 5}, {"pid": second_client, "inflight": 2}]})
+    reason = f"manual setting holds; `flexnpu gate release {pid}` returns it to the controller"
+    assert (r["applied"], r["skipped"]) == ([second_client], [{"pid": pid, "reason": reason}])
+    v = d.seg.slot(SLOT)
+    assert (v.gate, v.inflight_max, v.owner) == ("closed", 1, "manual")
+    e = call(d, {"schema": 1, "cmd": "set", "pid": pid, "owner": "controller", "gate": "open"})
+    assert e["ok"] is False and "manual setting holds" in e["error"]
+    # release: back to the device defaults, owner none; then the controller may set it again
+    assert ok(d, {"schema": 1, "cmd": "release", "pid": pid})["released"] == [pid]
+    v = d.seg.slot(SLOT)
+    assert (v.gate, v.priority, v.max_hold_ns, v.inflight_max, v.owner) == ("open", 0, 200_000_000, 0, None)
+    assert ok(d, {"schema": 1, "cmd": "release", "pid": pid})["released"] == []  # nothing manual left
+    r = ok(d, {"schema": 1, "cmd": "set_many", "settings": [{"pid": pid, "inflight": 5}]})
+    assert r["applied"] == [pid] and d.seg.slot(SLOT).owner == "controller"
+    # release --all touches manual settings only
+    ok(d, {"schema": 1, "cmd": "set", "pid": second_client, "inflight": 9})
+    assert ok(d, {"schema": 1, "cmd": "release", "all": True})["released"] == [second_client]
+    assert d.seg.slot(SLOT).inflight_max == 5 and d.seg.slot(SLOT + 1).inflight_max == 0
+
+
+def test_lease_expiry_reverts_controller_settings_only(handler_daemon, second_client):
+    d, pid = handler_daemon
+    ok(d, {"schema": 1, "cmd": "set_many", "lease_ms": 10, "settings": [
+        {"pid": pid, "gate": "closed", "inflight": 2}]})
+    ok(d, {"schema": 1, "cmd": "set", "pid": second_client, "gate": "closed", "inflight": 3})  # manual
+    renewed = ok(d, {"schema": 1, "cmd": "renew", "lease_ms": 60})["controller"]
+    assert 0 < renewed["lease_left_ms"] <= 60
+    d._check_lease()  # what the watcher does each pass: not yet
+    assert d.seg.slot(SLOT).gate == "closed"
+    time.sleep(0.08)
+    seq = _wake_seq(d)
+    d._check_lease()
+    a, b = d.seg.slot(SLOT), d.seg.slot(SLOT + 1)
+    assert (a.gate, a.inflight_max, a.owner) == ("open", 0, None)
+    assert (b.gate, b.inflight_max, b.owner) == ("closed", 3, "manual")
+    assert _wake_seq(d) == seq + 1
+    assert ok(d, {"schema": 1, "cmd": "list"})["controller"] is None
+
+
+def test_daemon_process_reverts_a_dead_controllers_settings_in_time(daemons, runtime_dir):
+    """Real daemon, its own watcher thread: a controller that stops renewing leaves every gate
+    open within lease + 150 ms."""
+    d = daemons(0)
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        write_claim(runtime_dir, 0, SLOT, state=1, pid=child.pid, gen=1)
+        d.wait_admitted(child.pid)
+        lease_ms = 300
+        t0 = time.monotonic()
+        r = d.client.set_many([{"pid": child.pid, "gate": "closed", "inflight": 1}], lease_ms=lease_ms)
+        t_reply = time.monotonic()
+        assert r == {"applied": [child.pid], "skipped": []}
+        seg = GateSegment.open_readonly(0, runtime_dir)
+        try:
+            assert seg.slot(SLOT).gate == "closed"
+            while seg.slot(SLOT).gate == "closed":
+                assert time.monotonic() - t0 < 5, "the lease never ran out"
+                time.sleep(0.002)
+            t_open = time.monotonic()
+            v = seg.slot(SLOT)
+            assert (v.inflight_max, v.owner) == (0, None)
+        finally:
+            seg.close()
+        assert t_open - t_reply >= lease_ms / 1e3 - 0.01
+        assert t_open - t0 <= (lease_ms + 150) / 1e3, f"reverted {1e3 * (t_open - t0) - lease_ms:.0f} ms late"
+        assert "lease ran out" in d.log()
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def test_readonly_segment_never_writes(handler_daemon, runtime_dir):
+    d, pid = handler_daemon
+    seg = GateSegment.open_readonly(0, runtime_dir)
+    try:
+        assert seg.valid() and seg.slot(SLOT).pid == pid
+        with pytest.raises(PermissionError):
+            seg.set_gate(SLOT, 1, 0, 1000)
+        with pytest.raises(TypeError):
+            seg.ctl[0] = 1  # mapped PROT_READ
+    finally:
+        seg.close()
+    with pytest.raises(OSError):
+        GateSegment.open_readonly(7, runtime_dir)  # no such segment: nothing created
+    assert not (runtime_dir / "gate-7.ctl").exists()
 
 
 # ---------------------------------------------------------------- a real daemon, over zmq

@@ -147,9 +147,9 @@ def _dispatch(daemon, req: dict[str, Any]) -> dict[str, Any]:
             raise RequestError("set needs exactly one of pid or slot")
         check_settings(req)
         owner, lease = check_owner(req)
+        c = daemon.find(pid, slot)
         if lease is not None:
             daemon.renew(lease)
-        c = daemon.find(pid, slot)
         return {"client": daemon.set_client(c, req.get("gate"), req.get("priority"), req.get("max_hold_ms"),
                                             inflight=req.get("inflight"), owner=owner)}
     if cmd == "set_many":
