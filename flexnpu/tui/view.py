@@ -281,15 +281,15 @@ def decisions(frame: Frame, lines: int = DECISION_LINES) -> RenderableType:
     elif not frame.decisions:
         body = Text("No decisions yet.", style="dim")
     else:
-        g = Table.grid(padding=(0, 1))
+        g = Table.grid(padding=(0, 1), expand=True)
         for _ in range(4):
             g.add_column(no_wrap=True)
-        g.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
+        g.add_column(overflow="fold", ratio=1)  # the reason wraps rather than being cut
         for d in frame.decisions[:lines]:
             g.add_row(time.strftime("%H:%M:%S", time.localtime(d.time)), f"NPU {d.device}", f"pid {d.pid}",
                       fmt_setting(d), Text(d.reason, style="italic"))
         body = g
-    title = f"controller decisions (policy {frame.policy()})"
+    title = f"controller decisions, newest first (policy {frame.policy()})" if frame.report else "controller"
     return Panel(body, title=title, title_align="left", box=box.ROUNDED)
 
 
