@@ -13,9 +13,13 @@
  *                       pointer it wrote is remembered with its size (allocs map)
  *   frees               ops[FREE]++; a remembered pointer is forgotten and its bytes freed
  *   synchronisations    ops[SYNC]++ on entry; on return the time blocked is added and an
- *                       open iteration is closed: iterations++, its span into iter_ns,
- *                       and classed prefill-like or decode-like by its span, launches and
- *                       H2D bytes (FX_LONG_ITER_NS, FX_PREFILL_LAUNCHES, FX_PREFILL_H2D)
+ *                       open iteration is closed: iterations++, its span into iter_ns, into
+ *                       sig_iters/sig_ns by the named work it held (prefill- or decode-named
+ *                       kernels and operators), and into the `shapes` histogram by its span
+ *                       and launches; Python classes the shapes (flexnpu/observe/phase.py)
+ *   named work          a kernel launch whose handle Python classed by its name (`funcs`),
+ *                       an aclnn attention operator (class fixed by its symbol): named[]
+ *   handle-making calls on return, the handle and its kernel name go to Python (`names`)
  *   device selection    the thread's device, on successful return
  * Sync and alloc calls nest (aclrtSynchronizeStream calls aclrtSynchronizeStreamWithTimeout
  * inside the runtime): a per-thread depth counts the outermost call only.
@@ -27,6 +31,10 @@ BPF_HASH(allocs, struct fx_alloc_key, struct fx_alloc, FX_MAX_ALLOCS);
 BPF_TABLE("lru_hash", u64, struct fx_thread, threads, FX_MAX_THREADS);
 BPF_HASH(proc_dev, u32, s32, FX_MAX_KEYS); /* the device a process selected last */
 BPF_PERCPU_ARRAY(zero_stats, struct fx_stats, 1); /* initial value: too big for the stack */
+BPF_HASH(funcs, struct fx_func_key, u32, FX_MAX_FUNCS); /* handle -> FX_CLS_*, written by Python */
+BPF_HASH(shapes, struct fx_shape_key, struct fx_shape, FX_MAX_SHAPES);
+BPF_HASH(dev_gen, s32, struct fx_dev_gen, 1024);
+BPF_RINGBUF_OUTPUT(names, 16); /* kernel names of new handles: rare (programs make them once) */
 #if FX_TRACE
 BPF_RINGBUF_OUTPUT(events, FX_RINGBUF_PAGES);
 #endif
@@ -87,7 +95,18 @@ static __always_inline void fx_emit(u64 id, s32 dev, u32 sym, u32 op, u32 dir, u
 
 /* A call that sends work to the device. rt: a launch seen in the lower runtime library,
  * counted apart so that a launch seen at both levels is not counted twice. */
-static __always_inline int fx_dispatch(u32 sym, u32 op, u64 bytes, u32 dir, int rt)
+static __always_inline void fx_named(struct fx_stats *s, u32 sig, u32 cls)
+{
+    /* constant indices: the verifier cannot bound a variable one here */
+#pragma unroll
+    for (u32 i = 0; i < FX_NUM_SIGS * FX_NUM_CLS; i++)
+        if (i == sig * FX_NUM_CLS + cls - 1) {
+            __sync_fetch_and_add(&s->named[i], 1);
+            __sync_fetch_and_add(&s->iter_named[i], 1);
+        }
+}
+
+static __always_inline int fx_dispatch(u32 sym, u32 op, u64 bytes, u32 dir, int rt, u64 func)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
@@ -106,6 +125,12 @@ static __always_inline int fx_dispatch(u32 sym, u32 op, u64 bytes, u32 dir, int 
         if (op == FX_OP_KERNEL)
             __sync_fetch_and_add(&s->iter_launches, 1);
     }
+    if (func) {
+        struct fx_func_key fk = {.tgid = tgid, .handle = func};
+        u32 *cls = funcs.lookup(&fk);
+        if (cls && *cls >= FX_CLS_PREFILL && *cls <= FX_CLS_EITHER)
+            fx_named(s, FX_SIG_KERNEL, *cls);
+    }
     if (dir == FX_DIR_H2D && bytes)
         __sync_fetch_and_add(&s->iter_h2d, bytes);
     if (bytes) {
@@ -119,11 +144,80 @@ static __always_inline int fx_dispatch(u32 sym, u32 op, u64 bytes, u32 dir, int 
                     __sync_fetch_and_add(&s->bytes[i], bytes);
         }
     }
-    if (!s->iter_start_ns)
-        __sync_val_compare_and_swap(&s->iter_start_ns, 0, now);
+    if (!s->iter_start_ns && __sync_val_compare_and_swap(&s->iter_start_ns, 0, now) == 0) {
+        /* this call opened an iteration: note where the device's other iterations stand */
+        struct fx_dev_gen zero = {};
+        struct fx_dev_gen *g = dev_gen.lookup_or_try_init(&dev, &zero);
+        if (g) {
+            s->iter_opens0 = __sync_fetch_and_add(&g->opens, 1) + 1;
+            s->iter_closes0 = g->closes;
+        }
+    }
     s->last_ns = now;
     fx_emit(id, dev, sym, op, dir, bytes, now, 0, 0);
     return 0;
+}
+
+/* An operator entry point whose name classes it (cls, fixed at generation). */
+static __always_inline int fx_operator(u32 sym, u32 cls)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (fx_skip(tgid))
+        return 0;
+    struct fx_stats *s = fx_stats_of(tgid, fx_device(id));
+    if (s)
+        fx_named(s, FX_SIG_OPERATOR, cls);
+    return 0;
+}
+
+/* A call that makes a kernel function handle from a name: the name and the out-pointer on
+ * entry, the handle on a successful return. */
+static __always_inline int fx_namer_enter(u32 sym, u64 name, u64 out)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (fx_skip(id >> 32))
+        return 0;
+    struct fx_thread *t = fx_thread_of(id);
+    if (t) {
+        t->name_ptr = name;
+        t->handle_out = out;
+    }
+    return 0;
+}
+
+static __always_inline int fx_namer_return(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct fx_thread *t = threads.lookup(&id);
+    if (!t || !t->handle_out || !t->name_ptr)
+        return 0;
+    u64 out = t->handle_out, name = t->name_ptr;
+    t->handle_out = 0;
+    t->name_ptr = 0;
+    if ((s32)PT_REGS_RC(ctx) != FX_SUCCESS)
+        return 0;
+    struct fx_name_event *e = names.ringbuf_reserve(sizeof(struct fx_name_event));
+    if (!e)
+        return 0;
+    e->tgid = id >> 32;
+    e->pad = 0;
+    e->handle = 0;
+    bpf_probe_read_user(&e->handle, sizeof(e->handle), (void *)out);
+    if (bpf_probe_read_user_str(e->name, sizeof(e->name), (void *)name) < 0)
+        e->name[0] = 0;
+    names.ringbuf_submit(e, 0);
+    return 0;
+}
+
+/* bucket of a histogram: 0 for 0, else 1 + half octaves of v (v >= 1) */
+static __always_inline u8 fx_bucket(u64 v)
+{
+    if (!v)
+        return 0;
+    u32 l = bpf_log2l(v);
+    u32 half = l ? (v >> (l - 1)) & 1 : 0;
+    return 1 + 2 * l + half;
 }
 
 /* A call that is only counted (device queries, contexts, memory info). */
@@ -181,15 +275,44 @@ static __always_inline int fx_sync_return(struct pt_regs *ctx)
     u64 span = now - start;
     u64 launches = __sync_lock_test_and_set(&s->iter_launches, 0);
     u64 launches_rt = __sync_lock_test_and_set(&s->iter_launches_rt, 0);
-    u64 h2d = __sync_lock_test_and_set(&s->iter_h2d, 0);
+    __sync_lock_test_and_set(&s->iter_h2d, 0);
     if (launches_rt > launches) /* where both libraries are probed, one launch shows in both */
         launches = launches_rt;
-    if ((span >= FX_LONG_ITER_NS) + (launches >= FX_PREFILL_LAUNCHES) + (h2d >= FX_PREFILL_H2D) >= 2) {
-        __sync_fetch_and_add(&s->class_iters[1], 1);
-        __sync_fetch_and_add(&s->class_ns[1], span);
-    } else {
-        __sync_fetch_and_add(&s->class_iters[0], 1);
-        __sync_fetch_and_add(&s->class_ns[0], span);
+    /* by the named work it held, per signal (kernel names, operators) */
+#pragma unroll
+    for (u32 g = 0; g < FX_NUM_SIGS; g++) {
+        u64 p = __sync_lock_test_and_set(&s->iter_named[g * FX_NUM_CLS], 0);
+        u64 d = __sync_lock_test_and_set(&s->iter_named[g * FX_NUM_CLS + 1], 0);
+        __sync_lock_test_and_set(&s->iter_named[g * FX_NUM_CLS + 2], 0);
+        u32 held = (p ? 1 : 0) | (d ? 2 : 0);
+#pragma unroll
+        for (u32 h = 0; h < 4; h++)
+            if (h == held) {
+                __sync_fetch_and_add(&s->sig_iters[g * 4 + h], 1);
+                __sync_fetch_and_add(&s->sig_ns[g * 4 + h], span);
+            }
+        if (held == 3) {
+            __sync_fetch_and_add(&s->sig_mix[g * 2], p);
+            __sync_fetch_and_add(&s->sig_mix[g * 2 + 1], d);
+        }
+    }
+    /* did another process's iteration on this device overlap it? */
+    u8 contended = 0;
+    struct fx_dev_gen *g = dev_gen.lookup(&dev);
+    if (g) {
+        contended = g->opens != s->iter_opens0 || g->closes != s->iter_closes0;
+        __sync_fetch_and_add(&g->closes, 1);
+    }
+    if (contended)
+        __sync_fetch_and_add(&s->contended, 1);
+    struct fx_shape_key sk = {.tgid = tgid, .dev = dev, .span_b = fx_bucket(span / 1000),
+                              .launch_b = fx_bucket(launches), .contended = contended};
+    struct fx_shape zs = {};
+    struct fx_shape *sh = shapes.lookup_or_try_init(&sk, &zs);
+    if (sh) {
+        __sync_fetch_and_add(&sh->iters, 1);
+        __sync_fetch_and_add(&sh->ns, span);
+        __sync_fetch_and_add(&sh->launches, launches);
     }
     __sync_fetch_and_add(&s->iterations, 1);
     __sync_fetch_and_add(&s->iter_ns, span);

@@ -28,17 +28,27 @@
 #ifndef FX_RINGBUF_PAGES
 #define FX_RINGBUF_PAGES 256
 #endif
-/* An iteration is prefill-like when at least two of its span, launches and H2D bytes reach
- * these (PhaseRules in flexnpu/observe/phase.py passes its own as -D flags). */
-#ifndef FX_LONG_ITER_NS
-#define FX_LONG_ITER_NS 16384000ULL
+#ifndef FX_MAX_FUNCS
+#define FX_MAX_FUNCS 65536 /* kernel function handles classed by their name */
 #endif
-#ifndef FX_PREFILL_LAUNCHES
-#define FX_PREFILL_LAUNCHES 100
+#ifndef FX_MAX_SHAPES
+#define FX_MAX_SHAPES 65536 /* (process, device, shape bucket) histogram entries */
 #endif
-#ifndef FX_PREFILL_H2D
-#define FX_PREFILL_H2D 1048576ULL
+#ifndef FX_NAME_LEN
+#define FX_NAME_LEN 96 /* bytes of a kernel name sent to Python (longer names are cut) */
 #endif
+
+/* Phase signals: what names the work. A kernel launch is classed by the name its function
+ * handle was made from (Python classes the name and writes the class into `funcs`); an
+ * operator entry point (aclnn) by its own symbol name (a constant of its probe). */
+#define FX_SIG_KERNEL 0
+#define FX_SIG_OPERATOR 1
+#define FX_NUM_SIGS 2
+/* Classes of named work; 0 is unnamed (or named something that is not attention). */
+#define FX_CLS_PREFILL 1
+#define FX_CLS_DECODE 2
+#define FX_CLS_EITHER 3 /* attention of either phase (a fused operator) */
+#define FX_NUM_CLS 3
 
 /* Counters are kept per process and device. dev is -1 until the process (or the calling
  * thread) has selected a device with the profile's DEVICE_SET call. */
@@ -66,8 +76,56 @@ struct fx_stats {
     u64 iter_launches;    /* of the open iteration, seen in the runtime library */
     u64 iter_launches_rt; /* ... and in the lower runtime library */
     u64 iter_h2d;         /* H2D bytes of the open iteration */
-    u64 class_iters[2];   /* iterations that ended, by class: [0] decode-like, [1] prefill-like */
-    u64 class_ns[2];      /* their spans */
+    /* named work, [signal * FX_NUM_CLS + class - 1]: calls in all, and in the open iteration */
+    u64 named[FX_NUM_SIGS * FX_NUM_CLS];
+    u64 iter_named[FX_NUM_SIGS * FX_NUM_CLS];
+    /* iterations that ended, [signal * 4 + held], held = 1 prefill-named work only,
+     * 2 decode-named only, 3 both, 0 neither; and their spans */
+    u64 sig_iters[FX_NUM_SIGS * 4];
+    u64 sig_ns[FX_NUM_SIGS * 4];
+    u64 sig_mix[FX_NUM_SIGS * 2]; /* in iterations that held both: prefill calls, decode calls */
+    u64 iter_opens0;  /* the device's open and close counts when the open iteration began */
+    u64 iter_closes0;
+    u64 contended;    /* iterations another process's iteration on the device overlapped */
+};
+
+/* A histogram of iteration shapes per (process, device), for the shape classifier in
+ * Python: span and launches in half-octave buckets, and whether another process's
+ * iteration on the same device overlapped it (its span then measures that work too). */
+struct fx_shape_key {
+    u32 tgid;
+    s32 dev;
+    u8 span_b;   /* 0: 0 ns; else 1 + 2*log2(us) + the next bit (half octaves of microseconds) */
+    u8 launch_b; /* the same, of the launch count */
+    u8 contended;
+    u8 pad[5];
+};
+
+struct fx_shape {
+    u64 iters;
+    u64 ns;
+    u64 launches;
+};
+
+/* Iterations opened and closed on a device, by every process: an iteration during which
+ * either count moved (other than by itself) overlapped another process's. */
+struct fx_dev_gen {
+    u64 opens;
+    u64 closes;
+};
+
+struct fx_func_key {
+    u32 tgid;
+    u32 pad;
+    u64 handle;
+};
+
+/* A kernel function handle was made from a name (sent to Python, which classes it). */
+struct fx_name_event {
+    u32 tgid;
+    u32 pad;
+    u64 handle;
+    char name[FX_NAME_LEN];
 };
 
 struct fx_alloc_key {
@@ -94,6 +152,8 @@ struct fx_thread {
     u64 alloc_start_ns;
     u32 sync_sym;
     u32 alloc_sym;
+    u64 name_ptr;    /* the kernel name of a handle-making call in progress */
+    u64 handle_out;  /* ... and where it writes the handle */
 };
 
 /* One call (FX_TRACE). Calls probed on return carry their duration; iterations are

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flexnpu.observe.errors import BccMissing, BpfUnavailable, NoPrivileges
+from flexnpu.observe.phase import classify_name
 from flexnpu.observe.probegen import ProbeConfig, ProbedLibrary, ProbeProgram, DEFAULT_LIBRARIES, build
 
 # Debian's python3-bpfcc installs bcc here; a virtual environment does not see it unless
@@ -102,7 +103,30 @@ class ProbeSession:
         self.attached: dict[tuple[int, int], str] = {}  # (st_dev, inode) -> path
         self.missing: list[str] = []  # symbols a library did not have
         self._stats = self.bpf[b"stats"]
+        self._funcs = self.bpf[b"funcs"]
+        self._shapes = self.bpf[b"shapes"]
         self._events_open = False
+        self.kernel_names: dict[tuple[int, int], str] = {}  # (pid, handle) -> name, classed ones
+        names = self.bpf[b"names"]
+        names.open_ring_buffer(lambda ctx, data, size: self._on_name(names.event(data)))
+
+    # -- kernel names
+    _CLS = {"prefill": 1, "decode": 2, "either": 3}
+
+    def _on_name(self, e: Any) -> None:
+        """A kernel function handle was made: class its name and tell the launch probe."""
+        name = bytes(e.name).split(b"\0", 1)[0].decode(errors="replace")
+        cls = classify_name(name)
+        if cls is None:
+            return
+        key = self._funcs.Key(e.tgid, 0, e.handle)
+        self._funcs[key] = self._funcs.Leaf(self._CLS[cls])
+        self.kernel_names[(e.tgid, e.handle)] = name
+
+    def poll_names(self) -> None:
+        """Classes the kernel names of handles made since the last call (and hands trace
+        events to their callback). Launches of a handle made since are unnamed until then."""
+        self.bpf.ring_buffer_poll(0)
 
     # -- attaching
     def attach(self, path: str, soname: str) -> int:
@@ -138,14 +162,36 @@ class ProbeSession:
 
     # -- reading
     def read(self) -> dict[tuple[int, int], dict[str, Any]]:
-        """Counters by (pid, device), as named in struct fx_stats."""
-        return {(k.tgid, k.dev): _fields(v) for k, v in self._stats.items()}
+        """Counters by (pid, device), as named in struct fx_stats, and under "shapes" the
+        iteration histogram: {(span bucket, launch bucket, contended): [iters, ns, launches]}.
+        The histogram of calls made before a device was selected joins the process's only
+        device here (snapshot.resolve_devices merges the counters the same way)."""
+        self.poll_names()
+        out = {(k.tgid, k.dev): _fields(v) for k, v in self._stats.items()}
+        hists: dict[tuple[int, int], dict[tuple[int, int, int], list[int]]] = {}
+        for k, v in self._shapes.items():
+            h = hists.setdefault((k.tgid, k.dev), {})
+            h[(k.span_b, k.launch_b, k.contended)] = [v.iters, v.ns, v.launches]
+        devs: dict[int, list[int]] = {}
+        for pid, dev in out:
+            if dev >= 0:
+                devs.setdefault(pid, []).append(dev)
+        for (pid, dev), h in hists.items():
+            if dev < 0 and len(devs.get(pid, ())) == 1 and (pid, devs[pid][0]) in out:
+                into = hists.setdefault((pid, devs[pid][0]), {})
+                for b, v in h.items():
+                    into[b] = [x + y for x, y in zip(into.get(b, [0, 0, 0]), v)]
+        for key, c in out.items():
+            dev_only = key[1] < 0 and len(devs.get(key[0], ())) == 1
+            c["shapes"] = None if dev_only else hists.get(key, {})
+        return out
 
     def forget(self, pids: set[int]) -> None:
         """Drops what the maps hold for processes that have exited."""
         if not pids:
             return
         for name, pid_of in (("stats", lambda k: k.tgid), ("allocs", lambda k: k.tgid),
+                             ("funcs", lambda k: k.tgid), ("shapes", lambda k: k.tgid),
                              ("threads", lambda k: k.value >> 32), ("proc_dev", lambda k: k.value)):
             table = self.bpf[name.encode()]
             for k in [k for k in table.keys() if pid_of(k) in pids]:
@@ -165,8 +211,7 @@ class ProbeSession:
         self._events_open = True
 
     def poll_events(self, timeout_ms: int = 0) -> None:
-        if self._events_open:
-            self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_poll(timeout_ms)  # trace events and kernel names
 
     def close(self) -> None:
         """Detaches every probe. A Ctrl-C in the middle would leave bcc's own exit handler

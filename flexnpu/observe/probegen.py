@@ -21,8 +21,8 @@ from functools import cache
 from pathlib import Path
 
 from flexnpu import paths
-from flexnpu.observe.phase import PhaseRules
-from flexnpu.runtimes import ASCENDCL, PROBED_WITH, Direction, Op, RuntimeProfile, Symbol
+from flexnpu.observe.phase import classify_name
+from flexnpu.runtimes import ASCENDCL, PROBED_WITH, Direction, Namer, Op, RuntimeProfile, Symbol
 
 # x86-64 and arm64 pass the first six integer arguments in registers bcc names PARM1-6
 _MAX_REG_ARGS = 6
@@ -33,8 +33,9 @@ FX_DIR_NONE = 255  # a call that copies nothing
 
 @dataclass(frozen=True)
 class ProbedLibrary:
-    """A runtime library the program probes. launches_only: the lower library of a runtime
-    whose KERNEL calls are counted apart (rt_launches) and nothing else is probed."""
+    """A runtime library the program probes. launches_only: a probe-only library beside the
+    primary runtime: its KERNEL calls are counted apart (rt_launches), its namers (calls
+    that name the work) are probed, nothing else."""
 
     profile: RuntimeProfile
     launches_only: bool = False
@@ -67,10 +68,9 @@ class ProbeConfig:
     max_keys: int | None = None
     max_allocs: int | None = None
     ringbuf_pages: int | None = None
-    rules: PhaseRules = PhaseRules()  # the per-iteration prefill/decode rule
 
     def cflags(self) -> list[str]:
-        flags = [f"-DFX_TRACE={int(self.trace)}", f"-DFX_TGID={int(self.tgid)}", *self.rules.cflags()]
+        flags = [f"-DFX_TRACE={int(self.trace)}", f"-DFX_TGID={int(self.tgid)}"]
         for name, v in (("FX_MAX_KEYS", self.max_keys), ("FX_MAX_ALLOCS", self.max_allocs),
                         ("FX_RINGBUF_PAGES", self.ringbuf_pages)):
             if v is not None:
@@ -117,7 +117,7 @@ def _cname(s: str) -> str:
     return re.sub(r"\W", "_", s)
 
 
-def _arg(sym: Symbol, name: str | None, cast: str) -> str:
+def _arg(sym: Symbol | Namer, name: str | None, cast: str) -> str:
     i = sym.index(name)
     if i is None:
         raise ValueError(f"{sym.name}: no argument given")
@@ -126,7 +126,7 @@ def _arg(sym: Symbol, name: str | None, cast: str) -> str:
     return f"({cast})PT_REGS_PARM{i + 1}(ctx)"
 
 
-def _params(sym: Symbol) -> str:
+def _params(sym: Symbol | Namer) -> str:
     return ", ".join(t + ("" if t.endswith("*") else " ") + n for t, n in sym.params) or "void"
 
 
@@ -150,12 +150,13 @@ def _probe(lib: ProbedLibrary, sym: Symbol, sid: str) -> tuple[list[str], bool]:
     if lib.launches_only:
         if sym.op is not Op.KERNEL:
             raise ValueError(f"{sym.name}: only KERNEL symbols are probed in {p.library}")
-        enter.append(f"    return fx_dispatch({sid}, {op}, 0, FX_DIR_NONE, 1);")
+        enter.append(f"    return fx_dispatch({sid}, {op}, 0, FX_DIR_NONE, 1, 0);")
     elif sym.op.dispatches:
         nbytes = _arg(sym, sym.bytes_arg, "u64") if sym.bytes_arg else "0"
         direction = (f"fx_direction_{_cname(p.name)}({_arg(sym, sym.kind_arg, 'int')})"
                      if sym.kind_arg else "FX_DIR_NONE")
-        enter.append(f"    return fx_dispatch({sid}, {op}, {nbytes}, {direction}, 0);")
+        func = _arg(sym, sym.func_arg, "u64") if sym.func_arg else "0"
+        enter.append(f"    return fx_dispatch({sid}, {op}, {nbytes}, {direction}, 0, {func});")
     elif sym.op is Op.ALLOC:
         enter.append(f"    return fx_alloc_enter({sid}, {_arg(sym, sym.ptr_arg, 'u64')}, "
                      f"{_arg(sym, sym.bytes_arg, 'u64')});")
@@ -177,6 +178,26 @@ def _probe(lib: ProbedLibrary, sym: Symbol, sid: str) -> tuple[list[str], bool]:
     if ret:
         out += [f"int fx_return_{name}(struct pt_regs *ctx)", "{", *ret, "}"]
     return out + [""], bool(ret)
+
+
+_CLASS = {"prefill": "FX_CLS_PREFILL", "decode": "FX_CLS_DECODE", "either": "FX_CLS_EITHER"}
+
+
+def _namer_probe(n: Namer, sid: str) -> tuple[list[str], bool]:
+    """C of a namer's probe functions, and whether it has a return probe."""
+    name = _cname(n.name)
+    head = [f"/* {n.returns} {n.name}({_params(n)}) */", f"int fx_enter_{name}(struct pt_regs *ctx)", "{"]
+    if n.kind == "kernel_handle":
+        return head + [f"    return fx_namer_enter({sid}, {_arg(n, n.name_arg, 'u64')}, "
+                       f"{_arg(n, n.handle_arg, 'u64')});", "}",
+                       f"int fx_return_{name}(struct pt_regs *ctx)", "{",
+                       "    return fx_namer_return(ctx);", "}", ""], True
+    if n.kind == "operator":
+        cls = classify_name(n.name)
+        if cls is None:
+            raise ValueError(f"{n.name}: the name table (flexnpu/observe/phase.py) gives it no class")
+        return head + [f"    return fx_operator({sid}, {_CLASS[cls]});", "}", ""], False
+    raise ValueError(f"{n.name}: unknown namer kind {n.kind!r}")
 
 
 def build(config: ProbeConfig = ProbeConfig(),
@@ -211,6 +232,17 @@ def build(config: ProbeConfig = ProbeConfig(),
             name = _cname(sym.name)
             probes.append(Probe(lib.soname, sym.name, f"fx_enter_{name}",
                                 f"fx_return_{name}" if has_ret else None, required=not lib.launches_only))
+        for n in lib.profile.namers:
+            # never required: older runtimes lack aclrtBinaryGetFunction, a libopapi.so
+            # need not export every operator version
+            sid = f"FX_SYM_{_cname(n.name)}"
+            pre.append(f"#define {sid} {len(symbols)}")
+            symbols.append(n.name)
+            code, has_ret = _namer_probe(n, sid)
+            gen += code
+            name = _cname(n.name)
+            probes.append(Probe(lib.soname, n.name, f"fx_enter_{name}",
+                                f"fx_return_{name}" if has_ret else None, required=False))
     pre.append(f"#define FX_SYM_ITERATION {len(symbols)}")
     symbols.append("iteration")
     text = "\n".join([*pre, "", _source("observe.h"), _source("observe.bpf.c"), *gen])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from flexnpu import SCHEMA
-from flexnpu.observe.phase import IntervalFeatures, PhaseClassifier
+from flexnpu.observe.phase import IntervalFeatures, NamedWork, PhaseClassifier, Shape
 from flexnpu.runtimes import Direction, Op
 
 Counters = dict[str, Any]  # fields of struct fx_stats (probes/observe.h); absent or None: unknown
@@ -148,15 +148,37 @@ class SnapshotBuilder:
         pstart = (p or {}).get("iter_start_ns") or 0
         carry = self.prev_ns - pstart if 0 < pstart <= self.prev_ns else 0
         busy_ns = min(max(iter_ns - carry + open_ns, 0), dt_ns) if iters or open_ns else 0
-        ci, cn = _dlist(c, p, "class_iters"), _dlist(c, p, "class_ns")
+        open_launches = max(c.get("iter_launches") or 0, c.get("iter_launches_rt") or 0) if open_ns else 0
+
+        def named(sig: int) -> NamedWork | None:
+            # struct fx_stats: named/iter_named [sig*3 + class-1], sig_iters/sig_ns [sig*4 + held]
+            si, sn, sm, nc = (_dlist(c, p, k) for k in ("sig_iters", "sig_ns", "sig_mix", "named"))
+            if si is None or sn is None or sm is None or nc is None:
+                return None
+            now_open = c.get("iter_named") or [0] * 6
+            was_open = (p or {}).get("iter_named") or [0] * 6
+            if not any(nc[sig * 3:sig * 3 + 3]) and not any(now_open[sig * 3:sig * 3 + 3]):
+                return None
+            return NamedWork(iters=tuple(si[sig * 4:sig * 4 + 4]), ns=tuple(sn[sig * 4:sig * 4 + 4]),
+                             mix=tuple(sm[sig * 2:sig * 2 + 2]), calls=tuple(nc[sig * 3:sig * 3 + 3]),
+                             open_calls=tuple(now_open[sig * 3:sig * 3 + 3]) if open_ns else (0, 0, 0),
+                             prev_open_calls=tuple(was_open[sig * 3:sig * 3 + 3]))
+
+        shapes = None
+        if c.get("shapes") is not None:
+            before = (p or {}).get("shapes") or {}
+            shapes = []
+            for b, v in c["shapes"].items():
+                d = [x - y for x, y in zip(v, before.get(b, [0, 0, 0]))]
+                if d[0] > 0:
+                    shapes.append(Shape(b, d[0], d[1], d[2]))
+            shapes = tuple(shapes)
         feats = IntervalFeatures(
             dt_s=dt, dispatches=dispatches, launches=launches, iterations=iters, iter_ns=iter_ns,
-            h2d_bytes=nbytes[Direction.H2D], open_iter_ns=open_ns,
-            open_launches=max(c.get("iter_launches") or 0, c.get("iter_launches_rt") or 0) if open_ns else 0,
+            h2d_bytes=nbytes[Direction.H2D], open_iter_ns=open_ns, open_launches=open_launches,
             open_h2d_bytes=(c.get("iter_h2d") or 0) if open_ns else 0,
-            prefill_iters=ci[1] if ci else None, prefill_ns=cn[1] if cn else None,
-            decode_iters=ci[0] if ci else None, decode_ns=cn[0] if cn else None)
-        verdict = self.classifier.classify(feats, pi.role)
+            kernel=named(0), aclnn=named(1), shapes=shapes)
+        verdict = self.classifier.classify(feats, pi.role, key=(pid, dev))
         sync_ns = _d(c, p, "sync_ns")
         per_iter = iters if iters else None
         counters = {
@@ -181,6 +203,7 @@ class SnapshotBuilder:
             "role": pi.role,
             "phase": verdict.phase,
             "phase_source": verdict.source,
+            "phase_share": round(verdict.prefill_share, 4) if verdict.phase != "idle" else 0.0,
             "phase_reason": verdict.reason,
             "counters": counters,
             "rates": {
@@ -194,8 +217,7 @@ class SnapshotBuilder:
             },
             "iteration": {
                 "count": iters,
-                "prefill_like": ci[1] if ci else None,
-                "decode_like": ci[0] if ci else None,
+                "contended": _d(c, p, "contended"),
                 "mean_ms": _r(iter_ns / iters / 1e6 if iters else None, 3),
                 "last_ms": _r((c.get("iter_ns_last") or 0) / 1e6 if c.get("iter_ns_last") is not None else None, 3),
                 "open_ms": _r(open_ns / 1e6, 3),

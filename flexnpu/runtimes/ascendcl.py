@@ -1,10 +1,10 @@
 """AscendCL (libascendcl.so): the profile of the Ascend runtime FlexNPU handles.
 
 Signatures follow CANN's acl/acl_rt.h; the emulator's copy of the header is
-flexnpu/emulator/native/include/acl/acl_rt.h.
+flexnpu/include/acl/acl_rt.h.
 """
 
-from flexnpu.runtimes.base import Direction, Op, RuntimeProfile, Symbol
+from flexnpu.runtimes.base import Direction, Namer, Op, RuntimeProfile, Symbol
 
 _S = "aclrtStream"
 
@@ -31,7 +31,7 @@ ASCENDCL = RuntimeProfile(
         # dispatch
         Symbol("aclrtLaunchKernel", Op.KERNEL, "aclError",
                (("aclrtFuncHandle", "funcHandle"), ("uint32_t", "blockDim"), ("const void *", "argsData"),
-                ("size_t", "argsSize"), (_S, "stream")), stream_arg="stream"),
+                ("size_t", "argsSize"), (_S, "stream")), stream_arg="stream", func_arg="funcHandle"),
         Symbol("aclrtMemcpyAsync", Op.MEMCPY_ASYNC, "aclError",
                (("void *", "dst"), ("size_t", "destMax"), ("const void *", "src"), ("size_t", "count"),
                 ("aclrtMemcpyKind", "kind"), (_S, "stream")),
@@ -78,5 +78,12 @@ ASCENDCL = RuntimeProfile(
                hand_written=True),
         Symbol("aclrtSetCurrentContext", Op.CONTEXT_SET, "aclError", (("aclrtContext", "context"),),
                hand_written=True),
+    ),
+    namers=(
+        # the kernel's name, learned when its handle is made; launches are classed by it
+        Namer("aclrtBinaryGetFunction", "aclError",
+              (("const aclrtBinHandle", "binHandle"), ("const char *", "kernelName"),
+               ("aclrtFuncHandle *", "funcHandle")),
+              kind="kernel_handle", name_arg="kernelName", handle_arg="funcHandle"),
     ),
 )

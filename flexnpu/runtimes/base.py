@@ -65,11 +65,42 @@ class Symbol:
     stream_arg: str | None = None
     device_arg: str | None = None
     ptr_arg: str | None = None  # alloc: the out-pointer; free: the pointer
+    func_arg: str | None = None  # kernel launch: the function handle it runs (its name is learned
+    #                              where the handle was made, see Namer)
     hand_written: bool = False  # the shim wraps it by hand (device maps, quota views)
     wrap: bool = True  # False: observed by probes only, not wrapped by the shim
 
     def index(self, arg: str | None) -> int | None:
         """0-based position of a named parameter (None if arg is None)."""
+        if arg is None:
+            return None
+        for i, (_, n) in enumerate(self.params):
+            if n == arg:
+                return i
+        raise KeyError(f"{self.name} has no parameter {arg}")
+
+
+@dataclass(frozen=True)
+class Namer:
+    """A probe-only function that says what device work *is*, for phase inference.
+
+    kind "kernel_handle": makes a kernel function handle from a kernel name
+        (aclrtBinaryGetFunction): name_arg is the name, handle_arg the out-pointer the
+        handle is written to; launches of that handle are then classed by the name.
+    kind "operator": an operator's entry point (aclnnXxx in libopapi.so); the symbol's own
+        name says what it computes, so no argument is read.
+    Never wrapped by the shim and never counted as a dispatch: the kernels it leads to are
+    counted where they are launched.
+    """
+
+    name: str
+    returns: str
+    params: tuple[tuple[str, str], ...]
+    kind: str  # "kernel_handle" or "operator"
+    name_arg: str | None = None
+    handle_arg: str | None = None
+
+    def index(self, arg: str | None) -> int | None:
         if arg is None:
             return None
         for i, (_, n) in enumerate(self.params):
@@ -87,6 +118,7 @@ class RuntimeProfile:
     symbols: tuple[Symbol, ...]
     directions: dict[int, Direction] = field(default_factory=dict)  # copy kind value -> direction
     errors: dict[str, int] = field(default_factory=dict)  # codes the shim itself returns
+    namers: tuple[Namer, ...] = ()  # probe-only calls that name the work (phase inference)
 
     def symbol(self, name: str) -> Symbol:
         for s in self.symbols:
