@@ -3,6 +3,7 @@
  * milliseconds of device time, on one stream and synchronizes that stream.
  *
  *   gate_loop KLIB DEV ITERS MS K [--seconds S] [--wait-stdin] [--wait-end] [--tflops T] [--quiet]
+ *             [--ms-max HI]
  *
  *   ITERS         iterations to run; 0 with --seconds S: run until S seconds have passed
  *   --wait-stdin  after set-up (device selected, kernel loaded, one warm-up kernel synced)
@@ -12,6 +13,8 @@
  *                 test can read the client's gate counters while it is still registered
  *   --tflops T    the device's peak (default 353.9, a 910b) to turn MS into flops
  *   --quiet       no per-iteration lines
+ *   --ms-max HI   kernels of mixed length: kernel j of an iteration is modelled at one of
+ *                 MS, MS+(HI-MS)/4, ..., HI ms, in a fixed cycle (a prefill-like mix)
  *
  * Prints JSON lines on stdout, flushed at once:
  *   {"ready":true,"pid":P}                                          after set-up
@@ -62,7 +65,7 @@ int main(int argc, char **argv)
 {
     if (argc < 6) {
         fprintf(stderr,
-                "usage: %s KLIB DEV ITERS MS K [--seconds S] [--wait-stdin] [--wait-end] [--tflops T] [--quiet]\n",
+                "usage: %s KLIB DEV ITERS MS K [--seconds S] [--wait-stdin] [--wait-end] [--tflops T] [--quiet] [--ms-max HI]\n",
                 argv[0]);
         return 2;
     }
@@ -71,11 +74,12 @@ int main(int argc, char **argv)
     long iters = atol(argv[3]);
     double ms = atof(argv[4]);
     int k = atoi(argv[5]);
-    double seconds = 0, tflops = 353.9;
+    double seconds = 0, tflops = 353.9, ms_max = 0;
     int wait_stdin = 0, wait_end = 0, quiet = 0;
     for (int i = 6; i < argc; i++) {
         if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
         else if (!strcmp(argv[i], "--tflops") && i + 1 < argc) tflops = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--ms-max") && i + 1 < argc) ms_max = atof(argv[++i]);
         else if (!strcmp(argv[i], "--wait-stdin")) wait_stdin = 1;
         else if (!strcmp(argv[i], "--wait-end")) wait_end = 1;
         else if (!strcmp(argv[i], "--quiet")) quiet = 1;
@@ -105,7 +109,11 @@ int main(int argc, char **argv)
     char line[64];
     if (wait_stdin && !fgets(line, sizeof line, stdin)) return 3;
 
-    struct synthetic_args a = {tflops * 1e12 * ms / 1e3, 0};
+    struct synthetic_args mix[5];
+    for (int m = 0; m < 5; m++) {
+        double kms = ms_max > ms ? ms + (ms_max - ms) * m / 4.0 : ms;
+        mix[m] = (struct synthetic_args){tflops * 1e12 * kms / 1e3, 0};
+    }
     uint64_t t0 = now_ns(), deadline = seconds > 0 ? t0 + (uint64_t)(seconds * 1e9) : UINT64_MAX;
     double max_call = 0, max_iter = 0;
     long done = 0;
@@ -114,7 +122,8 @@ int main(int argc, char **argv)
         double call_max = 0;
         for (int j = 0; j < k; j++) {
             uint64_t c0 = now_ns();
-            CHECK(aclrtLaunchKernel(f, 1, &a, sizeof a, s));
+            const struct synthetic_args *a = &mix[(j * 3) % 5]; /* all one length without --ms-max */
+            CHECK(aclrtLaunchKernel(f, 1, a, sizeof *a, s));
             double c = (double)(now_ns() - c0) / 1e6;
             if (c > call_max) call_max = c;
         }
