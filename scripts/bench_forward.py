@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the FlexNPU shim adds to one dispatching runtime call, side by side in one run.
 
-Usage: python3 scripts/bench_forward.py [--json] [--quick] [--calls N] [--rounds R]
+Usage: python3 scripts/bench_forward.py [--json] [--quick] [--calls N] [--rounds R] [--no-interference]
 
 Every variant runs the same ordinary AscendCL program (tests/progs/fwd_callcost.c), which
 times N back-to-back calls of the cheapest dispatching call of the emulated runtime with
@@ -15,6 +15,18 @@ clock_gettime around the loop (a stream sync, not timed, between batches):
                         client is registered with no work pending: the gate is open and
                         the priority bookkeeping is live
 
+  shim, open (kernel)   as "gate open", the call always aclrtLaunchKernel: the base of the
+                        two budget rows (the in-flight budget counts kernel launches, not
+                        event records)
+  shim, budget unreached  a budget of 1,000,000 launches: the budget check and count on
+                        every launch, no event ever recorded (stride 500,000)
+  shim, budget 64       a budget of 64 the zero-work kernels never reach for long: the check
+                        plus an event recorded every 32 launches (stride) and a poll of the
+                        oldest when 64 are counted; minus the row above, the amortised
+                        event-record cost per launch
+The budgets are written by this process into the free slots through libflexnpu_gate (as
+the daemon writes), so the measured process finds its budget the moment it claims a slot.
+
 The call measured is whichever of aclrtLaunchKernel (a zero-work synthetic kernel) and
 aclrtRecordEvent is cheaper without the shim on this machine; the table says which. The
 emulator runs at time scale 0.1, so the device model keeps up with the host loop without
@@ -26,6 +38,12 @@ rounds (and the least round, which other work on the machine disturbs least). "a
 a variant's median minus the direct median; the target is that an open gate adds at most
 25 ns. With no forwarding daemon installed (flexnpu.forward.daemon) the
 gated rows are reported as pending.
+
+Interference (serial-mode emulator at time scale 1, its own daemon): a decode-like loop
+(gate_loop: 2 x 1 ms kernels, then a stream sync) alone, and beside a prefill-like loop
+(16 kernels of 1-5 ms a step) with no budget, budget 1 and budget 2: the decode step's p50
+and p99, what the prefill adds to them, and the prefill's throughput. The target: a
+budget of N adds at most N prefill kernels (5 ms each at most) to a decode step.
 
 Take figures on an otherwise idle machine with at least 2 CPUs: the emulator's device
 thread must keep running beside the measured process, or every call rings its doorbell (a
@@ -61,6 +79,7 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "tests" / "progs" / "fwd_callcost.c"
+LOOP_SOURCE = REPO / "tests" / "progs" / "gate_loop.c"
 FLOOR_SOURCE = REPO / "tests" / "progs" / "fwd_wake_floor.c"
 TARGET_ADDED_NS = 25.0
 TIME_SCALE = 0.1  # the device keeps up with the host loop, so syncs between batches are short
@@ -79,8 +98,15 @@ VARIANTS = {
     "shim_no_daemon": "shim, no daemon",
     "shim_gate_open": "shim, gate open",
     "shim_priority": "shim, priority path",
+    "shim_open_kernel": "shim, open (kernel)",
+    "shim_budget": "shim, budget unreached",
+    "shim_budget_64": "shim, budget 64",
 }
-GATED = ("shim_gate_open", "shim_priority")
+GATED = ("shim_gate_open", "shim_priority", "shim_open_kernel", "shim_budget", "shim_budget_64")
+BUDGET_UNREACHED = 1_000_000
+BUDGET_SMALL = 64
+PREFILL_KERNELS, PREFILL_MS, PREFILL_MS_MAX = 16, 1.0, 5.0
+DECODE_KERNELS, DECODE_MS = 2, 1.0
 
 
 class BenchError(RuntimeError):
@@ -101,6 +127,11 @@ def build(out: Path) -> Path:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise BenchError(f"building {SOURCE.name} failed: {r.stderr.strip().splitlines()[-1:]}")
+    cmd = ["gcc", "-O2", str(LOOP_SOURCE), "-o", str(out / "gate_loop"), "-I", str(paths.emulator_include_dir()),
+           "-L", str(paths.native_lib_dir()), "-lascendcl"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise BenchError(f"building {LOOP_SOURCE.name} failed: {r.stderr.strip().splitlines()[-1:]}")
     r = subprocess.run(["gcc", "-O2", str(FLOOR_SOURCE), "-o", str(out / "fwd_wake_floor")],
                        capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
@@ -218,6 +249,97 @@ class IdleHighClient:
         self.proc.stdout.close()
 
 
+def preset_budget(rdir: Path, inflight: int) -> None:
+    """Writes an in-flight budget into every free slot of the device, through the gate
+    library as the daemon writes: the next client to claim one runs under it from its first
+    call. The daemon puts a slot back to the defaults when its client leaves."""
+    from flexnpu.forward.gate import GATE_OPEN, SLOT_FREE, GateSegment
+
+    seg = GateSegment(DEVICE, rdir)
+    try:
+        hold = seg.default("default_max_hold_ns")
+        for i, (state, _, _) in enumerate(seg.claims()):
+            if state == SLOT_FREE:
+                seg.write_slot(i, GATE_OPEN, 0, hold, inflight, None)
+    finally:
+        seg.close()
+
+
+def _loop(exe: Path, env: dict[str, str], ms: float, k: int, seconds: float, *extra: str) -> subprocess.Popen:
+    p = subprocess.Popen([str(exe), str(paths.emulator_kernel_library()), "0", "0", str(ms), str(k), "--seconds",
+                          str(seconds), "--wait-stdin", *extra], env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if '"ready"' not in line:
+        p.kill()
+        p.wait()
+        raise BenchError(f"gate_loop did not start: {line.strip() or p.stderr.read().strip()[-300:]}")
+    return p
+
+
+def _finish(p: subprocess.Popen, timeout: float = 60) -> list[dict]:
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise BenchError("gate_loop did not finish") from None
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def measure_interference(exe: Path, tmp: Path, base: dict[str, str], seconds: float) -> dict:
+    """Decode step times alone and beside a prefill-like loop under budgets (serial mode)."""
+    rdir = tmp / "run-interference"
+    rdir.mkdir()
+    env = {**base, **control.emulator_env(rdir), "LD_PRELOAD": str(paths.native_lib_dir() / "libflexnpu_shim.so")}
+    try:
+        control.start(devices=1, mode="serial", time_scale=1.0, rdir=rdir)
+    except control.EmulatorError as e:
+        raise BenchError(str(e)) from None
+    daemon = None
+    cases: dict[str, dict] = {}
+    try:
+        daemon = Daemon(rdir, {**base, **control.emulator_env(rdir)})
+        for case, budget in (("alone", None), ("no_budget", 0), ("budget_1", 1), ("budget_2", 2)):
+            pre = None
+            if budget is not None:
+                pre = _loop(exe, env, PREFILL_MS, PREFILL_KERNELS, seconds + 1.0, "--quiet", "--ms-max",
+                            str(PREFILL_MS_MAX))
+                deadline = time.monotonic() + 10
+                while not any(c["pid"] == pre.pid for c in daemon.client.list()):
+                    if time.monotonic() > deadline:
+                        raise BenchError("the daemon did not admit the prefill loop")
+                    time.sleep(0.01)
+                daemon.client.set(pid=pre.pid, inflight=budget, max_hold_ms=60_000)
+                pre.stdin.write("go\n")
+                pre.stdin.flush()
+                time.sleep(0.3)  # the prefill is in its stride
+            dec = _loop(exe, env, DECODE_MS, DECODE_KERNELS, seconds)
+            dec.stdin.write("go\n")
+            dec.stdin.flush()
+            steps = [x["iter_ms"] for x in _finish(dec) if "iter" in x][5:]  # past the start-up
+            r = {"budget": budget, "steps": len(steps), "p50_ms": round(_percentile(steps, 0.5), 3),
+                 "p99_ms": round(_percentile(steps, 0.99), 3)}
+            if pre is not None:
+                done = [x for x in _finish(pre) if x.get("done")]
+                if done:
+                    r["prefill_kernels_per_s"] = round(done[0]["iters"] * PREFILL_KERNELS / done[0]["wall_ms"] * 1e3, 1)
+                waits = [c for c in daemon.client.list() if c["pid"] == pre.pid]
+                r["prefill_inflight_waits"] = waits[0]["inflight_waits"] if waits else None
+            cases[case] = r
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        control.stop(rdir)
+    alone = cases["alone"]
+    for c in cases.values():
+        c["p50_added_ms"] = round(c["p50_ms"] - alone["p50_ms"], 3)
+        c["p99_added_ms"] = round(c["p99_ms"] - alone["p99_ms"], 3)
+        c["target_added_ms"] = c["budget"] * PREFILL_MS_MAX if c["budget"] else None
+    return {"cases": cases, "seconds": seconds, "decode": f"{DECODE_KERNELS} x {DECODE_MS:g} ms + sync",
+            "prefill": f"{PREFILL_KERNELS} x {PREFILL_MS:g}-{PREFILL_MS_MAX:g} ms + sync"}
+
+
 def cheapest_call(exe: Path, env: dict[str, str], calls: int, procs: int = 3) -> tuple[str, dict[str, float]]:
     """Which dispatching call costs least without the shim (the two interleaved in each
     process; the least over processes, as the least disturbed by the rest of the machine)."""
@@ -327,12 +449,13 @@ def machine() -> dict:
     return {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
 
 
-def bench(quick: bool, calls: int | None, rounds: int | None) -> dict:
+def bench(quick: bool, calls: int | None, rounds: int | None, interference: bool = True) -> dict:
     calls = calls or 2000  # below the emulator's 4096-op ring, so a batch never waits for room
     batches = 5 if quick else 25
     rounds = rounds or (3 if quick else 21)
     have_daemon = daemon_available()
     latency = None
+    inter = None
     pending = [] if have_daemon else list(GATED)
     tmp = Path(tempfile.mkdtemp(prefix="fxbench-"))  # short: unix socket paths are limited
     daemon = None
@@ -362,6 +485,12 @@ def bench(quick: bool, calls: int | None, rounds: int | None) -> dict:
                 elif v == "shim_gate_open":
                     daemon.defaults(priority=0)
                     d = run_callcost(exe, shim, calls, batches, call, expect_gate=True)
+                elif v in ("shim_open_kernel", "shim_budget", "shim_budget_64"):
+                    daemon.defaults(priority=0)  # every free slot back to the defaults: no budget
+                    if v != "shim_open_kernel":
+                        preset_budget(rdir, BUDGET_UNREACHED if v == "shim_budget" else BUDGET_SMALL)
+                    d = run_callcost(exe, shim, calls, batches, "kernel", expect_gate=True)
+                    daemon.defaults(priority=0)
                 else:
                     idle = IdleHighClient(exe, shim, daemon)
                     try:
@@ -374,6 +503,12 @@ def bench(quick: bool, calls: int | None, rounds: int | None) -> dict:
             daemon.defaults(priority=0)
             latency = measure_enforcement_latency(exe, shim, daemon, rdir, 30 if quick else 200)
             latency["wake_floor"] = measure_wake_floor(tmp, 30 if quick else 200)
+        if daemon is not None:
+            daemon.stop()
+            daemon = None
+        control.stop(tmp / "run")
+        if have_daemon and interference:
+            inter = measure_interference(tmp / "gate_loop", tmp, base, 1.5 if quick else 4.0)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -411,7 +546,22 @@ def bench(quick: bool, calls: int | None, rounds: int | None) -> dict:
         "target_added_ns": TARGET_ADDED_NS,
         "target_met": None if pending or noisy else open_added <= TARGET_ADDED_NS,
         "enforcement_latency": latency,
+        "budget_cost": _budget_cost(med, low) if "shim_budget" in med else None,
+        "interference": inter,
     }
+
+
+def _budget_cost(med: dict, low: dict) -> dict:
+    """The budget rows against the open gate measured on the same call (kernel launch)."""
+    base, base_low = med["shim_open_kernel"], low["shim_open_kernel"]
+    check = med["shim_budget"] - base
+    records = med["shim_budget_64"] - med["shim_budget"]
+    return {"check_added_ns": round(check, 2), "check_added_ns_min": round(low["shim_budget"] - base_low, 2),
+            "check_ratio": round(med["shim_budget"] / base, 4),
+            "budget_64_added_ns": round(med["shim_budget_64"] - base, 2),
+            "event_record_amortised_ns": round(records, 2), "stride": BUDGET_SMALL // 2,
+            "event_record_ns_each": round(records * (BUDGET_SMALL // 2), 1),
+            "target_added_ns": TARGET_ADDED_NS, "target_met": check <= TARGET_ADDED_NS}
 
 
 def table(doc: dict) -> str:
@@ -460,6 +610,26 @@ def table(doc: dict) -> str:
         lines.append(f"floor: a plain futex wake between two processes here: p50 {f['p50_us']:.1f} us, "
                      f"p99 {f['p99_us']:.1f} us; open p50 / floor p50 (daemon, held 2 ms): "
                      f"{lat['daemon']['open']['p50_us'] / f['p50_us']:.2f}")
+    bc = doc.get("budget_cost")
+    if bc is not None:
+        lines.append("")
+        lines.append(f"in-flight budget, per kernel launch, vs the open gate on the same call: check "
+                     f"{bc['check_added_ns']:+.1f} ns (min {bc['check_added_ns_min']:+.1f}), ratio {bc['check_ratio']:.2f}; "
+                     f"target <= {bc['target_added_ns']:.0f} ns: {'met' if bc['target_met'] else 'NOT met'}")
+        lines.append(f"  event record every {bc['stride']} launches (budget 64): {bc['event_record_amortised_ns']:+.1f} ns "
+                     f"a launch amortised, ~{bc['event_record_ns_each']:.0f} ns a record")
+    inter = doc.get("interference")
+    if inter is not None:
+        lines.append("")
+        lines.append(f"interference (serial mode): decode {inter['decode']} beside prefill {inter['prefill']}, "
+                     f"{inter['seconds']:g} s each")
+        lines.append(f"{'case':<12}{'steps':>6}{'p50 ms':>8}{'p99 ms':>8}{'+p50':>7}{'+p99':>7}{'target':>8}"
+                     f"{'prefill k/s':>12}")
+        for name, c in inter["cases"].items():
+            target = f"<={c['target_added_ms']:g}" if c["target_added_ms"] else "-"
+            kps = f"{c['prefill_kernels_per_s']:.0f}" if c.get("prefill_kernels_per_s") else "-"
+            lines.append(f"{name:<12}{c['steps']:>6}{c['p50_ms']:>8.2f}{c['p99_ms']:>8.2f}{c['p50_added_ms']:>+7.2f}"
+                         f"{c['p99_added_ms']:>+7.2f}{target:>8}{kps:>12}")
     return "\n".join(lines)
 
 
@@ -469,12 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and batches (a smoke run)")
     ap.add_argument("--calls", type=int, help="calls per timed batch (default 2000)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 21; 3 with --quick)")
+    ap.add_argument("--no-interference", action="store_true", help="skip the decode-beside-prefill runs")
     args = ap.parse_args(argv)
     if (args.calls is not None and not 1 <= args.calls <= 4000) or (args.rounds is not None and args.rounds < 1):
         print("bench_forward: --calls must be 1..4000 and --rounds at least 1", file=sys.stderr)
         return 2
     try:
-        doc = bench(args.quick, args.calls, args.rounds)
+        doc = bench(args.quick, args.calls, args.rounds, not args.no_interference)
     except BenchError as e:
         print(f"bench_forward: {e}", file=sys.stderr)
         return 1
