@@ -79,7 +79,7 @@ def gate_list(
     if json_out:
         typer.echo(json.dumps(reply))
         return
-    t = Table(box=None, pad_edge=False)  # under 80 columns; slots, max_hold and every counter: --json
+    t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))  # under 80 columns; the rest: --json
     for col in ("pid", "role", "gate", "prio", "owner", "budget", "kernels", "mem MiB", "iters", "held ms"):
         t.add_column(col, justify="left" if col in ("role", "gate", "owner") else "right", no_wrap=True)
     short = {None: "-", "controller": "ctl", "manual": "man"}
