@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from forward_fixtures import client_record, plain_env, run_both, shim_env, work_of  # noqa: F401  (fixtures)
 from test_daemon_fixtures import (  # noqa: F401  (fixtures)
     daemons,
     finish,
@@ -138,3 +139,40 @@ def test_dead_daemon_fails_the_budget_open(emulator, daemons, gate_loop):
     late = [it for it in its if it["t_ms"] > its[0]["t_ms"] + 2000]  # the heartbeat is stale after 1 s
     assert late, its[-3:]
     assert all(it["call_ms"] < 0.5 * ms for it in late), late[:3]
+
+
+def _preset_budget(rdir, inflight: int) -> None:
+    """Writes a budget into every free slot, as the daemon writes (through the gate library):
+    a program that claims one runs under it from its first launch."""
+    from flexnpu.forward.gate import GATE_OPEN, SLOT_FREE, GateSegment
+
+    seg = GateSegment(0, rdir)
+    try:
+        for i, (state, _, _) in enumerate(seg.claims()):
+            if state == SLOT_FREE:
+                seg.write_slot(i, GATE_OPEN, 0, LONG_HOLD_MS * 1_000_000, inflight, "manual")
+    finally:
+        seg.close()
+
+
+def test_threads_streams_and_contexts_under_a_budget(emulator, daemons, acl_programs, kernel_library, run_both,
+                                                     runtime_dir):
+    """fwd_threads (threads on their own streams, a context made and destroyed by the main
+    thread, device resets) under budgets of 1 and 3: same results and the same device work
+    as without the shim, and no crash."""
+    emu = emulator()
+    daemons(0)
+    argv = [acl_programs["fwd_threads"], kernel_library, 0]
+    for budget in (1, 3):
+        _preset_budget(runtime_dir, budget)
+        plain, shimmed = run_both(argv)
+        plain.ok(), shimmed.ok()
+        assert plain.json() == shimmed.json()
+        status = emu.status()
+        a, b = client_record(status, plain.pid, 0), client_record(status, shimmed.pid, 0)
+        work_a, work_b = work_of(a), work_of(b)
+        # the shim's own events are its only extra device ops
+        assert b["ops"]["event_record"] > a["ops"]["event_record"]
+        for w in (work_a, work_b):
+            w["ops"] = {k: v for k, v in w["ops"].items() if k != "event_record"}
+        assert work_b == work_a
