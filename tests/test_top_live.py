@@ -11,8 +11,8 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -103,14 +103,15 @@ def test_nothing_running_exits_1_with_one_line(runtime_dir: Path) -> None:
 
 
 class Tmux:
-    """A private tmux server (its own -L socket) with one 120x40 session."""
+    """A private tmux server (its own socket, in a temporary dir) with one 120x40 session."""
 
     def __init__(self) -> None:
-        self.server = f"fxtop-{uuid.uuid4().hex[:8]}"
+        self.dir = Path(tempfile.mkdtemp(prefix="fxtmux-"))
+        self.socket = self.dir / "tmux.sock"
         self.session = "top"
 
     def tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["tmux", "-L", self.server, *args], capture_output=True, text=True, timeout=10,
+        return subprocess.run(["tmux", "-S", str(self.socket), *args], capture_output=True, text=True, timeout=10,
                               check=check, stdin=subprocess.DEVNULL)
 
     def start(self, command: str) -> None:
@@ -128,6 +129,7 @@ class Tmux:
 
     def kill(self) -> None:
         self.tmux("kill-server", check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -151,9 +153,11 @@ def test_live_screen_in_a_terminal(node, tmux: Tmux, runtime_dir: Path) -> None:
                f"echo rc=$? > {out}.tmp; stty -a >> {out}.tmp; mv {out}.tmp {out}")
     screen = wait_for(lambda: (s := tmux.screen()) and str(wl.pid) in s and "NPU 0" in s and s, 30,
                       "top's live screen showing the device panel and the client")
-    assert "sort pid" in screen and "prefill" in screen
+    assert "sort pid (s)" in screen and "prefill" in screen
+    # drawn to the terminal's own size, whatever COLUMNS/LINES it inherited
+    assert max(len(line) for line in screen.splitlines()) == 120
     tmux.keys("s")
-    wait_for(lambda: "sort launches" in tmux.screen(), 10, "the sort to change to launches/s")
+    wait_for(lambda: "sort launches (s)" in tmux.screen(), 10, "the sort to change to launches/s")
     tmux.keys("p")
     wait_for(lambda: "PAUSED" in tmux.screen(), 10, "PAUSED on the screen")
     frozen = tmux.screen()

@@ -88,6 +88,16 @@ def _keys_from(reader: KeyReader | None, timeout: float) -> Iterator[str]:
             return
 
 
+def _follow_terminal_size(console: object) -> None:
+    """Size the console from the terminal itself: COLUMNS/LINES inherited from a parent
+    (which rich prefers) are stale after a resize, or were another terminal's to begin with."""
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except OSError:
+        return
+    console.size = (size.columns, size.lines)  # type: ignore[attr-defined]
+
+
 def run_live(sampler: Sampler, interval: float) -> None:
     from rich.console import Console
     from rich.live import Live
@@ -101,6 +111,7 @@ def run_live(sampler: Sampler, interval: float) -> None:
     try:
         with Live(console=console, screen=True, auto_refresh=False, transient=True) as live:
             while True:
+                _follow_terminal_size(console)
                 frame = frozen if view.paused else sampler.frame()
                 if frame is None:
                     shown = Text("flexnpu top: sampling...")

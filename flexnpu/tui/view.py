@@ -172,9 +172,9 @@ def header(frame: Frame, view: ViewState) -> Text:
     t.append("  controller ")
     t.append(frame.controller, style=STATE_STYLE.get(frame.controller, ""))
     t.append("  " + time.strftime("%H:%M:%S", time.localtime(frame.time)))
-    t.append(f"  sort {view.sort}")
     if view.paused:
         t.append("  PAUSED", style="bold reverse")
+    t.no_wrap, t.overflow = True, "ellipsis"
     return t
 
 
@@ -248,7 +248,9 @@ def process_table(frame: Frame, view: ViewState, max_rows: int | None = None) ->
     """One row per process; the DEV column only when the node shows more than one device.
     Only COMMAND shrinks when the screen is narrow (it is the one wrappable column)."""
     multi = len(frame.device_ids()) > 1
-    t = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, padding=(0, 0), show_edge=False)
+    t = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, padding=(0, 0), show_edge=False,
+              title=f"processes  sort {view.sort} (s)  pause (p)  quit (q)", title_justify="left",
+              title_style="dim")
     cols = [("PID", "right"), ("DEV", "right"), ("COMMAND", "left"), ("ROLE", "left"), ("PHASE", "left"),
             ("LAUNCH/s", "right"), ("H2D/D2H MB/s", "right"), ("MEM", "right"), ("HELD ms/s", "right"),
             ("INFL", "right"), ("GATE", "left")]
