@@ -9,8 +9,7 @@ import re
 
 import pytest
 
-from flexnpu.runtimes import ASCEND_RT
-from flexnpu.observe.phase import PhaseRules
+from flexnpu.runtimes import ACLNN, ASCEND_RT
 from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig, ProbedLibrary, build
 from flexnpu.runtimes import ASCENDCL, Direction, Op
 
@@ -24,7 +23,8 @@ def _body(text: str, fn: str) -> str:
 def test_one_probe_per_symbol_with_returns_where_needed() -> None:
     prog = build()
     probes = {p.symbol: p for p in prog.probes}
-    assert set(probes) == {s.name for s in ASCENDCL.symbols} | {s.name for s in ASCEND_RT.symbols}
+    namers = {n.name for prof in (ASCENDCL, ASCEND_RT, ACLNN) for n in prof.namers}
+    assert set(probes) == {s.name for s in ASCENDCL.symbols} | {s.name for s in ASCEND_RT.symbols} | namers
     for s in ASCENDCL.symbols:
         needs_return = s.op in (Op.SYNC, Op.ALLOC, Op.DEVICE_SET)
         assert (probes[s.name].return_fn is not None) == needs_return, s.name
@@ -71,12 +71,12 @@ def test_direction_switch_is_the_profiles() -> None:
 
 
 def test_settings_are_d_flags_and_printed_as_defines() -> None:
-    cfg = ProbeConfig(trace=True, tgid=1234, rules=PhaseRules(prefill_launches=64))
+    cfg = ProbeConfig(trace=True, tgid=1234, max_keys=64)
     prog = build(cfg)
     assert "-DFX_TRACE=1" in prog.cflags and "-DFX_TGID=1234" in prog.cflags
-    assert "-DFX_PREFILL_LAUNCHES=64" in prog.cflags
+    assert "-DFX_MAX_KEYS=64" in prog.cflags
     final = prog.final()
-    assert "#define FX_TGID 1234" in final and "#define FX_PREFILL_LAUNCHES 64" in final
+    assert "#define FX_TGID 1234" in final and "#define FX_MAX_KEYS 64" in final
     assert final.endswith(prog.text)
     assert "#if FX_TGID" in prog.text  # the text uses the flag; nothing edits it
 
@@ -87,6 +87,24 @@ def test_an_argument_past_the_registers_is_refused() -> None:
     profile = dataclasses.replace(ASCEND_RT, symbols=(bad,))
     with pytest.raises(ValueError, match="#7"):
         build(libraries=(DEFAULT_LIBRARIES[0], ProbedLibrary(profile)))
+
+
+def test_namers_are_probed_and_never_required() -> None:
+    """aclrtBinaryGetFunction: name and out-handle on entry, the handle on return; aclnn
+    operators: a constant class from the name table, no argument read."""
+    prog = build()
+    by = {p.symbol: p for p in prog.probes}
+    gf = by["aclrtBinaryGetFunction"]
+    assert gf.library == "libascendcl.so" and gf.return_fn and not gf.required
+    assert "fx_namer_enter(FX_SYM_aclrtBinaryGetFunction, (u64)PT_REGS_PARM2(ctx), (u64)PT_REGS_PARM3(ctx))" \
+        in prog.text
+    assert "fx_dispatch(FX_SYM_aclrtLaunchKernel, FX_OP_KERNEL, 0, FX_DIR_NONE, 0, (u64)PT_REGS_PARM1(ctx))" \
+        in prog.text
+    assert by["aclnnPromptFlashAttentionV3"].library == "libopapi.so"
+    assert "fx_operator(FX_SYM_aclnnPromptFlashAttentionV3, FX_CLS_PREFILL)" in prog.text
+    assert "fx_operator(FX_SYM_aclnnIncreFlashAttentionV4, FX_CLS_DECODE)" in prog.text
+    assert "fx_operator(FX_SYM_aclnnFusedInferAttentionScoreV2, FX_CLS_EITHER)" in prog.text
+    assert not any(p.required for p in prog.probes if p.library == "libopapi.so")
 
 
 def test_module_prints_the_program(capsys) -> None:

@@ -176,7 +176,7 @@ class ProbeSession:
         for pid, dev in out:
             if dev >= 0:
                 devs.setdefault(pid, []).append(dev)
-        for (pid, dev), h in hists.items():
+        for (pid, dev), h in list(hists.items()):
             if dev < 0 and len(devs.get(pid, ())) == 1 and (pid, devs[pid][0]) in out:
                 into = hists.setdefault((pid, devs[pid][0]), {})
                 for b, v in h.items():

@@ -66,8 +66,8 @@ class PhaseRules:
     # us each on a 910B-class device); prefill kernels carry the prompt and are compute
     # bound. A pass whose kernels average this much device time each is prefill.
     prefill_ns_per_launch: float = 250_000.0
-    mode_gap_octaves: float = 2.0  # two span modes at least 4x apart: the longer is prefill
-    min_mode_share: float = 0.1  # ... when each holds this share of the process's time
+    mode_gap_octaves: float = 2.0  # two span modes whose means are 4x apart: the longer is prefill
+    min_mode_share: float = 0.05  # ... when each holds this share of the process's time
     history_half_life_s: float = 5.0  # how fast the shape history forgets
     # interval totals only (the shim's counters, no histograms)
     long_iter_ms: float = 16.0
@@ -143,8 +143,8 @@ class ShapeModel:
     The history is the process's iterations (span, launches), time-weighted and decayed
     with history_half_life_s. Iterations that another process's iteration on the same
     device overlapped are left out of it: their span measures that work too.
-      - two span modes at least mode_gap_octaves apart, each with min_mode_share of the
-        time: the longer mode is prefill; the shorter is decode unless its own kernels
+      - two span modes (the best two-way split of the time-weighted log spans) whose means
+        are mode_gap_octaves apart, each with min_mode_share of the time: the longer is prefill; the shorter is decode unless its own kernels
         average prefill_ns_per_launch (a process serving short and long prompts);
       - one mode: the process runs one kind of pass; it is prefill when its typical pass
         averages prefill_ns_per_launch per kernel, else decode, and every pass follows it
@@ -181,16 +181,22 @@ class ShapeModel:
             return [], "no kernel launches"
         total = sum(p.weight for p in ref)
         ref.sort(key=lambda p: p.span_ns)
-        sig = [p for p in ref if p.weight >= 0.02 * total] or ref
-        best, at = 0.0, -1
-        for i in range(len(sig) - 1):
-            g = math.log2(sig[i + 1].span_ns / max(sig[i].span_ns, 1.0))
-            if g > best:
-                best, at = g, i
-        if best >= self.r.mode_gap_octaves:
-            split = math.sqrt(sig[at].span_ns * sig[at + 1].span_ns)
-            lo = [p for p in ref if p.span_ns < split]
-            hi = [p for p in ref if p.span_ns >= split]
+        # the best split of the time-weighted log spans in two (Otsu's criterion): a stray
+        # pass between the modes moves the means little, where it would fill a gap
+        xs = [math.log2(max(p.span_ns, 1.0)) for p in ref]
+        best, at, gap = 0.0, -1, 0.0
+        for i in range(len(ref) - 1):
+            w0 = sum(p.weight for p in ref[:i + 1])
+            w1 = total - w0
+            if w0 <= 0 or w1 <= 0:
+                continue
+            m0 = sum(p.weight * x for p, x in zip(ref[:i + 1], xs[:i + 1])) / w0
+            m1 = sum(p.weight * x for p, x in zip(ref[i + 1:], xs[i + 1:])) / w1
+            score = w0 * w1 * (m1 - m0) ** 2
+            if score > best:
+                best, at, gap = score, i, m1 - m0
+        if at >= 0 and gap >= self.r.mode_gap_octaves:
+            lo, hi = ref[:at + 1], ref[at + 1:]
             wl, wh = sum(p.weight for p in lo), sum(p.weight for p in hi)
             if min(wl, wh) >= self.r.min_mode_share * total:
                 lo_pre = self._mode_is_prefill(lo)
@@ -323,6 +329,10 @@ class PhaseClassifier:
 
     def _by_shape(self, f: IntervalFeatures, st: _ProcessState) -> PhaseVerdict | None:
         ref, desc = self.shape.model(st)
+        if not ref and f.open_iter_ns and f.open_launches:  # a first pass, still running
+            pt = _Point(float(f.open_iter_ns), float(f.open_launches), 1.0)
+            pre = self.shape._mode_is_prefill([pt])
+            ref, desc = [(pt, pre)], f"first pass, {self.shape._per_launch(pt) / 1e3:.0f} us per launch so far"
         if not ref:
             return None
         p_ns = d_ns = 0.0
