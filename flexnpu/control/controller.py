@@ -43,7 +43,7 @@ _SOCK = re.compile(r"^daemon-(\d+)\.sock$")
 
 def same(a: GateSetting, b: GateSetting) -> bool:
     """Equal settings, max_hold compared to the daemon's ns resolution."""
-    return (a.gate == b.gate and a.priority == b.priority and a.inflight == b.inflight
+    return a is b or (a.gate == b.gate and a.priority == b.priority and a.inflight == b.inflight
             and abs(a.max_hold_ms - b.max_hold_ms) < 1e-5)
 
 
@@ -56,6 +56,12 @@ def diff(wanted: dict[int, GateSetting], clients: tuple[Client, ...]) -> list[tu
         if s is not None and c.owner != "manual" and not same(s, c.setting):
             out.append((c, s))
     return out
+
+
+def applied(clients: tuple[Client, ...], done: list[tuple[Client, GateSetting]]) -> tuple[Client, ...]:
+    """The clients with the settings just applied in force, owned by the controller."""
+    new = {c.pid: s for c, s in done}
+    return tuple(Client(c.pid, c.device, c.role, OWNER, new[c.pid]) if c.pid in new else c for c in clients)
 
 
 @dataclass
@@ -80,8 +86,6 @@ class DeviceLink:
         self.retry_ns = now_ns + int(retry_ms * 1e6)
         self.client.close()
 
-    def with_setting(self, pid: int, s: GateSetting) -> None:
-        self.clients = tuple(Client(c.pid, c.device, c.role, OWNER, s) if c.pid == pid else c for c in self.clients)
 
 
 class Controller:
@@ -173,19 +177,18 @@ class Controller:
                     "set_many", owner=OWNER, lease_ms=self.opts.lease_ms,
                     settings=[{"pid": c.pid, **s.as_dict()} for c, s in changes])
                 link.renewed_ns = now_ns
-                applied = set(reply.get("applied") or ())
+                ok = set(reply.get("applied") or ())
                 for one in reply.get("skipped") or ():
                     link.skipped[int(one["pid"])] = str(one.get("reason", ""))
                     log.info("device %d: pid %s left as set: %s", link.device, one["pid"], one.get("reason"))
-                for c, s in changes:
-                    if c.pid in applied:
-                        link.with_setting(c.pid, s)
-                        reason = out.reasons.get((link.device, c.pid)) or "policy setting"
-                        d = Decision(wall, link.device, c.pid, s, reason)
-                        self.pending.append(d)
-                        log.log(logging.DEBUG if reason.startswith("turn: ") else logging.INFO,
-                                "device %d pid %d -> %s, priority %d, max hold %g ms, in-flight %d: %s",
-                                link.device, c.pid, s.gate, s.priority, s.max_hold_ms, s.inflight, reason)
+                done = [(c, s) for c, s in changes if c.pid in ok]
+                link.clients = applied(link.clients, done)
+                for c, s in done:
+                    reason = out.reasons.get((link.device, c.pid)) or "policy setting"
+                    self.pending.append(Decision(wall, link.device, c.pid, s, reason))
+                    log.log(logging.DEBUG if reason.startswith("turn: ") else logging.INFO,
+                            "device %d pid %d -> %s, priority %d, max hold %g ms, in-flight %d: %s",
+                            link.device, c.pid, s.gate, s.priority, s.max_hold_ms, s.inflight, reason)
             elif now_ns - link.renewed_ns >= self.opts.renew_ms * 1e6:
                 link.client.request("renew", owner=OWNER, lease_ms=self.opts.lease_ms)
                 link.renewed_ns = now_ns

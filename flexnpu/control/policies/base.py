@@ -15,6 +15,7 @@ only what differs from what is in force, so a policy may return the same setting
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Mapping, NamedTuple
 
 from flexnpu.control.wire import OPEN, GateSetting
@@ -34,6 +35,14 @@ def opt(default: Any, help: str, lo: float | None = None, hi: float | None = Non
                                             "choices": choices})
 
 
+@lru_cache(maxsize=4096)
+def setting(gate: str = "open", priority: int = 0, max_hold_ms: float = OPEN.max_hold_ms,
+            inflight: int = 0) -> GateSetting:
+    """A GateSetting, one object per distinct value: the controller's diff then finds most
+    unchanged settings by identity, without comparing fields (a tick stays well under 1 ms)."""
+    return GateSetting(gate, priority, max_hold_ms, inflight)
+
+
 @dataclass(frozen=True)
 class Client:
     """A client of a device's daemon as the controller last listed it."""
@@ -47,9 +56,9 @@ class Client:
     @classmethod
     def from_daemon(cls, device: int, d: Mapping[str, Any]) -> Client:
         return cls(pid=int(d["pid"]), device=device, role=str(d.get("role") or "auto"), owner=d.get("owner"),
-                   setting=GateSetting(gate=str(d.get("gate", "open")), priority=int(d.get("priority", 0)),
-                                       max_hold_ms=float(d.get("max_hold_ms", OPEN.max_hold_ms)),
-                                       inflight=int(d.get("inflight") or 0)))
+                   setting=setting(str(d.get("gate", "open")), int(d.get("priority", 0)),
+                                   round(float(d.get("max_hold_ms", OPEN.max_hold_ms)), 6),
+                                   int(d.get("inflight") or 0)))
 
 
 Clients = Mapping[int, tuple[Client, ...]]  # device -> its clients
@@ -94,10 +103,44 @@ def class_of(client: Client, sample: ProcessSample | None, mixed_as: str, previo
     return previous or "unknown"
 
 
+_index: list = [None, {}]  # the last snapshot indexed, and its index: a memo, invisible to callers
+
+
+@dataclass(frozen=True)
+class Classes:
+    """The class of each client of one device, and the snapshot it was worked out from."""
+
+    mono_ns: int = -1
+    of: dict[int, str] = field(default_factory=dict)  # pid -> prefill / decode / unknown
+
+
+def classify(snapshot: NodeSnapshot | None, device: int, cs: tuple[Client, ...], mixed_as: str,
+             previous: Classes | None) -> Classes:
+    """Every client's class (see class_of). Worked out once per snapshot: on the ticks between
+    two snapshots the previous result is returned as it is, unless a client is new."""
+    mono = snapshot.mono_ns if snapshot is not None else -1
+    prev = previous.of if previous is not None else _EMPTY
+    if previous is not None and previous.mono_ns == mono and all(c.pid in prev for c in cs):
+        return previous
+    samples = samples_by_pid(snapshot, device)
+    return Classes(mono, {c.pid: class_of(c, samples.get(c.pid), mixed_as,
+                                          None if prev.get(c.pid) == "unknown" else prev.get(c.pid)) for c in cs})
+
+
 def samples_by_pid(snapshot: NodeSnapshot | None, device: int) -> dict[int, ProcessSample]:
+    """The snapshot's processes on one device, by pid (do not modify the dict returned)."""
     if snapshot is None:
         return {}
-    return {p.pid: p for p in snapshot.processes if p.device == device}
+    if _index[0] is not snapshot:
+        by_dev: dict[int, dict[int, ProcessSample]] = {}
+        for p in snapshot.processes:
+            if p.device is not None:
+                by_dev.setdefault(p.device, {})[p.pid] = p
+        _index[0], _index[1] = snapshot, by_dev
+    return _index[1].get(device, _EMPTY)
+
+
+_EMPTY: dict[int, ProcessSample] = {}
 
 
 def is_quiet(sample: ProcessSample | None) -> bool:

@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from flexnpu.control.policies.base import (
-    Client, Clients, PolicyOutput, Reasons, Settings, all_open, class_of, is_quiet, observer_quiet, opt,
-    samples_by_pid,
+    Client, Classes, Clients, PolicyOutput, Reasons, Settings, all_open, classify, is_quiet, observer_quiet, opt,
+    samples_by_pid, setting,
 )
 from flexnpu.control.wire import DEFAULT_MAX_HOLD_MS, OPEN, GateSetting
 from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
@@ -76,7 +76,7 @@ class DeviceState:
 @dataclass(frozen=True)
 class State:
     devices: dict[int, DeviceState] = field(default_factory=dict)
-    classes: dict[tuple[int, int], str] = field(default_factory=dict)
+    classes: dict[int, Classes] = field(default_factory=dict)  # device -> its clients' classes
 
 
 def initial_state() -> State:
@@ -147,18 +147,16 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
     settings: Settings = {}
     reasons: Reasons = {}
     devices: dict[int, DeviceState] = {}
-    classes: dict[tuple[int, int], str] = {}
+    classes: dict[int, Classes] = {}
     for dev, cs in clients.items():
-        samples = samples_by_pid(snapshot, dev)
-        cls = {c.pid: class_of(c, samples.get(c.pid), options.mixed_as, state.classes.get((dev, c.pid)))
-               for c in cs}
-        classes.update({(dev, pid): k for pid, k in cls.items() if k != "unknown"})
+        classes[dev] = known = classify(snapshot, dev, cs, options.mixed_as, state.classes.get(dev))
+        cls = known.of
         decodes = [c for c in cs if cls[c.pid] == "decode"]
         prefills = [c for c in cs if cls[c.pid] == "prefill"]
         ds = state.devices.get(dev) or DeviceState(inflight=options.prefill_inflight)
         why = None
         if snapshot.mono_ns != ds.last_mono_ns:
-            ds, why = _learn(ds, snapshot, samples, decodes, prefills, options, now_ns)
+            ds, why = _learn(ds, snapshot, samples_by_pid(snapshot, dev), decodes, prefills, options, now_ns)
         out: dict[int, GateSetting] = {}
         settings[dev] = out
         if not decodes or not prefills:
@@ -171,18 +169,16 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
             devices[dev] = replace(ds, inflight=options.prefill_inflight, probe_ns=0, over=0)
             continue
         devices[dev] = ds
-        decode_set = GateSetting(gate="open", priority=DECODE_PRIORITY, max_hold_ms=DEFAULT_MAX_HOLD_MS, inflight=0)
+        decode_set = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
         hold = options.prefill_max_hold_ms
         if ds.probe_ns:  # a closed gate must outlast the probe, or prefill's calls would go anyway
             hold = max(hold, 4 * snapshot.interval_s * 1e3)
-        prefill_set = GateSetting(gate="closed" if ds.probe_ns else "open", priority=PREFILL_PRIORITY,
-                                  max_hold_ms=hold, inflight=ds.inflight)
-        with_decode = ", ".join(str(c.pid) for c in decodes)
+        prefill_set = setting("closed" if ds.probe_ns else "open", PREFILL_PRIORITY, hold, ds.inflight)
         for c in cs:
             k = cls[c.pid]
             s = decode_set if k == "decode" else prefill_set if k == "prefill" else OPEN
             out[c.pid] = s
-            if s == c.setting:
+            if s is c.setting or s == c.setting:
                 continue
             if k == "unknown":
                 reasons[(dev, c.pid)] = f"pid {c.pid} on device {dev} shows no phase yet: open, no budget"
@@ -194,7 +190,8 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
             elif why:
                 reasons[(dev, c.pid)] = f"{why}: prefill pid {c.pid} {s.gate}, in-flight {s.inflight}"
             else:
-                reasons[(dev, c.pid)] = (f"prefill pid {c.pid} shares device {dev} with decode pid {with_decode}: "
+                reasons[(dev, c.pid)] = (f"prefill pid {c.pid} shares device {dev} with decode pid "
+                                         f"{', '.join(str(d.pid) for d in decodes)}: "
                                          f"priority {PREFILL_PRIORITY}, in-flight {s.inflight}, max hold {hold:g} ms")
     return PolicyOutput(settings, State(devices, classes), reasons)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flexnpu.control.policies.base import (
-    Clients, PolicyOutput, Reasons, Settings, all_open, class_of, observer_quiet, opt, samples_by_pid,
+    Classes, Clients, PolicyOutput, Reasons, Settings, all_open, classify, observer_quiet, opt, setting,
 )
 from flexnpu.control.wire import OPEN, GateSetting
 from flexnpu.snapshot import NodeSnapshot
@@ -32,7 +32,7 @@ class Options:
 class State:
     epoch_ns: dict[int, int] = field(default_factory=dict)  # device -> when its turns began
     turn: dict[int, str] = field(default_factory=dict)  # device -> whose turn it was last
-    classes: dict[tuple[int, int], str] = field(default_factory=dict)  # (device, pid) -> class
+    classes: dict[int, Classes] = field(default_factory=dict)  # device -> its clients' classes
 
 
 def initial_state() -> State:
@@ -54,14 +54,14 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
         return PolicyOutput(settings, State(classes=state.classes), reasons)
     settings: Settings = {}
     reasons: Reasons = {}
-    epochs, turns, classes = {}, {}, {}
+    epochs: dict[int, int] = {}
+    turns: dict[int, str] = {}
+    classes: dict[int, Classes] = {}
     cycle = options.quantum_ms
     for dev, cs in clients.items():
-        samples = samples_by_pid(snapshot, dev)
-        cls = {c.pid: class_of(c, samples.get(c.pid), options.mixed_as, state.classes.get((dev, c.pid)))
-               for c in cs}
-        classes.update({(dev, pid): k for pid, k in cls.items() if k != "unknown"})
-        present = set(cls.values())
+        classes[dev] = known = classify(snapshot, dev, cs, options.mixed_as, state.classes.get(dev))
+        cls = known.of
+        present = {cls[c.pid] for c in cs}
         out: dict[int, GateSetting] = {}
         settings[dev] = out
         if not {"prefill", "decode"} <= present:
@@ -76,6 +76,7 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
         turn, pos = turn_at(epoch, now_ns, options)
         turns[dev] = turn
         share = options.prefill_share if turn == "prefill" else 1 - options.prefill_share
+        why = None
         for c in cs:
             k = cls[c.pid]
             if k == "unknown":
@@ -84,13 +85,13 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                     reasons[(dev, c.pid)] = f"pid {c.pid} on device {dev} shows no phase yet: open, no budget"
                 continue
             # a closed gate holds a call at most max_hold: a whole cycle outlasts any off-turn
-            s = GateSetting(gate="open" if k == turn else "closed", priority=0, max_hold_ms=cycle,
-                            inflight=options.inflight)
+            s = setting("open" if k == turn else "closed", 0, cycle, options.inflight)
             out[c.pid] = s
-            if s != c.setting:
-                reasons[(dev, c.pid)] = (
-                    f"{TURN}{turn}'s turn on device {dev} ({share * cycle:g} of {cycle:g} ms, "
-                    f"{pos:.1f} ms into the cycle): {k} pid {c.pid} {s.gate}, in-flight {s.inflight}")
+            if s is not c.setting and s != c.setting:
+                if why is None:
+                    why = (f"{TURN}{turn}'s turn on device {dev} ({share * cycle:g} of {cycle:g} ms, "
+                           f"{pos:.1f} ms into the cycle)")
+                reasons[(dev, c.pid)] = f"{why}: {k} pid {c.pid} {s.gate}, in-flight {s.inflight}"
     return PolicyOutput(settings, State(epochs, turns, classes), reasons)
 
 
