@@ -4,6 +4,7 @@ renderables, compared as text)."""
 
 from __future__ import annotations
 
+import io
 import json
 
 from rich.console import Console
@@ -65,7 +66,7 @@ def frame(snap: NodeSnapshot | None = None, rep: ControllerReport | None = None,
 
 
 def draw(f: Frame, view: ViewState = ViewState(), height: int | None = 32) -> str:
-    console = Console(width=100, height=32, record=True, color_system=None, file=open("/dev/null", "w"))
+    console = Console(width=100, height=32, record=True, color_system=None, file=io.StringIO())
     console.print(render(f, view, width=100, height=height))
     return console.export_text()
 

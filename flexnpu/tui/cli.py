@@ -143,7 +143,7 @@ def top_command(
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit (the default when stdout "
                                                         "is not a terminal).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print what one frame is drawn from (snapshot, "
-                                                          "controller report, daemon lists) as one JSON object.")] = False,
+                                           "controller report, daemon lists) as one JSON object.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between screen refreshes.")] = 0.5,
 ) -> None:
     """Watch every device, process, dispatch gate and controller decision.
