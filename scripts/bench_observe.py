@@ -8,7 +8,9 @@
 2. CPU used by the observer's Python process (`flexnpu observe`, 100 ms snapshots) while
    processes make calls at a sustained high rate, from /proc/<pid>/stat; and the same for
    `flexnpu attach --trace`, where Python handles every event;
-3. with --accuracy, the phase classifier against the emulator's ground truth.
+3. with --accuracy, phase inference against the emulator's ground truth, per signal source
+   (aclnn operators, kernel names, iteration shape), on engine loops it was not built
+   beside and on the project's own loops (flexnpu/bench/accuracy.py).
 
     .venv/bin/python scripts/bench_observe.py [--json] [--accuracy]
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from flexnpu import paths  # noqa: E402
 from flexnpu.emulator import control  # noqa: E402
-from flexnpu.observe import accuracy  # noqa: E402
+from flexnpu.bench import accuracy  # noqa: E402
 from flexnpu.observe.bpf import ProbeSession, load_bcc  # noqa: E402
 from flexnpu.observe.probegen import ProbeConfig, build  # noqa: E402
 
@@ -44,7 +46,7 @@ EMPTY = "int fx_empty(struct pt_regs *ctx) { return 0; }\n"
 def compile_prog(name: str, out: Path) -> Path:
     exe = out / name
     cmd = ["gcc", "-O2", str(REPO / "tests" / "progs" / f"{name}.c"), "-o", str(exe),
-           "-I", str(paths.emulator_include_dir()), "-L", str(paths.native_lib_dir()), "-lascendcl", "-lm",
+           "-I", str(paths.emulator_include_dir()), "-L", str(paths.native_lib_dir()), "-lascendcl", "-ldl", "-lm",
            "-pthread"]
     subprocess.run(cmd, check=True)
     return exe
@@ -190,17 +192,18 @@ def main() -> int:
                   "observer_cpu": [observer_cpu(cost_exe, klib, env, rdir, a.procs, a.seconds, "observe"),
                                    observer_cpu(cost_exe, klib, env, rdir, 1, a.seconds, "trace")]}
         if a.accuracy:
-            phases = compile_prog("obs_phases", out)
+            programs = {"phases": compile_prog("obs_phases", out), "engine": compile_prog("obs_engine", out)}
+            opapi = accuracy.build_opapi(out)
+            env["FLEXNPU_EMU_KERNELS"] = str(klib)
             session = ProbeSession(ProbeConfig())
             session.attach(str(paths.emulator_library()), "libascendcl.so")
+            session.attach(str(opapi), "libopapi.so")
             try:
                 fxk = accuracy.kernel_library(out)
-                rs = [accuracy.run(s, phases, fxk, env, rdir, session) for s in accuracy.SCENARIOS]
+                rs = accuracy.run_all(programs, fxk, env, rdir, session, opapi)
             finally:
                 session.close()
-            rows = [r for x in rs for r in x.rows]
-            result["accuracy"] = {"overall": round(sum(t == v for _, t, v in rows) / len(rows), 4),
-                                  "intervals": len(rows), "interval_ms": 100,
+            result["accuracy"] = {"interval_ms": 100, "by_source": accuracy.summary(rs),
                                   "scenarios": [x.as_dict() for x in rs]}
     finally:
         control.stop(rdir)
@@ -223,9 +226,12 @@ def main() -> int:
               f"{r['cpu_percent']:.1f}% of one CPU")
     if "accuracy" in result:
         acc = result["accuracy"]
-        print(f"\nphase classifier: {acc['overall']:.1%} of {acc['intervals']} intervals of 100 ms")
+        print("\nphase inference, accuracy per 100 ms interval, by signal source")
+        for k, v in acc["by_source"].items():
+            print(f"  {k:<14} {v['accuracy']:.1%} of {v['intervals']}")
         for s in acc["scenarios"]:
-            print(f"  {s['scenario']:<14} {s['accuracy']:.1%} of {s['intervals']}  occupancy MAE {s['occupancy_mae']}")
+            srcs = "  ".join(f"{k} {s[k]['accuracy']:.0%}" for k in accuracy.SOURCES if k in s)
+            print(f"  {s['scenario']:<18} {s['mode']:<6} {s['intervals']:>3}  {srcs}")
     return 0
 
 
