@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -121,11 +122,11 @@ def controller(runtime_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Cont
     on the test's runtime dir. Teardown: SIGTERM, then SIGKILL."""
     started: list[ControllerProcess] = []
 
-    def start(*args: str, config: str = CONFIG) -> ControllerProcess:
+    def start(*args: str, config: str = CONFIG, env: dict | None = None) -> ControllerProcess:
         cfg = tmp_path / f"controller{len(started)}.toml"
         cfg.write_text(config)
         log = tmp_path / f"controller{len(started)}.log"
-        env = {**os.environ, "FLEXNPU_RUNTIME_DIR": str(runtime_dir), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "FLEXNPU_RUNTIME_DIR": str(runtime_dir), "PYTHONPATH": str(REPO), **(env or {})}
         with open(log, "wb") as err:
             p = subprocess.Popen([sys.executable, "-m", "flexnpu.cli", "controller", "--json", "--config", str(cfg),
                                   *args], env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -308,3 +309,18 @@ def test_daemon_absent_then_back(emulator, daemons, gate_loop, observer, control
     wait_for(lambda: controlled(d2, dec.pid, pre.pid), 10, "settings again once the daemon is back")
     rep = c.report(lambda r: bool(r.devices) and r.devices[0].daemon == "ok", timeout=10)
     assert c.alive()
+
+
+def test_tells_systemd_it_is_ready(observer, controller, runtime_dir) -> None:
+    """No daemon, no clients: it still starts, says READY=1 with a status, and stops with 0."""
+    path = runtime_dir / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(20)
+        observer()
+        c = controller(env={"NOTIFY_SOCKET": str(path)})
+        msg = s.recv(4096).decode()
+        assert "READY=1" in msg and "STATUS=policy flexpd" in msg, msg
+        c.proc.send_signal(signal.SIGINT)
+        assert c.proc.wait(10) == 0, c.log_text()
+        assert "STOPPING=1" in s.recv(4096).decode()

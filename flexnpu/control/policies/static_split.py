@@ -58,6 +58,9 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
     turns: dict[int, str] = {}
     classes: dict[int, Classes] = {}
     cycle = options.quantum_ms
+    # a closed gate holds a call at most max_hold: a whole cycle outlasts any off-turn
+    turn_open = setting("open", 0, cycle, options.inflight)
+    turn_closed = setting("closed", 0, cycle, options.inflight)
     for dev, cs in clients.items():
         classes[dev] = known = classify(snapshot, dev, cs, options.mixed_as, state.classes.get(dev))
         cls = known.of
@@ -84,8 +87,7 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                 if c.setting != OPEN:
                     reasons[(dev, c.pid)] = f"pid {c.pid} on device {dev} shows no phase yet: open, no budget"
                 continue
-            # a closed gate holds a call at most max_hold: a whole cycle outlasts any off-turn
-            s = setting("open" if k == turn else "closed", 0, cycle, options.inflight)
+            s = turn_open if k == turn else turn_closed
             out[c.pid] = s
             if s is not c.setting and s != c.setting:
                 if why is None:
