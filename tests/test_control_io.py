@@ -324,3 +324,18 @@ def test_tells_systemd_it_is_ready(observer, controller, runtime_dir) -> None:
         c.proc.send_signal(signal.SIGINT)
         assert c.proc.wait(10) == 0, c.log_text()
         assert "STOPPING=1" in s.recv(4096).decode()
+
+
+def test_smoke_under_timeout_int(runtime_dir: Path) -> None:
+    """bcc's smoke habit: alone on a node (no observer, no daemon) it runs until SIGINT from
+    `timeout -s INT`, and exits 0; --help exits 0."""
+    env = {**os.environ, "FLEXNPU_RUNTIME_DIR": str(runtime_dir), "PYTHONPATH": str(REPO),
+           "FLEXNPU_CONFIG": str(runtime_dir / "none.toml")}
+    base = [sys.executable, "-m", "flexnpu.cli", "controller"]
+    r = subprocess.run(["timeout", "--preserve-status", "-s", "INT", "3", *base], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "policy flexpd" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(["timeout", "-s", "INT", "60", *base, "--help"], env=env, cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "Usage:" in r.stdout

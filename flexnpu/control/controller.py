@@ -285,3 +285,4 @@ class Controller:
         if self.pub is not None:
             self.pub.close(0)
             self.pub = None
+            paths.controller_socket(self.rdir).unlink(missing_ok=True)  # as the observer does with its own

@@ -103,7 +103,9 @@ def class_of(client: Client, sample: ProcessSample | None, mixed_as: str, previo
     return previous or "unknown"
 
 
-_index: list = [None, {}]  # the last snapshot indexed, and its index: a memo, invisible to callers
+# the last snapshot indexed and its index, one tuple so that threads swap it whole: a memo,
+# invisible to callers (a snapshot is immutable)
+_index: list[tuple[object, dict[int, dict[int, ProcessSample]]]] = [(None, {})]
 
 
 @dataclass(frozen=True)
@@ -131,13 +133,14 @@ def samples_by_pid(snapshot: NodeSnapshot | None, device: int) -> dict[int, Proc
     """The snapshot's processes on one device, by pid (do not modify the dict returned)."""
     if snapshot is None:
         return {}
-    if _index[0] is not snapshot:
-        by_dev: dict[int, dict[int, ProcessSample]] = {}
+    seen, by_dev = _index[0]
+    if seen is not snapshot:
+        by_dev = {}
         for p in snapshot.processes:
             if p.device is not None:
                 by_dev.setdefault(p.device, {})[p.pid] = p
-        _index[0], _index[1] = snapshot, by_dev
-    return _index[1].get(device, _EMPTY)
+        _index[0] = (snapshot, by_dev)
+    return by_dev.get(device, _EMPTY)
 
 
 _EMPTY: dict[int, ProcessSample] = {}

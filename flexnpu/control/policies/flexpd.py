@@ -172,7 +172,7 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
         decode_set = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
         hold = options.prefill_max_hold_ms
         if ds.probe_ns:  # a closed gate must outlast the probe, or prefill's calls would go anyway
-            hold = max(hold, 4 * snapshot.interval_s * 1e3)
+            hold = min(60000.0, max(hold, 4 * snapshot.interval_s * 1e3))
         prefill_set = setting("closed" if ds.probe_ns else "open", PREFILL_PRIORITY, hold, ds.inflight)
         for c in cs:
             k = cls[c.pid]
