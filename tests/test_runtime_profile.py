@@ -246,7 +246,13 @@ def test_generated_bodies_follow_each_op(generated: str) -> None:
         body = body.split("\n", 1)[1]
         real = body.index(f"real_{s.name}(")
         if s.op.dispatches:
-            assert body.index("fx_gate();") < real, f"{s.name}: the gate must come before the real call"
+            gate = body.find("fx_gate();") if "fx_gate();" in body else body.find("fx_gate_at(fx_a);")
+            assert 0 <= gate < real, f"{s.name}: the gate must come before the real call"
+            if s.op in gen_shim.BUDGETED and s.stream_arg:  # the in-flight budget: waited on before, counted after
+                assert body.index(f"fx_budget(fx_a, (void *){s.stream_arg})") < real
+                assert body.index(f"fx_inflight_dispatched(fx_a, fx_b, (void *){s.stream_arg})") > real
+            else:
+                assert "fx_budget" not in body, f"{s.name} is not budgeted"
             assert f"fx_count(FX_OP_{s.op.name}, " in body
             if s.kind_arg:
                 assert f"fx_direction((int){s.kind_arg})" in body
@@ -261,7 +267,9 @@ def test_generated_bodies_follow_each_op(generated: str) -> None:
         if s.op is Op.FREE:
             assert f"fx_free_done({s.ptr_arg})" in body
         if s.op is Op.SYNC:
-            assert body.index("fx_sync_done();") > real
+            kind = "FX_SYNC_STREAM" if s.stream_arg else "FX_SYNC_OTHER" if any(
+                n == "event" for _, n in s.params) else "FX_SYNC_DEVICE"
+            assert body.index(f"fx_sync_done({kind}, ") > real  # what a sync completes frees the budget
         assert body.rstrip().endswith("return rc;")
 
 
