@@ -202,6 +202,36 @@ def test_flexpd_decode_batch_growth_is_measured_again() -> None:
     assert "prefill reopens" in r.reasons[(0, PRE)]
 
 
+def test_flexpd_probes_less_often_when_prefill_kernels_are_the_cause() -> None:
+    """Over budget at in-flight 1 but decode alone is as fast as before: the overrun is
+    prefill's kernel length (queued work cannot be pulled back), so the next probe waits twice
+    as long, and the device note says why."""
+    r = Run(flexpd, flexpd.Options(relearn_after=2))
+    t = T0
+    r.step(snap(t, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", None, 0)), t)
+
+    def over_until_closed() -> int:
+        nonlocal t
+        n = 0
+        while r.s(PRE).gate == "open":
+            t += 100 * MS
+            n += 1
+            r.step(snap(t, proc(DEC, "decode", 3.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+        t += 110 * MS
+        r.step(snap(t, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", None, 0)), t)  # alone: unchanged
+        assert r.s(PRE).gate == "open"
+        return n
+
+    assert over_until_closed() == 2
+    assert "prefill's kernels exceed decode's slack (next check in 4 snapshots)" in flexpd.describe(r.state, 0)
+    assert over_until_closed() == 4
+    assert over_until_closed() == 8
+    # a step within budget again clears the note
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.1, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert "slack" not in flexpd.describe(r.state, 0)
+
+
 def test_flexpd_client_leaving_and_coming_back() -> None:
     r = Run(flexpd)
     t = T0

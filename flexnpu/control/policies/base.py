@@ -147,12 +147,14 @@ _EMPTY: dict[int, ProcessSample] = {}
 
 
 def is_quiet(sample: ProcessSample | None) -> bool:
-    """Whether a process did no device work during the snapshot's interval (absent counts)."""
+    """Whether a process had no work on the device during the snapshot's interval (absent
+    counts). Its busy share when the observer gives it: a prefill held by priority launches
+    nothing for a while, yet the kernels it queued before still run ahead of decode's."""
     if sample is None:
         return True
-    if sample.launches_per_s is not NA:
-        return sample.launches_per_s == 0
-    return sample.busy is not NA and sample.busy == 0
+    if sample.busy is not NA:
+        return sample.busy == 0
+    return sample.launches_per_s is not NA and sample.launches_per_s == 0
 
 
 def fmt_setting(s: GateSetting) -> str:

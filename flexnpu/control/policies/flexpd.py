@@ -71,6 +71,10 @@ class DeviceState:
     last_mono_ns: int = 0  # the snapshot last learned from (each is used once)
     over: int = 0  # consecutive snapshots over budget with prefill at 1
     probe_ns: int = 0  # when prefill's gates closed to re-measure decode alone; 0: none
+    probe_hold_ms: float = 0.0  # prefill's max_hold while closed: outlasts the probe
+    probe_alone_ms: dict[int, float] = field(default_factory=dict)  # the alone steps before the probe
+    relearn_every: int = 0  # snapshots over budget before the next probe; 0: relearn_after
+    floor_note: str = ""  # why decode is over budget with prefill at 1, once a probe showed it
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,20 @@ def _learn(ds: DeviceState, snapshot: NodeSnapshot, samples: dict[int, ProcessSa
     alone = {pid: v for pid, v in alone.items() if any(c.pid == pid for c in decodes)}
     ds = replace(ds, alone_ms=alone, step_ms=steps, last_mono_ns=snapshot.mono_ns)
     if ds.probe_ns:
-        # the probe ends with the first interval that began after prefill's gates closed
-        # (learned from above if prefill was in fact quiet), or after three intervals at most
-        if interval_start >= ds.probe_ns or now_ns - ds.probe_ns > 3 * snapshot.interval_s * 1e9:
+        # the probe ends with the first interval that began after prefill's gates closed and in
+        # which prefill's queued work was done (learned from above), or after three at most
+        if (interval_start >= ds.probe_ns and prefill_quiet) or now_ns - ds.probe_ns > 3 * snapshot.interval_s * 1e9:
             learned = ", ".join(f"pid {p} {alone[p]:.2f} ms" for p in steps if p in alone and prefill_quiet)
-            return replace(ds, probe_ns=0, over=0), (
+            # decode's alone step did not grow past the old budget: its overrun comes from
+            # prefill's kernels themselves (one is longer than decode's slack, and queued work
+            # cannot be pulled back), so probing again soon would only cost prefill time
+            grew = any(alone.get(p, 0) > budget_ms(options, old) for p, old in ds.probe_alone_ms.items())
+            base = ds.relearn_every or options.relearn_after
+            every = options.relearn_after if grew or not prefill_quiet else min(base * 2, 64 * options.relearn_after)
+            note = "" if grew or not prefill_quiet else (
+                f"over budget at prefill in-flight 1, decode alone unchanged: prefill's kernels exceed "
+                f"decode's slack (next check in {every} snapshots)")
+            return replace(ds, probe_ns=0, over=0, probe_alone_ms={}, relearn_every=every, floor_note=note), (
                 f"decode measured alone again ({learned or 'no step seen'}): prefill reopens")
         return ds, None
     if prefill_quiet or not prefills:
@@ -123,11 +136,13 @@ def _learn(ds: DeviceState, snapshot: NodeSnapshot, samples: dict[int, ProcessSa
             return replace(ds, inflight=max(1, ds.inflight // 2), over=0), (
                 f"decode pid {pid} step {ms:.2f} ms > budget {b:.2f} ms")
         over = ds.over + 1
-        if options.relearn_after and options.tpot_ms == 0 and over >= options.relearn_after:
-            return replace(ds, over=0, probe_ns=now_ns), (
+        if options.relearn_after and options.tpot_ms == 0 and over >= (ds.relearn_every or options.relearn_after):
+            hold = round(min(60000.0, max(options.prefill_max_hold_ms, 4 * snapshot.interval_s * 1e3)), 3)
+            return replace(ds, over=0, probe_ns=now_ns, probe_hold_ms=hold, probe_alone_ms=alone), (
                 f"decode pid {pid} step {ms:.2f} ms > budget {b:.2f} ms for {over} snapshots with prefill at "
                 f"in-flight 1: its load may have grown; prefill closed for one interval to measure it alone")
         return replace(ds, over=over), None
+    ds = replace(ds, floor_note="") if ds.floor_note else ds
     if ms < options.grow_below * b and ds.inflight < options.prefill_inflight_max:
         return replace(ds, inflight=ds.inflight + 1, over=0), (
             f"decode pid {pid} step {ms:.2f} ms < {options.grow_below:g} x budget {b:.2f} ms")
@@ -166,13 +181,14 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                 out[c.pid] = OPEN
                 if c.setting != OPEN:
                     reasons[(dev, c.pid)] = f"{aside}: flexpd steps aside, pid {c.pid} open, no budget"
-            devices[dev] = replace(ds, inflight=options.prefill_inflight, probe_ns=0, over=0)
+            # a new pair may differ (other kernels, other batch): the probing starts afresh
+            devices[dev] = replace(ds, inflight=options.prefill_inflight, probe_ns=0, over=0, relearn_every=0,
+                                   floor_note="")
             continue
         devices[dev] = ds
         decode_set = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
-        hold = options.prefill_max_hold_ms
-        if ds.probe_ns:  # a closed gate must outlast the probe, or prefill's calls would go anyway
-            hold = min(60000.0, max(hold, 4 * snapshot.interval_s * 1e3))
+        # while probing, a closed gate must outlast the probe, or prefill's calls would go anyway
+        hold = ds.probe_hold_ms if ds.probe_ns else options.prefill_max_hold_ms
         prefill_set = setting("closed" if ds.probe_ns else "open", PREFILL_PRIORITY, hold, ds.inflight)
         for c in cs:
             k = cls[c.pid]
@@ -206,4 +222,6 @@ def describe(state: State, device: int) -> str:
         parts.append(f"decode {pid} step {step:.2f} ms" if step is not None else f"decode {pid} step N/A")
         parts[-1] += f", alone {alone:.2f} ms" if alone is not None else ", alone not learned yet"
     parts.append(f"prefill in-flight {ds.inflight}" + (" (closed: measuring decode alone)" if ds.probe_ns else ""))
+    if ds.floor_note:
+        parts.append(ds.floor_note)
     return "flexpd: " + "; ".join(parts)
