@@ -43,9 +43,9 @@ def setting(gate: str = "open", priority: int = 0, max_hold_ms: float = OPEN.max
     return GateSetting(gate, priority, max_hold_ms, inflight)
 
 
-@dataclass(frozen=True)
-class Client:
-    """A client of a device's daemon as the controller last listed it."""
+class Client(NamedTuple):
+    """A client of a device's daemon as the controller last listed it. (A NamedTuple: the
+    controller builds one per changed setting, and a tick must stay cheap.)"""
 
     pid: int
     device: int
