@@ -15,6 +15,28 @@ from pathlib import Path
 DEFAULT_RUNTIME_DIR = "/run/flexnpu"
 DEFAULT_CONFIG = "/etc/flexnpu/flexnpu.toml"
 
+# The trust boundary on a node: who may use FlexNPU's sockets and files. The services run as
+# SERVICE_USER in SERVICE_GROUP (flexnpu/service/units.py); a user in SERVICE_GROUP may talk to
+# them. The modes below are the ones each component sets when it creates the file, and the
+# ones `flexnpu doctor` expects: change a mode here and in the component at once.
+SERVICE_USER = "flexnpu"
+SERVICE_GROUP = "flexnpu"
+RUNTIME_DIR_MODE = 0o755  # RuntimeDirectoryMode= of every unit: clients of any user reach the gates
+EMU_SOCKET_MODE = 0o660  # emu.sock (flexnpu-emu-server's umask 0117)
+DAEMON_SOCKET_MODE = 0o660  # daemon-<dev>.sock (the daemon's umask 0117 at bind)
+GATE_CTL_MODE = 0o644  # gate-<dev>.ctl: written by the daemon alone, mapped read-only by clients
+GATE_CLI_MODE = 0o666  # gate-<dev>.cli: client slots, claimed by any client
+
+
+def service_user() -> str:
+    """The services' user: $FLEXNPU_SERVICE_USER (tests), else SERVICE_USER."""
+    return os.environ.get("FLEXNPU_SERVICE_USER") or SERVICE_USER
+
+
+def service_group() -> str:
+    """The services' group: $FLEXNPU_SERVICE_GROUP (tests), else SERVICE_GROUP."""
+    return os.environ.get("FLEXNPU_SERVICE_GROUP") or SERVICE_GROUP
+
 
 @cache
 def _native() -> Path:
