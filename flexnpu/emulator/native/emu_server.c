@@ -7,20 +7,24 @@
  *
  * Usage: flexnpu-emu-server --socket PATH --devices N --peak-flops F --hbm-bw B
  *        --link-bw B --launch-ns T --capacity BYTES --time-scale X --mode serial[,shared...]
- *        --soc NAME
- * It prints "ready" on stdout once it accepts connections, and exits on SIGTERM/SIGINT.
+ *        --soc NAME [--p2p-bw B] [--efficiency NAME=C/H,...]
+ * It prints "ready" on stdout once it accepts connections (and sends READY=1 to
+ * $NOTIFY_SOCKET under a systemd Type=notify unit), and exits on SIGTERM/SIGINT.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdarg.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 
+#include "emu_kernels.h"
 #include "emu_sim.h"
 #include "emu_util.h"
 #include "acl/acl_base.h"
@@ -234,6 +238,23 @@ struct sbuf {
     size_t n, cap;
 };
 
+/* systemd's sd_notify, without libsystemd: one datagram to $NOTIFY_SOCKET ("@name" is an
+ * abstract address); nothing when it is unset. Failures are ignored, as sd_notify's are. */
+static void notify_systemd(const char *msg)
+{
+    const char *addr = getenv("NOTIFY_SOCKET");
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    size_t n = addr ? strlen(addr) : 0;
+    if (n < 2 || n >= sizeof sa.sun_path || (addr[0] != '/' && addr[0] != '@')) return;
+    memcpy(sa.sun_path, addr, n);
+    if (addr[0] == '@') sa.sun_path[0] = '\0';
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return;
+    (void)sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa,
+                 (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n));
+    close(fd);
+}
+
 static void sb(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void sb(struct sbuf *b, const char *fmt, ...)
 {
@@ -262,10 +283,10 @@ static void status_json(struct sbuf *b)
         const struct emu_params *p = &d->p;
         sb(b,
            "%s{\"index\":%d,\"soc\":\"%s\",\"mode\":\"%s\",\"params\":{\"peak_tflops\":%.3f,"
-           "\"hbm_gbps\":%.3f,\"link_gbps\":%.3f,\"launch_us\":%.3f,\"time_scale\":%g,\"capacity\":%llu},"
+           "\"hbm_gbps\":%.3f,\"link_gbps\":%.3f,\"p2p_gbps\":%.3f,\"launch_us\":%.3f,\"time_scale\":%g,\"capacity\":%llu},"
            "\"memory\":{\"total\":%llu,\"used\":%llu},\"busy_ns\":%.0f,\"pending_ops\":%zu,\"clients\":[",
            i ? "," : "", i, p->soc_name, p->mode == EMU_MODE_SERIAL ? "serial" : "shared", p->peak_flops / 1e12,
-           p->hbm_bw / 1e9, p->link_bw / 1e9, p->launch_ns / 1e3, p->time_scale, (unsigned long long)p->capacity,
+           p->hbm_bw / 1e9, p->link_bw / 1e9, p->p2p_bw / 1e9, p->launch_ns / 1e3, p->time_scale, (unsigned long long)p->capacity,
            (unsigned long long)p->capacity, (unsigned long long)atomic_load(&d->seg->mem_used), d->busy_ns,
            sim_pending_ops(d));
         int first = 1;
@@ -443,6 +464,7 @@ int main(int argc, char **argv)
     struct emu_params p = {.peak_flops = 353.9e12, .hbm_bw = 1.6e12, .link_bw = 23e9, .launch_ns = 10000,
                            .time_scale = 1.0, .capacity = 64ULL << 30};
     snprintf(p.soc_name, sizeof p.soc_name, "Ascend910B2");
+    for (int k = 0; k < EMU_EFF_SLOTS; k++) p.eff_flops[k] = p.eff_hbm[k] = 1.0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) die("option %s needs a value", a);
@@ -457,9 +479,14 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--time-scale")) p.time_scale = num_arg(v, a);
         else if (!strcmp(a, "--mode")) modes = v;
         else if (!strcmp(a, "--soc")) snprintf(p.soc_name, sizeof p.soc_name, "%s", v);
-        else die("unknown option %s", a);
+        else if (!strcmp(a, "--p2p-bw")) p.p2p_bw = num_arg(v, a);
+        else if (!strcmp(a, "--efficiency")) {
+            char err[160];
+            if (emu_parse_efficiency(v, &p, err, sizeof err)) die("--efficiency: %s", err);
+        } else die("unknown option %s", a);
     }
     if (!sock_path) die("--socket is required");
+    if (!(p.p2p_bw > 0)) p.p2p_bw = p.link_bw; /* no device link given: copies between devices use the host link */
     if (ndev < 1 || ndev > EMU_MAX_DEVICES) die("--devices must be 1..%d", EMU_MAX_DEVICES);
     p.capacity &= ~(uint64_t)(EMU_MEM_ALIGN - 1);
 
@@ -509,6 +536,9 @@ int main(int argc, char **argv)
     umask(old);
     printf("ready\n");
     fflush(stdout);
+    char status[160];
+    snprintf(status, sizeof status, "READY=1\nSTATUS=%d x %s, serving %s", ndev, p.soc_name, sock_path);
+    notify_systemd(status);
 
     for (;;) {
         struct pollfd pf[EMU_MAX_CLIENTS + 2];

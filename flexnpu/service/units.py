@@ -1,0 +1,188 @@
+"""The systemd units of FlexNPU's services, rendered from one description each.
+
+Four services, all `Type=notify` (each process sends READY=1 through flexnpu/systemd.py, or
+the emulator's own sd_notify, once it serves), all as one unprivileged user in the
+`flexnpu` group, all sharing /run/flexnpu:
+
+- flexnpu-emu.service         the emulated device server, only where no CANN install is found;
+- flexnpu-daemon@<dev>.service the forwarding daemon of one device (a template);
+- flexnpu-observe.service     the eBPF observer: the one unit with a capability;
+- flexnpu-controller.service  the policy loop.
+
+Why each privilege and sandboxing option is there (or not) is in docs/service.md; the
+numbers behind the observer's capability set were measured (tests/test_service_privileges.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flexnpu import paths
+
+EMU = "flexnpu-emu.service"
+DAEMON_TEMPLATE = "flexnpu-daemon@.service"
+OBSERVE = "flexnpu-observe.service"
+CONTROLLER = "flexnpu-controller.service"
+
+
+def daemon_instance(device: int) -> str:
+    return f"flexnpu-daemon@{device}.service"
+
+
+# The observer's capabilities, measured on Linux 6.18 (docs/service.md): bcc attaches uprobes
+# with perf_event_open() on the uprobe PMU, which answers EACCES without CAP_SYS_ADMIN even to a
+# process holding CAP_BPF and CAP_PERFMON; CAP_SYS_ADMIN alone passes every check CAP_BPF and
+# CAP_PERFMON would (bpf_capable() and perfmon_capable() accept it), so adding them grants nothing.
+OBSERVER_CAPS = ("CAP_SYS_ADMIN",)
+
+# Every unit: the same user and group (so RuntimeDirectory= ownership never flips between them),
+# no capabilities, a read-only system, no home, no devices, no kernel knobs, UNIX sockets only.
+_COMMON_SANDBOX = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectClock": "yes",
+    "ProtectHostname": "yes",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "LockPersonality": "yes",
+    "MemoryDenyWriteExecute": "yes",
+    "RestrictAddressFamilies": "AF_UNIX",
+    "SystemCallArchitectures": "native",
+    "SystemCallFilter": "@system-service",
+    "SystemCallErrorNumber": "EPERM",
+    "CapabilityBoundingSet": "",
+    "AmbientCapabilities": "",
+}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What the units are rendered from: found at install time."""
+
+    binary: Path  # the installed `flexnpu` entry point
+    devices: tuple[int, ...]  # one daemon per device
+    emulator: bool  # no CANN install: run (and order after) the emulated device server
+    emu_devices: int = 8  # devices the emulator serves
+    user: str = paths.SERVICE_USER
+    group: str = paths.SERVICE_GROUP
+    config_file: Path = Path(paths.DEFAULT_CONFIG)
+
+
+@dataclass
+class Unit:
+    """One unit file: its name and its sections as ordered (key, value) lists."""
+
+    name: str
+    unit: list[tuple[str, str]] = field(default_factory=list)
+    service: list[tuple[str, str]] = field(default_factory=list)
+    install: list[tuple[str, str]] = field(default_factory=lambda: [("WantedBy", "multi-user.target")])
+
+    def text(self) -> str:
+        out = ["# Written by `flexnpu service install`; `flexnpu service uninstall` removes it.",
+               "# The privileges of each unit, and why: docs/service.md in the FlexNPU sources."]
+        for title, items in (("Unit", self.unit), ("Service", self.service), ("Install", self.install)):
+            out += ["", f"[{title}]"] + [f"{k}={v}" for k, v in items]
+        return "\n".join(out) + "\n"
+
+
+def _service(cfg: ServiceConfig, exec_start: str, sandbox: dict[str, str], status_timeout_s: int = 30,
+             extra_env: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    items = [
+        ("Type", "notify"),
+        ("ExecStart", exec_start),
+        ("User", cfg.user),
+        ("Group", cfg.group),
+        # sockets the services make are 0660/0770 flexnpu:flexnpu unless the code sets its own mode
+        ("UMask", "0007"),
+        # One directory for every unit. Preserve=yes: when one unit stops or restarts, systemd must
+        # not remove the directory that holds the others' sockets and the gate segments the
+        # applications map (a restarted daemon adopts its segment from here). It goes at reboot.
+        ("RuntimeDirectory", "flexnpu"),
+        ("RuntimeDirectoryMode", f"{paths.RUNTIME_DIR_MODE:04o}"),
+        ("RuntimeDirectoryPreserve", "yes"),
+        ("Environment", f"FLEXNPU_RUNTIME_DIR={paths.DEFAULT_RUNTIME_DIR}"),
+        *(("Environment", e) for e in extra_env),
+        ("Restart", "on-failure"),
+        ("RestartSec", "1s"),
+        ("TimeoutStartSec", f"{status_timeout_s}s"),
+    ]
+    return items + list(sandbox.items())
+
+
+def _start_limits() -> list[tuple[str, str]]:
+    # five failed starts in a minute: stop retrying and leave the unit failed, for a person to see
+    return [("StartLimitIntervalSec", "60s"), ("StartLimitBurst", "5")]
+
+
+def emu_unit(cfg: ServiceConfig) -> Unit:
+    return Unit(
+        EMU,
+        unit=[("Description", "FlexNPU emulated Ascend device server"),
+              *_start_limits()],
+        service=_service(cfg, f"{cfg.binary} emu start --foreground --devices {cfg.emu_devices}",
+                         _COMMON_SANDBOX),
+    )
+
+
+def daemon_unit(cfg: ServiceConfig) -> Unit:
+    after = EMU if cfg.emulator else ""
+    unit = [("Description", "FlexNPU forwarding daemon of device %i"),
+]
+    if after:
+        unit.append(("After", after))
+    # pidfd_open (client deaths) and futex (waking held calls) are in @system-service
+    return Unit(DAEMON_TEMPLATE, unit=unit + _start_limits(),
+                service=_service(cfg, f"{cfg.binary} daemon --device %i", _COMMON_SANDBOX))
+
+
+def observe_unit(cfg: ServiceConfig) -> Unit:
+    caps = " ".join(OBSERVER_CAPS)
+    sandbox = dict(_COMMON_SANDBOX)
+    sandbox.update({
+        "CapabilityBoundingSet": caps,
+        "AmbientCapabilities": caps,
+        # bcc compiles against the kernel headers under /lib/modules/$(uname -r)/build, which
+        # ProtectKernelModules= would hide; module loading stays impossible (no CAP_SYS_MODULE).
+        "ProtectKernelModules": "no",
+        # LLVM inside bcc maps memory writable and executable
+        "MemoryDenyWriteExecute": "no",
+        # applications may run from a home directory: the uprobe names their library's file
+        "ProtectHome": "read-only",
+        "SystemCallFilter": "@system-service bpf perf_event_open",
+    })
+    items = _service(cfg, f"{cfg.binary} observe --source bpf", sandbox, status_timeout_s=120)
+    # CAP_SYS_ADMIN would allow these; nothing in the observer calls them
+    items.append(("SystemCallFilter", "~@module @mount @reboot @swap @raw-io @clock @cpu-emulation @obsolete"))
+    return Unit(OBSERVE, unit=[("Description", "FlexNPU observer (eBPF uprobes on the device runtime)"),
+                               *_start_limits()],
+                service=items)
+
+
+def controller_unit(cfg: ServiceConfig) -> Unit:
+    after = ([EMU] if cfg.emulator else []) + [daemon_instance(d) for d in cfg.devices]
+    env = () if str(cfg.config_file) == paths.DEFAULT_CONFIG else (f"FLEXNPU_CONFIG={cfg.config_file}",)
+    return Unit(CONTROLLER,
+                unit=[("Description", "FlexNPU controller (gate settings from the observer's snapshots)"),
+                      ("After", " ".join(after)),
+                      *_start_limits()],
+                service=_service(cfg, f"{cfg.binary} controller", _COMMON_SANDBOX, extra_env=env))
+
+
+def render(cfg: ServiceConfig) -> dict[str, str]:
+    """Every unit file of this configuration: file name -> text, in start order."""
+    units = ([emu_unit(cfg)] if cfg.emulator else []) + [daemon_unit(cfg), observe_unit(cfg), controller_unit(cfg)]
+    return {u.name: u.text() for u in units}
+
+
+def enabled_units(cfg: ServiceConfig) -> list[str]:
+    """The units `systemctl enable --now` takes: the template by its instances."""
+    return ([EMU] if cfg.emulator else []) + [daemon_instance(d) for d in cfg.devices] + [OBSERVE, CONTROLLER]
