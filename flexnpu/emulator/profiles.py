@@ -20,7 +20,14 @@ class DeviceProfile:
     link_gbps: float  # host <-> device copy bandwidth, GB/s
     launch_us: float  # submission to earliest kernel start
     capacity_gib: float  # HBM per device
+    # device <-> device copies (aclrtMemcpy INTER_DEVICE_TO_DEVICE), GB/s; 0: the host link
+    p2p_gbps: float = 0.0
+    # achieved fraction of peak per built-in kernel: {builtin: (compute, hbm)}; absent = 1.0
+    efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+
+    def kernel_efficiency(self, builtin: str) -> tuple[float, float]:
+        return self.efficiency.get(builtin, (1.0, 1.0))
 
     def server_args(self) -> list[str]:
         return [
@@ -30,6 +37,9 @@ class DeviceProfile:
             "--link-bw", repr(self.link_gbps * 1e9),
             "--launch-ns", repr(self.launch_us * 1e3),
             "--capacity", str(int(self.capacity_gib * GIB)),
+            *(["--p2p-bw", repr(self.p2p_gbps * 1e9)] if self.p2p_gbps else []),
+            *(["--efficiency", ",".join(f"{k}={c!r}/{h!r}" for k, (c, h) in sorted(self.efficiency.items()))]
+              if self.efficiency else []),
         ]
 
 

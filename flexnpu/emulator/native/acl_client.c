@@ -818,7 +818,12 @@ static aclError plan_copy(void *dst, size_t destMax, const void *src, size_t cou
     op->copy_bytes = count;
     if (kind == ACL_MEMCPY_DEVICE_TO_DEVICE || kind == ACL_MEMCPY_INNER_DEVICE_TO_DEVICE)
         op->hbm_bytes = 2.0 * (double)count;
-    else
+    else if (ds >= 0 && dd >= 0 && ds != dd) {
+        /* between devices: the device link (HCCS-class), expressed as host-link work so the
+         * model's link resource times it at p2p_bw */
+        const struct emu_params *p = &g_dev[ds].seg->params;
+        op->link_bytes = (double)count * (p->p2p_bw > 0 ? p->link_bw / p->p2p_bw : 1.0);
+    } else
         op->link_bytes = (double)count;
     return ACL_SUCCESS;
 }
@@ -1184,6 +1189,7 @@ ACL_FUNC_VISIBILITY aclError aclrtLaunchKernel(aclrtFuncHandle funcHandle, uint3
     int id = kernel_name_id(f);
     if (id < 0) return -id;
     if (nranges) emu_kernel_run(f->builtin, argsData);
+    emu_kernel_derate(&g_dev[dev].seg->params, f->builtin, &cost);
     struct emu_op op = {.kind = EMU_OP_KERNEL, .name_id = (uint16_t)id, .flops = cost.flops,
                         .hbm_bytes = cost.hbm_bytes};
     return submit(dev, idx, &op, NULL);

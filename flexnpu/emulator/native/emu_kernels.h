@@ -10,6 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "emu_shared.h"
+
 enum emu_builtin {
     EMU_K_GEMM = 0,
     EMU_K_ATTN_PREFILL = 1,
@@ -17,6 +19,9 @@ enum emu_builtin {
     EMU_K_ELEMENTWISE = 3,
     EMU_K_COPY = 4,
     EMU_K_SYNTHETIC = 5,
+    EMU_K_RMSNORM = 6,
+    EMU_K_ROPE = 7,
+    EMU_K_ATTN_EXTEND = 8,
     EMU_K_COUNT
 };
 
@@ -39,7 +44,7 @@ struct emu_args_attn_decode {
     uint32_t batch, heads, kv_heads, context_len, head_dim;
     int32_t dtype;
 };
-/* out[i] = x[i] (op) y[i]; op 0 add, 1 mul, 2 relu (y unused) */
+/* out[i] = x[i] (op) y[i]; op 0 add, 1 mul, 2 relu (y unused), 3 silu_mul: silu(x[i]) * y[i] */
 struct emu_args_elementwise {
     uint64_t x, y, out;
     uint64_t n;
@@ -55,6 +60,29 @@ struct emu_args_copy {
 struct emu_args_synthetic {
     double flops;
     double hbm_bytes;
+};
+/* out[r][:] = x[r][:] / rms(x[r][:]) * w[:]; x,out: [rows][dim], w: [dim] */
+struct emu_args_rmsnorm {
+    uint64_t x, w, out;
+    uint32_t rows, dim;
+    float eps;
+    int32_t dtype;
+};
+/* rotary embedding (rotate-half form), in place allowed: x,out: [tokens][heads][head_dim];
+ * token t is at position pos_offset + t */
+struct emu_args_rope {
+    uint64_t x, out;
+    uint32_t tokens, heads, head_dim, pos_offset;
+    float theta;
+    int32_t dtype;
+};
+/* prefill of q_len new tokens after ctx_len - q_len cached ones (a chunked-prefill chunk):
+ * q,o: [batch][heads][q_len][dim]; k,v: [batch][kv_heads][ctx_len][dim]; query i sits at
+ * position ctx_len - q_len + i and attends causally to keys [0, that position] */
+struct emu_args_attn_extend {
+    uint64_t q, k, v, o;
+    uint32_t batch, heads, kv_heads, q_len, ctx_len, head_dim;
+    int32_t dtype;
 };
 #pragma pack(pop)
 
@@ -77,6 +105,13 @@ const char *emu_builtin_name(int builtin);
  * ranges with ptr 0 are left out), or an aclError for malformed arguments. */
 int emu_kernel_prepare(int builtin, const void *args, size_t size, struct emu_cost *cost,
                        struct emu_range *ranges, int *nranges);
+
+/* Divides a kernel's work by the device's achieved fraction of peak for its built-in. */
+void emu_kernel_derate(const struct emu_params *p, int builtin, struct emu_cost *cost);
+
+/* Parses "name=compute/hbm,..." (e.g. "gemm=0.6/0.55,rmsnorm=1/0.5") into p's efficiency
+ * tables; entries not named keep their value. 0, or -1 with a reason in err. */
+int emu_parse_efficiency(const char *spec, struct emu_params *p, char *err, size_t errlen);
 
 /* Applies the kernel's effect on device memory (ranges already validated). */
 void emu_kernel_run(int builtin, const void *args);

@@ -28,6 +28,7 @@
 #define EMU_MAX_EVENTS 8192
 #define EMU_MAX_NAMES 1024
 #define EMU_NAME_LEN 48
+#define EMU_EFF_SLOTS 16 /* >= number of built-in kernels */
 #define EMU_MEM_ALIGN 4096 /* allocation granularity: whole pages, so frees return memory */
 
 /* Stream indices reserved per device in the client segment. */
@@ -104,6 +105,11 @@ struct emu_params {
     uint32_t mode;        /* enum emu_mode */
     uint32_t pad;
     char soc_name[32];
+    double p2p_bw;        /* bytes/s, device <-> device (inter-device copies) */
+    /* Achieved fraction of peak per built-in kernel (index: enum emu_builtin), compute and
+     * HBM: a kernel's work is divided by them before the roofline. 1.0 = peak. */
+    double eff_flops[EMU_EFF_SLOTS];
+    double eff_hbm[EMU_EFF_SLOTS];
 };
 
 struct emu_dev_seg {

@@ -1,0 +1,216 @@
+"""Replays a trace through a prefill and a decode instance and measures it.
+
+    from flexnpu.bench.node import LocalNode
+    from flexnpu.workload import driver, trace
+    with LocalNode(devices=1, observer=None, daemons=False) as node:
+        res = driver.run(node, trace.generate(trace.TraceSpec(n=50, rate=2)), driver.Setup())
+    res.metrics["ttft_s"]["p99"], res.problems   # problems: [] when the emulator agrees
+
+Each request is sent to the prefill instance at its arrival time (FCFS there, batched up to
+a token budget); its first token and hand-off come back on the prefill instance's stdout,
+the hand-off goes to the decode instance, whose "taken" releases the prefill's KV, and the
+decode instance's token events give every later token's time. With `Setup.mixed` one
+instance does both (a chunked-prefill engine). The instances run with the node's
+environment, under the FlexNPU shim unless `Setup.shim` is False.
+
+Every run ends with `check`: the emulator's per-process kernel counts must equal what each
+instance says it launched, and its busy time (serial mode) the sum of the modelled kernel
+times within `Setup.busy_tolerance`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flexnpu.workload import metrics as MX
+from flexnpu.workload.trace import Request
+
+COPY_NAMES = ("memcpy", "memset")
+
+
+@dataclass
+class Setup:
+    model: str = "qwen2.5-7b"
+    profile: str = "910b"  # must be the node's; the instances model time with its efficiencies
+    prefill_device: int = 0
+    decode_device: int = 0
+    mixed: bool = False  # one chunked-prefill instance instead of prefill + decode
+    chunk_tokens: int = 0
+    max_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    prefill_kv_tokens: int = 65536
+    decode_kv_tokens: int = 0  # 0: 90% of the device memory free when it starts
+    weights: bool = True
+    shim: bool = True
+    slo: MX.Slo = field(default_factory=MX.Slo)
+    busy_tolerance: float = 0.02
+    timeout_s: float = 600.0
+
+    def describe(self) -> dict:
+        d = dict(vars(self))
+        d["slo"] = vars(self.slo)
+        return d
+
+
+@dataclass
+class Result:
+    metrics: dict
+    requests: list[MX.RequestTiming]
+    stats: dict[str, dict]  # per instance role: what it says it did
+    status: dict  # the emulator's status after the run
+    problems: list[str]
+    setup: dict
+
+
+class _Proc:
+    def __init__(self, p: subprocess.Popen, name: str, on_event) -> None:
+        self.p, self.name = p, name
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.info: dict = {}
+        self.stats: dict | None = None
+        self.thread = threading.Thread(target=self._read, args=(on_event,), daemon=True)
+        self.thread.start()
+
+    def _read(self, on_event) -> None:
+        for line in self.p.stdout:
+            ev = json.loads(line)
+            if ev["ev"] == "ready":
+                self.info = ev
+                self.ready.set()
+            elif ev["ev"] == "stats":
+                self.stats = ev
+            else:
+                on_event(self, ev)
+
+    def send(self, **msg) -> None:
+        with self.lock:
+            self.p.stdin.write(json.dumps(msg) + "\n")
+            self.p.stdin.flush()
+
+
+def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = None) -> list[str]:
+    a = [sys.executable, "-m", "flexnpu.workload.instance", "--role", role, "--model", s.model, "--profile", s.profile,
+         "--device", str(device), "--chunk-tokens", str(s.chunk_tokens), "--max-batched-tokens",
+         str(s.max_batched_tokens), "--max-num-seqs", str(s.max_num_seqs), "--kv-tokens", str(kv_tokens)]
+    if src is not None:
+        a += ["--kv-src-device", str(src)]
+    return a + ([] if s.weights else ["--no-weights"])
+
+
+def run(node: Any, reqs: list[Request], setup: Setup) -> Result:
+    """Runs the trace on the node (a started LocalNode) and returns metrics and checks."""
+    timing = {r.id: MX.RequestTiming(r.id, 0.0, r.prompt_tokens, r.output_tokens) for r in reqs}
+    by_id = {r.id: r for r in reqs}
+    done = threading.Event()
+    remaining = [len(reqs)]
+    lock = threading.Lock()
+    procs: dict[str, _Proc] = {}
+
+    def finished(rid: int) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.set()
+
+    def on_event(src: _Proc, ev: dict) -> None:
+        kind = ev["ev"]
+        if kind == "first":
+            rt = timing[ev["id"]]
+            rt.token_times.append(ev["t"])
+            if rt.output_tokens <= 1:
+                finished(ev["id"])
+        elif kind == "handoff":
+            r = by_id[ev["id"]]
+            procs["decode"].send(op="kv", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens)
+        elif kind == "taken":
+            procs["prefill"].send(op="release", id=ev["id"])
+        elif kind == "tokens":
+            for rid in ev["ids"]:
+                rt = timing[rid]
+                rt.token_times.append(ev["t"])
+                if len(rt.token_times) >= rt.output_tokens:
+                    finished(rid)
+
+    def spawn(name: str, argv: list[str], role: str) -> _Proc:
+        env_role = role if role in ("prefill", "decode") else "auto"
+        p = node.spawn(argv, role=env_role, shim=setup.shim, stdin=subprocess.PIPE, stderr=None)
+        procs[name] = _Proc(p, name, on_event)
+        if not procs[name].ready.wait(60):
+            raise RuntimeError(f"the {name} instance did not start (exit {p.poll()})")
+        return procs[name]
+
+    cross = setup.prefill_device != setup.decode_device
+    try:
+        if setup.mixed:
+            spawn("prefill", _argv("mixed", setup, setup.prefill_device, setup.decode_kv_tokens), "mixed")
+        else:  # prefill first: its weights are on the device when decode sizes its KV pool
+            spawn("prefill", _argv("prefill", setup, setup.prefill_device, setup.prefill_kv_tokens), "prefill")
+            spawn("decode", _argv("decode", setup, setup.decode_device, setup.decode_kv_tokens,
+                                  setup.prefill_device if cross else None), "decode")
+        t0 = time.monotonic()
+        for r in sorted(reqs, key=lambda r: r.arrival_s):
+            delay = t0 + r.arrival_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            timing[r.id].arrival = time.monotonic()
+            procs["prefill"].send(op="req", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens)
+        if reqs and not done.wait(setup.timeout_s):
+            raise RuntimeError(f"{remaining[0]} of {len(reqs)} requests unfinished after {setup.timeout_s:g} s")
+        for p in procs.values():
+            p.send(op="drain")
+            p.p.stdin.close()
+        for name, p in procs.items():
+            if p.p.wait(60) != 0:
+                raise RuntimeError(f"the {name} instance exited {p.p.returncode}")
+            p.thread.join(10)
+        status = node.emulator_status()
+    finally:
+        for p in procs.values():
+            if p.p.poll() is None:
+                p.p.kill()
+                p.p.wait()
+    stats = {name: p.stats or {} for name, p in procs.items()}
+    problems = check(stats, status, timing, setup, node.time_scale, node.mode)
+    return Result(MX.compute(list(timing.values()), setup.slo), list(timing.values()), stats, status, problems,
+                  setup.describe())
+
+
+def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTiming], setup: Setup,
+          time_scale: float = 1.0, mode: str = "serial") -> list[str]:
+    """What the instances report against the emulator's ground truth; [] when they agree."""
+    problems: list[str] = []
+    clients = {}
+    for dev in status["devices"]:
+        for c in dev["clients"]:
+            clients.setdefault(c["pid"], []).append(c)
+    for name, st in stats.items():
+        if not st:
+            problems.append(f"{name}: no stats reported")
+            continue
+        recs = clients.get(st["pid"], [])
+        counts: dict[str, int] = {}
+        busy = 0.0
+        for c in recs:
+            for k, v in c["count_by_name"].items():
+                if not k.startswith(COPY_NAMES):
+                    counts[k] = counts.get(k, 0) + v
+            busy += sum(v for k, v in c["busy_by_name"].items() if not k.startswith(COPY_NAMES))
+        if counts != st["kernels"]:
+            problems.append(f"{name}: emulator counted {counts}, the instance launched {st['kernels']}")
+        want = st["modelled_s"] * 1e9 * time_scale
+        if mode == "serial" and want > 0 and abs(busy - want) > setup.busy_tolerance * want:
+            problems.append(f"{name}: emulator busy {busy / 1e6:.3f} ms, modelled {want / 1e6:.3f} ms "
+                            f"(tolerance {setup.busy_tolerance:.0%})")
+    reported = sum(st.get("tokens", 0) for st in stats.values())
+    measured = sum(len(t.token_times) for t in timing.values())
+    if reported != measured:
+        problems.append(f"instances report {reported} tokens, the driver saw {measured}")
+    return problems

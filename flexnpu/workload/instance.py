@@ -1,0 +1,327 @@
+"""A serving instance: an ordinary AscendCL program that runs a transformer's kernels for the
+requests it is given. It knows nothing of FlexNPU.
+
+    python -m flexnpu.workload.instance --role prefill|decode|mixed --model qwen2.5-7b [...]
+
+Control is JSON lines on stdin, events are JSON lines on stdout (see `driver`):
+
+  in:  {"op": "req", "id", "prompt", "output"}   a request to prefill (prefill, mixed)
+       {"op": "kv", "id", "prompt", "output"}    a prefilled request handed over (decode)
+       {"op": "release", "id"}                   the decode instance holds this KV now (prefill)
+       {"op": "drain"}                           no more requests: finish the work and exit
+  out: {"ev": "ready", "pid", "kv_tokens"}  {"ev": "first", "id", "t"}  {"ev": "handoff", "id", "t"}
+       {"ev": "taken", "id", "t"}  {"ev": "tokens", "t", "ids"}  {"ev": "stats", ...}
+
+Times are CLOCK_MONOTONIC seconds (time.monotonic) taken right after the step's stream
+synchronisation, i.e. when the step's tokens exist.
+
+The KV cache is one aclrtMalloc'd pool, handed out in contiguous token ranges; a request
+reserves its whole need on admission (prompt + output tokens in decode and mixed, the prompt
+in prefill) and waits, first come first served, while it does not fit. Prefill keeps a
+request's KV until the decode instance has taken it ("release").
+
+Hand-off on one device: no copy. On hardware the decode instance would map the prefill
+instance's KV blocks (an IPC handle); the emulator has no IPC memory handles, so the decode
+instance reserves the request's range in its own pool when it takes the request and the
+prefill instance frees its range on "release": no device op, no bytes moved. Across devices
+(--kv-src-device) the decode instance copies the request's KV bytes with
+aclrtMemcpyAsync(INTER_DEVICE_TO_DEVICE) from a window it holds on the prefill device into its
+pool, on its step stream (the step that first decodes the request waits for it); the
+emulator times it at the profile's device-link bandwidth. The bytes are the right number,
+on the right devices; their content is not the prefill process's (same reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from flexnpu.workload import model as M
+from flexnpu.workload.acl import ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, Acl, AclError
+
+
+class KvPool:
+    """Token ranges in one device allocation: first fit, freed ranges coalesce."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.free_ranges: list[list[int]] = [[0, tokens]] if tokens > 0 else []
+        self.held: dict[int, tuple[int, int]] = {}
+
+    def reserve(self, rid: int, n: int) -> int | None:
+        for r in self.free_ranges:
+            if r[1] - r[0] >= n:
+                start = r[0]
+                r[0] += n
+                if r[0] == r[1]:
+                    self.free_ranges.remove(r)
+                self.held[rid] = (start, n)
+                return start
+        return None
+
+    def free(self, rid: int) -> None:
+        start, n = self.held.pop(rid)
+        self.free_ranges.append([start, start + n])
+        self.free_ranges.sort()
+        merged: list[list[int]] = []
+        for r in self.free_ranges:
+            if merged and merged[-1][1] == r[0]:
+                merged[-1][1] = r[1]
+            else:
+                merged.append(r)
+        self.free_ranges = merged
+
+    @property
+    def used(self) -> int:
+        return sum(n for _, n in self.held.values())
+
+
+@dataclass
+class Req:
+    id: int
+    prompt: int
+    output: int
+    done: int = 0  # prompt tokens prefilled
+    ctx: int = 0  # decode: tokens in the context
+    left: int = 0  # decode: tokens still to generate
+
+
+class Instance:
+    def __init__(self, a: argparse.Namespace) -> None:
+        from flexnpu.emulator.profiles import PROFILES
+
+        self.a = a
+        self.cfg = M.model_by_name(a.model)
+        prof = PROFILES[a.profile]
+        self.peak, self.bw, self.eff = prof.peak_tflops * 1e12, prof.hbm_tbps * 1e12, prof.efficiency
+        self.acl = Acl()
+        self.out_lock = threading.Lock()
+        self.inbox: queue.Queue = queue.Queue()
+        self.kernels: Counter = Counter()
+        self.modelled_s = 0.0
+        self.steps = 0
+        self.tokens = 0
+        self.copied = 0
+        self.waiting: deque[Req] = deque()  # to prefill
+        self.prefilling: list[Req] = []  # chunked: started, not finished
+        self.pending: deque[Req] = deque()  # decode: handed over, not yet admitted
+        self.running: list[Req] = []
+        self.draining = False
+        self.allocs: list = []
+
+    # -- io
+    def emit(self, **ev) -> None:
+        with self.out_lock:
+            sys.stdout.write(json.dumps(ev, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+
+    def _reader(self) -> None:
+        for line in sys.stdin:
+            if line.strip():
+                self.inbox.put(json.loads(line))
+        self.inbox.put({"op": "drain"})
+
+    def _handle(self, m: dict) -> None:
+        op = m["op"]
+        if op == "req":
+            self.waiting.append(Req(m["id"], m["prompt"], m["output"]))
+        elif op == "kv":
+            self.pending.append(Req(m["id"], m["prompt"], m["output"]))
+        elif op == "release":
+            self.pool.free(m["id"])
+        elif op == "drain":
+            self.draining = True
+
+    # -- device
+    def setup(self) -> None:
+        acl, a = self.acl, self.a
+        acl.call("aclInit", None)
+        if a.kv_src_device is not None:  # the window on the prefill device, for hand-offs
+            acl.call("aclrtSetDevice", a.kv_src_device)
+            self.window_tokens = a.max_model_len
+            self.window = acl.malloc(self.window_tokens * self.cfg.kv_bytes_per_token)
+        acl.call("aclrtSetDevice", a.device)
+        self.stream = acl.handle("aclrtCreateStream")
+        with tempfile.NamedTemporaryFile("w", suffix=".fxk", delete=False) as f:
+            f.write(M.kernel_library_text())
+        self.binary = acl.handle("aclrtBinaryLoadFromFile", f.name.encode(), None)
+        os.unlink(f.name)
+        self.funcs = {n: acl.handle("aclrtBinaryGetFunction", self.binary, n.encode()) for n in M.KERNEL_BUILTINS}
+        if a.weights:
+            self.allocs.append(acl.malloc(self.cfg.weight_bytes))
+        kv_tokens = a.kv_tokens
+        if kv_tokens <= 0:  # like gpu_memory_utilization: a share of what is free now
+            free, _ = acl.mem_info()
+            kv_tokens = int(free * a.kv_mem_share) // self.cfg.kv_bytes_per_token
+        self.kv_base = acl.malloc(max(kv_tokens, 1) * self.cfg.kv_bytes_per_token)
+        self.pool = KvPool(kv_tokens)
+        self.emit(ev="ready", pid=os.getpid(), kv_tokens=kv_tokens)
+
+    def run_step(self, chunks: tuple, decode_ctx: tuple) -> float:
+        ks = M.step_kernels(self.cfg, chunks, decode_ctx)
+        launch, funcs, stream = self.acl.launch, self.funcs, self.stream
+        for k in ks:
+            launch(funcs[k.name], k.args, stream)
+            self.kernels[k.name] += 1
+        self.modelled_s += M.step_seconds(ks, self.peak, self.bw, self.eff)
+        self.acl.call("aclrtSynchronizeStream", stream)
+        self.steps += 1
+        return time.monotonic()
+
+    # -- scheduling
+    def prefill_need(self, r: Req) -> int:
+        return r.prompt if self.a.role == "prefill" else r.prompt + r.output
+
+    def schedule(self) -> tuple[list[tuple[Req, M.Chunk]], list[Req]]:
+        a = self.a
+        budget = a.chunk_tokens or a.max_batched_tokens
+        decoding = self.running[: a.max_num_seqs] if a.role != "prefill" else []
+        budget -= len(decoding)
+        chunks: list[tuple[Req, M.Chunk]] = []
+        for r in list(self.prefilling):  # chunked prompts under way go first
+            if budget <= 0:
+                break
+            n = min(r.prompt - r.done, budget)
+            chunks.append((r, M.Chunk(n, r.done + n, r.done + n == r.prompt)))
+            budget -= n
+        while self.waiting and budget > 0:
+            r = self.waiting[0]
+            if a.role == "mixed" and len(self.running) + len(self.prefilling) >= a.max_num_seqs:
+                break
+            n = min(r.prompt, budget) if a.chunk_tokens else r.prompt
+            if not a.chunk_tokens and n > budget and chunks:
+                break  # a whole prompt waits for the next step's budget
+            if self.pool.reserve(r.id, self.prefill_need(r)) is None:
+                break  # no KV space: first come, first served, so everyone behind waits too
+            self.waiting.popleft()
+            if n < r.prompt:
+                self.prefilling.append(r)
+            chunks.append((r, M.Chunk(n, n, n == r.prompt)))
+            budget -= n
+        return chunks, decoding
+
+    def admit_decode(self) -> None:
+        a, kvb = self.a, self.cfg.kv_bytes_per_token
+        while self.pending and len(self.running) < a.max_num_seqs:
+            r = self.pending[0]
+            start = self.pool.reserve(r.id, r.prompt + r.output)
+            if start is None:
+                break
+            self.pending.popleft()
+            if a.kv_src_device is not None:  # pull the prompt's KV over the device link
+                dst = self.kv_base.value + start * kvb
+                left, off = r.prompt * kvb, 0
+                while left > 0:
+                    n = min(left, self.window_tokens * kvb)
+                    self.acl.call("aclrtMemcpyAsync", dst + off, n, self.window, n,
+                                  ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, self.stream)
+                    left, off, self.copied = left - n, off + n, self.copied + n
+            r.ctx, r.left = r.prompt + 1, r.output - 1
+            self.running.append(r)
+            self.emit(ev="taken", id=r.id, t=time.monotonic())
+
+    def step(self) -> bool:
+        """One engine step; False when there was nothing to do."""
+        if self.a.role == "decode":
+            self.admit_decode()
+            chunks, decoding = [], self.running[: self.a.max_num_seqs]
+        else:
+            chunks, decoding = self.schedule()
+        if not chunks and not decoding:
+            return False
+        t = self.run_step(tuple(c for _, c in chunks), tuple(r.ctx for r in decoding))
+        for r, c in chunks:
+            r.done += c.q_len
+            if not c.last:
+                continue
+            if r in self.prefilling:
+                self.prefilling.remove(r)
+            self.tokens += 1
+            self.emit(ev="first", id=r.id, t=t)
+            if r.output <= 1:
+                self.pool.free(r.id)
+            elif self.a.role == "prefill":
+                self.emit(ev="handoff", id=r.id, t=t)
+            else:
+                r.ctx, r.left = r.prompt + 1, r.output - 1
+                self.running.append(r)
+        if decoding:
+            self.tokens += len(decoding)
+            self.emit(ev="tokens", t=t, ids=[r.id for r in decoding])
+            for r in decoding:
+                r.ctx += 1
+                r.left -= 1
+                if r.left <= 0:
+                    self.running.remove(r)
+                    self.pool.free(r.id)
+        return True
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.pending or self.running or
+                    (self.a.role == "prefill" and self.pool.held))
+
+    def serve(self) -> None:
+        threading.Thread(target=self._reader, daemon=True).start()
+        while True:
+            try:
+                while True:
+                    self._handle(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if self.step():
+                continue
+            if self.draining and not self.busy():
+                break
+            self._handle(self.inbox.get())  # nothing runnable: wait for the next message
+        self.emit(ev="stats", pid=os.getpid(), role=self.a.role, kernels=dict(self.kernels),
+                  modelled_s=self.modelled_s, steps=self.steps, tokens=self.tokens, copied_bytes=self.copied)
+
+    def close(self) -> None:
+        acl = self.acl
+        for p in self.allocs + [self.kv_base]:
+            acl.call("aclrtFree", p)
+        acl.call("aclrtBinaryUnLoad", self.binary)
+        acl.call("aclrtDestroyStream", self.stream)
+        acl.call("aclFinalize")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flexnpu.workload.instance", description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", choices=("prefill", "decode", "mixed"), required=True)
+    p.add_argument("--model", default="qwen2.5-7b", help="a model name, or NAME:LAYERS")
+    p.add_argument("--profile", default="910b", help="device profile whose efficiencies the modelled time uses")
+    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--kv-src-device", type=int, default=None,
+                   help="decode: the prefill instance's device, when it is another one")
+    p.add_argument("--chunk-tokens", type=int, default=0, help="chunked prefill: tokens per step (0: whole prompts)")
+    p.add_argument("--max-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--kv-tokens", type=int, default=0, help="KV pool size in tokens (0: --kv-mem-share of free memory)")
+    p.add_argument("--kv-mem-share", type=float, default=0.9)
+    p.add_argument("--no-weights", dest="weights", action="store_false", help="do not allocate the weights")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    inst = Instance(parse_args(argv))
+    try:
+        inst.setup()
+        inst.serve()
+        inst.close()
+    except AclError as e:
+        print(f"flexnpu.workload.instance: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
