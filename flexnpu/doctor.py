@@ -4,7 +4,8 @@ Each check is a plain function returning a `Check`, so tests and other commands 
 them one by one; `run_checks()` runs them all in order. The checks follow what FlexNPU needs
 at run time: privileges and a working bpf() syscall for the uprobes, tracefs, bcc and its
 ability to compile a uprobe program for the running kernel, a libascendcl.so (CANN's, or the
-emulated one), and, when it is the emulated one, its device server.
+emulated one), and, when it is the emulated one, its device server; then the service side:
+the `flexnpu` group, the modes of the runtime dir's files (flexnpu/paths.py), the units.
 """
 
 from __future__ import annotations
@@ -289,8 +290,101 @@ def check_emulator(cann: Path | None = None, rdir: Path | None = None) -> Check:
     return _ok(name, f"running at {sock}: {len(devices)} x {'/'.join(socs)}, pid {st.get('pid')}")
 
 
+# --- services, the group and the runtime dir ------------------------------------------------
+
+
+def _services_installed() -> list[str]:
+    from flexnpu.service import install as inst  # noqa: PLC0415
+
+    try:
+        m = inst.read_manifest()
+    except inst.ServiceError:
+        m = None
+    prefix = Path(m["prefix"]) if m else inst.DEFAULT_PREFIX
+    return [n for n in (m["units"] if m else inst._unit_names_in(prefix)) if (prefix / n).exists()]
+
+
+def check_group(name: str | None = None, services: list[str] | None = None) -> Check:
+    """The group of the trust boundary: its members may use FlexNPU's sockets. Missing is a
+    failure once the services are installed (they run in it), a note before."""
+    import grp  # noqa: PLC0415
+
+    check = "service_group"
+    name = name or paths.service_group()
+    try:
+        g = grp.getgrnam(name)
+    except KeyError:
+        services = _services_installed() if services is None else services
+        if services:
+            return _fail(check, f"group {name} is missing but the services are installed",
+                         "sudo flexnpu service install (it creates the group)")
+        return _ok(check, f"no group {name} yet (services not installed): only root and the "
+                          "sockets' owner can use them; `sudo flexnpu service install` creates it")
+    members = ", ".join(g.gr_mem) or "no supplementary members"
+    return _ok(check, f"group {name} (gid {g.gr_gid}): {members}")
+
+
+def expected_mode(name: str) -> int | None:
+    """The mode a runtime-dir file should have (paths.*_MODE), None for files without one."""
+    import fnmatch  # noqa: PLC0415
+
+    for pattern, mode in (("emu.sock", paths.EMU_SOCKET_MODE), ("daemon-*.sock", paths.DAEMON_SOCKET_MODE),
+                          ("gate-*.ctl", paths.GATE_CTL_MODE), ("gate-*.cli", paths.GATE_CLI_MODE)):
+        if fnmatch.fnmatch(name, pattern):
+            return mode
+    return None
+
+
+def check_runtime_modes(rdir: Path | None = None) -> Check:
+    """The runtime dir and the files in it have the modes their owners set (paths.*_MODE)."""
+    check = "runtime_modes"
+    rdir = Path(rdir or paths.runtime_dir())
+    if not rdir.is_dir():
+        return _ok(check, f"{rdir} does not exist yet (created by the first service or `flexnpu emu start`)")
+    bad = []
+    mode = rdir.stat().st_mode & 0o7777
+    if mode != paths.RUNTIME_DIR_MODE:
+        bad.append(f"{rdir} is {mode:04o}, not {paths.RUNTIME_DIR_MODE:04o}")
+    seen = 0
+    for p in sorted(rdir.iterdir()):
+        want = expected_mode(p.name)
+        if want is None:
+            continue
+        seen += 1
+        have = p.lstat().st_mode & 0o7777
+        if have != want:
+            bad.append(f"{p.name} is {have:04o}, not {want:04o}")
+    if bad:
+        return _fail(check, "; ".join(bad), "restart the service that owns the file (or remove a stale "
+                                            "one); the expected modes are in flexnpu/paths.py")
+    return _ok(check, f"{rdir} {mode:04o} and {seen} socket/gate files as expected")
+
+
+def check_services(services: list[str] | None = None) -> Check:
+    """Installed units and, when systemd runs them, whether they are active. Not installed is a
+    note, not a failure."""
+    from flexnpu.service import install as inst  # noqa: PLC0415
+
+    check = "services"
+    services = _services_installed() if services is None else services
+    if not services:
+        return _ok(check, "not installed (note: `sudo flexnpu service install` runs FlexNPU as services)")
+    if not inst.systemd_running():
+        return _ok(check, f"installed ({', '.join(services)}); systemd is not running here")
+    try:
+        st = inst.status(inst.DEFAULT_PREFIX)
+    except inst.ServiceError as e:
+        return _fail(check, str(e), "sudo flexnpu service uninstall; sudo flexnpu service install")
+    down = [f"{r['unit']} {r['active']}" for r in st["units"] if r["active"] != "active"
+            and "@." not in r["unit"]]
+    if down:
+        return _fail(check, "not active: " + ", ".join(down),
+                     "systemctl status " + " ".join(d.split()[0] for d in down))
+    return _ok(check, f"{len(st['units'])} units active")
+
+
 CHECK_NAMES = ("privileges", "bpf_syscall", "tracefs", "bcc_import", "bcc_uprobe",
-               "libascendcl", "emulator")
+               "libascendcl", "emulator", "service_group", "runtime_modes", "services")
 
 
 def run_checks() -> list[Check]:
@@ -304,6 +398,9 @@ def run_checks() -> list[Check]:
         check_bcc_uprobe(bcc_ok=bcc.ok),
         check_libascendcl(),
         check_emulator(cann=find_cann_library()),
+        check_group(),
+        check_runtime_modes(),
+        check_services(),
     ]
 
 
@@ -340,7 +437,8 @@ def doctor_command(
     """Check that this machine can run FlexNPU, and print the fix for what is missing.
 
     Checks: privileges, the bpf() syscall, tracefs, bcc import, a bcc uprobe on libc,
-    libascendcl.so (CANN's or the emulator's), the emulator's device server.
+    libascendcl.so (CANN's or the emulator's), the emulator's device server, the `flexnpu`
+    group, the modes of the runtime dir's sockets and gate files, the systemd services.
     Exit code 0 when every check passes, 1 otherwise.
 
     Examples:
