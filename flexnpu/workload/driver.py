@@ -67,6 +67,7 @@ class Result:
     status: dict  # the emulator's status after the run
     problems: list[str]
     setup: dict
+    decode_batches: list[int]  # requests decoded in each decode step, in order
 
 
 class _Proc:
@@ -113,6 +114,7 @@ def run(node: Any, reqs: list[Request], setup: Setup) -> Result:
     remaining = [len(reqs)]
     lock = threading.Lock()
     procs: dict[str, _Proc] = {}
+    batches: list[int] = []
 
     def finished(rid: int) -> None:
         with lock:
@@ -133,6 +135,7 @@ def run(node: Any, reqs: list[Request], setup: Setup) -> Result:
         elif kind == "taken":
             procs["prefill"].send(op="release", id=ev["id"])
         elif kind == "tokens":
+            batches.append(len(ev["ids"]))
             for rid in ev["ids"]:
                 rt = timing[rid]
                 rt.token_times.append(ev["t"])
@@ -180,7 +183,7 @@ def run(node: Any, reqs: list[Request], setup: Setup) -> Result:
     stats = {name: p.stats or {} for name, p in procs.items()}
     problems = check(stats, status, timing, setup, node.time_scale, node.mode)
     return Result(MX.compute(list(timing.values()), setup.slo), list(timing.values()), stats, status, problems,
-                  setup.describe())
+                  setup.describe(), batches)
 
 
 def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTiming], setup: Setup,
@@ -203,6 +206,9 @@ def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTimi
                 if not k.startswith(COPY_NAMES):
                     counts[k] = counts.get(k, 0) + v
             busy += sum(v for k, v in c["busy_by_name"].items() if not k.startswith(COPY_NAMES))
+        copied = sum(c["bytes_copied"].get("inter_d2d", 0) for c in recs)
+        if copied != st.get("copied_bytes", 0):
+            problems.append(f"{name}: emulator copied {copied} bytes between devices, the instance {st['copied_bytes']}")
         if counts != st["kernels"]:
             problems.append(f"{name}: emulator counted {counts}, the instance launched {st['kernels']}")
         want = st["modelled_s"] * 1e9 * time_scale

@@ -109,7 +109,7 @@ int emu_kernel_prepare(int builtin, const void *args, size_t size, struct emu_co
 /* Divides a kernel's work by the device's achieved fraction of peak for its built-in. */
 void emu_kernel_derate(const struct emu_params *p, int builtin, struct emu_cost *cost);
 
-/* Parses "name=compute/hbm,..." (e.g. "gemm=0.6/0.55,rmsnorm=1/0.5") into p's efficiency
+/* Parses "name=compute/hbm,..." (e.g. "gemm=0.6/0.45,rmsnorm=1/0.5") into p's efficiency
  * tables; entries not named keep their value. 0, or -1 with a reason in err. */
 int emu_parse_efficiency(const char *spec, struct emu_params *p, char *err, size_t errlen);
 
