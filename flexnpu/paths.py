@@ -2,7 +2,7 @@
 where it finds its native parts and its configuration.
 
 Change a name here only: the shim (C) reads the runtime dir from $FLEXNPU_RUNTIME_DIR and
-builds the gate file names with the same patterns (flexnpu/forward/native/shim.c).
+builds the admission socket's name with the same pattern (flexnpu/forward/native/shim.c).
 """
 
 from __future__ import annotations
@@ -103,15 +103,28 @@ def controller_socket(rdir: Path | None = None) -> Path:
     return Path(rdir or runtime_dir()) / "controller.sock"
 
 
+CLIENT_GROUP = "flexnpu"  # may run gated programs and read gates; see docs/security.md
+
+
 def daemon_socket(device: int, rdir: Path | None = None) -> Path:
-    """The forwarding daemon of a device serves its control API here (zmq REP)."""
+    """The forwarding daemon's read-only control API (ping, list; zmq REP, 0660 root:flexnpu)."""
     return Path(rdir or runtime_dir()) / f"daemon-{device}.sock"
 
 
-def gate_files(device: int, rdir: Path | None = None) -> tuple[Path, Path]:
-    """A device's gate segment: (gate-N.ctl, gate-N.cli)."""
-    d = Path(rdir or runtime_dir())
-    return d / f"gate-{device}.ctl", d / f"gate-{device}.cli"
+def daemon_admin_socket(device: int, rdir: Path | None = None) -> Path:
+    """The forwarding daemon's admin control API (every command; zmq REP, 0600 root, or 0660
+    root:<admin group> with `flexnpu daemon --admin-group`)."""
+    return Path(rdir or runtime_dir()) / f"daemon-{device}.admin.sock"
+
+
+def gate_socket(device: int, rdir: Path | None = None) -> Path:
+    """A device's admission socket: the shim connects here to be admitted (unix SOCK_SEQPACKET)."""
+    return Path(rdir or runtime_dir()) / f"gate-{device}.sock"
+
+
+def gate_table(device: int, rdir: Path | None = None) -> Path:
+    """A device's gate table, gate-N.ctl (daemon-written; clients map it read-only)."""
+    return Path(rdir or runtime_dir()) / f"gate-{device}.ctl"
 
 
 def config_file() -> Path:

@@ -10,11 +10,9 @@ test did; workloads are started through conftest's `spawn`, which kills and reap
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import queue
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -26,7 +24,6 @@ import pytest
 from flexnpu import paths
 from flexnpu.forward.client import DaemonClient, DaemonError
 from flexnpu.forward.daemon import daemon_socket
-from flexnpu.forward.gate import layout
 
 FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
 KLIB = str(paths.emulator_kernel_library())
@@ -192,6 +189,26 @@ def finish(client, timeout: float) -> tuple[int, list[dict]]:
     return client.proc.wait(timeout=10), out
 
 
+def finish_listed(client, daemon, timeout: float) -> tuple[int, list[dict], dict | None]:
+    """For a workload run with --wait-end: reads its output up to the "done" line, takes its
+    `list` record while it is still a client (its slot is freed the moment it exits), then
+    lets it end and reaps it."""
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not (out and out[-1].get("done")):
+        try:
+            line = client.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"pid {client.pid} not done after {timeout} s; said {out[-3:]}") from None
+        if line is None:
+            break
+        out.append(json.loads(line))
+    entry = daemon.entry(client.pid)
+    send(client, "end")
+    rc, rest = finish(client, timeout)
+    return rc, out + rest, entry
+
+
 def no_output(client) -> bool:
     """True if the workload printed nothing since it was last read."""
     return client.lines.empty()
@@ -210,16 +227,3 @@ def gate_list_cli(device: int = 0) -> dict:
     reply = json.loads(r.stdout)
     assert reply["schema"] == 1 and reply["ok"] is True
     return reply
-
-
-def write_claim(rdir: Path, device: int, slot: int, **fields: int) -> None:
-    """Writes client-side fields of a slot in gate-<dev>.cli (state, pid, gen, ...) as a
-    shim's claim does, at the offsets the C declaration gives (gate.layout()): lets a test
-    play a client at any point of its claim, which no real process can be paused at."""
-    cli = layout()["cli"]
-    base = cli["slots"] + slot * cli["slot_size"]
-    fmt = {4: "<I", 8: "<Q"}
-    with open(rdir / f"gate-{device}.cli", "r+b") as f, mmap.mmap(f.fileno(), cli["size"]) as m:
-        for name, value in fields.items():
-            off, size = cli["slot_fields"][name]
-            struct.pack_into(fmt[size], m, base + off, value)

@@ -11,6 +11,7 @@ from forward_fixtures import client_record, plain_env, run_both, shim_env, work_
 from test_daemon_fixtures import (  # noqa: F401  (fixtures)
     daemons,
     finish,
+    finish_listed,
     gate_loop,
     ready,
     send,
@@ -64,19 +65,17 @@ def test_budget_of_two_keeps_two_queued(emulator, daemons, gate_loop):
     emu = emulator()
     d = daemons(0)
     ms, k = 20, 8
-    a = gate_loop(3, ms, k, "--wait-stdin")
+    a = gate_loop(3, ms, k, "--wait-stdin", "--wait-end")
     ready(a)
     d.wait_admitted(a.pid)
     d.set(a.pid, inflight=2, max_hold_ms=LONG_HOLD_MS)
     send(a)
     top = _max_pending(emu, a, 1.0)
-    rc, out = finish(a, 60)
+    rc, out, v = finish_listed(a, d, 60)
     assert rc == 0
     for it in _iterations(out):
         assert it["call_ms"] >= 0.7 * ms, it  # the third launch of a step waits for the first
     assert 2 <= top <= 4, f"the device had {top} ops queued under a budget of 2 (2 kernels + 2 events)"
-    e = d.client.list()
-    v = next(c for c in e if c["pid"] == a.pid)
     assert v["inflight_waits"] >= 3 * (k - 2) and v["inflight_wait_ms"] >= 3 * (k - 2) * ms * 0.5, v
     assert v["inflight_now"] == 0  # its last sync finished everything
     assert v["gate_expired"] == 0
@@ -86,20 +85,19 @@ def test_budget_zero_is_unlimited(emulator, daemons, gate_loop):
     emu = emulator()
     d = daemons(0)
     ms, k = 20, 6
-    a = gate_loop(2, ms, k, "--wait-stdin")
+    a = gate_loop(2, ms, k, "--wait-stdin", "--wait-end")
     ready(a)
     d.wait_admitted(a.pid)
     d.set(a.pid, inflight=1, max_hold_ms=LONG_HOLD_MS)
     d.set(a.pid, inflight=0)
     send(a)
     top = _max_pending(emu, a, 0.1)
-    rc, out = finish(a, 60)
+    rc, out, v = finish_listed(a, d, 60)
     assert rc == 0
     for it in _iterations(out):
         assert it["call_ms"] < 0.5 * ms, it  # launches return at once: all k queue
     assert top >= k - 1, f"only {top} ops queued without a budget"
     assert emu.client(a.pid)["ops"]["event_record"] == 0  # the shim records nothing without a budget
-    v = d.entry(a.pid)
     assert v["inflight_waits"] == 0 and v["inflight"] == 0
 
 
@@ -107,17 +105,16 @@ def test_budget_wait_ends_by_max_hold(emulator, daemons, gate_loop):
     emulator()
     d = daemons(0)
     ms, k, hold = 40, 5, 5
-    a = gate_loop(3, ms, k, "--wait-stdin")
+    a = gate_loop(3, ms, k, "--wait-stdin", "--wait-end")
     ready(a)
     d.wait_admitted(a.pid)
     d.set(a.pid, inflight=1, max_hold_ms=hold)
     send(a)
-    rc, out = finish(a, 60)
+    rc, out, v = finish_listed(a, d, 60)
     assert rc == 0
     for it in _iterations(out):
         # the second launch waits max_hold, then the client is released until its sync
         assert 0.5 * hold <= it["call_ms"] < 0.5 * ms, it
-    v = d.entry(a.pid)
     assert v["gate_expired"] >= 3 and v["inflight_waits"] >= 3, v
 
 
@@ -141,18 +138,9 @@ def test_dead_daemon_fails_the_budget_open(emulator, daemons, gate_loop):
     assert all(it["call_ms"] < 0.5 * ms for it in late), late[:3]
 
 
-def _preset_budget(rdir, inflight: int) -> None:
-    """Writes a budget into every free slot, as the daemon writes (through the gate library):
-    a program that claims one runs under it from its first launch."""
-    from flexnpu.forward.gate import GATE_OPEN, SLOT_FREE, GateSegment
-
-    seg = GateSegment(0, rdir)
-    try:
-        for i, (state, _, _) in enumerate(seg.claims()):
-            if state == SLOT_FREE:
-                seg.write_slot(i, GATE_OPEN, 0, LONG_HOLD_MS * 1_000_000, inflight, "manual")
-    finally:
-        seg.close()
+def _preset_budget(daemon, inflight: int) -> None:
+    """The device default budget: a program admitted later runs under it from its first launch."""
+    daemon.client.defaults(max_hold_ms=LONG_HOLD_MS, inflight=inflight)
 
 
 def test_threads_streams_and_contexts_under_a_budget(emulator, daemons, acl_programs, kernel_library, run_both,
@@ -161,10 +149,10 @@ def test_threads_streams_and_contexts_under_a_budget(emulator, daemons, acl_prog
     thread, device resets) under budgets of 1 and 3: same results and the same device work
     as without the shim, and no crash."""
     emu = emulator()
-    daemons(0)
+    d = daemons(0)
     argv = [acl_programs["fwd_threads"], kernel_library, 0]
     for budget in (1, 3):
-        _preset_budget(runtime_dir, budget)
+        _preset_budget(d, budget)
         plain, shimmed = run_both(argv)
         plain.ok(), shimmed.ok()
         assert plain.json() == shimmed.json()

@@ -26,6 +26,11 @@ def daemon_command(
     pending_grace_ms: Annotated[float, typer.Option(
         help="How long a client's work still counts as pending for priority after its sync "
              "(its next step keeps its turn).")] = 1.0,
+    admin_group: Annotated[Optional[str], typer.Option(
+        help="A group whose members may change gates, budgets and defaults besides root "
+             "(the admin socket becomes 0660 root:GROUP).")] = None,
+    max_clients_per_user: Annotated[int, typer.Option(
+        help="Gate slots one non-root user may hold on this device.")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
     """Run the forwarding daemon of one device in the foreground (SIGTERM stops it, gates open).
@@ -38,7 +43,8 @@ def daemon_command(
 
     logs.setup(verbose)
     try:
-        daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate, pending_grace_ms=pending_grace_ms)
+        daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate, pending_grace_ms=pending_grace_ms,
+                   admin_group=admin_group, per_uid_cap=max_clients_per_user)
     except (protocol.RequestError, ValueError, RuntimeError, OSError) as e:
         err.print(f"flexnpu daemon: {e}")
         raise typer.Exit(1)
@@ -226,6 +232,28 @@ def _real_cann_present() -> bool:
     return find_cann_library() is not None
 
 
+def gate_refusal() -> str | None:
+    """Why this user may not run gated programs here (None: it may, or no daemon runs). The
+    admission socket's mode is what the kernel checks when the shim connects."""
+    rdir = paths.runtime_dir()
+    try:
+        socks = sorted(p for p in rdir.iterdir() if re.fullmatch(r"gate-\d+\.sock", p.name))
+    except OSError:
+        return None
+    for p in socks:
+        if not os.access(p, os.W_OK, effective_ids=True):
+            group = paths.CLIENT_GROUP
+            try:
+                import grp
+
+                grp.getgrnam(group)
+                who = f"root and the {group} group"
+            except KeyError:
+                who = f"root only (there is no {group} group on this node)"
+            return f"permission denied: gated programs on this node are for {who}"
+    return None
+
+
 def run_command(
     cmd: Annotated[list[str], typer.Argument(help="The program and its arguments, after --.")],
     device: Annotated[Optional[str], typer.Option("--device", help="Physical devices the program sees, "
@@ -247,6 +275,10 @@ def run_command(
         raise typer.Exit(2)
     if not os.path.exists(shim_library()):
         err.print(f"flexnpu run: {shim_library()} is missing; reinstall FlexNPU (pip install .)")
+        raise typer.Exit(1)
+    refusal = gate_refusal()
+    if refusal:
+        err.print(f"flexnpu run: {refusal}")
         raise typer.Exit(1)
     exe = shutil.which(cmd[0], path=env.get("PATH"))
     if exe is None:

@@ -1,4 +1,9 @@
-"""A thin client of a forwarding daemon's control API (used by the CLI and the controller)."""
+"""A thin client of a forwarding daemon's control API (used by the CLI and the controller).
+
+It picks the socket per command: ping and list go to the read socket (root and the flexnpu
+group), everything else to the admin socket (root, or the daemon's admin group). A socket
+this process may not use is refused at once with a one-line reason, never a timeout.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from typing import Any
 import zmq
 
 from flexnpu import SCHEMA
-from flexnpu.forward.daemon import daemon_socket
+from flexnpu import paths
+from flexnpu.forward.access import socket_refusal
+from flexnpu.forward.protocol import READ_COMMANDS
 
 
 class DaemonError(RuntimeError):
@@ -22,25 +29,27 @@ class DaemonClient:
 
     def __init__(self, device: int, rdir: Path | None = None, timeout: float = 2.0):
         self.device = device
-        self.path = daemon_socket(device, rdir)
+        self.path = paths.daemon_socket(device, rdir)
+        self.admin_path = paths.daemon_admin_socket(device, rdir)
         self.timeout_ms = int(timeout * 1000)
         self._ctx = zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
+        self._socks: dict[bool, zmq.Socket] = {}
 
-    def _socket(self) -> zmq.Socket:
-        if self._sock is None:
+    def _socket(self, admin: bool) -> zmq.Socket:
+        s = self._socks.get(admin)
+        if s is None:
             s = self._ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
             s.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
-            s.connect(f"ipc://{self.path}")
-            self._sock = s
-        return self._sock
+            s.connect(f"ipc://{self.admin_path if admin else self.path}")
+            self._socks[admin] = s
+        return s
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        for s in self._socks.values():
+            s.close(0)
+        self._socks.clear()
 
     def __enter__(self) -> DaemonClient:
         return self
@@ -49,15 +58,21 @@ class DaemonClient:
         self.close()
 
     def request(self, cmd: str, **args: Any) -> dict:
+        admin = cmd not in READ_COMMANDS
+        path = self.admin_path if admin else self.path
         if not self.path.exists():
             raise DaemonError(f"no daemon for device {self.device} at {self.path}; "
                               f"start one with `flexnpu daemon --device {self.device}`")
-        s = self._socket()
+        refusal = socket_refusal(path, self.device, admin) if path.exists() else None
+        if refusal:
+            raise DaemonError(refusal)  # zmq would retry the refused connect until the timeout
+        s = self._socket(admin)
         try:
             s.send(json.dumps({"schema": SCHEMA, "cmd": cmd, **args}).encode())
             reply = json.loads(s.recv())
         except zmq.Again:
-            self.close()
+            s.close(0)
+            self._socks.pop(admin, None)
             raise DaemonError(f"daemon for device {self.device} did not answer within {self.timeout_ms} ms") from None
         if not reply.get("ok"):
             raise DaemonError(reply.get("error", "unknown error"))
@@ -99,7 +114,7 @@ class DaemonClient:
         return self.request("renew", owner=owner, lease_ms=lease_ms)["controller"]
 
     def defaults(self, gate: str | None = None, priority: int | None = None, max_hold_ms: float | None = None,
-                 apply: bool = False, pending_grace_ms: float | None = None) -> dict:
+                 apply: bool = False, pending_grace_ms: float | None = None, inflight: int | None = None) -> dict:
         args = {k: v for k, v in dict(gate=gate, priority=priority, max_hold_ms=max_hold_ms,
-                                      pending_grace_ms=pending_grace_ms).items() if v is not None}
+                                      pending_grace_ms=pending_grace_ms, inflight=inflight).items() if v is not None}
         return self.request("defaults", apply=apply, **args)["defaults"]

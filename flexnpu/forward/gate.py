@@ -1,13 +1,19 @@
-"""A device's gate segment, seen from the daemon (layout: flexnpu/forward/native/gate.h).
+"""A device's gate seen from the daemon (layout: flexnpu/forward/native/gate.h).
 
-The layout is read from libflexnpu_gate.so (fx_layout), which describes the C structs
-with offsetof, so this module keeps no second copy of it. Writes that clients race with
-go through the library's atomic setters; reads are plain aligned loads.
+Three things, all in libflexnpu_gate.so's hands for every write a client races with:
+- `GateTable`: gate-<dev>.ctl, the daemon-written table (settings, identities, the priority
+  summary, the wake word, the heartbeat). Clients get it read-only.
+- `ClientPage`: one admitted client's own page, a sealed memfd the client maps read-write.
+- `SummaryThread`: the C thread that recomputes the priority summary from the pages.
+
+The layout is read from the library (fx_layout, built with offsetof), so Python keeps no
+second copy of it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import mmap
 import os
@@ -20,7 +26,7 @@ from flexnpu import paths
 from flexnpu.runtimes import Direction, Op
 
 GATE_OPEN, GATE_CLOSED = 0, 1
-SLOT_FREE, SLOT_CLAIMED = 0, 1
+SLOT_FREE, SLOT_ADMITTED, SLOT_RESERVED = 0, 2, 3
 OWNERS = {0: None, 1: "controller", 2: "manual"}  # enum fx_owner: who set a slot's settings
 OWNER_IDS = {v: k for k, v in OWNERS.items()}
 ROLES = {0: "auto", 1: "prefill", 2: "decode"}
@@ -31,42 +37,133 @@ _FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
 @cache
 def gate_library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(paths.native_lib_dir() / "libflexnpu_gate.so"))
-    vp, u32, u64, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
+    vp, u32, u64, i32, sz = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_size_t
     lib.fx_layout.restype = ctypes.c_char_p
     lib.fx_now.restype = u64
-    lib.fx_seg_init.argtypes = [vp, vp, u32, i32, ctypes.c_int]
+    lib.fx_table_init.argtypes = [vp, u32, i32, ctypes.c_int]
     lib.fx_heartbeat.argtypes = [vp, ctypes.c_int]
-    lib.fx_gate_set.argtypes = [vp, vp, ctypes.c_int, u32, u32, u64, u32, u32]
     lib.fx_slot_write.argtypes = [vp, ctypes.c_int, u32, u32, u64, u32, u32]
     lib.fx_wake.argtypes = [vp]
     lib.fx_defaults_set.argtypes = [vp, u32, u32, u64]
-    lib.fx_slot_admit.argtypes = [vp, ctypes.c_int, i32, u32]
-    lib.fx_grace_set.argtypes = [vp, vp, u64]
-    lib.fx_slot_free.argtypes = [vp, vp, ctypes.c_int]
-    lib.fx_open_all.argtypes = [vp, vp]
-    lib.fx_wait_claim.argtypes = [vp, u32, ctypes.c_int64]
+    lib.fx_grace_set.argtypes = [vp, u64]
+    lib.fx_slot_admit.argtypes = [vp, ctypes.c_int, i32, u32, u32, u64, u32]
+    lib.fx_slot_free.argtypes = [vp, ctypes.c_int]
+    lib.fx_open_all.argtypes = [vp]
+    lib.fx_map.argtypes = [ctypes.c_int, sz, ctypes.c_int]
+    lib.fx_map.restype = vp
+    lib.fx_unmap.argtypes = [vp, sz]
+    lib.fx_page_init.argtypes = [vp, u32]
+    lib.fx_summary_start.argtypes = [vp]
+    lib.fx_summary_start.restype = vp
+    lib.fx_summary_kick.argtypes = [vp]
+    lib.fx_summary_set.argtypes = [vp, ctypes.c_int, vp]
+    lib.fx_summary_stop.argtypes = [vp]
+    lib.fx_summary_levels.argtypes = [vp]
+    lib.fx_summary_levels.restype = u64
     return lib
 
 
 @cache
 def layout() -> dict:
-    """The segment layout, from the C declaration."""
+    """The table, page and message layout, from the C declaration."""
     return json.loads(gate_library().fx_layout())
 
 
 def now_ns() -> int:
-    """CLOCK_MONOTONIC in ns, the clock the segment's timestamps use."""
+    """CLOCK_MONOTONIC in ns, the clock the table's timestamps use."""
     return gate_library().fx_now()
+
+
+def _get(buf, base: int, fields: dict, name: str) -> int:
+    off, size = fields[name]
+    return struct.unpack_from("<" + _FMT[size], buf, base + off)[0]
+
+
+class ClientPage:
+    """One admitted client's page: a memfd sealed against shrinking and growing (so the client,
+    which holds a writable fd, cannot truncate it under the daemon's map), mapped here too."""
+
+    def __init__(self, device: int, slot: int):
+        lib = gate_library()
+        self.size = layout()["page_size"]
+        self.fd = os.memfd_create(f"flexnpu-gate-{device}-slot-{slot}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, self.size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.addr = lib.fx_map(self.fd, self.size, 1)
+            if not self.addr:
+                raise OSError("could not map a client page")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        lib.fx_page_init(self.addr, slot)
+
+    def hand_out(self) -> int:
+        """The fd to pass to the client; the daemon keeps only its map after close_fd()."""
+        return self.fd
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read(self) -> dict:
+        """The client's counters, as the client wrote them (its own figures, nobody else's)."""
+        if not self.addr:
+            return {}
+        raw = ctypes.string_at(self.addr, layout()["page"]["size"])
+        f = layout()["page"]["fields"]
+        out = {n: _get(raw, 0, f, n) for n in f if n not in ("ops", "bytes", "magic", "version", "slot")}
+        ops = struct.unpack_from(f"<{layout()['num_ops']}Q", raw, f["ops"][0])
+        nb = struct.unpack_from(f"<{layout()['num_dirs']}Q", raw, f["bytes"][0])
+        out["ops"] = {o.name.lower(): ops[o.value] for o in Op if o.value < len(ops)}
+        out["bytes"] = {d.name.lower(): nb[d.value] for d in Direction if d.value < len(nb)}
+        return out
+
+    def close(self) -> None:
+        self.close_fd()
+        if self.addr:
+            gate_library().fx_unmap(self.addr, self.size)
+            self.addr = None
+
+
+class SummaryThread:
+    """The C thread that keeps the table's priority summary (pending_levels) from the pages."""
+
+    def __init__(self, table: GateTable):
+        self.lib = gate_library()
+        self.handle = self.lib.fx_summary_start(table.ctl_addr)
+        if not self.handle:
+            raise OSError("could not start the priority summary thread")
+
+    def set(self, slot: int, page: ClientPage | None) -> None:
+        """The page of the client in slot (None: none). After None the thread no longer
+        reads the old page."""
+        self.lib.fx_summary_set(self.handle, slot, page.addr if page else None)
+
+    def kick(self) -> None:
+        """Recompute now (a priority or the grace changed)."""
+        self.lib.fx_summary_kick(self.handle)
+
+    def levels(self) -> int:
+        """What the summary should say now, from the pages (the heartbeat compares it)."""
+        return self.lib.fx_summary_levels(self.handle)
+
+    def stop(self) -> None:
+        if self.handle:
+            self.lib.fx_summary_stop(self.handle)
+            self.handle = None
 
 
 @dataclass
 class SlotView:
-    """One client slot: the client's counters and the daemon's gate settings for it."""
+    """One client: the daemon's record of it (identity, settings) and its own counters."""
 
     slot: int
     state: int
     gen: int
     pid: int
+    uid: int
     role: str
     pending: bool
     waiting: int
@@ -98,146 +195,112 @@ class SlotView:
         return dict(self.__dict__)
 
 
-class GateSegment:
-    """The two files of device `device`'s gate: gate-<dev>.ctl (daemon-written, mode 0644)
-    and gate-<dev>.cli (client slots, mode 0666).
+_ZERO_COUNTERS = {"pending": 0, "waiting": 0, "released": 0, "memset_bytes": 0, "mem_held": 0, "mem_peak": 0,
+                  "iterations": 0, "iter_ns_total": 0, "iter_ns_last": 0, "gate_waits": 0, "gate_wait_ns": 0,
+                  "gate_expired": 0, "last_release_lag_ns": 0, "last_hold_lag_ns": 0, "inflight_now": 0,
+                  "inflight_waits": 0, "inflight_wait_ns": 0}
 
-    readonly=True (or `open_readonly`) is the view of a reader such as the observer: both
-    files are opened O_RDONLY and mapped PROT_READ, never created nor resized (a missing or
-    short file raises OSError), and every write method raises PermissionError."""
 
-    def __init__(self, device: int, rdir: Path | None = None, readonly: bool = False):
+class GateTable:
+    """gate-<dev>.ctl: written by the daemon alone (mode 0640, root:flexnpu when that group
+    exists, else 0600). Clients map it from an O_RDONLY fd the daemon passes them.
+
+    readonly=True (or `open_readonly`) is the view of a reader: opened O_RDONLY, mapped
+    PROT_READ, never created nor resized (a missing or short file raises OSError), and
+    every write method raises PermissionError."""
+
+    def __init__(self, device: int, rdir: Path | None = None, readonly: bool = False, gid: int | None = None):
         self.device = device
         self.rdir = Path(rdir or paths.runtime_dir())
         self.readonly = readonly
         self.lib = gate_library()
         L = layout()
-        self._ctl_l, self._cli_l = L["ctl"], L["cli"]
+        self._l = L["ctl"]
         self.max_slots = L["max_slots"]
-        self._ctl_file = self.rdir / f"gate-{device}.ctl"
-        self._cli_file = self.rdir / f"gate-{device}.cli"
+        self.path = paths.gate_table(device, self.rdir)
         if readonly:
-            self.ctl = self._map_readonly(self._ctl_file, self._ctl_l["size"])
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                self.cli = self._map_readonly(self._cli_file, self._cli_l["size"])
-            except OSError:
-                self.ctl.close()
-                raise
-            self.ctl_addr = self.cli_addr = 0  # no pointers into a read-only map: nothing writes
+                have = os.fstat(fd).st_size
+                if have < self._l["size"]:
+                    raise OSError(f"{self.path} holds {have} bytes, not a gate table of {self._l['size']}")
+                self.ctl = mmap.mmap(fd, self._l["size"], mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self.ctl_addr = 0  # no pointer into a read-only map: nothing writes
             return
-        self.ctl = self._map(self._ctl_file, self._ctl_l["size"], 0o644)
-        self.cli = self._map(self._cli_file, self._cli_l["size"], 0o666)
-        self.ctl_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.ctl))
-        self.cli_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.cli))
-
-    @classmethod
-    def open_readonly(cls, device: int, rdir: Path | None = None) -> GateSegment:
-        """A read-only view of an existing segment (OSError if it is missing or short)."""
-        return cls(device, rdir, readonly=True)
-
-    @staticmethod
-    def _map_readonly(path: Path, size: int) -> mmap.mmap:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NOFOLLOW: a link planted in the runtime dir must not make the daemon write elsewhere
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            have = os.fstat(fd).st_size
-            if have < size:
-                raise OSError(f"{path} holds {have} bytes, not a segment of {size}")
-            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            if gid is not None:
+                os.fchown(fd, os.geteuid(), gid)
+            os.fchmod(fd, 0o640 if gid is not None else 0o600)  # the umask does not decide it
+            if os.fstat(fd).st_size != self._l["size"]:
+                os.ftruncate(fd, self._l["size"])
+            self.ctl = mmap.mmap(fd, self._l["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        self.ctl_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.ctl))
+
+    @classmethod
+    def open_readonly(cls, device: int, rdir: Path | None = None) -> GateTable:
+        return cls(device, rdir, readonly=True)
 
     def _writable(self) -> None:
         if self.readonly:
-            raise PermissionError(f"gate segment of device {self.device} is open read-only")
+            raise PermissionError(f"gate table of device {self.device} is open read-only")
 
-    @staticmethod
-    def _map(path: Path, size: int, mode: int) -> mmap.mmap:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
-        try:
-            os.fchmod(fd, mode)  # the umask must not make the client side unwritable
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
-            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+    def readonly_fd(self) -> int:
+        """A fresh O_RDONLY fd of the table, to pass to a client (it cannot be made writable)."""
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
 
     def init(self, daemon_pid: int, adopt: bool) -> None:
         self._writable()
-        self.lib.fx_seg_init(self.ctl_addr, self.cli_addr, self.device, daemon_pid, 1 if adopt else 0)
+        self.lib.fx_table_init(self.ctl_addr, self.device, daemon_pid, 1 if adopt else 0)
 
     def valid(self) -> bool:
-        """True if both files hold a segment of this version (a previous daemon's, to adopt)."""
-        magic_ctl, ver_ctl = struct.unpack_from("<QI", self.ctl, 0)
-        magic_cli, ver_cli = struct.unpack_from("<QI", self.cli, 0)
+        """True if the file holds a table of this version (a previous daemon's, to adopt)."""
+        magic, ver = struct.unpack_from("<QI", self.ctl, 0)
         L = layout()
-        return (magic_ctl, ver_ctl, magic_cli, ver_cli) == (L["magic_ctl"], L["version"], L["magic_cli"], L["version"])
+        return (magic, ver) == (L["magic_ctl"], L["version"])
 
     # -- reads
-    def _get(self, buf: mmap.mmap, base: int, fields: dict, name: str) -> int:
-        off, size = fields[name]
-        return struct.unpack_from("<" + _FMT[size], buf, base + off)[0]
-
-    def _array(self, buf: mmap.mmap, base: int, fields: dict, name: str, n: int) -> list[int]:
-        off, _ = fields[name]
-        return list(struct.unpack_from(f"<{n}Q", buf, base + off))
-
-    def claim_seq(self) -> int:
-        return self._get(self.cli, 0, self._cli_l["fields"], "claim_seq")
+    def default(self, name: str) -> int:
+        return _get(self.ctl, 0, self._l["fields"], name)
 
     def pending_levels(self) -> int:
-        return self._get(self.cli, 0, self._cli_l["fields"], "pending_levels")
+        return self.default("pending_levels")
 
-    def default(self, name: str) -> int:
-        return self._get(self.ctl, 0, self._ctl_l["fields"], name)
+    def wake_seq(self) -> int:
+        return self.default("wake_seq")
 
-    def claims(self) -> list[tuple[int, int, int]]:
-        """(state, pid, gen) of every slot: what the daemon's watcher needs, read cheaply."""
-        cl = self._cli_l
-        f = cl["slot_fields"]
-        out = []
-        for i in range(self.max_slots):
-            base = cl["slots"] + i * cl["slot_size"]
-            out.append((self._get(self.cli, base, f, "state"), self._get(self.cli, base, f, "pid"),
-                        self._get(self.cli, base, f, "gen")))
-        return out
+    def settings(self, i: int) -> dict:
+        """The daemon's record of slot i: identity and gate settings."""
+        base = self._l["slots"] + i * self._l["slot_size"]
+        f = self._l["slot_fields"]
+        return {n: _get(self.ctl, base, f, n) for n in f}
 
-    def slot(self, i: int) -> SlotView:
-        cl, ct = self._cli_l, self._ctl_l
-        cb, tb = cl["slots"] + i * cl["slot_size"], ct["slots"] + i * ct["slot_size"]
-        cf, tf = cl["slot_fields"], ct["slot_fields"]
-
-        def c(n: str) -> int:
-            return self._get(self.cli, cb, cf, n)
-
-        def t(n: str) -> int:
-            return self._get(self.ctl, tb, tf, n)
-
-        ops = self._array(self.cli, cb, cf, "ops", layout()["num_ops"])
-        nbytes = self._array(self.cli, cb, cf, "bytes", layout()["num_dirs"])
+    def slot(self, i: int, page: ClientPage | None = None) -> SlotView:
+        t = self.settings(i)
+        c = {**_ZERO_COUNTERS, "ops": {o.name.lower(): 0 for o in Op},
+             "bytes": {d.name.lower(): 0 for d in Direction}}
+        if page is not None:
+            c.update(page.read())
         return SlotView(
-            slot=i, state=c("state"), gen=c("gen"), pid=c("pid"), role=ROLES.get(c("role"), "auto"),
-            pending=bool(c("pending")), waiting=c("waiting"), released=bool(c("released")),
-            ops={o.name.lower(): ops[o.value] for o in Op if o.value < len(ops)},
-            bytes={d.name.lower(): nbytes[d.value] for d in Direction if d.value < len(nbytes)},
-            memset_bytes=c("memset_bytes"), mem_held=c("mem_held"), mem_peak=c("mem_peak"),
-            iterations=c("iterations"), iter_ns_total=c("iter_ns_total"), iter_ns_last=c("iter_ns_last"),
-            gate_waits=c("gate_waits"), gate_wait_ns=c("gate_wait_ns"), gate_expired=c("gate_expired"),
-            last_release_lag_ns=c("last_release_lag_ns"), last_hold_lag_ns=c("last_hold_lag_ns"),
-            inflight_now=c("inflight_now"), inflight_waits=c("inflight_waits"),
-            inflight_wait_ns=c("inflight_wait_ns"),
-            gate="open" if t("gate") == GATE_OPEN else "closed", priority=t("priority"),
-            max_hold_ns=t("max_hold_ns"), inflight_max=t("inflight_max"), owner=OWNERS.get(t("owner")),
-            admitted_pid=t("pid"),
+            slot=i, state=t["state"], gen=t["gen"], pid=t["pid"], uid=t["uid"], role=ROLES.get(t["role"], "auto"),
+            pending=bool(c["pending"]), waiting=c["waiting"], released=bool(c["released"]),
+            ops=c["ops"], bytes=c["bytes"], memset_bytes=c["memset_bytes"], mem_held=c["mem_held"],
+            mem_peak=c["mem_peak"], iterations=c["iterations"], iter_ns_total=c["iter_ns_total"],
+            iter_ns_last=c["iter_ns_last"], gate_waits=c["gate_waits"], gate_wait_ns=c["gate_wait_ns"],
+            gate_expired=c["gate_expired"], last_release_lag_ns=c["last_release_lag_ns"],
+            last_hold_lag_ns=c["last_hold_lag_ns"], inflight_now=c["inflight_now"],
+            inflight_waits=c["inflight_waits"], inflight_wait_ns=c["inflight_wait_ns"],
+            gate="open" if t["gate"] == GATE_OPEN else "closed", priority=t["priority"],
+            max_hold_ns=t["max_hold_ns"], inflight_max=t["inflight_max"], owner=OWNERS.get(t["owner"]),
+            admitted_pid=t["pid"],
         )
 
     # -- writes (atomic, in C)
-    def set_gate(self, i: int, gate: int, priority: int, max_hold_ns: int, inflight_max: int = 0,
-                 owner: str | None = None) -> None:
-        """Writes one slot's settings and wakes every waiter."""
-        self._writable()
-        self.lib.fx_gate_set(self.ctl_addr, self.cli_addr, i, gate, priority, max_hold_ns, inflight_max,
-                             OWNER_IDS[owner])
-
     def write_slot(self, i: int, gate: int, priority: int, max_hold_ns: int, inflight_max: int,
                    owner: str | None) -> None:
         """Writes one slot's settings without waking anyone: a batch ends with one wake()."""
@@ -247,7 +310,7 @@ class GateSegment:
     def wake(self) -> None:
         """One wake_seq bump and one futex wake: every waiter re-evaluates."""
         self._writable()
-        self.lib.fx_wake(self.cli_addr)
+        self.lib.fx_wake(self.ctl_addr)
 
     def set_defaults(self, gate: int, priority: int, max_hold_ns: int) -> None:
         self._writable()
@@ -256,15 +319,15 @@ class GateSegment:
     def set_grace(self, grace_ns: int) -> None:
         """How long a synced client's pending work still counts for priority."""
         self._writable()
-        self.lib.fx_grace_set(self.ctl_addr, self.cli_addr, grace_ns)
+        self.lib.fx_grace_set(self.ctl_addr, grace_ns)
 
-    def admit(self, i: int, pid: int, gen: int) -> None:
+    def admit(self, i: int, pid: int, uid: int, role: int, start_time: int, state: int = SLOT_ADMITTED) -> None:
         self._writable()
-        self.lib.fx_slot_admit(self.ctl_addr, i, pid, gen)
+        self.lib.fx_slot_admit(self.ctl_addr, i, pid, uid, role, start_time, state)
 
     def free(self, i: int) -> None:
         self._writable()
-        self.lib.fx_slot_free(self.ctl_addr, self.cli_addr, i)
+        self.lib.fx_slot_free(self.ctl_addr, i)
 
     def heartbeat(self, alive: bool = True) -> None:
         self._writable()
@@ -272,17 +335,12 @@ class GateSegment:
 
     def open_all(self) -> None:
         self._writable()
-        self.lib.fx_open_all(self.ctl_addr, self.cli_addr)
-
-    def wait_claim(self, seq: int, timeout_ns: int) -> None:
-        """Sleeps (without the GIL) until a client claims a slot or the timeout passes."""
-        self.lib.fx_wait_claim(self.cli_addr, seq, timeout_ns)
+        self.lib.fx_open_all(self.ctl_addr)
 
     def close(self) -> None:
-        # ctypes views keep exported pointers into the maps; drop ours first
-        self.ctl_addr = self.cli_addr = 0
-        for m in (self.ctl, self.cli):
-            try:
-                m.close()
-            except BufferError:
-                pass  # a from_buffer view is still alive; the map goes with the process
+        # ctypes views keep exported pointers into the map; drop ours first
+        self.ctl_addr = 0
+        try:
+            self.ctl.close()
+        except BufferError:
+            pass  # a from_buffer view is still alive; the map goes with the process

@@ -11,7 +11,7 @@ Commands
                                          -> applied: [pid], skipped: [{pid, reason}]
   release   pid | all: true              -> released: [pid]
   renew     owner, [lease_ms]            -> controller: {lease_left_ms}
-  defaults  [gate], [priority], [max_hold_ms], [pending_grace_ms], [apply]  -> defaults
+  defaults  [gate], [priority], [max_hold_ms], [inflight], [pending_grace_ms], [apply]  -> defaults
 gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in [0.01, 60000];
 inflight 0..1000000 (launches a client may have dispatched and unfinished; 0 unlimited);
 pending_grace_ms in [0, 1000] (device-wide: how long a client's work still counts as pending
@@ -23,6 +23,8 @@ released (`release`: back to the defaults). A controller set/set_many never over
 manual setting, and carries a lease (lease_ms in [10, 60000], default 500) that it and
 `renew` extend; when the lease runs out every controller-owned setting reverts to the
 device defaults.
+Two sockets (docs/security.md): the read socket serves ping and list (READ_COMMANDS) and
+refuses the rest; the admin socket serves every command.
 A malformed, unknown, multipart or oversized (> MAX_MESSAGE) request gets an error reply;
 a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 """
@@ -47,6 +49,7 @@ OWNERS = ("manual", "controller")
 LEASE_MIN_MS, LEASE_MAX_MS, LEASE_DEFAULT_MS = 10.0, 60_000.0, 500.0
 MANUAL_HOLDS = "manual setting holds; `flexnpu gate release PID` returns it to the controller"
 SETTING_KEYS = ("pid", "gate", "priority", "max_hold_ms", "inflight")
+READ_COMMANDS = ("ping", "list")  # served on the read socket; everything else is admin
 
 
 class RequestError(ValueError):
@@ -134,60 +137,69 @@ def _int_or_none(req: dict, key: str) -> int | None:
     return v
 
 
-def _dispatch(daemon, req: dict[str, Any]) -> dict[str, Any]:
+def _dispatch(daemon, req: dict[str, Any], admin: bool) -> dict[str, Any]:
+    """daemon: anything with device, registry (admission.Registry) and settings
+    (settings.GateSettings); the handlers are tested directly on such an object."""
     cmd = req.get("cmd")
+    st = daemon.settings
+    if not admin and cmd not in READ_COMMANDS and isinstance(cmd, str) and cmd in ALL_COMMANDS:
+        raise RequestError(f"permission denied: {cmd} changes the gates of device {daemon.device}; it is served on "
+                           f"daemon-{daemon.device}.admin.sock, which is for root")
     if cmd == "ping":
-        return {"device": daemon.device, "pid": os.getpid(), "clients": len(daemon.clients)}
+        return {"device": daemon.device, "pid": os.getpid(), "clients": len(daemon.registry.clients)}
     if cmd == "list":
-        return {"device": daemon.device, "clients": daemon.list_clients(), "defaults": dict(daemon.defaults),
-                "controller": daemon.controller_info()}
+        return {"device": daemon.device, "clients": st.list_clients(), "defaults": dict(st.defaults),
+                "controller": st.controller_info()}
     if cmd == "set":
         pid, slot = _int_or_none(req, "pid"), _int_or_none(req, "slot")
         if (pid is None) == (slot is None):
             raise RequestError("set needs exactly one of pid or slot")
         check_settings(req)
         owner, lease = check_owner(req)
-        c = daemon.find(pid, slot)
+        c = st.find(pid, slot)
         if lease is not None:
-            daemon.renew(lease)
-        return {"client": daemon.set_client(c, req.get("gate"), req.get("priority"), req.get("max_hold_ms"),
-                                            inflight=req.get("inflight"), owner=owner)}
+            st.renew(lease)
+        return {"client": st.set_client(c, req.get("gate"), req.get("priority"), req.get("max_hold_ms"),
+                                        inflight=req.get("inflight"), owner=owner)}
     if cmd == "set_many":
         owner, lease = check_owner({**req, "owner": req.get("owner", "controller")})
         settings = check_setting_list(req)
         if lease is not None:
-            daemon.renew(lease)
-        return daemon.set_many(settings, owner)
+            st.renew(lease)
+        return st.set_many(settings, owner)
     if cmd == "release":
         pid, everyone = _int_or_none(req, "pid"), req.get("all", False)
         if not isinstance(everyone, bool):
             raise RequestError("all must be true or false")
         if (pid is None) == (not everyone):
             raise RequestError("release needs a pid or \"all\": true")
-        return {"released": daemon.release(pid)}
+        return {"released": st.release(pid)}
     if cmd == "renew":
         owner, lease = check_owner({**req, "owner": req.get("owner", "controller")})
         if owner != "controller":
             raise RequestError("renew is for owner 'controller'")
-        daemon.renew(lease)
-        return {"controller": daemon.controller_info()}
+        st.renew(lease)
+        return {"controller": st.controller_info()}
     if cmd == "defaults":
         check_settings(req)
         check_grace(req)
         apply = req.get("apply", False)
         if not isinstance(apply, bool):
             raise RequestError("apply must be true or false")
-        return {"defaults": daemon.set_defaults(req.get("gate"), req.get("priority"), req.get("max_hold_ms"), apply,
-                                                req.get("pending_grace_ms"))}
+        return {"defaults": st.set_defaults(req.get("gate"), req.get("priority"), req.get("max_hold_ms"), apply,
+                                            req.get("pending_grace_ms"), req.get("inflight"))}
     raise RequestError(f"unknown cmd {cmd!r}; expected ping, list, set, set_many, release, renew or defaults")
+
+
+ALL_COMMANDS = ("ping", "list", "set", "set_many", "release", "renew", "defaults")
 
 
 def error_reply(error: str) -> bytes:
     return json.dumps({"schema": SCHEMA, "ok": False, "error": error}).encode()
 
 
-def handle(daemon, raw: bytes) -> bytes:
-    """One request in, one reply out; never raises."""
+def handle(daemon, raw: bytes, admin: bool = True) -> bytes:
+    """One request in, one reply out; never raises. admin: it came on the admin socket."""
     try:
         if len(raw) > MAX_MESSAGE:
             raise RequestError(f"message of {len(raw)} bytes is over the {MAX_MESSAGE}-byte limit")
@@ -200,7 +212,7 @@ def handle(daemon, raw: bytes) -> bytes:
         schema = req.get("schema")
         if isinstance(schema, bool) or not isinstance(schema, int) or schema != SCHEMA:  # true == 1, 1.0 == 1
             raise RequestError(f"schema must be {SCHEMA}")
-        reply = {"schema": SCHEMA, "ok": True, **_dispatch(daemon, req)}
+        reply = {"schema": SCHEMA, "ok": True, **_dispatch(daemon, req, admin)}
     except RequestError as e:
         return error_reply(str(e))
     except Exception as e:  # a bug must not take the daemon down; say it and carry on

@@ -1,13 +1,20 @@
-/* libflexnpu_gate.so: the daemon's hands on a gate segment (gate.h), used from Python
- * through ctypes. Writes that clients race with are atomic stores here, and the layout is
- * described from the C declaration itself (fx_layout), so Python keeps no copy of it.
+/* libflexnpu_gate.so: the daemon's hands on a device's gate (gate.h), used from Python through
+ * ctypes. Writes that clients race with are atomic stores here; the layout is described from
+ * the C declaration itself (fx_layout), so Python keeps no copy of it; and the priority
+ * summary is computed here, by a thread that sleeps on every client's change word at once
+ * (futex_waitv), so a client's transition reaches the other clients' fast path in
+ * microseconds without the daemon's Python on the way.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -16,6 +23,22 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+#ifndef FUTEX2_SIZE_U32
+#define FUTEX2_SIZE_U32 0x02
+#endif
+#ifndef FUTEX2_PRIVATE
+#define FUTEX2_PRIVATE 128
+#endif
+struct fx_waitv { /* struct futex_waitv (linux/futex.h, 5.16) */
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
 EXPORT uint64_t fx_now(void)
 {
     struct timespec ts;
@@ -23,16 +46,17 @@ EXPORT uint64_t fx_now(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-static void wake_all(struct fx_cli_seg *cli)
+static void wake_all(struct fx_ctl_seg *ctl, int yield)
 {
-    atomic_fetch_add(&cli->wake_seq, 1);
-    long woken = syscall(SYS_futex, &cli->wake_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    atomic_fetch_add(&ctl->wake_seq, 1);
+    long woken = syscall(SYS_futex, &ctl->wake_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
     /* The scheduler tends to queue a woken client on the waker's CPU, behind the rest of the
      * daemon's request; step aside so a released call goes now, not when the daemon sleeps. */
-    if (woken > 0) sched_yield();
+    if (woken > 0 && yield) sched_yield();
 }
 
-/* JSON: {"ctl": {"size": N, "slot": offset, "slot_size": N, "fields": {name: [offset, size]}}, ...} */
+/* JSON: {"ctl": {"size": N, "slots": offset, "slot_size": N, "fields": {name: [offset, size]},
+ * "slot_fields": {...}}, "page": {"size": N, "fields": {...}}, ...} */
 #define F(T, f) "\"" #f "\":[%zu,%zu]", offsetof(T, f), sizeof(((T *)0)->f)
 EXPORT const char *fx_layout(void)
 {
@@ -40,50 +64,49 @@ EXPORT const char *fx_layout(void)
     if (buf[0]) return buf;
     int n = 0;
 #define P(...) n += snprintf(buf + n, sizeof buf - n, __VA_ARGS__)
-    P("{\"magic_ctl\":%llu,\"magic_cli\":%llu,", (unsigned long long)FX_GATE_MAGIC_CTL,
-      (unsigned long long)FX_GATE_MAGIC_CLI);
-    P("\"version\":%d,\"max_slots\":%d,\"num_ops\":%d,\"num_dirs\":%d,\"prio_levels\":%d,", FX_GATE_VERSION,
-      FX_MAX_SLOTS, FX_NUM_OPS, FX_NUM_DIRS, FX_PRIO_LEVELS);
+    P("{\"magic_ctl\":%llu,\"magic_page\":%llu,\"hello_magic\":%u,\"welcome_magic\":%u,",
+      (unsigned long long)FX_GATE_MAGIC_CTL, (unsigned long long)FX_PAGE_MAGIC, FX_HELLO_MAGIC, FX_WELCOME_MAGIC);
+    P("\"version\":%d,\"max_slots\":%d,\"num_ops\":%d,\"num_dirs\":%d,\"prio_levels\":%d,\"page_size\":%d,",
+      FX_GATE_VERSION, FX_MAX_SLOTS, FX_NUM_OPS, FX_NUM_DIRS, FX_PRIO_LEVELS, FX_PAGE_SIZE);
+    P("\"hello_size\":%zu,\"welcome_size\":%zu,\"reason_offset\":%zu,", sizeof(struct fx_hello),
+      sizeof(struct fx_welcome), offsetof(struct fx_welcome, reason));
     P("\"ctl\":{\"size\":%zu,\"slots\":%zu,\"slot_size\":%zu,\"fields\":{", sizeof(struct fx_ctl_seg),
       offsetof(struct fx_ctl_seg, slots), sizeof(struct fx_ctl_slot));
     P(F(struct fx_ctl_seg, daemon_pid)); P(","); P(F(struct fx_ctl_seg, heartbeat_ns)); P(",");
     P(F(struct fx_ctl_seg, default_gate)); P(","); P(F(struct fx_ctl_seg, default_priority)); P(",");
-    P(F(struct fx_ctl_seg, default_max_hold_ns)); P(","); P(F(struct fx_ctl_seg, pending_grace_ns));
+    P(F(struct fx_ctl_seg, default_max_hold_ns)); P(","); P(F(struct fx_ctl_seg, pending_grace_ns)); P(",");
+    P(F(struct fx_ctl_seg, pending_levels)); P(","); P(F(struct fx_ctl_seg, wake_seq)); P(",");
+    P(F(struct fx_ctl_seg, summaries));
     P("},\"slot_fields\":{");
     P(F(struct fx_ctl_slot, gate)); P(","); P(F(struct fx_ctl_slot, priority)); P(",");
     P(F(struct fx_ctl_slot, max_hold_ns)); P(","); P(F(struct fx_ctl_slot, pid)); P(",");
     P(F(struct fx_ctl_slot, gen)); P(","); P(F(struct fx_ctl_slot, changed_ns)); P(",");
-    P(F(struct fx_ctl_slot, inflight_max)); P(","); P(F(struct fx_ctl_slot, owner));
-    P("}},\"cli\":{\"size\":%zu,\"slots\":%zu,\"slot_size\":%zu,\"fields\":{", sizeof(struct fx_cli_seg),
-      offsetof(struct fx_cli_seg, slots), sizeof(struct fx_cli_slot));
-    P(F(struct fx_cli_seg, pending_levels)); P(","); P(F(struct fx_cli_seg, wake_seq)); P(",");
-    P(F(struct fx_cli_seg, waiters)); P(","); P(F(struct fx_cli_seg, claim_seq));
-    P("},\"slot_fields\":{");
-    P(F(struct fx_cli_slot, state)); P(","); P(F(struct fx_cli_slot, gen)); P(",");
-    P(F(struct fx_cli_slot, pid)); P(","); P(F(struct fx_cli_slot, role)); P(",");
-    P(F(struct fx_cli_slot, pending)); P(","); P(F(struct fx_cli_slot, pending_level)); P(",");
-    P(F(struct fx_cli_slot, counted)); P(","); P(F(struct fx_cli_slot, idle_since_ns)); P(",");
-    P(F(struct fx_cli_slot, waiting)); P(","); P(F(struct fx_cli_slot, released)); P(",");
-    P(F(struct fx_cli_slot, claimed_ns)); P(","); P(F(struct fx_cli_slot, ops)); P(",");
-    P(F(struct fx_cli_slot, bytes)); P(","); P(F(struct fx_cli_slot, memset_bytes)); P(",");
-    P(F(struct fx_cli_slot, mem_held)); P(","); P(F(struct fx_cli_slot, mem_peak)); P(",");
-    P(F(struct fx_cli_slot, iterations)); P(","); P(F(struct fx_cli_slot, iter_ns_total)); P(",");
-    P(F(struct fx_cli_slot, iter_ns_last)); P(","); P(F(struct fx_cli_slot, iter_start_ns)); P(",");
-    P(F(struct fx_cli_slot, gate_waits)); P(","); P(F(struct fx_cli_slot, gate_wait_ns)); P(",");
-    P(F(struct fx_cli_slot, gate_expired)); P(","); P(F(struct fx_cli_slot, last_release_lag_ns)); P(",");
-    P(F(struct fx_cli_slot, last_hold_lag_ns)); P(",");
-    P(F(struct fx_cli_slot, inflight_now)); P(","); P(F(struct fx_cli_slot, inflight_waits)); P(",");
-    P(F(struct fx_cli_slot, inflight_wait_ns));
+    P(F(struct fx_ctl_slot, inflight_max)); P(","); P(F(struct fx_ctl_slot, owner)); P(",");
+    P(F(struct fx_ctl_slot, state)); P(","); P(F(struct fx_ctl_slot, uid)); P(",");
+    P(F(struct fx_ctl_slot, role)); P(","); P(F(struct fx_ctl_slot, start_time));
+    P("}},\"page\":{\"size\":%zu,\"fields\":{", sizeof(struct fx_page));
+    P(F(struct fx_page, magic)); P(","); P(F(struct fx_page, version)); P(","); P(F(struct fx_page, slot)); P(",");
+    P(F(struct fx_page, change_seq)); P(","); P(F(struct fx_page, pending)); P(",");
+    P(F(struct fx_page, idle_since_ns)); P(","); P(F(struct fx_page, waiting)); P(",");
+    P(F(struct fx_page, released)); P(","); P(F(struct fx_page, ops)); P(",");
+    P(F(struct fx_page, bytes)); P(","); P(F(struct fx_page, memset_bytes)); P(",");
+    P(F(struct fx_page, mem_held)); P(","); P(F(struct fx_page, mem_peak)); P(",");
+    P(F(struct fx_page, iterations)); P(","); P(F(struct fx_page, iter_ns_total)); P(",");
+    P(F(struct fx_page, iter_ns_last)); P(","); P(F(struct fx_page, iter_start_ns)); P(",");
+    P(F(struct fx_page, gate_waits)); P(","); P(F(struct fx_page, gate_wait_ns)); P(",");
+    P(F(struct fx_page, gate_expired)); P(","); P(F(struct fx_page, last_release_lag_ns)); P(",");
+    P(F(struct fx_page, last_hold_lag_ns)); P(",");
+    P(F(struct fx_page, inflight_now)); P(","); P(F(struct fx_page, inflight_waits)); P(",");
+    P(F(struct fx_page, inflight_wait_ns));
     P("}}}");
 #undef P
     return buf;
 }
 
-/* A new segment, or one adopted after a restart: headers valid, every free slot at the defaults. */
-EXPORT void fx_seg_init(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, uint32_t device, int32_t daemon_pid,
-                        int adopt)
+/* A new table, or one adopted after a restart (valid magic): headers valid either way. */
+EXPORT void fx_table_init(struct fx_ctl_seg *ctl, uint32_t device, int32_t daemon_pid, int adopt)
 {
-    if (!adopt || ctl->magic != FX_GATE_MAGIC_CTL) {
+    if (!adopt || ctl->magic != FX_GATE_MAGIC_CTL || ctl->version != FX_GATE_VERSION) {
         memset(ctl, 0, sizeof *ctl);
         ctl->magic = FX_GATE_MAGIC_CTL;
         ctl->version = FX_GATE_VERSION;
@@ -92,12 +115,7 @@ EXPORT void fx_seg_init(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, uint32_t
         atomic_store(&ctl->pending_grace_ns, FX_DEFAULT_PENDING_GRACE_NS);
         for (int i = 0; i < FX_MAX_SLOTS; i++) atomic_store(&ctl->slots[i].max_hold_ns, FX_DEFAULT_MAX_HOLD_NS);
     }
-    if (!adopt || cli->magic != FX_GATE_MAGIC_CLI) {
-        memset(cli, 0, sizeof *cli);
-        cli->magic = FX_GATE_MAGIC_CLI;
-        cli->version = FX_GATE_VERSION;
-        cli->device = device;
-    }
+    atomic_store(&ctl->pending_levels, 0); /* recomputed from the clients the new daemon admits */
     atomic_store(&ctl->daemon_pid, daemon_pid);
     atomic_store(&ctl->heartbeat_ns, fx_now());
 }
@@ -122,15 +140,7 @@ EXPORT void fx_slot_write(struct fx_ctl_seg *ctl, int slot, uint32_t gate, uint3
 }
 
 /* Wakes every waiter so each re-evaluates its gate and budget. */
-EXPORT void fx_wake(struct fx_cli_seg *cli) { wake_all(cli); }
-
-/* Sets one slot's gate; wakes every waiter so each re-evaluates. */
-EXPORT void fx_gate_set(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, int slot, uint32_t gate, uint32_t priority,
-                        uint64_t max_hold_ns, uint32_t inflight_max, uint32_t owner)
-{
-    fx_slot_write(ctl, slot, gate, priority, max_hold_ns, inflight_max, owner);
-    wake_all(cli);
-}
+EXPORT void fx_wake(struct fx_ctl_seg *ctl) { wake_all(ctl, 1); }
 
 EXPORT void fx_defaults_set(struct fx_ctl_seg *ctl, uint32_t gate, uint32_t priority, uint64_t max_hold_ns)
 {
@@ -139,54 +149,178 @@ EXPORT void fx_defaults_set(struct fx_ctl_seg *ctl, uint32_t gate, uint32_t prio
     atomic_store(&ctl->default_max_hold_ns, max_hold_ns);
 }
 
-EXPORT void fx_grace_set(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, uint64_t grace_ns)
-{
-    atomic_store(&ctl->pending_grace_ns, grace_ns);
-    wake_all(cli); /* waiters re-evaluate against the new grace */
-}
+EXPORT void fx_grace_set(struct fx_ctl_seg *ctl, uint64_t grace_ns) { atomic_store(&ctl->pending_grace_ns, grace_ns); }
 
-EXPORT void fx_slot_admit(struct fx_ctl_seg *ctl, int slot, int32_t pid, uint32_t gen)
+/* Records who the daemon admitted into a slot (pid, uid from the kernel; role as declared). */
+EXPORT void fx_slot_admit(struct fx_ctl_seg *ctl, int slot, int32_t pid, uint32_t uid, uint32_t role,
+                          uint64_t start_time, uint32_t state)
 {
-    atomic_store(&ctl->slots[slot].gen, gen);
-    atomic_store(&ctl->slots[slot].pid, pid);
-}
-
-/* Frees a slot whose client is gone: drops any pending work it counted (so it holds nobody),
- * puts its gate back to the defaults, and lets the slot be claimed again. */
-EXPORT void fx_slot_free(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli, int slot)
-{
-    struct fx_cli_slot *c = &cli->slots[slot];
     struct fx_ctl_slot *s = &ctl->slots[slot];
-    atomic_store(&c->pending, 0);
-    if (atomic_exchange(&c->counted, 0))
-        atomic_fetch_sub(&cli->pending_levels, 1ULL << (8 * (atomic_load(&c->pending_level) & 7)));
+    atomic_fetch_add(&s->gen, 1);
+    atomic_store(&s->uid, uid);
+    atomic_store(&s->role, role);
+    atomic_store(&s->start_time, start_time);
+    atomic_store(&s->pid, pid);
+    atomic_store(&s->state, state);
+}
+
+/* Frees a slot whose client is gone: its gate back to the defaults, no identity. */
+EXPORT void fx_slot_free(struct fx_ctl_seg *ctl, int slot)
+{
+    struct fx_ctl_slot *s = &ctl->slots[slot];
+    atomic_store(&s->state, FX_SLOT_FREE);
     atomic_store(&s->pid, 0);
+    atomic_store(&s->uid, 0);
+    atomic_store(&s->role, 0);
+    atomic_store(&s->start_time, 0);
     atomic_store(&s->gate, atomic_load(&ctl->default_gate));
     atomic_store(&s->priority, atomic_load(&ctl->default_priority));
     atomic_store(&s->max_hold_ns, atomic_load(&ctl->default_max_hold_ns));
     atomic_store(&s->inflight_max, 0);
     atomic_store(&s->owner, FX_OWNER_NONE);
-    atomic_store(&c->pid, 0);
-    atomic_store(&c->state, FX_SLOT_FREE);
-    wake_all(cli);
 }
 
-/* Opens every gate and drops every budget (daemon shutdown): nobody is held by a daemon that
- * is going away. */
-EXPORT void fx_open_all(struct fx_ctl_seg *ctl, struct fx_cli_seg *cli)
+/* Opens every gate and drops every budget and priority hold (daemon shutdown): nobody is held
+ * by a daemon that is going away. */
+EXPORT void fx_open_all(struct fx_ctl_seg *ctl)
 {
     for (int i = 0; i < FX_MAX_SLOTS; i++) {
         atomic_store(&ctl->slots[i].changed_ns, fx_now());
         atomic_store(&ctl->slots[i].inflight_max, 0);
         atomic_store(&ctl->slots[i].gate, FX_GATE_OPEN);
     }
-    wake_all(cli);
+    atomic_store(&ctl->pending_levels, 0);
+    wake_all(ctl, 0);
 }
 
-/* Sleeps until a client claims a slot (claim_seq moves past seq) or timeout_ns passes. */
-EXPORT int fx_wait_claim(struct fx_cli_seg *cli, uint32_t seq, int64_t timeout_ns)
+/* ---- client pages */
+
+EXPORT void *fx_map(int fd, size_t size, int writable)
 {
-    struct timespec ts = {.tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL};
-    if (atomic_load(&cli->claim_seq) != seq) return 0;
-    return (int)syscall(SYS_futex, &cli->claim_seq, FUTEX_WAIT, seq, &ts, NULL, 0);
+    void *p = mmap(NULL, size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+EXPORT void fx_unmap(void *p, size_t size)
+{
+    if (p) munmap(p, size);
+}
+
+EXPORT void fx_page_init(struct fx_page *p, uint32_t slot)
+{
+    memset(p, 0, FX_PAGE_SIZE);
+    p->magic = FX_PAGE_MAGIC;
+    p->version = FX_GATE_VERSION;
+    p->slot = slot;
+}
+
+/* ---- the priority summary thread */
+
+struct fx_summary {
+    struct fx_ctl_seg *ctl;
+    pthread_mutex_t lock;             /* pages[] */
+    struct fx_page *pages[FX_MAX_SLOTS];
+    _Atomic uint32_t kick;            /* process-private futex word: the set of pages or a priority changed */
+    _Atomic int stop;
+    pthread_t thread;
+};
+
+/* Recomputes pending_levels from the clients' pages and the priorities the daemon set; wakes
+ * waiters when it changed. Fills w with the change words to sleep on. Returns how many, and
+ * in *next_ns the soonest a grace ends (0: none). */
+static int summary_pass(struct fx_summary *s, struct fx_waitv *w, uint64_t *next_ns)
+{
+    struct fx_ctl_seg *ctl = s->ctl;
+    uint64_t now = fx_now(), grace = atomic_load(&ctl->pending_grace_ns), levels = 0, next = 0;
+    int n = 0;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < FX_MAX_SLOTS; i++) {
+        struct fx_page *p = s->pages[i];
+        if (!p) continue;
+        /* the word first: a transition after this read ends the coming wait at once */
+        uint32_t seq = atomic_load(&p->change_seq);
+        w[n++] = (struct fx_waitv){.val = seq, .uaddr = (uint64_t)(uintptr_t)&p->change_seq, .flags = FUTEX2_SIZE_U32};
+        uint64_t left;
+        if (fx_page_counts(atomic_load(&p->pending), atomic_load(&p->idle_since_ns), now, grace, &left)) {
+            levels += fx_level_one(atomic_load(&ctl->slots[i].priority));
+            if (left && (!next || left < next)) next = left;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    atomic_fetch_add_explicit(&ctl->summaries, 1, memory_order_relaxed);
+    if (atomic_exchange(&ctl->pending_levels, levels) != levels) wake_all(ctl, 0);
+    *next_ns = next;
+    return n;
+}
+
+static void *summary_main(void *arg)
+{
+    struct fx_summary *s = arg;
+    struct fx_waitv w[FX_MAX_SLOTS + 1];
+    while (!atomic_load(&s->stop)) {
+        uint32_t kick = atomic_load(&s->kick);
+        uint64_t next;
+        int n = summary_pass(s, w, &next);
+        w[n++] = (struct fx_waitv){.val = kick, .uaddr = (uint64_t)(uintptr_t)&s->kick,
+                                   .flags = FUTEX2_SIZE_U32 | FUTEX2_PRIVATE};
+        uint64_t until = fx_now() + (next ? next : 100000000ULL); /* at least every 100 ms */
+        struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ULL), .tv_nsec = (long)(until % 1000000000ULL)};
+        syscall(SYS_futex_waitv, w, n, 0, &ts, CLOCK_MONOTONIC);
+    }
+    return NULL;
+}
+
+EXPORT struct fx_summary *fx_summary_start(struct fx_ctl_seg *ctl)
+{
+    struct fx_summary *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->ctl = ctl;
+    pthread_mutex_init(&s->lock, NULL);
+    if (pthread_create(&s->thread, NULL, summary_main, s) != 0) {
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* Re-reads everything now: a page came or went, a priority or the grace changed. */
+EXPORT void fx_summary_kick(struct fx_summary *s)
+{
+    atomic_fetch_add(&s->kick, 1);
+    syscall(SYS_futex, &s->kick, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+/* A client's page (NULL: none) for a slot. After it returns with NULL the thread no longer
+ * reads the old page, so the caller may unmap it. */
+EXPORT void fx_summary_set(struct fx_summary *s, int slot, struct fx_page *page)
+{
+    pthread_mutex_lock(&s->lock);
+    s->pages[slot] = page;
+    pthread_mutex_unlock(&s->lock);
+    fx_summary_kick(s);
+}
+
+EXPORT void fx_summary_stop(struct fx_summary *s)
+{
+    if (!s) return;
+    atomic_store(&s->stop, 1);
+    fx_summary_kick(s);
+    pthread_join(s->thread, NULL);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+}
+
+/* Has the summary thread counted what the pages say now? (tests; the daemon's heartbeat) */
+EXPORT uint64_t fx_summary_levels(struct fx_summary *s)
+{
+    uint64_t levels = 0, now = fx_now(), grace = atomic_load(&s->ctl->pending_grace_ns);
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < FX_MAX_SLOTS; i++) {
+        struct fx_page *p = s->pages[i];
+        uint64_t left;
+        if (p && fx_page_counts(atomic_load(&p->pending), atomic_load(&p->idle_since_ns), now, grace, &left))
+            levels += fx_level_one(atomic_load(&s->ctl->slots[i].priority));
+    }
+    pthread_mutex_unlock(&s->lock);
+    return levels;
 }

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -27,8 +28,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -65,10 +68,15 @@ struct fx_inflight { /* the in-flight budget's view of this process's work on on
 
 struct fx_att { /* this process's attachment to one physical device's gate */
     int dev;
-    const struct fx_ctl_seg *ctl;
-    struct fx_cli_seg *cli;
-    const struct fx_ctl_slot *g;
-    struct fx_cli_slot *me;
+    /* Switched to g_open when the daemon goes and to a new table when it comes back; old maps
+     * are never unmapped, so a thread still reading through an old pointer is safe. */
+    const struct fx_ctl_seg *_Atomic ctl;
+    const struct fx_ctl_slot *_Atomic g;
+    struct fx_page *_Atomic me;
+    int sock;               /* the admission connection; its hang-up says the daemon is gone */
+    _Atomic int gone;       /* the daemon went: every gate open until a reconnect */
+    uint64_t last_probe_ns; /* last look at the connection from a sync (at most once a second) */
+    uint64_t last_try_ns;   /* last reconnect attempt */
     struct fx_inflight inf;
 };
 
@@ -89,10 +97,6 @@ static _Atomic uint64_t g_held[FX_MAX_DEVICES];
 static uint64_t g_last_attach_try_ns[FX_MAX_DEVICES];
 static bool g_said_no_gate[FX_MAX_DEVICES]; /* "running without a gate" is said once per device */
 static char g_rundir[256] = "/run/flexnpu";
-
-static const uint64_t fx_above_mask[FX_PRIO_LEVELS] = {
-    ~0ULL << 8, ~0ULL << 16, ~0ULL << 24, ~0ULL << 32, ~0ULL << 40, ~0ULL << 48, ~0ULL << 56, 0,
-};
 
 static void fx_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void fx_debug(const char *fmt, ...)
@@ -140,16 +144,108 @@ static int fx_current_phys(void)
     return g_nmap > 0 ? g_map[t_vdev] : t_vdev;
 }
 
-static void fx_wake_waiters(struct fx_cli_seg *cli)
-{
-    atomic_fetch_add_explicit(&cli->wake_seq, 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&cli->waiters, memory_order_seq_cst))
-        syscall(SYS_futex, &cli->wake_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
-}
-
 /* ---------------------------------------------------------------- attach */
 
-/* Maps device dev's gate segment and claims a slot. Caller holds g_lock. */
+static const struct fx_ctl_seg g_open; /* what a client of a gone daemon reads: all open, nothing pending */
+
+/* Connects to device dev's admission socket and asks to be admitted. On success: the gate
+ * table mapped read-only, this process's page mapped read-write, the connection kept. The
+ * daemon learns who we are from the kernel; what we send is only our role. */
+static int fx_connect(int dev, const struct fx_ctl_seg **ctl_out, struct fx_page **page_out, int *sock_out,
+                      uint32_t *slot_out)
+{
+    char path[320];
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/gate-%d.sock", g_rundir, dev);
+    snprintf(path, sizeof path, "%s/gate-%d.sock", g_rundir, dev);
+    if (n < 0 || (size_t)n >= sizeof sa.sun_path) {
+        if (!g_said_no_gate[dev]) fx_error("device %d: %s is too long a path; running without a gate", dev, path);
+        g_said_no_gate[dev] = true;
+        return -1;
+    }
+    int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (s < 0) return -1;
+    if (connect(s, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        int e = errno;
+        close(s);
+        if (e == EACCES || e == EPERM) {
+            if (!g_said_no_gate[dev])
+                fx_error("permission denied: the gate of device %d is for root and the flexnpu group; "
+                         "running without a gate", dev);
+        } else if (!g_said_no_gate[dev]) {
+            /* retried at most once a second (a daemon may start later); said only the first time */
+            fx_debug("no forwarding daemon for device %d (%s: %s); running without a gate", dev, path, strerror(e));
+        }
+        g_said_no_gate[dev] = true;
+        return -1;
+    }
+    struct timeval tv = {.tv_sec = 2}; /* a daemon that does not answer must not hang the program */
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct fx_hello hello = {.magic = FX_HELLO_MAGIC, .version = FX_GATE_VERSION, .role = g_role};
+    struct fx_welcome w;
+    memset(&w, 0, sizeof w);
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(2 * sizeof(int))];
+    } cm;
+    struct iovec iov = {.iov_base = &w, .iov_len = sizeof w};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf};
+    ssize_t got = -1;
+    if (send(s, &hello, sizeof hello, MSG_NOSIGNAL) == (ssize_t)sizeof hello)
+        got = recvmsg(s, &mh, MSG_CMSG_CLOEXEC);
+    int fds[2] = {-1, -1};
+    struct cmsghdr *c = got > 0 ? CMSG_FIRSTHDR(&mh) : NULL;
+    if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+        size_t nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        memcpy(fds, CMSG_DATA(c), (nfd < 2 ? nfd : 2) * sizeof(int));
+        for (size_t k = 2; k < nfd; k++) close(((int *)CMSG_DATA(c))[k]);
+    }
+    const struct fx_ctl_seg *ctl = MAP_FAILED;
+    struct fx_page *page = MAP_FAILED;
+    bool ok = got >= (ssize_t)sizeof w - (ssize_t)sizeof w.reason && w.magic == FX_WELCOME_MAGIC;
+    if (ok && w.status != 0) {
+        w.reason[sizeof w.reason - 1] = 0;
+        if (!g_said_no_gate[dev]) fx_error("%s; running without a gate", w.reason);
+        g_said_no_gate[dev] = true;
+        ok = false;
+    } else if (!ok) {
+        if (!g_said_no_gate[dev])
+            fx_error("device %d: no answer from the forwarding daemon at %s (%s); running without a gate", dev, path,
+                     got < 0 ? strerror(errno) : "bad reply");
+        g_said_no_gate[dev] = true;
+    } else if (fds[0] < 0 || fds[1] < 0 || w.version != FX_GATE_VERSION) {
+        if (!g_said_no_gate[dev])
+            fx_debug("device %d: gate of another version; running without a gate", dev);
+        g_said_no_gate[dev] = true;
+        ok = false;
+    }
+    struct stat cst, pst;
+    if (ok && (fstat(fds[0], &cst) != 0 || fstat(fds[1], &pst) != 0 ||
+               cst.st_size < (off_t)sizeof(struct fx_ctl_seg) || pst.st_size < FX_PAGE_SIZE))
+        ok = false;
+    if (ok) ctl = mmap(NULL, sizeof *ctl, PROT_READ, MAP_SHARED, fds[0], 0);
+    if (ok) page = mmap(NULL, FX_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
+    for (int k = 0; k < 2; k++)
+        if (fds[k] >= 0) close(fds[k]);
+    if (ok && (ctl == MAP_FAILED || page == MAP_FAILED || ctl->magic != FX_GATE_MAGIC_CTL ||
+               ctl->version != FX_GATE_VERSION || page->magic != FX_PAGE_MAGIC || w.slot >= FX_MAX_SLOTS ||
+               page->slot != w.slot))
+        ok = false;
+    if (!ok) {
+        if (ctl != MAP_FAILED) munmap((void *)ctl, sizeof *ctl);
+        if (page != MAP_FAILED) munmap(page, FX_PAGE_SIZE);
+        close(s);
+        return -1;
+    }
+    *ctl_out = ctl;
+    *page_out = page;
+    *sock_out = s;
+    *slot_out = w.slot;
+    return 0;
+}
+
+/* Maps device dev's gate: admission by its daemon. Caller holds g_lock. */
 static struct fx_att *fx_attach_locked(int dev)
 {
     struct fx_att *a = atomic_load(&g_att[dev]);
@@ -157,70 +253,99 @@ static struct fx_att *fx_attach_locked(int dev)
     uint64_t now = fx_now();
     if (g_last_attach_try_ns[dev] && now - g_last_attach_try_ns[dev] < 1000000000ULL) return NULL;
     g_last_attach_try_ns[dev] = now;
-    char path[320];
-    snprintf(path, sizeof path, "%s/gate-%d.ctl", g_rundir, dev);
-    int cfd = open(path, O_RDONLY | O_CLOEXEC);
-    snprintf(path, sizeof path, "%s/gate-%d.cli", g_rundir, dev);
-    int lfd = cfd >= 0 ? open(path, O_RDWR | O_CLOEXEC) : -1;
-    if (cfd < 0 || lfd < 0) {
-        /* retried at most once a second (a daemon may start later); said only the first time */
-        if (!g_said_no_gate[dev])
-            fx_debug("no forwarding daemon for device %d (%s/gate-%d.*: %s); running without a gate", dev, g_rundir,
-                     dev, strerror(errno));
-        g_said_no_gate[dev] = true;
-        if (cfd >= 0) close(cfd);
-        return NULL;
-    }
-    /* a file shorter than its segment (a daemon between creating and sizing it) would
-     * fault on first touch: treat it as no segment */
-    struct stat cst, lst;
-    bool sized = fstat(cfd, &cst) == 0 && fstat(lfd, &lst) == 0 &&
-                 cst.st_size >= (off_t)sizeof(struct fx_ctl_seg) && lst.st_size >= (off_t)sizeof(struct fx_cli_seg);
-    const struct fx_ctl_seg *ctl = sized ? mmap(NULL, sizeof *ctl, PROT_READ, MAP_SHARED, cfd, 0) : MAP_FAILED;
-    struct fx_cli_seg *cli = sized ? mmap(NULL, sizeof *cli, PROT_READ | PROT_WRITE, MAP_SHARED, lfd, 0) : MAP_FAILED;
-    close(cfd);
-    close(lfd);
-    if (ctl == MAP_FAILED || cli == MAP_FAILED || ctl->magic != FX_GATE_MAGIC_CTL || cli->magic != FX_GATE_MAGIC_CLI ||
-        ctl->version != FX_GATE_VERSION || cli->version != FX_GATE_VERSION) {
-        if (!g_said_no_gate[dev])
-            fx_debug("device %d: gate segment missing or of another version; running without a gate", dev);
-        g_said_no_gate[dev] = true;
-        if (ctl != MAP_FAILED) munmap((void *)ctl, sizeof *ctl);
-        if (cli != MAP_FAILED) munmap(cli, sizeof *cli);
-        return NULL;
-    }
-    int slot = -1;
-    for (int i = 0; i < FX_MAX_SLOTS && slot < 0; i++) {
-        uint32_t freev = FX_SLOT_FREE;
-        if (atomic_compare_exchange_strong(&cli->slots[i].state, &freev, FX_SLOT_CLAIMED)) slot = i;
-    }
-    if (slot < 0) {
-        fx_error("device %d: all %d gate slots are taken; running without a gate", dev, FX_MAX_SLOTS);
-        munmap((void *)ctl, sizeof *ctl);
-        munmap(cli, sizeof *cli);
-        return NULL;
-    }
-    struct fx_cli_slot *me = &cli->slots[slot];
-    /* counters start from zero for each claim; the daemon reads them after it sees the claim */
-    uint32_t gen = atomic_load(&me->gen);
-    memset((char *)me + offsetof(struct fx_cli_slot, pending), 0,
-           sizeof *me - offsetof(struct fx_cli_slot, pending));
-    atomic_store(&me->pid, getpid());
-    atomic_store(&me->role, g_role);
-    atomic_store(&me->claimed_ns, now);
-    atomic_store(&me->gen, gen + 1);
-    atomic_fetch_add(&cli->claim_seq, 1);
-    syscall(SYS_futex, &cli->claim_seq, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+    const struct fx_ctl_seg *ctl;
+    struct fx_page *page;
+    int sock;
+    uint32_t slot;
+    if (fx_connect(dev, &ctl, &page, &sock, &slot) != 0) return NULL;
     a = calloc(1, sizeof *a);
+    if (!a) return NULL;
     pthread_mutex_init(&a->inf.lock, NULL);
     a->dev = dev;
-    a->ctl = ctl;
-    a->cli = cli;
-    a->g = &ctl->slots[slot];
-    a->me = me;
+    a->sock = sock;
+    a->last_probe_ns = now;
+    atomic_store(&a->ctl, ctl);
+    atomic_store(&a->g, &ctl->slots[slot]);
+    atomic_store(&a->me, page);
     atomic_store(&g_att[dev], a);
-    fx_debug("device %d: gate slot %d (role %u)", dev, slot, g_role);
+    fx_debug("device %d: admitted into gate slot %u (role %u)", dev, slot, g_role);
     return a;
+}
+
+static inline const struct fx_ctl_slot *fx_g(const struct fx_att *a)
+{
+    return atomic_load_explicit(&a->g, memory_order_relaxed);
+}
+static inline const struct fx_ctl_seg *fx_ctl(const struct fx_att *a)
+{
+    return atomic_load_explicit(&a->ctl, memory_order_relaxed);
+}
+static inline struct fx_page *fx_me(const struct fx_att *a)
+{
+    return atomic_load_explicit(&a->me, memory_order_relaxed);
+}
+
+/* Tells the daemon's summary thread that this client's pending/idle state changed. At most
+ * twice an iteration (first dispatch, the sync that ends it), never per call. */
+static void fx_notify(struct fx_page *me)
+{
+    atomic_fetch_add_explicit(&me->change_seq, 1, memory_order_seq_cst);
+    syscall(SYS_futex, &me->change_seq, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* The daemon is gone (its connection hung up): every gate of this device opens now. */
+static void fx_daemon_gone(struct fx_att *a)
+{
+    pthread_mutex_lock(&g_lock);
+    if (!atomic_load(&a->gone)) {
+        atomic_store(&a->g, &g_open.slots[0]);
+        atomic_store(&a->ctl, &g_open);
+        if (a->sock >= 0) close(a->sock);
+        a->sock = -1;
+        a->last_try_ns = fx_now();
+        atomic_store(&a->gone, 1);
+        fx_debug("device %d: the forwarding daemon is gone; running without a gate until it is back", a->dev);
+    }
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* Whether the daemon's connection still stands (a poll, no wait). */
+static bool fx_probe(struct fx_att *a)
+{
+    if (atomic_load_explicit(&a->gone, memory_order_relaxed)) return false;
+    struct pollfd p = {.fd = a->sock, .events = POLLIN};
+    if (poll(&p, 1, 0) == 0) return true;
+    fx_daemon_gone(a); /* it never writes after the welcome: anything readable is its hang-up */
+    return false;
+}
+
+/* A gone daemon may be back (restarted): ask to be admitted again, at most once a second.
+ * The new page gets this client's counters so far. */
+static void fx_reattach(struct fx_att *a, uint64_t now)
+{
+    pthread_mutex_lock(&g_lock);
+    if (atomic_load(&a->gone) && now - a->last_try_ns >= 1000000000ULL) {
+        a->last_try_ns = now;
+        const struct fx_ctl_seg *ctl;
+        struct fx_page *page;
+        int sock;
+        uint32_t slot;
+        g_said_no_gate[a->dev] = true; /* a restart's refusals go to the debug log only */
+        if (fx_connect(a->dev, &ctl, &page, &sock, &slot) == 0) {
+            struct fx_page *old = fx_me(a);
+            size_t from = offsetof(struct fx_page, ops);
+            memcpy((char *)page + from, (char *)old + from, sizeof *page - from);
+            atomic_store(&page->iter_start_ns, 0);
+            a->sock = sock;
+            a->last_probe_ns = now;
+            atomic_store(&a->me, page);
+            atomic_store(&a->ctl, ctl);
+            atomic_store(&a->g, &ctl->slots[slot]);
+            atomic_store(&a->gone, 0);
+            fx_debug("device %d: admitted again into gate slot %u", a->dev, slot);
+        }
+    }
+    pthread_mutex_unlock(&g_lock);
 }
 
 static void fx_select_device(int phys)
@@ -248,77 +373,40 @@ static void fx_use_device(int vdev, int phys, void *ctx)
 
 static inline bool fx_gate_open(const struct fx_att *a)
 {
-    uint32_t gate = atomic_load_explicit(&a->g->gate, memory_order_acquire);
-    uint32_t prio = atomic_load_explicit(&a->g->priority, memory_order_relaxed) & (FX_PRIO_LEVELS - 1);
-    uint64_t pending = atomic_load_explicit(&a->cli->pending_levels, memory_order_relaxed);
-    return gate == FX_GATE_OPEN && (pending & fx_above_mask[prio]) == 0;
+    const struct fx_ctl_slot *g = fx_g(a);
+    uint32_t gate = atomic_load_explicit(&g->gate, memory_order_acquire);
+    uint32_t prio = atomic_load_explicit(&g->priority, memory_order_relaxed);
+    uint64_t levels = atomic_load_explicit(&fx_ctl(a)->pending_levels, memory_order_relaxed);
+    return gate == FX_GATE_OPEN && !fx_levels_hold(levels, prio);
 }
 
-static void fx_count_level(struct fx_att *a, struct fx_cli_slot *c, uint32_t lvl)
+/* Whether the daemon is there: its connection stands and its heartbeat is fresh. */
+static bool fx_daemon_alive(struct fx_att *a, uint64_t now)
 {
-    uint32_t zero = 0;
-    if (atomic_compare_exchange_strong(&c->counted, &zero, 1)) {
-        atomic_store(&c->pending_level, lvl);
-        atomic_fetch_add(&a->cli->pending_levels, 1ULL << (8 * lvl));
-    }
-}
-
-/* Uncounts higher-priority clients that synced more than the grace ago and have not
- * dispatched since. Returns ns until the next such client's grace ends (0: none waiting). */
-static uint64_t fx_uncount_idle(struct fx_att *a, uint64_t now)
-{
-    uint64_t grace = atomic_load(&a->ctl->pending_grace_ns), next = 0;
-    uint32_t mine = atomic_load(&a->g->priority) & (FX_PRIO_LEVELS - 1);
-    for (int i = 0; i < FX_MAX_SLOTS; i++) {
-        struct fx_cli_slot *c = &a->cli->slots[i];
-        if (c == a->me || !atomic_load(&c->counted) || atomic_load(&c->pending)) continue;
-        uint32_t lvl = atomic_load(&c->pending_level);
-        if (lvl <= mine) continue;
-        uint64_t idle = atomic_load(&c->idle_since_ns);
-        if (idle && now - idle < grace) {
-            uint64_t left = grace - (now - idle);
-            if (!next || left < next) next = left;
-            continue;
-        }
-        uint32_t one = 1;
-        if (!atomic_compare_exchange_strong(&c->counted, &one, 0)) continue;
-        atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * lvl));
-        /* it may have dispatched as we uncounted it: then it is counted again (by it or us) */
-        if (atomic_load(&c->pending)) {
-            uint32_t zero = 0;
-            if (atomic_compare_exchange_strong(&c->counted, &zero, 1))
-                atomic_fetch_add(&a->cli->pending_levels, 1ULL << (8 * lvl));
-        }
-    }
-    return next;
-}
-
-static bool fx_daemon_alive(const struct fx_att *a, uint64_t now)
-{
-    uint64_t hb = atomic_load_explicit(&a->ctl->heartbeat_ns, memory_order_relaxed);
-    return hb != 0 && now - hb < (uint64_t)FX_HEARTBEAT_STALE_NS;
+    uint64_t hb = atomic_load_explicit(&fx_ctl(a)->heartbeat_ns, memory_order_relaxed);
+    return hb != 0 && now - hb < (uint64_t)FX_HEARTBEAT_STALE_NS && fx_probe(a);
 }
 
 static void fx_gate_wait(struct fx_att *a)
 {
-    struct fx_cli_slot *me = a->me;
+    struct fx_page *me = fx_me(a);
     if (atomic_load_explicit(&me->released, memory_order_relaxed)) return; /* max_hold let it go */
     uint64_t t0 = fx_now();
     if (!fx_daemon_alive(a, t0)) return; /* fail open */
-    fx_uncount_idle(a, t0); /* a higher client idle past its grace holds nobody */
     if (fx_gate_open(a)) return;
-    bool was_closed = atomic_load(&a->g->gate) != FX_GATE_OPEN;
+    const struct fx_ctl_slot *g = fx_g(a);
+    const struct fx_ctl_seg *ctl = fx_ctl(a);
+    bool was_closed = atomic_load(&g->gate) != FX_GATE_OPEN;
     if (was_closed) {
-        uint64_t changed = atomic_load(&a->g->changed_ns);
+        uint64_t changed = atomic_load(&g->changed_ns);
         if (changed && t0 > changed) atomic_store(&me->last_hold_lag_ns, t0 - changed);
     }
-    uint64_t max_hold = atomic_load(&a->g->max_hold_ns);
+    uint64_t max_hold = atomic_load(&g->max_hold_ns);
     atomic_fetch_add(&me->waiting, 1);
     atomic_fetch_add(&me->gate_waits, 1);
     for (;;) {
-        uint32_t seq = atomic_load_explicit(&a->cli->wake_seq, memory_order_seq_cst);
+        uint32_t seq = atomic_load_explicit(&ctl->wake_seq, memory_order_seq_cst);
         uint64_t now = fx_now(), held = now - t0;
-        uint64_t grace_left = fx_uncount_idle(a, now);
         if (fx_gate_open(a)) break;
         if (held >= max_hold) {
             atomic_store(&me->released, 1);
@@ -327,18 +415,16 @@ static void fx_gate_wait(struct fx_att *a)
         }
         if (!fx_daemon_alive(a, now)) break;
         uint64_t slice = max_hold - held;
-        if (slice > 100000000ULL) slice = 100000000ULL; /* recheck the daemon's heartbeat */
-        if (grace_left && grace_left < slice) slice = grace_left; /* a holder's grace ends then */
+        if (slice > FX_WAIT_SLICE_NS) slice = FX_WAIT_SLICE_NS; /* look for the daemon again then */
         struct timespec ts = {.tv_sec = (time_t)(slice / 1000000000ULL), .tv_nsec = (long)(slice % 1000000000ULL)};
-        atomic_fetch_add_explicit(&a->cli->waiters, 1, memory_order_seq_cst);
-        if (atomic_load_explicit(&a->cli->wake_seq, memory_order_seq_cst) == seq && !fx_gate_open(a))
-            syscall(SYS_futex, &a->cli->wake_seq, FUTEX_WAIT, seq, &ts, NULL, 0);
-        atomic_fetch_sub_explicit(&a->cli->waiters, 1, memory_order_seq_cst);
+        /* the table is mapped read-only: a FUTEX_WAIT only reads the word */
+        if (atomic_load_explicit(&ctl->wake_seq, memory_order_seq_cst) == seq && !fx_gate_open(a))
+            syscall(SYS_futex, &ctl->wake_seq, FUTEX_WAIT, seq, &ts, NULL, 0);
     }
     uint64_t t1 = fx_now();
     atomic_fetch_add(&me->gate_wait_ns, t1 - t0);
-    if (was_closed && atomic_load(&a->g->gate) == FX_GATE_OPEN) {
-        uint64_t changed = atomic_load(&a->g->changed_ns);
+    if (was_closed && atomic_load(&g->gate) == FX_GATE_OPEN) {
+        uint64_t changed = atomic_load(&g->changed_ns);
         if (changed > t0 && t1 > changed) atomic_store(&me->last_release_lag_ns, t1 - changed);
     }
     atomic_fetch_sub(&me->waiting, 1);
@@ -349,17 +435,12 @@ static inline void fx_gate_at(struct fx_att *a)
 {
     if (!a) return;
     if (__builtin_expect(!fx_gate_open(a), 0)) fx_gate_wait(a);
-    struct fx_cli_slot *me = a->me;
+    struct fx_page *me = fx_me(a);
     if (__builtin_expect(!atomic_load_explicit(&me->pending, memory_order_relaxed), 0)) {
-        /* first work since the last sync: count it at this client's priority level, unless
-         * its level is still counted from the last iteration (within the grace) */
+        /* first work since the last sync: the daemon counts it at the priority it set */
         if (!atomic_exchange(&me->pending, 1)) {
-            uint32_t lvl = atomic_load(&a->g->priority) & (FX_PRIO_LEVELS - 1);
-            if (atomic_load(&me->counted) && atomic_load(&me->pending_level) != lvl &&
-                atomic_exchange(&me->counted, 0)) /* its priority changed: count it afresh */
-                atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&me->pending_level)));
-            if (!atomic_load(&me->counted)) fx_count_level(a, me, lvl);
             atomic_store_explicit(&me->iter_start_ns, fx_now(), memory_order_relaxed);
+            fx_notify(me);
         }
     }
 }
@@ -373,7 +454,7 @@ static inline void fx_count(int op, uint64_t bytes, int dir)
 {
     struct fx_att *a = fx_current();
     if (!a) return;
-    struct fx_cli_slot *me = a->me;
+    struct fx_page *me = fx_me(a);
     atomic_fetch_add_explicit(&me->ops[op], 1, memory_order_relaxed);
     if (bytes) {
         if (op == FX_OP_MEMSET || op == FX_OP_MEMSET_ASYNC)
@@ -394,22 +475,29 @@ static void fx_sync_done(int kind, void *stream, bool ok)
         if (phys >= 0) fx_select_device(phys);
         return;
     }
-    struct fx_cli_slot *me = a->me;
+    struct fx_page *me = fx_me(a);
     atomic_fetch_add_explicit(&me->ops[FX_OP_SYNC], 1, memory_order_relaxed);
     atomic_store_explicit(&me->released, 0, memory_order_relaxed);
     if (ok && atomic_load_explicit(&a->inf.active, memory_order_relaxed)) fx_inflight_synced(a, kind, stream);
-    if (atomic_exchange(&me->pending, 0)) {
-        uint64_t now = fx_now(), start = atomic_load(&me->iter_start_ns);
-        atomic_fetch_add(&me->iterations, 1);
-        if (start && now > start) {
-            atomic_fetch_add(&me->iter_ns_total, now - start);
-            atomic_store(&me->iter_ns_last, now - start);
-        }
-        /* its level stays counted for the grace; a waiter uncounts it after that */
+    uint64_t now = fx_now();
+    if (atomic_load(&me->pending)) {
+        /* the idle stamp before the flag: the daemon never sees idle work without its grace */
         atomic_store(&me->idle_since_ns, now);
-        if (atomic_load(&a->ctl->pending_grace_ns) == 0 && atomic_exchange(&me->counted, 0))
-            atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&me->pending_level)));
-        fx_wake_waiters(a->cli);
+        if (atomic_exchange(&me->pending, 0)) {
+            uint64_t start = atomic_load(&me->iter_start_ns);
+            atomic_fetch_add(&me->iterations, 1);
+            if (start && now > start) {
+                atomic_fetch_add(&me->iter_ns_total, now - start);
+                atomic_store(&me->iter_ns_last, now - start);
+            }
+            fx_notify(me); /* its level stays counted for the grace; the daemon drops it after */
+        }
+    }
+    /* is the daemon still there (a restart is seen here if no call was ever held)? */
+    if (atomic_load_explicit(&a->gone, memory_order_relaxed)) fx_reattach(a, now);
+    else if (now - a->last_probe_ns >= 1000000000ULL) {
+        a->last_probe_ns = now;
+        fx_probe(a);
     }
 }
 
@@ -490,9 +578,10 @@ static void fx_alloc_done(void *ptr, uint64_t size, int dev)
     uint64_t held = atomic_load(&g_held[dev]);
     struct fx_att *a = atomic_load(&g_att[dev]);
     if (a) {
-        atomic_fetch_add(&a->me->ops[FX_OP_ALLOC], 1);
-        atomic_store(&a->me->mem_held, held);
-        if (held > atomic_load(&a->me->mem_peak)) atomic_store(&a->me->mem_peak, held);
+        struct fx_page *me = fx_me(a);
+        atomic_fetch_add(&me->ops[FX_OP_ALLOC], 1);
+        atomic_store(&me->mem_held, held);
+        if (held > atomic_load(&me->mem_peak)) atomic_store(&me->mem_peak, held);
     }
 }
 
@@ -506,8 +595,8 @@ static void fx_free_done(void *ptr)
     uint64_t held = atomic_fetch_sub(&g_held[al.dev], al.size) - al.size;
     struct fx_att *a = atomic_load(&g_att[al.dev]);
     if (a) {
-        atomic_fetch_add(&a->me->ops[FX_OP_FREE], 1);
-        atomic_store(&a->me->mem_held, held);
+        atomic_fetch_add(&fx_me(a)->ops[FX_OP_FREE], 1);
+        atomic_store(&fx_me(a)->mem_held, held);
     }
 }
 
@@ -728,8 +817,11 @@ static uint64_t fx_parse_size(const char *s, bool *ok)
 
 static void fx_after_fork_child(void)
 {
-    /* the child is another client: it registers afresh if it uses a device */
+    /* the child is another client: it is admitted afresh if it uses a device; the parent's
+     * connection is not its to keep (the daemon would take its hang-up for the parent's) */
     for (int i = 0; i < FX_MAX_DEVICES; i++) {
+        struct fx_att *a = atomic_load(&g_att[i]);
+        if (a && a->sock >= 0) close(a->sock);
         atomic_store(&g_att[i], NULL);
         g_last_attach_try_ns[i] = 0;
         g_said_no_gate[i] = false;
@@ -783,10 +875,8 @@ __attribute__((destructor)) static void fx_fini(void)
     for (int i = 0; i < FX_MAX_DEVICES; i++) {
         struct fx_att *a = atomic_load(&g_att[i]);
         if (!a) continue;
-        atomic_store(&a->me->pending, 0);
-        if (atomic_exchange(&a->me->counted, 0)) {
-            atomic_fetch_sub(&a->cli->pending_levels, 1ULL << (8 * atomic_load(&a->me->pending_level)));
-            fx_wake_waiters(a->cli);
-        }
+        struct fx_page *me = fx_me(a);
+        atomic_store(&me->idle_since_ns, 0);
+        if (atomic_exchange(&me->pending, 0)) fx_notify(me);
     }
 }

@@ -88,7 +88,7 @@ static void fx_inflight_publish(struct fx_att *a)
 {
     uint64_t s = atomic_load_explicit(&a->inf.seq, memory_order_relaxed);
     uint64_t d = atomic_load_explicit(&a->inf.done_seq, memory_order_relaxed);
-    atomic_store_explicit(&a->me->inflight_now, s > d ? s - d : 0, memory_order_relaxed);
+    atomic_store_explicit(&fx_me(a)->inflight_now, s > d ? s - d : 0, memory_order_relaxed);
 }
 
 /* Pops finished entries from the head. Caller holds inf.lock. */
@@ -154,7 +154,7 @@ static inline uint64_t fx_inflight_outstanding(const struct fx_att *a)
  * or the daemon's heartbeat is stale. */
 static void fx_inflight_wait(struct fx_att *a, uint32_t budget, void *stream)
 {
-    struct fx_cli_slot *me = a->me;
+    struct fx_page *me = fx_me(a);
     struct fx_inflight *f = &a->inf;
     if (atomic_load_explicit(&me->released, memory_order_relaxed) || !fx_inflight_api()) return;
     pthread_mutex_lock(&f->lock);
@@ -163,12 +163,12 @@ static void fx_inflight_wait(struct fx_att *a, uint32_t budget, void *stream)
     if (fx_inflight_outstanding(a) < budget) return;
     uint64_t t0 = fx_now();
     if (!fx_daemon_alive(a, t0)) return; /* fail open */
-    uint64_t max_hold = atomic_load(&a->g->max_hold_ns);
+    uint64_t max_hold = atomic_load(&fx_g(a)->max_hold_ns);
     atomic_fetch_add(&me->inflight_waits, 1);
     for (;;) {
         pthread_mutex_lock(&f->lock);
         fx_inflight_poll_locked(a);
-        budget = atomic_load_explicit(&a->g->inflight_max, memory_order_relaxed);
+        budget = atomic_load_explicit(&fx_g(a)->inflight_max, memory_order_relaxed);
         bool go = budget == 0 || fx_inflight_outstanding(a) < budget;
         /* outstanding launches but no event after them (fewer than a stride since the last):
          * record one now so there is something to wait on */
@@ -204,7 +204,7 @@ static void fx_inflight_wait(struct fx_att *a, uint32_t budget, void *stream)
 static inline uint32_t fx_budget(struct fx_att *a, void *stream)
 {
     if (!a) return 0;
-    uint32_t budget = atomic_load_explicit(&a->g->inflight_max, memory_order_relaxed);
+    uint32_t budget = atomic_load_explicit(&fx_g(a)->inflight_max, memory_order_relaxed);
     if (__builtin_expect(budget != 0, 0) && fx_inflight_outstanding(a) >= budget)
         fx_inflight_wait(a, budget, stream);
     return budget;
@@ -216,7 +216,7 @@ static inline void fx_inflight_dispatched(struct fx_att *a, uint32_t budget, voi
 {
     struct fx_inflight *f = &a->inf;
     uint64_t s = atomic_fetch_add_explicit(&f->seq, 1, memory_order_relaxed) + 1;
-    atomic_store_explicit(&a->me->inflight_now, s - atomic_load_explicit(&f->done_seq, memory_order_relaxed),
+    atomic_store_explicit(&fx_me(a)->inflight_now, s - atomic_load_explicit(&f->done_seq, memory_order_relaxed),
                           memory_order_relaxed);
     uint64_t stride = budget / 2 ? budget / 2 : 1;
     if (__builtin_expect(stream != f->last_stream || !atomic_load_explicit(&f->active, memory_order_relaxed), 0) ||

@@ -1,0 +1,250 @@
+"""Gate settings of a device's clients: owners, the controller's lease, the defaults, and the
+record of what the daemon last wrote (so the heartbeat notices a table written behind its
+back, which only root can do; docs/security.md).
+
+Every client's settings have an owner: none (the device defaults), the controller, or manual.
+A manual setting overrides anything and holds until released. The controller holds a lease;
+when it runs out every controller-owned setting reverts to the defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from flexnpu.forward import protocol
+from flexnpu.forward.admission import Client, Registry
+from flexnpu.forward.gate import GATE_OPEN, SLOT_FREE, GateTable, SummaryThread, now_ns
+
+log = logging.getLogger("flexnpu.daemon")
+
+DRIFT_KEYS = ("gate", "priority", "max_hold_ns", "inflight_max", "owner", "pid", "uid", "role", "state")
+
+
+class GateSettings:
+    def __init__(self, device: int, table: GateTable, summary: SummaryThread, registry: Registry, defaults: dict):
+        self.device = device
+        self.table = table
+        self.summary = summary
+        self.registry = registry
+        self.defaults = defaults
+        self.lock = threading.RLock()  # settings writes (control API, lease expiry) one at a time
+        self.lease_deadline_ns: int | None = None  # CLOCK_MONOTONIC end of the controller's lease
+        self.written: dict[int, dict] = {}  # slot -> what the daemon last wrote there
+        self.defaults_written: dict = {}
+
+    # -- the record the drift check compares against
+    def record(self, slot: int) -> None:
+        t = self.table.settings(slot)
+        self.written[slot] = {k: t[k] for k in DRIFT_KEYS}
+
+    def record_all(self) -> None:
+        for i in range(self.table.max_slots):
+            self.record(i)
+        self.defaults_written = {k: self.table.default(k) for k in
+                                 ("default_gate", "default_priority", "default_max_hold_ns", "pending_grace_ns")}
+
+    def drift(self) -> list[str]:
+        """What differs in the table from what the daemon wrote: someone with root wrote it.
+        The daemon's values are written back, so the gate holds what the daemon decided."""
+        out = []
+        with self.lock, self.registry.lock:
+            for i, mine in self.written.items():
+                t = self.table.settings(i)
+                now = {k: t[k] for k in DRIFT_KEYS}
+                if now != mine:
+                    diff = ", ".join(f"{k} {mine[k]} -> {now[k]}" for k in DRIFT_KEYS if now[k] != mine[k])
+                    out.append(f"slot {i}: {diff}")
+                    self.table.admit(i, mine["pid"], mine["uid"], mine["role"], t["start_time"], mine["state"])
+                    self.table.write_slot(i, mine["gate"], mine["priority"], mine["max_hold_ns"],
+                                          mine["inflight_max"], protocol_owner(mine["owner"]))
+                    self.record(i)
+            d = {k: self.table.default(k) for k in self.defaults_written}
+            if self.defaults_written and d != self.defaults_written:
+                out.append("defaults: " + ", ".join(f"{k} {self.defaults_written[k]} -> {d[k]}"
+                                                    for k in d if d[k] != self.defaults_written[k]))
+                w = self.defaults_written
+                self.table.set_defaults(w["default_gate"], w["default_priority"], w["default_max_hold_ns"])
+                self.table.set_grace(w["pending_grace_ns"])
+        if out:
+            self.table.wake()
+            self.summary.kick()
+        return out
+
+    # -- reads
+    def find(self, pid: int | None, slot: int | None) -> Client:
+        c = self.registry.find(pid, slot)
+        if c is None:
+            raise protocol.RequestError(
+                f"no client with {'pid ' + str(pid) if pid is not None else 'slot ' + str(slot)}")
+        return c
+
+    def client_info(self, c: Client) -> dict:
+        v = self.table.slot(c.slot, c.page).as_dict()
+        v["max_hold_ms"] = v.pop("max_hold_ns") / 1e6
+        v["inflight"] = v.pop("inflight_max")
+        v["inflight_wait_ms"] = v.pop("inflight_wait_ns") / 1e6
+        return v
+
+    def list_clients(self) -> list[dict]:
+        with self.registry.lock:
+            return [self.client_info(c) for c in self.registry.snapshot()]
+
+    def controller_info(self) -> dict | None:
+        deadline = self.lease_deadline_ns
+        if deadline is None:
+            return None
+        return {"lease_left_ms": max(0.0, (deadline - now_ns()) / 1e6)}
+
+    # -- writes
+    def _write_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
+                      inflight: int | None, owner: str | None) -> dict:
+        """Writes c's settings (those not given keep their values) without waking anyone."""
+        info = self.client_info(c)
+        g = protocol.GATES[gate if gate is not None else info["gate"]]
+        p = priority if priority is not None else info["priority"]
+        h = protocol.ms_to_ns(max_hold_ms) if max_hold_ms is not None else int(round(info["max_hold_ms"] * 1e6))
+        n = inflight if inflight is not None else info["inflight"]
+        log.info("device %d: pid %d gate=%s priority=%d max_hold=%.1fms inflight=%d (%s)", self.device, c.pid,
+                 "open" if g == GATE_OPEN else "closed", p, h / 1e6, n, owner or "defaults")
+        info.update(gate="open" if g == GATE_OPEN else "closed", priority=p, max_hold_ms=h / 1e6, inflight=n,
+                    owner=owner)
+        with self.registry.lock:
+            if self.registry.clients.get(c.slot) is c:  # not freed meanwhile
+                self.table.write_slot(c.slot, g, p, h, n, owner)
+                self.record(c.slot)
+        return info
+
+    def _wake(self) -> None:
+        # the summary first (a priority may have changed), then the waiters
+        self.summary.kick()
+        self.table.wake()
+
+    def _manual_holds(self, c: Client, owner: str) -> bool:
+        return owner == "controller" and self.table.slot(c.slot).owner == "manual"
+
+    def set_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
+                   inflight: int | None = None, owner: str | None = "manual") -> dict:
+        with self.lock:
+            if self._manual_holds(c, owner):
+                raise protocol.RequestError(f"pid {c.pid}: {protocol.MANUAL_HOLDS.replace('PID', str(c.pid))}")
+            info = self._write_client(c, gate, priority, max_hold_ms, inflight, owner)
+            # the wake comes last: a client it releases then competes with less of this request's work
+            self._wake()
+        return info
+
+    def set_many(self, settings: list[dict], owner: str) -> dict:
+        """Applies every setting it can, then wakes waiters once for the whole batch."""
+        applied: list[int] = []
+        skipped: list[dict] = []
+        with self.lock:
+            for one in settings:
+                pid = one["pid"]
+                c = self.registry.find(pid)
+                if c is None:
+                    skipped.append({"pid": pid, "reason": f"no client with pid {pid} on device {self.device}"})
+                    continue
+                if self._manual_holds(c, owner):
+                    skipped.append({"pid": pid, "reason": protocol.MANUAL_HOLDS.replace("PID", str(pid))})
+                    continue
+                self._write_client(c, one.get("gate"), one.get("priority"), one.get("max_hold_ms"),
+                                   one.get("inflight"), owner)
+                applied.append(pid)
+            if applied:
+                self._wake()
+        return {"applied": applied, "skipped": skipped}
+
+    def _revert(self, owner: str | None) -> list[int]:
+        """Puts every client whose settings `owner` holds back to the device defaults, waking
+        waiters once. Caller holds the lock."""
+        d = self.defaults
+        done = []
+        for c in self.registry.snapshot():
+            if self.table.slot(c.slot).owner == owner:
+                self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None)
+                done.append(c.pid)
+        if done:
+            self._wake()
+        return done
+
+    def release(self, pid: int | None) -> list[int]:
+        """Drops manual settings (of pid, or of every client) back to the device defaults."""
+        with self.lock:
+            if pid is None:
+                return self._revert("manual")
+            c = self.find(pid, None)
+            if self.table.slot(c.slot).owner != "manual":
+                return []
+            d = self.defaults
+            self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None)
+            self._wake()
+            return [pid]
+
+    def renew(self, lease_ms: float) -> None:
+        """Extends the controller's lease to lease_ms from now."""
+        with self.lock:
+            self.lease_deadline_ns = now_ns() + protocol.ms_to_ns(lease_ms)
+
+    def check_lease(self) -> None:
+        """From the heartbeat: a lease that ran out reverts every controller-owned setting."""
+        deadline = self.lease_deadline_ns
+        if deadline is None or now_ns() < deadline:
+            return
+        with self.lock:
+            if self.lease_deadline_ns is None or now_ns() < self.lease_deadline_ns:
+                return  # renewed meanwhile
+            late_ms = (now_ns() - self.lease_deadline_ns) / 1e6
+            self.lease_deadline_ns = None
+            pids = self._revert("controller")
+        log.warning("device %d: the controller's lease ran out (%.0f ms ago); %d controller settings back "
+                    "to the defaults%s", self.device, late_ms, len(pids), f" (pids {pids})" if pids else "")
+
+    def write_defaults(self) -> None:
+        d = self.defaults
+        with self.lock:
+            self.table.set_defaults(protocol.GATES[d["gate"]], d["priority"], protocol.ms_to_ns(d["max_hold_ms"]))
+            self.table.set_grace(protocol.ms_to_ns(d["pending_grace_ms"]))
+            self.defaults_written = {k: self.table.default(k) for k in
+                                     ("default_gate", "default_priority", "default_max_hold_ns", "pending_grace_ns")}
+        self.summary.kick()
+
+    def set_defaults(self, gate: str | None, priority: int | None, max_hold_ms: float | None, apply: bool,
+                     pending_grace_ms: float | None = None, inflight: int | None = None) -> dict:
+        d = self.defaults
+        with self.lock:
+            if inflight is not None:
+                d["inflight"] = inflight
+            if pending_grace_ms is not None:
+                d["pending_grace_ms"] = pending_grace_ms
+            if gate is not None:
+                d["gate"] = gate
+            if priority is not None:
+                d["priority"] = priority
+            if max_hold_ms is not None:
+                d["max_hold_ms"] = max_hold_ms
+            self.write_defaults()
+            with self.registry.lock:
+                busy = set(self.registry.clients) | set(self.registry.reserved)
+                for i in range(self.table.max_slots):
+                    if i not in busy and self.table.settings(i)["state"] == SLOT_FREE:
+                        self.table.free(i)  # what a new client gets
+                        self.record(i)
+            if apply:  # to the clients on the defaults: manual and controller settings stay theirs
+                touched = [self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None)
+                           for c in self.registry.snapshot() if self.table.slot(c.slot).owner is None]
+                if touched:
+                    self._wake()
+            elif pending_grace_ms is not None:
+                self._wake()
+        return dict(d)
+
+    def new_client_defaults(self) -> dict:
+        d = self.defaults
+        return {"gate": protocol.GATES[d["gate"]], "priority": d["priority"],
+                "max_hold_ns": protocol.ms_to_ns(d["max_hold_ms"]), "inflight": d.get("inflight", 0)}
+
+
+def protocol_owner(owner_id: int) -> str | None:
+    from flexnpu.forward.gate import OWNERS
+
+    return OWNERS.get(owner_id)
