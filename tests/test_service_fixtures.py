@@ -134,6 +134,20 @@ class Service:
     proc: subprocess.Popen
     log: Path
     rdir: Path
+    wrapped: bool = False
+
+    @property
+    def pid(self) -> int:
+        """The service's own pid (under a wrapper such as strace, the wrapper's child)."""
+        if not self.wrapped:
+            return self.proc.pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            if kids:
+                return int(kids[0])
+            time.sleep(0.02)
+        raise AssertionError(f"{self.name}: no child under {self.argv[0]}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -143,7 +157,10 @@ class Service:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            try:
+                os.kill(self.pid, signal.SIGTERM)  # the service, not a wrapper (strace would detach)
+            except (ProcessLookupError, AssertionError):
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -190,8 +207,11 @@ class Runner:
         env["FLEXNPU_RUNTIME_DIR"] = str(self.rdir)  # the temp dir stands in for /run/flexnpu
         return argv, env
 
-    def start(self, name: str, unit_text: str, notify: NotifySocket | None, **kw) -> Service:
+    def start(self, name: str, unit_text: str, notify: NotifySocket | None, wrap: tuple[str, ...] = (),
+              **kw) -> Service:
+        """Starts the unit's command; `wrap` goes before it (strace, run as root so it may trace)."""
         argv, env = self.command(unit_text, **kw)
+        argv = [*wrap, *argv]
         if notify is not None:
             env["NOTIFY_SOCKET"] = notify.addr
         umask = int(service_section(unit_text).get("UMask", ["0022"])[0], 8)
@@ -200,7 +220,7 @@ class Runner:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=lambda: os.umask(umask))
-        s = Service(name, argv, proc, log, self.rdir)
+        s = Service(name, argv, proc, log, self.rdir, wrapped=bool(wrap))
         self.started.append(s)
         return s
 
