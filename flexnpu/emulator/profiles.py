@@ -60,7 +60,7 @@ PROFILES: dict[str, DeviceProfile] = {
         # figures on the 910B: docs/bench.md has the table, sources and command.
         # copy and synthetic stay at peak (benchmarks and tests time them exactly).
         efficiency={
-            "gemm": (0.60, 0.45),
+            "gemm": (0.60, 0.40),
             "attention_prefill": (0.45, 0.60),
             "attention_extend": (0.45, 0.60),
             "attention_decode": (0.50, 0.50),
