@@ -181,13 +181,13 @@ class ForwardDaemon:
     def close(self, control: ControlServer | None = None) -> None:
         if self.admission is not None:
             self.admission.stop()
-        if self.summary is not None:
-            self.summary.stop()
         self.table.open_all()  # nobody stays held by a daemon that is gone
         self.table.heartbeat(False)
         if control is not None:
             control.close()
         self.registry.close_all()  # their connections hang up: shims fail open at once
+        self.summary.stop()  # after the registry: it no longer reads any page
+        self.table.open_all()  # the summary thread may have counted someone meanwhile
         self.table.close()
 
     def stop(self) -> None:

@@ -139,15 +139,17 @@ class SummaryThread:
     def set(self, slot: int, page: ClientPage | None) -> None:
         """The page of the client in slot (None: none). After None the thread no longer
         reads the old page."""
-        self.lib.fx_summary_set(self.handle, slot, page.addr if page else None)
+        if self.handle:
+            self.lib.fx_summary_set(self.handle, slot, page.addr if page else None)
 
     def kick(self) -> None:
         """Recompute now (a priority or the grace changed)."""
-        self.lib.fx_summary_kick(self.handle)
+        if self.handle:
+            self.lib.fx_summary_kick(self.handle)
 
     def levels(self) -> int:
         """What the summary should say now, from the pages (the heartbeat compares it)."""
-        return self.lib.fx_summary_levels(self.handle)
+        return self.lib.fx_summary_levels(self.handle) if self.handle else 0
 
     def stop(self) -> None:
         if self.handle:
