@@ -324,17 +324,20 @@ def check_group(name: str | None = None, services: list[str] | None = None) -> C
     return _ok(check, f"group {name} (gid {g.gr_gid}): {members}")
 
 
-def expected_mode(name: str, group_exists: bool = True) -> int | None:
-    """The mode a runtime-dir file should have (paths.*_MODE), None for files without one.
-    Without the client group the daemon keeps its sockets to itself (0600)."""
+def expected_modes(name: str, group_exists: bool = True) -> tuple[int, ...] | None:
+    """The modes a runtime-dir file may have (flexnpu/paths.py), None for files without one."""
     import fnmatch  # noqa: PLC0415
 
-    if not group_exists and fnmatch.fnmatch(name, "daemon-*.sock"):
-        return 0o600
-    for pattern, mode in (("emu.sock", paths.EMU_SOCKET_MODE), ("daemon-*.sock", paths.DAEMON_SOCKET_MODE),
-                          ("gate-*.ctl", paths.GATE_CTL_MODE), ("gate-*.cli", paths.GATE_CLI_MODE)):
+    table = (("emu.sock", (paths.EMU_SOCKET_MODE,)),
+             ("daemon-*.admin.sock", paths.ADMIN_SOCKET_MODES),
+             ("daemon-*.sock", (paths.CLIENT_SOCKET_MODE,)),
+             ("gate-*.sock", (paths.CLIENT_SOCKET_MODE,)),
+             ("gate-*.ctl", (paths.GATE_TABLE_MODE,)))
+    for pattern, modes in table:
         if fnmatch.fnmatch(name, pattern):
-            return mode
+            if not group_exists and pattern != "emu.sock":
+                return (paths.GROUPLESS_MODE,)
+            return modes
     return None
 
 
@@ -352,18 +355,18 @@ def check_runtime_modes(rdir: Path | None = None) -> Check:
     import grp  # noqa: PLC0415
 
     try:
-        grp.getgrnam(paths.service_group())
+        grp.getgrnam(paths.CLIENT_GROUP)
         has_group = True
     except KeyError:
         has_group = False
     for p in sorted(rdir.iterdir()):
-        want = expected_mode(p.name, has_group)
+        want = expected_modes(p.name, has_group)
         if want is None:
             continue
         seen += 1
         have = p.lstat().st_mode & 0o7777
-        if have != want:
-            bad.append(f"{p.name} is {have:04o}, not {want:04o}")
+        if have not in want:
+            bad.append(f"{p.name} is {have:04o}, not {' or '.join(f'{m:04o}' for m in want)}")
     if bad:
         return _fail(check, "; ".join(bad), "restart the service that owns the file (or remove a stale "
                                             "one); the expected modes are in flexnpu/paths.py")

@@ -15,17 +15,20 @@ from pathlib import Path
 DEFAULT_RUNTIME_DIR = "/run/flexnpu"
 DEFAULT_CONFIG = "/etc/flexnpu/flexnpu.toml"
 
-# The trust boundary on a node: who may use FlexNPU's sockets and files. The services run as
-# SERVICE_USER in SERVICE_GROUP (flexnpu/service/units.py); a user in SERVICE_GROUP may talk to
-# them. The modes below are the ones each component sets when it creates the file, and the
-# ones `flexnpu doctor` expects: change a mode here and in the component at once.
+# The trust boundary on a node: who may use FlexNPU's sockets and files (docs/service.md).
+# The services run as SERVICE_USER, whose group is CLIENT_GROUP (the forward layer's group of
+# users who may run gated programs); the admin sockets are the service user's own. The modes
+# below are what each component sets when it creates the file, and what `flexnpu doctor`
+# expects: change a mode here and in the component at once. "_GROUPLESS": the mode when the
+# node has no CLIENT_GROUP (the forward layer then keeps the file to its owner).
 SERVICE_USER = "flexnpu"
-SERVICE_GROUP = "flexnpu"
-RUNTIME_DIR_MODE = 0o755  # RuntimeDirectoryMode= of every unit: clients of any user reach the gates
+SERVICE_GROUP = "flexnpu"  # == CLIENT_GROUP below: the services' group is the clients' group
+RUNTIME_DIR_MODE = 0o755  # RuntimeDirectoryMode= of every unit: clients of any user reach the sockets
 EMU_SOCKET_MODE = 0o660  # emu.sock (flexnpu-emu-server's umask 0117)
-DAEMON_SOCKET_MODE = 0o660  # daemon-<dev>.sock (the daemon's umask 0117 at bind)
-GATE_CTL_MODE = 0o644  # gate-<dev>.ctl: written by the daemon alone, mapped read-only by clients
-GATE_CLI_MODE = 0o666  # gate-<dev>.cli: client slots, claimed by any client
+CLIENT_SOCKET_MODE = 0o660  # daemon-<dev>.sock (read API), gate-<dev>.sock (admission): CLIENT_GROUP
+ADMIN_SOCKET_MODES = (0o600, 0o660)  # daemon-<dev>.admin.sock: the daemon's user (0660: --admin-group)
+GATE_TABLE_MODE = 0o640  # gate-<dev>.ctl: written by the daemon, read (mapped read-only) by CLIENT_GROUP
+GROUPLESS_MODE = 0o600  # any of the above but emu.sock when there is no CLIENT_GROUP
 
 
 def service_user() -> str:
@@ -34,7 +37,7 @@ def service_user() -> str:
 
 
 def service_group() -> str:
-    """The services' group: $FLEXNPU_SERVICE_GROUP (tests), else SERVICE_GROUP."""
+    """The services' group: $FLEXNPU_SERVICE_GROUP (tests), else SERVICE_GROUP (CLIENT_GROUP)."""
     return os.environ.get("FLEXNPU_SERVICE_GROUP") or SERVICE_GROUP
 
 

@@ -65,7 +65,10 @@ def account() -> Iterator[Account]:
     name = f"fxs{secrets.token_hex(3)}"
     subprocess.run(["groupadd", "--system", name], check=True)
     try:
-        subprocess.run(["useradd", "--system", "--gid", name, "--no-create-home", "--home-dir",
+        # in the node's client group too when it exists, as the real service user is: the daemon
+        # gives its sockets to that group, which only a member may do without CAP_CHOWN
+        extra = ["--groups", paths.CLIENT_GROUP] if inst.group_exists(paths.CLIENT_GROUP) else []
+        subprocess.run(["useradd", "--system", "--gid", name, *extra, "--no-create-home", "--home-dir",
                         "/nonexistent", "--shell", "/usr/sbin/nologin", name], check=True)
         try:
             yield Account(name, name)

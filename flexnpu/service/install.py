@@ -195,8 +195,11 @@ def install(p: Plan, echo: Echo, dry_run: bool = False) -> None:
             echo(f"would run: systemctl daemon-reload; systemctl enable --now {' '.join(units.enabled_units(cfg))}")
         return
     require_root("install")
+    # a second install keeps what the first one made as its own (uninstall still removes it)
+    prev = read_manifest() or {}
     manifest = {"schema": SCHEMA, "prefix": str(p.prefix), "units": list(p.files), "enabled": [],
-                "config": None, "group_created": False, "user_created": False}
+                "config": prev.get("config"), "group_created": bool(prev.get("group_created")),
+                "user_created": bool(prev.get("user_created"))}
     if not group_exists(cfg.group):
         _run(["groupadd", "--system", cfg.group], echo)
         manifest["group_created"] = True
@@ -298,21 +301,22 @@ def uninstall(prefix: Path, echo: Echo, dry_run: bool = False) -> None:
             if not dry_run:
                 cp.unlink()
             echo(f"{verb} {cp}")
+    g = paths.service_group()
+    had_group = group_exists(g)
     if m and m.get("user_created") and user_exists(paths.service_user()):
         if not dry_run:
             _run(["userdel", paths.service_user()], echo)
         echo(f"{verb} system user {paths.service_user()}")
-    g = paths.service_group()
-    if m and m.get("group_created") and group_exists(g):
-        others = [u for u in group_members(g) if not (dry_run and u == paths.service_user()
-                                                         and m.get("user_created"))]
+    if m and m.get("group_created") and had_group:
+        others = [u for u in (group_members(g) if group_exists(g) else [])
+                  if not (dry_run and u == paths.service_user() and m.get("user_created"))]
         if others:
             echo(f"kept system group {g}: it has members ({', '.join(others)})")
         else:
-            if not dry_run:
+            if not dry_run and group_exists(g):  # userdel may have removed it with its last user
                 _run(["groupdel", g], echo)
             echo(f"{verb} system group {g}")
-    elif group_exists(g):
+    elif had_group:
         echo(f"kept system group {g}: install did not create it")
     if m is not None:
         if not dry_run:
