@@ -227,3 +227,36 @@ def gate_list_cli(device: int = 0) -> dict:
     reply = json.loads(r.stdout)
     assert reply["schema"] == 1 and reply["ok"] is True
     return reply
+
+
+GATE_CLIENT = Path(__file__).resolve().parent / "progs" / "gate_client.py"
+
+
+def gate_client(rdir: Path, device: int = 0, *args: str, user: str | None = None, hold: float = 300,
+                env: dict | None = None) -> tuple[subprocess.Popen, dict]:
+    """Starts tests/progs/gate_client.py (as `user` if given, through setpriv with that user's
+    groups): a process that asks to be admitted and, if it is, holds its slot until its stdin
+    closes. Returns the process and its answer."""
+    argv = [sys.executable, str(GATE_CLIENT), str(rdir), str(device), "--hold", str(hold), *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env or dict(os.environ))
+    line = p.stdout.readline()
+    if not line:
+        p.kill()
+        raise AssertionError(f"gate_client said nothing: {p.stderr.read()}")
+    return p, json.loads(line)
+
+
+def end_client(p: subprocess.Popen) -> None:
+    """Ends a gate_client (closes its stdin) and reaps it."""
+    try:
+        p.stdin.close()
+    except OSError:
+        pass
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=10)

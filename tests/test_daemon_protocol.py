@@ -25,34 +25,39 @@ from hypothesis import strategies as st
 
 from flexnpu.forward import protocol
 from flexnpu.forward.daemon import ForwardDaemon
-from flexnpu.forward.gate import GateSegment
-from test_daemon_fixtures import daemons, gate_loop, ready, write_claim  # noqa: F401  (fixtures)
+from flexnpu.forward import access
+from flexnpu.forward.gate import GateTable
+from test_daemon_fixtures import daemons, end_client, gate_client, gate_loop, ready  # noqa: F401  (fixtures)
 
-SLOT = 3
+SLOT = 0  # the first free slot: where the first client is admitted
 
 
 # ---------------------------------------------------------------- handlers, directly
 
 
+def admit(d: ForwardDaemon, pid: int, role: int = 0):
+    """Admits a live process directly (what the admission thread does once the kernel has
+    said who a connecting process is); returns its registry record."""
+    c = d.admission.admit(None, access.peer_of_pid(pid), role)
+    assert c is not None
+    return c
+
+
 @pytest.fixture
 def handler_daemon(runtime_dir):
-    """A daemon object with its segment open and one live process (a `sleep`, its claim
-    written as a shim writes it) admitted in slot SLOT; nothing serves its socket and no
-    thread watches it."""
+    """A daemon object with its table open and one live process (a `sleep`) admitted in
+    slot SLOT; nothing serves its sockets and no thread watches it."""
     d = ForwardDaemon(0, runtime_dir)
-    d._open_segment()
+    d.open()
     child = subprocess.Popen(["sleep", "300"])
     try:
-        write_claim(runtime_dir, 0, SLOT, state=1, pid=child.pid, gen=1)
-        d._scan()  # what the daemon's watcher does when a claim wakes it
-        assert [c.pid for c in d.clients.values()] == [child.pid]
+        admit(d, child.pid)
+        assert [c.pid for c in d.registry.clients.values()] == [child.pid]
         yield d, child.pid
     finally:
         child.kill()
         child.wait(timeout=10)
-        for c in d.clients.values():
-            os.close(c.pidfd)
-        d.seg.close()
+        d.close()
 
 
 def call(d, req) -> dict:
@@ -78,7 +83,8 @@ def test_list(handler_daemon):
     d, pid = handler_daemon
     r = ok(d, {"schema": 1, "cmd": "list"})
     assert r["device"] == 0
-    assert r["defaults"] == {"gate": "open", "priority": 0, "max_hold_ms": 200.0, "pending_grace_ms": 1.0}
+    assert r["defaults"] == {"gate": "open", "priority": 0, "max_hold_ms": 200.0, "pending_grace_ms": 1.0,
+                           "inflight": 0}
     [c] = r["clients"]
     assert (c["slot"], c["pid"], c["admitted_pid"]) == (SLOT, pid, pid)
     assert (c["gate"], c["priority"], c["max_hold_ms"]) == ("open", 0, 200.0)
@@ -92,30 +98,31 @@ def test_set_by_pid_and_by_slot_writes_the_segment(handler_daemon):
     assert (c["pid"], c["gate"], c["priority"], c["max_hold_ms"]) == (pid, "closed", 0, 200.0)
     c = ok(d, {"schema": 1, "cmd": "set", "slot": SLOT, "priority": 7, "max_hold_ms": 12.5})["client"]
     assert (c["gate"], c["priority"], c["max_hold_ms"]) == ("closed", 7, 12.5)  # gate kept
-    v = d.seg.slot(SLOT)  # what the shim reads
+    v = d.table.slot(SLOT)  # what the shim reads
     assert (v.gate, v.priority, v.max_hold_ns) == ("closed", 7, 12_500_000)
 
 
 def test_defaults_and_apply(handler_daemon):
     d, pid = handler_daemon
     r = ok(d, {"schema": 1, "cmd": "defaults", "gate": "closed", "priority": 2, "max_hold_ms": 300})
-    assert r["defaults"] == {"gate": "closed", "priority": 2, "max_hold_ms": 300, "pending_grace_ms": 1.0}
-    assert d.seg.default("default_gate") == 1 and d.seg.default("default_priority") == 2
-    assert d.seg.slot(SLOT + 1).gate == "closed"  # a free slot: what a new client gets
-    assert d.seg.slot(SLOT).gate == "open"  # the client there now: unchanged without apply
+    assert r["defaults"] == {"gate": "closed", "priority": 2, "max_hold_ms": 300, "pending_grace_ms": 1.0,
+                             "inflight": 0}
+    assert d.table.default("default_gate") == 1 and d.table.default("default_priority") == 2
+    assert d.table.slot(SLOT + 1).gate == "closed"  # a free slot: what a new client gets
+    assert d.table.slot(SLOT).gate == "open"  # the client there now: unchanged without apply
     ok(d, {"schema": 1, "cmd": "defaults", "apply": True})
-    v = d.seg.slot(SLOT)
+    v = d.table.slot(SLOT)
     assert (v.gate, v.priority, v.max_hold_ns) == ("closed", 2, 300_000_000)
 
 
 def test_pending_grace_is_device_wide(handler_daemon):
     d, _ = handler_daemon
-    assert d.seg.default("pending_grace_ns") == 1_000_000  # the daemon's default, 1 ms
+    assert d.table.default("pending_grace_ns") == 1_000_000  # the daemon's default, 1 ms
     r = ok(d, {"schema": 1, "cmd": "defaults", "pending_grace_ms": 0.25})
     assert r["defaults"]["pending_grace_ms"] == 0.25
-    assert d.seg.default("pending_grace_ns") == 250_000
+    assert d.table.default("pending_grace_ns") == 250_000
     ok(d, {"schema": 1, "cmd": "defaults", "pending_grace_ms": 0})
-    assert d.seg.default("pending_grace_ns") == 0
+    assert d.table.default("pending_grace_ns") == 0
 
 
 BAD = [
@@ -220,11 +227,11 @@ def test_bad_settings_are_refused_before_any_write(handler_daemon):
     d, pid = handler_daemon
     r = call(d, {"schema": 1, "cmd": "set", "pid": pid, "gate": "closed", "priority": 8})
     assert r["ok"] is False
-    assert d.seg.slot(SLOT).gate == "open"
+    assert d.table.slot(SLOT).gate == "open"
 
 
 def _wake_seq(d) -> int:
-    return d.seg._get(d.seg.cli, 0, d.seg._cli_l["fields"], "wake_seq")
+    return d.table.wake_seq()
 
 
 @pytest.fixture
@@ -233,8 +240,7 @@ def second_client(handler_daemon, runtime_dir):
     d, _ = handler_daemon
     child = subprocess.Popen(["sleep", "300"])
     try:
-        write_claim(runtime_dir, 0, SLOT + 1, state=1, pid=child.pid, gen=1)
-        d._scan()
+        admit(d, child.pid)
         yield child.pid
     finally:
         child.kill()
@@ -245,7 +251,7 @@ def test_set_inflight_is_a_manual_setting(handler_daemon):
     d, pid = handler_daemon
     c = ok(d, {"schema": 1, "cmd": "set", "pid": pid, "inflight": 3})["client"]
     assert (c["inflight"], c["owner"], c["gate"]) == (3, "manual", "open")
-    v = d.seg.slot(SLOT)  # what the shim reads
+    v = d.table.slot(SLOT)  # what the shim reads
     assert (v.inflight_max, v.owner) == (3, "manual")
     r = ok(d, {"schema": 1, "cmd": "list"})
     [c] = r["clients"]
@@ -266,7 +272,7 @@ def test_set_many_applies_a_batch_with_one_wake_and_skips_strangers(handler_daem
     assert r["applied"] == [pid, second_client]
     assert r["skipped"] == [{"pid": 2**40, "reason": f"no client with pid {2**40} on device 0"}]
     assert _wake_seq(d) == seq + 1  # one wake for the batch, not one per client
-    a, b = d.seg.slot(SLOT), d.seg.slot(SLOT + 1)
+    a, b = d.table.slot(SLOT), d.table.slot(SLOT + 1)
     assert (a.gate, a.priority, a.inflight_max, a.owner) == ("closed", 2, 1, "controller")
     assert (b.gate, b.max_hold_ns, b.inflight_max, b.owner) == ("open", 7_500_000, 4, "controller")
     lease = ok(d, {"schema": 1, "cmd": "list"})["controller"]
@@ -285,21 +291,21 @@ def test_manual_overrides_the_controller_until_released(handler_daemon, second_c
         {"pid": pid, "gate": "open", "inflight": 5}, {"pid": second_client, "inflight": 2}]})
     reason = f"manual setting holds; `flexnpu gate release {pid}` returns it to the controller"
     assert (r["applied"], r["skipped"]) == ([second_client], [{"pid": pid, "reason": reason}])
-    v = d.seg.slot(SLOT)
+    v = d.table.slot(SLOT)
     assert (v.gate, v.inflight_max, v.owner) == ("closed", 1, "manual")
     e = call(d, {"schema": 1, "cmd": "set", "pid": pid, "owner": "controller", "gate": "open"})
     assert e["ok"] is False and "manual setting holds" in e["error"]
     # release: back to the device defaults, owner none; then the controller may set it again
     assert ok(d, {"schema": 1, "cmd": "release", "pid": pid})["released"] == [pid]
-    v = d.seg.slot(SLOT)
+    v = d.table.slot(SLOT)
     assert (v.gate, v.priority, v.max_hold_ns, v.inflight_max, v.owner) == ("open", 0, 200_000_000, 0, None)
     assert ok(d, {"schema": 1, "cmd": "release", "pid": pid})["released"] == []  # nothing manual left
     r = ok(d, {"schema": 1, "cmd": "set_many", "settings": [{"pid": pid, "inflight": 5}]})
-    assert r["applied"] == [pid] and d.seg.slot(SLOT).owner == "controller"
+    assert r["applied"] == [pid] and d.table.slot(SLOT).owner == "controller"
     # release --all touches manual settings only
     ok(d, {"schema": 1, "cmd": "set", "pid": second_client, "inflight": 9})
     assert ok(d, {"schema": 1, "cmd": "release", "all": True})["released"] == [second_client]
-    assert d.seg.slot(SLOT).inflight_max == 5 and d.seg.slot(SLOT + 1).inflight_max == 0
+    assert d.table.slot(SLOT).inflight_max == 5 and d.table.slot(SLOT + 1).inflight_max == 0
 
 
 def test_lease_expiry_reverts_controller_settings_only(handler_daemon, second_client):
@@ -309,12 +315,12 @@ def test_lease_expiry_reverts_controller_settings_only(handler_daemon, second_cl
     ok(d, {"schema": 1, "cmd": "set", "pid": second_client, "gate": "closed", "inflight": 3})  # manual
     renewed = ok(d, {"schema": 1, "cmd": "renew", "lease_ms": 60})["controller"]
     assert 0 < renewed["lease_left_ms"] <= 60
-    d._check_lease()  # what the watcher does each pass: not yet
-    assert d.seg.slot(SLOT).gate == "closed"
+    d.settings.check_lease()  # what the watcher does each pass: not yet
+    assert d.table.slot(SLOT).gate == "closed"
     time.sleep(0.08)
     seq = _wake_seq(d)
-    d._check_lease()
-    a, b = d.seg.slot(SLOT), d.seg.slot(SLOT + 1)
+    d.settings.check_lease()
+    a, b = d.table.slot(SLOT), d.table.slot(SLOT + 1)
     assert (a.gate, a.inflight_max, a.owner) == ("open", 0, None)
     assert (b.gate, b.inflight_max, b.owner) == ("closed", 3, "manual")
     assert _wake_seq(d) == seq + 1
@@ -325,16 +331,16 @@ def test_daemon_process_reverts_a_dead_controllers_settings_in_time(daemons, run
     """Real daemon, its own watcher thread: a controller that stops renewing leaves every gate
     open within lease + 150 ms."""
     d = daemons(0)
-    child = subprocess.Popen(["sleep", "300"])
+    child, answer = gate_client(runtime_dir, 0)
+    assert answer["status"] == 0 and answer["slot"] == SLOT, answer
     try:
-        write_claim(runtime_dir, 0, SLOT, state=1, pid=child.pid, gen=1)
         d.wait_admitted(child.pid)
         lease_ms = 300
         t0 = time.monotonic()
         r = d.client.set_many([{"pid": child.pid, "gate": "closed", "inflight": 1}], lease_ms=lease_ms)
         t_reply = time.monotonic()
         assert r == {"applied": [child.pid], "skipped": []}
-        seg = GateSegment.open_readonly(0, runtime_dir)
+        seg = GateTable.open_readonly(0, runtime_dir)
         try:
             assert seg.slot(SLOT).gate == "closed"
             while seg.slot(SLOT).gate == "closed":
@@ -349,23 +355,22 @@ def test_daemon_process_reverts_a_dead_controllers_settings_in_time(daemons, run
         assert t_open - t0 <= (lease_ms + 150) / 1e3, f"reverted {1e3 * (t_open - t0) - lease_ms:.0f} ms late"
         assert "lease ran out" in d.log()
     finally:
-        child.kill()
-        child.wait(timeout=10)
+        end_client(child)
 
 
 def test_readonly_segment_never_writes(handler_daemon, runtime_dir):
     d, pid = handler_daemon
-    seg = GateSegment.open_readonly(0, runtime_dir)
+    seg = GateTable.open_readonly(0, runtime_dir)
     try:
         assert seg.valid() and seg.slot(SLOT).pid == pid
         with pytest.raises(PermissionError):
-            seg.set_gate(SLOT, 1, 0, 1000)
+            seg.write_slot(SLOT, 1, 0, 1000, 0, None)
         with pytest.raises(TypeError):
             seg.ctl[0] = 1  # mapped PROT_READ
     finally:
         seg.close()
     with pytest.raises(OSError):
-        GateSegment.open_readonly(7, runtime_dir)  # no such segment: nothing created
+        GateTable.open_readonly(7, runtime_dir)  # no such segment: nothing created
     assert not (runtime_dir / "gate-7.ctl").exists()
 
 

@@ -1,8 +1,9 @@
-"""The daemon's files and the gate segment's protection, and how it admits claims.
+"""The daemon's files and the gate table's protection, and how it admits clients.
 
-Gate parameters (gate-N.ctl) are written by the daemon alone: the file is 0644, a client
-maps it PROT_READ from an O_RDONLY descriptor, and so no client can make it writable; the
-control socket is 0660 whatever umask the daemon was started with.
+The gate table (gate-N.ctl) is written by the daemon alone: the file is 0640 root:flexnpu
+(0600 without that group), a client maps it PROT_READ from the O_RDONLY descriptor the
+daemon passed it, and so no client can make it writable; a client's own page is a memfd
+sealed against resizing. Socket modes do not depend on the daemon's umask.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from flexnpu.forward.gate import GateSegment
-from test_daemon_fixtures import daemons, gate_loop, ready, wait_for, write_claim  # noqa: F401  (fixtures)
+from flexnpu import paths
+from flexnpu.forward import access
+from flexnpu.forward.daemon import ForwardDaemon
+from test_daemon_fixtures import daemons, end_client, gate_client, gate_loop, ready, wait_for  # noqa: F401
 
 
 def _mode(p: Path) -> int:
@@ -30,10 +33,13 @@ def _mode(p: Path) -> int:
 @pytest.mark.parametrize("umask", [0o000, 0o077])
 def test_file_modes_do_not_depend_on_the_umask(daemons, runtime_dir, umask):
     d = daemons(0, umask=umask)
-    assert stat.S_ISSOCK(d.socket.stat().st_mode)
-    assert _mode(d.socket) == 0o660
-    assert _mode(runtime_dir / "gate-0.ctl") == 0o644
-    assert _mode(runtime_dir / "gate-0.cli") == 0o666
+    group = access.group_gid(paths.CLIENT_GROUP) is not None  # without it: root only
+    for sock in (d.socket, runtime_dir / "gate-0.sock"):
+        assert stat.S_ISSOCK(sock.stat().st_mode)
+        assert _mode(sock) == (0o660 if group else 0o600)
+    assert _mode(runtime_dir / "daemon-0.admin.sock") == 0o600
+    assert _mode(runtime_dir / "gate-0.ctl") == (0o640 if group else 0o600)
+    assert not (runtime_dir / "gate-0.cli").exists()
 
 
 def test_client_maps_the_gate_parameters_read_only(emulator, daemons, gate_loop, runtime_dir):
@@ -46,9 +52,10 @@ def test_client_maps_the_gate_parameters_read_only(emulator, daemons, gate_loop,
     perms = {}
     for line in maps:
         parts = line.split()
-        if len(parts) >= 6 and Path(parts[5]).name in ("gate-0.ctl", "gate-0.cli"):
-            perms.setdefault(Path(parts[5]).name, set()).add(parts[1])
-    assert perms == {"gate-0.ctl": {"r--s"}, "gate-0.cli": {"rw-s"}}, maps
+        if len(parts) >= 6 and (Path(parts[5]).name == "gate-0.ctl" or "flexnpu-gate-0-slot" in parts[5]):
+            name = "ctl" if parts[5].endswith("gate-0.ctl") else "page"
+            perms.setdefault(name, set()).add(parts[1])
+    assert perms == {"ctl": {"r--s"}, "page": {"rw-s"}}, maps
 
 
 # Run as an ordinary user: what a client process could try on gate-0.ctl. Only os, mmap
@@ -62,7 +69,12 @@ _PROBE = textwrap.dedent("""
         out["open_rdwr"] = "ok"
     except OSError as e:
         out["open_rdwr"] = errno.errorcode[e.errno]
-    fd = os.open(ctl, os.O_RDONLY)
+    try:
+        fd = os.open(ctl, os.O_RDONLY)
+    except OSError as e:
+        out["open_rdonly"] = errno.errorcode[e.errno]
+        print(json.dumps(out))
+        sys.exit(0)
     size = os.fstat(fd).st_size
     try:
         mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -96,7 +108,10 @@ def test_a_client_cannot_write_its_gate_parameters(daemons, runtime_dir):
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["uid"] != 0
-    assert got == {"uid": got["uid"], "open_rdwr": "EACCES", "map_write": "EACCES", "mprotect_write": "EACCES"}
+    if access.group_gid(paths.CLIENT_GROUP) is None:  # 0600: nobody may not even read it
+        assert got == {"uid": got["uid"], "open_rdwr": "EACCES", "open_rdonly": "EACCES"}
+    else:
+        assert got == {"uid": got["uid"], "open_rdwr": "EACCES", "map_write": "EACCES", "mprotect_write": "EACCES"}
 
 
 def test_even_root_cannot_make_a_read_only_mapping_writable(daemons, runtime_dir):
@@ -110,51 +125,43 @@ def test_even_root_cannot_make_a_read_only_mapping_writable(daemons, runtime_dir
     assert got["map_write"] == "EACCES" and got["mprotect_write"] == "EACCES", got
 
 
-def _state(rdir: Path, slot: int) -> tuple[int, int]:
-    seg = GateSegment(0, rdir)
+def test_a_process_that_exits_before_admission_leaves_nothing(runtime_dir):
+    """A client connects, says hello and exits before the daemon looks at it: the kernel's
+    pidfd says so, nothing is admitted, no slot is taken."""
+    d = ForwardDaemon(0, runtime_dir)
+    d.open()  # listening; no admission thread: this test plays it
     try:
-        v = seg.slot(slot)
-        return v.state, v.admitted_pid
+        code = (f"from flexnpu.forward.admission import request_admission\n"
+                f"import socket, struct\n"
+                f"from flexnpu.forward.gate import layout\n"
+                f"L = layout()\n"
+                f"s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+                f"s.connect({str(runtime_dir / 'gate-0.sock')!r})\n"
+                f"s.send(struct.pack('<IIII', L['hello_magic'], L['version'], 1, 0))\n")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        conn, _ = d.admission.sock.accept()
+        conn.setblocking(False)
+        d.admission._hello(conn)
+        assert d.registry.clients == {}
+        assert all(d.table.settings(i)["state"] == 0 for i in range(d.table.max_slots))
     finally:
-        seg.close()
+        d.close()
 
 
-def test_daemon_admits_a_claim_only_once_complete(daemons, runtime_dir):
-    """The shim claims a slot by CAS, then stores its pid, then bumps gen. A daemon that
-    reads the slot between those stores must neither free the slot under the claimer nor
-    take the gen bump that follows for a new client."""
+def test_64_slots_then_a_one_line_refusal_and_nothing_left(daemons, runtime_dir):
+    """66 processes (root) ask: 64 are admitted, two get the 'all taken' line; when they go,
+    every slot is free again."""
     d = daemons(0)
-    slot = 10
-    child = subprocess.Popen(["sleep", "300"])
+    procs = []
     try:
-        write_claim(runtime_dir, 0, slot, state=1, pid=0, gen=0)  # claimed, pid not yet stored
-        _sleep_scans()
-        assert _state(runtime_dir, slot) == (1, 0), "the daemon freed a slot whose claim was in progress"
-        assert d.list() == []
-
-        write_claim(runtime_dir, 0, slot, pid=child.pid)  # pid stored, gen not yet bumped
-        v = wait_for(lambda: (e := d.entry(child.pid)) and e["admitted_pid"] == child.pid and e, 5, "admission")
-        assert (v["slot"], v["gen"]) == (slot, 0)
-        d.set(child.pid, priority=4)
-
-        write_claim(runtime_dir, 0, slot, gen=1)  # the claim completes
-        wait_for(lambda: d.entry(child.pid)["gen"] == 1, 5, "gen 1 seen")
-        _sleep_scans()
-        assert _state(runtime_dir, slot) == (1, child.pid), "the daemon freed the slot of a live client"
-        v = d.entry(child.pid)
-        assert (v["slot"], v["priority"]) == (slot, 4)  # kept: not re-admitted as a new client
-        assert "freed" not in d.log()
-
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
-        wait_for(lambda: d.entry(child.pid) is None, 2, "the dead client's slot freed")
-        assert _state(runtime_dir, slot) == (0, 0)
+        for _ in range(66):
+            procs.append(gate_client(runtime_dir, 0))
+        answers = [a for _, a in procs]
+        assert sorted(a["slot"] for a in answers if a["status"] == 0) == list(range(64))
+        refused = [a for a in answers if a["status"] != 0]
+        assert len(refused) == 2 and all(a["reason"] == "device 0: all 64 gate slots are taken" for a in refused)
+        assert len(d.list()) == 64
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
-
-
-def _sleep_scans() -> None:
-    """Long enough for several of the daemon's scans (every 50 ms) on a loaded machine."""
-    time.sleep(0.5)
+        for p, _ in procs:
+            end_client(p)
+    wait_for(lambda: d.list() == [], 10, "every slot freed")
