@@ -90,7 +90,6 @@ STEADY_GAP_NS = 10000  # the latency client sleeps this long between calls
 LATENCY_CASES = (
     ("daemon", "daemon", 0.002),  # a `set` to the daemon; held 2 ms, as a phase switch holds
     ("daemon_quick", "daemon", 0.0),  # released as soon as the hold is seen (under a ms)
-    ("gate_library", "gate_library", 0.002),  # fx_gate_set called here: the mechanism alone
 )  # no daemon: the "shim, no daemon" row runs here, interleaved with the others
 
 VARIANTS = {
@@ -179,8 +178,8 @@ class Daemon:
                     raise BenchError(f"the forwarding daemon did not start: {log}") from None
                 time.sleep(0.05)
 
-    def defaults(self, priority: int) -> None:
-        self.client.defaults(gate="open", priority=priority)
+    def defaults(self, priority: int | None = None, inflight: int | None = None) -> None:
+        self.client.defaults(gate="open", priority=priority, inflight=inflight)
 
     def priorities(self) -> dict[int, int]:
         return {c["pid"]: c["priority"] for c in self.client.list()}
@@ -247,22 +246,6 @@ class IdleHighClient:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
-
-
-def preset_budget(rdir: Path, inflight: int) -> None:
-    """Writes an in-flight budget into every free slot of the device, through the gate
-    library as the daemon writes: the next client to claim one runs under it from its first
-    call. The daemon puts a slot back to the defaults when its client leaves."""
-    from flexnpu.forward.gate import GATE_OPEN, SLOT_FREE, GateSegment
-
-    seg = GateSegment(DEVICE, rdir)
-    try:
-        hold = seg.default("default_max_hold_ns")
-        for i, (state, _, _) in enumerate(seg.claims()):
-            if state == SLOT_FREE:
-                seg.write_slot(i, GATE_OPEN, 0, hold, inflight, None)
-    finally:
-        seg.close()
 
 
 def _loop(exe: Path, env: dict[str, str], ms: float, k: int, seconds: float, *extra: str) -> subprocess.Popen:
@@ -369,38 +352,38 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
     so the figures leave out the control API's round trip. Two writers, alternating:
 
       daemon: a `set` request to the running daemon, which writes the gate;
-      gate library: this process calls libflexnpu_gate's fx_gate_set on the same segment,
-      as the daemon does, with no request around it (the mechanism alone);
     and two hold lengths before the release (LATENCY_CASES): a client released moments after
     it fell asleep wakes more slowly here than one held for milliseconds."""
-    from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN, GateSegment
+    from types import SimpleNamespace
+
+    from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN
 
     proc = subprocess.Popen([str(exe), str(paths.emulator_kernel_library()), "--steady", str(STEADY_GAP_NS),
                              "--device", str(DEVICE)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seg = GateSegment(DEVICE, rdir)
+    def entry():  # the client's record, from the daemon (its counters live in its own page)
+        mine = [c for c in daemon.client.list() if c["pid"] == proc.pid]
+        return SimpleNamespace(**mine[0]) if mine else None
+
     lags: dict[str, dict[str, list[float]]] = {name: {"close": [], "open": []} for name, _, _ in LATENCY_CASES}
     hold_ns = 10_000_000_000  # long: every release measured is the writer's, not max_hold's
 
     def wait_for(pred, what: str, timeout: float = 5.0):
         deadline = time.monotonic() + timeout
         while True:
-            v = seg.slot(slot)
-            if pred(v):
+            v = entry()
+            if v is not None and pred(v):
                 return v
             if proc.poll() is not None:
                 raise BenchError(f"enforcement latency: the client exited {proc.returncode} waiting for {what}: "
                                  f"{proc.stderr.read().strip()[-300:]}")
             if time.monotonic() > deadline:
                 raise BenchError(f"enforcement latency: {what} did not happen within {timeout} s "
-                                 f"(slot: waiting {v.waiting}, gate {v.gate}, waits {v.gate_waits})")
+                                 f"({v})")
             time.sleep(0.001)  # gently: this process shares the machine with the one it measures
 
     def write(writer: str, gate: int) -> None:
-        if writer == "daemon":
-            daemon.client.set(pid=proc.pid, gate="open" if gate == GATE_OPEN else "closed", max_hold_ms=hold_ns / 1e6)
-        else:
-            seg.set_gate(slot, gate, 0, hold_ns)
+        daemon.client.set(pid=proc.pid, gate="open" if gate == GATE_OPEN else "closed", max_hold_ms=hold_ns / 1e6)
 
     try:
         deadline = time.monotonic() + 10
@@ -414,7 +397,7 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
             time.sleep(0.01)
         for i in range(len(LATENCY_CASES) * samples):
             case, writer, held_for = LATENCY_CASES[i % len(LATENCY_CASES)]
-            before = seg.slot(slot)
+            before = entry()
             write(writer, GATE_CLOSED)
             v = wait_for(lambda v: v.waiting > 0 and v.gate_waits > before.gate_waits, "a held call")
             lags[case]["close"].append(v.last_hold_lag_ns / 1e3)
@@ -427,7 +410,6 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
     finally:
         proc.kill()
         proc.wait()
-        seg.close()
 
     def summary(xs: list[float]) -> dict:
         return {"p50_us": round(_percentile(xs, 0.5), 2), "p99_us": round(_percentile(xs, 0.99), 2),
@@ -486,11 +468,11 @@ def bench(quick: bool, calls: int | None, rounds: int | None, interference: bool
                     daemon.defaults(priority=0)
                     d = run_callcost(exe, shim, calls, batches, call, expect_gate=True)
                 elif v in ("shim_open_kernel", "shim_budget", "shim_budget_64"):
-                    daemon.defaults(priority=0)  # every free slot back to the defaults: no budget
-                    if v != "shim_open_kernel":
-                        preset_budget(rdir, BUDGET_UNREACHED if v == "shim_budget" else BUDGET_SMALL)
+                    daemon.defaults(priority=0, inflight=0)  # new clients: no budget
+                    if v != "shim_open_kernel":  # the next client runs under it from its first call
+                        daemon.defaults(inflight=BUDGET_UNREACHED if v == "shim_budget" else BUDGET_SMALL)
                     d = run_callcost(exe, shim, calls, batches, "kernel", expect_gate=True)
-                    daemon.defaults(priority=0)
+                    daemon.defaults(priority=0, inflight=0)
                 else:
                     idle = IdleHighClient(exe, shim, daemon)
                     try:
@@ -597,8 +579,7 @@ def table(doc: dict) -> str:
     if lat is None:
         lines.append("enforcement latency: pending (no forwarding daemon)")
     else:
-        labels = {"daemon": "daemon, held 2 ms", "daemon_quick": "daemon, held <1 ms",
-                  "gate_library": "gate library, held 2 ms"}
+        labels = {"daemon": "daemon, held 2 ms", "daemon_quick": "daemon, held <1 ms"}
         for case, label in labels.items():
             for what in ("close", "open"):
                 x = lat[case][what]
