@@ -40,7 +40,7 @@ START_S = 30.0
 
 def _units(account, runner) -> dict[str, str]:
     conf = runner.rdir.parent / "flexnpu.toml"
-    conf.write_text(inst.default_config_text())
+    conf.write_text(inst.default_config_text(inst.installed_binary()))
     return units.render(service_config(account, conf))
 
 
@@ -165,24 +165,42 @@ def _filter_sets() -> dict[str, set[str]]:
 
 
 def allowed_syscalls(unit_text: str) -> tuple[set[str], set[str]]:
-    """(allowed, denied) by the unit's SystemCallFilter= lines (allow-list, then ~deny-list)."""
+    """(allowed, denied) by the unit's SystemCallFilter= lines, merged as systemd does: the
+    first (an allow list here) sets the default, then each line adds (plain) or removes (~)."""
     sets = _filter_sets()
     allow: set[str] = set()
     deny: set[str] = set()
-    for v in service_section(unit_text).get("SystemCallFilter", []):
-        target = deny if v.startswith("~") else allow
+    lines = service_section(unit_text).get("SystemCallFilter", [])
+    assert lines and not lines[0].startswith("~"), lines
+    for v in lines:
+        items: set[str] = set()
         for item in v.lstrip("~").split():
-            target |= sets[item] if item.startswith("@") else {item}
-    return allow - deny, deny
+            items |= sets[item] if item.startswith("@") else {item}
+        if v.startswith("~"):
+            allow -= items
+            deny |= items
+        else:
+            allow |= items
+            deny -= items
+    return allow, deny
 
 
 _CALL = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]")
 
 
-def _trace(path: Path) -> tuple[set[str], set[str], list[str]]:
-    """(syscall names, socket families, W+X mappings) in an strace -f output file."""
-    names, families, wx = set(), set(), []
-    for line in path.read_text(errors="replace").splitlines():
+_OWN = re.compile(r'"/proc/(self|thread-self|\d+)(/|")')
+
+
+def _trace(path: Path) -> tuple[set[str], set[str], list[str], list[str]]:
+    """(syscall names, socket families, W+X mappings, /proc paths outside a process's own
+    directory) in an strace -f output file."""
+    names, families, wx, proc = set(), set(), [], []
+    lines = path.read_text(errors="replace").splitlines()
+    # systemd applies the unit's filters at the service's own execve: what prlimit and setpriv
+    # do before it (setresuid, setgroups, capset) is systemd's part here
+    start = next((i for i, ln in enumerate(lines) if re.search(r'execve\("[^"]*/flexnpu"', ln)), None)
+    assert start is not None, f"no execve of flexnpu in {path}"
+    for line in lines[start:]:
         m = _CALL.match(line)
         if not m or "resumed>" in line and not line.split("<... ", 1)[-1].startswith(m.group(1)):
             continue
@@ -193,24 +211,37 @@ def _trace(path: Path) -> tuple[set[str], set[str], list[str]]:
                 families.add(f.group(1))
         if m.group(1) in ("mmap", "mprotect", "pkey_mprotect") and "PROT_WRITE" in line and "PROT_EXEC" in line:
             wx.append(line)
-    return names, families, wx
+        if '"/proc/' in line and not _OWN.search(line):
+            proc.append(line)
+    return names, families, wx, proc
 
 
 def _traced(runner, name, text, notify, **kw):
     """Starts the unit's command under strace -f (strace outside setpriv, so it may trace)."""
     out = runner.rdir.parent / f"{name}.strace"
-    return runner.start(name, text, notify, wrap=("strace", "-f", "-qq", "-s", "0", "-o", str(out)), **kw), out
+    return runner.start(name, text, notify, wrap=("strace", "-f", "-qq", "-s", "120", "-o", str(out)), **kw), out
 
 
-def _check_trace(text: str, trace: Path) -> None:
-    names, families, wx = _trace(trace)
+def _check_trace(text: str, trace: Path, pids: set[int] | None = None) -> None:
+    names, families, wx, proc = _trace(trace)
     allow, deny = allowed_syscalls(text)
     # execve of the first binary happens before systemd would apply the filter (it is in @default anyway)
-    assert not (names - allow), f"outside SystemCallFilter=: {sorted(names - allow)}"
+    outside = sorted(names - allow)
+    where = [ln for ln in trace.read_text(errors="replace").splitlines()
+             if (m := _CALL.match(ln)) and m.group(1) in outside][:4]
+    assert not outside, f"outside SystemCallFilter=: {outside}: {where}"
     fams = {f for v in service_section(text)["RestrictAddressFamilies"] for f in v.split()}
     assert families <= fams, f"socket families {families} beyond RestrictAddressFamilies={fams}"
     if service_section(text).get("MemoryDenyWriteExecute") == ["yes"]:
         assert not wx, wx[:3]
+    if service_section(text).get("ProcSubset") == ["pid"]:  # only per-process /proc files
+        assert not proc, proc[:3]
+    if service_section(text).get("ProtectProc") == ["invisible"] and pids is not None:
+        # only its own processes' /proc directories (strace -f: every pid in the trace is its own)
+        own = {int(ln.split()[0]) for ln in trace.read_text(errors="replace").splitlines() if ln[:1].isdigit()}
+        other = [ln for ln in trace.read_text(errors="replace").splitlines()
+                 if (m := re.search(r'"/proc/(\d+)/', ln)) and int(m.group(1)) not in own]
+        assert not other, other[:3]
 
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -245,7 +276,7 @@ def test_emulator_daemon_controller_stay_in_their_filters(runner, account):
         time.sleep(1.5)
         for name, text, svc, tr in reversed(traces):
             assert svc.stop() == 0, (name, svc.output())
-            _check_trace(text, tr)
+            _check_trace(text, tr, pids=set())
     finally:
         n.close()
 

@@ -163,7 +163,7 @@ def test_install_uninstall_round_trip(env, names):
         assert stat.S_IMODE((prefix / name).stat().st_mode) == 0o644
     assert f"created system group {names}" in out and f"created system user {names}" in out
     assert inst.group_exists(names) and inst.user_exists(names)
-    assert conf.read_text() == inst.default_config_text()
+    assert conf.read_text() == inst.default_config_text(inst.installed_binary())
     if not inst.systemd_running():
         assert "systemd is not PID 1 here" in out and "wrote the files only" in out
     assert "User=" + names in (prefix / units.OBSERVE).read_text()

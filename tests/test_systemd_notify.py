@@ -64,7 +64,7 @@ def test_a_socket_nobody_listens_on_is_not_an_error(tmp_path, monkeypatch):
 def _units(account, runner) -> dict[str, str]:
     """The units, with the configuration beside the temp runtime dir (readable by the user)."""
     conf = runner.rdir.parent / "flexnpu.toml"
-    conf.write_text(inst.default_config_text())
+    conf.write_text(inst.default_config_text(inst.installed_binary()))
     return units.render(service_config(account, conf))
 
 

@@ -103,13 +103,24 @@ def make_config(devices: str, binary: Path | None = None) -> units.ServiceConfig
         user=paths.service_user(), group=paths.service_group(), config_file=paths.config_file())
 
 
-def default_config_text() -> str:
-    """The controller's effective configuration with no file: what `flexnpu controller
-    --print-config` prints."""
+_CONFIG_HEAD = "# FlexNPU's node configuration; `flexnpu controller --print-config` shows the effective one.\n"
+
+
+def default_config_text(binary: Path | None = None) -> str:
+    """The controller's defaults as TOML: what the installed controller (the one the unit runs)
+    prints with --print-config and no configuration file; this package's own when there is no
+    such binary."""
+    if binary is not None:
+        env = {**os.environ, "FLEXNPU_CONFIG": "/nonexistent/flexnpu.toml"}  # its defaults, not a file's
+        proc = subprocess.run([str(binary), "controller", "--print-config"], capture_output=True, text=True,
+                              env=env, stdin=subprocess.DEVNULL, timeout=60)
+        if proc.returncode != 0 or "[controller]" not in proc.stdout:
+            msg = " ".join(proc.stderr.split())[:200]
+            raise ServiceError(f"{binary} controller --print-config failed ({proc.returncode}): {msg}")
+        return _CONFIG_HEAD + proc.stdout
     from flexnpu.control import config as cfgmod
 
-    return ("# FlexNPU's node configuration; `flexnpu controller --print-config` shows the effective one.\n"
-            + cfgmod.to_toml(cfgmod.build({})))
+    return _CONFIG_HEAD + cfgmod.to_toml(cfgmod.build({}))
 
 
 def _sha(text: str) -> str:
@@ -185,7 +196,7 @@ def install(p: Plan, echo: Echo, dry_run: bool = False) -> None:
             echo("")
         if not conf.exists():
             echo(f"would write {conf}:")
-            echo(default_config_text().rstrip("\n"))
+            echo(default_config_text(cfg.binary).rstrip("\n"))
             echo("")
         if not group_exists(cfg.group):
             echo(f"would create system group {cfg.group}")
@@ -223,7 +234,7 @@ def install(p: Plan, echo: Echo, dry_run: bool = False) -> None:
         echo(f"kept {conf} (exists)")
     else:
         conf.parent.mkdir(parents=True, exist_ok=True)
-        text = default_config_text()
+        text = default_config_text(cfg.binary)
         conf.write_text(text)
         conf.chmod(0o644)
         manifest["config"] = {"path": str(conf), "sha256": _sha(text)}

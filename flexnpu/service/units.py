@@ -55,6 +55,10 @@ _COMMON_SANDBOX = {
     "RestrictSUIDSGID": "yes",
     "LockPersonality": "yes",
     "MemoryDenyWriteExecute": "yes",
+    "RemoveIPC": "yes",
+    "PrivateMounts": "yes",
+    # every socket is a file in the runtime dir (zmq ipc://, unix sockets): no network at all
+    "PrivateNetwork": "yes",
     "RestrictAddressFamilies": "AF_UNIX",
     "SystemCallArchitectures": "native",
     "SystemCallFilter": "@system-service",
@@ -123,13 +127,24 @@ def _start_limits() -> list[tuple[str, str]]:
     return [("StartLimitIntervalSec", "60s"), ("StartLimitBurst", "5")]
 
 
+# Appended SystemCallFilter= lines: after the @system-service allow list, a ~list removes calls
+# and a later plain list adds some back (systemd's merge order).
+_NO_PRIVILEGED = ("SystemCallFilter", "~@privileged @resources")
+# libzmq's I/O threads set their policy (SCHED_OTHER) at start, seen by strace; a real-time one
+# stays refused by RestrictRealtime=
+_ZMQ_THREADS = ("SystemCallFilter", "sched_setscheduler")
+# Processes that never look at other processes: /proc shows them only their own (and no
+# kernel files).
+_OWN_PROC = {"ProtectProc": "invisible", "ProcSubset": "pid"}
+
+
 def emu_unit(cfg: ServiceConfig) -> Unit:
     return Unit(
         EMU,
         unit=[("Description", "FlexNPU emulated Ascend device server"),
               *_start_limits()],
         service=_service(cfg, f"{cfg.binary} emu start --foreground --devices {cfg.emu_devices}",
-                         _COMMON_SANDBOX),
+                         {**_COMMON_SANDBOX, **_OWN_PROC}) + [_NO_PRIVILEGED],
     )
 
 
@@ -139,9 +154,12 @@ def daemon_unit(cfg: ServiceConfig) -> Unit:
 ]
     if after:
         unit.append(("After", after))
-    # pidfd_open (client deaths) and futex (waking held calls) are in @system-service
+    # pidfd_open (client deaths) and futex (waking held calls) are in @system-service. It reads
+    # its clients' /proc/<pid>/status (their groups), so /proc stays whole; and it gives its
+    # sockets and gate table to the client group (chown, in @privileged) as their owner.
     return Unit(DAEMON_TEMPLATE, unit=unit + _start_limits(),
-                service=_service(cfg, f"{cfg.binary} daemon --device %i", _COMMON_SANDBOX))
+                service=_service(cfg, f"{cfg.binary} daemon --device %i", _COMMON_SANDBOX)
+                + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown"), _ZMQ_THREADS])
 
 
 def observe_unit(cfg: ServiceConfig) -> Unit:
@@ -161,6 +179,7 @@ def observe_unit(cfg: ServiceConfig) -> Unit:
     })
     items = _service(cfg, f"{cfg.binary} observe --source bpf", sandbox, status_timeout_s=120)
     # CAP_SYS_ADMIN would allow these; nothing in the observer calls them
+    # (not @resources: bcc's LLVM threads call sched_setscheduler, seen by strace)
     items.append(("SystemCallFilter", "~@module @mount @reboot @swap @raw-io @clock @cpu-emulation @obsolete"))
     return Unit(OBSERVE, unit=[("Description", "FlexNPU observer (eBPF uprobes on the device runtime)"),
                                *_start_limits()],
@@ -174,7 +193,8 @@ def controller_unit(cfg: ServiceConfig) -> Unit:
                 unit=[("Description", "FlexNPU controller (gate settings from the observer's snapshots)"),
                       ("After", " ".join(after)),
                       *_start_limits()],
-                service=_service(cfg, f"{cfg.binary} controller", _COMMON_SANDBOX, extra_env=env))
+                service=_service(cfg, f"{cfg.binary} controller", {**_COMMON_SANDBOX, **_OWN_PROC},
+                                 extra_env=env) + [_NO_PRIVILEGED, _ZMQ_THREADS])
 
 
 def render(cfg: ServiceConfig) -> dict[str, str]:
