@@ -86,6 +86,7 @@ def test_print_config_round_trip(tmp_path: Path) -> None:
     ("[policy.flexpd]\nprefill_inflight = 1.5", "[policy.flexpd] prefill_inflight", "whole number"),
     ("[policy.flexpd]\nprefill_inflight = 0", "[policy.flexpd] prefill_inflight", "must be >= 1"),
     ("[policy.flexpd]\nprefill_inflight = 9", "[policy.flexpd] prefill_inflight", "over prefill_inflight_max"),
+    ("[policy.flexpd]\ngrow_below = 0.9", "[policy.flexpd] grow_below", "must be under shrink_above (0.8)"),
     ('[policy.flexpd]\nmixed_as = "both"', "[policy.flexpd] mixed_as", "must be one of decode, prefill"),
     ("[policy.static-split]\nprefill_share = 1.0", "[policy.static-split] prefill_share", "must be <= 0.95"),
     ("[policy.static-split]\nquantum_ms = 0.5", "[policy.static-split] quantum_ms", "must be >= 1"),

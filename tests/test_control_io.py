@@ -25,7 +25,7 @@ import zmq
 
 from flexnpu import paths
 from flexnpu.control.wire import ControllerReport
-from test_daemon_fixtures import daemons, gate_loop, ready, wait_for  # noqa: F401  (fixtures)
+from test_daemon_fixtures import daemons, gate_loop, ready, send, wait_for  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 LEASE_MS = 300.0
@@ -300,6 +300,9 @@ def test_daemon_absent_then_back(emulator, daemons, gate_loop, observer, control
     ready(pre)
     obs.procs = both(dec.pid, pre.pid)
     wait_for(lambda: controlled(d, dec.pid, pre.pid), 10, "settings once the daemon is found")
+    # the clients make calls from now on: a shim looks for a restarted daemon on its calls
+    send(dec)
+    send(pre)
     d.kill()  # kill -9: the socket file stays, nobody answers
     rep = c.report(lambda r: bool(r.devices) and r.devices[0].daemon == "absent", timeout=10)
     assert rep.devices[0].note  # why

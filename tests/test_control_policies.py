@@ -151,9 +151,20 @@ def test_flexpd_shrinks_when_over_budget_and_grows_when_well_under() -> None:
     r.step(snap(t, proc(DEC, "decode", 2.5, 500), proc(PRE, "prefill", 30.0, 900)), t)
     assert r.s(PRE).inflight == 1
     t += 100 * MS
-    r.step(snap(t, proc(DEC, "decode", 2.1, 500), proc(PRE, "prefill", 30.0, 900)), t)  # within budget, not well under
+    r.step(snap(t, proc(DEC, "decode", 2.15, 500), proc(PRE, "prefill", 30.0, 900)), t)  # between the marks
     assert r.s(PRE).inflight == 1 and r.reasons == {}
-    for want in (2, 3, 4, 5, 6, 6):
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.05, 500), proc(PRE, "prefill", 30.0, 900)), t)  # within 0.4 of the slack
+    assert r.s(PRE).inflight == 2
+    assert r.reasons[(0, PRE)] == (f"decode pid {DEC} step 2.05 ms, +0.05 ms from alone 2.00 ms, within 0.4 x its "
+                                   f"slack 0.20 ms: prefill pid {PRE} in-flight 1 -> 2")
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.18, 500), proc(PRE, "prefill", 30.0, 900)), t)  # past 0.8 of the slack
+    assert r.s(PRE).inflight == 1 and "over 0.8 x its slack 0.20 ms" in r.reasons[(0, PRE)]
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 2.05, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).inflight == 2
+    for want in (3, 4, 5, 6, 6):
         t += 100 * MS
         r.step(snap(t, proc(DEC, "decode", 1.6, 500), proc(PRE, "prefill", 30.0, 900)), t)
         assert r.s(PRE).inflight == want

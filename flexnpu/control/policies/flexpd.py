@@ -12,8 +12,9 @@ Decode steps are never delayed past their budget; prefill gets every other momen
   (1 + `tpot_slack`). The alone step is learned (moving average, `learn_alpha`) from the
   snapshot intervals in which no prefill client on its device did any work.
 - **Feedback**, once per new snapshot, from the decode steps measured while prefill ran:
-  any step over its budget halves the prefill budget (down to 1); every step under
-  `grow_below` x budget adds one (up to `prefill_inflight_max`). Prefill at 1 and still over
+  any step over its budget halves the prefill budget (down to 1); a step whose delay over its
+  alone step is past `shrink_above` x its slack takes one back; every step within
+  `grow_below` x its slack adds one (up to `prefill_inflight_max`). Prefill at 1 and still over
   for `relearn_after` snapshots (decode's batch grew, so its alone step did): prefill's gates
   close for one observer interval to measure decode alone again, then reopen.
 - **Stepping aside.** A device without both a prefill and a decode client (one client
@@ -46,10 +47,13 @@ class Options:
                             lo=0.0, hi=10.0, lo_open=True)
     tpot_ms: float = opt(0.0, "absolute decode step budget in ms; 0 = use tpot_slack", lo=0.0, hi=60000.0)
     prefill_inflight: int = opt(1, "prefill's in-flight budget to start with", lo=1, hi=1024)
-    prefill_inflight_max: int = opt(8, "the most prefill's in-flight budget grows to", lo=1, hi=1024)
+    prefill_inflight_max: int = opt(2, "the most prefill's in-flight budget grows to", lo=1, hi=1024)
     prefill_max_hold_ms: float = opt(100.0, "longest one prefill call waits for decode", lo=0.01, hi=60000.0)
-    grow_below: float = opt(0.8, "grow prefill's budget while every decode step is under this share of "
-                                 "its budget", lo=0.0, hi=1.0, lo_open=True)
+    grow_below: float = opt(0.4, "grow prefill's budget while every decode step's delay over its alone step "
+                                 "is under this share of its slack (budget - alone)", lo=0.0, hi=1.0, lo_open=True)
+    shrink_above: float = opt(0.8, "take one launch back from prefill while a decode step's delay over its alone "
+                                   "step is over this share of its slack, before it reaches the budget",
+                              lo=0.0, hi=1.0, lo_open=True)
     learn_alpha: float = opt(0.2, "weight of a new sample in the learned alone step time", lo=0.0, hi=1.0,
                              lo_open=True)
     relearn_after: int = opt(10, "snapshots over budget with prefill at 1 before decode's alone step is "
@@ -57,6 +61,8 @@ class Options:
     mixed_as: str = opt("decode", "how a 'mixed' (chunked-prefill) process counts", choices=("decode", "prefill"))
 
     def check(self) -> tuple[str, str] | None:
+        if self.grow_below >= self.shrink_above:
+            return ("grow_below", f"{self.grow_below:g} must be under shrink_above ({self.shrink_above:g})")
         if self.prefill_inflight > self.prefill_inflight_max:
             return ("prefill_inflight", f"{self.prefill_inflight} is over prefill_inflight_max "
                                         f"({self.prefill_inflight_max})")
@@ -143,10 +149,29 @@ def _learn(ds: DeviceState, snapshot: NodeSnapshot, samples: dict[int, ProcessSa
                 f"in-flight 1: its load may have grown; prefill closed for one interval to measure it alone")
         return replace(ds, over=over), None
     ds = replace(ds, floor_note="") if ds.floor_note else ds
-    if ms < options.grow_below * b and ds.inflight < options.prefill_inflight_max:
+    a = alone.get(pid)
+    if ds.inflight > 1 and a is not None and b > a and ms - a > options.shrink_above * (b - a):
+        return replace(ds, inflight=ds.inflight - 1, over=0), (
+            f"decode pid {pid} step {ms:.2f} ms, {ms - a:+.2f} ms from alone {a:.2f} ms, over "
+            f"{options.shrink_above:g} x its slack {b - a:.2f} ms")
+    if ds.inflight < options.prefill_inflight_max and all(_roomy(ms, b, alone.get(p), options) for p, ms, b in judged):
+        if a is not None and b > a:
+            return replace(ds, inflight=ds.inflight + 1, over=0), (
+                f"decode pid {pid} step {ms:.2f} ms, {ms - a:+.2f} ms from alone {a:.2f} ms, within "
+                f"{options.grow_below:g} x its slack {b - a:.2f} ms")
         return replace(ds, inflight=ds.inflight + 1, over=0), (
             f"decode pid {pid} step {ms:.2f} ms < {options.grow_below:g} x budget {b:.2f} ms")
     return replace(ds, over=0), None
+
+
+def _roomy(ms: float, budget: float, alone: float | None, options: Options) -> bool:
+    """Whether a decode step leaves room for more prefill: its delay over its alone step is
+    within grow_below of its slack (the slack, not the whole budget: a decode step is mostly
+    its own work), or, with no alone step known (tpot_ms given), the step is under grow_below
+    of the budget."""
+    if alone is not None and budget > alone:
+        return ms - alone <= options.grow_below * (budget - alone)
+    return ms < options.grow_below * budget
 
 
 def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, options: Options, now_ns: int,
