@@ -51,7 +51,12 @@ def start(
 @app.command()
 def stop() -> None:
     """Stop the device server (clients then get ACL_ERROR_RT_SOCKET_CLOSE)."""
-    if control.stop():
+    try:
+        stopped = control.stop()
+    except control.EmulatorError as e:
+        err.print(f"flexnpu emu stop: {e}")
+        raise typer.Exit(1)
+    if stopped:
         typer.echo("emulator stopped")
     else:
         typer.echo(f"no emulator running under {paths.runtime_dir()}")

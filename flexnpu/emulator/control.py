@@ -3,10 +3,15 @@
 The server is a native process (flexnpu-emu-server) listening on
 $RUNTIME_DIR/emu.sock. Its pid is kept in $RUNTIME_DIR/emu.pid and its log in
 $RUNTIME_DIR/emu.log. Status is asked over the same socket the client library uses.
+
+Who may use it: root, the server's own user and the members of paths.CLIENT_GROUP (the
+server checks every connection's peer credentials; emu.sock is 0660 in that group). Every
+failure here is an EmulatorError whose message is one line that says what to do.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -22,6 +27,10 @@ from flexnpu.emulator.profiles import PROFILES
 # struct emu_req in emu_shared.h: uint32 type, int32 device, uint64 a, uint64 b, char name[48]
 _REQ = struct.Struct("<IiQQ48s")
 _REQ_STATUS = 6
+# struct emu_rep: int32 err, uint32 pad, uint64 a, uint64 b (a refusal: err 207006, a = gid)
+_REP = struct.Struct("<iIQQ")
+_NO_PERMISSION = 207006  # ACL_ERROR_RT_NO_PERMISSION
+_NO_GROUP = (1 << 64) - 1
 MODES = ("serial", "shared")
 
 
@@ -33,22 +42,77 @@ class EmulatorNotRunning(EmulatorError):
     pass
 
 
+class EmulatorPermissionError(EmulatorError):
+    """This user may not do that with the emulator (not root, not in the client group)."""
+
+
+def _group_name(gid: int | None) -> str | None:
+    if gid is None or gid == 0:
+        return None
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _who_may_use(group: str | None) -> str:
+    if group:
+        return f"root and the {group} group; ask an administrator to add you to it (usermod -aG {group} USER)"
+    return (f"root only (this node has no {paths.CLIENT_GROUP} group); ask an administrator to create it "
+            f"(groupadd {paths.CLIENT_GROUP}) and restart the emulator")
+
+
+def _socket_refusal(path: Path) -> EmulatorPermissionError:
+    """What a user told EACCES by the socket's mode reads: who it is for, from its group."""
+    try:
+        st = path.stat()
+        group = _group_name(st.st_gid) if st.st_mode & 0o020 else None
+    except OSError:
+        group = None
+    return EmulatorPermissionError(f"permission denied: the emulator at {path} is for {_who_may_use(group)}")
+
+
+def _runtime_dir_problem(rdir: Path) -> str | None:
+    """Why rdir cannot be the runtime dir, or None."""
+    try:
+        if rdir.is_dir():
+            return None
+        os.stat(rdir)
+    except FileNotFoundError:
+        return None  # start makes it
+    except NotADirectoryError:
+        pass  # a file on the way to it
+    except OSError as e:
+        return f"cannot use {rdir} as the runtime dir: {e.strerror}"
+    return (f"FLEXNPU_RUNTIME_DIR={rdir} is not a directory; set it to a directory "
+            f"(default {paths.DEFAULT_RUNTIME_DIR})")
+
+
 def _pidfile(rdir: Path) -> Path:
     return rdir / "emu.pid"
 
 
 def _read_pid(rdir: Path) -> int | None:
+    """The pid in emu.pid if it is this runtime dir's device server: a stale file whose pid
+    now names another process must not get that process signalled."""
     try:
         pid = int(_pidfile(rdir).read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    sock = os.fsencode(paths.emulator_socket(rdir))
+    if not argv[0].endswith(b"flexnpu-emu-server") or sock not in argv:
         return None
-    except PermissionError:
-        pass
     return pid
+
+
+def _owner(pid: int) -> str:
+    try:
+        import pwd  # noqa: PLC0415
+
+        return pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
+    except (OSError, KeyError):
+        return "another user"
 
 
 def is_running(rdir: Path | None = None) -> bool:
@@ -63,16 +127,22 @@ def is_running(rdir: Path | None = None) -> bool:
 def status(rdir: Path | None = None, timeout: float = 5.0) -> dict:
     """The server's ground truth: per device and per client process, busy time (total and by
     kernel name), bytes copied by direction, device memory in use."""
+    rdir = Path(rdir or paths.runtime_dir())
+    problem = _runtime_dir_problem(rdir)
+    if problem:
+        raise EmulatorNotRunning(problem)
     path = paths.emulator_socket(rdir)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(timeout)
     try:
         try:
             s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
             raise EmulatorNotRunning(
                 f"no emulator running at {path} ({e.strerror}); start it with `flexnpu emu start`"
             ) from None
+        except PermissionError:
+            raise _socket_refusal(path) from None
         s.sendall(_REQ.pack(_REQ_STATUS, 0, 0, 0, b""))
         chunks = []
         while True:
@@ -84,7 +154,17 @@ def status(rdir: Path | None = None, timeout: float = 5.0) -> dict:
         raise EmulatorError(f"emulator at {path} did not answer: {e}") from None
     finally:
         s.close()
-    return json.loads(b"".join(chunks))
+    data = b"".join(chunks)
+    if len(data) == _REP.size and not data.startswith(b"{"):
+        err, _, gid, _ = _REP.unpack(data)
+        if err == _NO_PERMISSION:  # the server's own check (the socket's mode let us in)
+            raise EmulatorPermissionError(f"permission denied: the emulator at {path} is for "
+                                          f"{_who_may_use(None if gid == _NO_GROUP else _group_name(gid))}")
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise EmulatorError(f"the emulator at {path} sent a malformed status ({len(data)} bytes); "
+                            "see emu.log beside it") from None
 
 
 def start(
@@ -98,7 +178,7 @@ def start(
 ) -> int:
     """Starts the device server; returns its pid. `mode` is one mode for all devices or a
     comma list with one per device. With foreground=True, runs it in this process's place."""
-    rdir = rdir or paths.runtime_dir()
+    rdir = Path(rdir or paths.runtime_dir())
     if profile not in PROFILES:
         raise EmulatorError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     modes = mode.split(",")
@@ -108,13 +188,20 @@ def start(
         )
     if not 1 <= devices <= 16:
         raise EmulatorError(f"--devices must be between 1 and 16, got {devices}")
-    if not time_scale > 0:
-        raise EmulatorError(f"--time-scale must be positive, got {time_scale}")
+    if not 0 < time_scale < float("inf"):
+        raise EmulatorError(f"--time-scale must be positive and finite, got {time_scale}")
     binary = paths.emulator_server_binary()
     if not binary.exists():
         raise EmulatorError(f"{binary} is missing; reinstall FlexNPU (pip install .)")
-    rdir.mkdir(parents=True, exist_ok=True)
-    if is_running(rdir):
+    _prepare_runtime_dir(rdir)
+    try:
+        status(rdir, timeout=1.0)
+        running = True
+    except EmulatorPermissionError:
+        raise
+    except EmulatorError:
+        running = False
+    if running:
         raise EmulatorError(f"an emulator is already running at {paths.emulator_socket(rdir)}; "
                             "stop it with `flexnpu emu stop`")
     argv = [
@@ -124,15 +211,18 @@ def start(
         "--mode", mode,
         "--time-scale", repr(time_scale),
         *PROFILES[profile].server_args(),
+        "--client-group", paths.CLIENT_GROUP,
     ]
-    if foreground:
-        _pidfile(rdir).write_text(f"{os.getpid()}\n")
-        os.execv(argv[0], argv)
-    log = open(rdir / "emu.log", "ab")
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    log.close()
+    try:
+        if foreground:
+            _pidfile(rdir).write_text(f"{os.getpid()}\n")
+            os.execv(argv[0], argv)
+        with open(rdir / "emu.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+    except OSError as e:
+        raise EmulatorError(f"cannot start {argv[0]}: {e.strerror or e} ({e.filename or rdir})") from None
     deadline = time.monotonic() + timeout
     line = proc.stdout.readline()  # "ready" once it listens; EOF if it died
     proc.stdout.close()
@@ -144,9 +234,33 @@ def start(
     return proc.pid
 
 
+def _prepare_runtime_dir(rdir: Path) -> None:
+    """Makes the runtime dir (0755: the sockets' own modes decide who may use them) or checks
+    that this user can create the emulator's files in it."""
+    problem = _runtime_dir_problem(rdir)
+    if problem:
+        raise EmulatorError(problem)
+    hint = ("start the emulator as root (sudo flexnpu emu start) or set FLEXNPU_RUNTIME_DIR to a "
+            "directory you own")
+    try:
+        if not rdir.exists():
+            rdir.mkdir(parents=True)
+            rdir.chmod(paths.RUNTIME_DIR_MODE)
+    except PermissionError:
+        raise EmulatorPermissionError(f"permission denied: cannot create {rdir}; {hint}") from None
+    except OSError as e:
+        raise EmulatorError(f"cannot create the runtime dir {rdir}: {e.strerror}") from None
+    if not os.access(rdir, os.W_OK | os.X_OK):
+        raise EmulatorPermissionError(f"permission denied: cannot write in {rdir}; {hint}")
+
+
+
 def stop(rdir: Path | None = None, timeout: float = 5.0) -> bool:
     """Stops the server (SIGTERM, then SIGKILL after `timeout`). False if none was running."""
-    rdir = rdir or paths.runtime_dir()
+    rdir = Path(rdir or paths.runtime_dir())
+    problem = _runtime_dir_problem(rdir)
+    if problem:
+        raise EmulatorError(problem)
     pid = _read_pid(rdir)
     if pid is None:
         return False
@@ -154,6 +268,9 @@ def stop(rdir: Path | None = None, timeout: float = 5.0) -> bool:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        raise EmulatorPermissionError(f"permission denied: the emulator at {rdir} (pid {pid}) runs as "
+                                      f"{_owner(pid)}; stop it as that user or root (sudo flexnpu emu stop)") from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -168,8 +285,11 @@ def stop(rdir: Path | None = None, timeout: float = 5.0) -> bool:
         time.sleep(0.02)
     else:
         os.kill(pid, signal.SIGKILL)
-    _pidfile(rdir).unlink(missing_ok=True)
-    paths.emulator_socket(rdir).unlink(missing_ok=True)
+    for f in (_pidfile(rdir), paths.emulator_socket(rdir)):
+        try:
+            f.unlink(missing_ok=True)
+        except OSError:
+            pass  # the server removes its socket itself; a stale pid file is ignored (_read_pid)
     return True
 
 

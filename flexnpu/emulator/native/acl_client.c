@@ -9,13 +9,16 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <grp.h>
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/sysinfo.h>
 
 #include "emu_kernels.h"
@@ -37,8 +40,9 @@ struct alloc {
 struct device {
     bool open;
     int refs;
-    struct emu_dev_seg *seg;
-    char *mem;
+    struct emu_dev_seg *seg; /* read-only */
+    struct emu_bell *bell;
+    char *mem;               /* this process's own device memory of this device */
     uint64_t cap;
     pthread_mutex_t ring_lock;
     pthread_mutex_t alloc_lock;
@@ -88,6 +92,12 @@ static uint8_t g_stream_used[EMU_MAX_STREAMS];
 static uint8_t g_event_used[EMU_MAX_EVENTS];
 static _Atomic bool g_server_lost;
 static char g_sock_path[108];
+/* The watcher: a thread that sleeps in poll() on the server's socket and, when the server
+ * hangs up, marks it lost and wakes every thread waiting on a completion, so no call waits
+ * for a server that is gone. */
+static pthread_t g_watcher;
+static bool g_watching;
+static _Atomic bool g_closing; /* aclFinalize closes the socket: the hang-up is ours */
 
 static __thread int t_dev = -1;
 static __thread char t_errmsg[256];
@@ -109,19 +119,55 @@ static void warn_once(_Atomic bool *flag, const char *msg)
 
 /* ---------------------------------------------------------------- connection */
 
+static void mark_lost(const char *why);
+
 static int rpc(struct emu_req *req, struct emu_rep *rep, int *fds, int *nfds)
 {
     if (g_sock < 0) return ACL_ERROR_RT_SOCKET_CLOSE;
-    if (emu_send_fds(g_sock, req, sizeof *req, NULL, 0) < 0) goto lost;
-    ssize_t r = emu_recv_fds(g_sock, rep, sizeof *rep, fds, nfds);
-    if (r != (ssize_t)sizeof *rep) goto lost;
-    return 0;
-lost:
+    if (emu_send_fds(g_sock, req, sizeof *req, NULL, 0) == 0 &&
+        emu_recv_fds(g_sock, rep, sizeof *rep, fds, nfds) == (ssize_t)sizeof *rep)
+        return 0;
+    mark_lost("lost the connection to the device server; device calls now fail with "
+              "ACL_ERROR_RT_SOCKET_CLOSE (507901)");
+    return ACL_ERROR_RT_SOCKET_CLOSE;
+}
+
+static void mark_lost(const char *why)
+{
     atomic_store(&g_server_lost, true);
     static _Atomic bool said;
-    warn_once(&said, "lost the connection to the device server; device calls now fail with "
-                     "ACL_ERROR_RT_SOCKET_CLOSE (507901)");
-    return ACL_ERROR_RT_SOCKET_CLOSE;
+    warn_once(&said, why);
+}
+
+/* Wakes every thread waiting on a completion word of this process (they then see the
+ * server lost). Waiters count themselves in `waiters` before they sleep and check
+ * g_server_lost after: with the store above, one of the two sides always sees the other. */
+static void wake_all_waiters(void)
+{
+    if (!g_seg) return;
+    for (int i = 0; i < EMU_MAX_STREAMS; i++)
+        if (atomic_load(&g_seg->streams[i].waiters)) emu_futex_wake(&g_seg->streams[i].completed, INT32_MAX);
+    for (int i = 0; i < EMU_MAX_EVENTS; i++)
+        if (atomic_load(&g_seg->events[i].waiters)) emu_futex_wake(&g_seg->events[i].completed_gen, INT32_MAX);
+}
+
+/* A child of fork() has no watcher thread (threads do not survive fork). */
+static void forget_watcher_in_child(void) { g_watching = false; }
+static void register_atfork(void) { pthread_atfork(NULL, NULL, forget_watcher_in_child); }
+
+static void *watch_server(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        struct pollfd p = {.fd = g_sock, .events = POLLRDHUP}; /* never POLLIN: replies are the callers' */
+        int r = poll(&p, 1, -1);
+        if (r < 0 && errno == EINTR) continue;
+        if (atomic_load(&g_closing)) return NULL;
+        if (r < 0 || (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL))) break;
+    }
+    mark_lost("the device server went away; device calls now fail with ACL_ERROR_RT_SOCKET_CLOSE (507901)");
+    wake_all_waiters();
+    return NULL;
 }
 
 static bool server_alive(void)
@@ -129,13 +175,31 @@ static bool server_alive(void)
     if (atomic_load(&g_server_lost) || g_sock < 0) return false;
     struct pollfd p = {.fd = g_sock, .events = POLLRDHUP};
     if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR))) {
-        atomic_store(&g_server_lost, true);
-        static _Atomic bool said;
-        warn_once(&said, "the device server went away; device calls now fail with "
-                         "ACL_ERROR_RT_SOCKET_CLOSE (507901)");
+        mark_lost("the device server went away; device calls now fail with ACL_ERROR_RT_SOCKET_CLOSE (507901)");
         return false;
     }
     return true;
+}
+
+/* One line on stderr, once per process, when the emulator is not for this user: who it is
+ * for (group_gid: the group named by the server, or the socket's group; EMU_NO_GROUP: root
+ * only) and what to do. */
+static int refused(uint64_t group_gid)
+{
+    static _Atomic bool said;
+    struct group *gr = group_gid == EMU_NO_GROUP ? NULL : getgrgid((gid_t)group_gid);
+    char who[96];
+    if (gr) snprintf(who, sizeof who, "root and the %s group", gr->gr_name);
+    else snprintf(who, sizeof who, "root only (this node has no %s group)", EMU_CLIENT_GROUP);
+    if (!atomic_exchange(&said, true))
+        fprintf(stderr,
+                "libascendcl (FlexNPU emulator): permission denied: the emulated device at %s is for %s; "
+                "%s\n",
+                g_sock_path, who,
+                gr ? "ask an administrator to add you to it (usermod -aG GROUP USER) and log in again"
+                   : "ask an administrator to create the group (groupadd " EMU_CLIENT_GROUP
+                     ") and restart the emulator");
+    return fail(ACL_ERROR_RT_NO_PERMISSION, "permission denied: the emulated device is for %s", who);
 }
 
 /* Connects to the device server and registers this process. Caller holds g_lock. */
@@ -150,6 +214,11 @@ static int connect_locked(void)
     if (s < 0 || connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
         int e = errno;
         if (s >= 0) close(s);
+        if (e == EACCES || e == EPERM) { /* the socket's mode: 0660, in the client group */
+            struct stat st;
+            bool grp_ok = stat(g_sock_path, &st) == 0 && (st.st_mode & S_IWGRP) && st.st_gid != 0;
+            return refused(grp_ok ? (uint64_t)st.st_gid : EMU_NO_GROUP);
+        }
         static _Atomic bool said;
         if (!atomic_exchange(&said, true))
             fprintf(stderr,
@@ -158,36 +227,41 @@ static int connect_locked(void)
                     g_sock_path, strerror(e));
         return fail(ACL_ERROR_RT_NO_DEVICE, "no emulated device server at %s", g_sock_path);
     }
-    int fd = memfd_create("flexnpu-emu-client", MFD_CLOEXEC);
-    if (fd < 0 || ftruncate(fd, sizeof(struct emu_client_seg)) < 0) {
-        if (fd >= 0) close(fd);
-        close(s);
-        return fail(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "memfd_create failed");
-    }
-    struct emu_client_seg *seg = mmap(NULL, sizeof *seg, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (seg == MAP_FAILED) {
-        close(fd);
-        close(s);
-        return fail(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "mmap of the client segment failed");
-    }
-    seg->magic = EMU_MAGIC_CLIENT;
-    seg->version = EMU_PROTO_VERSION;
-    seg->pid = getpid();
+    /* the server admits us (or not) and makes our segment; we map what it gives */
     struct emu_req req = {.type = EMU_REQ_HELLO, .a = EMU_PROTO_VERSION};
     struct emu_rep rep;
-    int nfds = 0;
-    if (emu_send_fds(s, &req, sizeof req, &fd, 1) < 0 ||
-        emu_recv_fds(s, &rep, sizeof rep, NULL, &nfds) != (ssize_t)sizeof rep || rep.err != 0) {
-        close(fd);
+    int fds[EMU_FDS_MAX], nfds = 0;
+    if (emu_send_fds(s, &req, sizeof req, NULL, 0) < 0 ||
+        emu_recv_fds(s, &rep, sizeof rep, fds, &nfds) != (ssize_t)sizeof rep) {
+        for (int i = 0; i < nfds; i++) close(fds[i]);
         close(s);
-        munmap(seg, sizeof *seg);
-        return fail(ACL_ERROR_RT_NO_DEVICE, "the device server at %s refused this process", g_sock_path);
+        return fail(ACL_ERROR_RT_NO_DEVICE, "the device server at %s closed the connection", g_sock_path);
     }
-    close(fd);
+    if (rep.err || nfds != 1) {
+        for (int i = 0; i < nfds; i++) close(fds[i]);
+        close(s);
+        if (rep.err == ACL_ERROR_RT_NO_PERMISSION) return refused(rep.a);
+        return fail(ACL_ERROR_RT_NO_DEVICE, "the device server at %s refused this process (%d)", g_sock_path,
+                    rep.err);
+    }
+    struct emu_client_seg *seg = mmap(NULL, sizeof *seg, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+    close(fds[0]);
+    if (seg == MAP_FAILED || seg->magic != EMU_MAGIC_CLIENT) {
+        if (seg != MAP_FAILED) munmap(seg, sizeof *seg);
+        close(s);
+        return fail(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "cannot map the client segment");
+    }
     g_sock = s;
     g_seg = seg;
     g_ndev = (int)rep.a;
     atomic_store(&g_server_lost, false);
+    static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+    pthread_once(&atfork_once, register_atfork);
+    sigset_t all, old; /* the watcher takes no signal meant for the application's threads */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    g_watching = pthread_create(&g_watcher, NULL, watch_server, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return 0;
 }
 
@@ -197,19 +271,26 @@ static int open_device_locked(int dev)
     if (d->open) return 0;
     struct emu_req req = {.type = EMU_REQ_OPEN_DEVICE, .device = dev};
     struct emu_rep rep;
-    int fds[2] = {-1, -1}, nfds = 0;
+    int fds[EMU_FDS_MAX], nfds = 0;
     int rc = rpc(&req, &rep, fds, &nfds);
     if (rc) return rc;
-    if (rep.err || nfds != 2) {
+    if (rep.err || nfds != 3) {
         for (int i = 0; i < nfds; i++) close(fds[i]);
         return rep.err ? rep.err : ACL_ERROR_RT_DEV_SETUP_ERROR;
     }
-    d->seg = mmap(NULL, sizeof(struct emu_dev_seg), PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+    /* device segment (sealed: read-only is all we may map), doorbell, our device memory */
+    d->seg = mmap(NULL, sizeof(struct emu_dev_seg), PROT_READ, MAP_SHARED, fds[0], 0);
+    d->bell = mmap(NULL, sizeof(struct emu_bell), PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
     d->cap = rep.a;
-    d->mem = mmap(NULL, d->cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fds[1], 0);
-    close(fds[0]);
-    close(fds[1]);
-    if (d->seg == MAP_FAILED || d->mem == MAP_FAILED) return ACL_ERROR_RT_DEV_SETUP_ERROR;
+    d->mem = mmap(NULL, d->cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fds[2], 0);
+    for (int i = 0; i < 3; i++) close(fds[i]);
+    if (d->seg == MAP_FAILED || d->bell == MAP_FAILED || d->mem == MAP_FAILED) {
+        if (d->seg != MAP_FAILED) munmap(d->seg, sizeof(struct emu_dev_seg));
+        if (d->bell != MAP_FAILED) munmap(d->bell, sizeof(struct emu_bell));
+        if (d->mem != MAP_FAILED) munmap(d->mem, d->cap);
+        d->seg = NULL, d->bell = NULL, d->mem = NULL;
+        return fail(ACL_ERROR_RT_DEV_SETUP_ERROR, "cannot map the memory of device %d", dev);
+    }
     pthread_mutex_init(&d->ring_lock, NULL);
     pthread_mutex_init(&d->alloc_lock, NULL);
     d->open = true;
@@ -301,7 +382,9 @@ static int wait_word(_Atomic uint32_t *word, _Atomic uint32_t *waiters, uint32_t
         }
         atomic_fetch_add(waiters, 1);
         c = atomic_load_explicit(word, memory_order_seq_cst);
-        if ((int32_t)(c - target) < 0) emu_futex_wait(word, c, slice);
+        /* the watcher wakes counted waiters when the server goes; one that counted itself
+         * too late for that sees g_server_lost here */
+        if ((int32_t)(c - target) < 0 && !atomic_load(&g_server_lost)) emu_futex_wait(word, c, slice);
         atomic_fetch_sub(waiters, 1);
         c = atomic_load_explicit(word, memory_order_acquire);
         if ((int32_t)(c - target) >= 0) return 0;
@@ -330,8 +413,8 @@ static int submit(int dev, uint32_t sidx, struct emu_op *op, uint64_t *seq)
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
     while (tail - atomic_load_explicit(&r->head, memory_order_acquire) >= EMU_RING_SLOTS) {
         /* Full: the server is behind. Nudge it and back off. */
-        atomic_fetch_add(&d->seg->doorbell, 1);
-        emu_futex_wake(&d->seg->doorbell, 1);
+        atomic_fetch_add(&d->bell->doorbell, 1);
+        emu_futex_wake(&d->bell->doorbell, 1);
         pthread_mutex_unlock(&d->ring_lock);
         usleep(50);
         if (!server_alive()) return fail(ACL_ERROR_RT_SOCKET_CLOSE, "the device server went away");
@@ -351,8 +434,8 @@ static int submit(int dev, uint32_t sidx, struct emu_op *op, uint64_t *seq)
     double end = (double)op->t_submit_ns + p->launch_ns * p->time_scale +
                  emu_solo_ns(p, op->flops, op->hbm_bytes, op->link_bytes);
     if (end < (double)atomic_load_explicit(&d->seg->deadline_ns, memory_order_seq_cst)) {
-        atomic_fetch_add(&d->seg->doorbell, 1);
-        emu_futex_wake(&d->seg->doorbell, 1);
+        atomic_fetch_add(&d->bell->doorbell, 1);
+        emu_futex_wake(&d->bell->doorbell, 1);
     }
     return 0;
 }
@@ -384,6 +467,13 @@ ACL_FUNC_VISIBILITY aclError aclFinalize(void)
         return rc;
     }
     if (g_sock >= 0) {
+        if (g_watching) { /* wake the watcher with our own hang-up, and let it go */
+            atomic_store(&g_closing, true);
+            shutdown(g_sock, SHUT_RDWR);
+            pthread_join(g_watcher, NULL);
+            g_watching = false;
+            atomic_store(&g_closing, false);
+        }
         close(g_sock); /* the server frees what this process still holds */
         g_sock = -1;
     }
@@ -391,6 +481,7 @@ ACL_FUNC_VISIBILITY aclError aclFinalize(void)
         struct device *d = &g_dev[i];
         if (!d->open) continue;
         munmap(d->mem, d->cap);
+        munmap(d->bell, sizeof *d->bell);
         munmap(d->seg, sizeof *d->seg);
         free(d->allocs);
         memset(d, 0, sizeof *d);

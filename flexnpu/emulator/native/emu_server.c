@@ -7,12 +7,16 @@
  *
  * Usage: flexnpu-emu-server --socket PATH --devices N --peak-flops F --hbm-bw B
  *        --link-bw B --launch-ns T --capacity BYTES --time-scale X --mode serial[,shared...]
- *        --soc NAME [--p2p-bw B] [--efficiency NAME=C/H,...]
+ *        --soc NAME [--p2p-bw B] [--efficiency NAME=C/H,...] [--client-group NAME]
+ * Root, the server's own user and members of --client-group (default "flexnpu", if the node
+ * has it) may use the devices; emu.sock is 0660 in that group, and every connection is
+ * checked again by its peer credentials.
  * It prints "ready" on stdout once it accepts connections (and sends READY=1 to
  * $NOTIFY_SOCKET under a systemd Type=notify unit), and exits on SIGTERM/SIGINT.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <grp.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
@@ -20,6 +24,7 @@
 #include <stdarg.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -30,6 +35,12 @@
 #include "acl/acl_base.h"
 
 struct server g_srv;
+
+/* Who may use the devices besides root and the server's own user: members of this group
+ * (--client-group, default EMU_CLIENT_GROUP), when the node has it. */
+static const char *g_group_name = EMU_CLIENT_GROUP;
+static gid_t g_group_gid;
+static bool g_have_group;
 
 static const char *const copy_names[8] = {
     "memcpy_h2h", "memcpy_h2d", "memcpy_d2h", "memcpy_d2d",
@@ -71,7 +82,7 @@ static void *device_thread(void *arg)
     struct device *d = arg;
     prctl(PR_SET_TIMERSLACK, 1UL); /* wake on time: the model's completions are published late by this */
     for (;;) {
-        uint32_t bell = atomic_load(&d->seg->doorbell);
+        uint32_t bell = atomic_load(&d->bell->doorbell);
         pthread_mutex_lock(&d->lock);
         if (atomic_load(&g_srv.stopping)) {
             pthread_mutex_unlock(&d->lock);
@@ -85,18 +96,24 @@ static void *device_thread(void *arg)
         bool pending = sim_rings_pending(d);
         pthread_mutex_unlock(&d->lock);
         if (pending) continue;
-        if (deadline == INT64_MAX) emu_futex_wait(&d->seg->doorbell, bell, -1);
-        else if (deadline > (int64_t)emu_now_ns()) futex_wait_abs(&d->seg->doorbell, bell, deadline);
+        if (deadline == INT64_MAX) emu_futex_wait(&d->bell->doorbell, bell, -1);
+        else if (deadline > (int64_t)emu_now_ns()) futex_wait_abs(&d->bell->doorbell, bell, deadline);
     }
     return NULL;
 }
 
-/* ---------------------------------------------------------------- allocator */
+/* ---------------------------------------------------------------- allocator
+ *
+ * Offsets are allocated device-wide (first fit over every process's blocks), so capacity is
+ * accounted for the device as a whole and an offset names one allocation of one device. The
+ * bytes of a block live in its owner's own memory file at that offset: no other process has
+ * that file. The count clients see (seg->mem_used) is published from d->mem_used and never
+ * read back, so a client cannot change what the allocator believes. */
 
 static int dev_alloc(struct device *d, struct client *c, uint64_t size, uint64_t *off)
 {
     uint64_t need = (size + EMU_MEM_ALIGN - 1) & ~(uint64_t)(EMU_MEM_ALIGN - 1);
-    if (need < size || need > d->p.capacity - atomic_load(&d->seg->mem_used)) return ACL_ERROR_RT_MEMORY_ALLOCATION;
+    if (need < size || need > d->p.capacity - d->mem_used) return ACL_ERROR_RT_MEMORY_ALLOCATION;
     uint64_t at = 0;
     size_t i;
     for (i = 0; i < d->nblocks; i++) { /* first fit */
@@ -114,7 +131,8 @@ static int dev_alloc(struct device *d, struct client *c, uint64_t size, uint64_t
     memmove(&d->blocks[i + 1], &d->blocks[i], (d->nblocks - i) * sizeof *d->blocks);
     d->blocks[i] = (struct block){at, need, c};
     d->nblocks++;
-    atomic_fetch_add(&d->seg->mem_used, need);
+    d->mem_used += need;
+    atomic_store(&d->seg->mem_used, d->mem_used);
     c->dev[d->index].mem_used += need;
     c->dev[d->index].allocs++;
     *off = at;
@@ -124,11 +142,14 @@ static int dev_alloc(struct device *d, struct client *c, uint64_t size, uint64_t
 static void release_block(struct device *d, size_t i)
 {
     struct block b = d->blocks[i];
-    /* give the pages back: device memory is a sparse file */
-    fallocate(d->mem_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b.off, (off_t)b.size);
+    /* give the pages back (device memory is a sparse file), and a later owner of these
+     * offsets reads zeros, not these bytes */
+    int fd = b.owner->dev[d->index].mem_fd;
+    if (fd >= 0) fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b.off, (off_t)b.size);
     memmove(&d->blocks[i], &d->blocks[i + 1], (d->nblocks - i - 1) * sizeof *d->blocks);
     d->nblocks--;
-    atomic_fetch_sub(&d->seg->mem_used, b.size);
+    d->mem_used -= b.size;
+    atomic_store(&d->seg->mem_used, d->mem_used);
     b.owner->dev[d->index].mem_used -= b.size;
     b.owner->dev[d->index].frees++;
 }
@@ -154,6 +175,8 @@ static void client_gone(struct client *c)
         sim_drop_client(d, c);
         for (size_t b = d->nblocks; b-- > 0;)
             if (d->blocks[b].owner == c) release_block(d, b);
+        if (c->dev[i].mem_fd >= 0) close(c->dev[i].mem_fd); /* the pages go with the last mapping */
+        c->dev[i].mem_fd = -1;
     }
     c->alive = false;
     c->exited_s = sim_now() / 1e9;
@@ -198,6 +221,55 @@ static void client_forget(struct client *c)
     free(c);
 }
 
+/* The supplementary groups of pid include gid (/proc/<pid>/status "Groups:"). */
+static bool proc_in_group(pid_t pid, gid_t gid)
+{
+    char path[64], line[4096];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f) return false;
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f)) {
+        if (strncmp(line, "Groups:", 7) != 0) continue;
+        char *p = line + 7, *end;
+        for (;;) {
+            unsigned long g = strtoul(p, &end, 10);
+            if (end == p) break;
+            if ((gid_t)g == gid) found = true;
+            p = end;
+        }
+        break;
+    }
+    fclose(f);
+    return found;
+}
+
+/* Root, the server's own user, and members of the client group may use the devices. The
+ * identity is the kernel's: SO_PEERCRED (effective ids at connect), the groups from /proc
+ * read while a pidfd of the peer proves the pid still names the process that connected. */
+static bool may_use(int fd, const struct ucred *cr)
+{
+    if (cr->uid == 0 || cr->uid == geteuid()) return true;
+    if (!g_have_group) return false;
+    if (cr->gid == g_group_gid) return true;
+    int pidfd = -1;
+    socklen_t len = sizeof pidfd;
+    if (getsockopt(fd, SOL_SOCKET, 77 /* SO_PEERPIDFD, Linux 6.5 */, &pidfd, &len) < 0) {
+        pidfd = (int)syscall(SYS_pidfd_open, cr->pid, 0);
+        struct pollfd hp = {.fd = fd, .events = POLLRDHUP};
+        if (pidfd >= 0 && poll(&hp, 1, 0) > 0 && (hp.revents & (POLLHUP | POLLRDHUP))) {
+            close(pidfd); /* gone already: its pid may name another process now */
+            return false;
+        }
+    }
+    if (pidfd < 0) return false;
+    bool ok = proc_in_group(cr->pid, g_group_gid);
+    struct pollfd pp = {.fd = pidfd, .events = POLLIN};
+    if (poll(&pp, 1, 0) != 0) ok = false; /* exited while /proc was read: not its groups */
+    close(pidfd);
+    return ok;
+}
+
 static struct client *client_new(int fd)
 {
     forget_oldest_exited();
@@ -209,8 +281,15 @@ static struct client *client_new(int fd)
     c->connected_s = sim_now() / 1e9;
     struct ucred cred;
     socklen_t len = sizeof cred;
-    c->pid = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 ? cred.pid : -1;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+        c->pid = cred.pid;
+        c->uid = cred.uid;
+        c->gid = cred.gid;
+        c->admitted = may_use(fd, &cred);
+    } else
+        c->pid = -1;
     for (int s = 0; s < EMU_MAX_STREAMS; s++) c->queues[s].active_slot = -1;
+    for (int i = 0; i < EMU_MAX_DEVICES; i++) c->dev[i].mem_fd = -1;
     lock_all();
     g_srv.clients[g_srv.nclients++] = c;
     unlock_all();
@@ -334,44 +413,70 @@ static void reply(struct client *c, int err, uint64_t a, const int *fds, int nfd
     emu_send_fds(c->fd, &rep, sizeof rep, fds, nfds);
 }
 
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010 /* Linux 5.1 */
+#endif
+
+/* A memfd of size bytes nobody can resize (a client that shrank a file the server maps
+ * would crash the server with SIGBUS), with more seals to come from the caller. */
+static int sealed_memfd(const char *name, uint64_t size)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    if (ftruncate(fd, (off_t)size) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 /* Handles one request; returns false if the connection should close. */
 static bool handle(struct client *c)
 {
     struct emu_req req;
-    int fds[2], nfds = 0;
+    int fds[EMU_FDS_MAX], nfds = 0;
     ssize_t r = emu_recv_fds(c->fd, &req, sizeof req, fds, &nfds);
     if (r <= 0) return false;
+    for (int i = 0; i < nfds; i++) close(fds[i]); /* no request carries fds */
+    if (!c->admitted) {
+        fprintf(stderr, "flexnpu-emu-server: refused pid %d (uid %u, gid %u): not root, uid %u or in group %s\n",
+                (int)c->pid, (unsigned)c->uid, (unsigned)c->gid, (unsigned)geteuid(),
+                g_have_group ? g_group_name : "(none on this node)");
+        reply(c, ACL_ERROR_RT_NO_PERMISSION, g_have_group ? (uint64_t)g_group_gid : EMU_NO_GROUP, NULL, 0);
+        return false;
+    }
     if (r != (ssize_t)sizeof req) {
-        for (int i = 0; i < nfds; i++) close(fds[i]);
         reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
         return true;
     }
-    if (req.type != EMU_REQ_HELLO)
-        for (int i = 0; i < nfds; i++) close(fds[i]);
     bool dev_ok = req.device >= 0 && req.device < g_srv.ndev;
     struct device *d = dev_ok ? &g_srv.dev[req.device] : NULL;
     switch (req.type) {
     case EMU_REQ_HELLO: {
-        if (c->seg || nfds != 1 || req.a != EMU_PROTO_VERSION) {
-            for (int i = 0; i < nfds; i++) close(fds[i]);
+        if (c->seg || req.a != EMU_PROTO_VERSION) {
             reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
             return false;
         }
-        struct stat st;
+        /* the server makes the client segment (so it is sealed against resizing) */
+        int fd = sealed_memfd("flexnpu-emu-client", sizeof(struct emu_client_seg));
         void *m = MAP_FAILED;
-        if (fstat(fds[0], &st) == 0 && (size_t)st.st_size >= sizeof(struct emu_client_seg))
-            m = mmap(NULL, sizeof(struct emu_client_seg), PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
-        close(fds[0]);
-        if (m == MAP_FAILED || ((struct emu_client_seg *)m)->magic != EMU_MAGIC_CLIENT) {
-            if (m != MAP_FAILED) munmap(m, sizeof(struct emu_client_seg));
-            reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
+        if (fd >= 0 && fcntl(fd, F_ADD_SEALS, F_SEAL_SEAL) == 0)
+            m = mmap(NULL, sizeof(struct emu_client_seg), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED) {
+            if (fd >= 0) close(fd);
+            reply(c, ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, 0, NULL, 0);
             return false;
         }
+        struct emu_client_seg *seg = m;
+        seg->magic = EMU_MAGIC_CLIENT;
+        seg->version = EMU_PROTO_VERSION;
+        seg->pid = c->pid;
         lock_all();
         c->seg = m;
         c->alive = true;
         unlock_all();
-        reply(c, 0, (uint64_t)g_srv.ndev, NULL, 0);
+        reply(c, 0, (uint64_t)g_srv.ndev, &fd, 1);
+        close(fd);
         return true;
     }
     case EMU_REQ_OPEN_DEVICE: {
@@ -384,11 +489,20 @@ static bool handle(struct client *c)
             cd->busy_by_name = calloc(EMU_MAX_NAMES, sizeof(double));
             cd->count_by_name = calloc(EMU_MAX_NAMES, sizeof(uint64_t));
         }
+        if (cd->mem_fd < 0) { /* this process's own device memory: nobody else is given it */
+            char name[32];
+            snprintf(name, sizeof name, "flexnpu-emu-hbm%d", req.device);
+            cd->mem_fd = sealed_memfd(name, d->p.capacity);
+            if (cd->mem_fd >= 0 && fcntl(cd->mem_fd, F_ADD_SEALS, F_SEAL_SEAL) < 0) {
+                close(cd->mem_fd);
+                cd->mem_fd = -1;
+            }
+        }
         pthread_mutex_lock(&d->lock);
-        cd->open = cd->busy_by_name && cd->count_by_name;
+        cd->open = cd->busy_by_name && cd->count_by_name && cd->mem_fd >= 0;
         pthread_mutex_unlock(&d->lock);
-        int out[2] = {d->seg_fd, d->mem_fd};
-        reply(c, cd->open ? 0 : ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, d->p.capacity, out, cd->open ? 2 : 0);
+        int out[3] = {d->seg_fd, d->bell_fd, cd->mem_fd};
+        reply(c, cd->open ? 0 : ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, d->p.capacity, out, cd->open ? 3 : 0);
         return true;
     }
     case EMU_REQ_ALLOC:
@@ -434,13 +548,16 @@ static void setup_device(struct device *d, int index, const struct emu_params *p
     d->index = index;
     d->p = *p;
     pthread_mutex_init(&d->lock, NULL);
-    d->seg_fd = memfd_create("flexnpu-emu-device", MFD_CLOEXEC);
-    d->mem_fd = memfd_create("flexnpu-emu-hbm", MFD_CLOEXEC);
-    if (d->seg_fd < 0 || d->mem_fd < 0 || ftruncate(d->seg_fd, sizeof(struct emu_dev_seg)) < 0 ||
-        ftruncate(d->mem_fd, (off_t)p->capacity) < 0)
-        die("cannot create the memory of device %d: %s", index, strerror(errno));
+    d->seg_fd = sealed_memfd("flexnpu-emu-device", sizeof(struct emu_dev_seg));
+    d->bell_fd = sealed_memfd("flexnpu-emu-bell", EMU_MEM_ALIGN);
+    if (d->seg_fd < 0 || d->bell_fd < 0 || fcntl(d->bell_fd, F_ADD_SEALS, F_SEAL_SEAL) < 0)
+        die("cannot create the segments of device %d: %s", index, strerror(errno));
     d->seg = mmap(NULL, sizeof *d->seg, PROT_READ | PROT_WRITE, MAP_SHARED, d->seg_fd, 0);
-    if (d->seg == MAP_FAILED) die("mmap: %s", strerror(errno));
+    d->bell = mmap(NULL, EMU_MEM_ALIGN, PROT_READ | PROT_WRITE, MAP_SHARED, d->bell_fd, 0);
+    if (d->seg == MAP_FAILED || d->bell == MAP_FAILED) die("mmap: %s", strerror(errno));
+    /* from now on only this mapping writes it: clients can map it read-only, and only that */
+    if (fcntl(d->seg_fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) < 0)
+        die("cannot seal the segment of device %d: %s", index, strerror(errno));
     d->seg->magic = EMU_MAGIC_DEV;
     d->seg->version = EMU_PROTO_VERSION;
     d->seg->index = (uint32_t)index;
@@ -480,12 +597,24 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--mode")) modes = v;
         else if (!strcmp(a, "--soc")) snprintf(p.soc_name, sizeof p.soc_name, "%s", v);
         else if (!strcmp(a, "--p2p-bw")) p.p2p_bw = num_arg(v, a);
+        else if (!strcmp(a, "--client-group")) g_group_name = v;
         else if (!strcmp(a, "--efficiency")) {
             char err[160];
             if (emu_parse_efficiency(v, &p, err, sizeof err)) die("--efficiency: %s", err);
         } else die("unknown option %s", a);
     }
     if (!sock_path) die("--socket is required");
+    struct group *gr = *g_group_name ? getgrnam(g_group_name) : NULL;
+    if (gr) {
+        g_have_group = true;
+        g_group_gid = gr->gr_gid;
+    }
+    prctl(PR_SET_DUMPABLE, 0); /* /proc/<pid>/fd and mem of the server (every client's memfd): root's only */
+    struct rlimit rl; /* a socket and a memory file per device for each of up to EMU_MAX_CLIENTS clients */
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
     if (!(p.p2p_bw > 0)) p.p2p_bw = p.link_bw; /* no device link given: copies between devices use the host link */
     if (ndev < 1 || ndev > EMU_MAX_DEVICES) die("--devices must be 1..%d", EMU_MAX_DEVICES);
     p.capacity &= ~(uint64_t)(EMU_MEM_ALIGN - 1);
@@ -534,6 +663,11 @@ int main(int argc, char **argv)
     if (ls < 0 || bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(ls, 64) < 0)
         die("cannot listen on %s: %s", sock_path, strerror(errno));
     umask(old);
+    /* 0660, group: the client group (root's and the server user's otherwise) */
+    if (g_have_group && chown(sock_path, (uid_t)-1, g_group_gid) < 0)
+        fprintf(stderr, "flexnpu-emu-server: cannot give %s to group %s (%s): only root and uid %u can use it\n",
+                sock_path, g_group_name, strerror(errno), (unsigned)geteuid());
+    chmod(sock_path, 0660);
     printf("ready\n");
     fflush(stdout);
     char status[160];
@@ -578,8 +712,8 @@ int main(int argc, char **argv)
 
     atomic_store(&g_srv.stopping, true);
     for (int i = 0; i < g_srv.ndev; i++) {
-        atomic_fetch_add(&g_srv.dev[i].seg->doorbell, 1);
-        emu_futex_wake(&g_srv.dev[i].seg->doorbell, 1);
+        atomic_fetch_add(&g_srv.dev[i].bell->doorbell, 1);
+        emu_futex_wake(&g_srv.dev[i].bell->doorbell, 1);
         pthread_join(g_srv.dev[i].thread, NULL);
     }
     close(ls);

@@ -1,12 +1,17 @@
 /* Layout shared by the emulated libascendcl.so (client) and the device server.
  *
- * Three kinds of shared memory, all memfds passed over the server's unix socket:
- *   - one device segment per device (server-created): parameters, the doorbell the
- *     clients ring, the server's next deadline, memory in use;
- *   - one device memory file per device (server-created, sparse, capacity bytes):
- *     device pointers are addresses inside each client's mapping of it;
- *   - one client segment per process (client-created): a submission ring per device,
- *     stream completion counters and event completion records, written by the server.
+ * Shared memory, all memfds the server creates and passes over its unix socket once it has
+ * admitted a process (root, its own user, or a member of the client group: SO_PEERCRED):
+ *   - one device segment per device: parameters, memory in use, the server's next
+ *     deadline; sealed against writes (F_SEAL_FUTURE_WRITE), so clients map it read-only;
+ *   - one doorbell page per device, the only memory every client of a device can write;
+ *   - one client segment per process: a submission ring per device, stream completion
+ *     counters and event completion records, written by the server;
+ *   - one device memory file per (process, device): sparse, capacity bytes, sealed against
+ *     resizing. A process maps only its own: device memory of another process is in a file
+ *     it is never given, as a real device's contexts keep their memory apart. The server
+ *     allocates offsets device-wide (capacity is accounted over all processes) and punches
+ *     the hole in the owner's file on free.
  *
  * The hot path (a launch) writes one op into the client's ring and rings the doorbell
  * only when the server would otherwise sleep past the op's modelled completion.
@@ -20,7 +25,9 @@
 
 #define EMU_MAGIC_DEV 0x46584e5044455631ULL    /* "FXNPDEV1" */
 #define EMU_MAGIC_CLIENT 0x46584e50434c5431ULL /* "FXNPCLT1" */
-#define EMU_PROTO_VERSION 1
+#define EMU_PROTO_VERSION 2
+#define EMU_CLIENT_GROUP "flexnpu" /* who may use the emulator besides root (paths.CLIENT_GROUP) */
+#define EMU_MAX_FDS 3 /* fds one message carries */
 
 #define EMU_MAX_DEVICES 16
 #define EMU_RING_SLOTS 4096 /* power of two */
@@ -117,21 +124,28 @@ struct emu_dev_seg {
     uint32_t version;
     uint32_t index;
     struct emu_params params;
-    _Atomic uint64_t mem_used;
-    _Atomic uint32_t doorbell; /* futex word the server sleeps on */
-    _Atomic uint32_t pad0;
+    _Atomic uint64_t mem_used;   /* by every process, bytes (page-rounded) */
     _Atomic int64_t deadline_ns; /* when the server next wakes by itself; INT64_MAX: idle */
+};
+
+struct emu_bell { /* one page per device, writable by its clients */
+    _Atomic uint32_t doorbell; /* futex word the server sleeps on */
 };
 
 /* Control messages (SOCK_SEQPACKET). Fixed size; fds ride along with SCM_RIGHTS. */
 enum emu_req_type {
-    EMU_REQ_HELLO = 1,       /* fd: client segment; rep.a = device count */
-    EMU_REQ_OPEN_DEVICE = 2, /* device; fds back: device segment, device memory */
+    EMU_REQ_HELLO = 1,       /* a = EMU_PROTO_VERSION; fd back: client segment; rep.a = device count */
+    EMU_REQ_OPEN_DEVICE = 2, /* device; fds back: device segment (read-only), doorbell, this
+                                process's device memory; rep.a = capacity */
     EMU_REQ_ALLOC = 3,       /* device, a = size; rep.a = offset */
     EMU_REQ_FREE = 4,        /* device, a = offset; rep.a = size freed */
     EMU_REQ_NAME = 5,        /* name; rep.a = name id */
     EMU_REQ_STATUS = 6,      /* reply: JSON text in chunks, then an empty message */
 };
+/* A process the server does not admit gets, to its first request, rep.err =
+ * ACL_ERROR_RT_NO_PERMISSION with rep.a = the client group's gid (EMU_NO_GROUP: none on the
+ * node, root only), and the connection closes. */
+#define EMU_NO_GROUP UINT64_MAX
 
 struct emu_req {
     uint32_t type;

@@ -36,11 +36,15 @@ struct client_dev { /* what a client did on one device: the ground truth `emu st
     uint64_t memset_bytes;
     uint64_t mem_used;
     uint64_t allocs, frees;
+    int mem_fd; /* this client's device memory of this device (a memfd), -1 before it opens it */
 };
 
 struct client {
     int fd;
     pid_t pid;
+    uid_t uid;     /* effective ids at connect (SO_PEERCRED) */
+    gid_t gid;
+    bool admitted; /* root, the server's user, or a member of the client group */
     bool alive;
     uint64_t id;
     struct emu_client_seg *seg;
@@ -58,8 +62,10 @@ struct device {
     int index;
     pthread_t thread;
     pthread_mutex_t lock;
-    struct emu_dev_seg *seg;
-    int seg_fd, mem_fd;
+    struct emu_dev_seg *seg; /* clients map it read-only */
+    struct emu_bell *bell;   /* the doorbell page, writable by clients */
+    int seg_fd, bell_fd;
+    uint64_t mem_used;       /* the allocator's count; published in seg->mem_used */
     struct emu_params p;
     /* allocator */
     struct block *blocks; /* sorted by off */

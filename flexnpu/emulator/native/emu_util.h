@@ -41,12 +41,14 @@ static inline int emu_socket_path(char *out, size_t n)
     return (w > 0 && (size_t)w < n && (size_t)w < sizeof(((struct sockaddr_un *)0)->sun_path)) ? 0 : -1;
 }
 
-/* Sends one message with up to two fds attached. */
+#define EMU_FDS_MAX 4 /* >= EMU_MAX_FDS */
+
+/* Sends one message with up to EMU_FDS_MAX fds attached. */
 static inline int emu_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds)
 {
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
     union {
-        char buf[CMSG_SPACE(2 * sizeof(int))];
+        char buf[CMSG_SPACE(EMU_FDS_MAX * sizeof(int))];
         struct cmsghdr align;
     } u;
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
@@ -66,12 +68,12 @@ static inline int emu_send_fds(int sock, const void *buf, size_t len, const int 
     return w == (ssize_t)len ? 0 : -1;
 }
 
-/* Receives one message; fds received (up to 2) go to fds[], count to *nfds. */
+/* Receives one message; fds received (up to EMU_FDS_MAX) go to fds[], count to *nfds. */
 static inline ssize_t emu_recv_fds(int sock, void *buf, size_t len, int *fds, int *nfds)
 {
     struct iovec iov = {.iov_base = buf, .iov_len = len};
     union {
-        char buf[CMSG_SPACE(2 * sizeof(int))];
+        char buf[CMSG_SPACE(EMU_FDS_MAX * sizeof(int))];
         struct cmsghdr align;
     } u;
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
@@ -86,7 +88,7 @@ static inline ssize_t emu_recv_fds(int sock, void *buf, size_t len, int *fds, in
                 for (int i = 0; i < k; i++) {
                     int fd;
                     memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-                    if (fds && n < 2) fds[n++] = fd;
+                    if (fds && n < EMU_FDS_MAX) fds[n++] = fd;
                     else close(fd);
                 }
             }
