@@ -158,9 +158,9 @@ class AccessPolicy:
         gid = self.admin_gid if admin else self.client_gid
         if gid is not None:
             os.chown(path, self.daemon_uid, gid, follow_symlinks=False)
-            os.chmod(path, 0o660)
+            os.chmod(path, paths.CLIENT_SOCKET_MODE)  # == ADMIN_SOCKET_MODES[1]
         else:
-            os.chmod(path, 0o600)
+            os.chmod(path, paths.GROUPLESS_MODE)
 
 
 def socket_refusal(path: Path, device: int, admin: bool) -> str | None:

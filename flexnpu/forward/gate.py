@@ -236,7 +236,7 @@ class GateTable:
         try:
             if gid is not None:
                 os.fchown(fd, os.geteuid(), gid)
-            os.fchmod(fd, 0o640 if gid is not None else 0o600)  # the umask does not decide it
+            os.fchmod(fd, paths.GATE_TABLE_MODE if gid is not None else paths.GROUPLESS_MODE)  # not the umask
             if os.fstat(fd).st_size != self._l["size"]:
                 os.ftruncate(fd, self._l["size"])
             self.ctl = mmap.mmap(fd, self._l["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
