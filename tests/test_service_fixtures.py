@@ -168,7 +168,7 @@ class Service:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # the group this test started
-                self.proc.wait(5)
+                self.proc.wait(60)  # closing many uprobes takes the kernel a while, even after a kill
         return self.proc.returncode
 
 

@@ -295,3 +295,36 @@ def test_observer_stays_in_its_filter(runner, account):
         _check_trace(u[units.OBSERVE], tr)
     finally:
         n.close()
+
+
+@needs_root
+@pytest.mark.root_bpf
+def test_observer_finds_libraries_of_other_users_without_sys_ptrace(runner, account):
+    """Why the unit has no CAP_SYS_PTRACE: a process of another uid (nobody) that maps a copy
+    of libascendcl.so from its own directory is found through /proc and its copy attached."""
+    libdir = runner.rdir.parent / "otherlib"
+    libdir.mkdir(mode=0o755)
+    os.chmod(libdir, 0o755)
+    lib = libdir / "libascendcl.so"
+    shutil.copy(paths.emulator_library(), lib)
+    os.chmod(lib, 0o755)
+    other = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                              f"import ctypes, time; ctypes.CDLL({str(lib)!r}); time.sleep(120)"],
+                             start_new_session=True)
+    n = NotifySocket(None)
+    try:
+        svc = _observer(runner, account, n)
+        _wait_ready(n, svc, 120)
+        deadline = time.monotonic() + 20
+        while f"probes to {lib}" not in svc.output():
+            assert other.poll() is None and time.monotonic() < deadline, svc.output()
+            time.sleep(0.2)
+        assert "CAP_SYS_PTRACE" not in service_section(units.render(service_config(
+            account, runner.rdir.parent / "c.toml"))[units.OBSERVE])["CapabilityBoundingSet"][0]
+        t0 = time.monotonic()
+        assert svc.stop(90) == 0, svc.output()
+        print(f"observer with two libraries attached stopped in {time.monotonic() - t0:.1f} s")
+    finally:
+        other.kill()
+        other.wait(5)
+        n.close()
