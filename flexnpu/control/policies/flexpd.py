@@ -17,6 +17,10 @@ Decode steps are never delayed past their budget; prefill gets every other momen
   `grow_below` x its slack adds one (up to `prefill_inflight_max`). Prefill at 1 and still over
   for `relearn_after` snapshots (decode's batch grew, so its alone step did): prefill's gates
   close for one observer interval to measure decode alone again, then reopen.
+- **Prefill first** (`first = "prefill"`): the other way round, for TTFT. Prefill gets
+  priority 7 and no budget, so a prompt that arrives runs at once; decode gets priority 0, an
+  in-flight budget of `decode_inflight` launches (the most a prompt finds queued ahead of it)
+  and a max hold of `decode_max_hold_ms` (no decode call waits longer behind prefill).
 - **Stepping aside.** A device without both a prefill and a decode client (one client
   alone, or only one side) gets every gate open and no budget.
 - **Classes.** The role given to the shim (FLEXNPU_ROLE) if any, else the observed phase.
@@ -59,6 +63,11 @@ class Options:
     relearn_after: int = opt(10, "snapshots over budget with prefill at 1 before decode's alone step is "
                                  "measured again (0 = never)", lo=0, hi=100000)
     mixed_as: str = opt("decode", "how a 'mixed' (chunked-prefill) process counts", choices=("decode", "prefill"))
+    first: str = opt("decode", "which side goes first: decode (prefill fills its gaps) or prefill (a prompt runs "
+                               "at once; decode waits at most decode_max_hold_ms)", choices=("decode", "prefill"))
+    decode_inflight: int = opt(4, "with first = prefill: decode's in-flight budget (0 = unlimited)", lo=0, hi=1024)
+    decode_max_hold_ms: float = opt(50.0, "with first = prefill: longest one decode call waits for prefill",
+                                    lo=0.01, hi=60000.0)
 
     def check(self) -> tuple[str, str] | None:
         if self.grow_below >= self.shrink_above:
@@ -211,6 +220,9 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                                    floor_note="")
             continue
         devices[dev] = ds
+        if options.first == "prefill":
+            _prefill_first(cs, cls, options, out, reasons, dev)
+            continue
         decode_set = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
         # while probing, a closed gate must outlast the probe, or prefill's calls would go anyway
         hold = ds.probe_hold_ms if ds.probe_ns else options.prefill_max_hold_ms
@@ -235,6 +247,19 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                                          f"{', '.join(str(d.pid) for d in decodes)}: "
                                          f"priority {PREFILL_PRIORITY}, in-flight {s.inflight}, max hold {hold:g} ms")
     return PolicyOutput(settings, State(devices, classes), reasons)
+
+
+def _prefill_first(cs: list[Client], cls: dict[int, str], options: Options, out: dict[int, GateSetting],
+                   reasons: Reasons, dev: int) -> None:
+    pre = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
+    dec = setting("open", PREFILL_PRIORITY, options.decode_max_hold_ms, options.decode_inflight)
+    for c in cs:
+        k = cls[c.pid]
+        s = pre if k == "prefill" else dec if k == "decode" else OPEN
+        out[c.pid] = s
+        if s is not c.setting and s != c.setting:
+            reasons[(dev, c.pid)] = (f"{k} pid {c.pid} on device {dev}, prefill first: priority {s.priority}, "
+                                     f"in-flight {s.inflight or 'unlimited'}, max hold {s.max_hold_ms:g} ms")
 
 
 def describe(state: State, device: int) -> str:
