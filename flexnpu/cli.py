@@ -34,6 +34,7 @@ def _register_optional() -> None:
     app.command("controller")(__import__("flexnpu.control.cli", fromlist=["controller_command"]).controller_command)
     app.command("top")(__import__("flexnpu.tui.cli", fromlist=["top_command"]).top_command)
     app.add_typer(__import__("flexnpu.service.cli", fromlist=["app"]).app, name="service")
+    app.add_typer(__import__("flexnpu.bench.cli", fromlist=["app"]).app, name="bench")
 
 
 _register_optional()

@@ -80,12 +80,14 @@ class LocalNode:
 
     observer: None (none), "shim", "bpf" or "auto" (the `flexnpu observe --source`);
     policy: None (no controller) or a policy name for `flexnpu controller`;
-    controller_args: extra command-line options for the controller (e.g. ["--tick-ms", "5"]).
+    controller_args: extra command-line options for the controller (e.g. ["--tick-ms", "5"]);
+    partition: the emulator's `--partition prefill=S,decode=S` (fixed shares by role), or None.
     """
 
     def __init__(self, devices: int = 1, mode: str = "serial", profile: str = "910b", time_scale: float = 1.0,
                  observer: str | None = "shim", observe_interval_ms: float = 50.0, policy: str | None = None,
-                 controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None) -> None:
+                 controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None,
+                 partition: str | None = None) -> None:
         self.devices = devices
         self.mode = mode
         self.profile = profile
@@ -94,6 +96,7 @@ class LocalNode:
         self.observe_interval_ms = observe_interval_ms
         self.policy = policy
         self.controller_args = list(controller_args)
+        self.partition = partition  # the emulator's --partition (vNPU-like split by role), or None
         self.want_daemons = daemons
         self._own_rdir = rdir is None
         self.rdir = Path(rdir) if rdir else Path(tempfile.mkdtemp(prefix="flexnpu-node-"))
@@ -137,7 +140,8 @@ class LocalNode:
 
         self.rdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir)
+        self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir,
+                                     partition=self.partition)
         if self.want_daemons:
             for dev in range(self.devices):
                 self._service(f"daemon-{dev}", ["daemon", "--device", str(dev)])

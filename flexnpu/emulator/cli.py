@@ -32,15 +32,18 @@ def start(
     ] = "serial",
     time_scale: Annotated[float, typer.Option(help="Multiply every modelled time by this.")] = 1.0,
     foreground: Annotated[bool, typer.Option(help="Run in the foreground (for systemd).")] = False,
+    partition: Annotated[str | None, typer.Option(help="Split every device by role in fixed shares of compute "
+                                                  "and bandwidth, like vNPU templates: prefill=S,decode=S.")] = None,
 ) -> None:
     """Start the device server.
 
     Examples:
       flexnpu emu start --devices 2
       flexnpu emu start --profile 910c --mode serial,shared --devices 2
+      flexnpu emu start --partition prefill=0.6,decode=0.4
     """
     try:
-        pid = control.start(devices, profile, mode, time_scale, foreground=foreground)
+        pid = control.start(devices, profile, mode, time_scale, foreground=foreground, partition=partition)
     except control.EmulatorError as e:
         err.print(f"flexnpu emu start: {e}")
         raise typer.Exit(1)

@@ -175,9 +175,12 @@ def start(
     rdir: Path | None = None,
     foreground: bool = False,
     timeout: float = 10.0,
+    partition: str | None = None,
 ) -> int:
     """Starts the device server; returns its pid. `mode` is one mode for all devices or a
-    comma list with one per device. With foreground=True, runs it in this process's place."""
+    comma list with one per device. With foreground=True, runs it in this process's place.
+    `partition` ("prefill=0.6,decode=0.4"): every device split by role in fixed shares of its
+    compute and bandwidth, like Ascend's vNPU templates (docs/emulator.md)."""
     rdir = Path(rdir or paths.runtime_dir())
     if profile not in PROFILES:
         raise EmulatorError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -190,6 +193,8 @@ def start(
         raise EmulatorError(f"--devices must be between 1 and 16, got {devices}")
     if not 0 < time_scale < float("inf"):
         raise EmulatorError(f"--time-scale must be positive and finite, got {time_scale}")
+    if partition is not None:
+        parse_partition(partition)
     binary = paths.emulator_server_binary()
     if not binary.exists():
         raise EmulatorError(f"{binary} is missing; reinstall FlexNPU (pip install .)")
@@ -211,6 +216,7 @@ def start(
         "--mode", mode,
         "--time-scale", repr(time_scale),
         *PROFILES[profile].server_args(),
+        *(["--partition", partition] if partition else []),
         "--client-group", paths.CLIENT_GROUP,
     ]
     try:
@@ -253,6 +259,22 @@ def _prepare_runtime_dir(rdir: Path) -> None:
     if not os.access(rdir, os.W_OK | os.X_OK):
         raise EmulatorPermissionError(f"permission denied: cannot write in {rdir}; {hint}")
 
+
+def parse_partition(spec: str) -> dict[str, float]:
+    """{"prefill": s, "decode": s} from "prefill=S,decode=S" (the server checks the same)."""
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        role, eq, val = part.partition("=")
+        try:
+            x = float(val) if eq else float("nan")
+        except ValueError:
+            x = float("nan")
+        if role not in ("prefill", "decode") or not 0 < x <= 1:
+            raise EmulatorError(f"--partition takes prefill=S,decode=S with shares in (0, 1], got {spec!r}")
+        out[role] = x
+    if len(out) != 2 or sum(out.values()) > 1 + 1e-9:
+        raise EmulatorError(f"--partition needs both prefill and decode shares adding up to at most 1, got {spec!r}")
+    return out
 
 
 def stop(rdir: Path | None = None, timeout: float = 5.0) -> bool:

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from flexnpu.workload import metrics as MX
 from flexnpu.workload.trace import Request
@@ -49,6 +49,7 @@ class Setup:
     decode_kv_tokens: int = 0  # 0: 90% of the device memory free when it starts
     weights: bool = True
     shim: bool = True
+    role_env: bool = False  # FLEXNPU_ROLE in the instances' environment without the shim (vNPU partitions)
     slo: MX.Slo = field(default_factory=MX.Slo)
     busy_tolerance: float = 0.02
     timeout_s: float = 600.0
@@ -106,8 +107,9 @@ def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = No
     return a + ([] if s.weights else ["--no-weights"])
 
 
-def run(node: Any, reqs: list[Request], setup: Setup) -> Result:
-    """Runs the trace on the node (a started LocalNode) and returns metrics and checks."""
+def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], None] | None = None) -> Result:
+    """Runs the trace on the node (a started LocalNode) and returns metrics and checks.
+    on_done(request id) is called, from a reader thread, as each request finishes."""
     timing = {r.id: MX.RequestTiming(r.id, 0.0, r.prompt_tokens, r.output_tokens) for r in reqs}
     by_id = {r.id: r for r in reqs}
     done = threading.Event()
@@ -121,6 +123,8 @@ def run(node: Any, reqs: list[Request], setup: Setup) -> Result:
             remaining[0] -= 1
             if remaining[0] == 0:
                 done.set()
+        if on_done is not None:
+            on_done(rid)
 
     def on_event(src: _Proc, ev: dict) -> None:
         kind = ev["ev"]
@@ -144,7 +148,8 @@ def run(node: Any, reqs: list[Request], setup: Setup) -> Result:
 
     def spawn(name: str, argv: list[str], role: str) -> _Proc:
         env_role = role if role in ("prefill", "decode") else "auto"
-        p = node.spawn(argv, role=env_role, shim=setup.shim, stdin=subprocess.PIPE, stderr=None)
+        extra = {"FLEXNPU_ROLE": env_role} if setup.role_env and not setup.shim else None
+        p = node.spawn(argv, role=env_role, shim=setup.shim, extra_env=extra, stdin=subprocess.PIPE, stderr=None)
         procs[name] = _Proc(p, name, on_event)
         if not procs[name].ready.wait(60):
             raise RuntimeError(f"the {name} instance did not start (exit {p.poll()})")

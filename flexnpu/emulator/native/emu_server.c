@@ -7,6 +7,7 @@
  *
  * Usage: flexnpu-emu-server --socket PATH --devices N --peak-flops F --hbm-bw B
  *        --link-bw B --launch-ns T --capacity BYTES --time-scale X --mode serial[,shared...]
+ *        [--partition prefill=S,decode=S]  (vNPU-like fixed shares per role: emu_sim.c)
  *        --soc NAME [--p2p-bw B] [--efficiency NAME=C/H,...] [--client-group NAME]
  * Root, the server's own user and members of --client-group (default "flexnpu", if the node
  * has it) may use the devices; emu.sock is 0660 in that group, and every connection is
@@ -598,6 +599,10 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--soc")) snprintf(p.soc_name, sizeof p.soc_name, "%s", v);
         else if (!strcmp(a, "--p2p-bw")) p.p2p_bw = num_arg(v, a);
         else if (!strcmp(a, "--client-group")) g_group_name = v;
+        else if (!strcmp(a, "--partition")) {
+            char err[160];
+            if (sim_parse_partition(v, &g_srv.partition, err, sizeof err)) die("--partition: %s", err);
+        }
         else if (!strcmp(a, "--efficiency")) {
             char err[160];
             if (emu_parse_efficiency(v, &p, err, sizeof err)) die("--efficiency: %s", err);

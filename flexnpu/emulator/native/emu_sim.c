@@ -12,15 +12,24 @@
  *                run at half speed while a compute-bound and a memory-bound op barely slow
  *                each other.
  *
+ *   partition:   (--partition, on top of either mode) each role has a fixed fraction of
+ *                every resource, as a vNPU template fixes AI Cores and bandwidth: the ops of
+ *                a partition run one at a time, at `share` of full speed, whatever the other
+ *                partitions do. A client's busy time then counts the work done (full-device
+ *                ns: its modelled time), the device's the share of it in use.
+ *
  * The model runs on the real clock: the server thread advances it to "now" whenever it
  * wakes, publishing completions (stream counters, event timestamps) as it passes them.
  * Times it publishes are the model's exact times, not the moment the thread woke.
  */
 #include "emu_sim.h"
 
+#include <fcntl.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "emu_util.h"
 
@@ -133,6 +142,8 @@ static void complete(struct device *d, struct squeue *q, double t)
         active_remove(d, q);
     }
     if (d->current == s) d->current = NULL;
+    for (int k = 0; k < 3; k++)
+        if (d->part_current[k] == s) d->part_current[k] = NULL;
     if (s->op.kind == EMU_OP_EVENT_RECORD) {
         struct emu_event_state *e = &c->seg->events[s->op.event];
         atomic_store_explicit(&e->t_ns, sim_abs(t), memory_order_relaxed);
@@ -161,6 +172,53 @@ static bool complete_instant(struct device *d)
         }
     }
     return any;
+}
+
+int sim_parse_partition(const char *spec, struct emu_partition *out, char *err, size_t errlen)
+{
+    char buf[256], *save = NULL;
+    snprintf(buf, sizeof buf, "%s", spec);
+    struct emu_partition p = {.on = true};
+    bool seen[2] = {false, false};
+    for (char *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '=');
+        if (!eq) return snprintf(err, errlen, "'%s' is not role=share", tok), 1;
+        *eq = 0;
+        int k = !strcmp(tok, "prefill") ? EMU_PART_PREFILL : !strcmp(tok, "decode") ? EMU_PART_DECODE : -1;
+        if (k < 0) return snprintf(err, errlen, "unknown role '%s' (prefill or decode)", tok), 1;
+        char *end;
+        double x = strtod(eq + 1, &end);
+        if (*end || !(x > 0) || x > 1) return snprintf(err, errlen, "%s share must be in (0, 1], got '%s'", tok, eq + 1), 1;
+        p.share[k] = x;
+        seen[k] = true;
+    }
+    if (!seen[0] || !seen[1]) return snprintf(err, errlen, "give both prefill=S and decode=S"), 1;
+    double left = 1.0 - p.share[0] - p.share[1];
+    if (left < -1e-9) return snprintf(err, errlen, "prefill and decode shares add up to more than 1"), 1;
+    p.share[EMU_PART_OTHER] = left > 0.01 ? left : 1.0; /* nothing left: others are not partitioned */
+    *out = p;
+    return 0;
+}
+
+/* The partition of a client: the FLEXNPU_ROLE in its environment (read once). */
+static int client_part(struct client *c)
+{
+    if (c->part_known) return c->part;
+    c->part_known = true;
+    c->part = EMU_PART_OTHER;
+    char path[64], env[65536];
+    snprintf(path, sizeof path, "/proc/%d/environ", (int)c->pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return c->part;
+    ssize_t n = read(fd, env, sizeof env - 1);
+    close(fd);
+    if (n <= 0) return c->part;
+    env[n] = 0;
+    for (ssize_t i = 0; i < n; i += (ssize_t)strlen(env + i) + 1) {
+        if (!strcmp(env + i, "FLEXNPU_ROLE=prefill")) c->part = EMU_PART_PREFILL;
+        else if (!strcmp(env + i, "FLEXNPU_ROLE=decode")) c->part = EMU_PART_DECODE;
+    }
+    return c->part;
 }
 
 /* Max-min fair rates over compute, HBM and link for the running ops. */
@@ -197,6 +255,25 @@ static void share_resources(struct sop **run, int n)
 static int running_set(struct device *d, struct sop **run)
 {
     int n = 0;
+    if (g_srv.partition.on) {
+        for (int k = 0; k < 3; k++) {
+            struct sop *cur = d->part_current[k];
+            if (!cur) {
+                for (size_t i = 0; i < d->nactive; i++) {
+                    struct sop *s = d->active[i]->head;
+                    if (s->solo > 0 && client_part(s->c) == k && ready(d, s) &&
+                        (!cur || s->arrive < cur->arrive || (s->arrive == cur->arrive && s->order < cur->order)))
+                        cur = s;
+                }
+                d->part_current[k] = cur;
+            }
+            if (cur) {
+                cur->rate = g_srv.partition.share[k];
+                run[n++] = cur;
+            }
+        }
+        return n;
+    }
     if (d->p.mode == EMU_MODE_SERIAL) {
         if (!d->current) {
             struct sop *best = NULL;
@@ -245,11 +322,12 @@ void sim_advance(struct device *d, double t)
         if (dt > 0 && n > 0) {
             double total = 0;
             for (int i = 0; i < n; i++) total += run[i]->rate;
-            d->busy_ns += dt;
+            bool part = g_srv.partition.on;
+            d->busy_ns += part ? dt * (total < 1.0 ? total : 1.0) : dt;
             for (int i = 0; i < n; i++) {
                 struct sop *s = run[i];
                 s->remaining -= dt * s->rate / s->solo;
-                double share = total > 0 ? dt * s->rate / total : 0;
+                double share = part ? dt * s->rate : total > 0 ? dt * s->rate / total : 0;
                 struct client_dev *cd = &s->c->dev[d->index];
                 cd->busy_ns += share;
                 cd->busy_by_name[s->op.name_id] += share;
@@ -294,6 +372,8 @@ void sim_drop_client(struct device *d, struct client *c)
         struct squeue *q = &c->queues[s];
         if (!q->head) continue;
         if (d->current && d->current->c == c) d->current = NULL;
+        for (int k = 0; k < 3; k++)
+            if (d->part_current[k] && d->part_current[k]->c == c) d->part_current[k] = NULL;
         if (q->head->c != c) continue;
         bool on_this_device = false;
         for (size_t i = 0; i < d->nactive; i++)

@@ -51,6 +51,8 @@ struct client {
     struct squeue queues[EMU_MAX_STREAMS];
     struct client_dev dev[EMU_MAX_DEVICES];
     double connected_s, exited_s;
+    bool part_known; /* partition mode: part looked up (from FLEXNPU_ROLE in its environment) */
+    int part;        /* enum emu_part */
 };
 
 struct block { /* an allocation in device memory */
@@ -77,10 +79,23 @@ struct device {
     struct squeue **active; /* streams with queued ops */
     size_t nactive, cap_active;
     struct sop *current; /* serial mode: the op holding the device */
+    struct sop *part_current[3]; /* partition mode: the op holding each partition */
     bool event_poll;     /* a stream waits on an event another device completes */
 };
 
 #define EMU_MAX_CLIENTS 256
+
+/* Partition mode (--partition prefill=S,decode=S): a fixed fraction of every resource of
+ * each device per role, in the manner of Ascend's vNPU templates. A client's role is the
+ * FLEXNPU_ROLE in its environment; other clients share what the two leave (or the whole
+ * device when they leave nothing). Each partition runs its ops one at a time. */
+enum emu_part { EMU_PART_PREFILL = 0, EMU_PART_DECODE = 1, EMU_PART_OTHER = 2 };
+struct emu_partition {
+    bool on;
+    double share[3]; /* enum emu_part */
+};
+/* Parses "prefill=0.6,decode=0.4"; nonzero with a message in err on bad input. */
+int sim_parse_partition(const char *spec, struct emu_partition *out, char *err, size_t errlen);
 
 struct server {
     struct device dev[EMU_MAX_DEVICES];
@@ -92,6 +107,7 @@ struct server {
     int nnames;
     pthread_mutex_t names_lock;
     uint64_t t0_ns; /* CLOCK_MONOTONIC of model time 0 */
+    struct emu_partition partition;
     _Atomic bool stopping;
 };
 

@@ -1,0 +1,131 @@
+"""`flexnpu bench pd`: the prefill/decode sharing comparison on the emulator (flexnpu.bench.pd)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from flexnpu.bench import pd
+
+app = typer.Typer(help="Benchmarks on the emulated device.", no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+def _floats(s: str | None, what: str) -> tuple[float, ...]:
+    if not s:
+        return ()
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise pd.BenchError(f"{what} takes a comma list of numbers, got {s!r}") from None
+
+
+def options_from(trace: str, n: int | None, rate: float | None, rates: str | None, devices: int, mode: str,
+                 repeat: int, configs: str | None, shares: str | None, model: str | None, seed: int,
+                 slo_ttft_ms: float | None, slo_tpot_ms: float | None, quick: bool) -> pd.Options:
+    o = pd.Options(trace=trace, devices=devices, repeat=repeat, seed=seed,
+                   modes=pd.MODES if mode == "both" else tuple(mode.split(",")), observer=pd.default_observer())
+    if n is not None:
+        o.n = n
+    if rate is not None:
+        o.rate = rate
+    if model:
+        o.model = model
+    if shares:
+        o.shares = _floats(shares, "--shares")
+    if slo_ttft_ms is not None:
+        o.slo_ttft_s = slo_ttft_ms / 1e3
+    if slo_tpot_ms is not None:
+        o.slo_tpot_s = slo_tpot_ms / 1e3
+    if configs:
+        o.configs = tuple(c.strip() for c in configs.split(",") if c.strip())
+    o.rates = _floats(rates, "--rates")
+    if quick:
+        o = pd.quick(o)
+    o.check()
+    return o
+
+
+def execute(o: pd.Options, console: Console, json_path: Path | None, plot_path: Path | None) -> dict:
+    """Runs the benchmark with a progress bar, prints the tables, writes the files."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flexnpu.bench import pd_view
+
+    plan = pd.plan(o)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
+                  TimeElapsedColumn(), console=console, transient=True) as prog:
+        task = prog.add_task("starting", total=plan.total_requests)
+        rep = pd.run(o, progress=lambda d, k: prog.update(task, description=d, advance=k),
+                     log=lambda s: prog.console.print(s, markup=False, highlight=False))
+    console.print(pd_view.render(rep))
+    if json_path:
+        json_path.write_text(json.dumps(pd.json_ready(rep), indent=1) + "\n")
+        console.print(f"results: {json_path}")
+    if plot_path:
+        pd_view.plot(rep, plot_path)
+        console.print(f"plot: {plot_path}")
+    return rep
+
+
+@app.command("pd")
+def pd_command(
+    trace: Annotated[str, typer.Option(help="balanced, prefill-heavy, or an Azure LLM trace CSV.")] = "balanced",
+    n: Annotated[Optional[int], typer.Option("-n", help="Requests in the trace.")] = None,
+    rate: Annotated[Optional[float], typer.Option(help="Request rate the targets are judged at (req/s).")] = None,
+    rates: Annotated[Optional[str], typer.Option(help="Load sweep: a comma list of rates (req/s).")] = None,
+    devices: Annotated[int, typer.Option(help="Emulated devices (co-located: one pair each).")] = 2,
+    mode: Annotated[str, typer.Option(help="The emulator's sharing mode: serial (Ascend-like, the default), "
+                                      "shared, or both.")] = pd.DEFAULT_MODE,
+    repeat: Annotated[int, typer.Option(help="Run everything this many times; medians and spread.")] = 1,
+    configs: Annotated[Optional[str], typer.Option(help=f"A comma list of: {', '.join(pd.CONFIGS)}.")] = None,
+    shares: Annotated[Optional[str], typer.Option(help="Prefill shares the static-colocation sweep tries.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model config (qwen2.5-7b; NAME:LAYERS for fewer layers).")] = None,
+    seed: Annotated[int, typer.Option(help="Trace seed.")] = 0,
+    slo_ttft_ms: Annotated[Optional[float], typer.Option(help="TTFT SLO for goodput (ms).")] = None,
+    slo_tpot_ms: Annotated[Optional[float], typer.Option(help="TPOT SLO for goodput (ms).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here (\"schema\": 1).")] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write the plot here (PNG).")] = None,
+    quick: Annotated[bool, typer.Option(help="CI size: 2 layers, 16 requests, one share per form.")] = False,
+) -> None:
+    """Compare ways of sharing devices between a prefill and a decode instance.
+
+    Runs one trace under no-shim, uncontrolled (passthrough), static-colocation
+    (the best time or vNPU split of a sweep), static-disagg (separate devices)
+    and flexnpu (flexpd), one after another on the emulator, and prints
+    latency, throughput, SLO attainment, the emulator's checks, the observer's
+    phase accuracy and each target as PASS/MISS.
+
+    Examples:
+      flexnpu bench pd --quick
+      flexnpu bench pd --json pd.json --plot pd.png
+      flexnpu bench pd --trace prefill-heavy --repeat 3
+      flexnpu bench pd --rates 2,4,6,8 --plot load.png
+      flexnpu bench pd --mode both --configs static-colocation,flexnpu
+    """
+    try:
+        if json_path and not json_path.parent.exists():
+            raise pd.BenchError(f"--json: directory {json_path.parent} does not exist")
+        if plot_path and not plot_path.parent.exists():
+            raise pd.BenchError(f"--plot: directory {plot_path.parent} does not exist")
+        if mode not in (*pd.MODES, "both"):
+            raise pd.BenchError(f"--mode takes serial, shared or both, got {mode!r}")
+        o = options_from(trace, n, rate, rates, devices, mode, repeat, configs, shares, model, seed,
+                         slo_ttft_ms, slo_tpot_ms, quick)
+    except pd.BenchError as e:
+        err.print(f"flexnpu bench pd: {e}")
+        raise typer.Exit(2)
+    try:
+        execute(o, Console(), json_path, plot_path)
+    except KeyboardInterrupt:
+        err.print("flexnpu bench pd: interrupted; everything it started is stopped")
+        raise typer.Exit(130)
+    except Exception as e:  # one line, not a traceback: the node's log names the part that failed
+        err.print(f"flexnpu bench pd: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise typer.Exit(1)

@@ -1,0 +1,540 @@
+"""`flexnpu bench pd`: one trace under several ways of sharing the devices, one after another,
+on the emulator with the same hardware for each, and the targets as ratios of the same run.
+
+Configurations (CONFIGS):
+
+  no-shim            prefill and decode co-located, no FlexNPU at all
+  uncontrolled       co-located under the shim, the `passthrough` policy
+  static-colocation  co-located with a fixed split, the better of a time split (`static-split`,
+                     its prefill_share) and a spatial split (the emulator's vNPU-like
+                     `--partition`), the share chosen by a sweep at the trace's load
+  static-disagg      prefill and decode on separate devices (1:1), the KV copied across
+  flexnpu            co-located, the `flexpd` policy
+
+On N devices every co-located configuration runs N prefill/decode pairs (the trace dealt
+round-robin), static-disagg N/2 pairs. Every run ends with the workload's own check against
+the emulator (kernel counts, busy time, bytes, tokens) and, where an observer runs, the
+observer's phase of each instance against the workload's ground truth (`phasecheck`).
+
+    from flexnpu.bench import pd
+    report = pd.run(pd.Options(quick=True))     # the dict `--json` writes
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from flexnpu.bench.node import LocalNode, machine
+from flexnpu.bench.phasecheck import PhaseCheck
+from flexnpu.workload import driver, metrics as MX, model as M, trace as T
+
+CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu")
+MODES = ("serial", "shared")
+DEFAULT_MODE = "serial"  # separate contexts take turns on Ascend's AI Cores (docs/bench.md)
+# The bench's traces. Outputs are clipped shorter than trace.SHAREGPT_OUTPUT's 2048: a run's
+# throughput is over its whole duration, and one 2048-token reply would be most of it.
+TRACES = {
+    "balanced": dict(prompt=T.LengthDist(170, 1.0, 4, 2048), output=T.LengthDist(150, 0.9, 1, 512)),
+    "prefill-heavy": dict(prompt=T.LengthDist(1024, 0.5, 128, 4096), output=T.LengthDist(24, 0.6, 1, 128)),
+}
+# flexpd as a serving node runs it: prefill first (TTFT), decode held at most 50 ms a call
+FLEXPD_TOML = '[policy.flexpd]\nfirst = "prefill"\n'
+ATTAIN = 0.9  # a load is served at an SLO when this share of its requests meet it
+
+
+class BenchError(ValueError):
+    """Bad input: str() is one line saying what to change."""
+
+
+@dataclass
+class Options:
+    trace: str = "balanced"  # balanced | prefill-heavy | an Azure CSV file
+    n: int = 120
+    rate: float = 6.0  # requests/s: the load the targets are judged at
+    rates: tuple[float, ...] = ()  # a load sweep besides
+    burstiness: float = 1.0
+    seed: int = 0
+    model: str = "qwen2.5-7b"
+    profile: str = "910b"
+    devices: int = 2
+    modes: tuple[str, ...] = (DEFAULT_MODE,)
+    repeat: int = 1
+    configs: tuple[str, ...] = CONFIGS
+    shares: tuple[float, ...] = (0.3, 0.5, 0.7)  # prefill shares the static sweep tries
+    slo_ttft_s: float = 1.0
+    slo_tpot_s: float = 0.06
+    observer: str = "auto"  # bpf where it can attach, else the shim's counters
+    quick: bool = False
+
+    def check(self) -> None:
+        if self.trace not in TRACES and not Path(self.trace).is_file():
+            raise BenchError(f"--trace takes {', '.join(TRACES)} or an Azure trace CSV file; {self.trace!r} is neither")
+        if self.n < 1:
+            raise BenchError(f"-n must be at least 1, got {self.n}")
+        for r in (self.rate, *self.rates):
+            if not (r > 0 and math.isfinite(r)):
+                raise BenchError(f"request rates must be positive numbers, got {r}")
+        if not 1 <= self.devices <= 16:
+            raise BenchError(f"--devices must be 1..16, got {self.devices}")
+        if self.repeat < 1:
+            raise BenchError(f"--repeat must be at least 1, got {self.repeat}")
+        bad = [c for c in self.configs if c not in CONFIGS]
+        if bad or not self.configs:
+            raise BenchError(f"--configs takes a comma list of {', '.join(CONFIGS)}; got {','.join(bad) or 'nothing'}")
+        if any(m not in MODES for m in self.modes) or not self.modes:
+            raise BenchError(f"--mode takes serial, shared or both, got {','.join(self.modes)}")
+        if not self.shares or any(not 0.05 <= s <= 0.95 for s in self.shares):
+            raise BenchError("--shares takes prefill shares between 0.05 and 0.95")
+        if "static-disagg" in self.configs and self.devices < 2:
+            raise BenchError("static-disagg needs --devices 2 or more (prefill and decode on separate devices)")
+        try:
+            M.model_by_name(self.model)
+        except (KeyError, ValueError) as e:
+            raise BenchError(f"--model: {e}") from None
+
+    @property
+    def slo(self) -> MX.Slo:
+        return MX.Slo(self.slo_ttft_s, self.slo_tpot_s)
+
+
+def quick(o: Options) -> Options:
+    """--quick: a CI-sized run (two layers, a dozen requests, one share per form): seconds a run."""
+    return replace(o, model="qwen2.5-7b:2" if o.model == "qwen2.5-7b" else o.model, n=min(o.n, 16),
+                   rate=o.rate if o.rate != Options.rate else 40.0, shares=o.shares[:1] if len(o.shares) < 3 else (0.5,),
+                   slo_ttft_s=0.1 if o.slo_ttft_s == Options.slo_ttft_s else o.slo_ttft_s,
+                   slo_tpot_s=0.01 if o.slo_tpot_s == Options.slo_tpot_s else o.slo_tpot_s, quick=True)
+
+
+def make_trace(o: Options, rate: float) -> tuple[list[T.Request], dict]:
+    if o.trace in TRACES:
+        spec = T.TraceSpec(n=o.n, rate=rate, burstiness=o.burstiness, seed=o.seed, **TRACES[o.trace])
+        d = spec.describe()
+        d["name"] = o.trace
+        return T.generate(spec), d
+    reqs = T.load_azure_csv(o.trace, limit=o.n)
+    base = o.rate  # the file's own rate is the base; other rates scale its arrivals
+    if reqs and len(reqs) > 1:
+        base = (len(reqs) - 1) / max(reqs[-1].arrival_s, 1e-9)
+    k = base / rate
+    return ([T.Request(r.id, r.arrival_s * k, r.prompt_tokens, r.output_tokens) for r in reqs],
+            {"name": o.trace, "n": len(reqs), "rate": rate, "file_rate": base})
+
+
+# ---------------------------------------------------------------- one configuration, one run
+
+@dataclass
+class Variant:
+    """How one run is set up: the node's parts and the instances' placement."""
+    config: str
+    form: str = ""  # static-colocation: "time" or "vnpu"
+    share: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.form} {self.share:.2f}" if self.form else ""
+
+
+@dataclass
+class Run:
+    variant: Variant
+    mode: str
+    rate: float
+    metrics: dict
+    timings: list[MX.RequestTiming]
+    problems: list[str]
+    busy: dict  # the emulator's busy-time check
+    phase: dict  # the observer's phase against the workload's
+    wall_s: float
+
+    def summary(self) -> dict:
+        return summarize(self)
+
+
+def _pairs(cfg: str, devices: int) -> list[tuple[int, int]]:
+    if cfg == "static-disagg":
+        return [(2 * i, 2 * i + 1) for i in range(devices // 2)]
+    return [(d, d) for d in range(devices)]
+
+
+def _node(v: Variant, o: Options, mode: str, tmp: Path) -> tuple[LocalNode, bool, bool]:
+    """The node of a variant, whether the instances run under the shim, and whether they carry
+    FLEXNPU_ROLE without it."""
+    common = dict(devices=o.devices, mode=mode, profile=o.profile)
+    if v.config in ("no-shim", "static-disagg"):
+        return LocalNode(observer=None, daemons=False, **common), False, False
+    if v.config == "static-colocation" and v.form == "vnpu":
+        part = f"prefill={v.share:g},decode={1 - v.share:g}"
+        return LocalNode(observer=None, daemons=False, partition=part, **common), False, True
+    policy = {"uncontrolled": "passthrough", "flexnpu": "flexpd", "static-colocation": "static-split"}[v.config]
+    args: list[str] = []
+    if policy == "static-split":
+        cfg = tmp / f"static-{v.share:g}.toml"
+        cfg.write_text(f"[policy.static-split]\nprefill_share = {v.share:g}\n")
+        args = ["--config", str(cfg)]
+    elif policy == "flexpd":
+        cfg = tmp / "flexpd.toml"
+        cfg.write_text(FLEXPD_TOML)
+        args = ["--config", str(cfg)]
+    return LocalNode(observer=o.observer, policy=policy, controller_args=args, **common), True, False
+
+
+def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: float,
+            on_done: Callable[[int], None] | None = None) -> Run:
+    """Runs the trace once under one variant on a fresh node; everything it started is gone after."""
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as td:
+        node, shim, role_env = _node(v, o, mode, Path(td))
+        pairs = _pairs(v.config, o.devices)
+        parts = [reqs[i::len(pairs)] for i in range(len(pairs))]
+        with node:
+            checker = PhaseCheck(node.rdir) if node.observer else None
+            if checker:
+                checker.start()
+            try:
+                with ThreadPoolExecutor(len(pairs)) as pool:
+                    futs = [pool.submit(driver.run, node, part, driver.Setup(
+                        model=o.model, profile=o.profile, prefill_device=p, decode_device=d, shim=shim,
+                        role_env=role_env, slo=o.slo), on_done) for (p, d), part in zip(pairs, parts) if part]
+                    results = [f.result() for f in futs]
+            finally:
+                samples = checker.stop() if checker else None
+            status = node.emulator_status()
+    timings = [t for r in results for t in r.requests]
+    problems = [f"pair {i}: {p}" for i, r in enumerate(results) for p in r.problems]
+    problems += _token_truth(results, status, o.model)
+    m = MX.compute(timings, o.slo)
+    roles = {r.stats[k]["pid"]: k for r in results for k in r.stats if r.stats[k]}
+    phase = PhaseCheck.score(samples, roles) if samples is not None else {"accuracy": None, "note": "no observer"}
+    busy = _busy(status, m.get("duration_s", 0.0), problems)
+    return Run(v, mode, rate, m, timings, problems, busy, phase, time.monotonic() - t_start)
+
+
+def _token_truth(results: list[driver.Result], status: dict, model: str) -> list[str]:
+    """The emulator's kernel counts against the tokens timed: one attention_prefill per layer
+    per prompt (each gives a first token) and one attention_decode per layer per decode step
+    (the step's batch gives one token each)."""
+    layers = M.model_by_name(model).layers
+    by_pid: dict[int, dict[str, int]] = {}
+    for dev in status["devices"]:
+        for c in dev["clients"]:
+            acc = by_pid.setdefault(c["pid"], {})
+            for k, n in c["count_by_name"].items():
+                acc[k] = acc.get(k, 0) + n
+    out = []
+    for i, r in enumerate(results):
+        pre, dec = r.stats.get("prefill") or {}, r.stats.get("decode") or {}
+        firsts = by_pid.get(pre.get("pid"), {}).get("attention_prefill", 0)
+        steps = by_pid.get(dec.get("pid"), {}).get("attention_decode", 0)
+        n = len(r.requests)
+        later = sum(len(t.token_times) - 1 for t in r.requests)
+        if firsts != layers * n:
+            out.append(f"pair {i}: emulator ran {firsts} attention_prefill, {layers} x {n} prompts expected")
+        if steps != layers * len(r.decode_batches) or sum(r.decode_batches) != later:
+            out.append(f"pair {i}: emulator ran {steps} attention_decode for {len(r.decode_batches)} steps "
+                       f"of {sum(r.decode_batches)} tokens; the driver timed {later} tokens after the first")
+    return out
+
+
+def _busy(status: dict, duration_s: float, problems: list[str]) -> dict:
+    devs = status["devices"]
+    share = [round(d["busy_ns"] / (duration_s * 1e9), 3) if duration_s > 0 else None for d in devs]
+    return {"ok": not problems, "problems": len(problems), "device_busy_share": share,
+            "check": "kernel counts, inter-device bytes and tokens per instance; busy time against the "
+                     "modelled kernel times (serial mode and partitions, 2%)"}
+
+
+# ---------------------------------------------------------------- summaries and targets
+
+def _ms(s: dict) -> dict:
+    return {k: (round(s[k] * 1e3, 3) if isinstance(s.get(k), float) and math.isfinite(s[k]) else None)
+            for k in ("p50", "p90", "p99")}
+
+
+def summarize(r: Run) -> dict:
+    m = r.metrics
+    return {
+        "variant": r.variant.label or None,
+        "completed": m.get("completed", 0),
+        "duration_s": round(m.get("duration_s", 0.0), 3),
+        "ttft_ms": _ms(m["ttft_s"]), "tpot_ms": _ms(m["tpot_s"]), "itl_ms": _ms(m["itl_s"]),
+        "output_tokens": m.get("output_tokens"),
+        "output_tps": round(m["output_throughput"], 2), "request_ps": round(m["request_throughput"], 3),
+        "slo_attainment": round(m["slo_attainment"], 4), "goodput": round(m["goodput"], 3),
+        "busy_check": r.busy, "problems": r.problems, "phase": r.phase, "wall_s": round(r.wall_s, 1),
+    }
+
+
+KEYS = [("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("tpot_ms", "p90"),
+        ("tpot_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p90"), ("itl_ms", "p99")]
+FLAT = ("output_tps", "request_ps", "slo_attainment", "goodput")
+
+
+def combine(runs: list[dict]) -> dict:
+    """Repeats of one configuration: the median of each figure, and its spread (min, max)."""
+    out = dict(runs[0])
+    out["repeats"] = len(runs)
+    spread: dict[str, list] = {}
+    for a, b in KEYS:
+        xs = [r[a][b] for r in runs if r[a][b] is not None]
+        out[a] = dict(out[a])
+        out[a][b] = statistics.median(xs) if xs else None
+        spread[f"{a}.{b}"] = [min(xs), max(xs)] if xs else None
+    for k in FLAT:
+        xs = [r[k] for r in runs]
+        out[k] = statistics.median(xs)
+        spread[k] = [min(xs), max(xs)]
+    out["spread"] = spread
+    out["problems"] = [p for r in runs for p in r["problems"]]
+    acc = [r["phase"]["accuracy"] for r in runs if r["phase"].get("accuracy") is not None]
+    if acc:
+        out["phase"] = dict(runs[0]["phase"], accuracy=min(acc))
+    return out
+
+
+@dataclass
+class Target:
+    name: str
+    ratio: float | None
+    want: str
+    ok: bool | None
+    how: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "ratio": None if self.ratio is None else round(self.ratio, 4), "want": self.want,
+                "status": "N/A" if self.ok is None else "PASS" if self.ok else "MISS", "how": self.how}
+
+
+def _get(c: dict | None, a: str, b: str | None = None) -> float | None:
+    if c is None:
+        return None
+    v = c[a][b] if b else c[a]
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    return x / y if x is not None and y else None
+
+
+def targets(cfgs: dict[str, dict], trace_name: str, sweep: dict | None) -> list[Target]:
+    f, s, d = cfgs.get("flexnpu"), cfgs.get("static-colocation"), cfgs.get("static-disagg")
+    u, n = cfgs.get("uncontrolled"), cfgs.get("no-shim")
+    out = []
+    for q in ("p50", "p99"):
+        r = _ratio(_get(f, "ttft_ms", q), _get(s, "ttft_ms", q))
+        cut = None if r is None else 1 - r
+        out.append(Target(f"flexnpu TTFT {q} vs static-colocation", cut, ">= 0.92 lower",
+                          None if cut is None else cut >= 0.92, "1 - flexnpu / static-colocation"))
+    r = _ratio(_get(f, "tpot_ms", "p50"), _get(s, "tpot_ms", "p50"))
+    out.append(Target("flexnpu TPOT p50 vs static-colocation", r, "<= 1.05", None if r is None else r <= 1.05,
+                      "flexnpu / static-colocation"))
+    r = _ratio(_get(f, "output_tps"), _get(s, "output_tps"))
+    out.append(Target("flexnpu throughput vs static-colocation", r, ">= 0.97", None if r is None else r >= 0.97,
+                      "output tokens/s, flexnpu / static-colocation"))
+    r = _ratio(_get(f, "output_tps"), _get(d, "output_tps"))
+    for kind, want in (("balanced", 1.05), ("prefill-heavy", 1.25)):
+        mine = trace_name == kind
+        out.append(Target(f"flexnpu throughput vs static-disagg ({kind} trace)", r if mine else None, f">= {want:g}",
+                          (r >= want if r is not None else None) if mine else None,
+                          "output tokens/s, flexnpu / static-disagg" + ("" if mine else f": run with --trace {kind}")))
+    r = _ratio(_get(u, "output_tps"), _get(n, "output_tps"))
+    out.append(Target("uncontrolled throughput vs no-shim", r, "within 1%", None if r is None else abs(r - 1) <= 0.01,
+                      "output tokens/s, uncontrolled / no-shim"))
+    g = (sweep or {}).get("max_rate", {})
+    r = _ratio(g.get("flexnpu"), g.get("static-disagg"))
+    out.append(Target("flexnpu goodput rate vs static-disagg at its SLO", r, ">= 1.5", None if r is None else r >= 1.5,
+                      "highest rate with >= 90% of requests within static-disagg's p90 TTFT and TPOT at the base "
+                      "rate" + ("" if sweep else ": run with --rates")))
+    for name, c in cfgs.items():
+        acc = (c.get("phase") or {}).get("accuracy")
+        if acc is not None:
+            out.append(Target(f"phase classification right, {name}", acc, ">= 0.97", acc >= 0.97,
+                              f"share of observer intervals right (source {c['phase'].get('source')})"))
+    return out
+
+
+def max_rate(points: list[tuple[float, float]]) -> float | None:
+    """Highest rate served at ATTAIN, by linear interpolation where attainment crosses it;
+    points are (rate, attainment). None when the lowest rate already misses."""
+    pts = sorted(points)
+    if not pts or pts[0][1] < ATTAIN:
+        return None
+    best = pts[0][0]
+    for (r0, a0), (r1, a1) in zip(pts, pts[1:]):
+        if a1 >= ATTAIN:
+            best = r1
+            continue
+        best = r0 + (r1 - r0) * (a0 - ATTAIN) / (a0 - a1) if a0 > a1 else r0
+        break
+    return best
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+@dataclass
+class Plan:
+    """What will run, for the progress bar: (mode, rate, repeat, variant or 'static')."""
+    steps: list[tuple[str, float, int, Variant | None]] = field(default_factory=list)
+    requests_per_run: int = 0
+
+    @property
+    def total_requests(self) -> int:
+        return len(self.steps) * self.requests_per_run
+
+
+def plan(o: Options) -> Plan:
+    p = Plan(requests_per_run=len(make_trace(o, o.rate)[0]))
+    for mode in o.modes:
+        for rate in rates_of(o):
+            for rep in range(o.repeat):
+                for c in o.configs:
+                    if c != "static-colocation":
+                        p.steps.append((mode, rate, rep, Variant(c)))
+                    elif rep == 0:
+                        p.steps += [(mode, rate, rep, v) for v in static_variants(o)]
+                    else:
+                        p.steps.append((mode, rate, rep, None))  # the sweep's choice
+    return p
+
+
+def rates_of(o: Options) -> list[float]:
+    return sorted(set(o.rates) | {o.rate})
+
+
+def static_variants(o: Options) -> list[Variant]:
+    return [Variant("static-colocation", form, s) for form in ("time", "vnpu") for s in o.shares]
+
+
+def _better(a: Run, b: Run) -> Run:
+    """The honest best static split: more goodput; then lower TTFT p99."""
+    ka = (round(a.metrics["goodput"], 6), -a.metrics["ttft_s"]["p99"])
+    kb = (round(b.metrics["goodput"], 6), -b.metrics["ttft_s"]["p99"])
+    return a if ka >= kb else b
+
+
+def run(o: Options, progress: Callable[[str, int], None] | None = None,
+        log: Callable[[str], None] | None = None) -> dict:
+    """Runs the whole benchmark; returns the report (`--json`). progress(description, done
+    requests since the last call) and log(line) are called as it goes."""
+    o.check()
+    say = log or (lambda s: None)
+    tick = progress or (lambda d, k: None)
+    t0 = time.time()
+    points: list[dict] = []
+    for mode in o.modes:
+        for rate in rates_of(o):
+            reqs, tdesc = make_trace(o, rate)
+            runs: dict[str, list[dict]] = {}
+            raw: dict[str, list[Run]] = {}
+            sweep: list[dict] = []
+            chosen: Variant | None = None
+            for rep in range(o.repeat):
+                for c in o.configs:
+                    vs = [Variant(c)] if c != "static-colocation" else (static_variants(o) if chosen is None else [chosen])
+                    best: Run | None = None
+                    for v in vs:
+                        desc = f"{mode} {rate:g} req/s #{rep + 1}: {c}" + (f" ({v.label})" if v.label else "")
+                        tick(desc, 0)
+                        r = run_one(v, reqs, o, mode, rate, on_done=lambda _id, d=desc: tick(d, 1))
+                        say(f"{desc}: TTFT p50 {_get(summarize(r), 'ttft_ms', 'p50')} ms, TPOT p50 "
+                            f"{_get(summarize(r), 'tpot_ms', 'p50')} ms, {r.metrics['output_throughput']:.1f} tok/s, "
+                            f"goodput {r.metrics['goodput']:.2f} req/s" + (f"; PROBLEMS: {r.problems}" if r.problems else ""))
+                        if c == "static-colocation" and chosen is None:
+                            sweep.append({"form": v.form, "prefill_share": v.share, **_brief(summarize(r))})
+                        best = r if best is None else _better(best, r)
+                    if c == "static-colocation" and chosen is None and best is not None:
+                        chosen = best.variant
+                        say(f"{mode} {rate:g} req/s: static-colocation uses {chosen.label} (best of the sweep)")
+                    runs.setdefault(c, []).append(summarize(best))
+                    raw.setdefault(c, []).append(best)
+            point = {"mode": mode, "rate": rate, "trace": tdesc,
+                     "configs": {c: combine(rs) for c, rs in runs.items()}, "static_sweep": sweep,
+                     "static_choice": chosen.label if chosen else None}
+            point["_raw"] = raw
+            points.append(point)
+    return report(o, points, time.time() - t0)
+
+
+def _brief(s: dict) -> dict:
+    return {"ttft_p50_ms": s["ttft_ms"]["p50"], "ttft_p99_ms": s["ttft_ms"]["p99"], "tpot_p50_ms": s["tpot_ms"]["p50"],
+            "output_tps": s["output_tps"], "goodput": s["goodput"], "slo_attainment": s["slo_attainment"]}
+
+
+def load_sweep(o: Options, points: list[dict], mode: str) -> dict | None:
+    """TTFT p99 and goodput against rate per configuration, and the goodput target's rates:
+    the SLO is static-disagg's p90 TTFT and TPOT at the base rate (what it just meets)."""
+    mine = [p for p in points if p["mode"] == mode]
+    if len(mine) < 2:
+        return None
+    base = next(p for p in mine if p["rate"] == o.rate)
+    d = base["configs"].get("static-disagg")
+    slo = MX.Slo(d["ttft_ms"]["p90"] / 1e3, d["tpot_ms"]["p90"] / 1e3) if d else o.slo
+    curves: dict[str, list[dict]] = {}
+    best: dict[str, float | None] = {}
+    for c in o.configs:
+        pts = []
+        for p in mine:
+            runs = p["_raw"][c]
+            att = statistics.median(MX.compute(r.timings, slo)["slo_attainment"] for r in runs)
+            s = p["configs"][c]
+            pts.append({"rate": p["rate"], "ttft_p99_ms": s["ttft_ms"]["p99"], "goodput": s["goodput"],
+                        "output_tps": s["output_tps"], "attainment_at_disagg_slo": round(att, 4)})
+        curves[c] = pts
+        best[c] = max_rate([(x["rate"], x["attainment_at_disagg_slo"]) for x in pts])
+    return {"slo": {"ttft_ms": round(slo.ttft_s * 1e3, 3), "tpot_ms": round(slo.tpot_s * 1e3, 3),
+                    "from": "static-disagg p90 at the base rate" if d else "--slo-*"},
+            "attain": ATTAIN, "curves": curves, "max_rate": best,
+            "note": f"max_rate: highest rate with >= {ATTAIN:.0%} of requests within the SLO; the sweep's top "
+                    f"rate ({max(p['rate'] for p in mine):g}) when every rate met it (a lower bound)"}
+
+
+def report(o: Options, points: list[dict], wall_s: float) -> dict:
+    out_points = []
+    tg: list[dict] = []
+    sweeps = {}
+    for mode in o.modes:
+        sweeps[mode] = load_sweep(o, points, mode)
+    for p in points:
+        q = {k: v for k, v in p.items() if k != "_raw"}
+        if p["rate"] == o.rate:
+            for t in targets(p["configs"], o.trace if o.trace in TRACES else "file", sweeps.get(p["mode"])):
+                tg.append(dict(t.to_json(), mode=p["mode"], rate=p["rate"]))
+        out_points.append(q)
+    return {
+        "schema": 1,
+        "benchmark": "pd",
+        "options": {**{k: v for k, v in vars(o).items() if k not in ("modes", "rates", "configs", "shares")},
+                    "modes": list(o.modes), "rates": rates_of(o), "configs": list(o.configs),
+                    "shares": list(o.shares)},
+        "machine": machine(),
+        "flexpd_config": FLEXPD_TOML,
+        "observer": _observer_note(points),
+        "wall_s": round(wall_s, 1),
+        "results": out_points,
+        "load_sweep": sweeps,
+        "targets": tg,
+        "_points": points,
+    }
+
+
+def _observer_note(points: list[dict]) -> str:
+    srcs = {c.get("phase", {}).get("source") for p in points for c in p["configs"].values()} - {None}
+    return ", ".join(sorted(srcs)) or "none"
+
+
+def json_ready(rep: dict) -> dict:
+    return {k: v for k, v in rep.items() if not k.startswith("_")}
+
+
+def default_observer() -> str:
+    """bpf where this process may load it (root), else the shim's counters."""
+    return "auto" if os.geteuid() == 0 else "shim"
+

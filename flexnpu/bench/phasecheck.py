@@ -1,0 +1,93 @@
+"""The observer's phase of each serving instance against the workload's own ground truth,
+while a benchmark runs.
+
+A thread subscribes to the node's `observe.sock` and, on each snapshot, asks the emulator
+for its per-process busy time. The workload's ground truth: the prefill instance's steps are
+prefill, the decode instance's steps decode (the bench runs no chunked-prefill instance), so
+in an interval a process is `idle` when the emulator ran its work for under IDLE_SHARE of the
+interval, else its instance's phase. An interval whose busy share lies between IDLE_SHARE and
+EDGE_SHARE is at the edge of a burst (the observer's interval and the emulator's are a few ms
+apart): it is counted, but either answer is right there.
+
+    pc = PhaseCheck(node.rdir); pc.start(); ...; samples = pc.stop()
+    PhaseCheck.score(samples, {pid: "prefill", pid2: "decode"})
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+IDLE_SHARE, EDGE_SHARE = 0.01, 0.10
+
+
+class PhaseCheck:
+    def __init__(self, rdir: Path) -> None:
+        self.rdir = Path(rdir)
+        self.samples: list[tuple[dict[int, tuple[str, str]], dict[int, float], float]] = []
+        self.source: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flexnpu-phasecheck", daemon=True)
+        self.error: str | None = None
+
+    def start(self) -> PhaseCheck:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from flexnpu.emulator import control
+        from flexnpu.snapshot import SnapshotSubscriber
+
+        try:
+            with SnapshotSubscriber(self.rdir) as sub:
+                while not self._stop.is_set():
+                    snap = sub.recv(0.2)
+                    if snap is None:
+                        continue
+                    st = control.status(self.rdir, timeout=2.0)
+                    busy: dict[int, float] = {}
+                    for d in st["devices"]:
+                        for c in d["clients"]:
+                            busy[c["pid"]] = busy.get(c["pid"], 0.0) + c["busy_ns"]
+                    seen: dict[int, tuple[str, str]] = {}
+                    for p in snap.processes:
+                        if p.pid not in seen or seen[p.pid][0] == "idle":
+                            seen[p.pid] = (p.phase, p.phase_source)
+                    self.source = snap.source
+                    self.samples.append((seen, busy, float(st["uptime_s"])))
+        except Exception as e:  # reported with the score, never fatal to the run
+            self.error = f"{type(e).__name__}: {e}"
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(5)
+        return {"samples": self.samples, "source": self.source, "error": self.error}
+
+    @staticmethod
+    def score(got: dict[str, Any], roles: dict[int, str]) -> dict[str, Any]:
+        """Share of (interval, instance) pairs the observer got right; roles: pid -> phase."""
+        samples = got["samples"]
+        right = total = edge = 0
+        wrong: Counter = Counter()
+        sources: Counter = Counter()
+        for (_, b0, t0), (seen, b1, t1) in zip(samples, samples[1:]):
+            dt = (t1 - t0) * 1e9
+            if dt <= 0:
+                continue
+            for pid, role in roles.items():
+                share = (b1.get(pid, 0.0) - b0.get(pid, 0.0)) / dt
+                truth = "idle" if share < IDLE_SHARE else role
+                phase, src = seen.get(pid, ("idle", "absent"))
+                sources[src] += 1
+                total += 1
+                at_edge = IDLE_SHARE <= share < EDGE_SHARE
+                edge += at_edge
+                if phase == truth or (at_edge and phase == "idle"):
+                    right += 1
+                else:
+                    wrong[f"{truth}->{phase}"] += 1
+        return {"accuracy": round(right / total, 4) if total else None, "intervals": total, "edge": edge,
+                "wrong": dict(wrong), "source": got["source"], "phase_sources": dict(sources),
+                "error": got["error"]}
