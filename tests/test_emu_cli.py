@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 import subprocess
@@ -117,3 +118,46 @@ def test_help(cli):
     assert r.returncode == 0
     for cmd in ("start", "stop", "status", "env"):
         assert cmd in r.stdout
+
+
+@pytest.mark.parametrize("rdir", ["/etc/passwd", "/etc/passwd/sub"])
+@pytest.mark.parametrize("cmd", ["start", "stop", "status", "status --json"])
+def test_runtime_dir_not_a_directory_one_line_error(rdir, cmd):
+    env = {**os.environ, "FLEXNPU_RUNTIME_DIR": rdir}
+    r = subprocess.run(["timeout", "-s", "INT", "30", flexnpu_cli(), "emu", *cmd.split()], capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL, timeout=40, env=env)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    if cmd.endswith("--json"):
+        st = json.loads(r.stdout)
+        assert st["running"] is False and "is not a directory" in st["error"], st
+        return
+    line = one_line(r.stderr)
+    assert line == (f"flexnpu emu {cmd}: FLEXNPU_RUNTIME_DIR={rdir} is not a directory; set it to a "
+                    "directory (default /run/flexnpu)"), line
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--devices", "-1"], "--devices must be between 1 and 16"),
+    (["--time-scale", "inf"], "--time-scale must be positive and finite"),
+    (["--time-scale", "nan"], "--time-scale must be positive and finite"),
+    (["--devices", "x"], "Invalid value for '--devices'"),
+])
+def test_more_bad_start_options(cli, runtime_dir, args, says):
+    r = cli("emu", "start", *args)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert says in r.stderr, r.stderr
+    assert not (runtime_dir / "emu.sock").exists()
+
+
+def test_stale_pid_file_is_not_signalled(cli, runtime_dir):
+    """emu.pid naming a process that is not this dir's server (a reused pid): stop leaves it be."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (runtime_dir / "emu.pid").write_text(f"{sleeper.pid}\n")
+        r = cli("emu", "stop")
+        assert r.returncode == 0 and "no emulator running" in one_line(r.stdout)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
