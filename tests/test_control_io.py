@@ -177,7 +177,7 @@ def pair(emulator, daemons, gate_loop):
 def controlled(d, dec: int, pre: int) -> bool:
     a, b = d.entry(dec), d.entry(pre)
     return bool(a and b and a["owner"] == "controller" and a["priority"] == 7 and b["owner"] == "controller"
-                and b["priority"] == 0 and b["inflight"] == 1)
+                and b["priority"] == 0 and b["inflight"] >= 1)  # 1, or 2 once flexpd sees room (decode at its alone step)
 
 
 def released(d, *pids: int) -> bool:
@@ -335,7 +335,8 @@ def test_smoke_under_timeout_int(runtime_dir: Path) -> None:
     env = {**os.environ, "FLEXNPU_RUNTIME_DIR": str(runtime_dir), "PYTHONPATH": str(REPO),
            "FLEXNPU_CONFIG": str(runtime_dir / "none.toml")}
     base = [sys.executable, "-m", "flexnpu.cli", "controller"]
-    r = subprocess.run(["timeout", "--preserve-status", "-s", "INT", "3", *base], env=env, cwd=REPO,
+    # 10 s: on two loaded cores the interpreter alone can take seconds to import the CLI
+    r = subprocess.run(["timeout", "--preserve-status", "-s", "INT", "10", *base], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "policy flexpd" in r.stderr and "Traceback" not in r.stderr
