@@ -17,6 +17,12 @@ app = typer.Typer(help="Benchmarks on the emulated device.", no_args_is_help=Tru
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 
+def console() -> Console:
+    """Wide enough for the tables when not on a terminal (a pipe or a log file)."""
+    c = Console()
+    return c if c.is_terminal else Console(width=150)
+
+
 def _floats(s: str | None, what: str) -> tuple[float, ...]:
     if not s:
         return ()
@@ -122,7 +128,7 @@ def pd_command(
         err.print(f"flexnpu bench pd: {e}")
         raise typer.Exit(2)
     try:
-        execute(o, Console(), json_path, plot_path)
+        execute(o, console(), json_path, plot_path)
     except KeyboardInterrupt:
         err.print("flexnpu bench pd: interrupted; everything it started is stopped")
         raise typer.Exit(130)

@@ -28,7 +28,6 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -200,11 +199,9 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
             if checker:
                 checker.start()
             try:
-                with ThreadPoolExecutor(len(pairs)) as pool:
-                    futs = [pool.submit(driver.run, node, part, driver.Setup(
-                        model=o.model, profile=o.profile, prefill_device=p, decode_device=d, shim=shim,
-                        role_env=role_env, slo=o.slo), on_done) for (p, d), part in zip(pairs, parts) if part]
-                    results = [f.result() for f in futs]
+                results = run_pairs(node, [(driver.Setup(model=o.model, profile=o.profile, prefill_device=p,
+                                                         decode_device=d, shim=shim, role_env=role_env, slo=o.slo), part)
+                                           for (p, d), part in zip(pairs, parts) if part], on_done)
             finally:
                 samples = checker.stop() if checker else None
             status = node.emulator_status()
@@ -216,6 +213,30 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
     phase = PhaseCheck.score(samples, roles) if samples is not None else {"accuracy": None, "note": "no observer"}
     busy = _busy(status, m.get("duration_s", 0.0), problems)
     return Run(v, mode, rate, m, timings, problems, busy, phase, time.monotonic() - t_start)
+
+
+def run_pairs(node: LocalNode, work: list[tuple[driver.Setup, list[T.Request]]],
+              on_done: Callable[[int], None] | None = None) -> list[driver.Result]:
+    """driver.run for each (setup, requests) at once, in daemon threads: an interrupt in the
+    caller's thread is not held up by them (the node's stop ends their instances)."""
+    out: list[Any] = [None] * len(work)
+
+    def one(i: int, s: driver.Setup, reqs: list[T.Request]) -> None:
+        try:
+            out[i] = driver.run(node, reqs, s, on_done)
+        except BaseException as e:  # handed to the caller's thread
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, s, r), daemon=True) for i, (s, r) in enumerate(work)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out
 
 
 def _token_truth(results: list[driver.Result], status: dict, model: str) -> list[str]:

@@ -29,10 +29,10 @@ def _spread(c: dict, key: str, nd: int = 1) -> str:
 
 def results_table(point: dict) -> Table:
     t = Table(title=f"{point['mode']} mode, {point['rate']:g} req/s, trace {point['trace'].get('name')} "
-                    f"({point['trace'].get('n')} requests)", title_justify="left")
+                    f"({point['trace'].get('n')} requests); latencies in ms", title_justify="left")
     t.add_column("configuration")
-    for h in ("TTFT p50", "p90", "p99", "TPOT p50", "p90", "p99", "ITL p50", "p99"):
-        t.add_column(h + " ms" if h.startswith(("TTFT", "TPOT", "ITL")) else h, justify="right")
+    for h in ("TTFT p50", "p90", "p99", "TPOT p50", "p90", "p99", "ITL p99"):
+        t.add_column(h, justify="right")
     for h in ("out tok/s", "req/s", "SLO", "checks", "phase"):
         t.add_column(h, justify="right")
     for name in CONFIGS:
@@ -46,7 +46,7 @@ def results_table(point: dict) -> Table:
                   _f(c["ttft_ms"]["p50"]) + _spread(c, "ttft_ms.p50"), _f(c["ttft_ms"]["p90"]),
                   _f(c["ttft_ms"]["p99"]) + _spread(c, "ttft_ms.p99"),
                   _f(c["tpot_ms"]["p50"], 2) + _spread(c, "tpot_ms.p50", 2), _f(c["tpot_ms"]["p90"], 2),
-                  _f(c["tpot_ms"]["p99"], 2), _f(c["itl_ms"]["p50"], 2), _f(c["itl_ms"]["p99"], 2),
+                  _f(c["tpot_ms"]["p99"], 2), _f(c["itl_ms"]["p99"], 2),
                   _f(c["output_tps"]) + _spread(c, "output_tps"), _f(c["request_ps"], 2),
                   f"{c['slo_attainment']:.0%}",
                   "[green]ok[/]" if not c["problems"] else f"[red]{len(c['problems'])} bad[/]",

@@ -1,0 +1,149 @@
+"""`flexnpu demo`: a whole FlexNPU node in a temporary runtime dir (the emulator, a daemon per
+device, the observer, the controller), the reference serving workload under it with the
+`top` view live, then the comparison (`bench pd`, short) and its table and plot.
+
+Everything it starts is stopped on the way out: at the end, on an error, on Ctrl-C (SIGINT)
+and on SIGTERM. The runtime dirs are temporary and removed.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from flexnpu.bench import pd
+from flexnpu.bench.node import LocalNode
+
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+class _Stop(Exception):
+    """SIGTERM: unwind like Ctrl-C so every with-block stops what it started."""
+
+
+def _on_term(signum: int, frame: object) -> None:
+    raise _Stop()
+
+
+def demo_options(quick: bool) -> pd.Options:
+    """The comparison the demo runs: every configuration, one share per static form."""
+    o = pd.Options(observer=pd.default_observer(), shares=(0.5,))
+    if quick:
+        return pd.quick(replace(o, n=8))
+    # four layers of Qwen2.5-7B keep each run to seconds; the full model is `flexnpu bench pd`
+    return replace(o, model="qwen2.5-7b:4", n=40, rate=24.0, slo_ttft_s=0.1, slo_tpot_s=0.012)
+
+
+def live_workload(console: Console, o: pd.Options, seconds: float, rdir: Path) -> None:
+    """The workload under FlexNPU (flexpd) with the top view live for `seconds`."""
+    from flexnpu.tui.model import Sampler
+    from flexnpu.tui.view import ViewState, render
+
+    toml = rdir / "flexpd.toml"
+    toml.write_text(pd.FLEXPD_TOML)
+    node = LocalNode(devices=1, mode=o.modes[0], profile=o.profile, observer=o.observer, policy="flexpd",
+                     controller_args=["--config", str(toml)])
+    with node:
+        reqs, _ = pd.make_trace(replace(o, n=10_000, devices=1), o.rate / 2)
+        reqs = [r for r in reqs if r.arrival_s < seconds]
+        from flexnpu.workload import driver
+
+        setup = driver.Setup(model=o.model, profile=o.profile, slo=o.slo)
+        result: dict = {}
+
+        def work() -> None:
+            try:
+                result["res"] = driver.run(node, reqs, setup)
+            except BaseException as e:
+                result["err"] = e
+
+        t = threading.Thread(target=work, name="flexnpu-demo-workload", daemon=True)
+        t.start()
+        sampler = Sampler(node.rdir, interval=0.5).start()
+        try:
+            end = time.monotonic() + seconds
+            if console.is_terminal:
+                from rich.live import Live
+
+                with Live(console=console, auto_refresh=False, transient=False) as live:
+                    while time.monotonic() < end and t.is_alive():
+                        f = sampler.frame()
+                        if f is not None:
+                            live.update(render(f, ViewState(), width=console.width), refresh=True)
+                        time.sleep(0.5)
+            else:  # a pipe or a log: a frame every few seconds
+                while time.monotonic() < end and t.is_alive():
+                    time.sleep(min(3.0, max(0.1, end - time.monotonic())))
+                    f = sampler.frame()
+                    if f is not None:
+                        console.print(render(f, ViewState(), width=console.width))
+        finally:
+            sampler.stop()
+        while t.is_alive():
+            t.join(0.2)
+        if "err" in result:
+            raise result["err"]
+        m = result["res"].metrics
+        console.print(f"workload under flexpd: {m.get('completed', 0)} requests, TTFT p50 "
+                      f"{m['ttft_s']['p50'] * 1e3:.1f} ms, TPOT p50 {m['tpot_s']['p50'] * 1e3:.2f} ms, "
+                      f"{m['output_throughput']:.0f} tok/s; emulator check: "
+                      f"{'ok' if not result['res'].problems else result['res'].problems}")
+
+
+def demo_command(
+    quick: Annotated[bool, typer.Option(help="CI size: a few seconds of workload, then `bench pd --quick`.")] = False,
+    seconds: Annotated[Optional[float], typer.Option(help="How long the live view runs (s).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Directory for pd.json and pd.png (default: a new one "
+                                                "under /tmp).")] = None,
+) -> None:
+    """Run FlexNPU end to end on emulated devices, then compare it.
+
+    Starts the emulator, a forwarding daemon per device, the observer and
+    the controller (flexpd) in a temporary runtime dir; runs the reference
+    serving workload (a prefill and a decode instance sharing a device)
+    under them with the `flexnpu top` view live; then runs `flexnpu bench
+    pd` (short) and prints its table and where the plot is. Everything it
+    starts is stopped at the end, on Ctrl-C and on failure.
+
+    Examples:
+      flexnpu demo
+      flexnpu demo --quick
+      flexnpu demo --seconds 60 --out results/
+    """
+    if seconds is not None and not seconds > 0:
+        err.print("flexnpu demo: --seconds must be positive")
+        raise typer.Exit(2)
+    if out is not None and not out.is_dir():
+        err.print(f"flexnpu demo: --out {out} is not a directory")
+        raise typer.Exit(2)
+    from flexnpu.bench.cli import console as make_console, execute
+
+    console = make_console()
+    o = demo_options(quick)
+    secs = seconds if seconds is not None else (4.0 if quick else 20.0)
+    old = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        with tempfile.TemporaryDirectory(prefix="flexnpu-demo-") as td:
+            console.rule("FlexNPU demo: a prefill and a decode instance share an emulated 910B under flexpd")
+            live_workload(console, o, secs, Path(td))
+            console.rule("the comparison: flexnpu bench pd" + (" --quick" if quick else " (short)"))
+            where = out or Path(tempfile.mkdtemp(prefix="flexnpu-demo-results-"))
+            execute(o, console, where / "pd.json", where / "pd.png")
+            console.print(f"the full benchmark: flexnpu bench pd --json pd.json --plot pd.png (docs/bench.md)")
+    except (KeyboardInterrupt, _Stop):
+        err.print("flexnpu demo: interrupted; everything it started is stopped")
+        raise typer.Exit(130)
+    except Exception as e:
+        err.print(f"flexnpu demo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise typer.Exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,86 @@
+"""`flexnpu bench pd`: end to end with --quick (every configuration on the emulator; the
+result file's schema; the emulator's ground truth agrees with the token counts), the
+targets' arithmetic, and bad input (one line, exit 2)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexnpu.bench import pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flexnpu(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flexnpu.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_configuration(tmp_path):
+    out, png = tmp_path / "pd.json", tmp_path / "pd.png"
+    r = flexnpu("bench", "pd", "--quick", "--json", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["schema"] == 1 and rep["benchmark"] == "pd"
+    assert png.stat().st_size > 10_000
+    (point,) = rep["results"]
+    assert set(point["configs"]) == set(pd.CONFIGS)
+    for name, c in point["configs"].items():
+        assert c["completed"] == rep["options"]["n"], name
+        # the emulator's kernel counts, bytes, busy time and tokens agree with the instances'
+        assert c["problems"] == [] and c["busy_check"]["ok"], (name, c["problems"])
+        for k in ("ttft_ms", "tpot_ms", "itl_ms"):
+            assert set(c[k]) == {"p50", "p90", "p99"} and c[k]["p50"] > 0, (name, k)
+        assert c["output_tps"] > 0 and c["request_ps"] > 0 and 0 <= c["slo_attainment"] <= 1
+        assert all(0 < b <= 1.05 for b in c["busy_check"]["device_busy_share"] if b is not None), name
+    # the sweep tried both static forms; the phase check ran where an observer did
+    assert {s["form"] for s in point["static_sweep"]} == {"time", "vnpu"}
+    assert point["configs"]["flexnpu"]["phase"]["intervals"] > 0
+    names = {t["name"] for t in rep["targets"]}
+    assert "uncontrolled throughput vs no-shim" in names
+    assert all(t["status"] in ("PASS", "MISS", "N/A") for t in rep["targets"])
+    assert "PASS" in r.stdout or "MISS" in r.stdout
+
+
+def test_targets_and_max_rate():
+    def cfg(ttft, tpot, tps):
+        ms = lambda v: {"p50": v, "p90": v, "p99": v}  # noqa: E731
+        return {"ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(tpot), "output_tps": tps, "phase": {}}
+
+    t = {x.name: x for x in pd.targets({"flexnpu": cfg(5, 21, 1000), "static-colocation": cfg(100, 20, 1000),
+                                        "static-disagg": cfg(50, 20, 900), "uncontrolled": cfg(6, 20, 995),
+                                        "no-shim": cfg(6, 20, 1000)}, "balanced", None)}
+    assert t["flexnpu TTFT p50 vs static-colocation"].ok and t["flexnpu TTFT p50 vs static-colocation"].ratio == 0.95
+    assert t["flexnpu TPOT p50 vs static-colocation"].ok  # 1.05
+    assert t["flexnpu throughput vs static-disagg (balanced trace)"].ok  # 1.11
+    assert t["flexnpu throughput vs static-disagg (prefill-heavy trace)"].ok is None
+    assert t["uncontrolled throughput vs no-shim"].ok
+    assert t["flexnpu goodput rate vs static-disagg at its SLO"].ok is None
+    assert pd.max_rate([(1, 1.0), (2, 0.95), (3, 0.85)]) == pytest.approx(2.5)
+    assert pd.max_rate([(1, 1.0), (2, 1.0)]) == 2
+    assert pd.max_rate([(1, 0.5)]) is None
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--rate", "-1"], "rates must be positive"),
+    (["--configs", "nope"], "--configs"),
+    (["--mode", "fast"], "--mode"),
+    (["--trace", "/nonexistent.csv"], "--trace"),
+    (["--devices", "1", "--configs", "static-disagg"], "static-disagg needs"),
+    (["--rates", "1,x"], "--rates"),
+    (["--json", "/nonexistent/dir/x.json"], "--json"),
+])
+def test_bad_input_is_one_line(args, says):
+    r = flexnpu("bench", "pd", *args, timeout=60)
+    assert r.returncode == 2
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_help_has_examples():
+    r = flexnpu("bench", "pd", "--help", timeout=60)
+    assert r.returncode == 0 and "flexnpu bench pd --quick" in r.stdout and "--rates" in r.stdout
