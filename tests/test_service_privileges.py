@@ -328,3 +328,50 @@ def test_observer_finds_libraries_of_other_users_without_sys_ptrace(runner, acco
         other.kill()
         other.wait(5)
         n.close()
+
+
+@pytest.fixture
+def client_group_view(runner, account) -> tuple[str, ...]:
+    """A wrapper that shows the command a node where paths.CLIENT_GROUP exists and the service
+    user is in it (as install makes it), without creating that group on this machine (other
+    tests run here): a private mount namespace with a copy of /etc/group bound over it."""
+    import grp
+
+    if inst.group_exists(paths.CLIENT_GROUP):
+        return ()  # the real one: the account fixture put the user in it
+    used = {g.gr_gid for g in grp.getgrall()}
+    gid = next(g for g in range(990, 100, -1) if g not in used)
+    text = Path("/etc/group").read_text()
+    view = runner.rdir.parent / "group"
+    view.write_text(text + ("" if text.endswith("\n") else "\n") + f"{paths.CLIENT_GROUP}:x:{gid}:{account.user}\n")
+    os.chmod(view, 0o644)
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" /etc/group && exec "$@"',
+            str(view))
+
+
+@needs_root
+@needs_strace
+def test_with_the_client_group_emulator_and_daemon_stay_in_their_filters(runner, account, client_group_view):
+    """The path where the emulator and the daemon give their sockets to the client group
+    (chown) and check a peer's supplementary groups in /proc."""
+    u = _units(account, runner)
+    n = NotifySocket(None)
+    traces = []
+    try:
+        for name, key, kw in (("emu", units.EMU, {}), ("daemon", units.DAEMON_TEMPLATE, {"instance": "0"})):
+            n.messages.clear()
+            out = runner.rdir.parent / f"{name}-group.strace"
+            svc = runner.start(name, u[key], n, wrap=("strace", "-f", "-qq", "-s", "120", "-o", str(out),
+                                                      *client_group_view), **kw)
+            _wait_ready(n, svc, 60)
+            traces.append((name, u[key], svc, out))
+        for p, mode in ((paths.emulator_socket(runner.rdir), paths.EMU_SOCKET_MODE),
+                        (paths.daemon_socket(0, runner.rdir), paths.CLIENT_SOCKET_MODE)):
+            st = p.stat()
+            assert st.st_mode & 0o777 == mode and st.st_gid != os.stat(runner.rdir).st_gid, (p, oct(st.st_mode))
+        assert control.status(runner.rdir)["devices"]
+        for name, text, svc, tr in reversed(traces):
+            assert svc.stop() == 0, (name, svc.output())
+            _check_trace(text, tr)
+    finally:
+        n.close()

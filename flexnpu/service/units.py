@@ -139,12 +139,15 @@ _OWN_PROC = {"ProtectProc": "invisible", "ProcSubset": "pid"}
 
 
 def emu_unit(cfg: ServiceConfig) -> Unit:
+    # The server admits clients by their groups, read from /proc/<pid>/status (so /proc shows
+    # every process, but no kernel files), and gives emu.sock to the client group (chown).
     return Unit(
         EMU,
         unit=[("Description", "FlexNPU emulated Ascend device server"),
               *_start_limits()],
         service=_service(cfg, f"{cfg.binary} emu start --foreground --devices {cfg.emu_devices}",
-                         {**_COMMON_SANDBOX, **_OWN_PROC}) + [_NO_PRIVILEGED],
+                         {**_COMMON_SANDBOX, "ProcSubset": "pid"})
+        + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown")],
     )
 
 
