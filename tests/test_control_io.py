@@ -325,7 +325,7 @@ def test_tells_systemd_it_is_ready(observer, controller, runtime_dir) -> None:
         msg = s.recv(4096).decode()
         assert "READY=1" in msg and "STATUS=policy flexpd" in msg, msg
         c.proc.send_signal(signal.SIGINT)
-        assert c.proc.wait(10) == 0, c.log_text()
+        assert c.proc.wait(30) == 0, c.log_text()  # generous: the node may be loaded by other work
         assert "STOPPING=1" in s.recv(4096).decode()
 
 
