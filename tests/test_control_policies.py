@@ -103,6 +103,13 @@ def test_passthrough_opens_everything_with_no_budget() -> None:
 # ---------------------------------------------------------------- flexpd
 
 
+def test_flexpd_prefill_first_swaps_the_sides() -> None:
+    r = Run(flexpd, flexpd.Options(first="prefill", decode_inflight=3, decode_max_hold_ms=40.0))
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500), proc(PRE, "prefill", 30.0, 900)), T0)
+    assert r.s(PRE) == GateSetting("open", 7, 200.0, 0) and r.s(DEC) == GateSetting("open", 0, 40.0, 3)
+    assert "prefill first" in r.reasons[(0, DEC)] and "prefill first" in r.reasons[(0, PRE)]
+
+
 def test_flexpd_one_client_alone_steps_aside() -> None:
     r = Run(flexpd, roles={DEC: "decode"})
     r.inforce[DEC] = GateSetting(priority=7, inflight=3)
