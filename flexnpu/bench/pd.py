@@ -46,7 +46,7 @@ TRACES = {
     "prefill-heavy": dict(prompt=T.LengthDist(1024, 0.5, 128, 4096), output=T.LengthDist(24, 0.6, 1, 128)),
 }
 # flexpd as a serving node runs it: prefill first (TTFT), decode held at most 50 ms a call
-FLEXPD_TOML = '[policy.flexpd]\nfirst = "prefill"\n'
+FLEXPD_TOML = '[policy.flexpd]\nfirst = "prefill"\ndecode_inflight = 0\n'
 ATTAIN = 0.9  # a load is served at an SLO when this share of its requests meet it
 
 

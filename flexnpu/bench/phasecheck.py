@@ -7,7 +7,10 @@ prefill, the decode instance's steps decode (the bench runs no chunked-prefill i
 in an interval a process is `idle` when the emulator ran its work for under IDLE_SHARE of the
 interval, else its instance's phase. An interval whose busy share lies between IDLE_SHARE and
 EDGE_SHARE is at the edge of a burst (the observer's interval and the emulator's are a few ms
-apart): it is counted, but either answer is right there.
+apart): it is counted, but either answer is right there. The emulator's busy time is
+interpolated (on CLOCK_MONOTONIC, which the snapshot's `mono_ns` also uses) to the ends of
+each snapshot's own interval, so the few ms between a snapshot and the status query that
+follows it do not count against the observer.
 
     pc = PhaseCheck(node.rdir); pc.start(); ...; samples = pc.stop()
     PhaseCheck.score(samples, {pid: "prefill", pid2: "decode"})
@@ -15,7 +18,9 @@ apart): it is counted, but either answer is right there.
 
 from __future__ import annotations
 
+import bisect
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,8 @@ IDLE_SHARE, EDGE_SHARE = 0.01, 0.10
 class PhaseCheck:
     def __init__(self, rdir: Path) -> None:
         self.rdir = Path(rdir)
-        self.samples: list[tuple[dict[int, tuple[str, str]], dict[int, float], float]] = []
+        # (phase and source by pid, emulator busy ns by pid, when asked, snapshot end, its interval)
+        self.samples: list[tuple[dict[int, tuple[str, str]], dict[int, float], float, float, float]] = []
         self.source: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flexnpu-phasecheck", daemon=True)
@@ -47,6 +53,7 @@ class PhaseCheck:
                     if snap is None:
                         continue
                     st = control.status(self.rdir, timeout=2.0)
+                    q = time.monotonic()
                     busy: dict[int, float] = {}
                     for d in st["devices"]:
                         for c in d["clients"]:
@@ -56,7 +63,7 @@ class PhaseCheck:
                         if p.pid not in seen or seen[p.pid][0] == "idle":
                             seen[p.pid] = (p.phase, p.phase_source)
                     self.source = snap.source
-                    self.samples.append((seen, busy, float(st["uptime_s"])))
+                    self.samples.append((seen, busy, q, snap.mono_ns / 1e9, snap.interval_s))
         except Exception as e:  # reported with the score, never fatal to the run
             self.error = f"{type(e).__name__}: {e}"
 
@@ -69,15 +76,28 @@ class PhaseCheck:
     def score(got: dict[str, Any], roles: dict[int, str]) -> dict[str, Any]:
         """Share of (interval, instance) pairs the observer got right; roles: pid -> phase."""
         samples = got["samples"]
+        # busy time of each process at the moments the emulator was asked (CLOCK_MONOTONIC),
+        # interpolated to the ends of each snapshot's own interval
+        qs = [x[2] for x in samples]
+
+        def busy_at(pid: int, t: float) -> float | None:
+            i = bisect.bisect_left(qs, t)
+            if i == 0 or i >= len(qs):
+                return None
+            (b0, t0), (b1, t1) = (samples[i - 1][1].get(pid, 0.0), qs[i - 1]), (samples[i][1].get(pid, 0.0), qs[i])
+            return b0 + (b1 - b0) * (t - t0) / (t1 - t0) if t1 > t0 else b1
+
         right = total = edge = 0
         wrong: Counter = Counter()
         sources: Counter = Counter()
-        for (_, b0, t0), (seen, b1, t1) in zip(samples, samples[1:]):
-            dt = (t1 - t0) * 1e9
-            if dt <= 0:
+        for seen, _, _, end, dt_s in samples:
+            if dt_s <= 0:
                 continue
             for pid, role in roles.items():
-                share = (b1.get(pid, 0.0) - b0.get(pid, 0.0)) / dt
+                a, b = busy_at(pid, end - dt_s), busy_at(pid, end)
+                if a is None or b is None:
+                    continue
+                share = (b - a) / (dt_s * 1e9)
                 truth = "idle" if share < IDLE_SHARE else role
                 phase, src = seen.get(pid, ("idle", "absent"))
                 sources[src] += 1
