@@ -188,3 +188,32 @@ def test_sigterm_restores_the_terminal(runtime_dir: Path, daemons, tmux: Tmux) -
     modes = out.read_text().split()
     assert "icanon" in modes and "echo" in modes
 
+
+
+def test_controller_policy_and_reasons_on_screen(acl_programs) -> None:
+    """With the real controller (flexpd) deciding for a prefill and a decode client, `top`
+    shows the policy in the device panel and a decision with its reason."""
+    from flexnpu import paths
+    from flexnpu.bench.node import LocalNode
+
+    exe, klib = str(acl_programs["engine_loop"]), str(paths.emulator_kernel_library())
+    with LocalNode(observer="shim", policy="flexpd") as n:
+        dec = n.spawn([exe, klib, "0", "2", "1.0", "--seconds", "60", "--gap-ms", "2"], role="decode")
+        pre = n.spawn([exe, klib, "0", "8", "1.0", "--seconds", "60"], role="prefill")
+        env = {**os.environ, "COLUMNS": "120", "FLEXNPU_RUNTIME_DIR": str(n.rdir)}
+
+        def shown() -> str | None:
+            r = subprocess.run(flexnpu_argv("top", "--once"), capture_output=True, text=True, timeout=TIMEOUT_S,
+                               cwd=REPO, stdin=subprocess.DEVNULL, env=env)
+            assert r.returncode == 0, r.stderr
+            ok = "flexpd" in r.stdout and f"prefill pid {pre.pid}" in r.stdout and _pid_row(r.stdout, dec.pid)
+            return r.stdout if ok else None
+
+        text = wait_for(shown, 30, "top to show flexpd's decisions")
+        r = subprocess.run(flexnpu_argv("top", "--json"), capture_output=True, text=True, timeout=TIMEOUT_S,
+                           cwd=REPO, stdin=subprocess.DEVNULL, env=env)
+    assert "priority 7" in text or "priority 0" in text, text
+    data = json.loads(r.stdout)
+    assert data["schema"] == 1
+    assert data["controller"] == "ok" and data["controller_report"]["policy"] == "flexpd"
+    assert any(f"prefill pid {pre.pid}" in d["reason"] for d in data["decisions"]), data["decisions"]

@@ -26,7 +26,10 @@ from typing import Any, Callable, Sequence
 
 from flexnpu import paths
 
-FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
+# The services run this interpreter on the very flexnpu package that imported this module (a
+# source checkout or the installed one), so what a benchmark or test measures is that code.
+FLEXNPU = [sys.executable, "-m", "flexnpu.cli"]
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 START_TIMEOUT_S = 30.0  # Python services on two loaded cores can be slow to start
 
 
@@ -109,6 +112,7 @@ class LocalNode:
     def base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["FLEXNPU_RUNTIME_DIR"] = str(self.rdir)
+        env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.pop("NOTIFY_SOCKET", None)
         return env
 
@@ -158,7 +162,7 @@ class LocalNode:
     def _service(self, name: str, args: list[str]) -> None:
         log = open(self.logs / f"{name}.log", "wb")
         try:
-            self.services[name] = subprocess.Popen([FLEXNPU, *args], env=self.base_env(), stdout=log,
+            self.services[name] = subprocess.Popen([*FLEXNPU, *args], env=self.base_env(), stdout=log,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             log.close()

@@ -21,7 +21,8 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ from flexnpu import paths
 from flexnpu.control.config import Config
 from flexnpu.control.policies import POLICIES
 from flexnpu.control.policies.base import Client, Clients, PolicyOutput
-from flexnpu.control.wire import OPEN, ClientSetting, ControllerReport, Decision, DeviceReport, GateSetting
+from flexnpu.control.wire import OPEN, RECENT_KEPT, ClientSetting, ControllerReport, Decision, DeviceReport, GateSetting
 from flexnpu.forward.client import DaemonClient, DaemonError
 from flexnpu.snapshot import NodeSnapshot, SnapshotSubscriber
 
@@ -109,6 +110,7 @@ class Controller:
         self.on_report = on_report
         self.seq = 0
         self.pending: list[Decision] = []
+        self.recent: deque[Decision] = deque(maxlen=RECENT_KEPT)
         self.reported_ns = 0
         self.scanned_ns = 0
         self.stop_flag = threading.Event()
@@ -225,6 +227,8 @@ class Controller:
             for dev, link in sorted(self.links.items()))
         rep = ControllerReport(self.seq, wall, now_ns, os.getpid(), self.opts.policy, self.opts.tick_ms,
                                self.observer_status(now_ns), devices, tuple(self.pending))
+        self.recent.extend(self.pending)
+        rep = replace(rep, recent=tuple(self.recent))
         self.pending = []
         if self.pub is not None:
             try:

@@ -14,10 +14,13 @@ Wire format, schema 1:
                                "max_hold_ms": float, "inflight": int, "owner": str|null}]}],
      "decisions": [{"time": unix s, "device": int, "pid": int,
                     "setting": {"gate", "priority", "max_hold_ms", "inflight"},
-                    "reason": str}]}
+                    "reason": str}],
+     "recent": [the same, up to RECENT_KEPT]}
 
 "decisions" holds the changes applied since the previous message (the newest last);
-"clients" the settings in force as the controller last applied or read them.
+"recent" the last RECENT_KEPT decisions, the newest last, so that a subscriber that joins
+late (a `flexnpu top` started after the gates were set) still sees why they are as they
+are; "clients" the settings in force as the controller last applied or read them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from flexnpu import SCHEMA
 
 REPORT_EVERY_S = 0.5
+RECENT_KEPT = 16
 DEFAULT_MAX_HOLD_MS = 200.0
 
 
@@ -104,6 +108,7 @@ class ControllerReport:
     observer: str  # "ok", "stale" or "absent"
     devices: tuple[DeviceReport, ...]
     decisions: tuple[Decision, ...] = field(default=())
+    recent: tuple[Decision, ...] = field(default=())
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -113,6 +118,7 @@ class ControllerReport:
                          "clients": [{"pid": c.pid, **c.setting.as_dict(), "owner": c.owner} for c in d.clients]}
                         for d in self.devices],
             "decisions": [x.as_dict() for x in self.decisions],
+            "recent": [x.as_dict() for x in self.recent],
         }).encode()
 
     @classmethod
@@ -132,6 +138,7 @@ class ControllerReport:
                                   for c in x.get("clients") or ()))
                     for x in d.get("devices") or ()),
                 decisions=tuple(Decision.from_dict(x) for x in d.get("decisions") or ()),
+                recent=tuple(Decision.from_dict(x) for x in d.get("recent") or ()),
             )
         except WireError:
             raise

@@ -281,7 +281,9 @@ class Sampler:
         prev = self._report
         # a restarted controller starts its seq again; the same one never repeats a seq
         if prev is None or r.pid != prev.pid or r.seq > prev.seq:
-            self._decisions.extend(r.decisions)
+            # the first report seen carries the controller's recent history; later ones, what is new
+            seen = set(self._decisions)
+            self._decisions.extend(d for d in (r.recent or r.decisions) if d not in seen)
         self._report, self._report_at = r, time.monotonic()
 
     def _poll_daemons(self, clients: dict[int, Any]) -> tuple[DaemonState, ...]:
