@@ -3,12 +3,16 @@
  * of modelled device time on one stream, synchronises, then pauses GAP milliseconds (a
  * serving engine waiting for requests: a half-loaded decode instance has GAP ~ its step).
  *
- *   engine_loop KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0]
+ *   engine_loop KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0] [--kernel NAME]
  *
  *   --start-ms T0  wait until T0 ms of CLOCK_MONOTONIC (so several loops start together)
+ *   --kernel NAME  the kernel to launch (default "synthetic"): a kernel library that maps a
+ *                  name such as prompt_flash_attention to the synthetic built-in gives the
+ *                  loop a serving engine's kernel name at the same modelled cost
  *
  * Prints JSON lines on stdout, flushed at once:
- *   {"ready":true,"pid":P}                              after set-up
+ *   {"ready":true,"pid":P,"first_ms":..}                after set-up (first_ms: CLOCK_MONOTONIC ms
+ *                                                       of its first dispatch, the warm-up kernel)
  *   {"step":i,"t0_ms":..,"step_ms":..,"busy_ms":..}     per step (t0: CLOCK_MONOTONIC ms;
  *                                                       busy_ms: K * MS, the work it carried)
  *   {"done":true,"pid":P,"steps":N,"wall_ms":..}
@@ -60,18 +64,21 @@ static void sleep_until(uint64_t t)
 int main(int argc, char **argv)
 {
     if (argc < 5) {
-        fprintf(stderr, "usage: %s KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0]\n", argv[0]);
+        fprintf(stderr, "usage: %s KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0] [--kernel NAME]\n",
+                argv[0]);
         return 2;
     }
     const char *klib = argv[1];
     int dev = atoi(argv[2]);
     int k = atoi(argv[3]);
     double ms = atof(argv[4]), seconds = 0, gap_ms = 0, tflops = 353.9, start_ms = 0;
+    const char *kernel = "synthetic";
     for (int i = 5; i < argc; i++) {
         if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
         else if (!strcmp(argv[i], "--gap-ms") && i + 1 < argc) gap_ms = atof(argv[++i]);
         else if (!strcmp(argv[i], "--tflops") && i + 1 < argc) tflops = atof(argv[++i]);
         else if (!strcmp(argv[i], "--start-ms") && i + 1 < argc) start_ms = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--kernel") && i + 1 < argc) kernel = argv[++i];
         else {
             fprintf(stderr, "%s: unknown argument %s\n", argv[0], argv[i]);
             return 2;
@@ -86,13 +93,14 @@ int main(int argc, char **argv)
     aclrtBinHandle bin;
     aclrtFuncHandle f;
     CHECK(aclrtBinaryLoadFromFile(klib, NULL, &bin));
-    CHECK(aclrtBinaryGetFunction(bin, "synthetic", &f));
+    CHECK(aclrtBinaryGetFunction(bin, kernel, &f));
     aclrtStream s;
     CHECK(aclrtCreateStream(&s));
     struct synthetic_args warm = {0, 0};
+    uint64_t first = now_ns();
     CHECK(aclrtLaunchKernel(f, 1, &warm, sizeof warm, s));
     CHECK(aclrtSynchronizeStream(s));
-    printf("{\"ready\":true,\"pid\":%d}\n", getpid());
+    printf("{\"ready\":true,\"pid\":%d,\"first_ms\":%.3f}\n", getpid(), (double)first / 1e6);
     fflush(stdout);
     if (start_ms > 0) sleep_until((uint64_t)(start_ms * 1e6));
 
