@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from flexnpu.cliargs import NumberArgs
 from flexnpu.emulator.cli import app as emu_app
 from flexnpu.forward import cli as forward_cli
 
@@ -29,7 +30,7 @@ def _register_optional() -> None:
     from flexnpu.observe import cli as observe_cli
 
     app.command("doctor")(doctor.doctor_command)
-    app.command("attach")(observe_cli.attach_command)
+    app.command("attach", cls=NumberArgs)(observe_cli.attach_command)
     app.command("observe")(observe_cli.observe_command)
     app.command("controller")(__import__("flexnpu.control.cli", fromlist=["controller_command"]).controller_command)
     app.command("top")(__import__("flexnpu.tui.cli", fromlist=["top_command"]).top_command)

@@ -15,6 +15,25 @@ from typing import Annotated, Optional
 import typer
 
 from flexnpu import logs, paths, systemd
+from flexnpu.pidlock import AlreadyRunning, PidLock
+
+
+def _node_lock() -> PidLock:
+    """One controller per node ($RUNTIME_DIR/controller.lock): a second would take over
+    controller.sock and fight the first over every gate."""
+    rdir = paths.runtime_dir()
+    try:
+        rdir.mkdir(parents=True, exist_ok=True)
+        return PidLock(rdir / "controller.lock").acquire()
+    except AlreadyRunning as e:
+        who = f"pid {e.pid}" if e.pid else f"the process holding {e.path}"
+        print(f"flexnpu controller: a controller is already running on this node ({who}); one per node: "
+              "stop it first, or follow its decisions with `flexnpu top`", file=sys.stderr)
+    except OSError as e:
+        print(f"flexnpu controller: cannot write in the runtime dir {rdir}: {e.strerror}; run it as root "
+              "(sudo) or as the flexnpu service user, or set FLEXNPU_RUNTIME_DIR to a directory you own",
+              file=sys.stderr)
+    raise typer.Exit(1)
 
 
 def controller_command(
@@ -60,9 +79,11 @@ def controller_command(
         def on_report(rep) -> None:
             sys.stdout.write(rep.to_json().decode() + "\n")
             sys.stdout.flush()
+    lock = _node_lock()
     try:
         ctl = Controller(cfg, on_report=on_report)
     except Exception as e:  # zmq.ZMQError (the socket), OSError: say it in one line
+        lock.release()
         print(f"flexnpu controller: cannot start: {e}", file=sys.stderr)
         raise typer.Exit(1)
 
@@ -86,3 +107,4 @@ def controller_command(
     finally:
         systemd.notify("STOPPING=1")
         ctl.close()
+        lock.release()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -13,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flexnpu import logs, paths
+from flexnpu.cliargs import NumberArgs, check_device, check_pid
 
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 gate_app = typer.Typer(help="Inspect and set the dispatch gates of a device's clients.", no_args_is_help=True)
@@ -42,6 +45,16 @@ def daemon_command(
     from flexnpu.forward import daemon, protocol
 
     logs.setup(verbose)
+    count, where = device_count() if device >= 0 else (None, "")
+    if count is None:
+        check_device("daemon", device)
+        logging.getLogger("flexnpu.forward").warning(
+            "device %d not checked: %s; start the emulator first (`flexnpu emu start`) to have it checked",
+            device, where)
+    elif device >= count:
+        err.print(f"flexnpu daemon: no device {device}: {where} has {count} device{'s' if count != 1 else ''} "
+                  f"(0-{count - 1}); give --device one of them")
+        raise typer.Exit(2)
     try:
         daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate, pending_grace_ms=pending_grace_ms,
                    admin_group=admin_group, per_uid_cap=max_clients_per_user)
@@ -50,9 +63,27 @@ def daemon_command(
         raise typer.Exit(1)
 
 
-def _client(device: int):
+def device_count() -> tuple[int | None, str]:
+    """How many devices this node has and who says so: CANN's device nodes (/dev/davinciN)
+    where CANN is installed, else the running emulator; (None, why not) with neither."""
+    if _real_cann_present():
+        nodes = [p for p in Path("/dev").glob("davinci*") if p.name[len("davinci"):].isdigit()]
+        if nodes:
+            return len(nodes), "this node (CANN, /dev/davinci*)"
+    from flexnpu.emulator import control
+
+    try:
+        return len(control.status(timeout=1.0)["devices"]), "the emulator"
+    except control.EmulatorNotRunning:
+        return None, "no CANN devices (/dev/davinciN) and no emulator running"
+    except (control.EmulatorError, KeyError, TypeError) as e:
+        return None, f"cannot ask the emulator ({e})"
+
+
+def _client(device: int, cmd: str):
     from flexnpu.forward.client import DaemonClient
 
+    check_device(f"gate {cmd}", device)
     return DaemonClient(device)
 
 
@@ -78,7 +109,7 @@ def gate_list(
     from flexnpu.forward.client import DaemonError
 
     try:
-        with _client(device) as c:
+        with _client(device, "list") as c:
             reply = c.request("list")
     except DaemonError as e:
         _fail("list", e)
@@ -100,7 +131,7 @@ def gate_list(
         typer.echo(f"controller lease: {lease['lease_left_ms']:.0f} ms left")
 
 
-@gate_app.command("set")
+@gate_app.command("set", cls=NumberArgs)
 def gate_set(
     pid: Annotated[int, typer.Argument(help="Client process id.")],
     device: Annotated[int, typer.Option(help="Physical device.")] = 0,
@@ -122,8 +153,9 @@ def gate_set(
     """
     from flexnpu.forward.client import DaemonError
 
+    check_pid("gate set", "PID", pid)
     try:
-        with _client(device) as c:
+        with _client(device, "set") as c:
             v = c.set(pid=pid, gate=gate, priority=priority, max_hold_ms=max_hold_ms, inflight=inflight)
     except DaemonError as e:
         _fail("set", e)
@@ -133,7 +165,7 @@ def gate_set(
                f"in-flight budget {budget} (manual until `flexnpu gate release {pid}`)")
 
 
-@gate_app.command("release")
+@gate_app.command("release", cls=NumberArgs)
 def gate_release(
     pid: Annotated[Optional[int], typer.Argument(help="Client process id.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Release every client's manual settings.")] = False,
@@ -151,8 +183,9 @@ def gate_release(
     if (pid is None) == (not all_):
         err.print("flexnpu gate release: give a PID or --all")
         raise typer.Exit(2)
+    check_pid("gate release", "PID", pid)
     try:
-        with _client(device) as c:
+        with _client(device, "release") as c:
             pids = c.release(pid=pid, all=all_)
     except DaemonError as e:
         _fail("release", e)
@@ -180,7 +213,7 @@ def gate_defaults(
     from flexnpu.forward.client import DaemonError
 
     try:
-        with _client(device) as c:
+        with _client(device, "defaults") as c:
             d = c.defaults(gate=gate, priority=priority, max_hold_ms=max_hold_ms, apply=apply,
                            pending_grace_ms=pending_grace_ms)
     except DaemonError as e:
@@ -205,6 +238,10 @@ def run_env(devices: Optional[str], role: str, mem_quota: Optional[str], debug: 
         ids = devices.split(",")
         if not devices or not all(i.isdigit() and int(i) < 64 for i in ids):
             raise ValueError(f"--device takes a comma list of physical device ids (0-63), not {devices!r}")
+        twice = sorted({int(i) for i in ids if [int(j) for j in ids].count(int(i)) > 1})
+        if twice:
+            raise ValueError(f"--device lists device {', '.join(map(str, twice))} twice in {devices!r}; "
+                             "each physical device once (e.g. 2,3)")
         env["FLEXNPU_DEVICES"] = devices
     if mem_quota is not None:
         if not _SIZE.match(mem_quota) or float(re.match(r"\s*[\d.]+", mem_quota).group()) <= 0:
@@ -254,6 +291,26 @@ def gate_refusal() -> str | None:
     return None
 
 
+def _not_runnable(name: str, path: str | None) -> tuple[str, int]:
+    """Why `name` cannot be run, and the shell's exit code for it (127 not found, 126 found
+    but not executable)."""
+    if not name:
+        return "the program's name is empty; give it after --, e.g. flexnpu run -- ./my_acl_program", 127
+    if "/" in name:
+        cands = [name]
+    else:
+        cands = [os.path.join(d or ".", name) for d in (path or os.defpath).split(os.pathsep)]
+    for c in cands:
+        if os.path.isdir(c):
+            return "is a directory, not a program", 126
+        if os.path.exists(c):
+            return ("is not executable; make it so (chmod +x) or run it through its interpreter "
+                    "(e.g. flexnpu run -- python script.py)"), 126
+    if "/" in name:
+        return "no such file", 127
+    return "command not found (not in PATH)", 127
+
+
 def run_command(
     cmd: Annotated[list[str], typer.Argument(help="The program and its arguments, after --.")],
     device: Annotated[Optional[str], typer.Option("--device", help="Physical devices the program sees, "
@@ -282,6 +339,7 @@ def run_command(
         raise typer.Exit(1)
     exe = shutil.which(cmd[0], path=env.get("PATH"))
     if exe is None:
-        err.print(f"flexnpu run: {cmd[0]}: command not found")
-        raise typer.Exit(127)
+        problem, code = _not_runnable(cmd[0], env.get("PATH"))
+        err.print(f"flexnpu run: {cmd[0]}: {problem}" if cmd[0] else f"flexnpu run: {problem}")
+        raise typer.Exit(code)
     os.execve(exe, cmd, env)

@@ -28,6 +28,45 @@ def ebpf_text(pid: int, trace: bool) -> str:
     return build(ProbeConfig(trace=trace, tgid=pid)).final()
 
 
+CAP_NAMES = ("chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+             "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+             "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
+             "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
+             "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
+             "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore")
+
+
+def _caps(pid: int | str, field: str) -> int | None:
+    try:
+        for line in (procs.PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def maps_refusal(pid: int) -> str:
+    """Why /proc/<pid>/maps was refused, in one line: another user's process (run as root),
+    or, for root, what the kernel holds against it (a process with capabilities this one
+    lacks, as an init process in a sandbox or VM has, or a security module)."""
+    import os
+
+    what = f"cannot read /proc/{pid}/maps of pid {pid} ({procs.comm(pid)})"
+    if os.geteuid() != 0:
+        return f"{what}: it is another user's process; run it as root (sudo)"
+    theirs, ours = _caps(pid, "CapPrm"), _caps("self", "CapEff")
+    missing = theirs & ~ours if theirs is not None and ours is not None else 0
+    if missing:
+        lacked = [f"cap_{CAP_NAMES[i]}" if i < len(CAP_NAMES) else f"capability {i}"
+                  for i in range(64) if missing >> i & 1]
+        return (f"{what}: the kernel refuses it even to root, as that process holds capabilities this one "
+                f"lacks ({', '.join(lacked)}); attach to a process started here, or run flexnpu where they "
+                "are held (the host, not a container)")
+    return (f"{what}: the kernel refuses it even to root here (a security module, or the process is in "
+            "another user namespace or not dumpable); attach to a process started in this environment")
+
+
 def find_runtime(pid: int) -> dict[str, procs.MappedLibrary]:
     """The runtime libraries pid maps; errors for a missing process or none mapped."""
     if pid <= 0 or not procs.exists(pid):
@@ -37,7 +76,7 @@ def find_runtime(pid: int) -> dict[str, procs.MappedLibrary]:
     except ProcessLookupError:
         raise NoSuchProcess(f"no process with pid {pid}") from None
     except PermissionError:
-        raise NoPrivileges(f"cannot read /proc/{pid}/maps; run it as root (sudo)") from None
+        raise NoPrivileges(maps_refusal(pid)) from None
     if PRIMARY not in libs:
         raise NoRuntimeLibrary(f"pid {pid} ({procs.comm(pid)}) maps no {PRIMARY}; attach to a process "
                                "that has loaded the device runtime")

@@ -6,6 +6,7 @@ library mapped, 5 missing privileges, 6 BPF unavailable, 7 bcc missing.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,12 +14,29 @@ from typing import Annotated, Optional
 import typer
 
 from flexnpu import logs
+from flexnpu.cliargs import check_at_least, check_pid, check_positive, fail
 from flexnpu.observe.errors import ObserveError
+
+
+MAX_INTERVAL_S = 86400.0  # a day: longer is a typo, and time.sleep overflows on huge values
 
 
 def _fail(cmd: str, e: ObserveError) -> None:
     print(f"flexnpu {cmd}: {e}", file=sys.stderr)
     raise typer.Exit(e.exit_code)
+
+
+def trace_problem(path: Path) -> str | None:
+    """Why a trace file cannot be written at path (None: it can), checked before any probe
+    is loaded so a typo costs nothing."""
+    if path.is_dir():
+        return "is a directory; give a file name"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory; create it first or give another path"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "permission denied; give a path you can write"
+    return None
 
 
 def attach_command(
@@ -41,19 +59,22 @@ def attach_command(
     """
     from flexnpu.observe import attach
 
+    check_pid("attach", "PID", pid)
     if ebpf:
         print(attach.ebpf_text(pid, trace is not None))
         return
-    if interval <= 0:
-        print("flexnpu attach: interval must be positive", file=sys.stderr)
-        raise typer.Exit(2)
-    if count is not None and count < 1:
-        print("flexnpu attach: count must be at least 1", file=sys.stderr)
-        raise typer.Exit(2)
+    check_positive("attach", "interval", interval, most=MAX_INTERVAL_S, unit=" s")
+    check_at_least("attach", "count", count, 1)
+    if trace is not None:
+        problem = trace_problem(trace)
+        if problem:
+            fail("attach", f"--trace {trace}: {problem}")
     try:
         attach.run(pid, interval, count, json_out, trace)
     except ObserveError as e:
         _fail("attach", e)
+    except OSError as e:  # the trace file, made unwritable since the check above
+        fail("attach", f"{e.filename or 'I/O'}: {e.strerror or e}", 1)
     except KeyboardInterrupt:
         pass
 
@@ -80,20 +101,20 @@ def observe_command(
     """
     from flexnpu.observe.probegen import ProbeConfig, build
 
+    if pid:
+        check_pid("observe", "-p", pid)
     if ebpf:
         print(build(ProbeConfig(tgid=pid)).final())
         return
-    if interval_ms <= 0:
-        print("flexnpu observe: --interval-ms must be positive", file=sys.stderr)
-        raise typer.Exit(2)
-    if pid < 0:
-        print("flexnpu observe: -p takes a process id", file=sys.stderr)
-        raise typer.Exit(2)
+    check_positive("observe", "--interval-ms", interval_ms, most=MAX_INTERVAL_S * 1000, unit=" ms")
+    check_at_least("observe", "--count", count, 1)
     if source not in ("auto", "bpf", "shim"):
-        print(f"flexnpu observe: --source takes auto, bpf or shim, not {source!r}", file=sys.stderr)
-        raise typer.Exit(2)
+        fail("observe", f"--source takes auto, bpf or shim, not {source!r}")
+    from flexnpu.observe import node, procs
+
+    if pid and not procs.exists(pid):
+        fail("observe", f"no process with pid {pid}; give -p the pid of a running process", 3)
     logs.setup(verbose)
-    from flexnpu.observe import node
 
     try:
         node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out, pid=pid)

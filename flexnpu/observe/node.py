@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from flexnpu import cann, paths, systemd
+from flexnpu.pidlock import AlreadyRunning, PidLock
 from flexnpu.observe import procs
 from flexnpu.observe.errors import BccMissing, BpfUnavailable, NoPrivileges, ObserveError
 from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig
@@ -159,12 +160,36 @@ class _Stop(Exception):
     pass
 
 
+def node_lock(rdir: Path | None = None) -> PidLock:
+    """The one-observer-per-node lock ($RUNTIME_DIR/observe.lock), held; ObserveError if
+    another observer holds it or the runtime dir is not ours to write."""
+    rdir = Path(rdir or paths.runtime_dir())
+    hint = "run it as root (sudo), or set FLEXNPU_RUNTIME_DIR to a directory you own"
+    try:
+        rdir.mkdir(parents=True, exist_ok=True)
+        return PidLock(rdir / "observe.lock").acquire()
+    except AlreadyRunning as e:
+        who = f"pid {e.pid}" if e.pid else f"the process holding {e.path}"
+        raise ObserveError(f"an observer is already running on this node ({who}); one per node: "
+                           f"stop it first (kill {e.pid or '<pid>'}) or read its snapshots on "
+                           f"{observe_socket(rdir)}") from None
+    except PermissionError:
+        raise NoPrivileges(f"permission denied: cannot write in {rdir}; {hint}") from None
+    except OSError as e:
+        raise ObserveError(f"cannot use the runtime dir {rdir}: {e.strerror}; {hint}") from None
+
+
 def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, ...] = (),
           count: int | None = None, print_json: bool = False, out: TextIO = sys.stdout, pid: int = 0) -> int:
     """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop."""
     import zmq
 
-    obs = NodeObserver(source, libraries, pid=pid)
+    lock = node_lock()
+    try:
+        obs = NodeObserver(source, libraries, pid=pid)
+    except BaseException:
+        lock.release()
+        raise
     sock_path = observe_socket(obs.rdir)
     ctx = pub = None
 
@@ -173,13 +198,17 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
 
     old = signal.signal(signal.SIGTERM, stop)
     n = 0
+    bound = False
     try:  # from here on, however it ends (a signal may come at any point), the socket goes
-        obs.rdir.mkdir(parents=True, exist_ok=True)
         ctx = zmq.Context()
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, 100)
-        pub.bind(f"ipc://{sock_path}")
+        try:
+            pub.bind(f"ipc://{sock_path}")
+        except zmq.ZMQError as e:
+            raise ObserveError(f"cannot publish on {sock_path}: {e.strerror}") from None
+        bound = True
         msg = f"observing through {obs.source}" + (f": {obs.note}" if obs.note else "") + \
               f"; publishing on ipc://{sock_path} every {interval_s * 1000:.0f} ms"
         (log.warning if obs.source != "bpf" else log.info)(msg)
@@ -210,8 +239,10 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
                 pub.close(0)
             if ctx is not None:
                 ctx.term()
-            sock_path.unlink(missing_ok=True)
+            if bound:
+                sock_path.unlink(missing_ok=True)
             obs.close()
+            lock.release()
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old)
