@@ -4,6 +4,7 @@ devices, one line (or one JSON object) per interval."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -50,8 +51,6 @@ def maps_refusal(pid: int) -> str:
     """Why /proc/<pid>/maps was refused, in one line: another user's process (run as root),
     or, for root, what the kernel holds against it (a process with capabilities this one
     lacks, as an init process in a sandbox or VM has, or a security module)."""
-    import os
-
     what = f"cannot read /proc/{pid}/maps of pid {pid} ({procs.comm(pid)})"
     if os.geteuid() != 0:
         return f"{what}: it is another user's process; run it as root (sudo)"
