@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from flexnpu.cliargs import NumberArgs
@@ -43,7 +45,28 @@ _register_optional()
 
 
 def main() -> None:
-    app()
+    """The `flexnpu` entry point. Click's usage errors (a value of the wrong type, an unknown
+    option, a missing argument) come out as one line, `flexnpu CMD: what is wrong; see
+    `flexnpu CMD --help``, exit 2, instead of a usage block and a boxed message."""
+    from typer._click import exceptions as click_errors  # the click typer ships and raises
+
+    try:
+        rv = app(standalone_mode=False, prog_name="flexnpu")
+    except click_errors.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "flexnpu"
+        print(f"{where}: {' '.join(e.format_message().split()).rstrip('.')}; see `{where} --help`",
+              file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click_errors.ClickException as e:
+        print(f"flexnpu: {' '.join(e.format_message().split()).rstrip('.')}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("flexnpu: aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,20 @@ def test_gate_negative_pid(cmd: list[str]) -> None:
 
 
 def test_unknown_option_is_still_refused() -> None:
-    r = flexnpu("gate", "set", "-1", "--bogus")
-    assert r.returncode == 2 and "No such option" in r.stderr and "Traceback" not in r.stderr
+    one_line(flexnpu("gate", "set", "-1", "--bogus"), 2, "flexnpu gate set: No such option:",
+             "see `flexnpu gate set --help`")
+
+
+@pytest.mark.parametrize("args,says", [
+    (["attach", "x"], "flexnpu attach: Invalid value for 'pid'"),
+    (["top", "--interval", "fast"], "flexnpu top: Invalid value for '--interval'"),
+    (["run"], "flexnpu run: Missing argument 'cmd'"),
+    (["no-such-command"], "flexnpu: No such command 'no-such-command'"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_usage_errors_are_one_line(args: list[str], says: str) -> None:
+    """click's own refusals (wrong type, unknown option or command, missing argument): one
+    line naming the command, and where its help is, instead of a usage block and a box."""
+    one_line(flexnpu(*args), 2, says, "--help`")
 
 
 # ---------------------------------------------------------------- attach

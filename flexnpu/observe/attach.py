@@ -83,8 +83,9 @@ def find_runtime(pid: int) -> dict[str, procs.MappedLibrary]:
 
 
 def run(pid: int, interval: float = 1.0, count: int | None = None, as_json: bool = False,
-        trace: Path | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+        trace: Path | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Attaches, prints until count intervals, the process's exit or SIGINT/SIGTERM."""
+    out, err = out or sys.stdout, err or sys.stderr  # the streams of the moment, not of the import
     from flexnpu.observe.bpf import ProbeSession
     from flexnpu.observe.trace import TraceWriter
 

@@ -180,9 +180,11 @@ def node_lock(rdir: Path | None = None) -> PidLock:
 
 
 def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, ...] = (),
-          count: int | None = None, print_json: bool = False, out: TextIO = sys.stdout, pid: int = 0) -> int:
+          count: int | None = None, print_json: bool = False, out: TextIO | None = None, pid: int = 0) -> int:
     """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop."""
     import zmq
+
+    out = out or sys.stdout  # looked up now: the stdout of the moment, not of the import
 
     lock = node_lock()
     try:
