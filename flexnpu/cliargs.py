@@ -49,9 +49,9 @@ def check_at_least(cmd: str, name: str, value: int | None, least: int, most: int
 
 
 def check_pid(cmd: str, name: str, value: int | None) -> None:
-    """A process id: 1 up to the kernel's pid_max (4194304 at most)."""
-    if value is not None and not 0 < value <= 4194304:
-        fail(cmd, f"{name} takes a process id (a number from 1), not {value}")
+    """A process id: 1 up to what pid_t holds (a pid that runs no process is the command's to refuse)."""
+    if value is not None and not 0 < value < 2**31:
+        fail(cmd, f"{name} takes a process id (a number from 1 to {2**31 - 1}), not {value}")
 
 
 def check_device(cmd: str, value: int) -> None:

@@ -128,7 +128,7 @@ def test_gate_set_negative_device_suggests_nothing_refused() -> None:
 
 @pytest.mark.parametrize("cmd", [["gate", "set", "-1"], ["gate", "release", "-1"]], ids=" ".join)
 def test_gate_negative_pid(cmd: list[str]) -> None:
-    err = one_line(flexnpu(*cmd), 2, "PID takes a process id (a number from 1), not -1")
+    err = one_line(flexnpu(*cmd), 2, "PID takes a process id (a number from 1 to 2147483647), not -1")
     assert "No such option" not in err
 
 
@@ -163,7 +163,7 @@ def test_attach_negative_count_is_named() -> None:
 
 
 def test_attach_negative_pid_is_named() -> None:
-    one_line(flexnpu("attach", "-5"), 2, "PID takes a process id (a number from 1), not -5")
+    one_line(flexnpu("attach", "-5"), 2, "PID takes a process id (a number from 1 to 2147483647), not -5")
 
 
 def test_attach_trace_in_a_missing_dir() -> None:
@@ -224,7 +224,7 @@ def test_observe_interval_not_a_positive_number(ms: str) -> None:
 
 
 def test_observe_negative_pid() -> None:
-    one_line(flexnpu("observe", "-p", "-3"), 2, "-p takes a process id (a number from 1), not -3")
+    one_line(flexnpu("observe", "-p", "-3"), 2, "-p takes a process id (a number from 1 to 2147483647), not -3")
 
 
 @pytest.mark.skipif(nobody_python() is None, reason="needs root and an interpreter user nobody can run")
