@@ -84,13 +84,14 @@ class LocalNode:
     observer: None (none), "shim", "bpf" or "auto" (the `flexnpu observe --source`);
     policy: None (no controller) or a policy name for `flexnpu controller`;
     controller_args: extra command-line options for the controller (e.g. ["--tick-ms", "5"]);
+    daemon_args: extra command-line options for every daemon (e.g. ["--pending-grace-ms", "5"]);
     partition: the emulator's `--partition prefill=S,decode=S` (fixed shares by role), or None.
     """
 
     def __init__(self, devices: int = 1, mode: str = "serial", profile: str = "910b", time_scale: float = 1.0,
                  observer: str | None = "shim", observe_interval_ms: float = 50.0, policy: str | None = None,
                  controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None,
-                 partition: str | None = None) -> None:
+                 partition: str | None = None, daemon_args: Sequence[str] = ()) -> None:
         self.devices = devices
         self.mode = mode
         self.profile = profile
@@ -99,6 +100,7 @@ class LocalNode:
         self.observe_interval_ms = observe_interval_ms
         self.policy = policy
         self.controller_args = list(controller_args)
+        self.daemon_args = list(daemon_args)
         self.partition = partition  # the emulator's --partition (vNPU-like split by role), or None
         self.want_daemons = daemons
         self._own_rdir = rdir is None
@@ -106,6 +108,7 @@ class LocalNode:
         self.logs = self.rdir / "logs"
         self.emu_pid: int | None = None
         self.services: dict[str, subprocess.Popen] = {}
+        self._argv: dict[str, list[str]] = {}  # each service's command line, for restart()
         self.programs: list[subprocess.Popen] = []
 
     # -- environment
@@ -148,7 +151,7 @@ class LocalNode:
                                      partition=self.partition)
         if self.want_daemons:
             for dev in range(self.devices):
-                self._service(f"daemon-{dev}", ["daemon", "--device", str(dev)])
+                self._service(f"daemon-{dev}", ["daemon", "--device", str(dev), *self.daemon_args])
             for dev in range(self.devices):
                 self._ready(f"daemon-{dev}", lambda d=dev: self._daemon_up(d))
         if self.observer:
@@ -160,7 +163,8 @@ class LocalNode:
             self._ready("controller", lambda: paths.controller_socket(self.rdir).exists())
 
     def _service(self, name: str, args: list[str]) -> None:
-        log = open(self.logs / f"{name}.log", "wb")
+        self._argv[name] = args
+        log = open(self.logs / f"{name}.log", "ab")  # a restarted service appends to its log
         try:
             self.services[name] = subprocess.Popen([*FLEXNPU, *args], env=self.base_env(), stdout=log,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -211,6 +215,47 @@ class LocalNode:
         if p.poll() is None:
             p.send_signal(sig)
             p.wait(10)
+
+    def restart(self, name: str) -> None:
+        """Starts a service again, as it was first started (after `kill`), and waits until it
+        is ready: a daemon answers ping, the observer's and controller's sockets exist.
+        "emu" kills nothing and restarts the device server in the same runtime dir."""
+        from flexnpu.emulator import control
+
+        if name == "emu":
+            self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir,
+                                         partition=self.partition)
+            return
+        old = self.services[name]
+        if old.poll() is None:
+            raise NodeError(f"{name} is still running (pid {old.pid}); kill it first")
+        sockets = {"observe": paths.observe_socket(self.rdir), "controller": paths.controller_socket(self.rdir)}
+        if name in sockets:  # a killed one's file is still there: ready once the new one binds it again
+            sockets[name].unlink(missing_ok=True)
+        ready = {n: (lambda f=f: f.exists()) for n, f in sockets.items()}
+        if name.startswith("daemon-"):
+            dev = int(name.split("-", 1)[1])
+            ready[name] = lambda: self._daemon_up(dev)
+        self._service(name, self._argv[name])
+        self._ready(name, ready[name])
+
+    def kill_emulator(self, sig: int = signal.SIGKILL) -> None:
+        """Signals the device server (fault injection) and waits until it is gone."""
+        pid, self.emu_pid = self.emu_pid, None
+        if pid is None:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+
+        def gone() -> bool:
+            try:  # the server is this process's child (control.start): reap it
+                return os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                return not Path(f"/proc/{pid}").exists()
+
+        wait_for(gone, 10.0, f"device server {pid} to exit", interval=0.002)
 
     def emulator_status(self) -> dict:
         from flexnpu.emulator import control
