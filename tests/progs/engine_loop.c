@@ -4,11 +4,15 @@
  * serving engine waiting for requests: a half-loaded decode instance has GAP ~ its step).
  *
  *   engine_loop KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0] [--kernel NAME]
+ *               [--until-stdin]
  *
  *   --start-ms T0  wait until T0 ms of CLOCK_MONOTONIC (so several loops start together)
  *   --kernel NAME  the kernel to launch (default "synthetic"): a kernel library that maps a
  *                  name such as prompt_flash_attention to the synthetic built-in gives the
  *                  loop a serving engine's kernel name at the same modelled cost
+ *   --until-stdin  also stop at the first step end that finds a line (or EOF) on stdin; after
+ *                  the "done" line wait for one more line (or EOF) before exiting, so a test
+ *                  can compare the device's counts with the steps while the process lives
  *
  * Prints JSON lines on stdout, flushed at once:
  *   {"ready":true,"pid":P,"first_ms":..}                after set-up (first_ms: CLOCK_MONOTONIC ms
@@ -24,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include "acl/acl.h"
@@ -73,12 +78,14 @@ int main(int argc, char **argv)
     int k = atoi(argv[3]);
     double ms = atof(argv[4]), seconds = 0, gap_ms = 0, tflops = 353.9, start_ms = 0;
     const char *kernel = "synthetic";
+    int until_stdin = 0;
     for (int i = 5; i < argc; i++) {
         if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
         else if (!strcmp(argv[i], "--gap-ms") && i + 1 < argc) gap_ms = atof(argv[++i]);
         else if (!strcmp(argv[i], "--tflops") && i + 1 < argc) tflops = atof(argv[++i]);
         else if (!strcmp(argv[i], "--start-ms") && i + 1 < argc) start_ms = atof(argv[++i]);
         else if (!strcmp(argv[i], "--kernel") && i + 1 < argc) kernel = argv[++i];
+        else if (!strcmp(argv[i], "--until-stdin")) until_stdin = 1;
         else {
             fprintf(stderr, "%s: unknown argument %s\n", argv[0], argv[i]);
             return 2;
@@ -116,10 +123,18 @@ int main(int argc, char **argv)
         printf("{\"step\":%ld,\"t0_ms\":%.3f,\"step_ms\":%.3f,\"busy_ms\":%.3f}\n", done, (double)s0 / 1e6,
                (double)(s1 - s0) / 1e6, k * ms);
         fflush(stdout);
+        if (until_stdin) {
+            struct pollfd pfd = {.fd = 0, .events = POLLIN};
+            if (poll(&pfd, 1, 0) > 0) break;
+        }
         if (gap_ms > 0) sleep_until(s1 + (uint64_t)(gap_ms * 1e6));
     }
     printf("{\"done\":true,\"pid\":%d,\"steps\":%ld,\"wall_ms\":%.3f}\n", getpid(), done, (double)(now_ns() - t0) / 1e6);
     fflush(stdout);
+    if (until_stdin) {
+        char line[64];
+        if (fgets(line, sizeof line, stdin)) (void)fgets(line, sizeof line, stdin); /* the stop line, then one more */
+    }
     CHECK(aclrtDestroyStream(s));
     CHECK(aclrtBinaryUnLoad(bin));
     CHECK(aclrtResetDevice(dev));
