@@ -401,12 +401,13 @@ static void fx_gate_wait(struct fx_att *a)
         uint64_t changed = atomic_load(&g->changed_ns);
         if (changed && t0 > changed) atomic_store(&me->last_hold_lag_ns, t0 - changed);
     }
-    uint64_t max_hold = atomic_load(&g->max_hold_ns);
     atomic_fetch_add(&me->waiting, 1);
     atomic_fetch_add(&me->gate_waits, 1);
     for (;;) {
         uint32_t seq = atomic_load_explicit(&ctl->wake_seq, memory_order_seq_cst);
         uint64_t now = fx_now(), held = now - t0;
+        /* read on every wake-up: a max_hold lowered while this call is held bounds it too */
+        uint64_t max_hold = atomic_load(&g->max_hold_ns);
         if (fx_gate_open(a)) break;
         if (held >= max_hold) {
             atomic_store(&me->released, 1);

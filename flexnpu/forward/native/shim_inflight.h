@@ -163,7 +163,6 @@ static void fx_inflight_wait(struct fx_att *a, uint32_t budget, void *stream)
     if (fx_inflight_outstanding(a) < budget) return;
     uint64_t t0 = fx_now();
     if (!fx_daemon_alive(a, t0)) return; /* fail open */
-    uint64_t max_hold = atomic_load(&fx_g(a)->max_hold_ns);
     atomic_fetch_add(&me->inflight_waits, 1);
     for (;;) {
         pthread_mutex_lock(&f->lock);
@@ -177,6 +176,7 @@ static void fx_inflight_wait(struct fx_att *a, uint32_t budget, void *stream)
         pthread_mutex_unlock(&f->lock);
         if (go) break;
         uint64_t now = fx_now(), held = now - t0;
+        uint64_t max_hold = atomic_load(&fx_g(a)->max_hold_ns); /* lowered meanwhile: bounds this wait too */
         if (held >= max_hold) {
             atomic_store(&me->released, 1);
             atomic_fetch_add(&me->gate_expired, 1);
