@@ -183,13 +183,14 @@ class LoadedNode:
     P, prefill, held behind D by flexpd's priority (max hold 60 s);
     M, whose gate a person closed with `flexnpu gate set M --gate closed` (max hold 60 s)."""
 
-    def __init__(self, node: LocalNode, exe: Path) -> None:
+    def __init__(self, node: LocalNode, exe: Path, m_hold_ms: float = LONG_HOLD_MS) -> None:
         self.node = node
+        self.m_hold_ms = m_hold_ms
         self.d = Engine(node, exe, "decode", 2, 2.0, name="D")
         self.p = Engine(node, exe, "prefill", 4, 2.0, name="P")
         self.m = Engine(node, exe, "auto", 2, 2.0, gap_ms=5.0, name="M")
         self.all = [self.d, self.p, self.m]
-        gate_set_cli(node, self.m.pid, "--gate", "closed", "--max-hold-ms", str(LONG_HOLD_MS))
+        gate_set_cli(node, self.m.pid, "--gate", "closed", "--max-hold-ms", f"{m_hold_ms:g}")
         wait_until(self.controlled, 30, "flexpd's settings and M's manual gate in force", 0.02)
         wait_until(lambda: clients(node)[self.m.pid]["waiting"] == 1, 15, "M held by its closed gate", 0.02)
 
@@ -198,7 +199,7 @@ class LoadedNode:
         d, p, m = (cs.get(e.pid) for e in self.all)
         return bool(d and p and m and d["owner"] == p["owner"] == "controller" and d["priority"] == 7
                     and p["priority"] == 0 and p["max_hold_ms"] == LONG_HOLD_MS and m["owner"] == "manual"
-                    and m["gate"] == "closed")
+                    and m["gate"] == "closed" and m["max_hold_ms"] == self.m_hold_ms)
 
     def held(self, window: float = 0.3) -> bool:
         """P and M ran nothing (or P a sliver) while D ran, over window seconds."""
