@@ -110,6 +110,42 @@ def test_flexpd_prefill_first_swaps_the_sides() -> None:
     assert "prefill first" in r.reasons[(0, DEC)] and "prefill first" in r.reasons[(0, PRE)]
 
 
+def test_flexpd_prefill_first_guards_decode_with_tpot_ms() -> None:
+    """first = prefill with tpot_ms: decode's step over tpot_ms turns the device decode first
+    (decode priority 7, prefill priority 0 with a budget from prefill_inflight); prefill goes
+    first again only once the step is under prefill_first_below x tpot_ms, not at tpot_ms."""
+    o = flexpd.Options(first="prefill", decode_inflight=32, tpot_ms=10.0, prefill_first_below=0.8)
+    r = Run(flexpd, o)
+    t = T0
+    r.step(snap(t, proc(DEC, "decode", 6.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).priority == 7 and r.s(DEC) == GateSetting("open", 0, 50.0, 32)
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 12.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(DEC) == GateSetting("open", 7, 200.0, 0)
+    assert r.s(PRE) == GateSetting("open", 0, 100.0, 1)
+    assert "step 12.00 ms > tpot_ms 10: decode first" in r.reasons[(0, PRE)]
+    assert "decode first" in flexpd.describe(r.state, 0)
+    # under tpot_ms but over 0.8 x: still decode first (no flapping at the edge)
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 9.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(DEC).priority == 7 and r.s(PRE).priority == 0
+    t += 100 * MS
+    r.step(snap(t, proc(DEC, "decode", 7.0, 500), proc(PRE, "prefill", 30.0, 900)), t)
+    assert r.s(PRE).priority == 7 and r.s(DEC) == GateSetting("open", 0, 50.0, 32)
+    assert "prefill first again" in r.reasons[(0, DEC)]
+    # the same snapshot seen twice changes nothing
+    r.step(snap(t, proc(DEC, "decode", 20.0, 500), proc(PRE, "prefill", 30.0, 900)), t + MS)
+    assert r.s(PRE).priority == 7
+
+
+def test_flexpd_prefill_first_without_tpot_ms_never_swaps() -> None:
+    r = Run(flexpd, flexpd.Options(first="prefill", decode_inflight=32))
+    for k in range(4):
+        t = T0 + k * 100 * MS
+        r.step(snap(t, proc(DEC, "decode", 50.0 * (k + 1), 500), proc(PRE, "prefill", 30.0, 900)), t)
+        assert r.s(PRE).priority == 7 and r.s(DEC).inflight == 32
+
+
 def test_flexpd_one_client_alone_steps_aside() -> None:
     r = Run(flexpd, roles={DEC: "decode"})
     r.inforce[DEC] = GateSetting(priority=7, inflight=3)

@@ -21,6 +21,10 @@ Decode steps are never delayed past their budget; prefill gets every other momen
   priority 7 and no budget, so a prompt that arrives runs at once; decode gets priority 0, an
   in-flight budget of `decode_inflight` launches (the most a prompt finds queued ahead of it)
   and a max hold of `decode_max_hold_ms` (no decode call waits longer behind prefill).
+  With `tpot_ms` set, decode's step is guarded: while the decode step measured exceeds
+  `tpot_ms`, the device goes decode first (the mechanism above, with `tpot_ms` as the
+  budget), and back to prefill first once the step is under `prefill_first_below` x
+  `tpot_ms`: decode is never held past its budget for long, prefill gets every other moment.
 - **Stepping aside.** A device without both a prefill and a decode client (one client
   alone, or only one side) gets every gate open and no budget.
 - **Classes.** The role given to the shim (FLEXNPU_ROLE) if any, else the observed phase.
@@ -68,6 +72,9 @@ class Options:
     decode_inflight: int = opt(4, "with first = prefill: decode's in-flight budget (0 = unlimited)", lo=0, hi=1024)
     decode_max_hold_ms: float = opt(50.0, "with first = prefill: longest one decode call waits for prefill",
                                     lo=0.01, hi=60000.0)
+    prefill_first_below: float = opt(0.8, "with first = prefill and tpot_ms: after decode's step went over "
+                                          "tpot_ms (decode first), prefill goes first again once the step is "
+                                          "under this share of tpot_ms", lo=0.0, hi=1.0, lo_open=True)
 
     def check(self) -> tuple[str, str] | None:
         if self.grow_below >= self.shrink_above:
@@ -90,6 +97,7 @@ class DeviceState:
     probe_alone_ms: dict[int, float] = field(default_factory=dict)  # the alone steps before the probe
     relearn_every: int = 0  # snapshots over budget before the next probe; 0: relearn_after
     floor_note: str = ""  # why decode is over budget with prefill at 1, once a probe showed it
+    decode_first: bool = False  # first = prefill with tpot_ms: decode's step went over tpot_ms
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,8 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
         why = None
         if snapshot.mono_ns != ds.last_mono_ns:
             ds, why = _learn(ds, snapshot, samples_by_pid(snapshot, dev), decodes, prefills, options, now_ns)
+            ds, flip = _guard(ds, options)
+            why = flip or why
         out: dict[int, GateSetting] = {}
         settings[dev] = out
         if not decodes or not prefills:
@@ -217,11 +227,11 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                     reasons[(dev, c.pid)] = f"{aside}: flexpd steps aside, pid {c.pid} open, no budget"
             # a new pair may differ (other kernels, other batch): the probing starts afresh
             devices[dev] = replace(ds, inflight=options.prefill_inflight, probe_ns=0, over=0, relearn_every=0,
-                                   floor_note="")
+                                   floor_note="", decode_first=False)
             continue
         devices[dev] = ds
-        if options.first == "prefill":
-            _prefill_first(cs, cls, options, out, reasons, dev)
+        if options.first == "prefill" and not ds.decode_first:
+            _prefill_first(cs, cls, options, out, reasons, dev, why)
             continue
         decode_set = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
         # while probing, a closed gate must outlast the probe, or prefill's calls would go anyway
@@ -249,8 +259,27 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
     return PolicyOutput(settings, State(devices, classes), reasons)
 
 
+def _guard(ds: DeviceState, options: Options) -> tuple[DeviceState, str | None]:
+    """first = prefill with tpot_ms: decode first while decode's step (the slowest decode
+    client's, in the newest snapshot) is over tpot_ms, prefill first again once it is under
+    prefill_first_below x tpot_ms (the gap keeps the two from trading places every interval)."""
+    if options.first != "prefill" or options.tpot_ms <= 0 or not ds.step_ms:
+        return ds, None
+    pid, ms = max(ds.step_ms.items(), key=lambda kv: kv[1])
+    if not ds.decode_first and ms > options.tpot_ms:
+        # prefill's budget starts from the bottom: it is decode's turn to be protected
+        return replace(ds, decode_first=True, inflight=options.prefill_inflight, over=0), (
+            f"decode pid {pid} step {ms:.2f} ms > tpot_ms {options.tpot_ms:g}: decode first")
+    back = options.prefill_first_below * options.tpot_ms
+    if ds.decode_first and ms < back:
+        return replace(ds, decode_first=False), (
+            f"decode pid {pid} step {ms:.2f} ms < {back:g} ms ({options.prefill_first_below:g} x tpot_ms): "
+            f"prefill first again")
+    return ds, None
+
+
 def _prefill_first(cs: list[Client], cls: dict[int, str], options: Options, out: dict[int, GateSetting],
-                   reasons: Reasons, dev: int) -> None:
+                   reasons: Reasons, dev: int, why: str | None = None) -> None:
     pre = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
     dec = setting("open", PREFILL_PRIORITY, options.decode_max_hold_ms, options.decode_inflight)
     for c in cs:
@@ -258,7 +287,8 @@ def _prefill_first(cs: list[Client], cls: dict[int, str], options: Options, out:
         s = pre if k == "prefill" else dec if k == "decode" else OPEN
         out[c.pid] = s
         if s is not c.setting and s != c.setting:
-            reasons[(dev, c.pid)] = (f"{k} pid {c.pid} on device {dev}, prefill first: priority {s.priority}, "
+            reasons[(dev, c.pid)] = ((f"{why}: " if why else "") +
+                                     f"{k} pid {c.pid} on device {dev}, prefill first: priority {s.priority}, "
                                      f"in-flight {s.inflight or 'unlimited'}, max hold {s.max_hold_ms:g} ms")
 
 
@@ -272,6 +302,8 @@ def describe(state: State, device: int) -> str:
         parts.append(f"decode {pid} step {step:.2f} ms" if step is not None else f"decode {pid} step N/A")
         parts[-1] += f", alone {alone:.2f} ms" if alone is not None else ", alone not learned yet"
     parts.append(f"prefill in-flight {ds.inflight}" + (" (closed: measuring decode alone)" if ds.probe_ns else ""))
+    if ds.decode_first:
+        parts.append("decode first (its step went over tpot_ms)")
     if ds.floor_note:
         parts.append(ds.floor_note)
     return "flexpd: " + "; ".join(parts)
