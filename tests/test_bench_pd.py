@@ -84,3 +84,66 @@ def test_bad_input_is_one_line(args, says):
 def test_help_has_examples():
     r = flexnpu("bench", "pd", "--help", timeout=60)
     assert r.returncode == 0 and "flexnpu bench pd --quick" in r.stdout and "--rates" in r.stdout
+
+
+def _timings(n: int, ttft_s, tpot_s: float = 0.02, out: int = 4) -> list:
+    """n requests 0.1 s apart; ttft_s(i) the i-th request's wait for its first token."""
+    from flexnpu.workload.metrics import RequestTiming
+    ts = []
+    for i in range(n):
+        t = RequestTiming(i, 0.1 * i, 100, out)
+        first = t.arrival + ttft_s(i)
+        t.token_times = [first + k * tpot_s for k in range(out)]
+        ts.append(t)
+    return ts
+
+
+def test_stability_is_queue_growth():
+    flat = pd.stability(_timings(30, lambda i: 0.05))
+    assert flat["stable"] and flat["ttft_growth"] == 1.0 and flat["tpot_growth"] == 1.0
+    growing = pd.stability(_timings(30, lambda i: 0.05 + 0.01 * i))  # the prefill queue grows
+    assert not growing["stable"] and growing["ttft_growth"] > pd.STABLE_GROWTH
+    unfinished = _timings(30, lambda i: 0.05)
+    unfinished[-1].token_times.pop()
+    assert not pd.stability(unfinished)["stable"]
+
+
+def test_rate_auto_takes_the_highest_stable_rate():
+    """Each rate's static splits are tried until one is stable (the one stable at the rate
+    below first); the first rate where none is ends the sweep."""
+    o = pd.quick(pd.Options())
+    assert o.rate == 40.0 and o.auto_rates == pd.AUTO_RATES_QUICK
+    o = pd.replace(o, rate=None, shares=(0.3, 0.5))
+    tried = []
+
+    def runs(v, rate):
+        tried.append((rate, v.form, v.share))
+        # the time split never keeps up; the 0.5 partition up to 80 req/s, 0.3 up to 40
+        ok = v.form == "vnpu" and rate <= {0.3: 40, 0.5: 80}[v.share]
+        ts = _timings(12, (lambda i: 0.01) if ok else (lambda i: 0.01 * (i + 1)))
+        return pd.Run(v, "serial", rate, pd.MX.compute(ts, o.slo), ts, [], {"ok": True, "problems": 0,
+                      "device_busy_share": [0.5]}, {"accuracy": None}, 1.0)
+
+    op = pd.operating_point(o, runs, lambda s: None)
+    assert op["rate"] == 80.0
+    # 20: time 0.3, time 0.5, vnpu 0.3 stable; 40: vnpu 0.3 first; 80: vnpu 0.3 no, then the rest up to vnpu 0.5;
+    # 160: vnpu 0.5 first, then every other split
+    assert tried[:4] == [(20.0, "time", 0.3), (20.0, "time", 0.5), (20.0, "vnpu", 0.3), (40.0, "vnpu", 0.3)]
+    assert [t for t in tried if t[0] == 160.0][0] == (160.0, "vnpu", 0.5)
+    assert len([t for t in tried if t[0] == 160.0]) == 4
+    assert [r["stable"] for r in op["sweep"] if r["rate"] == 160.0] == [False] * 4
+
+
+@pytest.mark.slow
+def test_quick_rate_auto_end_to_end(tmp_path):
+    out = tmp_path / "pd.json"
+    r = flexnpu("bench", "pd", "--quick", "--rate", "auto", "--configs", "static-colocation,flexnpu",
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    op = rep["operating_point"]
+    assert op["rate"] in pd.AUTO_RATES_QUICK and op["sweep"]
+    stable = [s["rate"] for s in op["sweep"] if s["stable"]]
+    assert op["rate"] == max(stable)
+    (point,) = rep["results"]
+    assert point["rate"] == op["rate"] and "operating point" in r.stdout

@@ -32,15 +32,19 @@ def _floats(s: str | None, what: str) -> tuple[float, ...]:
         raise pd.BenchError(f"{what} takes a comma list of numbers, got {s!r}") from None
 
 
-def options_from(trace: str, n: int | None, rate: float | None, rates: str | None, devices: int, mode: str,
+def options_from(trace: str, n: int | None, rate: str | float | None, rates: str | None, devices: int, mode: str,
                  repeat: int, configs: str | None, shares: str | None, model: str | None, seed: int,
                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, quick: bool) -> pd.Options:
     o = pd.Options(trace=trace, devices=devices, repeat=repeat, seed=seed,
                    modes=pd.MODES if mode == "both" else tuple(mode.split(",")), observer=pd.default_observer())
     if n is not None:
         o.n = n
-    if rate is not None:
-        o.rate = rate
+    auto = rate is None or str(rate).strip().lower() == "auto"
+    if not auto:
+        try:
+            o.rate = float(rate)  # type: ignore[arg-type]
+        except ValueError:
+            raise pd.BenchError(f"--rate takes a number of requests/s or auto, got {rate!r}") from None
     if model:
         o.model = model
     if shares:
@@ -54,6 +58,8 @@ def options_from(trace: str, n: int | None, rate: float | None, rates: str | Non
     o.rates = _floats(rates, "--rates")
     if quick:
         o = pd.quick(o)
+        if rate is not None and auto:  # --quick runs at a fixed rate unless auto is asked for
+            o.rate = None
     o.check()
     return o
 
@@ -84,7 +90,9 @@ def execute(o: pd.Options, console: Console, json_path: Path | None, plot_path: 
 def pd_command(
     trace: Annotated[str, typer.Option(help="balanced, prefill-heavy, or an Azure LLM trace CSV.")] = "balanced",
     n: Annotated[Optional[int], typer.Option("-n", help="Requests in the trace.")] = None,
-    rate: Annotated[Optional[float], typer.Option(help="Request rate the targets are judged at (req/s).")] = None,
+    rate: Annotated[Optional[str], typer.Option(
+        help="Request rate the targets are judged at (req/s), or auto (the default; --quick: 40): the highest "
+             "rate at which the best static co-location is still stable, found by a sweep.")] = None,
     rates: Annotated[Optional[str], typer.Option(help="Load sweep: a comma list of rates (req/s).")] = None,
     devices: Annotated[int, typer.Option(help="Emulated devices (co-located: one pair each).")] = 2,
     mode: Annotated[str, typer.Option(help="The emulator's sharing mode: serial (Ascend-like, the default), "
@@ -111,6 +119,7 @@ def pd_command(
     Examples:
       flexnpu bench pd --quick
       flexnpu bench pd --json pd.json --plot pd.png
+      flexnpu bench pd --rate 16 --configs static-colocation,flexnpu
       flexnpu bench pd --trace prefill-heavy --repeat 3
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
       flexnpu bench pd --mode both --configs static-colocation,flexnpu

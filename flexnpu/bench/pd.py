@@ -48,6 +48,12 @@ TRACES = {
 # flexpd as a serving node runs it: prefill first (TTFT), decode held at most 50 ms a call
 FLEXPD_TOML = '[policy.flexpd]\nfirst = "prefill"\ndecode_inflight = 0\n'
 ATTAIN = 0.9  # a load is served at an SLO when this share of its requests meet it
+# --rate auto: the rates tried, lowest first, for the full model and for --quick's two layers
+AUTO_RATES = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+AUTO_RATES_QUICK = (20.0, 40.0, 80.0, 160.0)
+# a run is stable when the later requests wait no longer than the earlier ones: the median
+# TTFT and TPOT of the last third of the requests (by arrival) within this factor of the first third's
+STABLE_GROWTH = 1.25
 
 
 class BenchError(ValueError):
@@ -58,7 +64,8 @@ class BenchError(ValueError):
 class Options:
     trace: str = "balanced"  # balanced | prefill-heavy | an Azure CSV file
     n: int = 120
-    rate: float = 6.0  # requests/s: the load the targets are judged at
+    rate: float | None = None  # requests/s the targets are judged at; None: auto (the operating point)
+    auto_rates: tuple[float, ...] = AUTO_RATES  # the rates --rate auto tries
     rates: tuple[float, ...] = ()  # a load sweep besides
     burstiness: float = 1.0
     seed: int = 0
@@ -79,7 +86,7 @@ class Options:
             raise BenchError(f"--trace takes {', '.join(TRACES)} or an Azure trace CSV file; {self.trace!r} is neither")
         if self.n < 1:
             raise BenchError(f"-n must be at least 1, got {self.n}")
-        for r in (self.rate, *self.rates):
+        for r in (*([] if self.rate is None else [self.rate]), *self.rates, *self.auto_rates):
             if not (r > 0 and math.isfinite(r)):
                 raise BenchError(f"request rates must be positive numbers, got {r}")
         if not 1 <= self.devices <= 16:
@@ -108,7 +115,9 @@ class Options:
 def quick(o: Options) -> Options:
     """--quick: a CI-sized run (two layers, a dozen requests, one share per form): seconds a run."""
     return replace(o, model="qwen2.5-7b:2" if o.model == "qwen2.5-7b" else o.model, n=min(o.n, 16),
-                   rate=o.rate if o.rate != Options.rate else 40.0, shares=o.shares[:1] if len(o.shares) < 3 else (0.5,),
+                   rate=o.rate if o.rate != Options.rate else 40.0,
+                   auto_rates=AUTO_RATES_QUICK if o.auto_rates == AUTO_RATES else o.auto_rates,
+                   shares=o.shares[:1] if len(o.shares) < 3 else (0.5,),
                    slo_ttft_s=0.1 if o.slo_ttft_s == Options.slo_ttft_s else o.slo_ttft_s,
                    slo_tpot_s=0.01 if o.slo_tpot_s == Options.slo_tpot_s else o.slo_tpot_s, quick=True)
 
@@ -120,7 +129,7 @@ def make_trace(o: Options, rate: float) -> tuple[list[T.Request], dict]:
         d["name"] = o.trace
         return T.generate(spec), d
     reqs = T.load_azure_csv(o.trace, limit=o.n)
-    base = o.rate  # the file's own rate is the base; other rates scale its arrivals
+    base = o.rate or rate  # the file's own rate is the base; other rates scale its arrivals
     if reqs and len(reqs) > 1:
         base = (len(reqs) - 1) / max(reqs[-1].arrival_s, 1e-9)
     k = base / rate
@@ -412,7 +421,12 @@ class Plan:
 
 
 def plan(o: Options) -> Plan:
-    p = Plan(requests_per_run=len(make_trace(o, o.rate)[0]))
+    """With --rate auto, the operating point's sweep counts as one run a rate tried (more run
+    where a rate's first static split is not stable), and the targets' runs at its lowest rate."""
+    p = Plan(requests_per_run=len(make_trace(o, o.rate or o.auto_rates[0])[0]))
+    if o.rate is None:
+        p.steps += [(o.modes[0], r, 0, Variant("static-colocation")) for r in o.auto_rates]
+        o = replace(o, rate=o.auto_rates[0])
     for mode in o.modes:
         for rate in rates_of(o):
             for rep in range(o.repeat):
@@ -427,7 +441,80 @@ def plan(o: Options) -> Plan:
 
 
 def rates_of(o: Options) -> list[float]:
-    return sorted(set(o.rates) | {o.rate})
+    return sorted(set(o.rates) | ({o.rate} if o.rate is not None else set()))
+
+
+def stability(timings: list[MX.RequestTiming]) -> dict:
+    """Whether a run kept up with its load: every request finished, and the last third of the
+    requests (by arrival) waited no longer than the first third, within STABLE_GROWTH, for the
+    first token (the prefill side's queue) and per later token (the decode side's). Output
+    tokens/s against the trace's would not tell: a run's throughput is over its whole
+    duration, the last long replies' tail included (docs/bench.md)."""
+    ts = sorted(timings, key=lambda t: t.arrival)
+    k = max(1, len(ts) // 3)
+    done = all(len(t.token_times) >= t.output_tokens for t in ts)
+
+    def med(xs: list[float]) -> float | None:
+        return statistics.median(xs) if xs else None
+
+    def ttft(g: list[MX.RequestTiming]) -> float | None:
+        return med([t.token_times[0] - t.arrival for t in g if t.token_times])
+
+    def tpot(g: list[MX.RequestTiming]) -> float | None:
+        return med([(t.token_times[-1] - t.token_times[0]) / (len(t.token_times) - 1) for t in g
+                    if len(t.token_times) > 1])
+
+    out: dict[str, Any] = {"complete": done}
+    ok = done and len(ts) >= 3
+    for name, f in (("ttft", ttft), ("tpot", tpot)):
+        a, b = f(ts[:k]), f(ts[-k:])
+        g = b / a if a and b is not None else None
+        out[f"{name}_first_ms"] = None if a is None else round(a * 1e3, 3)
+        out[f"{name}_last_ms"] = None if b is None else round(b * 1e3, 3)
+        out[f"{name}_growth"] = None if g is None else round(g, 3)
+        ok = ok and (g is None or g <= STABLE_GROWTH)
+    out["stable"] = ok
+    return out
+
+
+def operating_point(o: Options, runs: Callable[[Variant, float], Run], say: Callable[[str], None]) -> dict:
+    """--rate auto: the highest of o.auto_rates at which static co-location is stable
+    (`stability`), in the first mode. At each rate the static splits are tried, the one stable
+    at the rate below first, until one is stable; the sweep stops at the first rate where
+    none is. runs(variant, rate) runs (or recalls) one."""
+    order = static_variants(o)
+    rows: list[dict] = []
+    chosen: float | None = None
+    for rate in sorted(o.auto_rates):
+        ok = None
+        for v in order:
+            r = runs(v, rate)
+            st = stability(r.timings)
+            s = summarize(r)
+            rows.append({"rate": rate, "form": v.form, "prefill_share": v.share, **st,
+                         "ttft_p50_ms": s["ttft_ms"]["p50"], "ttft_p99_ms": s["ttft_ms"]["p99"],
+                         "tpot_p50_ms": s["tpot_ms"]["p50"], "output_tps": s["output_tps"],
+                         "device_busy_share": s["busy_check"]["device_busy_share"]})
+            say(f"operating point: {rate:g} req/s, static {v.label}: "
+                f"{'stable' if st['stable'] else 'NOT stable'} (TTFT p50 first/last third "
+                f"{st['ttft_first_ms']}/{st['ttft_last_ms']} ms, TPOT {st['tpot_first_ms']}/{st['tpot_last_ms']} ms)")
+            if st["stable"]:
+                ok = v
+                break
+        if ok is None:
+            break
+        chosen = rate
+        order = [ok] + [v for v in order if v != ok]
+    note = (f"the highest rate tried at which a static split is stable (TTFT and TPOT of the last third of "
+            f"requests within {STABLE_GROWTH:g}x the first third's, every request done)")
+    if chosen is None:
+        chosen = min(o.auto_rates)
+        note = "no static split was stable at any rate tried: the lowest is used"
+    elif chosen == max(o.auto_rates):
+        note += "; stable at the top rate tried, so a lower bound"
+    say(f"operating point: {chosen:g} req/s ({note})")
+    return {"rate": chosen, "mode": o.modes[0], "note": note, "growth_limit": STABLE_GROWTH,
+            "rates_tried": sorted(o.auto_rates), "sweep": rows}
 
 
 def static_variants(o: Options) -> list[Variant]:
@@ -450,6 +537,20 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
     tick = progress or (lambda d, k: None)
     t0 = time.time()
     points: list[dict] = []
+    cache: dict[tuple, Run] = {}  # the operating point's runs, reused by the targets' static sweep
+
+    def static_run(v: Variant, rate: float, mode: str) -> Run:
+        key = (mode, rate, v.form, v.share)
+        if key not in cache:
+            desc = f"{mode} {rate:g} req/s operating point: static {v.label}"
+            tick(desc, 0)
+            cache[key] = run_one(v, make_trace(o, rate)[0], o, mode, rate, on_done=lambda _id: tick(desc, 1))
+        return cache[key]
+
+    op = None
+    if o.rate is None:
+        op = operating_point(o, lambda v, r: static_run(v, r, o.modes[0]), say)
+        o = replace(o, rate=op["rate"])
     for mode in o.modes:
         for rate in rates_of(o):
             reqs, tdesc = make_trace(o, rate)
@@ -464,7 +565,9 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
                     for v in vs:
                         desc = f"{mode} {rate:g} req/s #{rep + 1}: {c}" + (f" ({v.label})" if v.label else "")
                         tick(desc, 0)
-                        r = run_one(v, reqs, o, mode, rate, on_done=lambda _id, d=desc: tick(d, 1))
+                        key = (mode, rate, v.form, v.share)
+                        r = (cache[key] if c == "static-colocation" and rep == 0 and key in cache else
+                             run_one(v, reqs, o, mode, rate, on_done=lambda _id, d=desc: tick(d, 1)))
                         say(f"{desc}: TTFT p50 {_get(summarize(r), 'ttft_ms', 'p50')} ms, TPOT p50 "
                             f"{_get(summarize(r), 'tpot_ms', 'p50')} ms, {r.metrics['output_throughput']:.1f} tok/s, "
                             f"goodput {r.metrics['goodput']:.2f} req/s" + (f"; PROBLEMS: {r.problems}" if r.problems else ""))
@@ -481,7 +584,7 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
                      "static_choice": chosen.label if chosen else None}
             point["_raw"] = raw
             points.append(point)
-    return report(o, points, time.time() - t0)
+    return report(o, points, time.time() - t0, op)
 
 
 def _brief(s: dict) -> dict:
@@ -517,7 +620,7 @@ def load_sweep(o: Options, points: list[dict], mode: str) -> dict | None:
                     f"rate ({max(p['rate'] for p in mine):g}) when every rate met it (a lower bound)"}
 
 
-def report(o: Options, points: list[dict], wall_s: float) -> dict:
+def report(o: Options, points: list[dict], wall_s: float, op: dict | None = None) -> dict:
     out_points = []
     tg: list[dict] = []
     sweeps = {}
@@ -532,11 +635,13 @@ def report(o: Options, points: list[dict], wall_s: float) -> dict:
     return {
         "schema": 1,
         "benchmark": "pd",
-        "options": {**{k: v for k, v in vars(o).items() if k not in ("modes", "rates", "configs", "shares")},
+        "options": {**{k: v for k, v in vars(o).items()
+                       if k not in ("modes", "rates", "configs", "shares", "auto_rates")},
                     "modes": list(o.modes), "rates": rates_of(o), "configs": list(o.configs),
-                    "shares": list(o.shares)},
+                    "shares": list(o.shares), "auto_rates": list(o.auto_rates) if op else None},
         "machine": machine(),
         "flexpd_config": FLEXPD_TOML,
+        "operating_point": op or {"rate": o.rate, "note": "given with --rate"},
         "observer": _observer_note(points),
         "wall_s": round(wall_s, 1),
         "results": out_points,

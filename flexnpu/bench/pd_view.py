@@ -91,8 +91,27 @@ def load_table(mode: str, sw: dict) -> Table:
     return t
 
 
+def operating_table(op: dict) -> Table:
+    t = Table(title=f"operating point ({op['mode']}): {op['rate']:g} req/s, {op['note']}", title_justify="left")
+    for h in ("req/s", "static split", "TTFT p50 ms first/last third", "TPOT p50 ms first/last third",
+              "TTFT p50", "TTFT p99", "TPOT p50", "out tok/s", "busy", "stable"):
+        t.add_column(h, justify="left" if h == "static split" else "right")
+    for r in op["sweep"]:
+        busy = [b for b in r.get("device_busy_share") or [] if b is not None]
+        t.add_row(f"{r['rate']:g}", f"{'time' if r['form'] == 'time' else 'vNPU'} {r['prefill_share']:.2f}",
+                  f"{_f(r['ttft_first_ms'])} / {_f(r['ttft_last_ms'])}",
+                  f"{_f(r['tpot_first_ms'])} / {_f(r['tpot_last_ms'])}",
+                  _f(r["ttft_p50_ms"]), _f(r["ttft_p99_ms"]), _f(r["tpot_p50_ms"], 2), _f(r["output_tps"]),
+                  "/".join(f"{b:.0%}" for b in busy) or "N/A",
+                  "[green]yes[/]" if r["stable"] else "[red]no[/]")
+    return t
+
+
 def render(rep: dict) -> RenderableType:
     parts: list[RenderableType] = []
+    op = rep.get("operating_point") or {}
+    if op.get("sweep"):
+        parts.append(operating_table(op))
     for p in rep["results"]:
         parts.append(results_table(p))
         s = sweep_table(p)
