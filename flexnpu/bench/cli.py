@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -136,6 +137,10 @@ def pd_command(
     except pd.BenchError as e:
         err.print(f"flexnpu bench pd: {e}")
         raise typer.Exit(2)
+    def on_term(signum: int, frame: object) -> None:  # stop like Ctrl-C: every node it started goes too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         execute(o, console(), json_path, plot_path)
     except KeyboardInterrupt:

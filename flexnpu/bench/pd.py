@@ -540,9 +540,11 @@ def static_variants(o: Options) -> list[Variant]:
 
 
 def _better(a: Run, b: Run) -> Run:
-    """The honest best static split: more goodput; then lower TTFT p99."""
-    ka = (round(a.metrics["goodput"], 6), -a.metrics["ttft_s"]["p99"])
-    kb = (round(b.metrics["goodput"], 6), -b.metrics["ttft_s"]["p99"])
+    """The honest best static split: a stable one (`stability`: one whose queue grows over
+    the run is overloaded at this load, whatever its goodput over a finite trace); then more
+    goodput; then lower TTFT p99."""
+    ka = (stability(a.timings)["stable"], round(a.metrics["goodput"], 6), -a.metrics["ttft_s"]["p99"])
+    kb = (stability(b.timings)["stable"], round(b.metrics["goodput"], 6), -b.metrics["ttft_s"]["p99"])
     return a if ka >= kb else b
 
 
@@ -590,7 +592,8 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
                             f"{_get(summarize(r), 'tpot_ms', 'p50')} ms, {r.metrics['output_throughput']:.1f} tok/s, "
                             f"goodput {r.metrics['goodput']:.2f} req/s" + (f"; PROBLEMS: {r.problems}" if r.problems else ""))
                         if c == "static-colocation" and chosen is None:
-                            sweep.append({"form": v.form, "prefill_share": v.share, **_brief(summarize(r))})
+                            sweep.append({"form": v.form, "prefill_share": v.share, **_brief(summarize(r)),
+                                          "stable": stability(r.timings)["stable"]})
                         best = r if best is None else _better(best, r)
                     if c == "static-colocation" and chosen is None and best is not None:
                         chosen = best.variant

@@ -59,12 +59,15 @@ def sweep_table(point: dict) -> Table | None:
         return None
     t = Table(title=f"static-colocation sweep ({point['mode']}, {point['rate']:g} req/s): "
                     f"chosen {point.get('static_choice')}", title_justify="left")
-    for h in ("form", "prefill share", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "out tok/s", "goodput", "SLO"):
+    for h in ("form", "prefill share", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "out tok/s", "goodput", "SLO",
+              "stable"):
         t.add_column(h, justify="right" if h != "form" else "left")
     for s in point["static_sweep"]:
+        st = s.get("stable")
         t.add_row("time split" if s["form"] == "time" else "vNPU partition", f"{s['prefill_share']:.2f}",
                   _f(s["ttft_p50_ms"]), _f(s["ttft_p99_ms"]), _f(s["tpot_p50_ms"], 2), _f(s["output_tps"]),
-                  _f(s["goodput"], 2), f"{s['slo_attainment']:.0%}")
+                  _f(s["goodput"], 2), f"{s['slo_attainment']:.0%}",
+                  "N/A" if st is None else "yes" if st else "[red]no[/]")
     return t
 
 
