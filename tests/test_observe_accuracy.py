@@ -36,8 +36,14 @@ def test_accuracy_per_source(emulator, probes, obs_programs, acl_env, runtime_di
     assert summary["engine/aclnn"]["accuracy"] >= 0.9
     assert summary["engine/kernel"]["accuracy"] >= 0.9
     assert summary["engine/shape"]["accuracy"] >= 0.7  # the chunked engine defeats it: see docs
-    assert summary["own/shape"]["accuracy"] >= 0.9
     by = {(r.scenario, r.mode): r for r in results}
+    # the shape fallback on the project's own loops, scenario by scenario: steady phases and a
+    # co-located pair are classed right; a process that switches phase every few intervals
+    # lags (its own history says what it was); a step that mixes both phases cannot be seen
+    # from shape alone (no names): reported, not claimed (docs/observe.md)
+    for steady in ("own-prefill", "own-decode", "own-co-located"):
+        assert by[(steady, "own")].accuracy("shape") >= 0.9, steady
+    assert by[("own-alternating", "own")].accuracy("shape") >= 0.6
     # the loop the old rule called decode throughout
     assert by[("prefill-78k-90ms", "anon")].accuracy("shape") >= 0.9
     assert by[("chunked-prefill", "kernel")].accuracy("kernel") >= 0.8

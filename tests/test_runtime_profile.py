@@ -196,8 +196,8 @@ def test_gate_library_layout_matches_the_profile_enums() -> None:
     layout = json.loads(lib.fx_layout())
     assert layout["num_ops"] == len(Op)
     assert layout["num_dirs"] == len(Direction)
-    assert layout["cli"]["slot_fields"]["ops"][1] == 8 * len(Op)
-    assert layout["cli"]["slot_fields"]["bytes"][1] == 8 * len(Direction)
+    assert layout["page"]["fields"]["ops"][1] == 8 * len(Op)  # a client's own page: its counters
+    assert layout["page"]["fields"]["bytes"][1] == 8 * len(Direction)
 
 
 # ---------------------------------------------------------------- the generator's output

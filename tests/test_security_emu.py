@@ -12,8 +12,8 @@ through its own mapping, the server's socket, the runtime dir, /dev/shm and /pro
 from __future__ import annotations
 
 import json
-import os
 import secrets
+import os
 import stat
 import subprocess
 import sys
@@ -30,75 +30,15 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and groups"),
 ]
 
-GROUP = paths.CLIENT_GROUP
 PEEK = Path(__file__).resolve().parent / "progs" / "emu_peek.py"
 REPO = Path(__file__).resolve().parents[1]
 NO_PERMISSION = 207006  # ACL_ERROR_RT_NO_PERMISSION
 
 
-def _sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+from users_fixtures import GROUP, _gid, flexnpu_group, member, open_rdir, outsider, run_as  # noqa: F401,E402 (fixtures)
 
 
-def _gid(name: str) -> int | None:
-    import grp
-
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
-
-
-@pytest.fixture
-def flexnpu_group():
-    """The flexnpu group, created for the test when the node has none (removed after)."""
-    made = _gid(GROUP) is None
-    if made:
-        _sh("groupadd", GROUP)
-    try:
-        yield GROUP
-    finally:
-        if made:
-            subprocess.run(["groupdel", GROUP], capture_output=True, timeout=60)
-
-
-def _user(groups: str | None = None) -> str:
-    name = "fxemu" + secrets.token_hex(3)
-    _sh("useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", *(["-G", groups] if groups else []), name)
-    return name
-
-
-@pytest.fixture
-def outsider():
-    """A local user that is neither root nor in the flexnpu group."""
-    name = _user()
-    try:
-        yield name
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def member(flexnpu_group):
-    """A local user in the flexnpu group."""
-    name = _user(flexnpu_group)
-    try:
-        yield name
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def open_rdir(runtime_dir):
-    runtime_dir.chmod(0o755)  # as /run/flexnpu: others reach the socket; its mode decides the rest
-    return runtime_dir
-
-
-def as_user(user: str, argv: list, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Runs argv as user (setpriv, with the user's groups from /etc/group)."""
-    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *map(str, argv)],
-                          capture_output=True, text=True, timeout=timeout, cwd="/", env=env,
-                          stdin=subprocess.DEVNULL)
+as_user = run_as
 
 
 @pytest.fixture

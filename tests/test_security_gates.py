@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from flexnpu import paths
-from flexnpu.forward import access
 from flexnpu.forward.gate import layout
 from test_daemon_fixtures import (  # noqa: F401  (fixtures)
     FLEXNPU,
@@ -43,63 +41,15 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and groups"),
 ]
 
-GROUP = paths.CLIENT_GROUP
 
 
-def _sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def flexnpu_group():
-    """The flexnpu group, created for the test when the node has none (removed after)."""
-    made = access.group_gid(GROUP) is None
-    if made:
-        _sh("groupadd", GROUP)
-    try:
-        yield GROUP
-    finally:
-        if made:
-            subprocess.run(["groupdel", GROUP], capture_output=True, timeout=60)
-
-
-def _user(groups: str | None = None):
-    name = "fxsec" + secrets.token_hex(3)
-    _sh("useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", *(["-G", groups] if groups else []), name)
-    return name
-
-
-@pytest.fixture
-def outsider():
-    """A local user that is neither root nor in the flexnpu group."""
-    name = _user()
-    try:
-        yield name
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def member(flexnpu_group):
-    """A local user in the flexnpu group."""
-    name = _user(flexnpu_group)
-    try:
-        yield name
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def open_rdir(runtime_dir):
-    runtime_dir.chmod(0o755)  # others may reach the sockets; their modes decide the rest
-    return runtime_dir
+from users_fixtures import flexnpu_group, member, open_rdir, outsider, run_as  # noqa: F401,E402 (fixtures)
 
 
 def as_user(user: str, code: str, *args: str, timeout: float = 60) -> dict:
     """Runs python code as user (setpriv, with the user's groups); returns its last JSON line."""
-    r = subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", sys.executable, "-c",
-                        textwrap.dedent(code), *args], capture_output=True, text=True, timeout=timeout, cwd="/",
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    r = run_as(user, [sys.executable, "-c", textwrap.dedent(code), *args], timeout=timeout,
+               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
