@@ -112,6 +112,10 @@ def test_bpf_and_perfmon_without_sys_admin_cannot_attach_uprobes(runner, account
             time.sleep(0.2)
         out = svc.output()
         assert "cannot attach" in out and not re.search(r"attached \d+ probes", out), out
+        # and it says so and stops, rather than publishing empty "bpf" snapshots as if ready
+        assert svc.wait_exit(60) != 0, svc.output()
+        assert "READY=1" not in n.lines()
+        assert "uprobes need root or CAP_SYS_ADMIN" in svc.output().strip().splitlines()[-1], svc.output()
     finally:
         n.close()
 

@@ -56,13 +56,16 @@ def _effective_caps() -> int:
 
 
 def check_privileges() -> None:
-    """Loading BPF and uprobes needs root, or CAP_BPF with CAP_PERFMON (or CAP_SYS_ADMIN)."""
+    """Loading BPF needs root, CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON. Attaching uprobes
+    through the kernel's uprobe PMU needed CAP_SYS_ADMIN on the kernels measured
+    (docs/service.md): with CAP_BPF and CAP_PERFMON alone the program loads but no probe
+    attaches, which NodeObserver reports when it happens."""
     if os.geteuid() == 0:
         return
     caps = _effective_caps()
     if caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1):
         return
-    raise NoPrivileges("loading BPF probes needs root (or CAP_BPF and CAP_PERFMON); run it with sudo")
+    raise NoPrivileges("loading BPF uprobes needs root (or CAP_SYS_ADMIN); run it with sudo")
 
 
 def check_kernel() -> None:

@@ -69,12 +69,26 @@ class NodeObserver:
             self.note = "counting from the shim's gate segments (--source shim)"
         self.source = "bpf" if self.session else "shim"
         if self.session:
+            failed: list[str] = []
             for path in self._candidates(libraries):
                 so = next((s for s in SONAMES if procs.matches(Path(path).name, s)), None)
                 if so:
-                    self._attach(path, so)
+                    err = self._attach(path, so)
+                    if err:
+                        failed.append(err)
                 else:
                     log.warning("%s is not one of %s; not attached", path, ", ".join(SONAMES))
+            if failed and not self.libraries:
+                # the program loaded but not one probe attached (e.g. CAP_BPF and CAP_PERFMON
+                # without CAP_SYS_ADMIN): counting nothing while saying "bpf" would mislead
+                why = f"no uprobe could be attached ({failed[0]}); uprobes need root or CAP_SYS_ADMIN"
+                self.session.close()
+                self.session = None
+                if source == "bpf":
+                    raise BpfUnavailable(why)
+                self.note = f"BPF unavailable: {why}; counting from the shim's gate segments, " \
+                            "which cover only processes run under the shim"
+                self.source = "shim"
         self.builder = SnapshotBuilder(self.source, note=self.note)
 
     # -- discovery
@@ -88,16 +102,18 @@ class NodeObserver:
             out += [f"{d}/{so}" for so in SONAMES]
         return [p for p in out if Path(p).exists()]
 
-    def _attach(self, path: str, soname: str) -> None:
+    def _attach(self, path: str, soname: str) -> str | None:
+        """Attaches the probes of one library; what went wrong, or None."""
         try:
             n = self.session.attach(path, soname)
         except (OSError, ObserveError) as e:
             log.warning("cannot attach to %s: %s", path, e)
-            return
+            return f"{path}: {e}"
         if n:
             st = Path(path).stat()
             self.libraries[(st.st_dev, st.st_ino)] = path
             log.info("attached %d probes to %s", n, path)
+        return None
 
     def discover(self) -> None:
         """Attaches to runtime libraries that processes map and that are not attached yet."""
