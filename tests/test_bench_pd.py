@@ -147,3 +147,18 @@ def test_quick_rate_auto_end_to_end(tmp_path):
     assert op["rate"] == max(stable)
     (point,) = rep["results"]
     assert point["rate"] == op["rate"] and "operating point" in r.stdout
+
+
+def test_best_static_split_is_a_stable_one():
+    """An overloaded split loses to a stable one even with more goodput over the trace."""
+    slo = pd.MX.Slo(1.0, 0.06)
+
+    def run(ttft_s, label):
+        ts = _timings(12, ttft_s)
+        return pd.Run(pd.Variant("static-colocation", "vnpu", label), "serial", 10.0, pd.MX.compute(ts, slo), ts,
+                      [], {}, {}, 1.0)
+
+    growing = run(lambda i: 0.01 * (i + 1), 0.7)  # every request within the SLO, the queue growing
+    flat = run(lambda i: 0.5 if i % 2 else 1.5, 0.5)  # half of them over the TTFT SLO, no growth
+    assert growing.metrics["goodput"] > flat.metrics["goodput"]
+    assert pd._better(growing, flat) is flat and pd._better(flat, growing) is flat
