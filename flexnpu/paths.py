@@ -83,10 +83,6 @@ def acl_include_dir() -> Path:
     return _native() / "include"
 
 
-def emulator_include_dir() -> Path:
-    return _native() / "include"
-
-
 def emulator_kernel_library() -> Path:
     """The emulator's default kernel library file (kernels.fxk)."""
     return _native() / "share" / "kernels.fxk"

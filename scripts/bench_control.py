@@ -219,7 +219,7 @@ def main() -> int:
     m = machine()
     print(f"FlexNPU controller: cost of one tick (decide + diff), {a.devices} devices x {a.clients} clients, "
           f"{a.ticks} ticks of {TICK_MS:g} ms, a snapshot every {SNAPSHOT_MS:g} ms; median of {a.rounds} rounds")
-    print(f"machine: {m['cpu']}, {m['cores']} CPUs, Linux {m['kernel']}, Python {m['python']}, load {m['load1']}")
+    print(f"machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}, load {m['load1']}")
     print()
     print(f"{'policy':<14}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'mean ms':>8}{'best p99':>9}{'changes':>9}")
     for r in results:

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,25 +35,12 @@ try:
     from flexnpu import SCHEMA, paths
     from flexnpu.emulator import control
     from flexnpu.emulator.profiles import PROFILES
+    from flexnpu.bench.node import machine
 except ImportError:
     sys.exit("bench_emulator: flexnpu is not installed; run `pip install .` in the repository first")
 
 FULL_SIZES_MS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
 QUICK_SIZES_MS = [0.05, 0.5, 2.0, 20.0]
-
-
-def machine() -> dict:
-    os_name = "unknown"
-    try:
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                os_name = line.split("=", 1)[1].strip('"')
-    except OSError:
-        pass
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return {"os": os_name, "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
-            "python": platform.python_version()}
 
 
 def build_workload(out_dir: Path) -> Path:

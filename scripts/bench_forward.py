@@ -60,7 +60,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -73,6 +72,7 @@ from pathlib import Path
 try:
     from flexnpu import SCHEMA, paths
     from flexnpu.emulator import control
+    from flexnpu.bench.node import machine
 except ImportError:
     sys.exit(f"bench_forward: flexnpu is not installed for {sys.executable}; "
              "run it with the venv's python (.venv/bin/python) or `pip install .` first")
@@ -121,12 +121,12 @@ def build(out: Path) -> Path:
     if not paths.emulator_library().exists():
         raise BenchError(f"{paths.emulator_library()} is missing; install FlexNPU with `pip install .`")
     exe = out / "fwd_callcost"
-    cmd = ["gcc", "-O2", str(SOURCE), "-o", str(exe), "-I", str(paths.emulator_include_dir()),
+    cmd = ["gcc", "-O2", str(SOURCE), "-o", str(exe), "-I", str(paths.acl_include_dir()),
            "-L", str(paths.native_lib_dir()), "-lascendcl"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise BenchError(f"building {SOURCE.name} failed: {r.stderr.strip().splitlines()[-1:]}")
-    cmd = ["gcc", "-O2", str(LOOP_SOURCE), "-o", str(out / "gate_loop"), "-I", str(paths.emulator_include_dir()),
+    cmd = ["gcc", "-O2", str(LOOP_SOURCE), "-o", str(out / "gate_loop"), "-I", str(paths.acl_include_dir()),
            "-L", str(paths.native_lib_dir()), "-lascendcl"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
@@ -417,18 +417,6 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
 
     return {w: {k: summary(v) for k, v in d.items()} for w, d in lags.items()} | {
         "client_gap_us": STEADY_GAP_NS / 1e3, "target_p99_us": 50.0}
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
 
 
 def bench(quick: bool, calls: int | None, rounds: int | None, interference: bool = True) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from flexnpu import paths  # noqa: E402
 from flexnpu.emulator import control  # noqa: E402
 from flexnpu.bench import accuracy  # noqa: E402
+from flexnpu.bench.node import machine  # noqa: E402
 from flexnpu.observe.bpf import ProbeSession, load_bcc  # noqa: E402
 from flexnpu.observe.probegen import ProbeConfig, build  # noqa: E402
 
@@ -46,20 +46,10 @@ EMPTY = "int fx_empty(struct pt_regs *ctx) { return 0; }\n"
 def compile_prog(name: str, out: Path) -> Path:
     exe = out / name
     cmd = ["gcc", "-O2", str(REPO / "tests" / "progs" / f"{name}.c"), "-o", str(exe),
-           "-I", str(paths.emulator_include_dir()), "-L", str(paths.native_lib_dir()), "-lascendcl", "-ldl", "-lm",
+           "-I", str(paths.acl_include_dir()), "-L", str(paths.native_lib_dir()), "-lascendcl", "-ldl", "-lm",
            "-pthread"]
     subprocess.run(cmd, check=True)
     return exe
-
-
-def machine() -> dict:
-    model = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version()}
 
 
 class EmptyProbes:

@@ -110,7 +110,7 @@ def build_dlopen_program(out_dir: Path) -> Path:
     linked with -lascendcl."""
     exe = out_dir / "fwd_dlopen_nolink"
     cmd = ["gcc", "-O2", "-Wall", str(PROGS / "fwd_dlopen.c"), "-o", str(exe),
-           "-I", str(paths.emulator_include_dir()), "-ldl", "-lm"]
+           "-I", str(paths.acl_include_dir()), "-ldl", "-lm"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"building fwd_dlopen.c failed:\n{r.stderr}"
     return exe

@@ -239,7 +239,7 @@ def build_opapi(out: Path) -> Path:
     src = Path(__file__).resolve().parents[2] / "tests" / "progs" / "lib" / "opapi.c"
     lib = out / "libopapi.so"
     subprocess.run(["gcc", "-O2", "-Wall", "-shared", "-fPIC", str(src), "-o", str(lib), "-I",
-                    str(paths.emulator_include_dir()), "-L", str(paths.native_lib_dir()), "-lascendcl", "-pthread"],
+                    str(paths.acl_include_dir()), "-L", str(paths.native_lib_dir()), "-lascendcl", "-pthread"],
                    check=True, capture_output=True, text=True)
     return lib
 

@@ -38,16 +38,20 @@ class NodeError(RuntimeError):
 
 
 def machine() -> dict[str, Any]:
-    """What a figure was measured on: printed beside every benchmark's results."""
-    cpu = "?"
+    """What a figure was measured on: printed beside every benchmark's results (the machine
+    is shared and noisy, so its load is part of the record)."""
+    os_name = cpu = "?"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        os_name = next(line.split("=", 1)[1].strip().strip('"') for line in
+                       Path("/etc/os-release").read_text().splitlines() if line.startswith("PRETTY_NAME="))
+    except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine() or "?"
+    return {"os": os_name, "cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
             "python": platform.python_version(), "load1": round(os.getloadavg()[0], 2)}
 
 

@@ -132,7 +132,7 @@ def render(rep: dict) -> RenderableType:
                               f"it, so TTFT can be at most {1 - fl['p50'] / st['p50']:.0%} (p50) and "
                               f"{1 - fl['p99'] / st['p99']:.0%} (p99) lower than static-colocation's here"))
     m = rep["machine"]
-    parts.append(Text(f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, load {m['load1']}; "
+    parts.append(Text(f"machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, load {m['load1']}; "
                       f"observer: {rep['observer']}; {rep['wall_s']:.0f} s", style="dim"))
     return Group(*parts)
 
