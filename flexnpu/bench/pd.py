@@ -49,7 +49,7 @@ TRACES = {
 FLEXPD_TOML = '[policy.flexpd]\nfirst = "prefill"\ndecode_inflight = 16\n'
 ATTAIN = 0.9  # a load is served at an SLO when this share of its requests meet it
 # --rate auto: the rates tried, lowest first, for the full model and for --quick's two layers
-AUTO_RATES = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+AUTO_RATES = (4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 AUTO_RATES_QUICK = (20.0, 40.0, 80.0, 160.0)
 # a run is stable when the later requests wait no longer than the earlier ones: the median
 # TTFT and TPOT of the last third of the requests (by arrival) within this factor of the first third's
@@ -495,39 +495,55 @@ def stability(timings: list[MX.RequestTiming]) -> dict:
     return out
 
 
+def serves(r: Run) -> dict:
+    """`stability`, and whether the run served its load: stable, and at least ATTAIN of its
+    requests within the SLO (a split that keeps up only by missing the SLO is not one a
+    serving node would run at that load)."""
+    st = stability(r.timings)
+    att = r.metrics.get("slo_attainment", 0.0)
+    return {**st, "slo_attainment": round(att, 4), "serves": bool(st["stable"] and att >= ATTAIN)}
+
+
 def operating_point(o: Options, runs: Callable[[Variant, float], Run], say: Callable[[str], None]) -> dict:
-    """--rate auto: the highest of o.auto_rates at which static co-location is stable
-    (`stability`), in the first mode. At each rate the static splits are tried, the one stable
-    at the rate below first, until one is stable; the sweep stops at the first rate where
-    none is. runs(variant, rate) runs (or recalls) one."""
-    order = static_variants(o)
+    """--rate auto: the highest of o.auto_rates at which static co-location serves its load
+    (`serves`: stable, within the SLO), in the first mode. At each rate the static splits are
+    tried (vNPU partitions first, the one that served the rate below before the rest; a split
+    that did not serve a lower rate is not tried again) until one serves; the sweep stops at
+    the first rate where none does. runs(variant, rate) runs (or recalls) one."""
+    order = sorted(static_variants(o), key=lambda v: v.form != "vnpu")
+    failed: set[tuple[str, float]] = set()
     rows: list[dict] = []
     chosen: float | None = None
     for rate in sorted(o.auto_rates):
         ok = None
         for v in order:
+            if (v.form, v.share) in failed:
+                continue
             r = runs(v, rate)
-            st = stability(r.timings)
+            st = serves(r)
             s = summarize(r)
             rows.append({"rate": rate, "form": v.form, "prefill_share": v.share, **st,
                          "ttft_p50_ms": s["ttft_ms"]["p50"], "ttft_p99_ms": s["ttft_ms"]["p99"],
                          "tpot_p50_ms": s["tpot_ms"]["p50"], "output_tps": s["output_tps"],
                          "device_busy_share": s["busy_check"]["device_busy_share"]})
             say(f"operating point: {rate:g} req/s, static {v.label}: "
-                f"{'stable' if st['stable'] else 'NOT stable'} (TTFT p50 first/last third "
-                f"{st['ttft_first_ms']}/{st['ttft_last_ms']} ms, TPOT {st['tpot_first_ms']}/{st['tpot_last_ms']} ms)")
-            if st["stable"]:
+                f"{'serves' if st['serves'] else 'does NOT serve'} it ({'stable' if st['stable'] else 'NOT stable'}: "
+                f"TTFT p50 first/last third {st['ttft_first_ms']}/{st['ttft_last_ms']} ms, TPOT "
+                f"{st['tpot_first_ms']}/{st['tpot_last_ms']} ms; {st['slo_attainment']:.0%} within the SLO)")
+            if st["serves"]:
                 ok = v
                 break
+            failed.add((v.form, v.share))
         if ok is None:
             break
         chosen = rate
         order = [ok] + [v for v in order if v != ok]
-    note = (f"the highest rate tried at which a static split is stable (TTFT and TPOT of the last third of "
-            f"requests within {STABLE_GROWTH:g}x the first third's, every request done)")
+    note = (f"the highest rate tried at which a static split serves its load: stable (TTFT and TPOT of the last "
+            f"third of requests within {STABLE_GROWTH:g}x the first third's, every request done) and "
+            f">= {ATTAIN:.0%} of requests within the SLO")
     if chosen is None:
         chosen = min(o.auto_rates)
-        note = "no static split was stable at any rate tried: the lowest is used"
+        note = "no static split served any rate tried: the lowest is used"
     elif chosen == max(o.auto_rates):
         note += "; stable at the top rate tried, so a lower bound"
     say(f"operating point: {chosen:g} req/s ({note})")
@@ -540,11 +556,12 @@ def static_variants(o: Options) -> list[Variant]:
 
 
 def _better(a: Run, b: Run) -> Run:
-    """The honest best static split: a stable one (`stability`: one whose queue grows over
-    the run is overloaded at this load, whatever its goodput over a finite trace); then more
-    goodput; then lower TTFT p99."""
-    ka = (stability(a.timings)["stable"], round(a.metrics["goodput"], 6), -a.metrics["ttft_s"]["p99"])
-    kb = (stability(b.timings)["stable"], round(b.metrics["goodput"], 6), -b.metrics["ttft_s"]["p99"])
+    """The honest best static split: one that serves the load (`serves`), else a stable one
+    (one whose queue grows over the run is overloaded at this load, whatever its goodput over
+    a finite trace); then more goodput; then lower TTFT p99."""
+    sa, sb = serves(a), serves(b)
+    ka = (sa["serves"], sa["stable"], round(a.metrics["goodput"], 6), -a.metrics["ttft_s"]["p99"])
+    kb = (sb["serves"], sb["stable"], round(b.metrics["goodput"], 6), -b.metrics["ttft_s"]["p99"])
     return a if ka >= kb else b
 
 
@@ -593,7 +610,7 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
                             f"goodput {r.metrics['goodput']:.2f} req/s" + (f"; PROBLEMS: {r.problems}" if r.problems else ""))
                         if c == "static-colocation" and chosen is None:
                             sweep.append({"form": v.form, "prefill_share": v.share, **_brief(summarize(r)),
-                                          "stable": stability(r.timings)["stable"]})
+                                          "stable": stability(r.timings)["stable"], "serves": serves(r)["serves"]})
                         best = r if best is None else _better(best, r)
                     if c == "static-colocation" and chosen is None and best is not None:
                         chosen = best.variant

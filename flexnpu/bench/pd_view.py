@@ -60,10 +60,10 @@ def sweep_table(point: dict) -> Table | None:
     t = Table(title=f"static-colocation sweep ({point['mode']}, {point['rate']:g} req/s): "
                     f"chosen {point.get('static_choice')}", title_justify="left")
     for h in ("form", "prefill share", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "out tok/s", "goodput", "SLO",
-              "stable"):
+              "serves"):
         t.add_column(h, justify="right" if h != "form" else "left")
     for s in point["static_sweep"]:
-        st = s.get("stable")
+        st = s.get("serves")
         t.add_row("time split" if s["form"] == "time" else "vNPU partition", f"{s['prefill_share']:.2f}",
                   _f(s["ttft_p50_ms"]), _f(s["ttft_p99_ms"]), _f(s["tpot_p50_ms"], 2), _f(s["output_tps"]),
                   _f(s["goodput"], 2), f"{s['slo_attainment']:.0%}",
@@ -97,7 +97,7 @@ def load_table(mode: str, sw: dict) -> Table:
 def operating_table(op: dict) -> Table:
     t = Table(title=f"operating point ({op['mode']}): {op['rate']:g} req/s, {op['note']}", title_justify="left")
     for h in ("req/s", "static split", "TTFT p50 ms first/last third", "TPOT p50 ms first/last third",
-              "TTFT p50", "TTFT p99", "TPOT p50", "out tok/s", "busy", "stable"):
+              "TTFT p50", "TTFT p99", "TPOT p50", "out tok/s", "busy", "SLO", "serves"):
         t.add_column(h, justify="left" if h == "static split" else "right")
     for r in op["sweep"]:
         busy = [b for b in r.get("device_busy_share") or [] if b is not None]
@@ -105,8 +105,8 @@ def operating_table(op: dict) -> Table:
                   f"{_f(r['ttft_first_ms'])} / {_f(r['ttft_last_ms'])}",
                   f"{_f(r['tpot_first_ms'])} / {_f(r['tpot_last_ms'])}",
                   _f(r["ttft_p50_ms"]), _f(r["ttft_p99_ms"]), _f(r["tpot_p50_ms"], 2), _f(r["output_tps"]),
-                  "/".join(f"{b:.0%}" for b in busy) or "N/A",
-                  "[green]yes[/]" if r["stable"] else "[red]no[/]")
+                  "/".join(f"{b:.0%}" for b in busy) or "N/A", f"{r['slo_attainment']:.0%}",
+                  "[green]yes[/]" if r["serves"] else "[red]no[/] (" + ("stable" if r["stable"] else "growing") + ")")
     return t
 
 
