@@ -78,13 +78,16 @@ def test_passthrough_leaves_sharing_uncontrolled(acl_programs, tmp_path: Path) -
 
 def test_static_split_gives_the_configured_shares(acl_programs, tmp_path: Path) -> None:
     exe = acl_programs["engine_loop"]
-    cfg = _write_config(tmp_path, "[policy.static-split]\nprefill_share = 0.7\nquantum_ms = 40\ninflight = 1\n")
+    # each flip of the turns idles the device for a wake-up and a tick (about a millisecond,
+    # several on a loaded machine), which a short cycle's shorter turn feels most: a 100 ms
+    # cycle keeps that well inside the 5% (docs/control.md)
+    cfg = _write_config(tmp_path, "[policy.static-split]\nprefill_share = 0.7\nquantum_ms = 100\ninflight = 1\n")
     with LocalNode(observer="shim", policy="static-split", controller_args=["--config", cfg]) as node:
-        dec = _start_loop(node, exe, "decode", 4, 2.0, 6.0)
-        pre = _start_loop(node, exe, "prefill", 4, 2.0, 6.0)
+        dec = _start_loop(node, exe, "decode", 4, 2.0, 7.0)
+        pre = _start_loop(node, exe, "prefill", 4, 2.0, 7.0)
         time.sleep(1.5)  # the observer and the controller have seen both and split them
         b0 = _busy_ns(node)
-        time.sleep(3.0)
+        time.sleep(4.0)  # 40 cycles
         b1 = _busy_ns(node)
         _steps(dec)
         _steps(pre)
@@ -92,7 +95,7 @@ def test_static_split_gives_the_configured_shares(acl_programs, tmp_path: Path) 
     share = p_busy / (p_busy + d_busy)
     assert abs(share - 0.7) <= 0.05, f"prefill got {share:.3f} of the device time, configured 0.7"
     # and the device was not left idle by the turns
-    assert (p_busy + d_busy) / 3e9 > 0.85
+    assert (p_busy + d_busy) / 4e9 > 0.85
 
 
 def test_flexpd_keeps_decode_within_budget_and_gives_prefill_the_rest(acl_programs, tmp_path: Path) -> None:
