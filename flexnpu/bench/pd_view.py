@@ -144,6 +144,7 @@ def plot(rep: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (NullFormatter below)
 
     points = rep["_points"]
     modes = list(dict.fromkeys(p["mode"] for p in points))
@@ -167,6 +168,10 @@ def plot(rep: dict, path: Path) -> None:
             names.append(c)
             tps.append(pt["configs"][c]["output_tps"])
         ax_ttft.set_xscale("log")
+        ax_ttft.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
+        fl = pt.get("ttft_floor_ms") or {}
+        if fl.get("p50"):
+            ax_ttft.axvline(fl["p50"], ls=":", color="gray", label="floor p50 (prefill alone)")
         ax_ttft.set(title=f"TTFT CDF ({mode}, {base:g} req/s)", xlabel="ms", ylabel="share of requests")
         ax_tpot.set(title=f"TPOT CDF ({mode})", xlabel="ms")
         ax_ttft.legend(fontsize=7)
