@@ -45,7 +45,9 @@ TRACES = {
     "balanced": dict(prompt=T.LengthDist(170, 1.0, 4, 2048), output=T.LengthDist(150, 0.9, 1, 512)),
     "prefill-heavy": dict(prompt=T.LengthDist(1024, 0.5, 128, 4096), output=T.LengthDist(24, 0.6, 1, 128)),
 }
-# flexpd as a serving node runs it: prefill first (TTFT), decode held at most 50 ms a call
+# flexpd as a serving node runs it: prefill first (TTFT); decode held at most 50 ms a call and
+# at most 16 launches queued ahead of a prompt (unlimited, a prompt waited behind a whole
+# decode step: TTFT p50 41.5 -> 27.2 ms at 24 req/s; 4 starved decode on the host; docs/bench.md)
 FLEXPD_TOML = '[policy.flexpd]\nfirst = "prefill"\ndecode_inflight = 16\n'
 ATTAIN = 0.9  # a load is served at an SLO when this share of its requests meet it
 # --rate auto: the rates tried, lowest first, for the full model and for --quick's two layers
