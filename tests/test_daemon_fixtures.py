@@ -23,7 +23,6 @@ import pytest
 
 from flexnpu import paths
 from flexnpu.forward.client import DaemonClient, DaemonError
-from flexnpu.forward.daemon import daemon_socket
 
 FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
 KLIB = str(paths.emulator_kernel_library())
@@ -58,7 +57,7 @@ class DaemonProcess:
 
     @property
     def socket(self) -> Path:
-        return daemon_socket(self.device, self.rdir)
+        return paths.daemon_socket(self.device, self.rdir)
 
     def log(self) -> str:
         try:

@@ -34,10 +34,6 @@ HEARTBEAT_S = 0.1
 DRIFT_EVERY = 5  # heartbeats between checks of the table against what the daemon wrote
 
 
-def daemon_socket(device: int, rdir: Path | None = None) -> Path:
-    return paths.daemon_socket(device, rdir)
-
-
 class ForwardDaemon:
     """One device's daemon. `open()` makes the table and the admission socket; `serve()`
     blocks until `stop()` or SIGTERM."""

@@ -35,7 +35,6 @@ log = logging.getLogger("flexnpu.observe")
 SONAMES = tuple(lib.soname for lib in DEFAULT_LIBRARIES)
 
 
-observe_socket = paths.observe_socket
 
 
 class NodeObserver:
@@ -188,7 +187,7 @@ def node_lock(rdir: Path | None = None) -> PidLock:
         who = f"pid {e.pid}" if e.pid else f"the process holding {e.path}"
         raise ObserveError(f"an observer is already running on this node ({who}); one per node: "
                            f"stop it first (kill {e.pid or '<pid>'}) or read its snapshots on "
-                           f"{observe_socket(rdir)}") from None
+                           f"{paths.observe_socket(rdir)}") from None
     except PermissionError:
         raise NoPrivileges(f"permission denied: cannot write in {rdir}; {hint}") from None
     except OSError as e:
@@ -208,7 +207,7 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
     except BaseException:
         lock.release()
         raise
-    sock_path = observe_socket(obs.rdir)
+    sock_path = paths.observe_socket(obs.rdir)
     ctx = pub = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
