@@ -314,6 +314,40 @@ def test_daemon_absent_then_back(emulator, daemons, gate_loop, observer, control
     assert c.alive()
 
 
+def test_hung_daemon_holds_up_only_its_own_device(emulator, daemons, gate_loop, observer, controller) -> None:
+    """A daemon that stops answering (SIGSTOP: its socket is there, nobody replies) is marked
+    absent after the request timeout, while the controller keeps ticking for the other device:
+    no report comes late by a timeout's worth."""
+    emulator(devices=2)
+    d0, d1 = daemons(0), daemons(1)
+    dec = gate_loop(0, 1, 1, "--seconds", "120", "--wait-stdin", "--quiet", role="decode")
+    pre = gate_loop(0, 5, 1, "--seconds", "120", "--wait-stdin", "--quiet", role="prefill")
+    ready(dec)
+    ready(pre)
+    obs = observer()
+    obs.procs = both(dec.pid, pre.pid)
+    c = controller(config=CONFIG.replace("report_ms = 200", "report_ms = 20"))
+    wait_for(lambda: controlled(d0, dec.pid, pre.pid), 10, "settings on device 0")
+    c.report(lambda r: [d.daemon for d in r.devices] == ["ok", "ok"])
+    os.kill(d1.pid, signal.SIGSTOP)
+    try:
+        stamps, states = [], set()
+        t_end = time.monotonic() + 2.0  # several rescans (200 ms), each a request that times out (250 ms)
+        while time.monotonic() < t_end:
+            r = c.report()
+            stamps.append(r.mono_ns)
+            states.add(r.devices[1].daemon)
+    finally:
+        os.kill(d1.pid, signal.SIGCONT)
+    assert "absent" in states, states
+    gaps_ms = [(b - a) / 1e6 for a, b in zip(stamps, stamps[1:])]
+    # report_ms 20: a tick that waited for the stopped daemon would leave a gap of 250 ms or more
+    assert max(gaps_ms) < 150, f"longest gap between reports {max(gaps_ms):.0f} ms"
+    assert controlled(d0, dec.pid, pre.pid)
+    c.report(lambda r: r.devices[1].daemon == "ok", timeout=10)  # answered again once continued
+    assert c.alive() and "Traceback" not in c.log_text()
+
+
 def test_tells_systemd_it_is_ready(observer, controller, runtime_dir) -> None:
     """No daemon, no clients: it still starts, says READY=1 with a status, and stops with 0."""
     path = runtime_dir / "notify.sock"

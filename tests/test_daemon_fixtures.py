@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from flexnpu import paths
+from flexnpu.bench.node import NodeError
+from flexnpu.bench.node import wait_for as node_wait_for
 from flexnpu.forward.client import DaemonClient, DaemonError
 
 FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
@@ -30,15 +32,11 @@ START_TIMEOUT = 30.0  # a daemon is a Python process; two loaded cores can make 
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Polls pred until it returns something true; fails the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    """flexnpu.bench.node.wait_for, failing the test (AssertionError) after timeout seconds."""
+    try:
+        return node_wait_for(pred, timeout, what, interval)
+    except NodeError as e:
+        raise AssertionError(str(e)) from None
 
 
 class DaemonProcess:

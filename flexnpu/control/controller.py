@@ -7,6 +7,11 @@ what differs from what is in force with one `set_many` per device (one wake of t
 The lease that `set_many` carries is renewed at least every `renew_ms`: if the controller
 dies, each daemon reverts its settings to the defaults (gates open) when the lease runs out.
 
+Each device's daemon I/O (its list, its set_many or renew) runs on an I/O thread of its own
+link, one request at a time; a tick waits at most `tick_ms` for them and goes on without a
+daemon that is slow to answer, so a daemon that hangs (stopped, or stuck) holds up nothing
+but its own device: the others keep their tick.
+
 Failure behaviour: a daemon that is gone or does not answer is marked absent (its shims fail
 open by themselves) and tried again every `rescan_ms`; an observer silent for
 `stale_after_ms` makes every policy open every gate; either coming back is picked up without
@@ -22,6 +27,7 @@ import re
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +43,8 @@ from flexnpu.snapshot import NodeSnapshot, SnapshotSubscriber
 log = logging.getLogger("flexnpu.controller")
 
 OWNER = "controller"
-DAEMON_TIMEOUT_S = 0.25  # one slow daemon must not stall the others' ticks for long
+DAEMON_TIMEOUT_S = 0.25  # a daemon that has not answered by then is marked absent
+IO_THREADS = 16  # daemon requests under way at once (one per device at most)
 RELEASE_LEASE_MS = 10.0  # the shortest lease a daemon takes: what stop() leaves behind
 _SOCK = re.compile(r"^daemon-(\d+)\.sock$")
 
@@ -78,6 +85,11 @@ class DeviceLink:
     renewed_ns: int = 0
     retry_ns: int = 0  # when an absent daemon is tried again
     skipped: dict[int, str] = field(default_factory=dict)  # pid -> why the daemon refused our setting
+    io: Future | None = None  # the request under way on the I/O pool (one per link at a time)
+
+    @property
+    def busy(self) -> bool:
+        return self.io is not None and not self.io.done()
 
     def mark_absent(self, why: str, now_ns: int, retry_ms: float) -> None:
         if self.status != "absent" or why != self.error:
@@ -110,6 +122,8 @@ class Controller:
         self.on_report = on_report
         self.seq = 0
         self.pending: list[Decision] = []
+        self.pending_lock = threading.Lock()  # decisions come from the links' I/O threads
+        self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="daemon-io")
         self.recent: deque[Decision] = deque(maxlen=RECENT_KEPT)
         self.reported_ns = 0
         self.scanned_ns = 0
@@ -137,12 +151,14 @@ class Controller:
             self.links[dev] = DeviceLink(dev, DaemonClient(dev, self.rdir, timeout=DAEMON_TIMEOUT_S))
         for dev in sorted(set(self.links) - found):
             log.warning("device %d: daemon socket gone", dev)
-            self.links.pop(dev).client.close()
+            link = self.links.pop(dev)
+            if link.busy:  # its socket belongs to the I/O thread until the request ends
+                link.io.add_done_callback(lambda _f, c=link.client: c.close())
+            else:
+                link.client.close()
 
     def refresh(self, link: DeviceLink, now_ns: int) -> None:
         """Reads the daemon's client list (settings in force, owners, roles)."""
-        if link.status == "absent" and now_ns < link.retry_ns:
-            return
         try:
             reply = link.client.request("list")
         except DaemonError as e:
@@ -169,10 +185,13 @@ class Controller:
         self.state = out.state
         return out
 
+    def changes(self, link: DeviceLink, out: PolicyOutput) -> list[tuple[Client, GateSetting]]:
+        """What the policy wants on the link's device that is not in force (and not refused)."""
+        return [(c, s) for c, s in diff(out.settings.get(link.device, {}), link.clients) if c.pid not in link.skipped]
+
     def apply(self, link: DeviceLink, out: PolicyOutput, now_ns: int, wall: float) -> None:
         """Sends what differs (one set_many) or, if nothing does and the lease is due, renews it."""
-        changes = diff(out.settings.get(link.device, {}), link.clients)
-        changes = [(c, s) for c, s in changes if c.pid not in link.skipped]
+        changes = self.changes(link, out)
         try:
             if changes:
                 reply = link.client.request(
@@ -187,7 +206,8 @@ class Controller:
                 link.clients = applied(link.clients, done)
                 for c, s in done:
                     reason = out.reasons.get((link.device, c.pid)) or "policy setting"
-                    self.pending.append(Decision(wall, link.device, c.pid, s, reason))
+                    with self.pending_lock:
+                        self.pending.append(Decision(wall, link.device, c.pid, s, reason))
                     log.log(logging.DEBUG if reason.startswith("turn: ") else logging.INFO,
                             "device %d pid %d -> %s, priority %d, max hold %g ms, in-flight %d: %s",
                             link.device, c.pid, s.gate, s.priority, s.max_hold_ms, s.inflight, reason)
@@ -206,16 +226,34 @@ class Controller:
             self.snapshot = snap
         if now_ns - self.scanned_ns >= self.opts.rescan_ms * 1e6:
             self.scan(now_ns)
-        for link in self.links.values():
-            if now_ns - link.listed_ns >= self.opts.list_ms * 1e6:
-                self.refresh(link, now_ns)
+        self.run_io([(link, self.refresh, (link, now_ns)) for link in self.links.values()
+                     if now_ns - link.listed_ns >= self.opts.list_ms * 1e6
+                     and not (link.status == "absent" and now_ns < link.retry_ns)])
         out = self.decide(now_ns)
-        for link in self.links.values():
-            if link.status == "ok":
-                self.apply(link, out, now_ns, wall)
+        renew_ns = self.opts.renew_ms * 1e6
+        self.run_io([(link, self.apply, (link, out, now_ns, wall)) for link in self.links.values()
+                     if link.status == "ok" and (now_ns - link.renewed_ns >= renew_ns or self.changes(link, out))])
         if self.pending or now_ns - self.reported_ns >= self.opts.report_ms * 1e6:
             return self.report(now_ns, wall)
         return None
+
+    def run_io(self, jobs: list[tuple[DeviceLink, Callable[..., None], tuple]]) -> None:
+        """Runs each link's daemon request on the I/O pool (a link whose last request is still
+        under way is left out) and waits at most one tick for them; a slow one finishes on its
+        own and its link takes part again once it has."""
+        started = []
+        for link, fn, args in jobs:
+            if link.io is not None and link.io.done():
+                link.io.result()  # a request that ended after its tick: raise what it raised
+                link.io = None
+            if link.io is None:
+                link.io = self.io.submit(fn, *args)
+                started.append(link.io)
+        if started:
+            wait(started, timeout=self.opts.tick_ms / 1e3)
+            for f in started:
+                if f.done():
+                    f.result()
 
     def report(self, now_ns: int, wall: float) -> ControllerReport:
         self.seq += 1
@@ -225,11 +263,12 @@ class Controller:
                          self.policy.describe(self.state, dev) if link.status == "ok" else link.error,
                          tuple(ClientSetting(c.pid, c.setting, c.owner) for c in link.clients))
             for dev, link in sorted(self.links.items()))
+        with self.pending_lock:
+            pending, self.pending = self.pending, []
         rep = ControllerReport(self.seq, wall, now_ns, os.getpid(), self.opts.policy, self.opts.tick_ms,
-                               self.observer_status(now_ns), devices, tuple(self.pending))
-        self.recent.extend(self.pending)
+                               self.observer_status(now_ns), devices, tuple(pending))
+        self.recent.extend(pending)
         rep = replace(rep, recent=tuple(self.recent))
-        self.pending = []
         if self.pub is not None:
             try:
                 self.pub.send(rep.to_json(), flags=self._noblock)
@@ -268,8 +307,14 @@ class Controller:
             self.release()
 
     def release(self) -> None:
-        """Opens every gate this controller set and shortens its lease, on every device."""
+        """Opens every gate this controller set and shortens its lease, on every device (but one
+        whose daemon has not answered its last request within the timeout: its lease reverts
+        them)."""
+        if busy := [link.io for link in self.links.values() if link.busy]:
+            wait(busy, timeout=DAEMON_TIMEOUT_S + 0.1)
         for link in self.links.values():
+            if link.busy:
+                continue
             mine = [c for c in link.clients if c.owner == OWNER]
             try:
                 if mine:
@@ -283,6 +328,7 @@ class Controller:
                             link.device, e, self.opts.lease_ms)
 
     def close(self) -> None:
+        self.io.shutdown(wait=True)
         for link in self.links.values():
             link.client.close()
         self.sub.close()
