@@ -3,7 +3,6 @@ result file's schema; the emulator's ground truth agrees with the token counts),
 targets' arithmetic, and bad input (one line, exit 2)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +76,19 @@ def test_targets_and_max_rate():
 ])
 def test_bad_input_is_one_line(args, says):
     r = flexnpu("bench", "pd", *args, timeout=60)
+    assert r.returncode == 2
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("rows, says", [
+    ("0.0,100,20\n0.5,abc,3\n", ":3: token counts must be integers"),
+    ("0.0,100,20\n0.5,40000,3\n", "1 of 2 requests need more than qwen2.5-7b's 32768-token context"),
+    ("", "no requests in the trace"),
+])
+def test_bad_trace_file_is_refused_before_any_run(tmp_path, rows, says):
+    f = tmp_path / "trace.csv"
+    f.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows)
+    r = flexnpu("bench", "pd", "--trace", str(f), "--rate", "2", timeout=60)
     assert r.returncode == 2
     assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

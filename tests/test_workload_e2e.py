@@ -93,3 +93,12 @@ def test_kv_pull_does_not_stall_the_decode_loop():
     # inline in the decode loop, a pull stalled every step by its whole copy: request 0's
     # slowest token would be about as slow as a hand-off
     assert max(gaps) < 0.5 * handoff[len(handoff) // 2], (max(gaps), handoff)
+
+
+def test_a_request_that_can_never_be_served_is_refused_at_once():
+    """Rather than waiting for a KV reservation that cannot come (a hang until the timeout)."""
+    with pytest.raises(ValueError, match="need more than qwen2.5-7b:2's 32768-token context"):
+        driver.too_long([Request(0, 0.0, 100, 10), Request(1, 0.0, 32000, 1000)], driver.Setup(model=MODEL))
+    with pytest.raises(ValueError, match="larger than the prefill instance's KV pool"):
+        driver.too_long([Request(0, 0.0, 5000, 10)], driver.Setup(model=MODEL, prefill_kv_tokens=4096))
+    driver.too_long([Request(0, 0.0, 32000, 768)], driver.Setup(model=MODEL))  # the whole context: fine

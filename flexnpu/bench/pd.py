@@ -108,6 +108,14 @@ class Options:
             M.model_by_name(self.model)
         except (KeyError, ValueError) as e:
             raise BenchError(f"--model: {e}") from None
+        if self.trace not in TRACES:  # a file: read it now, so a bad line is reported before any run
+            try:
+                reqs = T.load_azure_csv(self.trace, limit=self.n)
+                if not reqs:
+                    raise BenchError(f"{self.trace}: no requests in the trace")
+                driver.too_long(reqs, driver.Setup(model=self.model, profile=self.profile))
+            except (T.TraceError, ValueError) as e:
+                raise BenchError(str(e)) from None
 
     @property
     def slo(self) -> MX.Slo:

@@ -21,7 +21,6 @@ times within `Setup.busy_tolerance`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -107,9 +106,27 @@ def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = No
     return a + ([] if s.weights else ["--no-weights"])
 
 
+def too_long(reqs: list[Request], setup: Setup) -> None:
+    """ValueError (one line) when a request cannot be served at all: longer than the model's
+    context, or a prompt larger than the prefill instance's KV pool. It would wait forever."""
+    from flexnpu.workload.model import model_by_name
+
+    limit = model_by_name(setup.model).max_context
+    bad = [r for r in reqs if r.prompt_tokens + r.output_tokens > limit]
+    if bad:
+        r = bad[0]
+        raise ValueError(f"{len(bad)} of {len(reqs)} requests need more than {setup.model}'s {limit}-token context "
+                         f"(the first: request {r.id}, {r.prompt_tokens} prompt + {r.output_tokens} output tokens)")
+    big = [r for r in reqs if r.prompt_tokens > setup.prefill_kv_tokens and not setup.mixed]
+    if big:
+        raise ValueError(f"{len(big)} prompts are larger than the prefill instance's KV pool "
+                         f"({setup.prefill_kv_tokens} tokens; the first: request {big[0].id}, {big[0].prompt_tokens})")
+
+
 def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], None] | None = None) -> Result:
     """Runs the trace on the node (a started LocalNode) and returns metrics and checks.
     on_done(request id) is called, from a reader thread, as each request finishes."""
+    too_long(reqs, setup)
     timing = {r.id: MX.RequestTiming(r.id, 0.0, r.prompt_tokens, r.output_tokens) for r in reqs}
     by_id = {r.id: r for r in reqs}
     done = threading.Event()

@@ -36,6 +36,7 @@ class ModelConfig:
     vocab: int
     rope_theta: float = 1e6
     rms_eps: float = 1e-6
+    max_context: int = 32768  # max_position_embeddings: prompt + output tokens of one request
 
     @property
     def kv_bytes_per_token(self) -> int:
