@@ -34,6 +34,13 @@ PROGS = Path(__file__).resolve().parent / "progs"
 SERVER_NAME = "flexnpu-emu-server"
 
 
+# A shell without job control starts background jobs with SIGINT ignored, and an ignored
+# signal stays ignored across exec: run that way, every program a test stops with SIGINT
+# (attach, demo, the controller) would never see it. A handler here instead makes the
+# programs the tests start get the default disposition (exec resets a caught signal).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Runtime dirs and server pids the tests created: the session-end check looks for these.
 _RUNTIME_DIRS: list[Path] = []
 _SERVER_PIDS: set[int] = set()
