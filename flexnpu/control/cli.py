@@ -6,7 +6,6 @@ option (one line naming the key), 1 anything else that stops it from starting.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -88,7 +87,7 @@ def controller_command(
         raise typer.Exit(1)
 
     def stop(signum: int, _frame: object) -> None:
-        ctl.stop_flag.set()
+        ctl.request_stop()  # not stop_flag.set(): its lock may be held by the wait this interrupts
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -79,13 +79,23 @@ class DeviceLink:
     device: int
     client: DaemonClient
     status: str = "absent"  # "ok" or "absent"
-    error: str = ""
+    error: str = "found; not answered yet"
     clients: tuple[Client, ...] = ()
     listed_ns: int = 0
     renewed_ns: int = 0
     retry_ns: int = 0  # when an absent daemon is tried again
     skipped: dict[int, str] = field(default_factory=dict)  # pid -> why the daemon refused our setting
     io: Future | None = None  # the request under way on the I/O pool (one per link at a time)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # status, error, clients change together
+
+    def view(self) -> tuple[str, str, tuple[Client, ...]]:
+        """status, error and clients as one consistent reading (the I/O thread writes them)."""
+        with self.lock:
+            return self.status, self.error, self.clients
+
+    def set_clients(self, clients: tuple[Client, ...]) -> None:
+        with self.lock:
+            self.clients = clients
 
     @property
     def busy(self) -> bool:
@@ -95,7 +105,8 @@ class DeviceLink:
         if self.status != "absent" or why != self.error:
             log.warning("device %d: daemon unavailable (%s); its gates are left to the daemon's defaults "
                         "and the shims' fail-open", self.device, why)
-        self.status, self.error, self.clients = "absent", why, ()
+        with self.lock:
+            self.status, self.error, self.clients = "absent", why, ()
         self.retry_ns = now_ns + int(retry_ms * 1e6)
         self.client.close()
 
@@ -104,7 +115,8 @@ class DeviceLink:
 class Controller:
     """One controller: a subscriber, a daemon link per device, a policy and a report socket.
     Create and run it in one thread (its zmq sockets are that thread's); `stop_flag` may be
-    set from anywhere."""
+    set from any other thread, `request_stop()` from a signal handler. Daemon requests run on
+    the I/O pool; a link's status, error and clients change together under its lock."""
 
     def __init__(self, cfg: Config, rdir: Path | None = None, on_report: Callable[[ControllerReport], Any] | None
                  = None, publish: bool = True) -> None:
@@ -128,6 +140,7 @@ class Controller:
         self.reported_ns = 0
         self.scanned_ns = 0
         self.stop_flag = threading.Event()
+        self._stop_requested = False  # set by request_stop(), from a signal handler
         self.pub = None
         if publish:
             self.pub = zmq.Context.instance().socket(zmq.PUB)
@@ -167,8 +180,10 @@ class Controller:
         if link.status != "ok":
             log.info("device %d: daemon answers; %d clients", link.device, len(reply.get("clients") or ()))
             link.renewed_ns = 0  # a daemon back from a restart gets our lease at once
-        link.status, link.error, link.listed_ns = "ok", "", now_ns
-        link.clients = tuple(Client.from_daemon(link.device, c) for c in reply.get("clients") or ())
+        clients = tuple(Client.from_daemon(link.device, c) for c in reply.get("clients") or ())
+        with link.lock:
+            link.status, link.error, link.clients = "ok", "", clients
+        link.listed_ns = now_ns
         link.skipped = {}  # the list says who holds a manual setting now; diff() leaves those alone
 
     # ------------------------------------------------------------------ tick
@@ -179,7 +194,8 @@ class Controller:
         return "stale" if (now_ns - self.snapshot.mono_ns) / 1e6 > self.opts.stale_after_ms else "ok"
 
     def decide(self, now_ns: int) -> PolicyOutput:
-        clients: Clients = {dev: link.clients for dev, link in self.links.items() if link.status == "ok"}
+        views = {dev: link.view() for dev, link in self.links.items()}
+        clients: Clients = {dev: cs for dev, (status, _, cs) in views.items() if status == "ok"}
         out = self.policy.decide(self.snapshot, clients, self.state, self.options, now_ns,
                                  stale_after_ms=self.opts.stale_after_ms)
         self.state = out.state
@@ -203,7 +219,7 @@ class Controller:
                     link.skipped[int(one["pid"])] = str(one.get("reason", ""))
                     log.info("device %d: pid %s left as set: %s", link.device, one["pid"], one.get("reason"))
                 done = [(c, s) for c, s in changes if c.pid in ok]
-                link.clients = applied(link.clients, done)
+                link.set_clients(applied(link.clients, done))
                 for c, s in done:
                     reason = out.reasons.get((link.device, c.pid)) or "policy setting"
                     with self.pending_lock:
@@ -258,11 +274,11 @@ class Controller:
     def report(self, now_ns: int, wall: float) -> ControllerReport:
         self.seq += 1
         self.reported_ns = now_ns
+        views = [(dev, *link.view()) for dev, link in sorted(self.links.items())]
         devices = tuple(
-            DeviceReport(dev, link.status,
-                         self.policy.describe(self.state, dev) if link.status == "ok" else link.error,
-                         tuple(ClientSetting(c.pid, c.setting, c.owner) for c in link.clients))
-            for dev, link in sorted(self.links.items()))
+            DeviceReport(dev, status, self.policy.describe(self.state, dev) if status == "ok" else error,
+                         tuple(ClientSetting(c.pid, c.setting, c.owner) for c in clients))
+            for dev, status, error, clients in views)
         with self.pending_lock:
             pending, self.pending = self.pending, []
         rep = ControllerReport(self.seq, wall, now_ns, os.getpid(), self.opts.policy, self.opts.tick_ms,
@@ -286,13 +302,22 @@ class Controller:
 
     # ------------------------------------------------------------------ life
 
+    def request_stop(self) -> None:
+        """Stops the run loop within a tick; safe in a signal handler. (stop_flag.set() is not:
+        Event.set takes a lock that the interrupted thread may hold, inside its own wait.)"""
+        self._stop_requested = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested or self.stop_flag.is_set()
+
     def run(self, ready: Callable[[], Any] | None = None) -> None:
-        """Ticks every tick_ms until stop_flag is set, then releases its settings."""
+        """Ticks every tick_ms until stop_flag is set or request_stop(), then releases its settings."""
         period = int(self.opts.tick_ms * 1e6)
         next_ns = time.monotonic_ns()
         first = True
         try:
-            while not self.stop_flag.is_set():
+            while not self.stopping:
                 self.tick()
                 if first and ready is not None:
                     ready()
