@@ -25,6 +25,7 @@ from typing import Any, Callable
 from flexnpu import paths
 from flexnpu.bench.node import LocalNode, machine
 from flexnpu.forward.client import DaemonClient, DaemonError
+from test_daemon_fixtures import wait_for
 
 KLIB = str(paths.emulator_kernel_library())
 LONG_HOLD_MS = 60_000  # a held client goes only when something releases it, never by its max_hold
@@ -39,15 +40,8 @@ def now() -> float:
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = POLL_S) -> Any:
-    """Polls pred until it returns something true; fails the test after timeout seconds."""
-    deadline = now() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if now() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """test_daemon_fixtures.wait_for, polling at the figures' resolution."""
+    return wait_for(pred, timeout, what, interval)
 
 
 class Engine:

@@ -205,9 +205,9 @@ class Controller:
         """What the policy wants on the link's device that is not in force (and not refused)."""
         return [(c, s) for c, s in diff(out.settings.get(link.device, {}), link.clients) if c.pid not in link.skipped]
 
-    def apply(self, link: DeviceLink, out: PolicyOutput, now_ns: int, wall: float) -> None:
-        """Sends what differs (one set_many) or, if nothing does and the lease is due, renews it."""
-        changes = self.changes(link, out)
+    def apply(self, link: DeviceLink, changes: list[tuple[Client, GateSetting]], out: PolicyOutput, now_ns: int,
+              wall: float) -> None:
+        """Sends the changes (one set_many) or, if there are none, renews the lease."""
         try:
             if changes:
                 reply = link.client.request(
@@ -227,7 +227,7 @@ class Controller:
                     log.log(logging.DEBUG if reason.startswith("turn: ") else logging.INFO,
                             "device %d pid %d -> %s, priority %d, max hold %g ms, in-flight %d: %s",
                             link.device, c.pid, s.gate, s.priority, s.max_hold_ms, s.inflight, reason)
-            elif now_ns - link.renewed_ns >= self.opts.renew_ms * 1e6:
+            else:  # tick() sends nothing else: the lease is due
                 link.client.request("renew", owner=OWNER, lease_ms=self.opts.lease_ms)
                 link.renewed_ns = now_ns
         except DaemonError as e:
@@ -247,8 +247,14 @@ class Controller:
                      and not (link.status == "absent" and now_ns < link.retry_ns)])
         out = self.decide(now_ns)
         renew_ns = self.opts.renew_ms * 1e6
-        self.run_io([(link, self.apply, (link, out, now_ns, wall)) for link in self.links.values()
-                     if link.status == "ok" and (now_ns - link.renewed_ns >= renew_ns or self.changes(link, out))])
+        jobs = []
+        for link in self.links.values():
+            if link.status != "ok" or link.busy:  # a busy link's clients are its I/O thread's until it ends
+                continue
+            changes = self.changes(link, out)
+            if changes or now_ns - link.renewed_ns >= renew_ns:
+                jobs.append((link, self.apply, (link, changes, out, now_ns, wall)))
+        self.run_io(jobs)
         if self.pending or now_ns - self.reported_ns >= self.opts.report_ms * 1e6:
             return self.report(now_ns, wall)
         return None

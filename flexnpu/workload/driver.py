@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flexnpu.workload import metrics as MX
+from flexnpu.workload.model import model_by_name
 from flexnpu.workload.trace import Request
 
 COPY_NAMES = ("memcpy", "memset")
@@ -109,8 +110,6 @@ def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = No
 def too_long(reqs: list[Request], setup: Setup) -> None:
     """ValueError (one line) when a request cannot be served at all: longer than the model's
     context, or a prompt larger than the prefill instance's KV pool. It would wait forever."""
-    from flexnpu.workload.model import model_by_name
-
     limit = model_by_name(setup.model).max_context
     bad = [r for r in reqs if r.prompt_tokens + r.output_tokens > limit]
     if bad:
