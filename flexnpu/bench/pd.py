@@ -486,11 +486,10 @@ def stability(timings: list[MX.RequestTiming]) -> dict:
         return statistics.median(xs) if xs else None
 
     def ttft(g: list[MX.RequestTiming]) -> float | None:
-        return med([t.token_times[0] - t.arrival for t in g if t.token_times])
+        return med([t.ttft for t in g if t.token_times])
 
     def tpot(g: list[MX.RequestTiming]) -> float | None:
-        return med([(t.token_times[-1] - t.token_times[0]) / (len(t.token_times) - 1) for t in g
-                    if len(t.token_times) > 1])
+        return med([t.tpot for t in g if t.tpot is not None])
 
     out: dict[str, Any] = {"complete": done}
     ok = done and len(ts) >= 3
