@@ -27,6 +27,8 @@ RUNTIME_DIR_MODE = 0o755  # RuntimeDirectoryMode= of every unit: clients of any 
 EMU_SOCKET_MODE = 0o660  # emu.sock (flexnpu-emu-server's umask 0117)
 CLIENT_SOCKET_MODE = 0o660  # daemon-<dev>.sock (read API), gate-<dev>.sock (admission): CLIENT_GROUP
 ADMIN_SOCKET_MODES = (0o600, 0o660)  # daemon-<dev>.admin.sock: the daemon's user (0660: --admin-group)
+PUBLISH_SOCKET_MODE = 0o660  # observe.sock, controller.sock (zmq PUB): CLIENT_GROUP reads snapshots, decisions
+LOCK_FILE_MODE = 0o600  # observe.lock, controller.lock: an flock is for whoever may run the service alone
 GATE_TABLE_MODE = 0o640  # gate-<dev>.ctl: written by the daemon, read (mapped read-only) by CLIENT_GROUP
 GROUPLESS_MODE = 0o600  # any of the above but emu.sock when there is no CLIENT_GROUP
 

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flexnpu import logs, paths, systemd
+from flexnpu import logs, paths, rundir, systemd
 from flexnpu.pidlock import AlreadyRunning, PidLock
 
 
@@ -22,12 +22,13 @@ def _node_lock() -> PidLock:
     controller.sock and fight the first over every gate."""
     rdir = paths.runtime_dir()
     try:
-        rdir.mkdir(parents=True, exist_ok=True)
         return PidLock(rdir / "controller.lock").acquire()
     except AlreadyRunning as e:
         who = f"pid {e.pid}" if e.pid else f"the process holding {e.path}"
         print(f"flexnpu controller: a controller is already running on this node ({who}); one per node: "
               "stop it first, or follow its decisions with `flexnpu top`", file=sys.stderr)
+    except rundir.RuntimeDirError as e:
+        print(f"flexnpu controller: {e}", file=sys.stderr)
     except OSError as e:
         print(f"flexnpu controller: cannot write in the runtime dir {rdir}: {e.strerror}; run it as root "
               "(sudo) or as the flexnpu service user, or set FLEXNPU_RUNTIME_DIR to a directory you own",

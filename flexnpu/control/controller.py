@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from flexnpu import paths
+from flexnpu import paths, rundir
 from flexnpu.control.config import Config
 from flexnpu.control.policies import POLICIES
 from flexnpu.control.policies.base import Client, Clients, PolicyOutput
@@ -148,7 +148,7 @@ class Controller:
             self.pub.setsockopt(zmq.SNDHWM, 64)
             sock = paths.controller_socket(self.rdir)
             sock.unlink(missing_ok=True)  # a dead controller's file; a live one would not be replaced silently
-            self.pub.bind(f"ipc://{sock}")
+            rundir.bind_published(self.pub, sock)
 
     # ------------------------------------------------------------------ devices
 

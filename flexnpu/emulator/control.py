@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from flexnpu import paths
+from flexnpu import paths, rundir
 from flexnpu.emulator.profiles import PROFILES
 
 # struct emu_req in emu_shared.h: uint32 type, int32 device, uint64 a, uint64 b, char name[48]
@@ -88,17 +88,18 @@ def _runtime_dir_problem(rdir: Path) -> str | None:
             f"(default {paths.DEFAULT_RUNTIME_DIR})")
 
 
-def _pidfile(rdir: Path) -> Path:
-    return rdir / "emu.pid"
+_PIDFILE = "emu.pid"
+_LOGFILE = "emu.log"
 
 
 def _read_pid(rdir: Path) -> int | None:
     """The pid in emu.pid if it is this runtime dir's device server: a stale file whose pid
     now names another process must not get that process signalled."""
     try:
-        pid = int(_pidfile(rdir).read_text().strip())
+        with rundir.opened(rdir, create=False) as dirfd:
+            pid = int((rundir.read_small(dirfd, _PIDFILE) or b"").strip())
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
+    except (OSError, ValueError, rundir.RuntimeDirError):
         return None
     sock = os.fsencode(paths.emulator_socket(rdir))
     if not argv[0].endswith(b"flexnpu-emu-server") or sock not in argv:
@@ -198,17 +199,6 @@ def start(
     binary = paths.emulator_server_binary()
     if not binary.exists():
         raise EmulatorError(f"{binary} is missing; reinstall FlexNPU (pip install .)")
-    _prepare_runtime_dir(rdir)
-    try:
-        status(rdir, timeout=1.0)
-        running = True
-    except EmulatorPermissionError:
-        raise
-    except EmulatorError:
-        running = False
-    if running:
-        raise EmulatorError(f"an emulator is already running at {paths.emulator_socket(rdir)}; "
-                            "stop it with `flexnpu emu stop`")
     argv = [
         str(binary),
         "--socket", str(paths.emulator_socket(rdir)),
@@ -219,14 +209,35 @@ def start(
         *(["--partition", partition] if partition else []),
         "--client-group", paths.CLIENT_GROUP,
     ]
+    dirfd = _prepare_runtime_dir(rdir)
+    try:
+        return _launch(argv, rdir, dirfd, foreground, timeout)
+    finally:
+        os.close(dirfd)
+
+
+def _launch(argv: list[str], rdir: Path, dirfd: int, foreground: bool, timeout: float) -> int:
+    try:
+        status(rdir, timeout=1.0)
+        running = True
+    except EmulatorPermissionError:
+        raise
+    except EmulatorError:
+        running = False
+    if running:
+        raise EmulatorError(f"an emulator is already running at {paths.emulator_socket(rdir)}; "
+                            "stop it with `flexnpu emu stop`")
     try:
         if foreground:
-            _pidfile(rdir).write_text(f"{os.getpid()}\n")
+            rundir.write_file(dirfd, _PIDFILE, f"{os.getpid()}\n".encode())
             os.execv(argv[0], argv)
-        with open(rdir / "emu.log", "ab") as log:
+        logfd = rundir.open_file(dirfd, _LOGFILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
             proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+                argv, stdout=subprocess.PIPE, stderr=logfd, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        finally:
+            os.close(logfd)
     except OSError as e:
         raise EmulatorError(f"cannot start {argv[0]}: {e.strerror or e} ({e.filename or rdir})") from None
     deadline = time.monotonic() + timeout
@@ -234,30 +245,45 @@ def start(
     proc.stdout.close()
     if line.strip() != b"ready":
         proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        tail = (rdir / "emu.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        tail = _log_tail(dirfd).splitlines()[-1:] or [""]
         raise EmulatorError(f"the emulator failed to start: {tail[0]}")
-    _pidfile(rdir).write_text(f"{proc.pid}\n")
+    rundir.write_file(dirfd, _PIDFILE, f"{proc.pid}\n".encode())
     return proc.pid
 
 
-def _prepare_runtime_dir(rdir: Path) -> None:
+def _log_tail(dirfd: int, size: int = 4096) -> str:
+    try:
+        fd = rundir.open_file(dirfd, _LOGFILE, os.O_RDONLY)
+    except OSError:
+        return ""
+    try:
+        end = os.fstat(fd).st_size
+        return os.pread(fd, size, max(0, end - size)).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
+def _prepare_runtime_dir(rdir: Path) -> int:
     """Makes the runtime dir (0755: the sockets' own modes decide who may use them) or checks
-    that this user can create the emulator's files in it."""
+    that it may be trusted (flexnpu.rundir) and that this user can create the emulator's files
+    in it; its descriptor, for the files to be made relative to it."""
     problem = _runtime_dir_problem(rdir)
     if problem:
         raise EmulatorError(problem)
     hint = ("start the emulator as root (sudo flexnpu emu start) or set FLEXNPU_RUNTIME_DIR to a "
             "directory you own")
     try:
-        if not rdir.exists():
-            rdir.mkdir(parents=True)
-            rdir.chmod(paths.RUNTIME_DIR_MODE)
+        dirfd = rundir.open_dir(rdir, create=True)
+    except rundir.RuntimeDirError as e:
+        raise EmulatorError(str(e)) from None
     except PermissionError:
         raise EmulatorPermissionError(f"permission denied: cannot create {rdir}; {hint}") from None
     except OSError as e:
         raise EmulatorError(f"cannot create the runtime dir {rdir}: {e.strerror}") from None
     if not os.access(rdir, os.W_OK | os.X_OK):
+        os.close(dirfd)
         raise EmulatorPermissionError(f"permission denied: cannot write in {rdir}; {hint}")
+    return dirfd
 
 
 def parse_partition(spec: str) -> dict[str, float]:
@@ -307,7 +333,7 @@ def stop(rdir: Path | None = None, timeout: float = 5.0) -> bool:
         time.sleep(0.02)
     else:
         os.kill(pid, signal.SIGKILL)
-    for f in (_pidfile(rdir), paths.emulator_socket(rdir)):
+    for f in (rdir / _PIDFILE, paths.emulator_socket(rdir)):  # unlink never follows a link
         try:
             f.unlink(missing_ok=True)
         except OSError:

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from flexnpu import paths, systemd
+from flexnpu import paths, rundir, systemd
 from flexnpu.forward import access, protocol
 from flexnpu.forward.admission import PER_UID_CAP, RESERVE_S, Admission, Registry, Reserved
 from flexnpu.forward.control import ControlServer
@@ -101,11 +101,9 @@ class ForwardDaemon:
         self.admission.listen()
 
     def _prepare_rdir(self) -> None:
-        self.rdir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        st = self.rdir.stat()
-        if st.st_mode & 0o022 and not st.st_mode & 0o1000:
-            log.warning("device %d: %s is writable by others than its owner: anyone who can write there can "
-                        "replace the daemon's sockets; make it 0755 root", self.device, self.rdir)
+        """Refuses a runtime dir someone else could write in (flexnpu.rundir): they could replace
+        the daemon's sockets, or plant a link where it creates its table."""
+        rundir.check(self.rdir, create=True)
 
     def _adoptable(self) -> dict[int, tuple[int, int]]:
         """Slots of the previous daemon whose process still runs (same pid and start time)."""

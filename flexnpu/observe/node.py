@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from flexnpu import cann, paths, systemd
+from flexnpu import cann, paths, rundir, systemd
 from flexnpu.pidlock import AlreadyRunning, PidLock
 from flexnpu.observe import procs
 from flexnpu.observe.errors import BccMissing, BpfUnavailable, NoPrivileges, ObserveError
@@ -181,13 +181,14 @@ def node_lock(rdir: Path | None = None) -> PidLock:
     rdir = Path(rdir or paths.runtime_dir())
     hint = "run it as root (sudo), or set FLEXNPU_RUNTIME_DIR to a directory you own"
     try:
-        rdir.mkdir(parents=True, exist_ok=True)
         return PidLock(rdir / "observe.lock").acquire()
     except AlreadyRunning as e:
         who = f"pid {e.pid}" if e.pid else f"the process holding {e.path}"
         raise ObserveError(f"an observer is already running on this node ({who}); one per node: "
                            f"stop it first (kill {e.pid or '<pid>'}) or read its snapshots on "
                            f"{paths.observe_socket(rdir)}") from None
+    except rundir.RuntimeDirError as e:
+        raise ObserveError(str(e)) from None
     except PermissionError:
         raise NoPrivileges(f"permission denied: cannot write in {rdir}; {hint}") from None
     except OSError as e:
@@ -222,7 +223,7 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, 100)
         try:
-            pub.bind(f"ipc://{sock_path}")
+            rundir.bind_published(pub, sock_path)
         except zmq.ZMQError as e:
             raise ObserveError(f"cannot publish on {sock_path}: {e.strerror}") from None
         bound = True

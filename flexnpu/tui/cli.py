@@ -20,7 +20,7 @@ from typing import Annotated, Iterator
 import typer
 
 from flexnpu import paths
-from flexnpu.tui.model import Sampler, anything_running
+from flexnpu.tui.model import Sampler, anything_running, refused_sources
 from flexnpu.tui.view import ViewState, render
 
 ONCE_WAIT_S = 2.0
@@ -171,6 +171,12 @@ def top_command(
         print(f"flexnpu top: nothing to show: no observer ({paths.observe_socket(rdir)}) and no daemon "
               f"sockets in {rdir}; start `flexnpu observe` (as root) or `flexnpu daemon --device N`",
               file=sys.stderr)
+        raise typer.Exit(1)
+    refused = refused_sources(rdir)
+    if refused:
+        print(f"flexnpu top: permission denied: {', '.join(s.name for s in refused)} in {rdir} "
+              f"{'is' if len(refused) == 1 else 'are'} for root and the {paths.CLIENT_GROUP} group; "
+              f"ask an administrator to add you to it (usermod -aG {paths.CLIENT_GROUP} $USER)", file=sys.stderr)
         raise typer.Exit(1)
     sampler = Sampler(rdir, interval=interval).start()
     try:

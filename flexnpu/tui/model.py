@@ -154,6 +154,14 @@ def anything_running(rdir: Path) -> bool:
     return paths.observe_socket(rdir).exists() or bool(daemon_devices(rdir))
 
 
+def refused_sources(rdir: Path) -> list[Path]:
+    """The sockets in the runtime dir this user may not connect to (a unix socket needs write
+    permission): zmq would retry such a connect silently forever, so `top` says so instead."""
+    socks = [paths.observe_socket(rdir), paths.controller_socket(rdir),
+             *(paths.daemon_socket(d, rdir) for d in daemon_devices(rdir))]
+    return [s for s in socks if s.exists() and not os.access(s, os.W_OK)]
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip() or "?"
