@@ -309,6 +309,12 @@ def stop(rdir: Path | None = None, timeout: float = 5.0) -> bool:
     problem = _runtime_dir_problem(rdir)
     if problem:
         raise EmulatorError(problem)
+    try:
+        rundir.check(rdir, create=False)  # a pid file in someone else's dir names whatever they like
+    except FileNotFoundError:
+        return False
+    except rundir.RuntimeDirError as e:
+        raise EmulatorError(str(e)) from None
     pid = _read_pid(rdir)
     if pid is None:
         return False
