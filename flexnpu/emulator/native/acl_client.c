@@ -149,6 +149,8 @@ static void wake_all_waiters(void)
         if (atomic_load(&g_seg->streams[i].waiters)) emu_futex_wake(&g_seg->streams[i].completed, INT32_MAX);
     for (int i = 0; i < EMU_MAX_EVENTS; i++)
         if (atomic_load(&g_seg->events[i].waiters)) emu_futex_wake(&g_seg->events[i].completed_gen, INT32_MAX);
+    for (int i = 0; i < EMU_MAX_DEVICES; i++)
+        if (atomic_load(&g_seg->rings[i].room_waiters)) emu_futex_wake(&g_seg->rings[i].room_gen, INT32_MAX);
 }
 
 /* A child of fork() has no watcher thread (threads do not survive fork). */
@@ -412,11 +414,20 @@ static int submit(int dev, uint32_t sidx, struct emu_op *op, uint64_t *seq)
     pthread_mutex_lock(&d->ring_lock);
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
     while (tail - atomic_load_explicit(&r->head, memory_order_acquire) >= EMU_RING_SLOTS) {
-        /* Full: the server is behind. Nudge it and back off. */
-        atomic_fetch_add(&d->bell->doorbell, 1);
-        emu_futex_wake(&d->bell->doorbell, 1);
+        /* Full: the device has as much of our work queued as a process may have, as a real
+         * stream's task queue does. Sleep until the server has taken an eighth of the ring
+         * (rechecking every 100 ms that it is still there), as a real launch blocks. */
         pthread_mutex_unlock(&d->ring_lock);
-        usleep(50);
+        atomic_fetch_add_explicit(&r->room_waiters, 1, memory_order_seq_cst);
+        uint32_t gen = atomic_load_explicit(&r->room_gen, memory_order_seq_cst);
+        if (tail - atomic_load_explicit(&r->head, memory_order_seq_cst) >= EMU_RING_SLOTS &&
+            !atomic_load(&g_server_lost)) {
+            /* the server may sleep past our work (we ring only for earlier completions) */
+            atomic_fetch_add(&d->bell->doorbell, 1);
+            emu_futex_wake(&d->bell->doorbell, 1);
+            emu_futex_wait(&r->room_gen, gen, 100000000);
+        }
+        atomic_fetch_sub_explicit(&r->room_waiters, 1, memory_order_seq_cst);
         if (!server_alive()) return fail(ACL_ERROR_RT_SOCKET_CLOSE, "the device server went away");
         pthread_mutex_lock(&d->ring_lock);
         tail = atomic_load_explicit(&r->tail, memory_order_relaxed);

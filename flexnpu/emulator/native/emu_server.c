@@ -166,7 +166,91 @@ static int dev_free(struct device *d, struct client *c, uint64_t off, uint64_t *
     return ACL_ERROR_INVALID_PARAM;
 }
 
-/* ---------------------------------------------------------------- clients */
+/* ---------------------------------------------------------------- clients
+ *
+ * A connection is PENDING until it registers (HELLO), ALIVE until it closes, then EXITED
+ * (kept for the status). A connection is closed by client_close() wherever that is decided,
+ * but its record is only freed, or turned EXITED, by reap(), which runs where the poll loop
+ * holds no pointer to it. Connections that have not registered cost the server a descriptor
+ * each and nothing proves they ever will: they are bounded per user and in all, and closed
+ * when they stay silent for EMU_PENDING_IDLE_NS. */
+
+#define EMU_PENDING_PER_UID 16
+#define EMU_PENDING_MAX 64
+#define EMU_PENDING_IDLE_NS 5000000000ULL
+#define EMU_EXITED_KEPT 64
+#define EMU_ACCEPT_BURST 64
+
+static int g_reserve_fd = -1;     /* spent to accept-and-close when out of descriptors */
+static uint64_t g_accept_pause_until; /* even that failed: leave the listening socket alone until then */
+static struct client *g_serving;  /* the client whose request is being handled */
+
+static void out_free(struct client *c)
+{
+    for (struct outmsg *m = c->out, *nx; m; m = nx) {
+        nx = m->next;
+        for (int i = 0; i < m->nfds; i++) close(m->fds[i]);
+        free(m);
+    }
+    c->out = c->out_tail = NULL;
+    c->out_bytes = 0;
+}
+
+/* Closes the connection now; reap() deals with the record. */
+static void client_close(struct client *c)
+{
+    if (c->drop) return;
+    c->drop = true;
+    out_free(c);
+    if (c->fd >= 0) close(c->fd);
+    c->fd = -1;
+}
+
+static void log_limited(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void log_limited(const char *fmt, ...)
+{
+    static uint64_t n; /* the 1st, 2nd, 4th, 8th... time: a flood does not flood the log */
+    if (++n & (n - 1)) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "flexnpu-emu-server: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, " (%llu times so far)\n", (unsigned long long)n);
+    va_end(ap);
+}
+
+static bool is_pending(const struct client *c) { return c->state == CLIENT_PENDING && !c->drop && c->fd >= 0; }
+
+/* Closes the longest-silent unregistered connection of uid (any_uid: of the user with the
+ * most of them), never `keep`. Returns false if there was none. */
+static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep)
+{
+    if (any_uid) {
+        int best = 0;
+        for (int i = 0; i < g_srv.nclients; i++) {
+            struct client *c = g_srv.clients[i];
+            if (!is_pending(c) || c == keep) continue;
+            int n = 0;
+            for (int j = 0; j < g_srv.nclients; j++)
+                if (is_pending(g_srv.clients[j]) && g_srv.clients[j] != keep && g_srv.clients[j]->uid == c->uid) n++;
+            if (n > best) best = n, uid = c->uid;
+        }
+        if (!best) return false;
+    }
+    struct client *victim = NULL;
+    for (int i = 0; i < g_srv.nclients; i++) {
+        struct client *c = g_srv.clients[i];
+        if (is_pending(c) && c != keep && c->uid == uid && (!victim || c->last_ns < victim->last_ns)) victim = c;
+    }
+    if (!victim) return false;
+    log_limited("closed an unregistered connection of pid %d (uid %u) to make room", (int)victim->pid,
+                (unsigned)victim->uid);
+    client_close(victim);
+    return true;
+}
+
+/* After EMFILE/ENFILE: frees a descriptor by closing an unregistered connection. */
+static bool make_fd_room(void) { return evict_pending(0, true, g_serving); }
 
 static void client_gone(struct client *c)
 {
@@ -179,47 +263,163 @@ static void client_gone(struct client *c)
         if (c->dev[i].mem_fd >= 0) close(c->dev[i].mem_fd); /* the pages go with the last mapping */
         c->dev[i].mem_fd = -1;
     }
-    c->alive = false;
+    c->state = CLIENT_EXITED;
     c->exited_s = sim_now() / 1e9;
     if (c->seg) munmap(c->seg, sizeof *c->seg);
     c->seg = NULL;
     unlock_all();
-    close(c->fd);
-    c->fd = -1;
 }
 
-static void forget_oldest_exited(void)
+static void client_free_at(int i)
 {
-    int exited = 0, oldest = -1;
-    for (int i = 0; i < g_srv.nclients; i++)
-        if (!g_srv.clients[i]->alive) {
-            exited++;
-            if (oldest < 0 || g_srv.clients[i]->id < g_srv.clients[oldest]->id) oldest = i;
+    struct client *c = g_srv.clients[i];
+    lock_all();
+    g_srv.clients[i] = g_srv.clients[--g_srv.nclients];
+    unlock_all();
+    out_free(c);
+    if (c->fd >= 0) close(c->fd);
+    for (int k = 0; k < EMU_MAX_DEVICES; k++) {
+        free(c->dev[k].busy_by_name);
+        free(c->dev[k].count_by_name);
+    }
+    free(c);
+}
+
+/* Frees or retires the connections closed since the last call, and forgets the oldest
+ * exited records past EMU_EXITED_KEPT (or when the table is full). Only exited records are
+ * forgotten: a pending or live connection is never freed while it is open. */
+static void reap(void)
+{
+    for (int i = 0; i < g_srv.nclients;) {
+        struct client *c = g_srv.clients[i];
+        if (!c->drop) {
+            i++;
+            continue;
         }
-    if (oldest < 0 || (exited < 64 && g_srv.nclients < EMU_MAX_CLIENTS)) return;
-    struct client *c = g_srv.clients[oldest];
-    lock_all();
-    g_srv.clients[oldest] = g_srv.clients[--g_srv.nclients];
-    unlock_all();
-    for (int i = 0; i < EMU_MAX_DEVICES; i++) {
-        free(c->dev[i].busy_by_name);
-        free(c->dev[i].count_by_name);
+        c->drop = false;
+        if (c->state == CLIENT_ALIVE) {
+            client_gone(c);
+            i++;
+        } else
+            client_free_at(i); /* a status query, a failed hello, or one that never spoke */
     }
-    free(c);
+    for (;;) {
+        int exited = 0, oldest = -1;
+        for (int i = 0; i < g_srv.nclients; i++)
+            if (g_srv.clients[i]->state == CLIENT_EXITED) {
+                exited++;
+                if (oldest < 0 || g_srv.clients[i]->id < g_srv.clients[oldest]->id) oldest = i;
+            }
+        if (oldest < 0 || (exited <= EMU_EXITED_KEPT && g_srv.nclients < EMU_MAX_CLIENTS)) break;
+        client_free_at(oldest);
+    }
 }
 
-static void client_forget(struct client *c)
+/* Closes unregistered connections silent for too long; returns ms until the next such
+ * deadline, or -1. */
+static int sweep_pending(uint64_t now)
 {
-    lock_all();
-    for (int i = 0; i < g_srv.nclients; i++)
-        if (g_srv.clients[i] == c) g_srv.clients[i] = g_srv.clients[--g_srv.nclients];
-    unlock_all();
-    close(c->fd);
-    for (int i = 0; i < EMU_MAX_DEVICES; i++) {
-        free(c->dev[i].busy_by_name);
-        free(c->dev[i].count_by_name);
+    uint64_t next = UINT64_MAX;
+    for (int i = 0; i < g_srv.nclients; i++) {
+        struct client *c = g_srv.clients[i];
+        if (!is_pending(c)) continue;
+        uint64_t due = c->last_ns + EMU_PENDING_IDLE_NS;
+        if (due <= now) {
+            log_limited("closed a connection of pid %d (uid %u) that did not register in time", (int)c->pid,
+                        (unsigned)c->uid);
+            client_close(c);
+        } else if (due < next)
+            next = due;
     }
-    free(c);
+    return next == UINT64_MAX ? -1 : (int)((next - now) / 1000000 + 1);
+}
+
+/* 1: sent, 0: the peer's socket has no room now, -1: the peer is gone. Never blocks. */
+static int try_send(int fd, const void *buf, size_t len, const int *fds, int nfds)
+{
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    union {
+        char buf[CMSG_SPACE(EMU_FDS_MAX * sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (nfds > 0) {
+        memset(&u, 0, sizeof u);
+        msg.msg_control = u.buf;
+        msg.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+        memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
+    }
+    ssize_t w;
+    do w = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
+    if (w == (ssize_t)len) return 1;
+    return w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) ? 0 : -1;
+}
+
+static int dup_fd(int fd)
+{
+    int d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (d < 0 && (errno == EMFILE || errno == ENFILE) && make_fd_room()) d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    return d;
+}
+
+/* Sends one message to c, or queues it (with duplicates of its fds: the caller may close
+ * its own) when the peer's socket is full. The server never waits on a peer: while a reply
+ * is queued, the poll loop waits for room instead of reading c's next request, so at most
+ * one reply is ever queued per connection. */
+static void send_msg(struct client *c, const void *buf, size_t len, const int *fds, int nfds)
+{
+    if (c->drop) return;
+    if (!c->out) {
+        int r = try_send(c->fd, buf, len, fds, nfds);
+        if (r > 0) return;
+        if (r < 0) {
+            client_close(c);
+            return;
+        }
+    }
+    struct outmsg *m = malloc(sizeof *m + len);
+    if (!m) {
+        client_close(c);
+        return;
+    }
+    m->next = NULL;
+    m->len = len;
+    m->nfds = 0;
+    memcpy(m->data, buf, len);
+    for (int i = 0; i < nfds; i++) {
+        int d = dup_fd(fds[i]);
+        if (d >= 0) m->fds[m->nfds++] = d;
+    }
+    if (c->out_tail) c->out_tail->next = m;
+    else c->out = m;
+    c->out_tail = m;
+    c->out_bytes += len;
+    if (m->nfds != nfds) client_close(c); /* a reply without its fds would be a lie */
+}
+
+/* Sends what is queued for c, as far as its socket takes it. */
+static void flush_out(struct client *c)
+{
+    while (c->out && !c->drop) {
+        struct outmsg *m = c->out;
+        int r = try_send(c->fd, m->data, m->len, m->fds, m->nfds);
+        if (r == 0) return;
+        if (r < 0) {
+            client_close(c);
+            return;
+        }
+        c->out = m->next;
+        if (!c->out) c->out_tail = NULL;
+        c->out_bytes -= m->len;
+        for (int i = 0; i < m->nfds; i++) close(m->fds[i]);
+        free(m);
+        c->last_ns = emu_now_ns();
+    }
 }
 
 /* The supplementary groups of pid include gid (/proc/<pid>/status "Groups:"). */
@@ -271,30 +471,75 @@ static bool may_use(int fd, const struct ucred *cr)
     return ok;
 }
 
+/* A new connection, or NULL to refuse it. Called only where the poll loop holds no client
+ * pointer (it may free closed records). */
 static struct client *client_new(int fd)
 {
-    forget_oldest_exited();
-    if (g_srv.nclients >= EMU_MAX_CLIENTS) return NULL;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return NULL;
+    int mine = 0, all = 0;
+    for (int i = 0; i < g_srv.nclients; i++)
+        if (is_pending(g_srv.clients[i])) {
+            all++;
+            mine += g_srv.clients[i]->uid == cred.uid;
+        }
+    if (mine >= EMU_PENDING_PER_UID) evict_pending(cred.uid, false, NULL);
+    else if (all >= EMU_PENDING_MAX) evict_pending(0, true, NULL);
+    reap();
+    if (g_srv.nclients >= EMU_MAX_CLIENTS && evict_pending(0, true, NULL)) reap();
+    if (g_srv.nclients >= EMU_MAX_CLIENTS) {
+        log_limited("refused a connection of pid %d (uid %u): %d connections already", (int)cred.pid,
+                    (unsigned)cred.uid, g_srv.nclients);
+        return NULL;
+    }
     struct client *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->fd = fd;
     c->id = ++g_srv.next_client_id;
     c->connected_s = sim_now() / 1e9;
-    struct ucred cred;
-    socklen_t len = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
-        c->pid = cred.pid;
-        c->uid = cred.uid;
-        c->gid = cred.gid;
-        c->admitted = may_use(fd, &cred);
-    } else
-        c->pid = -1;
+    c->last_ns = emu_now_ns();
+    c->state = CLIENT_PENDING;
+    c->pid = cred.pid;
+    c->uid = cred.uid;
+    c->gid = cred.gid;
+    c->admitted = may_use(fd, &cred);
     for (int s = 0; s < EMU_MAX_STREAMS; s++) c->queues[s].active_slot = -1;
     for (int i = 0; i < EMU_MAX_DEVICES; i++) c->dev[i].mem_fd = -1;
     lock_all();
     g_srv.clients[g_srv.nclients++] = c;
     unlock_all();
     return c;
+}
+
+/* Takes the waiting connections, at most a burst per turn of the poll loop. Out of
+ * descriptors, it closes an unregistered connection to make room, or else accepts with the
+ * reserve descriptor and closes at once: either way the listening socket is drained, so the
+ * loop does not spin on it, and a program that connects is answered, never left hanging. */
+static void accept_new(int ls)
+{
+    for (int k = 0; k < EMU_ACCEPT_BURST; k++) {
+        int fd = accept4(ls, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd < 0 && errno == EINTR) continue;
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
+            if (make_fd_room()) {
+                reap();
+                continue;
+            }
+            if (g_reserve_fd >= 0) close(g_reserve_fd);
+            fd = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+            if (fd >= 0) close(fd);
+            g_reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+            log_limited("out of descriptors: refused a connection");
+            if (fd < 0) {
+                g_accept_pause_until = emu_now_ns() + 100000000;
+                return;
+            }
+            continue;
+        }
+        if (fd < 0) return; /* none left waiting */
+        if (!client_new(fd)) close(fd);
+    }
 }
 
 static int name_id(const char *name)
@@ -376,7 +621,8 @@ static void status_json(struct sbuf *b)
             if (!cd->open) continue;
             sb(b, "%s{\"pid\":%d,\"client\":%llu,\"alive\":%s,\"connected_s\":%.3f,\"busy_ns\":%.0f,\"memory_used\":%llu,"
                   "\"allocs\":%llu,\"frees\":%llu,\"ops\":{",
-               first ? "" : ",", c->pid, (unsigned long long)c->id, c->alive ? "true" : "false", c->connected_s,
+               first ? "" : ",", c->pid, (unsigned long long)c->id, c->state == CLIENT_ALIVE ? "true" : "false",
+               c->connected_s,
                cd->busy_ns, (unsigned long long)cd->mem_used, (unsigned long long)cd->allocs,
                (unsigned long long)cd->frees);
             first = 0;
@@ -411,7 +657,7 @@ static void status_json(struct sbuf *b)
 static void reply(struct client *c, int err, uint64_t a, const int *fds, int nfds)
 {
     struct emu_rep rep = {.err = err, .a = a};
-    emu_send_fds(c->fd, &rep, sizeof rep, fds, nfds);
+    send_msg(c, &rep, sizeof rep, fds, nfds);
 }
 
 #ifndef F_SEAL_FUTURE_WRITE
@@ -423,6 +669,8 @@ static void reply(struct client *c, int err, uint64_t a, const int *fds, int nfd
 static int sealed_memfd(const char *name, uint64_t size)
 {
     int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0 && (errno == EMFILE || errno == ENFILE) && make_fd_room())
+        fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0) return -1;
     if (ftruncate(fd, (off_t)size) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
         close(fd);
@@ -437,7 +685,9 @@ static bool handle(struct client *c)
     struct emu_req req;
     int fds[EMU_FDS_MAX], nfds = 0;
     ssize_t r = emu_recv_fds(c->fd, &req, sizeof req, fds, &nfds);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
     if (r <= 0) return false;
+    c->last_ns = emu_now_ns();
     for (int i = 0; i < nfds; i++) close(fds[i]); /* no request carries fds */
     if (!c->admitted) {
         fprintf(stderr, "flexnpu-emu-server: refused pid %d (uid %u, gid %u): not root, uid %u or in group %s\n",
@@ -474,7 +724,7 @@ static bool handle(struct client *c)
         seg->pid = c->pid;
         lock_all();
         c->seg = m;
-        c->alive = true;
+        c->state = CLIENT_ALIVE;
         unlock_all();
         reply(c, 0, (uint64_t)g_srv.ndev, &fd, 1);
         close(fd);
@@ -530,9 +780,9 @@ static bool handle(struct client *c)
         status_json(&b);
         for (size_t off = 0; off < b.n; off += 16384) {
             size_t len = b.n - off < 16384 ? b.n - off : 16384;
-            if (emu_send_fds(c->fd, b.p + off, len, NULL, 0) < 0) break;
+            send_msg(c, b.p + off, len, NULL, 0);
         }
-        send(c->fd, "", 0, MSG_NOSIGNAL);
+        send_msg(c, "", 0, NULL, 0);
         free(b.p);
         return true;
     }
@@ -659,20 +909,22 @@ int main(int argc, char **argv)
         setup_device(&g_srv.dev[i], i, &dp);
     }
 
-    int ls = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    int ls = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(sock_path) >= sizeof sa.sun_path) die("socket path too long: %s", sock_path);
     strcpy(sa.sun_path, sock_path);
     unlink(sock_path);
+    /* 0660 from the moment it exists (the umask at bind), and its group given without
+     * following a link: whatever is put at the path after bind, nothing here changes the
+     * owner or mode of another file through it */
     mode_t old = umask(0117);
     if (ls < 0 || bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(ls, 64) < 0)
         die("cannot listen on %s: %s", sock_path, strerror(errno));
     umask(old);
-    /* 0660, group: the client group (root's and the server user's otherwise) */
-    if (g_have_group && chown(sock_path, (uid_t)-1, g_group_gid) < 0)
+    if (g_have_group && fchownat(AT_FDCWD, sock_path, (uid_t)-1, g_group_gid, AT_SYMLINK_NOFOLLOW) < 0)
         fprintf(stderr, "flexnpu-emu-server: cannot give %s to group %s (%s): only root and uid %u can use it\n",
                 sock_path, g_group_name, strerror(errno), (unsigned)geteuid());
-    chmod(sock_path, 0660);
+    g_reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     printf("ready\n");
     fflush(stdout);
     char status[160];
@@ -680,19 +932,29 @@ int main(int argc, char **argv)
     notify_systemd(status);
 
     for (;;) {
+        uint64_t now = emu_now_ns();
+        int timeout = sweep_pending(now);
+        reap();
+        bool paused = now < g_accept_pause_until;
+        if (paused) {
+            int left = (int)((g_accept_pause_until - now) / 1000000 + 1);
+            if (timeout < 0 || left < timeout) timeout = left;
+        }
         struct pollfd pf[EMU_MAX_CLIENTS + 2];
         struct client *who[EMU_MAX_CLIENTS + 2];
         int n = 0;
         pf[n] = (struct pollfd){.fd = sfd, .events = POLLIN};
         who[n++] = NULL;
-        pf[n] = (struct pollfd){.fd = ls, .events = POLLIN};
+        pf[n] = (struct pollfd){.fd = ls, .events = paused ? 0 : POLLIN};
         who[n++] = NULL;
-        for (int i = 0; i < g_srv.nclients; i++)
-            if (g_srv.clients[i]->fd >= 0) {
-                pf[n] = (struct pollfd){.fd = g_srv.clients[i]->fd, .events = POLLIN};
-                who[n++] = g_srv.clients[i];
-            }
-        if (poll(pf, (nfds_t)n, -1) < 0) {
+        for (int i = 0; i < g_srv.nclients; i++) {
+            struct client *c = g_srv.clients[i];
+            if (c->fd < 0) continue;
+            /* a reply still queued: wait for room, and read no request meanwhile */
+            pf[n] = (struct pollfd){.fd = c->fd, .events = c->out ? POLLOUT : POLLIN};
+            who[n++] = c;
+        }
+        if (poll(pf, (nfds_t)n, timeout) < 0) {
             if (errno == EINTR) continue;
             die("poll: %s", strerror(errno));
         }
@@ -700,19 +962,20 @@ int main(int argc, char **argv)
             struct signalfd_siginfo si;
             if (read(sfd, &si, sizeof si) == sizeof si && si.ssi_signo != SIGPIPE) break;
         }
-        if (pf[1].revents & POLLIN) {
-            int fd = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
-            if (fd >= 0 && !client_new(fd)) close(fd);
-        }
         for (int i = 2; i < n; i++) {
-            if (!pf[i].revents) continue;
             struct client *c = who[i];
-            bool keep = (pf[i].revents & POLLIN) && handle(c);
-            if (!keep) {
-                if (c->seg) client_gone(c);
-                else client_forget(c); /* a status query, or a failed hello */
-            }
+            short ev = pf[i].revents;
+            if (!ev || c->drop) continue; /* closed meanwhile: its fd number may be reused already */
+            g_serving = c;
+            if (ev & POLLOUT) flush_out(c);
+            else if (ev & POLLIN) {
+                if (!handle(c)) client_close(c);
+            } else
+                client_close(c); /* hung up or failed */
+            g_serving = NULL;
         }
+        reap();
+        if (pf[1].revents & POLLIN) accept_new(ls);
     }
 
     atomic_store(&g_srv.stopping, true);

@@ -74,7 +74,11 @@ struct emu_op {
 
 struct emu_ring {
     _Atomic uint64_t head; /* next slot the server reads */
-    char pad0[56];
+    /* A client whose ring is full sleeps on room_gen (a futex word), counted in room_waiters;
+     * the server bumps it and wakes them once it has taken an eighth of the ring. */
+    _Atomic uint32_t room_gen;
+    _Atomic uint32_t room_waiters;
+    char pad0[48];
     _Atomic uint64_t tail; /* next slot the client writes */
     char pad1[56];
     struct emu_op ops[EMU_RING_SLOTS];

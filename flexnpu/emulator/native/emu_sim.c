@@ -5,12 +5,19 @@
  * three. A stream runs its ops in order; an op may start once it has arrived (submission
  * plus launch latency) and, for an event wait, once the event has completed.
  *
- *   serial mode: one op at a time on the device, the earliest arrived among the ready
- *                stream heads; an op runs to completion once started.
+ *   serial mode: one op at a time on the device; an op runs to completion once started.
+ *                The next is the ready stream head that became ready first, where an op
+ *                becomes ready at its stream's head when it has arrived and its predecessor
+ *                on the stream has completed (ties: arrival order). Stream heads are so
+ *                taken in turn, as a hardware scheduler takes them: a stream with a deep
+ *                queue runs one op, then waits behind the heads that were ready meanwhile,
+ *                and another process's op waits for at most one op of each other stream.
+ *                On one stream this is plain program order.
  *   shared mode: every ready stream head runs at once; the three resources are shared
  *                by max-min fairness (progressive filling), so two compute-bound ops each
  *                run at half speed while a compute-bound and a memory-bound op barely slow
- *                each other.
+ *                each other. Fairness is between processes: the ops of a process running
+ *                k streams at once each weigh 1/k, so many streams buy no larger share.
  *
  *   partition:   (--partition, on top of either mode) each role has a fixed fraction of
  *                every resource, as a vNPU template fixes AI Cores and bandwidth: the ops of
@@ -53,13 +60,18 @@ static void active_remove(struct device *d, struct squeue *q)
     q->active_slot = -1;
 }
 
-static bool client_uses(struct client *c, int dev) { return c && c->alive && c->seg && c->dev[dev].open; }
+static bool client_uses(struct client *c, int dev)
+{
+    return c && c->state == CLIENT_ALIVE && c->seg && c->dev[dev].open;
+}
 
 bool sim_rings_pending(struct device *d)
 {
     for (int i = 0; i < g_srv.nclients; i++) {
         struct client *c = g_srv.clients[i];
-        if (!client_uses(c, d->index)) continue;
+        /* a ring left waiting at the process's queue bound is not pending: the thread
+         * sleeps until a completion makes room, instead of spinning on it */
+        if (!client_uses(c, d->index) || c->dev[d->index].queued >= EMU_MAX_QUEUED) continue;
         struct emu_ring *r = &c->seg->rings[d->index];
         if (atomic_load_explicit(&r->tail, memory_order_seq_cst) != atomic_load_explicit(&r->head, memory_order_relaxed))
             return true;
@@ -78,7 +90,7 @@ void sim_ingest(struct device *d)
         uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
         uint64_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
         if (tail - head > EMU_RING_SLOTS) tail = head; /* a corrupt ring: ignore it */
-        for (; head != tail; head++) {
+        for (; head != tail && cd->queued < EMU_MAX_QUEUED; head++) {
             struct emu_op op = r->ops[head & (EMU_RING_SLOTS - 1)];
             if (op.stream >= EMU_MAX_STREAMS || op.kind < EMU_OP_KERNEL || op.kind > EMU_OP_EVENT_WAIT ||
                 op.name_id >= EMU_MAX_NAMES || op.event >= EMU_MAX_EVENTS || !(op.flops >= 0) ||
@@ -100,6 +112,8 @@ void sim_ingest(struct device *d)
                 s->util[2] = op.link_bytes / p->link_bw / sec;
             }
             s->order = d->next_order++;
+            s->ready_at = s->arrive; /* or later, if it reaches its stream's head later (complete) */
+            cd->queued++;
             struct squeue *q = &c->queues[op.stream];
             if (q->tail) q->tail->next = s;
             else q->head = s;
@@ -110,7 +124,13 @@ void sim_ingest(struct device *d)
             if (op.kind == EMU_OP_COPY) cd->bytes_by_copy_kind[(op.name_id - EMU_NAME_COPY_BASE) & 7] += op.copy_bytes;
             if (op.kind == EMU_OP_MEMSET) cd->memset_bytes += op.copy_bytes;
         }
-        atomic_store_explicit(&r->head, head, memory_order_release);
+        atomic_store_explicit(&r->head, head, memory_order_seq_cst);
+        /* pairs with the client's count of itself before it rechecks head and sleeps */
+        if (atomic_load_explicit(&r->room_waiters, memory_order_seq_cst) &&
+            tail - head <= EMU_RING_SLOTS - EMU_RING_SLOTS / 8) {
+            atomic_fetch_add(&r->room_gen, 1);
+            emu_futex_wake(&r->room_gen, INT32_MAX);
+        }
     }
 }
 
@@ -140,7 +160,9 @@ static void complete(struct device *d, struct squeue *q, double t)
     if (!q->head) {
         q->tail = NULL;
         active_remove(d, q);
-    }
+    } else if (q->head->ready_at < t)
+        q->head->ready_at = t;
+    c->dev[d->index].queued--;
     if (d->current == s) d->current = NULL;
     for (int k = 0; k < 3; k++)
         if (d->part_current[k] == s) d->part_current[k] = NULL;
@@ -221,7 +243,10 @@ static int client_part(struct client *c)
     return c->part;
 }
 
-/* Max-min fair rates over compute, HBM and link for the running ops. */
+/* Max-min fair rates over compute, HBM and link for the running ops, weighted so that each
+ * process's running ops together count as one (weight 1/nrun each): every op's rate rises as
+ * level / nrun until a resource fills or the op runs at full speed. With one op per process,
+ * or one process, the weights are equal and this is plain progressive filling. */
 static void share_resources(struct sop **run, int n)
 {
     bool fixed[n];
@@ -229,26 +254,36 @@ static void share_resources(struct sop **run, int n)
     for (int i = 0; i < n; i++) fixed[i] = false, run[i]->rate = 0;
     int left = n;
     while (left > 0) {
-        double level = 1.0;
+        double level = INFINITY;
         int bottleneck = -1;
+        for (int i = 0; i < n; i++)
+            if (!fixed[i] && run[i]->c->nrun < level) level = run[i]->c->nrun; /* full speed */
         for (int r = 0; r < 3; r++) {
             double demand = 0;
             for (int i = 0; i < n; i++)
-                if (!fixed[i]) demand += run[i]->util[r];
+                if (!fixed[i]) demand += run[i]->util[r] / run[i]->c->nrun;
             if (demand <= 0) continue;
             double x = (1.0 - used[r]) / demand;
             if (x < level) level = x, bottleneck = r;
         }
         if (level < 0) level = 0;
         for (int i = 0; i < n; i++) {
-            if (fixed[i] || (bottleneck >= 0 && run[i]->util[bottleneck] <= 0)) continue;
-            run[i]->rate = level;
+            if (fixed[i]) continue;
+            double rate = level / run[i]->c->nrun;
+            bool full = rate >= 1.0;
+            if (bottleneck >= 0 ? run[i]->util[bottleneck] <= 0 : !full) continue;
+            run[i]->rate = full ? 1.0 : rate;
             fixed[i] = true;
             left--;
-            for (int r = 0; r < 3; r++) used[r] += level * run[i]->util[r];
+            for (int r = 0; r < 3; r++) used[r] += run[i]->rate * run[i]->util[r];
         }
-        if (bottleneck < 0) break;
     }
+}
+
+/* Serial order of two ready stream heads (see the top of this file). */
+static bool goes_before(const struct sop *a, const struct sop *b)
+{
+    return a->ready_at < b->ready_at || (a->ready_at == b->ready_at && a->order < b->order);
 }
 
 /* The ops running at d->t_sim, with their rates. Returns how many. */
@@ -261,8 +296,7 @@ static int running_set(struct device *d, struct sop **run)
             if (!cur) {
                 for (size_t i = 0; i < d->nactive; i++) {
                     struct sop *s = d->active[i]->head;
-                    if (s->solo > 0 && client_part(s->c) == k && ready(d, s) &&
-                        (!cur || s->arrive < cur->arrive || (s->arrive == cur->arrive && s->order < cur->order)))
+                    if (s->solo > 0 && client_part(s->c) == k && ready(d, s) && (!cur || goes_before(s, cur)))
                         cur = s;
                 }
                 d->part_current[k] = cur;
@@ -279,9 +313,7 @@ static int running_set(struct device *d, struct sop **run)
             struct sop *best = NULL;
             for (size_t i = 0; i < d->nactive; i++) {
                 struct sop *s = d->active[i]->head;
-                if (s->solo > 0 && ready(d, s) && (!best || s->arrive < best->arrive ||
-                                                   (s->arrive == best->arrive && s->order < best->order)))
-                    best = s;
+                if (s->solo > 0 && ready(d, s) && (!best || goes_before(s, best))) best = s;
             }
             d->current = best;
         }
@@ -295,6 +327,8 @@ static int running_set(struct device *d, struct sop **run)
         struct sop *s = d->active[i]->head;
         if (s->solo > 0 && ready(d, s)) run[n++] = s;
     }
+    for (int i = 0; i < n; i++) run[i]->c->nrun = 0;
+    for (int i = 0; i < n; i++) run[i]->c->nrun++;
     share_resources(run, n);
     return n;
 }
@@ -380,6 +414,7 @@ void sim_drop_client(struct device *d, struct client *c)
             if (d->active[i] == q) on_this_device = true;
         if (!on_this_device) continue;
         active_remove(d, q);
+        c->dev[d->index].queued = 0;
         for (struct sop *x = q->head, *nx; x; x = nx) {
             nx = x->next;
             free(x);

@@ -13,6 +13,8 @@ struct sop { /* an op on the model's timeline */
     struct emu_op op;
     struct client *c;
     double arrive;    /* model time (ns since server start) it may start */
+    double ready_at;  /* model time it became ready at the head of its stream: its arrival, or
+                         its predecessor's completion if later (serial pick order) */
     double solo;      /* ns it takes alone */
     double remaining; /* fraction of its work left, 1 -> 0 */
     double rate;      /* fraction of full speed it runs at now */
@@ -37,6 +39,24 @@ struct client_dev { /* what a client did on one device: the ground truth `emu st
     uint64_t mem_used;
     uint64_t allocs, frees;
     int mem_fd; /* this client's device memory of this device (a memfd), -1 before it opens it */
+    uint32_t queued; /* its ops in the model's stream queues (bounded by EMU_MAX_QUEUED) */
+};
+
+/* Ops one process may have queued on one device, as a real runtime bounds its streams' task
+ * queues: past it the server leaves the rest in the process's ring, the ring fills, and the
+ * process's next launch sleeps until the device has done some of its work. */
+#define EMU_MAX_QUEUED 4096
+
+/* A connection's life: it is PENDING until it registers (EMU_REQ_HELLO; status queries
+ * stay PENDING), ALIVE until it closes, then EXITED: its record is kept for the status. */
+enum client_state { CLIENT_PENDING, CLIENT_ALIVE, CLIENT_EXITED };
+
+struct outmsg { /* a reply message the peer's socket had no room for yet */
+    struct outmsg *next;
+    size_t len;
+    int nfds;
+    int fds[EMU_MAX_FDS]; /* the server's own duplicates, closed once sent */
+    char data[];
 };
 
 struct client {
@@ -45,7 +65,12 @@ struct client {
     uid_t uid;     /* effective ids at connect (SO_PEERCRED) */
     gid_t gid;
     bool admitted; /* root, the server's user, or a member of the client group */
-    bool alive;
+    enum client_state state; /* written under every device lock */
+    bool drop;        /* closed by the poll loop; freed or marked exited once nothing refers to it */
+    uint64_t last_ns; /* a PENDING connection's last sign of life: accept, request, reply progress */
+    struct outmsg *out, *out_tail; /* replies not sent yet: no request is read until they are */
+    size_t out_bytes;
+    int nrun; /* shared mode: its ops running now (scratch of running_set) */
     uint64_t id;
     struct emu_client_seg *seg;
     struct squeue queues[EMU_MAX_STREAMS];
