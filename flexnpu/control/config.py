@@ -11,10 +11,14 @@
     [policy.static-split]
     prefill_share = 0.5
     quantum_ms = 20.0
+    [roles]
+    decode = ["@inference", "alice"]   # who may declare each role (flexnpu run --role); absent: anyone
+    distrust_after_ms = 2000.0         # a declared role the observed operators contradict this long is set aside
 
 Every key has a default; an unknown section or key, a value of the wrong type or out of
 range is refused with a `ConfigError` that names the key (`[policy.flexpd] tpot_slack`) and
-says why. `to_toml` writes the effective configuration back in the same form, so
+says why. The file itself must be a regular file of UTF-8 TOML, at most MAX_BYTES: anything
+else (a FIFO, a device, a directory, other bytes) is refused in one line too, never waited on. `to_toml` writes the effective configuration back in the same form, so
 `flexnpu controller --print-config > f.toml; flexnpu controller --config f.toml` is a round
 trip.
 """
@@ -22,14 +26,20 @@ trip.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexnpu.control import roles
 from flexnpu.control.policies import POLICIES
 from flexnpu.control.policies.base import opt
+
+MAX_BYTES = 1 << 20  # a controller's configuration is a few KB; more is a wrong file
 
 
 class ConfigError(ValueError):
@@ -55,6 +65,7 @@ class ControllerOptions:
 class Config:
     controller: ControllerOptions
     policies: dict[str, Any]  # policy name -> its options dataclass
+    roles: roles.RoleRules = roles.RoleRules()
 
     @property
     def policy_options(self) -> Any:
@@ -66,27 +77,41 @@ def check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     key = f"[{section}] {f.name}"
     md = f.metadata
     kind = type(f.default)
+    shown = _show(value)
     if kind is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r}: must be a string")
+            raise ConfigError(f"{key} = {shown}: must be a string")
         if md["choices"] and value not in md["choices"]:
-            raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(md['choices'])}")
+            raise ConfigError(f"{key} = {shown}: must be one of {', '.join(md['choices'])}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key} = {value!r}: must be a number")
+        raise ConfigError(f"{key} = {shown}: must be a number")
+    # TOML integers have no bound in the parser: one past a float's range is infinite too
+    if isinstance(value, float) and not math.isfinite(value) or (
+            isinstance(value, int) and abs(value) > 2 ** 1023):
+        raise ConfigError(f"{key} = {shown}: must be a finite number")
     if kind is int and not isinstance(value, int):
         if not float(value).is_integer():
-            raise ConfigError(f"{key} = {value!r}: must be a whole number")
+            raise ConfigError(f"{key} = {shown}: must be a whole number")
         value = int(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} = {value!r}: must be a finite number")
     lo, hi = md["lo"], md["hi"]
     if lo is not None and (value <= lo if md["lo_open"] else value < lo):
-        raise ConfigError(f"{key} = {value!r}: must be {'>' if md['lo_open'] else '>='} {lo:g}"
+        raise ConfigError(f"{key} = {shown}: must be {'>' if md['lo_open'] else '>='} {lo:g}"
                           + (f" and <= {hi:g}" if hi is not None else ""))
     if hi is not None and value > hi:
-        raise ConfigError(f"{key} = {value!r}: must be <= {hi:g}" + (f" and >= {lo:g}" if lo is not None else ""))
+        raise ConfigError(f"{key} = {shown}: must be <= {hi:g}" + (f" and >= {lo:g}" if lo is not None else ""))
     return kind(value)
+
+
+def _show(value: Any) -> str:
+    """A value as a refusal quotes it: one line, short (a file may hold a megabyte string)."""
+    s = repr(value)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _key(k: str) -> str:
+    """A key as a refusal names it: TOML's quoted keys may hold newlines or anything else."""
+    return k if k.replace("-", "_").isidentifier() else _show(k)
 
 
 def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
@@ -95,7 +120,7 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in values:
         if k not in fields:
-            raise ConfigError(f"[{section}] {k}: unknown key; known: {', '.join(fields) or 'none'}")
+            raise ConfigError(f"[{section}] {_key(k)}: unknown key; known: {', '.join(fields) or 'none'}")
     obj = cls(**{k: check_value(section, fields[k], v) for k, v in values.items()})
     check = getattr(obj, "check", None)
     if check is not None:
@@ -105,16 +130,58 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     return obj
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
 def read_file(path: Path) -> dict[str, Any]:
+    """The parsed TOML of a regular file, or ConfigError in one line. Opened without blocking
+    (O_NONBLOCK: a FIFO's open would wait for a writer) and checked on the open fd, so what
+    is read is what was checked."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        raise ConfigError(f"{_shown_path(path)}: no such file") from None
     except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+        raise ConfigError(f"{_shown_path(path)}: {e.strerror or errno.errorcode.get(e.errno, e)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((what for test, what in _KINDS if test(st.st_mode)), "not a file")
+            raise ConfigError(f"{_shown_path(path)}: {kind}, not a regular file")
+        if st.st_size > MAX_BYTES:
+            raise ConfigError(f"{_shown_path(path)}: {st.st_size} bytes, more than a configuration "
+                              f"({MAX_BYTES} at most)")
+        chunks, size = [], 0
+        while size <= MAX_BYTES:  # a file that grows while read is bounded too
+            b = os.read(fd, MAX_BYTES + 1 - size)
+            if not b:
+                break
+            chunks.append(b)
+            size += len(b)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(f"{_shown_path(path)}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BYTES:
+        raise ConfigError(f"{_shown_path(path)}: more than a configuration ({MAX_BYTES} bytes at most)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{_shown_path(path)}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{_shown_path(path)}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{_shown_path(path)}: not valid TOML: nested too deeply") from None
+
+
+def _shown_path(path: Path) -> str:
+    s = str(path)
+    return s if s.isprintable() else repr(s)
 
 
 def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
@@ -127,20 +194,24 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
     ctl = dict(ctl)
     ctl.update({k: v for k, v in (overrides or {}).items() if v is not None})
     pol = data.pop("policy", {}) or {}
+    try:
+        role_rules = roles.parse(data.pop("roles", {}))
+    except roles.RoleRulesError as e:
+        raise ConfigError(str(e)) from None
     for k in data:
-        raise ConfigError(f"[{k}]: unknown section; known: [controller], "
+        raise ConfigError(f"[{_key(k)}]: unknown section; known: [controller], [roles], "
                           + ", ".join(f"[policy.{p}]" for p in POLICIES))
     if not isinstance(pol, dict):
         raise ConfigError("[policy] must hold tables such as [policy.flexpd]")
     for k in pol:
         if k not in POLICIES:
-            raise ConfigError(f"[policy.{k}]: unknown policy; known: {', '.join(POLICIES)}")
+            raise ConfigError(f"[policy.{_key(k)}]: unknown policy; known: {', '.join(POLICIES)}")
     controller = _build(ControllerOptions, "controller", ctl)
     if controller.renew_ms > controller.lease_ms / 2:
         raise ConfigError(f"[controller] renew_ms = {controller.renew_ms:g}: must be at most lease_ms / 2 "
                           f"({controller.lease_ms / 2:g}), or the lease runs out between renewals")
     policies = {name: _build(mod.Options, f"policy.{name}", pol.get(name, {})) for name, mod in POLICIES.items()}
-    return Config(controller, policies)
+    return Config(controller, policies, role_rules)
 
 
 def load(path: Path | None, required: bool, overrides: dict[str, Any] | None = None) -> Config:
@@ -171,4 +242,5 @@ def to_toml(cfg: Config) -> str:
     out = _section("controller", cfg.controller)
     for name, opts in cfg.policies.items():
         out += [""] + _section(f"policy.{name}", opts)  # a bare TOML key may hold '-'
+    out += [""] + roles.to_toml(cfg.roles)
     return "\n".join(out) + "\n"
