@@ -222,8 +222,8 @@ static void log_limited(const char *fmt, ...)
 static bool is_pending(const struct client *c) { return c->state == CLIENT_PENDING && !c->drop && c->fd >= 0; }
 
 /* Closes the longest-silent unregistered connection of uid (any_uid: of the user with the
- * most of them), never `keep`. Returns false if there was none. */
-static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep)
+ * most of them), never `keep`, saying why in the log. Returns false if there was none. */
+static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep, const char *why)
 {
     if (any_uid) {
         int best = 0;
@@ -243,14 +243,14 @@ static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep)
         if (is_pending(c) && c != keep && c->uid == uid && (!victim || c->last_ns < victim->last_ns)) victim = c;
     }
     if (!victim) return false;
-    log_limited("closed an unregistered connection of pid %d (uid %u) to make room", (int)victim->pid,
-                (unsigned)victim->uid);
+    log_limited("closed an unregistered connection of pid %d (uid %u): %s", (int)victim->pid,
+                (unsigned)victim->uid, why);
     client_close(victim);
     return true;
 }
 
 /* After EMFILE/ENFILE: frees a descriptor by closing an unregistered connection. */
-static bool make_fd_room(void) { return evict_pending(0, true, g_serving); }
+static bool make_fd_room(void) { return evict_pending(0, true, g_serving, "out of descriptors"); }
 
 static void client_gone(struct client *c)
 {
@@ -484,10 +484,10 @@ static struct client *client_new(int fd)
             all++;
             mine += g_srv.clients[i]->uid == cred.uid;
         }
-    if (mine >= EMU_PENDING_PER_UID) evict_pending(cred.uid, false, NULL);
-    else if (all >= EMU_PENDING_MAX) evict_pending(0, true, NULL);
+    if (mine >= EMU_PENDING_PER_UID) evict_pending(cred.uid, false, NULL, "too many of this user's");
+    else if (all >= EMU_PENDING_MAX) evict_pending(0, true, NULL, "too many in all");
     reap();
-    if (g_srv.nclients >= EMU_MAX_CLIENTS && evict_pending(0, true, NULL)) reap();
+    if (g_srv.nclients >= EMU_MAX_CLIENTS && evict_pending(0, true, NULL, "no free connection slot")) reap();
     if (g_srv.nclients >= EMU_MAX_CLIENTS) {
         log_limited("refused a connection of pid %d (uid %u): %d connections already", (int)cred.pid,
                     (unsigned)cred.uid, g_srv.nclients);
