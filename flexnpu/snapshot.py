@@ -17,6 +17,8 @@ Wire format, schema 1 (keys not listed here may appear and are ignored by the de
                     "phase": "prefill"|"decode"|"idle"|"mixed",
                     "phase_source": "role"|"aclnn"|"kernel"|"shape"|"idle"|...,
                     "phase_share": float (prefill share of its busy time), "phase_reason": str,
+                    "observed_phase", "observed_source": str (only where phase_source is "role":
+                                   what the work itself showed, the declared role aside),
                     "counters": {"launches": int, "mem_bytes": int|null, ...},
                     "rates": {"launches_per_s", "h2d_Bps", "d2h_Bps", "d2d_Bps",
                               "iterations_per_s", "sync_wait", "busy": float|null},
@@ -113,6 +115,10 @@ class ProcessSample:
     iter_last_ms: Num
     iter_open_ms: Num
     launches_per_iter: Num
+    # the phase the work showed, a declared role aside (so that a declaration can be checked
+    # against it); None where the role decided and the observer did not say
+    observed_phase: str | None = None
+    observed_source: str = "N/A"
 
     @classmethod
     def from_dict(cls, e: dict[str, Any]) -> ProcessSample:
@@ -122,13 +128,19 @@ class ProcessSample:
         phase = e.get("phase") if e.get("phase") in PHASES else "idle"
         if share is NA:  # an older observer: derive it from the phase
             share = {"prefill": 1.0, "decode": 0.0, "idle": 0.0}.get(phase, NA)
+        source = str(e.get("phase_source") or "N/A")
+        if source != "role":
+            observed, observed_source = phase, source
+        else:
+            observed = e.get("observed_phase") if e.get("observed_phase") in PHASES else None
+            observed_source = str(e.get("observed_source") or "N/A")
         return cls(
             pid=int(e["pid"]),
             device=dev if isinstance(dev, int) and not isinstance(dev, bool) else None,
             comm=str(e.get("comm") or "?"),
             role=e.get("role") if e.get("role") in ("prefill", "decode") else None,
             phase=phase,
-            phase_source=str(e.get("phase_source") or "N/A"),
+            phase_source=source,
             phase_share=share,
             phase_reason=str(e.get("phase_reason") or ""),
             launches=num(ctr.get("launches")),
@@ -144,6 +156,8 @@ class ProcessSample:
             iter_last_ms=num(it.get("last_ms")),
             iter_open_ms=num(it.get("open_ms")),
             launches_per_iter=num(it.get("launches_per_iter")),
+            observed_phase=observed,
+            observed_source=observed_source,
         )
 
 

@@ -226,7 +226,20 @@ class SnapshotBuilder:
             },
             "_busy_ns": busy_ns,
             "_prefill_share": verdict.prefill_share,
+            **self._observed(verdict, (pid, dev)),
         }
+
+    def _observed(self, verdict, key: tuple[int, int]) -> dict[str, Any]:
+        """Where the declared role decided the phase, what the work itself showed (the
+        strongest signal with evidence, as if nothing were declared): a consumer checks the
+        declaration against it."""
+        if verdict.source != "role":
+            return {}
+        by = self.classifier.last.get(key) or {}
+        seen = next((by[s] for s in ("aclnn", "kernel", "shape") if by.get(s) is not None), None)
+        if seen is None:  # as the classifier says of undeclared work that launched nothing
+            return {"observed_phase": "decode", "observed_source": "shape"}
+        return {"observed_phase": seen.phase, "observed_source": seen.source}
 
     def _devices(self, entries: list[dict[str, Any]], dt_ns: int) -> list[dict[str, Any]]:
         by_dev: dict[int, list[dict[str, Any]]] = defaultdict(list)
