@@ -9,6 +9,7 @@ import pytest
 
 from flexnpu.control.policies import POLICIES, flexpd, passthrough, static_split
 from flexnpu.control.policies.base import Client
+from flexnpu.control.roles import RoleAccess, RoleRules
 from flexnpu.control.wire import OPEN, GateSetting
 from flexnpu.snapshot import NodeSnapshot
 
@@ -18,10 +19,15 @@ DEC, PRE = 101, 202
 
 
 def proc(pid: int, phase: str = "idle", step_ms: float | None = None, launches_per_s: float = 0.0,
-         role: str | None = None, device: int = 0) -> dict:
-    return {"pid": pid, "device": device, "comm": f"p{pid}", "role": role, "phase": phase,
-            "rates": {"launches_per_s": launches_per_s},
-            "iteration": {"mean_ms": step_ms}}
+         role: str | None = None, device: int = 0, observed: tuple[str, str] | None = None) -> dict:
+    """observed: (phase, signal) the work showed where a declared role decided `phase`, as
+    the observer publishes it (observed_phase, observed_source)."""
+    p = {"pid": pid, "device": device, "comm": f"p{pid}", "role": role, "phase": phase,
+         "rates": {"launches_per_s": launches_per_s},
+         "iteration": {"mean_ms": step_ms}}
+    if observed is not None:
+        p.update(phase_source="role", observed_phase=observed[0], observed_source=observed[1])
+    return p
 
 
 def snap(t_ns: int, *procs: dict, seq: int = 0, interval_s: float = 0.1) -> NodeSnapshot:
@@ -36,16 +42,19 @@ def clients(*cs: Client) -> dict[int, tuple[Client, ...]]:
     return {d: tuple(v) for d, v in out.items()}
 
 
-def cl(pid: int, role: str = "auto", setting: GateSetting = OPEN, device: int = 0, owner: str | None = None) -> Client:
-    return Client(pid, device, role, owner, setting)
+def cl(pid: int, role: str = "auto", setting: GateSetting = OPEN, device: int = 0, owner: str | None = None,
+       **kw) -> Client:
+    return Client(pid, device, role, owner, setting, **kw)
 
 
 class Run:
     """Feeds a policy a sequence of snapshots, carrying its state and the settings in force
     (as the controller would after applying them)."""
 
-    def __init__(self, policy, options=None, roles: dict[int, str] | None = None, device: int = 0):
+    def __init__(self, policy, options=None, roles: dict[int, str] | None = None, device: int = 0,
+                 users: dict[int, dict] | None = None):
         self.policy = policy
+        self.users = users or {}  # pid -> Client fields the controller fills in (may_declare, who)
         self.options = options or policy.Options()
         self.state = policy.initial_state()
         self.roles = roles if roles is not None else {DEC: "decode", PRE: "prefill"}
@@ -53,7 +62,8 @@ class Run:
         self.device = device
 
     def step(self, snapshot: NodeSnapshot | None, now_ns: int, **kw):
-        cs = clients(*(cl(p, r, self.inforce.get(p, OPEN), self.device) for p, r in self.roles.items()))
+        cs = clients(*(cl(p, r, self.inforce.get(p, OPEN), self.device, **self.users.get(p, {}))
+                       for p, r in self.roles.items()))
         before_state = copy.deepcopy(self.state)
         before_cs = copy.deepcopy(cs)
         out = self.policy.decide(snapshot, cs, self.state, self.options, now_ns, **kw)
@@ -61,6 +71,7 @@ class Run:
         self.state = out.state
         self.inforce = dict(out.settings.get(self.device, {}))
         self.reasons = out.reasons
+        self.notes = out.notes
         return out
 
     def s(self, pid: int) -> GateSetting:
@@ -370,3 +381,165 @@ def test_static_split_follows_a_client_leaving() -> None:
     del r.roles[PRE]
     r.step(snap(T0, proc(DEC, "decode", 2.0, 500)), T0 + 16 * MS)
     assert r.s(DEC) == OPEN and "only 1 client" in r.reasons[(0, DEC)]
+
+
+# ---------------------------------------------------------------- declared roles
+
+LIAR = 303  # declares decode, runs prefill
+
+
+def _victim_and_liar(t: int, liar_seen: str = "prefill", signal: str = "kernel", liar_busy: bool = True) -> NodeSnapshot:
+    liar = (proc(LIAR, "decode", 30.0, 900, role="decode", observed=(liar_seen, signal)) if liar_busy else
+            proc(LIAR, "idle", role="decode"))
+    return snap(t, proc(PRE, "prefill", 30.0, 900, role="prefill"), liar)
+
+
+def test_a_declared_role_its_user_may_not_declare_is_treated_as_undeclared() -> None:
+    """[roles] decode does not list the liar's user: its declaration counts for nothing and
+    the observed phase (prefill) decides, so it does not go before the other prefill; the
+    reason names the pid, the role and the user, once."""
+    refused = {"may_declare": frozenset({"prefill"}), "who": "uid 1001 (mallory)"}
+    r = Run(flexpd, roles={PRE: "prefill", LIAR: "decode"}, users={LIAR: refused})
+    r.inforce = {PRE: GateSetting("open", 0, 100.0, 1), LIAR: GateSetting("open", 7, 200.0, 0)}  # as today
+    r.step(_victim_and_liar(T0, signal="shape"), T0)
+    assert r.s(LIAR) == OPEN and r.s(PRE) == OPEN
+    said = ("pid 303 declared decode, which uid 1001 (mallory) may not declare ([roles] decode): treated as "
+            "undeclared, observed prefill")
+    assert r.reasons[(0, LIAR)].startswith(said), r.reasons
+    assert "flexpd steps aside" in r.reasons[(0, LIAR)]
+    assert said in flexpd.describe(r.state, 0)
+    # said once, on the snapshot that found it; the note stays in the device's summary
+    r.step(_victim_and_liar(T0 + 100 * MS, signal="shape"), T0 + 100 * MS)
+    assert r.notes == {} and r.reasons == {} and said in flexpd.describe(r.state, 0)
+    # beside a real decode client it is treated as the prefill it is
+    r2 = Run(flexpd, roles={DEC: "decode", LIAR: "decode"}, users={LIAR: refused})
+    r2.step(snap(T0, proc(DEC, "decode", 2.0, 500, role="decode"),
+                 proc(LIAR, "decode", 30.0, 900, role="decode", observed=("prefill", "shape"))), T0)
+    assert r2.s(DEC).priority == 7 and r2.s(LIAR).priority == 0 and r2.s(LIAR).inflight == 1
+    # its user allowed (the default: no [roles] lists): the declaration holds, as before
+    r3 = Run(flexpd, roles={PRE: "prefill", LIAR: "decode"})
+    r3.step(_victim_and_liar(T0, signal="shape"), T0)
+    assert r3.s(LIAR).priority == 7 and r3.s(PRE).priority == 0
+
+
+def test_a_refused_role_with_no_phase_observed_yet_is_left_open() -> None:
+    refused = {"may_declare": frozenset(), "who": "uid 1001"}
+    r = Run(flexpd, roles={DEC: "decode", LIAR: "decode"}, users={LIAR: refused})
+    r.step(snap(T0, proc(DEC, "decode", 2.0, 500, role="decode"), proc(LIAR, "idle", role="decode")), T0)
+    assert r.s(LIAR) == OPEN and r.s(DEC) == OPEN
+    assert "no phase observed yet" in r.notes[(0, LIAR)]
+
+
+def test_a_declared_role_the_operators_contradict_past_the_bound_is_set_aside() -> None:
+    """Declared decode, prefill-named kernels: believed for distrust_after_ms (2 s), then
+    treated as prefill and the reason says why; brief agreement does not wipe the record;
+    believed again after agreeing for trust_after_ms (1 s)."""
+    r = Run(flexpd, roles={PRE: "prefill", LIAR: "decode"})
+    t = T0
+    for _ in range(19):  # 1.9 s of prefill operators, the first interval from T0 - 100 ms
+        r.step(_victim_and_liar(t), t)
+        assert r.s(LIAR).priority == 7 and r.s(PRE).priority == 0, (t - T0) / MS
+        t += 100 * MS
+    r.step(_victim_and_liar(t), t)  # 2.0 s
+    assert r.s(LIAR) == OPEN and r.s(PRE) == OPEN
+    said = "pid 303 declared decode but runs prefill operators for 2.0 s: treated as prefill"
+    assert r.reasons[(0, LIAR)].startswith(said), r.reasons
+    assert said in flexpd.describe(r.state, 0)
+    # it agrees for 0.5 s, idles, then contradicts again: still set aside, no new reason
+    for seen, busy in [("decode", True)] * 5 + [("decode", False)] * 3 + [("prefill", True)] * 2:
+        t += 100 * MS
+        r.step(_victim_and_liar(t, seen, liar_busy=busy), t)
+        assert r.s(LIAR) == OPEN and r.reasons == {}, ((t - T0) / MS, r.reasons)
+    # agreement shorter than trust_after_ms does not end the contradiction: counted from its start
+    assert "runs prefill operators for 3.0 s" in flexpd.describe(r.state, 0)
+    # agreeing for 1 s gives the declaration back, and says so
+    for i in range(10):
+        t += 100 * MS
+        r.step(_victim_and_liar(t, "decode"), t)
+        assert (r.s(LIAR).priority == 7) == (i == 9), i
+    assert r.reasons[(0, LIAR)].startswith("pid 303 declared decode and its work agrees again: treated as decode")
+    assert "declared" not in flexpd.describe(r.state, 0)
+
+
+def test_a_short_agreement_does_not_reset_the_contradiction() -> None:
+    """Agreeing for one interval now and then (less than trust_after_ms) does not keep the
+    claim: the contradiction is counted from its start."""
+    r = Run(flexpd, roles={PRE: "prefill", LIAR: "decode"})
+    t = T0
+    for i in range(25):
+        seen = "decode" if i % 5 == 4 else "prefill"
+        r.step(_victim_and_liar(t, seen), t)
+        t += 100 * MS
+    assert r.s(LIAR) == OPEN and "declared decode but runs prefill operators" in flexpd.describe(r.state, 0)
+
+
+def test_only_the_configured_signals_contradict_a_declaration() -> None:
+    """Shape is the observer's weakest signal (a decode step of long kernels looks like
+    prefill): by default it never sets a declaration aside; listed in contradicted_by, it does."""
+    r = Run(flexpd, roles={PRE: "prefill", LIAR: "decode"})
+    t = T0
+    for _ in range(40):
+        r.step(_victim_and_liar(t, signal="shape"), t)
+        t += 100 * MS
+    assert r.s(LIAR).priority == 7
+    rules = RoleRules(contradicted_by=("aclnn", "kernel", "shape"), distrust_after_ms=500.0)
+    r = Run(flexpd, roles={PRE: "prefill", LIAR: "decode"})
+    t = T0
+    for _ in range(4):
+        r.step(_victim_and_liar(t, signal="shape"), t, roles=rules)
+        assert r.s(LIAR).priority == 7
+        t += 100 * MS
+    r.step(_victim_and_liar(t, signal="shape"), t, roles=rules)
+    assert r.s(LIAR) == OPEN
+    assert r.reasons[(0, LIAR)].startswith("pid 303 declared decode but runs prefill-shaped work for 0.5 s")
+
+
+def test_an_observer_that_does_not_say_what_it_saw_changes_nothing() -> None:
+    """An older observer (no observed_phase where the role decided): nothing contradicts."""
+    r = Run(flexpd, roles={PRE: "prefill", LIAR: "decode"})
+    t = T0
+    for _ in range(40):
+        r.step(snap(t, proc(PRE, "prefill", 30.0, 900, role="prefill"),
+                    {**proc(LIAR, "decode", 30.0, 900, role="decode"), "phase_source": "role"}), t)
+        t += 100 * MS
+    assert r.s(LIAR).priority == 7
+
+
+def test_static_split_checks_declared_roles_too() -> None:
+    refused = {"may_declare": frozenset({"prefill"}), "who": "uid 1001"}
+    r = Run(static_split, roles={PRE: "prefill", LIAR: "decode"}, users={LIAR: refused})
+    r.step(_victim_and_liar(T0, signal="shape"), T0)
+    assert r.s(LIAR) == OPEN and r.s(PRE) == OPEN  # one side only: steps aside
+    assert "may not declare ([roles] decode)" in r.notes[(0, LIAR)]
+    assert "may not declare" in static_split.describe(r.state, 0)
+    r = Run(static_split, roles={PRE: "prefill", LIAR: "decode"})
+    t = T0
+    for _ in range(21):
+        r.step(_victim_and_liar(t), t)
+        t += 100 * MS
+    assert r.s(LIAR) == OPEN and r.s(PRE) == OPEN
+    assert "declared decode but runs prefill operators" in static_split.describe(r.state, 0)
+
+
+def test_role_access_resolves_users_and_groups() -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    rules = RoleRules(decode=("@root",), prefill=(str(nobody), "root"))
+    access = RoleAccess(rules)
+    assert access.of(0) == (frozenset({"prefill", "decode"}), "uid 0 (root)")
+    assert access.of(nobody) == (frozenset({"prefill"}), f"uid {nobody} (nobody)")
+    assert access.of(4_000_000) == (frozenset(), "uid 4000000")  # no entry: only its number names it
+    assert access.of(None)[0] == frozenset()
+    open_ = RoleAccess(RoleRules(decode=("*",)))
+    assert open_.of(4_000_000)[0] == frozenset({"prefill", "decode"})
+    assert RoleAccess(RoleRules()).of(4_000_000)[0] == frozenset({"prefill", "decode"})
+
+
+def test_the_snapshot_says_what_the_work_showed_beside_a_declared_role() -> None:
+    s = snap(T0, proc(1, "decode", role="decode", observed=("prefill", "kernel")), proc(2, "prefill"),
+             {**proc(3, "decode", role="decode"), "phase_source": "role"})
+    p1, p2, p3 = s.processes
+    assert (p1.phase, p1.observed_phase, p1.observed_source) == ("decode", "prefill", "kernel")
+    assert (p2.observed_phase, p2.observed_source) == ("prefill", "N/A")
+    assert p3.observed_phase is None

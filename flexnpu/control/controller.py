@@ -36,6 +36,7 @@ from flexnpu import paths, rundir
 from flexnpu.control.config import Config
 from flexnpu.control.policies import POLICIES
 from flexnpu.control.policies.base import Client, Clients, PolicyOutput
+from flexnpu.control.roles import RoleAccess
 from flexnpu.control.wire import OPEN, RECENT_KEPT, ClientSetting, ControllerReport, Decision, DeviceReport, GateSetting
 from flexnpu.forward.client import DaemonClient, DaemonError
 from flexnpu.snapshot import NodeSnapshot, SnapshotSubscriber
@@ -69,7 +70,7 @@ def diff(wanted: dict[int, GateSetting], clients: tuple[Client, ...]) -> list[tu
 def applied(clients: tuple[Client, ...], done: list[tuple[Client, GateSetting]]) -> tuple[Client, ...]:
     """The clients with the settings just applied in force, owned by the controller."""
     new = {c.pid: s for c, s in done}
-    return tuple(Client(c.pid, c.device, c.role, OWNER, new[c.pid]) if c.pid in new else c for c in clients)
+    return tuple(c._replace(owner=OWNER, setting=new[c.pid]) if c.pid in new else c for c in clients)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Controller:
         self.rdir = Path(rdir or paths.runtime_dir())
         self.policy = POLICIES[self.opts.policy]
         self.options = cfg.policy_options
+        self.access = RoleAccess(cfg.roles)  # who may declare which role, from the uid the daemon lists
         self.state = self.policy.initial_state()
         self.links: dict[int, DeviceLink] = {}
         self.snapshot: NodeSnapshot | None = None
@@ -180,11 +182,17 @@ class Controller:
         if link.status != "ok":
             log.info("device %d: daemon answers; %d clients", link.device, len(reply.get("clients") or ()))
             link.renewed_ns = 0  # a daemon back from a restart gets our lease at once
-        clients = tuple(Client.from_daemon(link.device, c) for c in reply.get("clients") or ())
+        clients = tuple(self.vetted(Client.from_daemon(link.device, c)) for c in reply.get("clients") or ())
         with link.lock:
             link.status, link.error, link.clients = "ok", "", clients
         link.listed_ns = now_ns
         link.skipped = {}  # the list says who holds a manual setting now; diff() leaves those alone
+
+    def vetted(self, c: Client) -> Client:
+        """The client with the roles its user may declare ([roles]), for the policy to check
+        its declaration against: the uid is the daemon's, which the kernel gave it."""
+        roles, who = self.access.of(c.uid)
+        return c._replace(may_declare=roles, who=who)
 
     # ------------------------------------------------------------------ tick
 
@@ -197,7 +205,7 @@ class Controller:
         views = {dev: link.view() for dev, link in self.links.items()}
         clients: Clients = {dev: cs for dev, (status, _, cs) in views.items() if status == "ok"}
         out = self.policy.decide(self.snapshot, clients, self.state, self.options, now_ns,
-                                 stale_after_ms=self.opts.stale_after_ms)
+                                 stale_after_ms=self.opts.stale_after_ms, roles=self.cfg.roles)
         self.state = out.state
         return out
 
@@ -249,15 +257,33 @@ class Controller:
         renew_ns = self.opts.renew_ms * 1e6
         jobs = []
         for link in self.links.values():
-            if link.status != "ok" or link.busy:  # a busy link's clients are its I/O thread's until it ends
+            if link.status != "ok":
+                continue
+            if link.busy:  # a busy link's clients are its I/O thread's until it ends
+                self.note(link, out, set(), wall)
                 continue
             changes = self.changes(link, out)
+            self.note(link, out, {c.pid for c, _ in changes}, wall)
             if changes or now_ns - link.renewed_ns >= renew_ns:
                 jobs.append((link, self.apply, (link, changes, out, now_ns, wall)))
         self.run_io(jobs)
         if self.pending or now_ns - self.reported_ns >= self.opts.report_ms * 1e6:
             return self.report(now_ns, wall)
         return None
+
+    def note(self, link: DeviceLink, out: PolicyOutput, changing: set[int], wall: float) -> None:
+        """Publishes what the policy says once of a client whose setting stays (a declared
+        role refused, set aside, or believed again), with the setting in force: a change's
+        own reason already says it."""
+        for (dev, pid), why in out.notes.items():
+            if dev != link.device or pid in changing:
+                continue
+            c = next((c for c in link.view()[2] if c.pid == pid), None)
+            if c is None:
+                continue
+            with self.pending_lock:
+                self.pending.append(Decision(wall, dev, pid, c.setting, why))
+            log.info("device %d pid %d: %s", dev, pid, why)
 
     def run_io(self, jobs: list[tuple[DeviceLink, Callable[..., None], tuple]]) -> None:
         """Runs each link's daemon request on the I/O pool (a link whose last request is still

@@ -3,13 +3,15 @@
 A policy is a module with `NAME`, an `Options` dataclass (its `[policy.NAME]` keys, each an
 `opt(...)` field), `initial_state()`, `describe(state, device) -> str` and
 
-    decide(snapshot, clients, state, options, now_ns) -> PolicyOutput(settings, state, reasons)
+    decide(snapshot, clients, state, options, now_ns, stale_after_ms, roles) -> PolicyOutput
 
 It is a pure function: no sockets, no clock (time is `now_ns`, CLOCK_MONOTONIC, and the
 snapshot's own `mono_ns`), no mutation of its inputs. `settings` maps device -> pid ->
 GateSetting for every client the controller may set; `reasons` maps (device, pid) -> a plain
-sentence, for the clients whose setting the policy changed and why. The controller applies
-only what differs from what is in force, so a policy may return the same settings every tick.
+sentence, for the clients whose setting the policy changed and why; `notes` the same for a
+client whose declared role the policy stopped (or started again) taking as its class, once,
+even where its setting stays. The controller applies only what differs from what is in
+force, so a policy may return the same settings every tick.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping, NamedTuple
 
+from flexnpu.control.roles import ROLES, RoleRules, Trust, distrust_note, evidence, judge
 from flexnpu.control.wire import OPEN, GateSetting
 from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
 
 Settings = dict[int, dict[int, GateSetting]]
 Reasons = dict[tuple[int, int], str]
 
-ROLES = ("prefill", "decode")
+ANY_ROLE = frozenset(ROLES)
+DEFAULT_ROLES = RoleRules()
 
 
 def opt(default: Any, help: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -52,13 +56,18 @@ class Client(NamedTuple):
     role: str = "auto"  # prefill / decode given to the shim (FLEXNPU_ROLE), else auto
     owner: str | None = None  # who set its gate: None (device defaults), "controller", "manual"
     setting: GateSetting = OPEN  # in force now
+    uid: int | None = None  # its user, as the kernel told the daemon at connect (SO_PEERCRED)
+    may_declare: frozenset[str] = ANY_ROLE  # the roles its user may declare ([roles]; the controller's I/O)
+    who: str = ""  # its user as a sentence names it, e.g. "uid 1001 (bob)"
 
     @classmethod
     def from_daemon(cls, device: int, d: Mapping[str, Any]) -> Client:
+        uid = d.get("uid")
         return cls(pid=int(d["pid"]), device=device, role=str(d.get("role") or "auto"), owner=d.get("owner"),
                    setting=setting(str(d.get("gate", "open")), int(d.get("priority", 0)),
                                    round(float(d.get("max_hold_ms", OPEN.max_hold_ms)), 6),
-                                   int(d.get("inflight") or 0)))
+                                   int(d.get("inflight") or 0)),
+                   uid=uid if isinstance(uid, int) and not isinstance(uid, bool) else None)
 
 
 Clients = Mapping[int, tuple[Client, ...]]  # device -> its clients
@@ -68,6 +77,7 @@ class PolicyOutput(NamedTuple):
     settings: Settings
     state: Any
     reasons: Reasons
+    notes: Reasons = {}  # a declared role refused, set aside or believed again: said once (see above)
 
 
 def observer_quiet(snapshot: NodeSnapshot | None, now_ns: int, stale_after_ms: float) -> str | None:
@@ -87,20 +97,56 @@ def all_open(clients: Clients, why: str) -> tuple[Settings, Reasons]:
     return settings, reasons
 
 
-def class_of(client: Client, sample: ProcessSample | None, mixed_as: str, previous: str | None) -> str:
-    """prefill, decode or unknown: the role given to the shim if any (daemon's slot, then the
-    snapshot's), else the observed phase; a "mixed" process (a chunked-prefill engine, whose
-    every step carries decode tokens) counts as `mixed_as`; an idle one keeps its last class."""
+def declared_role(client: Client, sample: ProcessSample | None) -> str | None:
+    """The role the process declared: the daemon's slot (given to the shim), else the one the
+    observer read (FLEXNPU_ROLE in its environment); None for none."""
     if client.role in ROLES:
         return client.role
-    if sample is not None:
-        if sample.role in ROLES:
-            return sample.role
-        if sample.phase in ROLES:
-            return sample.phase
-        if sample.phase == "mixed":
-            return mixed_as
-    return previous or "unknown"
+    if sample is not None and sample.role in ROLES:
+        return sample.role
+    return None
+
+
+def observed_class(sample: ProcessSample | None, mixed_as: str) -> str | None:
+    """What the work itself shows, a declared role aside: prefill, decode (a mixed process
+    counts as mixed_as), or None (idle, absent, or not said)."""
+    if sample is None:
+        return None
+    if sample.observed_phase in ROLES:
+        return sample.observed_phase
+    return mixed_as if sample.observed_phase == "mixed" else None
+
+
+class Verdict(NamedTuple):
+    cls: str  # prefill, decode or unknown
+    note: str = ""  # why the declared role is not the class ("": it is, or none was declared)
+    flag: str = ""  # the note's kind, to say each change once
+    trust: Trust | None = None
+
+
+def class_of(client: Client, sample: ProcessSample | None, mixed_as: str, previous: str | None,
+             trust: Trust | None = None, mono_ns: int = -1, interval_ns: int = 0,
+             rules: RoleRules = DEFAULT_ROLES) -> Verdict:
+    """A client's class: its declared role when its user may declare it ([roles]) and its
+    work has not contradicted it past `distrust_after_ms` (roles.judge, once per snapshot),
+    else the observed phase; a "mixed" process (a chunked-prefill engine, whose every step
+    carries decode tokens) counts as `mixed_as`; an idle one keeps its last class."""
+    seen = observed_class(sample, mixed_as)
+    declared = declared_role(client, sample)
+    if declared is None:
+        return Verdict(seen or previous or "unknown")
+    if declared not in client.may_declare:
+        k = seen or previous or "unknown"
+        return Verdict(k, f"pid {client.pid} declared {declared}, which {client.who or 'its user'} may not "
+                          f"declare ([roles] {declared}): treated as undeclared"
+                          + (f", observed {k}" if k != "unknown" else ", no phase observed yet"),
+                       f"refused {declared}")
+    t = trust if trust is not None and trust.declared == declared else Trust(declared)
+    if sample is not None and mono_ns >= 0:
+        t = judge(t, evidence(sample.observed_phase, sample.observed_source, rules), mono_ns, interval_ns, rules)
+    if t.distrusted:
+        return Verdict(t.seen, distrust_note(client.pid, t, mono_ns), f"distrusted {declared}", t)
+    return Verdict(declared, "", "", t)
 
 
 # the last snapshot indexed and its index, one tuple so that threads swap it whole: a memo,
@@ -114,19 +160,61 @@ class Classes:
 
     mono_ns: int = -1
     of: dict[int, str] = field(default_factory=dict)  # pid -> prefill / decode / unknown
+    notes: dict[int, str] = field(default_factory=dict)  # pid -> why its declared role is not its class
+    events: dict[int, str] = field(default_factory=dict)  # pid -> a change in that, at this snapshot
+    flags: dict[int, str] = field(default_factory=dict)  # pid -> the kind of its note
+    trust: dict[int, Trust] = field(default_factory=dict)  # pid -> its declared role's record
 
 
 def classify(snapshot: NodeSnapshot | None, device: int, cs: tuple[Client, ...], mixed_as: str,
-             previous: Classes | None) -> Classes:
+             previous: Classes | None, rules: RoleRules = DEFAULT_ROLES) -> Classes:
     """Every client's class (see class_of). Worked out once per snapshot: on the ticks between
-    two snapshots the previous result is returned as it is, unless a client is new."""
+    two snapshots the previous result is returned as it is, unless a client is new. `events`
+    holds what changed in how declared roles are taken since `previous`: a policy says it
+    when the result is new (`classes is not previous`)."""
     mono = snapshot.mono_ns if snapshot is not None else -1
     prev = previous.of if previous is not None else _EMPTY
     if previous is not None and previous.mono_ns == mono and all(c.pid in prev for c in cs):
         return previous
     samples = samples_by_pid(snapshot, device)
-    return Classes(mono, {c.pid: class_of(c, samples.get(c.pid), mixed_as,
-                                          None if prev.get(c.pid) == "unknown" else prev.get(c.pid)) for c in cs})
+    interval_ns = int(snapshot.interval_s * 1e9) if snapshot is not None else 0
+    old_flags = previous.flags if previous is not None else _EMPTY
+    old_trust = previous.trust if previous is not None else _EMPTY
+    of, notes, events, flags, trust = {}, {}, {}, {}, {}
+    for c in cs:
+        last = prev.get(c.pid)
+        v = class_of(c, samples.get(c.pid), mixed_as, None if last == "unknown" else last,
+                     old_trust.get(c.pid), mono, interval_ns, rules)
+        of[c.pid] = v.cls
+        if v.note:
+            notes[c.pid] = v.note
+            flags[c.pid] = v.flag
+        if v.trust is not None:
+            trust[c.pid] = v.trust
+        was = old_flags.get(c.pid, "")
+        if v.flag != was:
+            if v.note:
+                events[c.pid] = v.note
+            elif was.startswith("distrusted") and v.trust is not None:
+                events[c.pid] = (f"pid {c.pid} declared {v.trust.declared} and its work agrees again: treated "
+                                 f"as {v.cls}")
+    return Classes(mono, of, notes, events, flags, trust)
+
+
+def role_note(classes: Classes, pid: int, fresh: bool) -> str:
+    """What a reason about pid says first: a change in how its declared role is taken (on
+    the tick that found it), else why its declared role is not its class, else nothing."""
+    return (classes.events.get(pid) if fresh else None) or classes.notes.get(pid, "")
+
+
+def with_note(note: str, reason: str) -> str:
+    return f"{note}; {reason}" if note else reason
+
+
+def role_events(classes: Classes, device: int, fresh: bool) -> Reasons:
+    """The policy's `notes` for one device: each change in how a declared role is taken, on
+    the tick that found it."""
+    return {(device, pid): e for pid, e in classes.events.items()} if fresh else {}
 
 
 def samples_by_pid(snapshot: NodeSnapshot | None, device: int) -> dict[int, ProcessSample]:

@@ -27,8 +27,9 @@ Decode steps are never delayed past their budget; prefill gets every other momen
   `tpot_ms`: decode is never held past its budget for long, prefill gets every other moment.
 - **Stepping aside.** A device without both a prefill and a decode client (one client
   alone, or only one side) gets every gate open and no budget.
-- **Classes.** The role given to the shim (FLEXNPU_ROLE) if any, else the observed phase.
-  A "mixed" process (a chunked-prefill engine: each step carries decode tokens) counts as
+- **Classes.** The role given to the shim (FLEXNPU_ROLE) if its user may declare it
+  (`[roles]`) and its work does not contradict it for long (`distrust_after_ms`; see
+  flexnpu/control/roles.py), else the observed phase. A "mixed" process (a chunked-prefill engine: each step carries decode tokens) counts as
   decode by default (`mixed_as`): its steps are what a TPOT target protects. An idle one
   keeps its last class; one never seen working is left open.
 """
@@ -38,9 +39,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from flexnpu.control.policies.base import (
-    Client, Classes, Clients, PolicyOutput, Reasons, Settings, all_open, classify, is_quiet, observer_quiet, opt,
-    samples_by_pid, setting,
+    DEFAULT_ROLES, Client, Classes, Clients, PolicyOutput, Reasons, Settings, all_open, classify, is_quiet,
+    observer_quiet, opt, role_events, role_note, samples_by_pid, setting, with_note,
 )
+from flexnpu.control.roles import RoleRules
 from flexnpu.control.wire import DEFAULT_MAX_HOLD_MS, OPEN, GateSetting
 from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
 
@@ -192,7 +194,7 @@ def _roomy(ms: float, budget: float, alone: float | None, options: Options) -> b
 
 
 def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, options: Options, now_ns: int,
-           stale_after_ms: float = 1000.0) -> PolicyOutput:
+           stale_after_ms: float = 1000.0, roles: RoleRules = DEFAULT_ROLES) -> PolicyOutput:
     quiet = observer_quiet(snapshot, now_ns, stale_after_ms)
     if quiet:
         settings, reasons = all_open(clients, f"{quiet}: gate open, no budget")
@@ -203,10 +205,13 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
     assert snapshot is not None
     settings: Settings = {}
     reasons: Reasons = {}
+    notes: Reasons = {}
     devices: dict[int, DeviceState] = {}
     classes: dict[int, Classes] = {}
     for dev, cs in clients.items():
-        classes[dev] = known = classify(snapshot, dev, cs, options.mixed_as, state.classes.get(dev))
+        classes[dev] = known = classify(snapshot, dev, cs, options.mixed_as, state.classes.get(dev), roles)
+        fresh = known is not state.classes.get(dev)
+        notes.update(role_events(known, dev, fresh))
         cls = known.of
         decodes = [c for c in cs if cls[c.pid] == "decode"]
         prefills = [c for c in cs if cls[c.pid] == "prefill"]
@@ -224,7 +229,8 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
             for c in cs:
                 out[c.pid] = OPEN
                 if c.setting != OPEN:
-                    reasons[(dev, c.pid)] = f"{aside}: flexpd steps aside, pid {c.pid} open, no budget"
+                    reasons[(dev, c.pid)] = with_note(role_note(known, c.pid, fresh),
+                                                      f"{aside}: flexpd steps aside, pid {c.pid} open, no budget")
             # a new pair may differ (other kernels, other batch): the probing starts afresh
             devices[dev] = replace(ds, inflight=options.prefill_inflight, probe_ns=0, over=0, relearn_every=0,
                                    floor_note="", decode_first=False)
@@ -232,6 +238,9 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
         devices[dev] = ds
         if options.first == "prefill" and not ds.decode_first:
             _prefill_first(cs, cls, options, out, reasons, dev, why)
+            for c in cs:
+                if (dev, c.pid) in reasons:
+                    reasons[(dev, c.pid)] = with_note(role_note(known, c.pid, fresh), reasons[(dev, c.pid)])
             continue
         decode_set = setting("open", DECODE_PRIORITY, DEFAULT_MAX_HOLD_MS, 0)
         # while probing, a closed gate must outlast the probe, or prefill's calls would go anyway
@@ -256,7 +265,8 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                 reasons[(dev, c.pid)] = (f"prefill pid {c.pid} shares device {dev} with decode pid "
                                          f"{', '.join(str(d.pid) for d in decodes)}: "
                                          f"priority {PREFILL_PRIORITY}, in-flight {s.inflight}, max hold {hold:g} ms")
-    return PolicyOutput(settings, State(devices, classes), reasons)
+            reasons[(dev, c.pid)] = with_note(role_note(known, c.pid, fresh), reasons[(dev, c.pid)])
+    return PolicyOutput(settings, State(devices, classes), reasons, notes)
 
 
 def _guard(ds: DeviceState, options: Options) -> tuple[DeviceState, str | None]:
@@ -294,6 +304,8 @@ def _prefill_first(cs: list[Client], cls: dict[int, str], options: Options, out:
 
 def describe(state: State, device: int) -> str:
     ds = state.devices.get(device)
+    known = state.classes.get(device)
+    roles = "; ".join(known.notes[p] for p in sorted(known.notes)) if known is not None else ""
     if ds is None:
         return "flexpd: no clients seen"
     parts = []
@@ -306,4 +318,6 @@ def describe(state: State, device: int) -> str:
         parts.append("decode first (its step went over tpot_ms)")
     if ds.floor_note:
         parts.append(ds.floor_note)
+    if roles:
+        parts.append(roles)
     return "flexpd: " + "; ".join(parts)

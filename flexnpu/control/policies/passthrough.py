@@ -21,7 +21,7 @@ def initial_state() -> None:
 
 
 def decide(snapshot: NodeSnapshot | None, clients: Clients, state: Any, options: Options, now_ns: int,
-           stale_after_ms: float = 1000.0) -> PolicyOutput:
+           stale_after_ms: float = 1000.0, roles: Any = None) -> PolicyOutput:
     settings, reasons = all_open(clients, "passthrough: gate open, no budget")
     return PolicyOutput(settings, None, reasons)
 

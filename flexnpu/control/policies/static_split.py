@@ -4,6 +4,8 @@ clients, device time goes in turns: each cycle of `quantum_ms` starts with prefi
 gates closed). Each side has a small in-flight budget so the work it queued in its turn
 does not run on into the other's. The controller's tick drives the turns, so their edges are
 as sharp as the tick (default 5 ms). A device with only one side steps aside (all open).
+Classes as flexpd's: a declared role its user may declare and its work does not contradict
+for long, else the observed phase (flexnpu/control/roles.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flexnpu.control.policies.base import (
-    Classes, Clients, PolicyOutput, Reasons, Settings, all_open, classify, observer_quiet, opt, setting,
+    DEFAULT_ROLES, Classes, Clients, PolicyOutput, Reasons, Settings, all_open, classify, observer_quiet, opt,
+    role_events, role_note, setting, with_note,
 )
+from flexnpu.control.roles import RoleRules
 from flexnpu.control.wire import OPEN, GateSetting
 from flexnpu.snapshot import NodeSnapshot
 
@@ -47,7 +51,7 @@ def turn_at(epoch_ns: int, now_ns: int, options: Options) -> tuple[str, float]:
 
 
 def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, options: Options, now_ns: int,
-           stale_after_ms: float = 1000.0) -> PolicyOutput:
+           stale_after_ms: float = 1000.0, roles: RoleRules = DEFAULT_ROLES) -> PolicyOutput:
     quiet = observer_quiet(snapshot, now_ns, stale_after_ms)
     if quiet:
         settings, reasons = all_open(clients, f"{quiet}: gate open")
@@ -57,12 +61,15 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
     epochs: dict[int, int] = {}
     turns: dict[int, str] = {}
     classes: dict[int, Classes] = {}
+    notes: Reasons = {}
     cycle = options.quantum_ms
     # a closed gate holds a call at most max_hold: a whole cycle outlasts any off-turn
     turn_open = setting("open", 0, cycle, options.inflight)
     turn_closed = setting("closed", 0, cycle, options.inflight)
     for dev, cs in clients.items():
-        classes[dev] = known = classify(snapshot, dev, cs, options.mixed_as, state.classes.get(dev))
+        classes[dev] = known = classify(snapshot, dev, cs, options.mixed_as, state.classes.get(dev), roles)
+        fresh = known is not state.classes.get(dev)
+        notes.update(role_events(known, dev, fresh))
         cls = known.of
         present = {cls[c.pid] for c in cs}
         out: dict[int, GateSetting] = {}
@@ -73,7 +80,8 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
             for c in cs:
                 out[c.pid] = OPEN
                 if c.setting != OPEN:
-                    reasons[(dev, c.pid)] = f"{why}: static-split steps aside, pid {c.pid} open, no budget"
+                    reasons[(dev, c.pid)] = with_note(role_note(known, c.pid, fresh),
+                                                      f"{why}: static-split steps aside, pid {c.pid} open, no budget")
             continue
         epochs[dev] = epoch = state.epoch_ns.get(dev, now_ns)
         turn, pos = turn_at(epoch, now_ns, options)
@@ -94,9 +102,14 @@ def decide(snapshot: NodeSnapshot | None, clients: Clients, state: State, option
                     why = (f"{TURN}{turn}'s turn on device {dev} ({share * cycle:g} of {cycle:g} ms, "
                            f"{pos:.1f} ms into the cycle)")
                 reasons[(dev, c.pid)] = f"{why}: {k} pid {c.pid} {s.gate}, in-flight {s.inflight}"
-    return PolicyOutput(settings, State(epochs, turns, classes), reasons)
+                note = role_note(known, c.pid, fresh)
+                if note:  # after the turn: a reason that starts with TURN is logged quietly
+                    reasons[(dev, c.pid)] += f" ({note})"
+    return PolicyOutput(settings, State(epochs, turns, classes), reasons, notes)
 
 
 def describe(state: State, device: int) -> str:
     turn = state.turn.get(device)
-    return f"static-split: {turn}'s turn" if turn else "static-split: stepped aside (one side only)"
+    known = state.classes.get(device)
+    roles = "".join(f"; {known.notes[p]}" for p in sorted(known.notes)) if known is not None else ""
+    return (f"static-split: {turn}'s turn" if turn else "static-split: stepped aside (one side only)") + roles
