@@ -44,6 +44,7 @@ ATTACKER = r"""
 import ctypes, json, os, socket, struct, sys, threading, time
 from flexnpu.emulator.control import _REQ, _REQ_STATUS
 mode, sock, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+nstreams = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 def say(**kw):
     print(json.dumps(kw), flush=True)
 def connect():
@@ -86,8 +87,9 @@ elif mode == "status":
 elif mode == "flood":
     acl = ctypes.CDLL("libascendcl.so")
     assert acl.aclInit(None) == 0 and acl.aclrtSetDevice(0) == 0
-    stream, binary, func = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-    assert acl.aclrtCreateStream(ctypes.byref(stream)) == 0
+    streams = [ctypes.c_void_p() for _ in range(nstreams)]
+    binary, func = ctypes.c_void_p(), ctypes.c_void_p()
+    assert all(acl.aclrtCreateStream(ctypes.byref(st)) == 0 for st in streams)
     assert acl.aclrtBinaryLoadFromFile(os.environ["FLEXNPU_EMU_KERNELS"].encode(), None, ctypes.byref(binary)) == 0
     assert acl.aclrtBinaryGetFunction(binary, b"synthetic", ctypes.byref(func)) == 0
     args = struct.pack("<dd", n * 1e-3 * 353.9e12, 0.0)
@@ -98,7 +100,7 @@ elif mode == "flood":
             time.sleep(0.2)
     threading.Thread(target=report, daemon=True).start()
     while True:
-        if acl.aclrtLaunchKernel(func, 1, args, len(args), stream) != 0:
+        if acl.aclrtLaunchKernel(func, 1, args, len(args), streams[count[0] % nstreams]) != 0:
             say(error=True)
             break
         count[0] += 1
@@ -150,9 +152,9 @@ def attack(member, user_env) -> Iterator:
     """attack(mode, sock, n): starts the attacker as the member; always killed after."""
     started: list[Attacker] = []
 
-    def start(mode: str, sock: Path, n: int) -> Attacker:
+    def start(mode: str, sock: Path, n: int, *more) -> Attacker:
         argv = ["setpriv", f"--reuid={member}", f"--regid={member}", "--init-groups",
-                sys.executable, "-c", ATTACKER, mode, str(sock), str(n)]
+                sys.executable, "-c", ATTACKER, mode, str(sock), str(n), *map(str, more)]
         a = Attacker(subprocess.Popen(argv, env=user_env, cwd="/", stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         started.append(a)
@@ -274,13 +276,16 @@ def test_a_peer_that_never_reads_blocks_nobody(flexnpu_group, emulator, open_rdi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["serial", "shared"])
+@pytest.mark.parametrize("mode,streams", [("serial", 1), ("serial", 8), ("shared", 8)])
 def test_a_launch_flood_is_bounded_and_others_keep_their_latency(flexnpu_group, emulator, open_rdir, attack,
-                                                                   acl_env, mode):
+                                                                   acl_env, mode, streams):
+    """A process that launches 1 ms kernels on `streams` streams and never waits: its queue
+    stops at the bound, its launch sleeps, and root's 1 ms step waits for at most one of its
+    ops (serial) or shares the device with it as one process (shared): about 2 ms."""
     emu = emulator(mode=mode)
     rss0 = rss_mb(emu.pid)
     alone = steps(acl_env, 1.0)
-    a = attack("flood", open_rdir / "emu.sock", 1)
+    a = attack("flood", open_rdir / "emu.sock", 1, streams)
     a.read()
     time.sleep(2)
     flooder = a.proc.pid

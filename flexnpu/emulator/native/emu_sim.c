@@ -6,13 +6,15 @@
  * plus launch latency) and, for an event wait, once the event has completed.
  *
  *   serial mode: one op at a time on the device; an op runs to completion once started.
- *                The next is the ready stream head that became ready first, where an op
- *                becomes ready at its stream's head when it has arrived and its predecessor
- *                on the stream has completed (ties: arrival order). Stream heads are so
- *                taken in turn, as a hardware scheduler takes them: a stream with a deep
- *                queue runs one op, then waits behind the heads that were ready meanwhile,
- *                and another process's op waits for at most one op of each other stream.
- *                On one stream this is plain program order.
+ *                The next is the ready stream head that became eligible first (ties:
+ *                arrival order), an op becoming eligible once it has arrived, the op before
+ *                it on its stream has completed, and so has its process's last op on the
+ *                device. Processes so take the device in turn, as a hardware scheduler
+ *                takes stream heads: one with a deep queue runs one op, then waits behind
+ *                the heads that became eligible meanwhile, so another process's op waits
+ *                for at most one op of each other process. Within one process every head
+ *                is eligible from the end of its last op, so its ops go in arrival order,
+ *                as before there was more than one process to be fair to.
  *   shared mode: every ready stream head runs at once; the three resources are shared
  *                by max-min fairness (progressive filling), so two compute-bound ops each
  *                run at half speed while a compute-bound and a memory-bound op barely slow
@@ -163,6 +165,7 @@ static void complete(struct device *d, struct squeue *q, double t)
     } else if (q->head->ready_at < t)
         q->head->ready_at = t;
     c->dev[d->index].queued--;
+    if (s->solo > 0) c->dev[d->index].last_done = t;
     if (d->current == s) d->current = NULL;
     for (int k = 0; k < 3; k++)
         if (d->part_current[k] == s) d->part_current[k] = NULL;
@@ -280,10 +283,18 @@ static void share_resources(struct sop **run, int n)
     }
 }
 
-/* Serial order of two ready stream heads (see the top of this file). */
-static bool goes_before(const struct sop *a, const struct sop *b)
+/* When a ready stream head became eligible to run (see the top of this file). */
+static double eligible(const struct device *d, const struct sop *s)
 {
-    return a->ready_at < b->ready_at || (a->ready_at == b->ready_at && a->order < b->order);
+    double done = s->c->dev[d->index].last_done;
+    return s->ready_at > done ? s->ready_at : done;
+}
+
+/* Serial order of two ready stream heads. */
+static bool goes_before(const struct device *d, const struct sop *a, const struct sop *b)
+{
+    double ea = eligible(d, a), eb = eligible(d, b);
+    return ea < eb || (ea == eb && a->order < b->order);
 }
 
 /* The ops running at d->t_sim, with their rates. Returns how many. */
@@ -296,7 +307,7 @@ static int running_set(struct device *d, struct sop **run)
             if (!cur) {
                 for (size_t i = 0; i < d->nactive; i++) {
                     struct sop *s = d->active[i]->head;
-                    if (s->solo > 0 && client_part(s->c) == k && ready(d, s) && (!cur || goes_before(s, cur)))
+                    if (s->solo > 0 && client_part(s->c) == k && ready(d, s) && (!cur || goes_before(d, s, cur)))
                         cur = s;
                 }
                 d->part_current[k] = cur;
@@ -313,7 +324,7 @@ static int running_set(struct device *d, struct sop **run)
             struct sop *best = NULL;
             for (size_t i = 0; i < d->nactive; i++) {
                 struct sop *s = d->active[i]->head;
-                if (s->solo > 0 && ready(d, s) && (!best || goes_before(s, best))) best = s;
+                if (s->solo > 0 && ready(d, s) && (!best || goes_before(d, s, best))) best = s;
             }
             d->current = best;
         }

@@ -14,7 +14,7 @@ struct sop { /* an op on the model's timeline */
     struct client *c;
     double arrive;    /* model time (ns since server start) it may start */
     double ready_at;  /* model time it became ready at the head of its stream: its arrival, or
-                         its predecessor's completion if later (serial pick order) */
+                         its predecessor's completion if later (serial order) */
     double solo;      /* ns it takes alone */
     double remaining; /* fraction of its work left, 1 -> 0 */
     double rate;      /* fraction of full speed it runs at now */
@@ -40,6 +40,7 @@ struct client_dev { /* what a client did on one device: the ground truth `emu st
     uint64_t allocs, frees;
     int mem_fd; /* this client's device memory of this device (a memfd), -1 before it opens it */
     uint32_t queued; /* its ops in the model's stream queues (bounded by EMU_MAX_QUEUED) */
+    double last_done; /* model time its last op with work completed here (serial order) */
 };
 
 /* Ops one process may have queued on one device, as a real runtime bounds its streams' task
