@@ -221,27 +221,37 @@ static void log_limited(const char *fmt, ...)
 
 static bool is_pending(const struct client *c) { return c->state == CLIENT_PENDING && !c->drop && c->fd >= 0; }
 
+/* A request is waiting that this turn of the poll loop will read (a program's hello, sent
+ * right after connect, that a burst of connections got ahead of): not one to close. */
+static bool about_to_be_served(const struct client *c)
+{
+    char b;
+    return !c->out && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
 /* Closes the longest-silent unregistered connection of uid (any_uid: of the user with the
- * most of them), never `keep`, saying why in the log. Returns false if there was none. */
+ * most of them), never `keep` nor one about to be served, saying why in the log. Returns
+ * false if there was none: then the caller goes over the bound for now, as the waiting
+ * requests will be read in this turn (and the table of connections is bounded anyway). */
 static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep, const char *why)
 {
-    if (any_uid) {
-        int best = 0;
-        for (int i = 0; i < g_srv.nclients; i++) {
-            struct client *c = g_srv.clients[i];
-            if (!is_pending(c) || c == keep) continue;
-            int n = 0;
-            for (int j = 0; j < g_srv.nclients; j++)
-                if (is_pending(g_srv.clients[j]) && g_srv.clients[j] != keep && g_srv.clients[j]->uid == c->uid) n++;
-            if (n > best) best = n, uid = c->uid;
-        }
-        if (!best) return false;
-    }
-    struct client *victim = NULL;
+    struct client *cand[EMU_MAX_CLIENTS];
+    int n = 0;
     for (int i = 0; i < g_srv.nclients; i++) {
         struct client *c = g_srv.clients[i];
-        if (is_pending(c) && c != keep && c->uid == uid && (!victim || c->last_ns < victim->last_ns)) victim = c;
+        if (is_pending(c) && c != keep && (any_uid || c->uid == uid) && !about_to_be_served(c)) cand[n++] = c;
     }
+    if (any_uid) {
+        int best = 0;
+        for (int i = 0; i < n; i++) {
+            int k = 0;
+            for (int j = 0; j < n; j++) k += cand[j]->uid == cand[i]->uid;
+            if (k > best) best = k, uid = cand[i]->uid;
+        }
+    }
+    struct client *victim = NULL;
+    for (int i = 0; i < n; i++)
+        if (cand[i]->uid == uid && (!victim || cand[i]->last_ns < victim->last_ns)) victim = cand[i];
     if (!victim) return false;
     log_limited("closed an unregistered connection of pid %d (uid %u): %s", (int)victim->pid,
                 (unsigned)victim->uid, why);
