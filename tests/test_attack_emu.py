@@ -326,18 +326,23 @@ def test_the_socket_mode_and_group_never_follow_a_link(flexnpu_group, runtime_di
             str(paths.emulator_server_binary()), "--socket", str(sock), "--devices", "1", "--mode", "serial",
             *PROFILES["910b"].server_args(), "--client-group", flexnpu_group]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    server = None
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         assert ready and proc.stdout.readline().strip() == b"ready"
+        server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
         st = sock.lstat()
         assert oct(st.st_mode & 0o777) == oct(0o660) and st.st_gid == _gid(flexnpu_group)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        # strace, signalled itself, would leave the server running: stop the server, and
+        # strace ends with it
+        if server is not None:
+            os.kill(server, signal.SIGTERM)
+            if not wait_for(lambda: proc.poll() is not None, 10):
+                os.kill(server, signal.SIGKILL)
+        if proc.poll() is None:
             proc.kill()
-            proc.wait(timeout=10)
+        proc.wait(timeout=10)
         proc.stdout.close()
     calls = [line for line in log.read_text().splitlines() if str(sock) in line]
     following = [c for c in calls if re.search(r"\b(chmod|fchmodat|chown)\(", c)

@@ -631,7 +631,7 @@ static void status_json(struct sbuf *b)
             if (!cd->open) continue;
             sb(b, "%s{\"pid\":%d,\"client\":%llu,\"alive\":%s,\"connected_s\":%.3f,\"busy_ns\":%.0f,\"memory_used\":%llu,"
                   "\"allocs\":%llu,\"frees\":%llu,\"ops\":{",
-               first ? "" : ",", c->pid, (unsigned long long)c->id, c->state == CLIENT_ALIVE ? "true" : "false",
+               first ? "" : ",", c->pid, (unsigned long long)c->id, c->state == CLIENT_ALIVE && !c->drop ? "true" : "false",
                c->connected_s,
                cd->busy_ns, (unsigned long long)cd->mem_used, (unsigned long long)cd->allocs,
                (unsigned long long)cd->frees);

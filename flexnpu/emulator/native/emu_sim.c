@@ -260,11 +260,11 @@ static void share_resources(struct sop **run, int n)
         double level = INFINITY;
         int bottleneck = -1;
         for (int i = 0; i < n; i++)
-            if (!fixed[i] && run[i]->c->nrun < level) level = run[i]->c->nrun; /* full speed */
+            if (!fixed[i] && run[i]->nrun < level) level = run[i]->nrun; /* full speed */
         for (int r = 0; r < 3; r++) {
             double demand = 0;
             for (int i = 0; i < n; i++)
-                if (!fixed[i]) demand += run[i]->util[r] / run[i]->c->nrun;
+                if (!fixed[i]) demand += run[i]->util[r] / run[i]->nrun;
             if (demand <= 0) continue;
             double x = (1.0 - used[r]) / demand;
             if (x < level) level = x, bottleneck = r;
@@ -272,7 +272,7 @@ static void share_resources(struct sop **run, int n)
         if (level < 0) level = 0;
         for (int i = 0; i < n; i++) {
             if (fixed[i]) continue;
-            double rate = level / run[i]->c->nrun;
+            double rate = level / run[i]->nrun;
             bool full = rate >= 1.0;
             if (bottleneck >= 0 ? run[i]->util[bottleneck] <= 0 : !full) continue;
             run[i]->rate = full ? 1.0 : rate;
@@ -338,8 +338,9 @@ static int running_set(struct device *d, struct sop **run)
         struct sop *s = d->active[i]->head;
         if (s->solo > 0 && ready(d, s)) run[n++] = s;
     }
-    for (int i = 0; i < n; i++) run[i]->c->nrun = 0;
-    for (int i = 0; i < n; i++) run[i]->c->nrun++;
+    for (int i = 0; i < n; i++) run[i]->c->dev[d->index].nrun = 0;
+    for (int i = 0; i < n; i++) run[i]->c->dev[d->index].nrun++;
+    for (int i = 0; i < n; i++) run[i]->nrun = run[i]->c->dev[d->index].nrun;
     share_resources(run, n);
     return n;
 }

@@ -20,6 +20,7 @@ struct sop { /* an op on the model's timeline */
     double rate;      /* fraction of full speed it runs at now */
     double util[3];   /* share of compute, HBM, link it uses at full speed */
     uint64_t order;   /* arrival order on the device */
+    int nrun;         /* shared mode: ops of its process running with it, itself included */
     struct sop *next;
 };
 
@@ -41,6 +42,7 @@ struct client_dev { /* what a client did on one device: the ground truth `emu st
     int mem_fd; /* this client's device memory of this device (a memfd), -1 before it opens it */
     uint32_t queued; /* its ops in the model's stream queues (bounded by EMU_MAX_QUEUED) */
     double last_done; /* model time its last op with work completed here (serial order) */
+    int nrun;         /* shared mode: its ops running now (scratch of running_set) */
 };
 
 /* Ops one process may have queued on one device, as a real runtime bounds its streams' task
@@ -71,7 +73,6 @@ struct client {
     uint64_t last_ns; /* a PENDING connection's last sign of life: accept, request, reply progress */
     struct outmsg *out, *out_tail; /* replies not sent yet: no request is read until they are */
     size_t out_bytes;
-    int nrun; /* shared mode: its ops running now (scratch of running_set) */
     uint64_t id;
     struct emu_client_seg *seg;
     struct squeue queues[EMU_MAX_STREAMS];
