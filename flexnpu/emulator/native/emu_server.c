@@ -379,8 +379,9 @@ static int dup_fd(int fd)
 
 /* Sends one message to c, or queues it (with duplicates of its fds: the caller may close
  * its own) when the peer's socket is full. The server never waits on a peer: while a reply
- * is queued, the poll loop waits for room instead of reading c's next request, so at most
- * one reply is ever queued per connection. */
+ * is queued, the poll loop waits for room instead of reading c's next request, and a peer
+ * that sends one all the same is closed (its client library never does: it reads each reply
+ * before the next request), so at most one reply is ever queued per connection. */
 static void send_msg(struct client *c, const void *buf, size_t len, const int *fds, int nfds)
 {
     if (c->drop) return;
@@ -960,8 +961,9 @@ int main(int argc, char **argv)
         for (int i = 0; i < g_srv.nclients; i++) {
             struct client *c = g_srv.clients[i];
             if (c->fd < 0) continue;
-            /* a reply still queued: wait for room, and read no request meanwhile */
-            pf[n] = (struct pollfd){.fd = c->fd, .events = c->out ? POLLOUT : POLLIN};
+            /* a reply still queued: wait for room, and read no request meanwhile (one that
+             * comes all the same breaks request/reply) */
+            pf[n] = (struct pollfd){.fd = c->fd, .events = c->out ? POLLOUT | POLLIN : POLLIN};
             who[n++] = c;
         }
         if (poll(pf, (nfds_t)n, timeout) < 0) {
@@ -977,7 +979,12 @@ int main(int argc, char **argv)
             short ev = pf[i].revents;
             if (!ev || c->drop) continue; /* closed meanwhile: its fd number may be reused already */
             g_serving = c;
-            if (ev & POLLOUT) flush_out(c);
+            if (c->out && (ev & POLLIN)) {
+                log_limited("closed the connection of pid %d (uid %u): it sent requests without reading the "
+                            "replies", (int)c->pid, (unsigned)c->uid);
+                client_close(c);
+            } else if (ev & POLLOUT)
+                flush_out(c);
             else if (ev & POLLIN) {
                 if (!handle(c)) client_close(c);
             } else
