@@ -14,6 +14,7 @@ into the one-line refusal a user sees instead of a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import select
@@ -21,8 +22,9 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from flexnpu import paths
+from flexnpu import paths, rundir
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
 
@@ -152,15 +154,21 @@ class AccessPolicy:
     def refusal(self, device: int) -> str:
         return f"permission denied: the gate of device {device} is for {self.who_may_run()}"
 
-    def place(self, path: Path, admin: bool = False) -> None:
-        """Owner and mode of a socket or file the daemon made: 0660 with the group that may use
-        it, 0600 when there is none."""
+    def socket_mode(self, admin: bool = False) -> int:
+        """The mode of a socket the daemon binds: 0660 with the group that may use it, 0600
+        when there is none."""
         gid = self.admin_gid if admin else self.client_gid
-        if gid is not None:
-            os.chown(path, self.daemon_uid, gid, follow_symlinks=False)
-            os.chmod(path, paths.CLIENT_SOCKET_MODE)  # == ADMIN_SOCKET_MODES[1]
-        else:
-            os.chmod(path, paths.GROUPLESS_MODE)
+        return paths.CLIENT_SOCKET_MODE if gid is not None else paths.GROUPLESS_MODE  # 0660 == ADMIN_SOCKET_MODES[1]
+
+    @contextlib.contextmanager
+    def binding(self, path: Path, admin: bool = False) -> Iterator[None]:
+        """Around the bind of a socket at path: the umask makes the file its final mode as it
+        is created, and its group is given after without following a link (lchown). Nothing
+        is changed by path in a way that follows a link: a link swapped in at the path after
+        the bind only has its own group changed, never its target's mode or owner."""
+        with rundir.socket_mode(self.socket_mode(admin)):
+            yield
+        rundir.give_group(path, self.admin_gid if admin else self.client_gid)
 
 
 def socket_refusal(path: Path, device: int, admin: bool) -> str | None:

@@ -176,12 +176,8 @@ class Admission:
     def listen(self) -> None:
         self.path.unlink(missing_ok=True)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        old = os.umask(0o177)  # 0600 from the start; widened to the group below
-        try:
+        with self.policy.binding(self.path):
             s.bind(str(self.path))
-        finally:
-            os.umask(old)
-        self.policy.place(self.path)
         s.listen(128)
         self.sock = s
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from flexnpu import paths, rundir, systemd
 from flexnpu.forward import access, protocol
 from flexnpu.forward.admission import PER_UID_CAP, RESERVE_S, Admission, Registry, Reserved
-from flexnpu.forward.control import ControlServer
+from flexnpu.forward.control import FD_HEADROOM, ControlServer, raise_fd_limit
 from flexnpu.forward.gate import SLOT_ADMITTED, SLOT_FREE, SLOT_RESERVED, GateTable, SummaryThread, now_ns
 from flexnpu.forward.settings import GateSettings
 
@@ -32,6 +32,9 @@ log = logging.getLogger("flexnpu.daemon")
 
 HEARTBEAT_S = 0.1
 DRIFT_EVERY = 5  # heartbeats between checks of the table against what the daemon wrote
+# the control sockets' caps, the admission socket's clients and pending ones, and the
+# connections zmq accepts before the guard has seen them, with room to spare
+MIN_FD_LIMIT = 2 * FD_HEADROOM
 
 
 class ForwardDaemon:
@@ -154,8 +157,13 @@ class ForwardDaemon:
 
     # -- process
     def serve(self, ready: threading.Event | None = None) -> None:
+        fd_limit = raise_fd_limit()
+        if fd_limit < MIN_FD_LIMIT:
+            log.warning("device %d: %d file descriptors at most (the hard limit): a flood of connections may reach "
+                        "it before they are cut, and libzmq aborts there; allow %d or more (LimitNOFILE=)",
+                        self.device, fd_limit, MIN_FD_LIMIT)
         self.open()
-        control = ControlServer(self, self.rdir, self.policy)
+        control = ControlServer(self, self.rdir, self.policy, fd_limit=fd_limit)
         control.bind()
         self.admission.start()
         beat = threading.Thread(target=self._heartbeat, name=f"gate-beat-{self.device}", daemon=True)

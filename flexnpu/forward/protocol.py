@@ -32,8 +32,9 @@ a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
+import time
 from typing import Any
 
 from flexnpu import SCHEMA
@@ -198,8 +199,37 @@ def error_reply(error: str) -> bytes:
     return json.dumps({"schema": SCHEMA, "ok": False, "error": error}).encode()
 
 
-def handle(daemon, raw: bytes, admin: bool = True) -> bytes:
-    """One request in, one reply out; never raises. admin: it came on the admin socket."""
+LIST_FRESH_S = 0.005  # how old a `list` reply on the read socket may be
+
+
+class ListCache:
+    """The read socket's last `list` reply, sent again while it is younger than LIST_FRESH_S
+    and the clients are the same processes: a flood of `list` costs a lookup per request, not
+    a walk over every client's page. The control server clears it after every admin request,
+    so a change is seen at once; counters may be LIST_FRESH_S old."""
+
+    def __init__(self, fresh_s: float = LIST_FRESH_S):
+        self.fresh_s = fresh_s
+        self.key: tuple | None = None
+        self.at = 0.0
+        self.reply = b""
+
+    def clear(self) -> None:
+        self.key = None
+
+    def get(self, daemon) -> bytes:
+        with daemon.registry.lock:
+            key = tuple((slot, c.pid) for slot, c in daemon.registry.clients.items())
+        now = time.monotonic()
+        if key != self.key or now - self.at > self.fresh_s:
+            self.reply = json.dumps({"schema": SCHEMA, "ok": True, **_dispatch(daemon, {"cmd": "list"}, False)}).encode()
+            self.key, self.at = key, now
+        return self.reply
+
+
+def handle(daemon, raw: bytes, admin: bool = True, cache: ListCache | None = None) -> bytes:
+    """One request in, one reply out; never raises. admin: it came on the admin socket.
+    cache: where a read socket's `list` may be answered from."""
     try:
         if len(raw) > MAX_MESSAGE:
             raise RequestError(f"message of {len(raw)} bytes is over the {MAX_MESSAGE}-byte limit")
@@ -212,6 +242,8 @@ def handle(daemon, raw: bytes, admin: bool = True) -> bytes:
         schema = req.get("schema")
         if isinstance(schema, bool) or not isinstance(schema, int) or schema != SCHEMA:  # true == 1, 1.0 == 1
             raise RequestError(f"schema must be {SCHEMA}")
+        if cache is not None and not admin and req.get("cmd") == "list":
+            return cache.get(daemon)
         reply = {"schema": SCHEMA, "ok": True, **_dispatch(daemon, req, admin)}
     except RequestError as e:
         return error_reply(str(e))
