@@ -2,14 +2,15 @@
 """What one flooding process costs everybody else on the emulated device.
 
     python3 scripts/bench_flood_device.py [--mode serial|shared] [--partition SPEC]
-                                          [--seconds S] [--flooder-user USER] [--json]
+                                          [--seconds S] [--streams K] [--flooder-user USER]
+                                          [--json]
 
 It starts its own device server in a temp runtime dir (always stopped at the end) and, side
 by side in one run, measures another process's serving step (one 1 ms kernel, then
 aclrtSynchronizeStream: flexnpu/samples/sample_loop.py) and one status query (what
 `flexnpu emu status` does) alone, then while a flooder runs:
 
-  - launch: 1 ms kernels launched in a loop, never synchronised;
+  - launch: 1 ms kernels launched in a loop on K streams (--streams, 1), never synchronised;
   - status: 8 connections sending status requests whose replies are never read;
   - silent: 300 connections that never say hello.
 
@@ -48,15 +49,16 @@ PEAK_FLOPS = PROFILES["910b"].peak_tflops * 1e12
 # ---------------------------------------------------------------- the flooders (run as --role)
 
 
-def role_launch(sock: str, n: int) -> None:
+def role_launch(sock: str, n: int, streams: int) -> None:
     import ctypes
     import struct
     import threading
 
     acl = ctypes.CDLL("libascendcl.so")
     assert acl.aclInit(None) == 0 and acl.aclrtSetDevice(0) == 0
-    stream, binary, func = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-    assert acl.aclrtCreateStream(ctypes.byref(stream)) == 0
+    sts = [ctypes.c_void_p() for _ in range(streams)]
+    binary, func = ctypes.c_void_p(), ctypes.c_void_p()
+    assert all(acl.aclrtCreateStream(ctypes.byref(st)) == 0 for st in sts)
     assert acl.aclrtBinaryLoadFromFile(os.environ["FLEXNPU_EMU_KERNELS"].encode(), None, ctypes.byref(binary)) == 0
     assert acl.aclrtBinaryGetFunction(binary, b"synthetic", ctypes.byref(func)) == 0
     args = struct.pack("<dd", 1e-3 * PEAK_FLOPS, 0.0)
@@ -68,7 +70,7 @@ def role_launch(sock: str, n: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=report, daemon=True).start()
-    while acl.aclrtLaunchKernel(func, 1, args, len(args), stream) == 0:
+    while acl.aclrtLaunchKernel(func, 1, args, len(args), sts[count[0] % streams]) == 0:
         count[0] += 1
 
 
@@ -84,7 +86,7 @@ def _connect(sock: str) -> socket.socket | None:
     return s
 
 
-def role_status(sock: str, n: int) -> None:
+def role_status(sock: str, n: int, streams: int) -> None:
     held = [s for s in (_connect(sock) for _ in range(n)) if s]
     sent = 0
     while True:  # keeps asking as the server makes room, never reads a reply
@@ -99,7 +101,7 @@ def role_status(sock: str, n: int) -> None:
         time.sleep(0.05)
 
 
-def role_silent(sock: str, n: int) -> None:
+def role_silent(sock: str, n: int, streams: int) -> None:
     held = []
     while True:  # keeps n connections open as the server closes them
         held = [s for s in held if s.fileno() >= 0]
@@ -188,7 +190,7 @@ def scenario(name: str, server: subprocess.Popen, env: dict, args: argparse.Name
     out: dict = {"scenario": name, "rss_before_mb": round(rss0, 1), "fds_before": open_fds(server.pid)}
     try:
         if name != "alone":
-            argv = [sys.executable, __file__, "--role", name, "--sock", sock]
+            argv = [sys.executable, __file__, "--role", name, "--sock", sock, "--streams", str(args.streams)]
             if args.flooder_user:
                 argv = ["setpriv", f"--reuid={args.flooder_user}", f"--regid={args.flooder_user}",
                         "--init-groups", *argv]
@@ -226,6 +228,7 @@ def main() -> int:
     ap.add_argument("--partition", default=None, help="prefill=S,decode=S (the server's --partition)")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each step measurement")
     ap.add_argument("--settle", type=float, default=1.5, help="seconds a flood runs before measuring")
+    ap.add_argument("--streams", type=int, default=1, help="streams the launch flooder spreads its kernels over")
     ap.add_argument("--flooder-user", default=None)
     ap.add_argument("--server", type=Path, default=None, help="server binary (default: the installed one)")
     ap.add_argument("--libdir", type=Path, default=None, help="dir of libascendcl.so (default: the installed one)")
@@ -235,7 +238,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.role:
         fn, n = ROLES[args.role]
-        fn(args.sock, n)
+        fn(args.sock, n, args.streams)
         return 0
 
     rdir = Path(tempfile.mkdtemp(prefix="fxflood-"))
@@ -268,10 +271,11 @@ def main() -> int:
             r[f"{q}_ratio"] = round(v / b, 1) if v and b else None
         r["rss_ratio"] = round(r["rss_after_mb"] / base["rss_before_mb"], 2)
     if args.json:
-        print(json.dumps({"mode": args.mode, "partition": args.partition, "rows": rows}))
+        print(json.dumps({"mode": args.mode, "partition": args.partition, "streams": args.streams, "rows": rows}))
         return 0
     print(f"mode {args.mode}{', partition ' + args.partition if args.partition else ''}; "
-          f"step = one 1 ms kernel + synchronize, {args.seconds:g} s per scenario")
+          f"step = one 1 ms kernel + synchronize, {args.seconds:g} s per scenario; "
+          f"launch flood on {args.streams} stream(s)")
     print(f"{'scenario':9} {'p50 ms':>7} {'p99 ms':>8} {'x p50':>6} {'x p99':>6} {'status ms':>9} "
           f"{'RSS MB':>13} {'x RSS':>6} {'fds':>9} {'flooder cpu':>11}")
     for r in rows:
