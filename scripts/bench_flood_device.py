@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -243,27 +244,27 @@ def main() -> int:
 
     rdir = Path(tempfile.mkdtemp(prefix="fxflood-"))
     rdir.chmod(0o755)  # as /run/flexnpu, so a --flooder-user reaches the socket
-    server = start_server(args.server or paths.emulator_server_binary(), rdir, args.mode, args.partition)
     env = dict(os.environ)
     env.update({"FLEXNPU_RUNTIME_DIR": str(rdir), "FLEXNPU_EMU_KERNELS": str(paths.emulator_kernel_library()),
                 "LD_LIBRARY_PATH": str(args.libdir or paths.native_lib_dir())})
     rows = []
+    server = None
     try:
+        server = start_server(args.server or paths.emulator_server_binary(), rdir, args.mode, args.partition)
         for name in ("alone", "launch", "status", "silent"):
             rows.append(scenario(name, server, env, args))
             if server.poll() is not None:
                 break
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        server.stdout.close()
-        for f in rdir.iterdir():
-            f.unlink()
-        rdir.rmdir()
+        if server:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            server.stdout.close()
+        shutil.rmtree(rdir, ignore_errors=True)
     base = rows[0]
     for r in rows:
         for q in ("p50", "p99"):
