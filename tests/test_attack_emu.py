@@ -17,7 +17,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -215,6 +214,7 @@ def steps(env: dict, seconds: float, timeout: float = 60) -> dict:
 # ---------------------------------------------------------------- connections without hello
 
 
+@pytest.mark.slow
 def test_silent_connections_are_bounded_closed_and_never_leak(flexnpu_group, emulator, open_rdir, attack,
                                                                 acl_env, workload):
     emu = emulator()
@@ -242,7 +242,6 @@ def test_silent_connections_are_bounded_closed_and_never_leak(flexnpu_group, emu
     assert emu.status()["devices"][0]["memory"]["used"] == 0
 
 
-@pytest.mark.slow
 def test_at_the_descriptor_limit_the_server_neither_spins_nor_hangs_programs(flexnpu_group, emulator, open_rdir,
                                                                               attack, acl_env, workload):
     emu = emulator()
