@@ -46,7 +46,10 @@ CONNECTIONS_TOTAL = 512  # per socket, of all non-root users together
 # Connections zmq may accept before the guard has seen them: the monitor's pipe holds about
 # 1000 + MONITOR_RCVHWM events, and zmq's I/O thread waits while it is full.
 MONITOR_RCVHWM = 100
-FD_HEADROOM = 4096  # descriptors the caps leave free: the admission socket, clients, the not-yet-seen
+# Descriptors the caps leave free: the connections zmq accepts before the guard has seen them
+# (about 1100), the admission socket's clients and pending connections (64 x 3 + 256), the
+# daemon's own (about 30).
+FD_HEADROOM = 2048
 RECONCILE_S = 1.0
 WARN_EVERY_S = 60.0
 

@@ -32,8 +32,7 @@ log = logging.getLogger("flexnpu.daemon")
 
 HEARTBEAT_S = 0.1
 DRIFT_EVERY = 5  # heartbeats between checks of the table against what the daemon wrote
-# the control sockets' caps, the admission socket's clients and pending ones, and the
-# connections zmq accepts before the guard has seen them, with room to spare
+# below this, the control sockets' caps (control.total_cap) and FD_HEADROOM no longer fit
 MIN_FD_LIMIT = 2 * FD_HEADROOM
 
 
