@@ -206,11 +206,13 @@ static void client_close(struct client *c)
     c->fd = -1;
 }
 
-static void log_limited(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void log_limited(const char *fmt, ...)
+/* One line in the log the 1st, 2nd, 4th, 8th... time a thing happens (count: one per call
+ * site, LOG_LIMITED), so a flood of it does not flood the log. */
+static void log_limited(uint64_t *count, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void log_limited(uint64_t *count, const char *fmt, ...)
 {
-    static uint64_t n; /* the 1st, 2nd, 4th, 8th... time: a flood does not flood the log */
-    if (++n & (n - 1)) return;
+    uint64_t n = ++*count;
+    if (n & (n - 1)) return;
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "flexnpu-emu-server: ");
@@ -218,6 +220,11 @@ static void log_limited(const char *fmt, ...)
     fprintf(stderr, " (%llu times so far)\n", (unsigned long long)n);
     va_end(ap);
 }
+#define LOG_LIMITED(...)                                                                             \
+    do {                                                                                             \
+        static uint64_t count_;                                                                      \
+        log_limited(&count_, __VA_ARGS__);                                                           \
+    } while (0)
 
 static bool is_pending(const struct client *c) { return c->state == CLIENT_PENDING && !c->drop && c->fd >= 0; }
 
@@ -233,8 +240,13 @@ static bool about_to_be_served(const struct client *c)
  * most of them), never `keep` nor one about to be served, saying why in the log. Returns
  * false if there was none: then the caller goes over the bound for now, as the waiting
  * requests will be read in this turn (and the table of connections is bounded anyway). */
-static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep, const char *why)
+enum evict_why { EVICT_USER, EVICT_ALL, EVICT_SLOTS, EVICT_FDS };
+
+static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep, enum evict_why why)
 {
+    static const char *const whys[] = {"too many of this user's", "too many in all", "no free connection slot",
+                                       "out of descriptors"};
+    static uint64_t counts[4];
     struct client *cand[EMU_MAX_CLIENTS];
     int n = 0;
     for (int i = 0; i < g_srv.nclients; i++) {
@@ -253,14 +265,14 @@ static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep, co
     for (int i = 0; i < n; i++)
         if (cand[i]->uid == uid && (!victim || cand[i]->last_ns < victim->last_ns)) victim = cand[i];
     if (!victim) return false;
-    log_limited("closed an unregistered connection of pid %d (uid %u): %s", (int)victim->pid,
-                (unsigned)victim->uid, why);
+    log_limited(&counts[why], "closed an unregistered connection of pid %d (uid %u): %s", (int)victim->pid,
+                (unsigned)victim->uid, whys[why]);
     client_close(victim);
     return true;
 }
 
 /* After EMFILE/ENFILE: frees a descriptor by closing an unregistered connection. */
-static bool make_fd_room(void) { return evict_pending(0, true, g_serving, "out of descriptors"); }
+static bool make_fd_room(void) { return evict_pending(0, true, g_serving, EVICT_FDS); }
 
 static void client_gone(struct client *c)
 {
@@ -335,7 +347,7 @@ static int sweep_pending(uint64_t now)
         if (!is_pending(c)) continue;
         uint64_t due = c->last_ns + EMU_PENDING_IDLE_NS;
         if (due <= now) {
-            log_limited("closed a connection of pid %d (uid %u) that did not register in time", (int)c->pid,
+            LOG_LIMITED("closed a connection of pid %d (uid %u) that did not register in time", (int)c->pid,
                         (unsigned)c->uid);
             client_close(c);
         } else if (due < next)
@@ -495,12 +507,12 @@ static struct client *client_new(int fd)
             all++;
             mine += g_srv.clients[i]->uid == cred.uid;
         }
-    if (mine >= EMU_PENDING_PER_UID) evict_pending(cred.uid, false, NULL, "too many of this user's");
-    else if (all >= EMU_PENDING_MAX) evict_pending(0, true, NULL, "too many in all");
+    if (mine >= EMU_PENDING_PER_UID) evict_pending(cred.uid, false, NULL, EVICT_USER);
+    else if (all >= EMU_PENDING_MAX) evict_pending(0, true, NULL, EVICT_ALL);
     reap();
-    if (g_srv.nclients >= EMU_MAX_CLIENTS && evict_pending(0, true, NULL, "no free connection slot")) reap();
+    if (g_srv.nclients >= EMU_MAX_CLIENTS && evict_pending(0, true, NULL, EVICT_SLOTS)) reap();
     if (g_srv.nclients >= EMU_MAX_CLIENTS) {
-        log_limited("refused a connection of pid %d (uid %u): %d connections already", (int)cred.pid,
+        LOG_LIMITED("refused a connection of pid %d (uid %u): %d connections already", (int)cred.pid,
                     (unsigned)cred.uid, g_srv.nclients);
         return NULL;
     }
@@ -541,7 +553,7 @@ static void accept_new(int ls)
             fd = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
             if (fd >= 0) close(fd);
             g_reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-            log_limited("out of descriptors: refused a connection");
+            LOG_LIMITED("out of descriptors: refused a connection");
             if (fd < 0) {
                 g_accept_pause_until = emu_now_ns() + 100000000;
                 return;
@@ -980,7 +992,7 @@ int main(int argc, char **argv)
             if (!ev || c->drop) continue; /* closed meanwhile: its fd number may be reused already */
             g_serving = c;
             if (c->out && (ev & POLLIN)) {
-                log_limited("closed the connection of pid %d (uid %u): it sent requests without reading the "
+                LOG_LIMITED("closed the connection of pid %d (uid %u): it sent requests without reading the "
                             "replies", (int)c->pid, (unsigned)c->uid);
                 client_close(c);
             } else if (ev & POLLOUT)
