@@ -74,6 +74,32 @@ def test_units_say_what_they_run(tmp_path):
                                         units.OBSERVE, units.CONTROLLER]
 
 
+def _bytes(v: str) -> int:
+    return int(v[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[v[-1]]
+
+
+@pytest.mark.parametrize("emulator", [True, False], ids=["emulator", "cann"])
+def test_every_unit_limits_descriptors_memory_and_tasks_with_a_reason(tmp_path, emulator):
+    from flexnpu.forward import control, daemon
+
+    cfg = units.ServiceConfig(binary=Path("/opt/v/bin/flexnpu"), devices=(0,), emulator=emulator)
+    for name, text in units.render(cfg).items():
+        s = service_section(text)
+        for key in ("LimitNOFILE", "MemoryHigh", "MemoryMax", "TasksMax"):
+            assert len(s.get(key, [])) == 1, (name, key)
+        lines = text.splitlines()
+        for key in ("LimitNOFILE", "MemoryHigh", "TasksMax"):  # each group of limits says why, just above
+            i = next(n for n, line in enumerate(lines) if line.startswith(key + "="))
+            assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 30, (name, lines[i - 1])
+        assert 0 < _bytes(s["MemoryHigh"][0]) < _bytes(s["MemoryMax"][0]), name
+        assert int(s["TasksMax"][0]) >= 16 and int(s["LimitNOFILE"][0]) >= 4096, name
+    d = service_section(units.render(cfg)[units.DAEMON_TEMPLATE])
+    nofile = int(d["LimitNOFILE"][0])
+    # the daemon's connection caps (two sockets) and headroom fit under its limit many times over
+    assert nofile >= daemon.MIN_FD_LIMIT
+    assert 2 * control.total_cap(nofile) + control.FD_HEADROOM < nofile // 4
+
+
 def test_device_lists():
     assert inst.parse_devices("1,0", emulator=True) == (0, 1)
     assert inst.parse_devices("all", emulator=True) == tuple(range(inst.EMU_DEFAULT_DEVICES))

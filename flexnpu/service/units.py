@@ -83,7 +83,8 @@ class ServiceConfig:
 
 @dataclass
 class Unit:
-    """One unit file: its name and its sections as ordered (key, value) lists."""
+    """One unit file: its name and its sections as ordered (key, value) lists; a key "#"
+    is a comment line (the reason for the setting after it)."""
 
     name: str
     unit: list[tuple[str, str]] = field(default_factory=list)
@@ -94,7 +95,7 @@ class Unit:
         out = ["# Written by `flexnpu service install`; `flexnpu service uninstall` removes it.",
                "# The privileges of each unit, and why: docs/service.md in the FlexNPU sources."]
         for title, items in (("Unit", self.unit), ("Service", self.service), ("Install", self.install)):
-            out += ["", f"[{title}]"] + [f"{k}={v}" for k, v in items]
+            out += ["", f"[{title}]"] + [f"# {v}" if k == "#" else f"{k}={v}" for k, v in items]
         return "\n".join(out) + "\n"
 
 
@@ -122,6 +123,56 @@ def _service(cfg: ServiceConfig, exec_start: str, sandbox: dict[str, str], statu
     return items + list(sandbox.items())
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one service may hold, each with the reason for its number (a comment above it in
+    the unit). A service past MemoryHigh= is slowed and reclaimed from; past MemoryMax= it is
+    killed, and Restart=on-failure starts it afresh."""
+
+    nofile: int
+    nofile_why: str
+    memory_high: str
+    memory_max: str
+    memory_why: str
+    tasks: int
+    tasks_why: str
+
+    def items(self) -> list[tuple[str, str]]:
+        return [("#", self.nofile_why), ("LimitNOFILE", str(self.nofile)),
+                ("#", self.memory_why), ("MemoryHigh", self.memory_high), ("MemoryMax", self.memory_max),
+                ("#", self.tasks_why), ("TasksMax", str(self.tasks))]
+
+
+# Measured on the development VM (Linux 6.18, Python 3.11): the daemon 42 MiB resident and 9
+# threads when it serves; the controller's imports 32 MiB; the observer's imports 81 MiB
+# before bcc compiles its program with LLVM.
+EMU_LIMITS = Limits(
+    16384, "descriptors: up to 256 clients, each a connection and a memory file per device (16 at most), "
+           "and two files per device; the server raises its soft limit to this",
+    "512M", "1G", "memory: the server's own queues and client records; the emulated device memory is "
+                  "charged to the applications that touch it",
+    64, "tasks: a thread per device (16 at most) and the main one")
+DAEMON_LIMITS = Limits(
+    65536, "descriptors: libzmq aborts the process when accept() fails with EMFILE, so the limit must stay far "
+           "above what the daemon can be made to hold: control connections capped per user and to 512 per socket, "
+           "about 1100 accepted before they are counted, 64 clients x 3 and 256 pending admissions; "
+           "the daemon raises its soft limit to this",
+    "256M", "512M", "memory: 42 MiB resident when serving, plus a 4 KiB page per client and the zmq queues "
+                    "of capped connections",
+    32, "tasks: 9 threads when serving (main, heartbeat, admission, connection guard, the priority summary, "
+        "two zmq contexts of two threads each)")
+OBSERVE_LIMITS = Limits(
+    65536, "descriptors: a perf event per uprobe per library found and a perf buffer per CPU; libzmq aborts at "
+           "EMFILE",
+    "1G", "2G", "memory: LLVM compiles the BPF program at start (bcc), hundreds of MiB for a moment",
+    128, "tasks: Python's, bcc's polling and LLVM's threads")
+CONTROLLER_LIMITS = Limits(
+    4096, "descriptors: a zmq connection to each daemon and to the observer, the published socket and its "
+          "subscribers; libzmq aborts at EMFILE, so far over that",
+    "256M", "512M", "memory: 32 MiB of imports, plus the last snapshots and reports it keeps",
+    32, "tasks: the policy loop and its zmq contexts' threads")
+
+
 def _start_limits() -> list[tuple[str, str]]:
     # five failed starts in a minute: stop retrying and leave the unit failed, for a person to see
     return [("StartLimitIntervalSec", "60s"), ("StartLimitBurst", "5")]
@@ -147,7 +198,7 @@ def emu_unit(cfg: ServiceConfig) -> Unit:
               *_start_limits()],
         service=_service(cfg, f"{cfg.binary} emu start --foreground --devices {cfg.emu_devices}",
                          {**_COMMON_SANDBOX, "ProcSubset": "pid"})
-        + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown")],
+        + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown")] + EMU_LIMITS.items(),
     )
 
 
@@ -162,7 +213,8 @@ def daemon_unit(cfg: ServiceConfig) -> Unit:
     # sockets and gate table to the client group (chown, in @privileged) as their owner.
     return Unit(DAEMON_TEMPLATE, unit=unit + _start_limits(),
                 service=_service(cfg, f"{cfg.binary} daemon --device %i", _COMMON_SANDBOX)
-                + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown"), _ZMQ_THREADS])
+                + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown"), _ZMQ_THREADS]
+                + DAEMON_LIMITS.items())
 
 
 def observe_unit(cfg: ServiceConfig) -> Unit:
@@ -184,6 +236,7 @@ def observe_unit(cfg: ServiceConfig) -> Unit:
     # CAP_SYS_ADMIN would allow these; nothing in the observer calls them
     # (not @resources: bcc's LLVM threads call sched_setscheduler, seen by strace)
     items.append(("SystemCallFilter", "~@module @mount @reboot @swap @raw-io @clock @cpu-emulation @obsolete"))
+    items += OBSERVE_LIMITS.items()
     return Unit(OBSERVE, unit=[("Description", "FlexNPU observer (eBPF uprobes on the device runtime)"),
                                *_start_limits()],
                 service=items)
@@ -197,7 +250,7 @@ def controller_unit(cfg: ServiceConfig) -> Unit:
                       ("After", " ".join(after)),
                       *_start_limits()],
                 service=_service(cfg, f"{cfg.binary} controller", {**_COMMON_SANDBOX, **_OWN_PROC},
-                                 extra_env=env) + [_NO_PRIVILEGED, _ZMQ_THREADS])
+                                 extra_env=env) + [_NO_PRIVILEGED, _ZMQ_THREADS] + CONTROLLER_LIMITS.items())
 
 
 def render(cfg: ServiceConfig) -> dict[str, str]:
