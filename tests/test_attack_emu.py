@@ -349,3 +349,55 @@ def test_the_socket_mode_and_group_never_follow_a_link(flexnpu_group, runtime_di
                  or (re.search(r"\bfchownat\(", c) and "AT_SYMLINK_NOFOLLOW" not in c)]
     assert not following, following
     assert any(re.search(r"\b(lchown|fchownat)\(", c) for c in calls), calls
+
+
+# ---------------------------------------------------------------- replies that wait for room
+
+
+def test_a_reply_larger_than_the_socket_takes_arrives_whole(emulator, open_rdir):
+    """A status bigger than the socket buffer waits in the server for room and arrives whole;
+    registration replies still carry their fds (the segment, the doorbell, device memory)."""
+    import socket
+    from flexnpu.emulator.control import _REP, _REQ, _REQ_STATUS
+
+    emu = emulator(devices=16)
+    conns = []
+    try:
+        for _ in range(56):  # 56 registered connections with 16 devices open each
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(5)
+            s.connect(str(open_rdir / "emu.sock"))
+            conns.append(s)
+            s.send(_REQ.pack(1, 0, 2, 0, b""))
+            _, fds, _, _ = socket.recv_fds(s, _REP.size, 4)
+            assert len(fds) == 1
+            for fd in fds:
+                os.close(fd)
+            for dev in range(16):
+                s.send(_REQ.pack(2, dev, 0, 0, b""))
+                msg, fds, _, _ = socket.recv_fds(s, _REP.size, 4)
+                err, _, capacity, _ = _REP.unpack(msg)
+                assert err == 0 and len(fds) == 3, (err, fds)
+                assert os.fstat(fds[2]).st_size == capacity == emu.profile.capacity_gib * 2**30
+                for fd in fds:
+                    os.close(fd)
+        q = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        q.settimeout(5)
+        q.connect(str(open_rdir / "emu.sock"))
+        conns.append(q)
+        q.send(_REQ.pack(_REQ_STATUS, 0, 0, 0, b""))
+        time.sleep(0.5)  # the server fills the socket and keeps the rest
+        t0 = time.monotonic()
+        st = control.status(open_rdir, timeout=3)  # meanwhile it serves others
+        assert time.monotonic() - t0 < 2
+        chunks = []
+        while part := q.recv(1 << 16):
+            chunks.append(part)
+        data = b"".join(chunks)
+        assert len(data) > 256 << 10, len(data)  # more than a unix socket holds
+        got = json.loads(data)
+        assert [len(d["clients"]) for d in got["devices"]] == [56] * 16
+        assert len(st["devices"]) == 16
+    finally:
+        for s in conns:
+            s.close()
