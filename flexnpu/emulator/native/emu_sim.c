@@ -13,8 +13,8 @@
  *                takes stream heads: one with a deep queue runs one op, then waits behind
  *                the heads that became eligible meanwhile, so another process's op waits
  *                for at most one op of each other process. Within one process every head
- *                is eligible from the end of its last op, so its ops go in arrival order,
- *                as before there was more than one process to be fair to.
+ *                is eligible from the end of its last op, so a process alone on the device
+ *                runs its ops in arrival order, on one stream or many.
  *   shared mode: every ready stream head runs at once; the three resources are shared
  *                by max-min fairness (progressive filling), so two compute-bound ops each
  *                run at half speed while a compute-bound and a memory-bound op barely slow
