@@ -115,7 +115,7 @@ def _liar(node: LocalNode, user: str, seconds: float, named: bool = False) -> tu
                     str(seconds), *lib[1]], shim=False, cwd="/", extra_env={"PYTHONPATH": str(REPO)})
     line = p.stdout.readline()
     if not line:
-        pytest.skip(f"the user's program did not start: {p.stderr.read()[-400:]}")
+        pytest.fail(f"the user's program did not start: {p.stderr.read()[-400:]}")
     ready = json.loads(line)
     assert ready.get("ready"), ready
     return p, ready["pid"]

@@ -229,35 +229,30 @@ class Trust(NamedTuple):
     seen: str = ""  # the contradicting phase last observed
     source: str = ""  # the signal that showed it
     distrusted: bool = False
-    mono_ns: int = -1  # the snapshot last judged (each is judged once)
-
-
-def evidence(phase: str | None, source: str, rules: RoleRules) -> tuple[str, str] | None:
-    """The phase the observed work shows and the signal that showed it, if that signal may
-    contradict a declaration; None for no evidence (idle, mixed, or a signal not in
-    contradicted_by)."""
-    if phase in ROLES and source in rules.contradicted_by:
-        return phase, source
-    return None
 
 
 def judge(t: Trust, seen: tuple[str, str] | None, mono_ns: int, interval_ns: int, rules: RoleRules) -> Trust:
-    """The trust after one snapshot whose work showed `seen` (see evidence())."""
-    if mono_ns == t.mono_ns:
+    """The trust after one snapshot whose work showed `seen`: (phase, signal), given only
+    where the phase is prefill or decode and the signal one of `contradicted_by` (idle or
+    mixed work, or a weaker signal, is no evidence either way: both clocks go on). The same
+    snapshot judged twice gives the same trust; an unchanged trust is returned as it is
+    (judged for every declared client of every snapshot: no allocation when nothing moves)."""
+    if seen is None:  # nothing to judge by: both clocks go on
         return t
     start = mono_ns - interval_ns
-    if seen is None:  # nothing to judge by: both clocks go on
-        return t._replace(mono_ns=mono_ns)
     phase, source = seen
     if phase != t.declared:
         contra = t.contra_ns or start
         distrusted = t.distrusted or mono_ns - contra >= rules.distrust_after_ms * 1e6
-        return t._replace(contra_ns=contra, agree_ns=0, seen=phase, source=source, distrusted=distrusted,
-                          mono_ns=mono_ns)
+        if (contra, distrusted, phase, source, 0) == (t.contra_ns, t.distrusted, t.seen, t.source, t.agree_ns):
+            return t
+        return t._replace(contra_ns=contra, agree_ns=0, seen=phase, source=source, distrusted=distrusted)
+    if not t.contra_ns:
+        return t if t.agree_ns else t._replace(agree_ns=start)
     agree = t.agree_ns or start
-    if t.contra_ns and mono_ns - agree >= rules.trust_after_ms * 1e6:
-        return Trust(t.declared, agree_ns=agree, mono_ns=mono_ns)
-    return t._replace(agree_ns=agree, mono_ns=mono_ns)
+    if mono_ns - agree >= rules.trust_after_ms * 1e6:
+        return Trust(t.declared, agree_ns=agree)
+    return t if agree == t.agree_ns else t._replace(agree_ns=agree)
 
 
 def distrust_note(pid: int, t: Trust, mono_ns: int) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping, NamedTuple
 
-from flexnpu.control.roles import ROLES, RoleRules, Trust, distrust_note, evidence, judge
+from flexnpu.control.roles import ROLES, RoleRules, Trust, distrust_note, judge
 from flexnpu.control.wire import OPEN, GateSetting
 from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
 
@@ -97,58 +97,6 @@ def all_open(clients: Clients, why: str) -> tuple[Settings, Reasons]:
     return settings, reasons
 
 
-def declared_role(client: Client, sample: ProcessSample | None) -> str | None:
-    """The role the process declared: the daemon's slot (given to the shim), else the one the
-    observer read (FLEXNPU_ROLE in its environment); None for none."""
-    if client.role in ROLES:
-        return client.role
-    if sample is not None and sample.role in ROLES:
-        return sample.role
-    return None
-
-
-def observed_class(sample: ProcessSample | None, mixed_as: str) -> str | None:
-    """What the work itself shows, a declared role aside: prefill, decode (a mixed process
-    counts as mixed_as), or None (idle, absent, or not said)."""
-    if sample is None:
-        return None
-    if sample.observed_phase in ROLES:
-        return sample.observed_phase
-    return mixed_as if sample.observed_phase == "mixed" else None
-
-
-class Verdict(NamedTuple):
-    cls: str  # prefill, decode or unknown
-    note: str = ""  # why the declared role is not the class ("": it is, or none was declared)
-    flag: str = ""  # the note's kind, to say each change once
-    trust: Trust | None = None
-
-
-def class_of(client: Client, sample: ProcessSample | None, mixed_as: str, previous: str | None,
-             trust: Trust | None = None, mono_ns: int = -1, interval_ns: int = 0,
-             rules: RoleRules = DEFAULT_ROLES) -> Verdict:
-    """A client's class: its declared role when its user may declare it ([roles]) and its
-    work has not contradicted it past `distrust_after_ms` (roles.judge, once per snapshot),
-    else the observed phase; a "mixed" process (a chunked-prefill engine, whose every step
-    carries decode tokens) counts as `mixed_as`; an idle one keeps its last class."""
-    seen = observed_class(sample, mixed_as)
-    declared = declared_role(client, sample)
-    if declared is None:
-        return Verdict(seen or previous or "unknown")
-    if declared not in client.may_declare:
-        k = seen or previous or "unknown"
-        return Verdict(k, f"pid {client.pid} declared {declared}, which {client.who or 'its user'} may not "
-                          f"declare ([roles] {declared}): treated as undeclared"
-                          + (f", observed {k}" if k != "unknown" else ", no phase observed yet"),
-                       f"refused {declared}")
-    t = trust if trust is not None and trust.declared == declared else Trust(declared)
-    if sample is not None and mono_ns >= 0:
-        t = judge(t, evidence(sample.observed_phase, sample.observed_source, rules), mono_ns, interval_ns, rules)
-    if t.distrusted:
-        return Verdict(t.seen, distrust_note(client.pid, t, mono_ns), f"distrusted {declared}", t)
-    return Verdict(declared, "", "", t)
-
-
 # the last snapshot indexed and its index, one tuple so that threads swap it whole: a memo,
 # invisible to callers (a snapshot is immutable)
 _index: list[tuple[object, dict[int, dict[int, ProcessSample]]]] = [(None, {})]
@@ -168,10 +116,19 @@ class Classes:
 
 def classify(snapshot: NodeSnapshot | None, device: int, cs: tuple[Client, ...], mixed_as: str,
              previous: Classes | None, rules: RoleRules = DEFAULT_ROLES) -> Classes:
-    """Every client's class (see class_of). Worked out once per snapshot: on the ticks between
-    two snapshots the previous result is returned as it is, unless a client is new. `events`
-    holds what changed in how declared roles are taken since `previous`: a policy says it
-    when the result is new (`classes is not previous`)."""
+    """Every client's class: its declared role (the daemon's slot, else FLEXNPU_ROLE as the
+    observer read it) when its user may declare it
+    ([roles]: `Client.may_declare`) and its work has not contradicted it past
+    `distrust_after_ms` (roles.judge, once per snapshot); else the observed phase, the
+    declaration aside (`ProcessSample.observed_phase`; a "mixed" process, a chunked-prefill
+    engine whose every step carries decode tokens, counts as `mixed_as`); an idle one keeps its last class; one never seen
+    working is "unknown". `notes` says, for each client whose declared role is not its
+    class, why; `events` what changed in that since `previous`, which a policy says when the
+    result is new (`classes is not previous`).
+
+    Worked out once per snapshot: on the ticks between two snapshots the previous result is
+    returned as it is, unless a client is new. (Run for every client on the tick that takes
+    a snapshot: kept to plain lookups, no call per client on the common paths.)"""
     mono = snapshot.mono_ns if snapshot is not None else -1
     prev = previous.of if previous is not None else _EMPTY
     if previous is not None and previous.mono_ns == mono and all(c.pid in prev for c in cs):
@@ -180,24 +137,55 @@ def classify(snapshot: NodeSnapshot | None, device: int, cs: tuple[Client, ...],
     interval_ns = int(snapshot.interval_s * 1e9) if snapshot is not None else 0
     old_flags = previous.flags if previous is not None else _EMPTY
     old_trust = previous.trust if previous is not None else _EMPTY
-    of, notes, events, flags, trust = {}, {}, {}, {}, {}
+    judged = rules.contradicted_by
+    of: dict[int, str] = {}
+    notes: dict[int, str] = {}
+    events: dict[int, str] = {}
+    flags: dict[int, str] = {}
+    trust: dict[int, Trust] = {}
     for c in cs:
-        last = prev.get(c.pid)
-        v = class_of(c, samples.get(c.pid), mixed_as, None if last == "unknown" else last,
-                     old_trust.get(c.pid), mono, interval_ns, rules)
-        of[c.pid] = v.cls
-        if v.note:
-            notes[c.pid] = v.note
-            flags[c.pid] = v.flag
-        if v.trust is not None:
-            trust[c.pid] = v.trust
-        was = old_flags.get(c.pid, "")
-        if v.flag != was:
-            if v.note:
-                events[c.pid] = v.note
-            elif was.startswith("distrusted") and v.trust is not None:
-                events[c.pid] = (f"pid {c.pid} declared {v.trust.declared} and its work agrees again: treated "
-                                 f"as {v.cls}")
+        pid = c.pid
+        sample = samples.get(pid)
+        declared = c.role
+        if sample is not None:
+            ph = sample.observed_phase
+            seen = ph if ph in ROLES else mixed_as if ph == "mixed" else None
+            if declared not in ROLES:
+                declared = sample.role
+        else:
+            seen = None
+        flag = ""
+        if declared not in ROLES:  # none declared: the work decides
+            last = prev.get(pid)
+            of[pid] = seen or (None if last == "unknown" else last) or "unknown"
+        elif declared not in c.may_declare:
+            last = prev.get(pid)
+            k = of[pid] = seen or (None if last == "unknown" else last) or "unknown"
+            flag = f"refused {declared}"
+            notes[pid] = (f"pid {pid} declared {declared}, which {c.who or 'its user'} may not declare "
+                          f"([roles] {declared}): treated as undeclared"
+                          + (f", observed {k}" if k != "unknown" else ", no phase observed yet"))
+        else:
+            t = old_trust.get(pid)
+            if t is None or t.declared != declared:
+                t = Trust(declared)
+            if sample is not None and sample.observed_source in judged and sample.observed_phase in ROLES:
+                t = judge(t, (sample.observed_phase, sample.observed_source), mono, interval_ns, rules)
+            trust[pid] = t
+            if t.distrusted:
+                of[pid] = t.seen
+                flag = f"distrusted {declared}"
+                notes[pid] = distrust_note(pid, t, mono)
+            else:
+                of[pid] = declared
+        if flag:
+            flags[pid] = flag
+        was = old_flags.get(pid, "") if old_flags else ""
+        if flag != was:
+            if flag:
+                events[pid] = notes[pid]
+            elif was.startswith("distrusted") and pid in trust:
+                events[pid] = f"pid {pid} declared {declared} and its work agrees again: treated as {of[pid]}"
     return Classes(mono, of, notes, events, flags, trust)
 
 
