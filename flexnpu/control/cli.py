@@ -39,7 +39,8 @@ def _node_lock() -> PidLock:
 def controller_command(
     config: Annotated[Optional[Path], typer.Option(
         "--config", help=f"TOML configuration (default {paths.DEFAULT_CONFIG}, or $FLEXNPU_CONFIG; a missing "
-                         "default file is fine, a missing --config file is an error).", metavar="FILE")] = None,
+                         "default file is fine, a missing --config file is an error; a regular file of "
+                         "UTF-8 TOML, at most 1 MiB).", metavar="FILE")] = None,
     policy: Annotated[Optional[str], typer.Option(help="passthrough, static-split or flexpd "
                                                        "(key controller.policy).")] = None,
     tick_ms: Annotated[Optional[float], typer.Option(help="Milliseconds between decisions "
@@ -52,6 +53,11 @@ def controller_command(
     """Decide when each process may dispatch: read the observer's snapshots, set every
     device's gates through its daemon with a policy, and publish each decision and its reason
     on ipc://$FLEXNPU_RUNTIME_DIR/controller.sock. SIGTERM/SIGINT open every gate it set.
+
+    A role declared with `flexnpu run --role` counts only if the configuration's roles
+    table lets its user declare it (no list: anyone may) and while the observed operators
+    do not contradict it for longer than its distrust_after_ms (2 s); --print-config
+    shows the table.
 
     Examples:
       flexnpu controller
