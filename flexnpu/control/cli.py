@@ -54,10 +54,10 @@ def controller_command(
     device's gates through its daemon with a policy, and publish each decision and its reason
     on ipc://$FLEXNPU_RUNTIME_DIR/controller.sock. SIGTERM/SIGINT open every gate it set.
 
-    A role declared with `flexnpu run --role` counts only if the configuration's roles
-    table lets its user declare it (no list: anyone may) and while the observed operators
-    do not contradict it for longer than its distrust_after_ms (2 s); --print-config
-    shows the table.
+    A role declared with `flexnpu run --role` counts only if the
+    configuration's roles table lets its user declare it (no list: anyone
+    may), and while the observed operators do not contradict it for longer
+    than its distrust_after_ms (2 s); --print-config shows the table.
 
     Examples:
       flexnpu controller
