@@ -543,3 +543,23 @@ def test_the_snapshot_says_what_the_work_showed_beside_a_declared_role() -> None
     assert (p1.phase, p1.observed_phase, p1.observed_source) == ("decode", "prefill", "kernel")
     assert (p2.observed_phase, p2.observed_source) == ("prefill", "N/A")
     assert p3.observed_phase is None
+
+
+def test_the_observer_publishes_what_the_work_showed_beside_a_declared_role() -> None:
+    """The producer side: a process declared decode whose one pass is 60 ms of 160 launches
+    (prefill by its shape) is published with phase decode (source role) and observed_phase
+    prefill (source shape); an undeclared one gets no observed_* keys (its phase is them)."""
+    from flexnpu.observe.snapshot import ProcessInfo, SnapshotBuilder
+    from test_observe_phase import counters
+
+    b = SnapshotBuilder("bpf", start_ns=0)
+    b.build({(10, 0): counters(), (11, 0): counters()}, now_ns=100 * MS)
+    work = dict(KERNEL=160, SYNC=1, iterations=1, iter_ns=60 * MS, shapes={(33, 15, 0): [1, 60 * MS, 160]})
+    raw = b.build({(10, 0): counters(**work), (11, 0): counters(**work)}, now_ns=200 * MS,
+                  info=lambda pid: ProcessInfo("p", "decode" if pid == 10 else None))
+    liar, plain = raw["processes"]
+    assert (liar["phase"], liar["phase_source"]) == ("decode", "role")
+    assert (liar["observed_phase"], liar["observed_source"]) == ("prefill", "shape")
+    assert plain["phase"] == "prefill" and "observed_phase" not in plain
+    p = NodeSnapshot.from_json(raw).processes[0]
+    assert (p.phase, p.observed_phase, p.observed_source) == ("decode", "prefill", "shape")
