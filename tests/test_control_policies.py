@@ -388,7 +388,8 @@ def test_static_split_follows_a_client_leaving() -> None:
 LIAR = 303  # declares decode, runs prefill
 
 
-def _victim_and_liar(t: int, liar_seen: str = "prefill", signal: str = "kernel", liar_busy: bool = True) -> NodeSnapshot:
+def _victim_and_liar(t: int, liar_seen: str = "prefill", signal: str = "kernel",
+                     liar_busy: bool = True) -> NodeSnapshot:
     liar = (proc(LIAR, "decode", 30.0, 900, role="decode", observed=(liar_seen, signal)) if liar_busy else
             proc(LIAR, "idle", role="decode"))
     return snap(t, proc(PRE, "prefill", 30.0, 900, role="prefill"), liar)

@@ -18,7 +18,8 @@
 Every key has a default; an unknown section or key, a value of the wrong type or out of
 range is refused with a `ConfigError` that names the key (`[policy.flexpd] tpot_slack`) and
 says why. The file itself must be a regular file of UTF-8 TOML, at most MAX_BYTES: anything
-else (a FIFO, a device, a directory, other bytes) is refused in one line too, never waited on. `to_toml` writes the effective configuration back in the same form, so
+else (a FIFO, a device, a directory, other bytes) is refused in one line too, never waited
+on. `to_toml` writes the effective configuration back in the same form, so
 `flexnpu controller --print-config > f.toml; flexnpu controller --config f.toml` is a round
 trip.
 """

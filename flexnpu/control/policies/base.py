@@ -117,14 +117,14 @@ class Classes:
 def classify(snapshot: NodeSnapshot | None, device: int, cs: tuple[Client, ...], mixed_as: str,
              previous: Classes | None, rules: RoleRules = DEFAULT_ROLES) -> Classes:
     """Every client's class: its declared role (the daemon's slot, else FLEXNPU_ROLE as the
-    observer read it) when its user may declare it
-    ([roles]: `Client.may_declare`) and its work has not contradicted it past
-    `distrust_after_ms` (roles.judge, once per snapshot); else the observed phase, the
-    declaration aside (`ProcessSample.observed_phase`; a "mixed" process, a chunked-prefill
-    engine whose every step carries decode tokens, counts as `mixed_as`); an idle one keeps its last class; one never seen
-    working is "unknown". `notes` says, for each client whose declared role is not its
-    class, why; `events` what changed in that since `previous`, which a policy says when the
-    result is new (`classes is not previous`).
+    observer read it) when its user may declare it ([roles]: `Client.may_declare`) and its
+    work has not contradicted it past `distrust_after_ms` (roles.judge, once per snapshot);
+    else the observed phase, the declaration aside (`ProcessSample.observed_phase`; a
+    "mixed" process, a chunked-prefill engine whose every step carries decode tokens, counts
+    as `mixed_as`); an idle one keeps its last class; one never seen working is "unknown".
+    `notes` says, for each client whose declared role is not its class, why; `events` what
+    changed in that since `previous`, which a policy says when the result is new
+    (`classes is not previous`).
 
     Worked out once per snapshot: on the ticks between two snapshots the previous result is
     returned as it is, unless a client is new. (Run for every client on the tick that takes

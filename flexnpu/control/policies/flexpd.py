@@ -29,9 +29,10 @@ Decode steps are never delayed past their budget; prefill gets every other momen
   alone, or only one side) gets every gate open and no budget.
 - **Classes.** The role given to the shim (FLEXNPU_ROLE) if its user may declare it
   (`[roles]`) and its work does not contradict it for long (`distrust_after_ms`; see
-  flexnpu/control/roles.py), else the observed phase. A "mixed" process (a chunked-prefill engine: each step carries decode tokens) counts as
-  decode by default (`mixed_as`): its steps are what a TPOT target protects. An idle one
-  keeps its last class; one never seen working is left open.
+  flexnpu/control/roles.py), else the observed phase. A "mixed" process (a chunked-prefill
+  engine: each step carries decode tokens) counts as decode by default (`mixed_as`): its
+  steps are what a TPOT target protects. An idle one keeps its last class; one never seen
+  working is left open.
 """
 
 from __future__ import annotations
