@@ -247,3 +247,12 @@ def test_roles_table_round_trip(tmp_path: Path) -> None:
     h = tmp_path / "plain.toml"
     h.write_text(plain.stdout)
     assert config.load(h, True).roles.prefill is None and config.load(h, True).roles.decode is None
+
+
+def test_odd_file_names_are_shown_in_one_short_line(tmp_path: Path) -> None:
+    for name, says in ((Path("a\x00b"), "'a\\x00b': not a file name"),
+                       (Path("/nonexistent/" + "x" * 5000), "File name too long"),
+                       (tmp_path / "new\nline.toml", "no such file")):
+        with pytest.raises(config.ConfigError) as e:
+            config.load(name, required=True)
+        assert says in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 300, str(e.value)

@@ -145,6 +145,8 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{_shown_path(path)}: no such file") from None
     except OSError as e:
         raise ConfigError(f"{_shown_path(path)}: {e.strerror or errno.errorcode.get(e.errno, e)}") from None
+    except ValueError:  # a NUL in the name (a caller's Path; argv and the environment hold none)
+        raise ConfigError(f"{_shown_path(path)}: not a file name") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -181,8 +183,10 @@ def read_file(path: Path) -> dict[str, Any]:
 
 
 def _shown_path(path: Path) -> str:
+    """A file name as a refusal shows it: printable, and short enough for one line."""
     s = str(path)
-    return s if s.isprintable() else repr(s)
+    s = s if s.isprintable() else repr(s)
+    return s if len(s) <= 200 else s[:100] + "..." + s[-97:]
 
 
 def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
