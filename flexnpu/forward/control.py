@@ -16,7 +16,8 @@ Those allowed to connect may still not take the daemon away from the others:
 - A connection that never speaks ZMTP is dropped after HANDSHAKE_MS.
 - The admin socket has its own zmq context (its own I/O thread, which a flood on the read
   socket does not occupy) and is served first: between any two read requests.
-- `list` on the read socket is answered from a reply a few ms old (protocol.ListCache).
+- `list` on the read socket is answered, for users other than root and the daemon's own,
+  from a recent reply (protocol.ListCache); the peer's uid comes with each request.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ def total_cap(fd_limit: int) -> int:
     """The cap of all non-root connections to one socket under this descriptor limit: two
     sockets' worth stay clear of FD_HEADROOM, so the limit is out of reach."""
     return max(16, min(CONNECTIONS_TOTAL, (fd_limit - FD_HEADROOM) // 2))
+
+
+def peer_uid(frame: zmq.Frame) -> int | None:
+    """The uid of the process that sent frame over ipc: libzmq reads the connection's
+    SO_PEERCRED at accept and gives it as the Peer-Address property, "host:uid:gid:pid"."""
+    try:
+        return int(frame.get("Peer-Address").rsplit(":", 3)[1])
+    except (zmq.ZMQError, AttributeError, ValueError, IndexError):
+        return None
 
 
 @dataclass
@@ -255,7 +265,7 @@ class ControlServer:
         try:
             # every frame, so the REP socket is ready to send: a reply after reading only the
             # first frame of a multipart request fails (EFSM)
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
         except zmq.ZMQError as e:  # e.g. a message over MAXMSGSIZE dropped the peer
@@ -264,10 +274,10 @@ class ControlServer:
         if len(frames) != 1:
             reply = protocol.error_reply(f"a request is one message frame, not {len(frames)}")
         elif admin:
-            reply = protocol.handle(self.daemon, frames[0], admin=True)
-            self.cache.clear()  # what it changed shows in the next list
+            reply = protocol.handle(self.daemon, frames[0].bytes, admin=True, cache=self.cache)
         else:
-            reply = protocol.handle(self.daemon, frames[0], admin=False, cache=self.cache)
+            trusted = peer_uid(frames[0]) in self.guard.exempt
+            reply = protocol.handle(self.daemon, frames[0].bytes, admin=False, cache=None if trusted else self.cache)
         sock.send(reply)  # never waits: REP drops a reply whose peer went or does not read
 
     def serve(self, stop: threading.Event) -> None:
