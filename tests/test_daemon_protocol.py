@@ -92,6 +92,28 @@ def test_list(handler_daemon):
         assert key in c
 
 
+def test_a_cached_list_shows_every_change_made_on_the_admin_socket(handler_daemon):
+    """The read socket's cached `list` (for users other than root) is cleared by every admin
+    command that may change something, not by a read one; it follows the set of clients."""
+    d, pid = handler_daemon
+    cache = protocol.ListCache(fresh_s=60.0)  # nothing expires during the test
+    read = lambda: json.loads(protocol.handle(d, b'{"schema": 1, "cmd": "list"}', admin=False, cache=cache))
+    first = read()
+    assert first["ok"] and [c["pid"] for c in first["clients"]] == [pid]
+    assert protocol.handle(d, b'{"schema": 1, "cmd": "list"}', admin=False, cache=cache) is cache.reply  # cached
+    protocol.handle(d, b'{"schema": 1, "cmd": "ping"}', admin=True, cache=cache)
+    assert cache.key is not None  # a read command on the admin socket keeps it
+    protocol.handle(d, json.dumps({"schema": 1, "cmd": "set", "pid": pid, "gate": "closed"}).encode(), admin=True,
+                    cache=cache)
+    assert read()["clients"][0]["gate"] == "closed"
+    protocol.handle(d, b'{"schema": 1, "cmd": "defaults", "priority": 3}', admin=True, cache=cache)
+    assert read()["defaults"]["priority"] == 3
+    protocol.handle(d, b'{"schema": 1, "cmd": "set", "pid": 1}', admin=True, cache=cache)  # refused: still cleared
+    assert cache.key is None
+    d.registry.remove(SLOT, "gone")  # a client leaves: the next list is built afresh
+    assert read()["clients"] == []
+
+
 def test_set_by_pid_and_by_slot_writes_the_segment(handler_daemon):
     d, pid = handler_daemon
     c = ok(d, {"schema": 1, "cmd": "set", "pid": pid, "gate": "closed"})["client"]
