@@ -3,9 +3,10 @@
 - daemon-<dev>.sock (read): ping and list. Mode 0660 root:flexnpu (0600 without the group).
 - daemon-<dev>.admin.sock (admin): every command. Mode 0600 root, or 0660 root:<admin group>.
 
-zmq over ipc carries no peer credentials into a request, so the file modes are the boundary:
-the kernel checks them at connect. Requests go to protocol.handle, which refuses admin
-commands that arrive on the read socket.
+The file modes are the boundary: the kernel checks them at connect. Requests go to
+protocol.handle, which refuses admin commands that arrive on the read socket. (Each request
+does carry its sender's uid, read by libzmq at accept; it only picks who gets a cached
+`list`, never what anyone may do.)
 
 Those allowed to connect may still not take the daemon away from the others:
 - ConnectionGuard counts each socket's connections by the peer's uid (SO_PEERCRED of the fd
@@ -133,9 +134,6 @@ class ConnectionGuard:
             mon.close(0)
         self.monitors.clear()
 
-    def held(self, uid: int) -> int:
-        return sum(c[uid] for c in self.by_uid)
-
     # -- the thread
     def _run(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
@@ -168,9 +166,7 @@ class ConnectionGuard:
 
     def accepted(self, i: int, fd: int) -> None:
         """A connection zmq accepted on socket i as fd: count it, or cut it."""
-        stale = self.conns.pop((i, fd), None)  # its disconnect was never seen
-        if stale is not None and stale.counted:
-            self.by_uid[i][stale.uid] -= 1
+        self.disconnected(i, fd)  # an entry still there is one whose disconnect was never seen
         try:
             s = socket.socket(fileno=os.dup(fd))  # a dup: closing ours never closes zmq's
         except OSError:  # gone already (its disconnect follows), or not a socket any more

@@ -24,7 +24,8 @@ manual setting, and carries a lease (lease_ms in [10, 60000], default 500) that 
 `renew` extend; when the lease runs out every controller-owned setting reverts to the
 device defaults.
 Two sockets (docs/security.md): the read socket serves ping and list (READ_COMMANDS) and
-refuses the rest; the admin socket serves every command.
+refuses the rest; the admin socket serves every command. A `list` on the read socket from a
+user other than root may be answered from a recent reply (ListCache).
 A malformed, unknown, multipart or oversized (> MAX_MESSAGE) request gets an error reply;
 a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 """
