@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from flexnpu.cliargs import NumberArgs
+from flexnpu.cliargs import NumberArgs, OutputError, drop_stdout, guard_stdout
 from flexnpu.emulator.cli import app as emu_app
 from flexnpu.forward import cli as forward_cli
 
@@ -44,29 +44,64 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _command_path(argv: list[str]) -> str:
+    """`flexnpu gate list` from argv: the command words before the first option or argument."""
+    cmd, words = typer.main.get_command(app), ["flexnpu"]
+    for a in argv:
+        sub = getattr(cmd, "commands", {}).get(a)
+        if sub is None:
+            break
+        cmd = sub
+        words.append(a)
+    return " ".join(words)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, unless stderr itself is gone (the exit code still tells)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
     """The `flexnpu` entry point. Click's usage errors (a value of the wrong type, an unknown
     option, a missing argument) come out as one line, `flexnpu CMD: what is wrong; see
-    `flexnpu CMD --help``, exit 2, instead of a usage block and a boxed message."""
+    `flexnpu CMD --help``, exit 2, instead of a usage block and a boxed message. Output that
+    cannot be written (stdout a full device, a closed pipe or closed) ends the command with
+    `flexnpu CMD: cannot write to standard output: WHY` and exit 1, whatever wrote it."""
     from typer._click import exceptions as click_errors  # the click typer ships and raises
 
+    out = guard_stdout()
+    try:
+        code = _run(click_errors)
+        sys.stdout.flush()  # inside the guard: a failure here still gets its one line
+    except OutputError:
+        code = 0  # reported below
+    if out.failed is not None and code == 0:  # a command that reported it itself exited non-zero
+        drop_stdout()
+        _say(f"{_command_path(sys.argv[1:])}: {out.failed}")
+        code = 1
+    sys.exit(code)
+
+
+def _run(click_errors) -> int:  # type: ignore[no-untyped-def]
     try:
         rv = app(standalone_mode=False, prog_name="flexnpu")
     except click_errors.NoArgsIsHelpError as e:
         e.show()
-        sys.exit(e.exit_code)
+        return e.exit_code
     except click_errors.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "flexnpu"
-        print(f"{where}: {' '.join(e.format_message().split()).rstrip('.')}; see `{where} --help`",
-              file=sys.stderr)
-        sys.exit(e.exit_code)
+        _say(f"{where}: {' '.join(e.format_message().split()).rstrip('.')}; see `{where} --help`")
+        return e.exit_code
     except click_errors.ClickException as e:
-        print(f"flexnpu: {' '.join(e.format_message().split()).rstrip('.')}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _say(f"flexnpu: {' '.join(e.format_message().split()).rstrip('.')}")
+        return e.exit_code
     except typer.Abort:
-        print("flexnpu: aborted", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(rv if isinstance(rv, int) else 0)
+        _say("flexnpu: aborted")
+        return 1
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

@@ -300,3 +300,120 @@ def test_pid_lock_is_released_by_the_holders_death(tmp_path: Path) -> None:
         holder.wait()
     with PidLock(path):
         assert path.read_text().strip() == str(os.getpid())
+
+
+# ---------------------------------------------------------------- output that cannot be written
+
+
+def _to(stdout: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with its stdout a full device (`>/dev/full`) or closed (`>&-`)."""
+    redirect = {"full": ">/dev/full", "closed": ">&-"}[stdout]
+    return subprocess.run(["timeout", "--preserve-status", "-s", "INT", TIMEOUT, "sh", "-c",
+                           f'exec "$@" {redirect}', "sh", sys.executable, "-m", "flexnpu.cli", *args],
+                          capture_output=False, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("args", [["emu", "status", "--json"], ["doctor", "--json"], ["emu", "env"], ["--help"],
+                                  ["service", "status", "--json"], ["gate", "--help"]], ids=" ".join)
+def test_output_to_a_full_device(args: list[str]) -> None:
+    cmd = " ".join(["flexnpu", *(a for a in args if not a.startswith("-"))])
+    r = _to("full", *args)
+    r.stdout = ""
+    one_line(r, 1, f"{cmd}: cannot write to standard output: No space left on device")
+
+
+@pytest.mark.parametrize("args", [["emu", "status", "--json"], ["emu", "env"]], ids=" ".join)
+def test_output_to_a_closed_stdout(args: list[str]) -> None:
+    r = _to("closed", *args)
+    r.stdout = ""
+    one_line(r, 1, "cannot write to standard output: it is closed")
+
+
+def test_output_to_a_closed_pipe_exits_1_quietly() -> None:
+    """A reader that went away (`flexnpu emu env | head -0`): exit 1 without a word, as click
+    does for every command (a message there would only clutter the pipeline's stderr)."""
+    argv = [sys.executable, "-m", "flexnpu.cli", "doctor", "--json"]
+    rd, wr = os.pipe()
+    os.close(rd)  # the reader is gone before the first write
+    try:
+        p = subprocess.run(argv, stdout=wr, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        os.close(wr)
+    assert p.returncode == 1 and p.stderr.strip() == "", (p.returncode, p.stderr)
+
+
+# ---------------------------------------------------------------- numbers and sizes
+
+
+@pytest.mark.parametrize("args,says", [
+    (["top", "--interval", "nan"], "flexnpu top: --interval must be a number above 0 and at most 86400 s, not nan"),
+    (["top", "--interval", "inf"], "flexnpu top: --interval must be a number above 0"),
+    (["top", "--interval", "-0"], "flexnpu top: --interval must be a number above 0"),
+    (["run", "--mem-quota", "0.0000000001", "--", "true"], "flexnpu run: --mem-quota must be at least 1 byte"),
+    (["run", "--mem-quota", "0.5", "--", "true"], "flexnpu run: --mem-quota must be at least 1 byte"),
+    (["run", "--mem-quota", "99999999T", "--", "true"], "below 16 EiB"),
+    (["run", "--mem-quota", "nan", "--", "true"], "--mem-quota takes a size such as 8G"),
+    (["gate", "set", "4242", "--max-hold-ms", "nan"], "flexnpu gate set: --max-hold-ms must be a number from 0.01"),
+    (["gate", "defaults", "--pending-grace-ms", "inf"], "flexnpu gate defaults: --pending-grace-ms must be"),
+    (["gate", "defaults", "--max-hold-ms", "1e300"], "--max-hold-ms must be a number from 0.01 to 60000 ms"),
+    (["daemon", "--max-hold-ms", "inf"], "flexnpu daemon: --max-hold-ms must be a number from 0.01"),
+    (["daemon", "--pending-grace-ms", "nan"], "flexnpu daemon: --pending-grace-ms must be a number from 0"),
+    (["demo", "--seconds", "inf"], "flexnpu demo: --seconds must be a number above 0"),
+    (["demo", "--seconds", "1e300"], "flexnpu demo: --seconds must be a number above 0"),
+    (["bench", "pd", "--rate", "1e-300"], "request rates must be positive numbers from 0.01"),
+    (["bench", "pd", "--rates", "1e300"], "request rates must be positive numbers from 0.01"),
+    (["bench", "pd", "--slo-ttft-ms", "nan"], "--slo-ttft-ms must be a number above 0"),
+    (["bench", "pd", "-n", str(10**30)], "-n must be from 1 to"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_numbers_out_of_range_are_usage_errors(args: list[str], says: str) -> None:
+    one_line(flexnpu(*args), 2, says)
+
+
+def test_size_bytes_reads_sizes_as_the_shim_does() -> None:
+    from flexnpu.cliargs import size_bytes
+
+    assert size_bytes("q", "8G") == 8 << 30 and size_bytes("q", " 512MiB ") == 512 << 20
+    assert size_bytes("q", "1.5k") == 1536 and size_bytes("q", "0.5K") == 512 and size_bytes("q", "1") == 1
+    assert size_bytes("q", "4096b") == 4096 and size_bytes("q", ".5t") == 1 << 39
+    for bad in ["0", "0.9", "1e-10", "-1G", "nan", "inf", "1e3", "0x10", "", "G", "1GG", "1 iB", "20000000000T"]:
+        with pytest.raises(ValueError):
+            size_bytes("q", bad)
+
+
+# ---------------------------------------------------------------- files and directories
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    f = tmp_path / "fifo"
+    os.mkfifo(f)
+    return f
+
+
+def test_attach_trace_to_a_fifo_is_refused_without_waiting(fifo: Path) -> None:
+    one_line(flexnpu("attach", str(os.getpid()), "--trace", str(fifo), timeout="20"), 2,
+             f"--trace {fifo}: is a FIFO, not a regular file")
+
+
+@pytest.mark.parametrize("where", ["fifo", "/dev/null", "/proc/version", "/sys/kernel/notes"])
+def test_bench_json_to_no_regular_file(where: str, fifo: Path) -> None:
+    path = str(fifo) if where == "fifo" else where
+    one_line(flexnpu("bench", "pd", "--json", path, timeout="20"), 2, f"--json {path}: is ")
+
+
+@pytest.mark.parametrize("out", ["/proc", "/etc/passwd"])
+def test_demo_out_not_a_directory_for_results(out: str) -> None:
+    one_line(flexnpu("demo", "--out", out, timeout="20"), 2, f"flexnpu demo: --out {out}: is ")
+
+
+@pytest.mark.parametrize("prefix,says", [
+    ("/proc/version", "--prefix /proc/version is not a directory"),
+    ("/etc/passwd/units", "--prefix /etc/passwd/units: /etc/passwd is not a directory"),
+    ("/proc/1", "--prefix /proc/1 is on proc, a file system the kernel makes up"),
+    ("/sys/kernel", "--prefix /sys/kernel is on sysfs"),
+])
+@pytest.mark.parametrize("cmd", [["service", "install", "--dry-run"], ["service", "status"]], ids=" ".join)
+def test_service_prefix_one_cannot_install_under(cmd: list[str], prefix: str, says: str) -> None:
+    one_line(flexnpu(*cmd, "--prefix", prefix), 2, f"flexnpu {' '.join(cmd[:2])}: {says}")

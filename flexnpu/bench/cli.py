@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from flexnpu.bench import pd
+from flexnpu.cliargs import check_output_file
 
 app = typer.Typer(help="Benchmarks on the emulated device.", no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,11 +126,9 @@ def pd_command(
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
       flexnpu bench pd --mode both --configs static-colocation,flexnpu
     """
+    check_output_file("bench pd", "--json", json_path)
+    check_output_file("bench pd", "--plot", plot_path)
     try:
-        if json_path and not json_path.parent.exists():
-            raise pd.BenchError(f"--json: directory {json_path.parent} does not exist")
-        if plot_path and not plot_path.parent.exists():
-            raise pd.BenchError(f"--plot: directory {plot_path.parent} does not exist")
         if mode not in (*pd.MODES, "both"):
             raise pd.BenchError(f"--mode takes serial, shared or both, got {mode!r}")
         o = options_from(trace, n, rate, rates, devices, mode, repeat, configs, shares, model, seed,

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 from flexnpu.bench import pd
+from flexnpu.cliargs import MAX_INTERVAL_S, check_output_dir, check_positive
 from flexnpu.bench.node import LocalNode
 
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
@@ -119,12 +120,8 @@ def demo_command(
       flexnpu demo --quick
       flexnpu demo --seconds 60 --out results/
     """
-    if seconds is not None and not seconds > 0:
-        err.print("flexnpu demo: --seconds must be positive")
-        raise typer.Exit(2)
-    if out is not None and not out.is_dir():
-        err.print(f"flexnpu demo: --out {out} is not a directory")
-        raise typer.Exit(2)
+    check_positive("demo", "--seconds", seconds, most=MAX_INTERVAL_S, unit=" s")
+    check_output_dir("demo", "--out", out)
     from flexnpu.bench.cli import console as make_console, execute
 
     console = make_console()

@@ -62,6 +62,14 @@ class BenchError(ValueError):
     """Bad input: str() is one line saying what to change."""
 
 
+# Bounds of what a run on two cores can mean: a rate below MIN_RATE spreads even a short trace
+# over hours (and a tiny one puts arrivals past what a timestamp holds); above MAX_RATE every
+# request arrives at once. An SLO over an hour is no objective.
+MIN_RATE, MAX_RATE = 0.01, 10_000.0
+MAX_SLO_S = 3600.0
+MAX_REQUESTS, MAX_REPEAT = 1_000_000, 1000
+
+
 @dataclass
 class Options:
     trace: str = "balanced"  # balanced | prefill-heavy | an Azure CSV file
@@ -86,15 +94,20 @@ class Options:
     def check(self) -> None:
         if self.trace not in TRACES and not Path(self.trace).is_file():
             raise BenchError(f"--trace takes {', '.join(TRACES)} or an Azure trace CSV file; {self.trace!r} is neither")
-        if self.n < 1:
-            raise BenchError(f"-n must be at least 1, got {self.n}")
+        if not 1 <= self.n <= MAX_REQUESTS:
+            raise BenchError(f"-n must be from 1 to {MAX_REQUESTS}, got {self.n}")
         for r in (*([] if self.rate is None else [self.rate]), *self.rates, *self.auto_rates):
-            if not (r > 0 and math.isfinite(r)):
-                raise BenchError(f"request rates must be positive numbers, got {r}")
+            if not (MIN_RATE <= r <= MAX_RATE):  # NaN fails both comparisons
+                raise BenchError(f"request rates must be positive numbers from {MIN_RATE:g} to {MAX_RATE:g} "
+                                 f"(requests/s), got {r:g}")
+        for name, v in (("--slo-ttft-ms", self.slo_ttft_s), ("--slo-tpot-ms", self.slo_tpot_s)):
+            if not (0 < v <= MAX_SLO_S):
+                raise BenchError(f"{name} must be a number above 0 and at most {MAX_SLO_S * 1e3:g} ms, "
+                                 f"got {v * 1e3:g}")
         if not 1 <= self.devices <= 16:
             raise BenchError(f"--devices must be 1..16, got {self.devices}")
-        if self.repeat < 1:
-            raise BenchError(f"--repeat must be at least 1, got {self.repeat}")
+        if not 1 <= self.repeat <= MAX_REPEAT:
+            raise BenchError(f"--repeat must be from 1 to {MAX_REPEAT}, got {self.repeat}")
         bad = [c for c in self.configs if c not in CONFIGS]
         if bad or not self.configs:
             raise BenchError(f"--configs takes a comma list of {', '.join(CONFIGS)}; got {','.join(bad) or 'nothing'}")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flexnpu import logs, paths
-from flexnpu.cliargs import NumberArgs, check_device, check_pid
+from flexnpu.cliargs import NumberArgs, check_device, check_pid, check_range, size_bytes
 
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 gate_app = typer.Typer(help="Inspect and set the dispatch gates of a device's clients.", no_args_is_help=True)
@@ -44,6 +44,7 @@ def daemon_command(
     """
     from flexnpu.forward import daemon, protocol
 
+    _check_times("daemon", max_hold_ms, pending_grace_ms)
     logs.setup(verbose)
     count, where = device_count() if device >= 0 else (None, "")
     if count is None:
@@ -78,6 +79,15 @@ def device_count() -> tuple[int | None, str]:
         return None, "no CANN devices (/dev/davinciN) and no emulator running"
     except (control.EmulatorError, KeyError, TypeError) as e:
         return None, f"cannot ask the emulator ({e})"
+
+
+def _check_times(cmd: str, max_hold_ms: float | None, pending_grace_ms: float | None) -> None:
+    """The daemon's own limits (protocol.py), checked before any socket is touched: a bad
+    value is a usage error (exit 2), not a refusal from the daemon."""
+    from flexnpu.forward import protocol
+
+    check_range(cmd, "--max-hold-ms", max_hold_ms, protocol.MIN_HOLD_MS, protocol.MAX_HOLD_LIMIT_MS, " ms")
+    check_range(cmd, "--pending-grace-ms", pending_grace_ms, 0.0, protocol.MAX_GRACE_MS, " ms")
 
 
 def _client(device: int, cmd: str):
@@ -154,6 +164,7 @@ def gate_set(
     from flexnpu.forward.client import DaemonError
 
     check_pid("gate set", "PID", pid)
+    _check_times("gate set", max_hold_ms, None)
     try:
         with _client(device, "set") as c:
             v = c.set(pid=pid, gate=gate, priority=priority, max_hold_ms=max_hold_ms, inflight=inflight)
@@ -212,6 +223,7 @@ def gate_defaults(
     """
     from flexnpu.forward.client import DaemonError
 
+    _check_times("gate defaults", max_hold_ms, pending_grace_ms)
     try:
         with _client(device, "defaults") as c:
             d = c.defaults(gate=gate, priority=priority, max_hold_ms=max_hold_ms, apply=apply,
@@ -219,9 +231,6 @@ def gate_defaults(
     except DaemonError as e:
         _fail("defaults", e)
     typer.echo(json.dumps({"schema": 1, "defaults": d}))
-
-
-_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([kKmMgGtT][iI]?)?[bB]?\s*$")
 
 
 def shim_library() -> str:
@@ -244,8 +253,7 @@ def run_env(devices: Optional[str], role: str, mem_quota: Optional[str], debug: 
                              "each physical device once (e.g. 2,3)")
         env["FLEXNPU_DEVICES"] = devices
     if mem_quota is not None:
-        if not _SIZE.match(mem_quota) or float(re.match(r"\s*[\d.]+", mem_quota).group()) <= 0:
-            raise ValueError(f"--mem-quota takes a size such as 8G or 512MiB, not {mem_quota!r}")
+        size_bytes("--mem-quota", mem_quota)
         env["FLEXNPU_MEM_QUOTA"] = mem_quota.strip()
     env["FLEXNPU_ROLE"] = role
     if debug:

@@ -6,7 +6,6 @@ library mapped, 5 missing privileges, 6 BPF unavailable, 7 bcc missing.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,11 +13,11 @@ from typing import Annotated, Optional
 import typer
 
 from flexnpu import logs
-from flexnpu.cliargs import check_at_least, check_pid, check_positive, fail
+from flexnpu.cliargs import (MAX_INTERVAL_S, check_at_least, check_pid, check_positive, fail,
+                             output_file_problem)
 from flexnpu.observe.errors import ObserveError
 
 
-MAX_INTERVAL_S = 86400.0  # a day: longer is a typo, and time.sleep overflows on huge values
 
 
 def _fail(cmd: str, e: ObserveError) -> None:
@@ -29,14 +28,7 @@ def _fail(cmd: str, e: ObserveError) -> None:
 def trace_problem(path: Path) -> str | None:
     """Why a trace file cannot be written at path (None: it can), checked before any probe
     is loaded so a typo costs nothing."""
-    if path.is_dir():
-        return "is a directory; give a file name"
-    parent = path.parent
-    if not parent.is_dir():
-        return f"{parent} is not a directory; create it first or give another path"
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        return "permission denied; give a path you can write"
-    return None
+    return output_file_problem(path)
 
 
 def attach_command(

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flexnpu.cliargs import EXIT_USAGE
 from flexnpu.service import install as inst
 
 app = typer.Typer(help="FlexNPU's systemd services: install, uninstall, status.", no_args_is_help=True)
@@ -21,7 +22,7 @@ def _echo(line: str) -> None:
 
 def _fail(what: str, e: Exception) -> None:
     err.print(f"flexnpu service {what}: {e}")
-    raise typer.Exit(1)
+    raise typer.Exit(EXIT_USAGE if isinstance(e, inst.PrefixError) else 1)
 
 
 PrefixOpt = Annotated[Path, typer.Option(help="Directory the unit files go to.")]
@@ -57,7 +58,7 @@ def uninstall(
     """Stop and remove what install wrote. The configuration stays if it was changed since;
     the group stays if install did not create it or other users are in it."""
     try:
-        inst.uninstall(prefix, _echo, dry_run)
+        inst.uninstall(inst.check_prefix(prefix), _echo, dry_run)
     except (inst.ServiceError, OSError) as e:
         _fail("uninstall", e)
 
@@ -69,7 +70,7 @@ def status(
 ) -> None:
     """Per unit: installed, enabled, active; and the sockets in the runtime dir."""
     try:
-        st = inst.status(prefix)
+        st = inst.status(inst.check_prefix(prefix))
     except (inst.ServiceError, OSError) as e:
         _fail("status", e)
     if json_out:

@@ -38,7 +38,54 @@ class ServiceError(RuntimeError):
     """Bad input or a step that failed; the message is one line that says what to do."""
 
 
+class PrefixError(ServiceError):
+    """--prefix names no directory unit files can be written under (a usage error)."""
+
+
 Echo = Callable[[str], None]
+
+# File systems the kernel makes up (their files are its state, not storage): nothing can be
+# installed under them, and a dry run that "would write" there promises what cannot be done.
+PSEUDO_FS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs",
+                       "pstore", "bpf", "efivarfs", "fusectl", "binfmt_misc", "devpts", "mqueue", "hugetlbfs",
+                       "autofs", "nsfs", "rpc_pipefs"})
+
+
+def _fs_type(path: Path) -> str | None:
+    """The type of the file system path is on, from the mount of its device in mountinfo."""
+    try:
+        dev = os.stat(path).st_dev
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and fields[2] == want and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return None
+
+
+def check_prefix(prefix: Path) -> Path:
+    """The unit directory as an absolute path, or PrefixError: it must be a directory or a
+    path that can become one (its nearest existing ancestor a directory), on a real file
+    system. Relative prefixes are made absolute: the manifest must name the same place from
+    any working directory."""
+    if str(prefix).strip() == "":
+        raise PrefixError(f"--prefix is empty; give the directory the unit files go to (default {DEFAULT_PREFIX})")
+    prefix = Path(os.path.abspath(prefix))
+    existing = prefix
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == prefix else f": {existing} is not a directory"
+        raise PrefixError(f"--prefix {prefix}{where or ' is not a directory'}; give the directory the unit files "
+                          f"go to (default {DEFAULT_PREFIX})")
+    fs = _fs_type(existing)
+    if fs in PSEUDO_FS:
+        raise PrefixError(f"--prefix {prefix} is on {fs}, a file system the kernel makes up; give a directory "
+                          f"on disk (default {DEFAULT_PREFIX})")
+    return prefix
 
 
 def systemd_running() -> bool:
@@ -179,6 +226,7 @@ class Plan:
 
 
 def plan(devices: str, prefix: Path, binary: Path | None = None) -> Plan:
+    prefix = check_prefix(prefix)
     cfg = make_config(devices, binary)
     return Plan(cfg, prefix, units.render(cfg))
 

@@ -20,6 +20,7 @@ from typing import Annotated, Iterator
 import typer
 
 from flexnpu import paths
+from flexnpu.cliargs import MAX_INTERVAL_S, check_positive
 from flexnpu.tui.model import Sampler, anything_running, refused_sources
 from flexnpu.tui.view import ViewState, render
 
@@ -163,9 +164,7 @@ def top_command(
       flexnpu top --once
       flexnpu top --json | jq .snapshot.devices
     """
-    if interval <= 0:
-        print("flexnpu top: --interval must be positive", file=sys.stderr)
-        raise typer.Exit(2)
+    check_positive("top", "--interval", interval, most=MAX_INTERVAL_S, unit=" s")
     rdir: Path = paths.runtime_dir()
     if not anything_running(rdir):
         print(f"flexnpu top: nothing to show: no observer ({paths.observe_socket(rdir)}) and no daemon "
