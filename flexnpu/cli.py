@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import typer
@@ -64,6 +66,27 @@ def _say(line: str) -> None:
         pass
 
 
+def hangup_stops() -> None:
+    """SIGHUP (the terminal closed, the ssh session dropped) stops every command the way its
+    SIGTERM does: the daemon opens its gates, the observer and controller remove their sockets,
+    `top` restores the terminal, a node owner stops what it started. A command with no SIGTERM
+    handler dies of the SIGHUP as before; a SIGHUP ignored on the way in (nohup) stays ignored.
+    Handlers end at exec, so `flexnpu run` and `emu start --foreground` hand the program the
+    default."""
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_DFL:
+        return
+
+    def on_hangup(signum: int, frame: object) -> None:
+        term = signal.getsignal(signal.SIGTERM)
+        if callable(term):
+            term(signum, frame)
+            return
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, on_hangup)
+
+
 def main() -> None:
     """The `flexnpu` entry point. Click's usage errors (a value of the wrong type, an unknown
     option, a missing argument) come out as one line, `flexnpu CMD: what is wrong; see
@@ -73,6 +96,7 @@ def main() -> None:
     from typer._click import exceptions as click_errors  # the click typer ships and raises
 
     out = guard_stdout()
+    hangup_stops()
     try:
         code = _run(click_errors)
         sys.stdout.flush()  # inside the guard: a failure here still gets its one line

@@ -68,3 +68,41 @@ def test_demo_sigint_midway_cleans_up(tmp_path):
     assert p.returncode == 130, e[-3000:]
     assert "interrupted" in e
     assert _wait_clean(tmp_path) == []
+
+
+def _wait_node(p: subprocess.Popen, tmp: Path) -> None:
+    """Until the node runs (its runtime dir exists) and the workload is under way."""
+    deadline = time.monotonic() + 60
+    while not any(x.name.startswith("flexnpu-node-") for x in tmp.iterdir()):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2.0)
+
+
+@pytest.mark.slow
+def test_demo_sighup_midway_cleans_up(tmp_path):
+    """The terminal closed or the ssh session dropped: stopped as by SIGTERM."""
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _demo(tmp_path, out)
+    _wait_node(p, tmp_path)
+    p.send_signal(signal.SIGHUP)
+    o, e = p.communicate(timeout=60)
+    assert p.returncode == 129, e[-3000:]
+    assert "hung up (SIGHUP)" in e and "Traceback" not in e
+    assert _wait_clean(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_demo_killed_outright_leaves_nothing_running(tmp_path):
+    """kill -9: no handler runs, and the node's guard stops the device server, daemon,
+    observer, controller and workload, and removes the node's dir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _demo(tmp_path, out)
+    _wait_node(p, tmp_path)
+    running = [x for x in _leftovers(tmp_path) if x.startswith("pid ")]
+    assert any(b"emu-server" in x.encode() or "emu-server" in x for x in running), running
+    p.kill()
+    p.communicate(timeout=30)
+    assert _wait_clean(tmp_path, timeout=20) == []

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from flexnpu.bench import pd
+from flexnpu.bench.node import stop_signals
 from flexnpu.cliargs import check_output_file
 
 app = typer.Typer(help="Benchmarks on the emulated device.", no_args_is_help=True,
@@ -136,15 +137,29 @@ def pd_command(
     except pd.BenchError as e:
         err.print(f"flexnpu bench pd: {e}")
         raise typer.Exit(2)
+    hung_up = []
+
     def on_term(signum: int, frame: object) -> None:  # stop like Ctrl-C: every node it started goes too
+        hung_up.append(signum == signal.SIGHUP)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
     try:
-        execute(o, console(), json_path, plot_path)
+        with stop_signals(on_term):
+            execute(o, console(), json_path, plot_path)
     except KeyboardInterrupt:
-        err.print("flexnpu bench pd: interrupted; everything it started is stopped")
+        if hung_up and hung_up[0]:
+            _say("flexnpu bench pd: hung up (SIGHUP); everything it started is stopped")
+            raise typer.Exit(128 + signal.SIGHUP)
+        _say("flexnpu bench pd: interrupted; everything it started is stopped")
         raise typer.Exit(130)
     except Exception as e:  # one line, not a traceback: the node's log names the part that failed
-        err.print(f"flexnpu bench pd: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _say(f"flexnpu bench pd: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise typer.Exit(1)
+
+
+def _say(line: str) -> None:
+    """A line on stderr, which may be a terminal that hung up: the exit code still tells."""
+    try:
+        err.print(line)
+    except (OSError, ValueError):
+        pass

@@ -2,8 +2,9 @@
 device, the observer, the controller), the reference serving workload under it with the
 `top` view live, then the comparison (`bench pd`, short) and its table and plot.
 
-Everything it starts is stopped on the way out: at the end, on an error, on Ctrl-C (SIGINT)
-and on SIGTERM. The runtime dirs are temporary and removed.
+Everything it starts is stopped on the way out: at the end, on an error, on Ctrl-C (SIGINT),
+on SIGTERM and on SIGHUP (the terminal closed, the ssh session dropped); killed outright, its
+nodes' guards stop them (flexnpu/bench/guard.py). The runtime dirs are temporary and removed.
 """
 
 from __future__ import annotations
@@ -22,17 +23,29 @@ from rich.console import Console
 
 from flexnpu.bench import pd
 from flexnpu.cliargs import MAX_INTERVAL_S, check_output_dir, check_positive
-from flexnpu.bench.node import LocalNode
+from flexnpu.bench.node import LocalNode, stop_signals
 
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 
 class _Stop(Exception):
-    """SIGTERM: unwind like Ctrl-C so every with-block stops what it started."""
+    """SIGTERM or SIGHUP: unwind like Ctrl-C so every with-block stops what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _on_term(signum: int, frame: object) -> None:
-    raise _Stop()
+    raise _Stop(signum)
+
+
+def _say(line: str) -> None:
+    """A line on stderr, which may be a terminal that hung up: the exit code still tells."""
+    try:
+        err.print(line)
+    except (OSError, ValueError):
+        pass
 
 
 def demo_options(quick: bool) -> pd.Options:
@@ -44,15 +57,17 @@ def demo_options(quick: bool) -> pd.Options:
     return replace(o, model="qwen2.5-7b:4", n=40, rate=24.0, slo_ttft_s=0.1, slo_tpot_s=0.012)
 
 
-def live_workload(console: Console, o: pd.Options, seconds: float, rdir: Path) -> None:
+def live_workload(console: Console, o: pd.Options, seconds: float) -> None:
     """The workload under FlexNPU (flexpd) with the top view live for `seconds`."""
     from flexnpu.tui.model import Sampler
     from flexnpu.tui.view import ViewState, render
 
-    toml = rdir / "flexpd.toml"
+    node = LocalNode(devices=1, mode=o.modes[0], profile=o.profile, observer=o.observer, policy="flexpd")
+    # in the node's own dir, so that whatever removes the node (its stop, or its guard after a
+    # kill -9 of this process) removes the configuration too
+    toml = node.rdir / "flexpd.toml"
     toml.write_text(pd.FLEXPD_TOML)
-    node = LocalNode(devices=1, mode=o.modes[0], profile=o.profile, observer=o.observer, policy="flexpd",
-                     controller_args=["--config", str(toml)])
+    node.controller_args = ["--config", str(toml)]
     with node:
         reqs, _ = pd.make_trace(replace(o, n=10_000, devices=1), o.rate / 2)
         reqs = [r for r in reqs if r.arrival_s < seconds]
@@ -127,20 +142,23 @@ def demo_command(
     console = make_console()
     o = demo_options(quick)
     secs = seconds if seconds is not None else (4.0 if quick else 20.0)
-    old = signal.signal(signal.SIGTERM, _on_term)
     try:
-        with tempfile.TemporaryDirectory(prefix="flexnpu-demo-") as td:
+        with stop_signals(_on_term):
             console.rule("FlexNPU demo: a prefill and a decode instance share an emulated 910B under flexpd")
-            live_workload(console, o, secs, Path(td))
+            live_workload(console, o, secs)
             console.rule("the comparison: flexnpu bench pd" + (" --quick" if quick else " (short)"))
             where = out or Path(tempfile.mkdtemp(prefix="flexnpu-demo-results-"))
             execute(o, console, where / "pd.json", where / "pd.png")
             console.print(f"the full benchmark: flexnpu bench pd --json pd.json --plot pd.png (docs/bench.md)")
-    except (KeyboardInterrupt, _Stop):
-        err.print("flexnpu demo: interrupted; everything it started is stopped")
+    except _Stop as e:
+        if e.signum == signal.SIGHUP:
+            _say("flexnpu demo: hung up (SIGHUP); everything it started is stopped")
+            raise typer.Exit(128 + signal.SIGHUP)
+        _say("flexnpu demo: interrupted; everything it started is stopped")
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        _say("flexnpu demo: interrupted; everything it started is stopped")
         raise typer.Exit(130)
     except Exception as e:
-        err.print(f"flexnpu demo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _say(f"flexnpu demo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise typer.Exit(1)
-    finally:
-        signal.signal(signal.SIGTERM, old)

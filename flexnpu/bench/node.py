@@ -8,11 +8,17 @@ under the shim beside them.
         ...
     # everything it started is stopped (SIGTERM, then SIGKILL), also on an exception
 
+If the owner dies without stopping them (kill -9, a crash), the node's guard
+(flexnpu/bench/guard.py, a process in its own session that the owner feeds every pid it
+starts) stops them and removes the runtime dir. An owner that handles SIGINT, SIGTERM and
+SIGHUP (stop_signals) unwinds through `stop()` on each of them.
+
 Benchmarks import this, never tests/ (tests may import it too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -22,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from flexnpu import paths
 
@@ -65,6 +71,20 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
         if time.monotonic() > deadline:
             raise NodeError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """handler for SIGTERM and SIGHUP while in the block (SIGINT is KeyboardInterrupt already):
+    a closed terminal or a dropped ssh session (SIGHUP) stops a node owner as `kill` does, so
+    it unwinds through every `stop()`. A SIGHUP ignored on the way in (nohup) stays ignored."""
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else [])
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def stop_process(p: subprocess.Popen, timeout: float = 5.0) -> None:
@@ -114,6 +134,7 @@ class LocalNode:
         self.services: dict[str, subprocess.Popen] = {}
         self._argv: dict[str, list[str]] = {}  # each service's command line, for restart()
         self.programs: list[subprocess.Popen] = []
+        self._guard: subprocess.Popen | None = None
 
     # -- environment
     def base_env(self) -> dict[str, str]:
@@ -151,8 +172,10 @@ class LocalNode:
 
         self.rdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
+        self._start_guard()
         self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir,
                                      partition=self.partition)
+        self._watch(self.emu_pid)
         if self.want_daemons:
             for dev in range(self.devices):
                 self._service(f"daemon-{dev}", ["daemon", "--device", str(dev), *self.daemon_args])
@@ -166,6 +189,47 @@ class LocalNode:
             self._service("controller", ["controller", "--policy", self.policy, *self.controller_args])
             self._ready("controller", lambda: paths.controller_socket(self.rdir).exists())
 
+    def _start_guard(self) -> None:
+        if self._guard is not None:
+            return
+        self._guard = subprocess.Popen([*FLEXNPU[:1], "-m", "flexnpu.bench.guard"], env=self.base_env(),
+                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        if self._own_rdir:
+            self._tell_guard(b"dir " + os.fsencode(self.rdir))
+
+    def _tell_guard(self, line: bytes) -> None:
+        if self._guard is None or self._guard.stdin is None:
+            return
+        try:
+            self._guard.stdin.write(line + b"\n")
+            self._guard.stdin.flush()
+        except OSError:  # the guard is gone (someone killed it): stop() still works
+            pass
+
+    def _watch(self, pid: int | None) -> None:
+        """Tells the guard about a process this node started."""
+        from flexnpu.bench.guard import start_time
+
+        start = start_time(pid) if pid else None
+        if start is not None:
+            self._tell_guard(f"pid {pid} {start}".encode())
+
+    def _stop_guard(self) -> None:
+        g, self._guard = self._guard, None
+        if g is None:
+            return
+        try:
+            g.stdin.write(b"done\n")
+            g.stdin.close()
+        except OSError:
+            pass
+        try:
+            g.wait(5)
+        except subprocess.TimeoutExpired:
+            g.kill()
+            g.wait()
+
     def _service(self, name: str, args: list[str]) -> None:
         self._argv[name] = args
         log = open(self.logs / f"{name}.log", "ab")  # a restarted service appends to its log
@@ -174,6 +238,7 @@ class LocalNode:
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             log.close()
+        self._watch(self.services[name].pid)
 
     def _ready(self, name: str, pred: Callable[[], Any]) -> None:
         p = self.services[name]
@@ -211,6 +276,7 @@ class LocalNode:
         popen.setdefault("text", True)
         p = subprocess.Popen(list(argv), env=self.program_env(role, shim, devices, extra_env), **popen)
         self.programs.append(p)
+        self._watch(p.pid)
         return p
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -229,6 +295,7 @@ class LocalNode:
         if name == "emu":
             self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir,
                                          partition=self.partition)
+            self._watch(self.emu_pid)
             return
         old = self.services[name]
         if old.poll() is None:
@@ -279,6 +346,7 @@ class LocalNode:
             self.emu_pid = None
         if self._own_rdir:
             shutil.rmtree(self.rdir, ignore_errors=True)
+        self._stop_guard()
 
     def __enter__(self) -> LocalNode:
         return self.start()

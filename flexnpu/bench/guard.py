@@ -1,0 +1,112 @@
+"""The guard of a LocalNode: a small process that stops what the node started, and removes its
+temporary runtime dir, when the node's owner dies without stopping them (kill -9, a crash, an
+interpreter that could not unwind).
+
+The owner writes one line per thing to clean up on the guard's stdin, as it starts it:
+
+    pid PID START     a process (START: its start time in /proc/PID/stat, so a pid the
+                      kernel has given to another process since is never signalled)
+    dir PATH          a directory to remove
+    done              the owner stopped everything itself: exit without doing anything
+
+End of file without `done` means the owner is gone: the kernel closes its end of the pipe
+however it died, which is why this is a pipe and not a parent-death signal (PR_SET_PDEATHSIG
+fires when the *thread* that started a child exits, and benchmarks start programs from worker
+threads; the device server is started in its own session, by code the node does not own).
+The processes get SIGTERM, newest first, then SIGKILL after STOP_S; processes that carry the
+runtime dir in their environment or command line (children of children, or one started just
+as the owner died) are swept the same way; then the directories are removed.
+
+The guard runs in its own session and ignores SIGINT and SIGHUP: a closed terminal or Ctrl-C
+is the owner's to handle, and the guard must outlive it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+STOP_S = 5.0  # SIGTERM to SIGKILL, as LocalNode.stop gives each service
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks after boot); None if pid runs nothing (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def _alive(pid: int, start: int) -> bool:
+    return start_time(pid) == start
+
+
+def _strays(dirs: list[str], uid: int) -> list[tuple[int, int]]:
+    """Processes of this user that name one of dirs in their environment or command line."""
+    keys = [os.fsencode(d) for d in dirs]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            text = (entry / "environ").read_bytes() + b"\0" + (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(k + b"/" in text or k + b"\0" in text or text.endswith(k) for k in keys):
+            start = start_time(int(entry.name))
+            if start is not None:
+                found.append((int(entry.name), start))
+    return found
+
+
+def stop_all(procs: list[tuple[int, int]], timeout: float = STOP_S) -> None:
+    """SIGTERM to each (newest first), then SIGKILL to those still there after timeout."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        live = [(p, s) for p, s in reversed(procs) if _alive(p, s)]
+        for pid, _ in live:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while live and time.monotonic() < deadline:
+            time.sleep(0.02)
+            live = [(p, s) for p, s in live if _alive(p, s)]
+        if not live:
+            return
+
+
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    procs: list[tuple[int, int]] = []
+    dirs: list[str] = []
+    for raw in sys.stdin.buffer:
+        word, _, rest = raw.rstrip(b"\n").partition(b" ")
+        if word == b"done":
+            return 0
+        if word == b"pid":
+            pid, start = rest.split()
+            procs.append((int(pid), int(start)))
+        elif word == b"dir":
+            dirs.append(os.fsdecode(rest))
+    stop_all(procs)
+    if dirs:
+        stop_all(_strays(dirs, os.getuid()))
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
