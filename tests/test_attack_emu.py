@@ -63,6 +63,20 @@ if mode == "silent":
         s = connect()
         if s: held.append(s)
     say(opened=len(held))
+elif mode == "hello":  # registered processes, as many as the server lets one user have
+    refused = 0
+    for i in range(n):
+        s = connect()
+        if not s: continue
+        s.setblocking(True)
+        s.send(_REQ.pack(1, 0, 2, 0, b""))
+        msg, fds, _, _ = socket.recv_fds(s, 64, 4)
+        for fd in fds: os.close(fd)
+        if fds: held.append(s)
+        else:
+            refused += 1
+            s.close()
+    say(registered=len(held), refused=refused)
 elif mode == "status":
     for i in range(n):
         s = connect()
@@ -240,6 +254,19 @@ def test_silent_connections_are_bounded_closed_and_never_leak(flexnpu_group, emu
     a.stop()
     assert wait_for(lambda: open_fds(emu.pid) <= base, 5), (base, open_fds(emu.pid))
     assert emu.status()["devices"][0]["memory"]["used"] == 0
+
+
+def test_one_user_cannot_fill_the_client_table(flexnpu_group, emulator, open_rdir, attack, acl_env, workload):
+    emu = emulator()
+    a = attack("hello", open_rdir / "emu.sock", 300)
+    got = a.read(timeout=60)
+    # a quarter of the table at most; the rest refused, not queued
+    assert 0 < got["registered"] <= 64 and got["refused"] >= 300 - 64 - 16, got
+    for _ in range(8):  # everyone else's programs still get in
+        assert setdevice(workload, acl_env)["set_device_rc"] == 0
+    a.stop()  # and its slots are free again once it goes
+    a = attack("hello", open_rdir / "emu.sock", 8)
+    assert a.read(timeout=60) == {"registered": 8, "refused": 0}
 
 
 def test_at_the_descriptor_limit_the_server_neither_spins_nor_hangs_programs(flexnpu_group, emulator, open_rdir,

@@ -243,6 +243,11 @@ static int connect_locked(void)
         for (int i = 0; i < nfds; i++) close(fds[i]);
         close(s);
         if (rep.err == ACL_ERROR_RT_NO_PERMISSION) return refused(rep.a);
+        if (rep.err == ACL_ERROR_RT_OVER_LIMIT) {
+            fprintf(stderr, "libascendcl (FlexNPU emulator): this user already runs %llu processes on the "
+                    "emulated devices, the most one user may; end one of them first\n", (unsigned long long)rep.a);
+            return fail(ACL_ERROR_RT_OVER_LIMIT, "too many processes of this user at %s", g_sock_path);
+        }
         return fail(ACL_ERROR_RT_NO_DEVICE, "the device server at %s refused this process (%d)", g_sock_path,
                     rep.err);
     }

@@ -176,6 +176,10 @@ static int dev_free(struct device *d, struct client *c, uint64_t off, uint64_t *
  * when they stay silent for EMU_PENDING_IDLE_NS. */
 
 #define EMU_PENDING_PER_UID 16
+/* Registered processes one user (not root, not the server's own) may hold at once: the
+ * client table (EMU_MAX_CLIENTS) is the node's, and one user filling it would refuse every
+ * other user's programs. A quarter of it is more than a node's serving processes need. */
+#define EMU_ALIVE_PER_UID (EMU_MAX_CLIENTS / 4)
 #define EMU_PENDING_MAX 64
 #define EMU_PENDING_IDLE_NS 5000000000ULL
 #define EMU_EXITED_KEPT 64
@@ -730,6 +734,17 @@ static bool handle(struct client *c)
         if (c->seg || req.a != EMU_PROTO_VERSION) {
             reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
             return false;
+        }
+        if (c->uid != 0 && c->uid != geteuid()) {
+            int mine = 0;
+            for (int i = 0; i < g_srv.nclients; i++)
+                if (g_srv.clients[i]->state == CLIENT_ALIVE && g_srv.clients[i]->uid == c->uid) mine++;
+            if (mine >= EMU_ALIVE_PER_UID) {
+                fprintf(stderr, "flexnpu-emu-server: refused pid %d: uid %u already has %d processes on the "
+                        "devices (at most %d per user)\n", (int)c->pid, (unsigned)c->uid, mine, EMU_ALIVE_PER_UID);
+                reply(c, ACL_ERROR_RT_OVER_LIMIT, (uint64_t)EMU_ALIVE_PER_UID, NULL, 0);
+                return false;
+            }
         }
         /* the server makes the client segment (so it is sealed against resizing) */
         int fd = sealed_memfd("flexnpu-emu-client", sizeof(struct emu_client_seg));
