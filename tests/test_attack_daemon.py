@@ -369,7 +369,20 @@ def test_the_sockets_mode_and_group_never_follow_a_link(runtime_dir, flexnpu_gro
             st = path.lstat()
             assert (oct(st.st_mode & 0o777), st.st_gid == gid or mode == 0o600) == (oct(mode), True), path
     finally:
+        # the daemon first: strace stopped by a signal detaches and leaves its tracee running
+        try:
+            traced = [int(x) for x in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        except OSError:
+            traced = []
+        for pid in traced:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
         d.stop()
+        for pid in traced:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     calls = log.read_text().splitlines()
     for path in socks:
         mine = [c for c in calls if f'"{path}"' in c]
