@@ -92,3 +92,27 @@ def test_hangup_stops_a_command_as_its_sigterm_does(runtime_dir: Path) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_hangup_ignored_on_the_way_in_stays_ignored(runtime_dir: Path) -> None:
+    """Under nohup (SIGHUP ignored before exec) a hang-up does not stop the command."""
+    from flexnpu import paths
+
+    sock = paths.observe_socket(runtime_dir)
+    p = subprocess.Popen([sys.executable, "-m", "flexnpu.cli", "observe", "--source", "shim", "--interval-ms", "50"],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        p.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert p.poll() is None and sock.exists()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -192,7 +192,9 @@ class LocalNode:
     def _start_guard(self) -> None:
         if self._guard is not None:
             return
-        self._guard = subprocess.Popen([*FLEXNPU[:1], "-m", "flexnpu.bench.guard"], env=self.base_env(),
+        env = self.base_env()
+        del env["FLEXNPU_RUNTIME_DIR"]  # the guard is no part of the node, and must not look like one
+        self._guard = subprocess.Popen([*FLEXNPU[:1], "-m", "flexnpu.bench.guard"], env=env,
                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL, start_new_session=True)
         if self._own_rdir:
