@@ -116,3 +116,31 @@ def test_hangup_ignored_on_the_way_in_stays_ignored(runtime_dir: Path) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["hangup", "nohup"])
+def test_the_device_server_in_the_foreground_on_a_hangup(runtime_dir: Path, nohup: bool) -> None:
+    """`flexnpu emu start --foreground` (the C server in the command's place) stops on SIGHUP
+    and removes its socket, unless SIGHUP was ignored on the way in."""
+    from flexnpu import paths
+
+    sock = paths.emulator_socket(runtime_dir)
+    p = subprocess.Popen([sys.executable, "-m", "flexnpu.cli", "emu", "start", "--foreground", "--devices", "1"],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL,
+                         preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        p.send_signal(signal.SIGHUP)
+        if nohup:
+            time.sleep(1.0)
+            assert p.poll() is None and sock.exists()
+        else:
+            assert p.wait(10) == 0 and not sock.exists()
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(10)

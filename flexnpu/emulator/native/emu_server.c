@@ -13,7 +13,7 @@
  * has it) may use the devices; emu.sock is 0660 in that group, and every connection is
  * checked again by its peer credentials.
  * It prints "ready" on stdout once it accepts connections (and sends READY=1 to
- * $NOTIFY_SOCKET under a systemd Type=notify unit), and exits on SIGTERM/SIGINT.
+ * $NOTIFY_SOCKET under a systemd Type=notify unit), and exits on SIGTERM/SIGINT/SIGHUP.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -937,6 +937,10 @@ int main(int argc, char **argv)
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
+    struct sigaction hup;
+    /* a closed terminal under `emu start --foreground` stops it as SIGTERM does; under nohup
+     * (SIGHUP ignored on the way in) it stays ignored: a blocked signal is never discarded */
+    if (sigaction(SIGHUP, NULL, &hup) == 0 && hup.sa_handler != SIG_IGN) sigaddset(&sigs, SIGHUP);
     sigaddset(&sigs, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* threads inherit the mask */
     int sfd = signalfd(-1, &sigs, SFD_CLOEXEC);
