@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from flexnpu import paths
+from flexnpu import paths, rundir
 from flexnpu.cann import ASCEND_ROOT, cann_library_candidates, find_cann_library  # noqa: F401 (re-exported)
 
 SCHEMA = 1
@@ -337,10 +337,13 @@ def expected_modes(name: str, group_exists: bool = True) -> tuple[int, ...] | No
              ("daemon-*.admin.sock", paths.ADMIN_SOCKET_MODES),
              ("daemon-*.sock", (paths.CLIENT_SOCKET_MODE,)),
              ("gate-*.sock", (paths.CLIENT_SOCKET_MODE,)),
-             ("gate-*.ctl", (paths.GATE_TABLE_MODE,)))
+             ("gate-*.ctl", (paths.GATE_TABLE_MODE,)),
+             ("observe.sock", (paths.PUBLISH_SOCKET_MODE,)),
+             ("controller.sock", (paths.PUBLISH_SOCKET_MODE,)),
+             ("*.lock", (paths.LOCK_FILE_MODE,)))
     for pattern, modes in table:
         if fnmatch.fnmatch(name, pattern):
-            if not group_exists and pattern != "emu.sock":
+            if not group_exists and pattern not in ("emu.sock", "*.lock"):
                 return (paths.GROUPLESS_MODE,)
             return modes
     return None
@@ -354,7 +357,10 @@ def check_runtime_modes(rdir: Path | None = None) -> Check:
         return _ok(check, f"{rdir} does not exist yet (created by the first service or `flexnpu emu start`)")
     bad = []
     mode = rdir.stat().st_mode & 0o7777
-    if mode != paths.RUNTIME_DIR_MODE:
+    untrusted = rundir.problem(rdir)  # the services refuse to start in it: say why first
+    if untrusted:
+        bad.append(untrusted)
+    elif mode != paths.RUNTIME_DIR_MODE:
         bad.append(f"{rdir} is {mode:04o}, not {paths.RUNTIME_DIR_MODE:04o}")
     seen = 0
     import grp  # noqa: PLC0415
@@ -375,7 +381,7 @@ def check_runtime_modes(rdir: Path | None = None) -> Check:
     if bad:
         return _fail(check, "; ".join(bad), "restart the service that owns the file (or remove a stale "
                                             "one); the expected modes are in flexnpu/paths.py")
-    return _ok(check, f"{rdir} {mode:04o} and {seen} socket/gate files as expected")
+    return _ok(check, f"{rdir} {mode:04o} and {seen} socket, gate and lock files as expected")
 
 
 def check_services(services: list[str] | None = None) -> Check:

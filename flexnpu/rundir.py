@@ -86,6 +86,11 @@ def _ancestor_problem(rdir: Path) -> str | None:
     return None
 
 
+def problem(rdir: Path) -> str | None:
+    """Why an existing runtime dir may not be trusted (open_dir's checks), or None."""
+    return problem_with(os.stat(rdir), rdir) or _ancestor_problem(rdir)
+
+
 def open_dir(rdir: Path | None = None, create: bool = True) -> int:
     """An O_DIRECTORY descriptor of the runtime dir, checked (module docstring); made with
     paths.RUNTIME_DIR_MODE when missing and `create`. Raises RuntimeDirError when it may not

@@ -265,11 +265,16 @@ def test_doctor_runtime_modes(tmp_path, monkeypatch):
     os.chmod(rdir, paths.RUNTIME_DIR_MODE)
     for name, mode in (("emu.sock", paths.EMU_SOCKET_MODE), ("daemon-0.sock", paths.GROUPLESS_MODE),
                        ("daemon-0.admin.sock", paths.GROUPLESS_MODE), ("gate-0.ctl", paths.GROUPLESS_MODE),
-                       ("gate-0.sock", paths.GROUPLESS_MODE), ("observe.sock", 0o755)):
+                       ("gate-0.sock", paths.GROUPLESS_MODE), ("observe.sock", paths.GROUPLESS_MODE),
+                       ("observe.lock", paths.LOCK_FILE_MODE), ("emu.log", 0o640)):
         (rdir / name).touch()
         os.chmod(rdir / name, mode)
     c = doctor.check_runtime_modes(rdir)
-    assert c.ok and "5 socket/gate files" in c.detail, c.detail
+    assert c.ok and "7 socket, gate and lock files" in c.detail, c.detail
     os.chmod(rdir / "gate-0.ctl", 0o666)
+    os.chmod(rdir / "observe.lock", 0o644)  # anyone could hold it
     c = doctor.check_runtime_modes(rdir)
-    assert not c.ok and "gate-0.ctl is 0666, not 0600" in c.detail and c.fix
+    assert not c.ok and "gate-0.ctl is 0666, not 0600" in c.detail and "observe.lock is 0644" in c.detail and c.fix
+    os.chmod(rdir, 0o777)  # the services refuse such a dir, and doctor says why
+    c = doctor.check_runtime_modes(rdir)
+    assert not c.ok and "writable by others than its owner" in c.detail
