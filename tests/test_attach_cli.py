@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -233,9 +234,10 @@ def test_observe_runs_until_sigint(runtime_dir, acl_env) -> None:
 
 @pytest.fixture
 def open_runtime_dir():
-    """A runtime dir user nobody may write in."""
+    """A runtime dir of user nobody's own (one that others may write would be refused)."""
     rdir = Path(tempfile.mkdtemp(prefix="fxobs-"))
-    rdir.chmod(0o777)
+    rdir.chmod(0o755)
+    os.chown(rdir, pwd.getpwnam("nobody").pw_uid, -1)
     yield rdir
     shutil.rmtree(rdir, ignore_errors=True)
 
