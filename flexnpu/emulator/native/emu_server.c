@@ -363,25 +363,7 @@ static int sweep_pending(uint64_t now)
 /* 1: sent, 0: the peer's socket has no room now, -1: the peer is gone. Never blocks. */
 static int try_send(int fd, const void *buf, size_t len, const int *fds, int nfds)
 {
-    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
-    union {
-        char buf[CMSG_SPACE(EMU_FDS_MAX * sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (nfds > 0) {
-        memset(&u, 0, sizeof u);
-        msg.msg_control = u.buf;
-        msg.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
-        memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
-    }
-    ssize_t w;
-    do w = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    while (w < 0 && errno == EINTR);
+    ssize_t w = emu_sendmsg_fds(fd, buf, len, fds, nfds, MSG_DONTWAIT);
     if (w == (ssize_t)len) return 1;
     return w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) ? 0 : -1;
 }

@@ -43,8 +43,9 @@ static inline int emu_socket_path(char *out, size_t n)
 
 #define EMU_FDS_MAX 4 /* >= EMU_MAX_FDS */
 
-/* Sends one message with up to EMU_FDS_MAX fds attached. */
-static inline int emu_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds)
+/* Sends one message with up to EMU_FDS_MAX fds attached; sendmsg's result (-1 and errno on
+ * failure). flags: MSG_DONTWAIT for a sender that must never block on its peer. */
+static inline ssize_t emu_sendmsg_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int flags)
 {
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
     union {
@@ -63,9 +64,15 @@ static inline int emu_send_fds(int sock, const void *buf, size_t len, const int 
         memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
     }
     ssize_t w;
-    do w = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    do w = sendmsg(sock, &msg, MSG_NOSIGNAL | flags);
     while (w < 0 && errno == EINTR);
-    return w == (ssize_t)len ? 0 : -1;
+    return w;
+}
+
+/* Sends one message with up to EMU_FDS_MAX fds attached, blocking until it is taken. */
+static inline int emu_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds)
+{
+    return emu_sendmsg_fds(sock, buf, len, fds, nfds, 0) == (ssize_t)len ? 0 : -1;
 }
 
 /* Receives one message; fds received (up to EMU_FDS_MAX) go to fds[], count to *nfds. */
