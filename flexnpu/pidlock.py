@@ -16,7 +16,6 @@ name points at, so two starters racing through a replacement cannot both win.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import stat
@@ -38,16 +37,7 @@ class AlreadyRunning(Exception):
 
 def holder(path: Path) -> int | None:
     """The pid written in a lock file, or None (unreadable, not a regular file, a link)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, 64).decode(errors="replace").strip()
-    finally:
-        os.close(fd)
+    text = (rundir.read_small(None, str(path), 64) or b"").decode(errors="replace").strip()
     return int(text) if text.isdigit() else None
 
 
@@ -104,20 +94,7 @@ class PidLock:
                 return fd
             os.close(fd)
         # a fresh file under the name; whoever had the old one open locks an orphan
-        tmp = f".{name}.{os.getpid()}.new"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dirfd)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, LOCK_MODE,
-                     dir_fd=dirfd)
-        os.fchmod(fd, LOCK_MODE)
-        try:
-            os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=dirfd)
-            raise
-        return fd
+        return rundir.new_file(dirfd, name, LOCK_MODE)
 
     @staticmethod
     def _still_named(dirfd: int, name: str, fd: int) -> bool:
@@ -130,7 +107,7 @@ class PidLock:
 
     def _refuse_if_held(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = rundir.open_file(None, str(self.path), os.O_RDONLY)
         except OSError:
             return
         try:

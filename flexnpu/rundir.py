@@ -135,9 +135,10 @@ def opened(rdir: Path | None = None, create: bool = True) -> Iterator[int]:
         os.close(fd)
 
 
-def open_file(dirfd: int, name: str, flags: int, mode: int = 0o600) -> int:
-    """A regular file `name` in the directory dirfd, never through a link (ELOOP) and never a
-    FIFO or device (opened non-blocking, checked, then made blocking again)."""
+def open_file(dirfd: int | None, name: str, flags: int, mode: int = 0o600) -> int:
+    """A regular file `name` in the directory dirfd (None: name is a path), never through a
+    link (ELOOP) and never a FIFO or device (opened non-blocking, checked, then made blocking
+    again)."""
     fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, mode, dir_fd=dirfd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -149,26 +150,34 @@ def open_file(dirfd: int, name: str, flags: int, mode: int = 0o600) -> int:
     return fd
 
 
-def write_file(dirfd: int, name: str, data: bytes, mode: int = 0o644) -> None:
-    """Replaces `name` with data, atomically (a new file renamed over it: a link planted
-    under the name is replaced, never followed)."""
-    tmp = f".{name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+def new_file(dirfd: int, name: str, mode: int, data: bytes = b"") -> int:
+    """A fresh file under `name`, holding data, open read-write: made under a temporary name
+    and renamed over the old one, so a link (or anyone's file) planted under the name is
+    replaced, never followed, and a reader never sees it half-written."""
+    tmp = f".{name}.{os.getpid()}.new"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dirfd)  # left by a process of this pid that died here
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
     try:
         os.write(fd, data)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    try:
+        os.fchmod(fd, mode)  # not the umask's idea of it
         os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except BaseException:
+        os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dirfd)
         raise
+    return fd
 
 
-def read_small(dirfd: int, name: str, limit: int = 4096) -> bytes | None:
-    """The first `limit` bytes of a regular file in the dir, or None (missing, a link, not regular)."""
+def write_file(dirfd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Replaces `name` with data, atomically (new_file)."""
+    os.close(new_file(dirfd, name, mode, data))
+
+
+def read_small(dirfd: int | None, name: str, limit: int = 4096) -> bytes | None:
+    """The first `limit` bytes of a regular file in the dir (None: name is a path), or None
+    (missing, a link, not regular)."""
     try:
         fd = open_file(dirfd, name, os.O_RDONLY)
     except OSError:
