@@ -92,14 +92,14 @@ _PIDFILE = "emu.pid"
 _LOGFILE = "emu.log"
 
 
-def _read_pid(rdir: Path) -> int | None:
-    """The pid in emu.pid if it is this runtime dir's device server: a stale file whose pid
-    now names another process must not get that process signalled."""
+def _read_pid(rdir: Path, dirfd: int) -> int | None:
+    """The pid in emu.pid (in dirfd, the runtime dir rdir) if it is this runtime dir's device
+    server: a stale file whose pid now names another process must not get that process
+    signalled."""
     try:
-        with rundir.opened(rdir, create=False) as dirfd:
-            pid = int((rundir.read_small(dirfd, _PIDFILE) or b"").strip())
+        pid = int((rundir.read_small(dirfd, _PIDFILE) or b"").strip())
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError, rundir.RuntimeDirError):
+    except (OSError, ValueError):
         return None
     sock = os.fsencode(paths.emulator_socket(rdir))
     if not argv[0].endswith(b"flexnpu-emu-server") or sock not in argv:
@@ -310,12 +310,12 @@ def stop(rdir: Path | None = None, timeout: float = 5.0) -> bool:
     if problem:
         raise EmulatorError(problem)
     try:
-        rundir.check(rdir, create=False)  # a pid file in someone else's dir names whatever they like
+        with rundir.opened(rdir, create=False) as dirfd:  # a pid file in someone else's dir names whatever they like
+            pid = _read_pid(rdir, dirfd)
     except FileNotFoundError:
         return False
     except rundir.RuntimeDirError as e:
         raise EmulatorError(str(e)) from None
-    pid = _read_pid(rdir)
     if pid is None:
         return False
     try:
