@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from flexnpu.cliargs import NumberArgs, OutputError, drop_stdout, guard_stdout
+from flexnpu.cliargs import NumberArgs, OutputError, drop_stdout, guard_stdout, say
 from flexnpu.emulator.cli import app as emu_app
 from flexnpu.forward import cli as forward_cli
 
@@ -58,14 +58,6 @@ def _command_path(argv: list[str]) -> str:
     return " ".join(words)
 
 
-def _say(line: str) -> None:
-    """One line on stderr, unless stderr itself is gone (the exit code still tells)."""
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-
-
 def hangup_stops() -> None:
     """SIGHUP (the terminal closed, the ssh session dropped) stops every command the way its
     SIGTERM does: the daemon opens its gates, the observer and controller remove their sockets,
@@ -104,7 +96,7 @@ def main() -> None:
         code = 0  # reported below
     if out.failed is not None and code == 0:  # a command that reported it itself exited non-zero
         drop_stdout()
-        _say(f"{_command_path(sys.argv[1:])}: {out.failed}")
+        say(f"{_command_path(sys.argv[1:])}: {out.failed}")
         code = 1
     sys.exit(code)
 
@@ -117,13 +109,13 @@ def _run(click_errors) -> int:  # type: ignore[no-untyped-def]
         return e.exit_code
     except click_errors.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "flexnpu"
-        _say(f"{where}: {' '.join(e.format_message().split()).rstrip('.')}; see `{where} --help`")
+        say(f"{where}: {' '.join(e.format_message().split()).rstrip('.')}; see `{where} --help`")
         return e.exit_code
     except click_errors.ClickException as e:
-        _say(f"flexnpu: {' '.join(e.format_message().split()).rstrip('.')}")
+        say(f"flexnpu: {' '.join(e.format_message().split()).rstrip('.')}")
         return e.exit_code
     except typer.Abort:
-        _say("flexnpu: aborted")
+        say("flexnpu: aborted")
         return 1
     return rv if isinstance(rv, int) else 0
 

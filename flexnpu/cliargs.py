@@ -29,6 +29,15 @@ EXIT_USAGE = 2
 MAX_INTERVAL_S = 86400.0  # a day: longer is a typo, and time.sleep overflows on huge values
 
 
+def say(line: str) -> None:
+    """One line on stderr, unless stderr itself is gone (a terminal that hung up, a closed
+    descriptor): the exit code still tells."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def fail(cmd: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Prints `flexnpu CMD: MESSAGE` on stderr and exits with code."""
     print(f"flexnpu {cmd}: {message}", file=sys.stderr)

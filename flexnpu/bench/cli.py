@@ -13,7 +13,7 @@ from rich.console import Console
 
 from flexnpu.bench import pd
 from flexnpu.bench.node import stop_signals
-from flexnpu.cliargs import check_output_file
+from flexnpu.cliargs import check_output_file, say
 
 app = typer.Typer(help="Benchmarks on the emulated device.", no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -148,18 +148,10 @@ def pd_command(
             execute(o, console(), json_path, plot_path)
     except KeyboardInterrupt:
         if hung_up and hung_up[0]:
-            _say("flexnpu bench pd: hung up (SIGHUP); everything it started is stopped")
+            say("flexnpu bench pd: hung up (SIGHUP); everything it started is stopped")
             raise typer.Exit(128 + signal.SIGHUP)
-        _say("flexnpu bench pd: interrupted; everything it started is stopped")
+        say("flexnpu bench pd: interrupted; everything it started is stopped")
         raise typer.Exit(130)
     except Exception as e:  # one line, not a traceback: the node's log names the part that failed
-        _say(f"flexnpu bench pd: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        say(f"flexnpu bench pd: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise typer.Exit(1)
-
-
-def _say(line: str) -> None:
-    """A line on stderr, which may be a terminal that hung up: the exit code still tells."""
-    try:
-        err.print(line)
-    except (OSError, ValueError):
-        pass

@@ -22,10 +22,8 @@ import typer
 from rich.console import Console
 
 from flexnpu.bench import pd
-from flexnpu.cliargs import MAX_INTERVAL_S, check_output_dir, check_positive
+from flexnpu.cliargs import MAX_INTERVAL_S, check_output_dir, check_positive, say
 from flexnpu.bench.node import LocalNode, stop_signals
-
-err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 
 class _Stop(Exception):
@@ -38,14 +36,6 @@ class _Stop(Exception):
 
 def _on_term(signum: int, frame: object) -> None:
     raise _Stop(signum)
-
-
-def _say(line: str) -> None:
-    """A line on stderr, which may be a terminal that hung up: the exit code still tells."""
-    try:
-        err.print(line)
-    except (OSError, ValueError):
-        pass
 
 
 def demo_options(quick: bool) -> pd.Options:
@@ -152,13 +142,13 @@ def demo_command(
             console.print(f"the full benchmark: flexnpu bench pd --json pd.json --plot pd.png (docs/bench.md)")
     except _Stop as e:
         if e.signum == signal.SIGHUP:
-            _say("flexnpu demo: hung up (SIGHUP); everything it started is stopped")
+            say("flexnpu demo: hung up (SIGHUP); everything it started is stopped")
             raise typer.Exit(128 + signal.SIGHUP)
-        _say("flexnpu demo: interrupted; everything it started is stopped")
+        say("flexnpu demo: interrupted; everything it started is stopped")
         raise typer.Exit(130)
     except KeyboardInterrupt:
-        _say("flexnpu demo: interrupted; everything it started is stopped")
+        say("flexnpu demo: interrupted; everything it started is stopped")
         raise typer.Exit(130)
     except Exception as e:
-        _say(f"flexnpu demo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        say(f"flexnpu demo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise typer.Exit(1)
