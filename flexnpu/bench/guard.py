@@ -30,19 +30,18 @@ import sys
 import time
 from pathlib import Path
 
+from flexnpu.forward.access import proc_stat
+
 STOP_S = 5.0  # SIGTERM to SIGKILL, as LocalNode.stop gives each service
 
 
 def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot); None if pid runs nothing (or a zombie)."""
+    """The start time of pid (clock ticks after boot); None if pid runs nothing (or a zombie)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        fields = proc_stat(pid)
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def _alive(pid: int, start: int) -> bool:

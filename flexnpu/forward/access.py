@@ -61,6 +61,14 @@ def _alive(pidfd: int) -> bool:
     return not p.poll(0)  # a pidfd is readable once its process has exited
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat from field 3 (state) on: [0] the state, [19] the start
+    time (field 22, clock ticks after boot). Raises OSError when pid runs nothing."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
+
+
 def _proc_facts(pid: int) -> tuple[frozenset[int], int]:
     """Supplementary groups and start time of pid, from /proc."""
     groups: frozenset[int] = frozenset()
@@ -68,10 +76,7 @@ def _proc_facts(pid: int) -> tuple[frozenset[int], int]:
         for line in f:
             if line.startswith("Groups:"):
                 groups = frozenset(int(g) for g in line.split()[1:])
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    start_time = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22
-    return groups, start_time
+    return groups, int(proc_stat(pid)[19])
 
 
 def peer_of(conn: socket.socket) -> Peer:
