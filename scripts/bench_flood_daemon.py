@@ -46,6 +46,8 @@ from typing import Iterator
 
 import zmq
 
+from flexnpu.bench.node import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 GROUP = "flexnpu"
 
@@ -226,13 +228,7 @@ class Daemon:
         if self.sock is not None:
             self.sock.close(0)
         self.ctx.term()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, 10)
         self.log.close()
 
 

@@ -61,7 +61,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -72,7 +71,7 @@ from pathlib import Path
 try:
     from flexnpu import SCHEMA, paths
     from flexnpu.emulator import control
-    from flexnpu.bench.node import machine
+    from flexnpu.bench.node import machine, stop_process
 except ImportError:
     sys.exit(f"bench_forward: flexnpu is not installed for {sys.executable}; "
              "run it with the venv's python (.venv/bin/python) or `pip install .` first")
@@ -186,13 +185,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 # ---------------------------------------------------------------- measuring

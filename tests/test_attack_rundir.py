@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Iterator
 import pytest
 
 from flexnpu import paths
+from flexnpu.bench.node import stop_process
 from test_emu_cli import flexnpu_cli
 from users_fixtures import flexnpu_group, member, open_rdir, outsider, run_as  # noqa: F401 (fixtures)
 
@@ -62,16 +62,6 @@ def _one_line(r: subprocess.CompletedProcess[str]) -> str:
 def _last_line(r: subprocess.CompletedProcess[str]) -> str:
     assert "Traceback" not in r.stderr, r.stderr
     return r.stderr.strip().splitlines()[-1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _wait_for(cond, what: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -132,7 +122,7 @@ def test_an_outsider_cannot_hold_the_controller_lock(open_rdir: Path, outsider: 
         assert stat.S_IMODE(lock.stat().st_mode) == paths.LOCK_FILE_MODE
         assert holder_as(outsider, lock) is None
     finally:
-        _stop(ctl)
+        stop_process(ctl, 20)
 
 
 # ------------------------------------------------------------------ someone else's runtime dir
@@ -231,7 +221,7 @@ def test_links_in_a_trusted_dir_are_never_followed(runtime_dir: Path, precious: 
     try:
         _wait_for(paths.controller_socket(runtime_dir).exists, "controller.sock", ctl)
     finally:
-        _stop(ctl)
+        stop_process(ctl, 20)
     try:
         r = _cli(runtime_dir, *COMMANDS["emu start"])
         # a log that is a link is refused (it may be an administrator's choice: say so, don't follow)
@@ -254,7 +244,7 @@ def observer(open_rdir: Path) -> Iterator[subprocess.Popen]:
         _wait_for(paths.observe_socket(open_rdir).exists, "observe.sock", p)
         yield p
     finally:
-        _stop(p)
+        stop_process(p, 20)
 
 
 def test_members_read_the_observer_and_outsiders_hear_why_not(flexnpu_group: str, observer, open_rdir: Path,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from flexnpu import paths
-from flexnpu.bench.node import NodeError
+from flexnpu.bench.node import NodeError, stop_process
 from flexnpu.bench.node import wait_for as node_wait_for
 from flexnpu.forward.client import DaemonClient, DaemonError
 
@@ -105,13 +104,7 @@ class DaemonProcess:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, 10)
 
 
 @pytest.fixture
