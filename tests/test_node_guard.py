@@ -4,15 +4,18 @@ that stops the node itself leaves its guard nothing to do."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
+from flexnpu import paths
 from flexnpu.bench.guard import start_time
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,77 +73,61 @@ def test_owner_that_stops_the_node_dismisses_its_guard(runtime_dir: Path) -> Non
         p.stdout.close()
 
 
-def test_hangup_stops_a_command_as_its_sigterm_does(runtime_dir: Path) -> None:
-    """`flexnpu observe` (a service with a SIGTERM handler) on SIGHUP: exits 0 and removes its
-    socket, as on SIGTERM, instead of dying with the socket left behind."""
-    from flexnpu import paths
-
-    sock = paths.observe_socket(runtime_dir)
-    p = subprocess.Popen([sys.executable, "-m", "flexnpu.cli", "observe", "--source", "shim", "--interval-ms", "50"],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _serving(args: list[str], sock: Path, nohup: bool = False) -> Iterator[subprocess.Popen]:
+    """`flexnpu ARGS` until sock exists (SIGHUP ignored on the way in with nohup, as `nohup`
+    does); killed at the end if still running."""
+    p = subprocess.Popen([sys.executable, "-m", "flexnpu.cli", *args], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else ""
             time.sleep(0.05)
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stderr.close()
+
+
+OBSERVE = ["observe", "--source", "shim", "--interval-ms", "50"]
+
+
+def test_hangup_stops_a_command_as_its_sigterm_does(runtime_dir: Path) -> None:
+    """`flexnpu observe` (a service with a SIGTERM handler) on SIGHUP: exits 0 and removes its
+    socket, as on SIGTERM, instead of dying with the socket left behind."""
+    sock = paths.observe_socket(runtime_dir)
+    with _serving(OBSERVE, sock) as p:
         p.send_signal(signal.SIGHUP)
         _, err = p.communicate(timeout=20)
         assert p.returncode == 0, err
         assert not sock.exists()
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def test_hangup_ignored_on_the_way_in_stays_ignored(runtime_dir: Path) -> None:
     """Under nohup (SIGHUP ignored before exec) a hang-up does not stop the command."""
-    from flexnpu import paths
-
     sock = paths.observe_socket(runtime_dir)
-    p = subprocess.Popen([sys.executable, "-m", "flexnpu.cli", "observe", "--source", "shim", "--interval-ms", "50"],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert p.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with _serving(OBSERVE, sock, nohup=True) as p:
         p.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert p.poll() is None and sock.exists()
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 @pytest.mark.parametrize("nohup", [False, True], ids=["hangup", "nohup"])
 def test_the_device_server_in_the_foreground_on_a_hangup(runtime_dir: Path, nohup: bool) -> None:
     """`flexnpu emu start --foreground` (the C server in the command's place) stops on SIGHUP
     and removes its socket, unless SIGHUP was ignored on the way in."""
-    from flexnpu import paths
-
     sock = paths.emulator_socket(runtime_dir)
-    p = subprocess.Popen([sys.executable, "-m", "flexnpu.cli", "emu", "start", "--foreground", "--devices", "1"],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL,
-                         preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert p.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with _serving(["emu", "start", "--foreground", "--devices", "1"], sock, nohup) as p:
         p.send_signal(signal.SIGHUP)
         if nohup:
             time.sleep(1.0)
             assert p.poll() is None and sock.exists()
         else:
             assert p.wait(10) == 0 and not sock.exists()
-    finally:
-        if p.poll() is None:
-            p.terminate()
-            p.wait(10)
