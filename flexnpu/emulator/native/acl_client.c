@@ -35,6 +35,16 @@
 struct alloc {
     uintptr_t base;
     size_t size;
+    size_t exported; /* its first bytes are mapped from an IPC export's memfd (page-rounded), or 0 */
+};
+
+struct import { /* IPC memory of another process (or of this one), mapped at an address of its own */
+    uintptr_t base;
+    size_t size;      /* bytes exported: the device range it is */
+    size_t map_bytes; /* page-rounded: the mapping */
+    int home;         /* the exporter's device */
+    uint64_t seq;     /* import order */
+    char key[EMU_IPC_KEY_LEN];
 };
 
 struct device {
@@ -43,11 +53,14 @@ struct device {
     struct emu_dev_seg *seg; /* read-only */
     struct emu_bell *bell;
     char *mem;               /* this process's own device memory of this device */
+    int mem_fd;              /* its file: exported pages are mapped back from it when freed */
     uint64_t cap;
     pthread_mutex_t ring_lock;
     pthread_mutex_t alloc_lock;
     struct alloc *allocs; /* sorted by base */
     size_t nallocs, cap_allocs;
+    struct import *imports; /* in import order; under alloc_lock */
+    size_t nimports, cap_imports;
 };
 
 struct stream {
@@ -290,12 +303,14 @@ static int open_device_locked(int dev)
     d->bell = mmap(NULL, sizeof(struct emu_bell), PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
     d->cap = rep.a;
     d->mem = mmap(NULL, d->cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fds[2], 0);
-    for (int i = 0; i < 3; i++) close(fds[i]);
+    for (int i = 0; i < 2; i++) close(fds[i]);
+    d->mem_fd = fds[2];
     if (d->seg == MAP_FAILED || d->bell == MAP_FAILED || d->mem == MAP_FAILED) {
         if (d->seg != MAP_FAILED) munmap(d->seg, sizeof(struct emu_dev_seg));
         if (d->bell != MAP_FAILED) munmap(d->bell, sizeof(struct emu_bell));
         if (d->mem != MAP_FAILED) munmap(d->mem, d->cap);
-        d->seg = NULL, d->bell = NULL, d->mem = NULL;
+        close(d->mem_fd);
+        d->seg = NULL, d->bell = NULL, d->mem = NULL, d->mem_fd = -1;
         return fail(ACL_ERROR_RT_DEV_SETUP_ERROR, "cannot map the memory of device %d", dev);
     }
     pthread_mutex_init(&d->ring_lock, NULL);
@@ -337,17 +352,35 @@ static int resolve_stream(aclrtStream stream, int *dev, uint32_t *idx)
     return 0;
 }
 
-/* The device a range [p, p+n) of device memory lies in, whole, inside one allocation;
- * -1 if the range is host memory; -2 if it is device memory but not inside one allocation. */
-static int classify(const void *p, size_t n)
+/* The device a range [p, p+n) of device memory lies in, whole, inside one allocation or one
+ * import; -1 if the range is host memory; -2 if it is device memory but not inside one
+ * allocation or import. *home (if given): the device its bytes are on (an import's
+ * exporter's), else the same. */
+static int classify_home(const void *p, size_t n, int *home)
 {
     uintptr_t a = (uintptr_t)p;
+    if (home) *home = -1;
+    for (int dev = 0; dev < EMU_MAX_DEVICES; dev++) {
+        struct device *d = &g_dev[dev];
+        if (!d->open || !d->nimports) continue;
+        int found = -3;
+        pthread_mutex_lock(&d->alloc_lock);
+        for (size_t k = 0; k < d->nimports && found == -3; k++) {
+            struct import *im = &d->imports[k];
+            if (a < im->base || a >= im->base + im->map_bytes) continue;
+            found = a + n >= a && a + n <= im->base + im->size ? dev : -2;
+            if (found >= 0 && home) *home = im->home;
+        }
+        pthread_mutex_unlock(&d->alloc_lock);
+        if (found != -3) return found;
+    }
     for (int dev = 0; dev < EMU_MAX_DEVICES; dev++) {
         struct device *d = &g_dev[dev];
         if (!d->open) continue;
         uintptr_t lo = (uintptr_t)d->mem, hi = lo + d->cap;
         if (a < lo || a >= hi) continue;
         int found = -2;
+        if (home) *home = dev;
         pthread_mutex_lock(&d->alloc_lock);
         size_t l = 0, r = d->nallocs;
         while (l < r) { /* last allocation with base <= a */
@@ -364,6 +397,8 @@ static int classify(const void *p, size_t n)
     }
     return -1;
 }
+
+static int classify(const void *p, size_t n) { return classify_home(p, n, NULL); }
 
 /* ---------------------------------------------------------------- ops */
 
@@ -499,7 +534,10 @@ ACL_FUNC_VISIBILITY aclError aclFinalize(void)
         munmap(d->mem, d->cap);
         munmap(d->bell, sizeof *d->bell);
         munmap(d->seg, sizeof *d->seg);
+        close(d->mem_fd);
+        for (size_t k = 0; k < d->nimports; k++) munmap((void *)d->imports[k].base, d->imports[k].map_bytes);
         free(d->allocs);
+        free(d->imports);
         memset(d, 0, sizeof *d);
     }
     if (g_seg) munmap(g_seg, sizeof *g_seg);
@@ -772,7 +810,7 @@ ACL_FUNC_VISIBILITY aclError aclrtMalloc(void **devPtr, size_t size, aclrtMemMal
         d->allocs[i] = d->allocs[i - 1];
         i--;
     }
-    d->allocs[i] = (struct alloc){base, size};
+    d->allocs[i] = (struct alloc){.base = base, .size = size};
     d->nallocs++;
     pthread_mutex_unlock(&d->alloc_lock);
     *devPtr = (void *)base;
@@ -794,6 +832,13 @@ ACL_FUNC_VISIBILITY aclError aclrtFree(void *devPtr)
         if (i == d->nallocs) {
             pthread_mutex_unlock(&d->alloc_lock);
             return fail(ACL_ERROR_INVALID_PARAM, "%p is not the start of a device allocation", devPtr);
+        }
+        /* exported pages: the addresses show this process's own file again (a hole there), so
+         * a later allocation at them is this process's alone; importers keep their mapping */
+        if (d->allocs[i].exported && mmap(devPtr, d->allocs[i].exported, PROT_READ | PROT_WRITE,
+                                          MAP_SHARED | MAP_FIXED, d->mem_fd, (off_t)(a - (uintptr_t)d->mem)) == MAP_FAILED) {
+            pthread_mutex_unlock(&d->alloc_lock);
+            return fail(ACL_ERROR_RT_MEMORY_FREE, "cannot unmap the exported memory at %p: %s", devPtr, strerror(errno));
         }
         memmove(&d->allocs[i], &d->allocs[i + 1], (d->nallocs - i - 1) * sizeof *d->allocs);
         d->nallocs--;
@@ -895,17 +940,24 @@ ACL_FUNC_VISIBILITY aclError aclrtMemsetAsync(void *devPtr, size_t maxCount, int
     return memset_common(devPtr, maxCount, value, count, dev, idx, false);
 }
 
-/* Checks a copy against its kind; fills the op's work and the device it runs on. */
+/* Checks a copy against its kind; fills the op's work and the device it runs on. sync: a
+ * synchronous copy (aclrtMemcpy). */
 static aclError plan_copy(void *dst, size_t destMax, const void *src, size_t count, aclrtMemcpyKind kind,
-                          struct emu_op *op, int *dev)
+                          struct emu_op *op, int *dev, bool sync)
 {
     if (!dst || !src) return fail(ACL_ERROR_INVALID_PARAM, "dst or src is NULL");
     if (count > destMax) return fail(ACL_ERROR_INVALID_PARAM, "count %zu exceeds destMax %zu", count, destMax);
     if ((unsigned)kind > ACL_MEMCPY_INTER_DEVICE_TO_DEVICE)
         return fail(ACL_ERROR_INVALID_PARAM, "unknown aclrtMemcpyKind %d", kind);
-    int ds = classify(src, count), dd = classify(dst, count);
+    int hs, hd, ds = classify_home(src, count, &hs), dd = classify_home(dst, count, &hd);
     if (ds == -2 || dd == -2)
         return fail(ACL_ERROR_INVALID_PARAM, "a device range of the copy is not inside one allocation");
+    /* IPC memory of another device (CANN, aclrtIpcMemGetExportKey): no direction inferred, no
+     * host<->device copy, no synchronous copy; asynchronous copies between devices only */
+    bool peer = (ds >= 0 && hs != ds) || (dd >= 0 && hd != dd);
+    if (peer && (sync || kind == ACL_MEMCPY_DEFAULT || ds < 0 || dd < 0))
+        return fail(ACL_ERROR_RT_FEATURE_NOT_SUPPORT, "IPC memory imported from another device takes only "
+                    "aclrtMemcpyAsync between device pointers with an explicit kind");
     if (kind == ACL_MEMCPY_DEFAULT)
         kind = ds < 0 ? (dd < 0 ? ACL_MEMCPY_HOST_TO_HOST : ACL_MEMCPY_HOST_TO_DEVICE)
                       : (dd < 0 ? ACL_MEMCPY_DEVICE_TO_HOST : ACL_MEMCPY_DEVICE_TO_DEVICE);
@@ -923,14 +975,14 @@ static aclError plan_copy(void *dst, size_t destMax, const void *src, size_t cou
     op->kind = EMU_OP_COPY;
     op->name_id = (uint16_t)(EMU_NAME_COPY_BASE + kind);
     op->copy_bytes = count;
-    if (kind == ACL_MEMCPY_DEVICE_TO_DEVICE || kind == ACL_MEMCPY_INNER_DEVICE_TO_DEVICE)
-        op->hbm_bytes = 2.0 * (double)count;
-    else if (ds >= 0 && dd >= 0 && ds != dd) {
+    if (hs >= 0 && hd >= 0 && hs != hd) {
         /* between devices: the device link (HCCS-class), expressed as host-link work so the
          * model's link resource times it at p2p_bw */
         const struct emu_params *p = &g_dev[ds].seg->params;
         op->link_bytes = (double)count * (p->p2p_bw > 0 ? p->link_bw / p->p2p_bw : 1.0);
-    } else
+    } else if (kind == ACL_MEMCPY_DEVICE_TO_DEVICE || kind == ACL_MEMCPY_INNER_DEVICE_TO_DEVICE)
+        op->hbm_bytes = 2.0 * (double)count;
+    else
         op->link_bytes = (double)count;
     return ACL_SUCCESS;
 }
@@ -940,7 +992,7 @@ ACL_FUNC_VISIBILITY aclError aclrtMemcpy(void *dst, size_t destMax, const void *
 {
     REQUIRE_INIT();
     struct emu_op op = {0};
-    int dev = -1, rc = plan_copy(dst, destMax, src, count, kind, &op, &dev);
+    int dev = -1, rc = plan_copy(dst, destMax, src, count, kind, &op, &dev, true);
     if (rc) return rc;
     if (count) memmove(dst, src, count);
     if (dev < 0 || count == 0) return ACL_SUCCESS;
@@ -959,7 +1011,7 @@ ACL_FUNC_VISIBILITY aclError aclrtMemcpyAsync(void *dst, size_t destMax, const v
     if (rc) return rc;
     struct emu_op op = {0};
     int dev = -1;
-    rc = plan_copy(dst, destMax, src, count, kind, &op, &dev);
+    rc = plan_copy(dst, destMax, src, count, kind, &op, &dev, false);
     if (rc) return rc;
     if (count) memmove(dst, src, count);
     if (dev < 0 || count == 0) return ACL_SUCCESS;
@@ -1300,4 +1352,229 @@ ACL_FUNC_VISIBILITY aclError aclrtLaunchKernel(aclrtFuncHandle funcHandle, uint3
     struct emu_op op = {.kind = EMU_OP_KERNEL, .name_id = (uint16_t)id, .flops = cost.flops,
                         .hbm_bytes = cost.hbm_bytes};
     return submit(dev, idx, &op, NULL);
+}
+
+/* ---------------------------------------------------------------- IPC memory
+ *
+ * docs/emulator.md, "IPC memory". The server moves an exported allocation's pages into a memfd
+ * of their own; the exporter maps it over the allocation's addresses, an importer at an
+ * address of its own, so a write by either is seen by the other and nothing is copied. */
+
+#define IPC_KEY_CHARS (EMU_IPC_KEY_LEN - 1)
+
+static _Atomic uint64_t g_import_seq; /* import order: a close closes the oldest import of its key */
+
+/* One IPC request and its reply (an fd with it, if fd). Caller holds g_lock. */
+static int rpc_ipc(struct emu_ipc_req *req, struct emu_ipc_rep *rep, int *fd)
+{
+    int fds[EMU_FDS_MAX], nfds = 0;
+    if (fd) *fd = -1;
+    if (g_sock < 0) return ACL_ERROR_RT_SOCKET_CLOSE;
+    if (emu_send_fds(g_sock, req, sizeof *req, NULL, 0) == 0 &&
+        emu_recv_fds(g_sock, rep, sizeof *rep, fds, &nfds) == (ssize_t)sizeof *rep) {
+        for (int i = 0; i < nfds; i++) {
+            if (fd && i == 0) *fd = fds[0];
+            else close(fds[i]);
+        }
+        return 0;
+    }
+    for (int i = 0; i < nfds; i++) close(fds[i]);
+    mark_lost("lost the connection to the device server; device calls now fail with "
+              "ACL_ERROR_RT_SOCKET_CLOSE (507901)");
+    return ACL_ERROR_RT_SOCKET_CLOSE;
+}
+
+static int ipc_call(struct emu_ipc_req *req, struct emu_ipc_rep *rep, int *fd)
+{
+    pthread_mutex_lock(&g_lock);
+    int rc = rpc_ipc(req, rep, fd);
+    pthread_mutex_unlock(&g_lock);
+    if (!rc) rc = rep->err;
+    if (rc && fd && *fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+    return rc;
+}
+
+/* A key as the caller gave it: 64 characters, or -1. */
+static int copy_key(char *out, const char *key)
+{
+    size_t n = strnlen(key, EMU_IPC_KEY_LEN);
+    if (n != IPC_KEY_CHARS) return -1;
+    memset(out, 0, EMU_IPC_KEY_LEN);
+    memcpy(out, key, n);
+    return 0;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key, size_t len, uint64_t flags)
+{
+    REQUIRE_INIT();
+    if (!devPtr || !key) return fail(ACL_ERROR_INVALID_PARAM, "devPtr or key is NULL");
+    if (size == 0) return fail(ACL_ERROR_RT_PARAM_INVALID, "size is 0");
+    if (len < EMU_IPC_KEY_LEN) return fail(ACL_ERROR_RT_PARAM_INVALID, "key length %zu: a key takes 65 bytes", len);
+    if (flags & ~(uint64_t)ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION)
+        return fail(ACL_ERROR_RT_PARAM_INVALID, "unknown export flags %#llx", (unsigned long long)flags);
+    int cur = -1, rc = current_device(&cur);
+    if (rc) return rc;
+    uintptr_t a = (uintptr_t)devPtr;
+    int dev = -1;
+    for (int i = 0; i < EMU_MAX_DEVICES && dev < 0; i++) {
+        struct device *d = &g_dev[i];
+        if (!d->open || a < (uintptr_t)d->mem || a >= (uintptr_t)d->mem + d->cap) continue;
+        pthread_mutex_lock(&d->alloc_lock);
+        for (size_t k = 0; k < d->nallocs; k++)
+            if (d->allocs[k].base == a) dev = i;
+        pthread_mutex_unlock(&d->alloc_lock);
+    }
+    if (dev < 0) return fail(ACL_ERROR_RT_PARAM_INVALID, "%p is not the start of an allocation of this process", devPtr);
+    struct device *d = &g_dev[dev];
+    struct emu_ipc_req req = {.type = EMU_REQ_IPC_EXPORT, .device = dev, .a = a - (uintptr_t)d->mem, .b = size,
+                              .flags = flags};
+    struct emu_ipc_rep rep;
+    int fd;
+    rc = ipc_call(&req, &rep, &fd);
+    if (rc == ACL_ERROR_RT_PARAM_INVALID)
+        return fail(rc, "cannot export [%p, +%zu): more than the allocation, or exported already (close its key first)",
+                    devPtr, size);
+    if (rc == ACL_ERROR_RT_OVER_LIMIT) return fail(rc, "too many IPC exports (per process, per user or in all)");
+    if (rc) return fail(rc, "the device server could not export the memory (%d)", rc);
+    if (fd < 0 || mmap(devPtr, rep.a, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        if (fd >= 0) close(fd);
+        struct emu_ipc_req cl = {.type = EMU_REQ_IPC_CLOSE};
+        memcpy(cl.key, rep.key, EMU_IPC_KEY_LEN);
+        ipc_call(&cl, &rep, NULL);
+        return fail(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "cannot map the exported memory at %p", devPtr);
+    }
+    close(fd);
+    pthread_mutex_lock(&d->alloc_lock);
+    for (size_t k = 0; k < d->nallocs; k++)
+        if (d->allocs[k].base == a) d->allocs[k].exported = rep.a;
+    pthread_mutex_unlock(&d->alloc_lock);
+    memcpy(key, rep.key, EMU_IPC_KEY_LEN);
+    struct emu_ipc_req mapped = {.type = EMU_REQ_IPC_MAPPED}; /* its own copy of the pages can go */
+    memcpy(mapped.key, rep.key, EMU_IPC_KEY_LEN);
+    ipc_call(&mapped, &rep, NULL);
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtIpcMemSetImportPid(const char *key, int32_t *pid, size_t num)
+{
+    REQUIRE_INIT();
+    if (!key || !pid) return fail(ACL_ERROR_INVALID_PARAM, "key or pid is NULL");
+    if (num == 0 || num > INT32_MAX) return fail(ACL_ERROR_RT_PARAM_INVALID, "num must be 1..%d", INT32_MAX);
+    int cur = -1, rc = current_device(&cur);
+    if (rc) return rc;
+    struct emu_ipc_req req = {.type = EMU_REQ_IPC_SET_PIDS};
+    if (copy_key(req.key, key) < 0) return fail(ACL_ERROR_RT_PARAM_INVALID, "not an IPC memory key of this process");
+    for (size_t done = 0; done < num && !rc;) {
+        uint32_t n = num - done < EMU_IPC_PIDS_PER_REQ ? (uint32_t)(num - done) : EMU_IPC_PIDS_PER_REQ;
+        req.npids = n;
+        memcpy(req.pids, pid + done, n * sizeof *pid);
+        struct emu_ipc_rep rep;
+        rc = ipc_call(&req, &rep, NULL);
+        done += n;
+    }
+    if (rc == ACL_ERROR_RT_PARAM_INVALID) return fail(rc, "not an IPC memory key of this process, or a pid <= 0");
+    if (rc == ACL_ERROR_RT_NO_PERMISSION)
+        return fail(rc, "only the exporter sets who may import a key, and not one exported without pid validation");
+    if (rc == ACL_ERROR_RT_OVER_LIMIT) return fail(rc, "a key names at most 1024 processes");
+    return rc ? fail(rc, "aclrtIpcMemSetImportPid failed (%d)", rc) : ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtIpcMemImportByKey(void **devPtr, const char *key, uint64_t flags)
+{
+    REQUIRE_INIT();
+    if (!devPtr || !key) return fail(ACL_ERROR_INVALID_PARAM, "devPtr or key is NULL");
+    if (flags & ~(uint64_t)ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS)
+        return fail(ACL_ERROR_RT_PARAM_INVALID, "unknown import flags %#llx", (unsigned long long)flags);
+    int dev = -1, rc = current_device(&dev);
+    if (rc) return rc;
+    struct emu_ipc_req req = {.type = EMU_REQ_IPC_IMPORT, .device = dev, .flags = flags};
+    struct emu_ipc_rep rep;
+    int fd = -1;
+    rc = copy_key(req.key, key) < 0 ? ACL_ERROR_RT_DRV_INTERNAL_ERROR : ipc_call(&req, &rep, &fd);
+    if (rc == ACL_ERROR_RT_DRV_INTERNAL_ERROR)
+        return fail(rc, "no IPC memory this process may import under that key");
+    if (rc == ACL_ERROR_RT_FEATURE_NOT_SUPPORT)
+        return fail(rc, "the memory is on another device: import it with ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS");
+    if (rc == ACL_ERROR_RT_OVER_LIMIT) return fail(rc, "too many IPC imports (per process or in all)");
+    if (rc) return fail(rc, "aclrtIpcMemImportByKey failed (%d)", rc);
+    void *m = fd < 0 ? MAP_FAILED : mmap(NULL, rep.a, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (fd >= 0) close(fd);
+    struct device *d = &g_dev[dev];
+    struct import im = {.base = (uintptr_t)m, .size = rep.b, .map_bytes = rep.a, .home = (int)rep.dev,
+                        .seq = atomic_fetch_add(&g_import_seq, 1)};
+    memcpy(im.key, req.key, EMU_IPC_KEY_LEN);
+    pthread_mutex_lock(&d->alloc_lock);
+    if (m != MAP_FAILED && d->nimports == d->cap_imports) {
+        size_t nc = d->cap_imports ? 2 * d->cap_imports : 8;
+        struct import *ni = realloc(d->imports, nc * sizeof *ni);
+        if (ni) d->imports = ni, d->cap_imports = nc;
+    }
+    bool kept = m != MAP_FAILED && d->nimports < d->cap_imports;
+    if (kept) d->imports[d->nimports++] = im;
+    pthread_mutex_unlock(&d->alloc_lock);
+    if (!kept) {
+        if (m != MAP_FAILED) munmap(m, rep.a);
+        struct emu_ipc_req cl = {.type = EMU_REQ_IPC_CLOSE}; /* the server's import goes too */
+        memcpy(cl.key, req.key, EMU_IPC_KEY_LEN);
+        ipc_call(&cl, &rep, NULL);
+        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot map the imported memory");
+    }
+    *devPtr = m;
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtIpcMemClose(const char *key)
+{
+    REQUIRE_INIT();
+    if (!key) return fail(ACL_ERROR_INVALID_PARAM, "key is NULL");
+    int cur = -1, rc = current_device(&cur);
+    if (rc) return rc;
+    struct emu_ipc_req req = {.type = EMU_REQ_IPC_CLOSE};
+    struct emu_ipc_rep rep;
+    rc = copy_key(req.key, key) < 0 ? ACL_ERROR_RT_PARAM_INVALID : ipc_call(&req, &rep, NULL);
+    if (rc == ACL_ERROR_RT_PARAM_INVALID)
+        return fail(rc, "this process neither exported nor imported (and not yet closed) that key");
+    if (rc) return fail(rc, "aclrtIpcMemClose failed (%d)", rc);
+    if (rep.a != 1) return ACL_SUCCESS; /* the exporter's key: its allocation stays until aclrtFree */
+    struct device *od = NULL; /* an import: the oldest of this key goes, as it did at the server */
+    size_t ok = 0;
+    for (int i = 0; i < EMU_MAX_DEVICES; i++) {
+        struct device *d = &g_dev[i];
+        if (!d->open) continue;
+        pthread_mutex_lock(&d->alloc_lock);
+        for (size_t k = 0; k < d->nimports; k++)
+            if (!strcmp(d->imports[k].key, req.key) && (!od || d->imports[k].seq < od->imports[ok].seq)) {
+                od = d;
+                ok = k;
+            }
+        pthread_mutex_unlock(&d->alloc_lock);
+    }
+    if (od) {
+        pthread_mutex_lock(&od->alloc_lock);
+        struct import im = od->imports[ok];
+        memmove(&od->imports[ok], &od->imports[ok + 1], (od->nimports - ok - 1) * sizeof *od->imports);
+        od->nimports--;
+        pthread_mutex_unlock(&od->alloc_lock);
+        munmap((void *)im.base, im.map_bytes);
+    }
+    return ACL_SUCCESS;
+}
+
+ACL_FUNC_VISIBILITY aclError aclrtDeviceGetBareTgid(int32_t *pid)
+{
+    REQUIRE_INIT();
+    if (!pid) return fail(ACL_ERROR_INVALID_PARAM, "pid is NULL");
+    struct emu_req req = {.type = EMU_REQ_PID};
+    struct emu_rep rep;
+    pthread_mutex_lock(&g_lock);
+    int rc = connect_locked(); /* the pid the device sees: the node's, whatever namespace we are in */
+    if (!rc) rc = rpc(&req, &rep, NULL, NULL);
+    pthread_mutex_unlock(&g_lock);
+    if (!rc) rc = rep.err;
+    if (rc) return rc;
+    *pid = (int32_t)rep.a;
+    return ACL_SUCCESS;
 }

@@ -25,6 +25,7 @@
 #include <stdarg.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -130,7 +131,7 @@ static int dev_alloc(struct device *d, struct client *c, uint64_t size, uint64_t
         d->cap_blocks = nc;
     }
     memmove(&d->blocks[i + 1], &d->blocks[i], (d->nblocks - i) * sizeof *d->blocks);
-    d->blocks[i] = (struct block){at, need, c};
+    d->blocks[i] = (struct block){.off = at, .size = need, .owner = c};
     d->nblocks++;
     d->mem_used += need;
     atomic_store(&d->seg->mem_used, d->mem_used);
@@ -140,6 +141,19 @@ static int dev_alloc(struct device *d, struct client *c, uint64_t size, uint64_t
     return 0;
 }
 
+/* Takes block i out of the allocator: its offsets and capacity are free again. */
+static void remove_block(struct device *d, size_t i)
+{
+    uint64_t size = d->blocks[i].size;
+    memmove(&d->blocks[i], &d->blocks[i + 1], (d->nblocks - i - 1) * sizeof *d->blocks);
+    d->nblocks--;
+    d->mem_used -= size;
+    atomic_store(&d->seg->mem_used, d->mem_used);
+}
+
+static bool ipc_block_freed(struct device *d, size_t i);
+
+/* Its owner frees block i (aclrtFree, or the owner is gone). */
 static void release_block(struct device *d, size_t i)
 {
     struct block b = d->blocks[i];
@@ -147,12 +161,10 @@ static void release_block(struct device *d, size_t i)
      * offsets reads zeros, not these bytes */
     int fd = b.owner->dev[d->index].mem_fd;
     if (fd >= 0) fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b.off, (off_t)b.size);
-    memmove(&d->blocks[i], &d->blocks[i + 1], (d->nblocks - i - 1) * sizeof *d->blocks);
-    d->nblocks--;
-    d->mem_used -= b.size;
-    atomic_store(&d->seg->mem_used, d->mem_used);
     b.owner->dev[d->index].mem_used -= b.size;
     b.owner->dev[d->index].frees++;
+    if (b.exp && ipc_block_freed(d, i)) return; /* importers still map it: reserved until they close */
+    remove_block(d, i);
 }
 
 static int dev_free(struct device *d, struct client *c, uint64_t off, uint64_t *size)
@@ -278,6 +290,8 @@ static bool evict_pending(uid_t uid, bool any_uid, const struct client *keep, en
 /* After EMFILE/ENFILE: frees a descriptor by closing an unregistered connection. */
 static bool make_fd_room(void) { return evict_pending(0, true, g_serving, EVICT_FDS); }
 
+static void ipc_drop_client(struct client *c);
+
 static void client_gone(struct client *c)
 {
     lock_all();
@@ -289,6 +303,7 @@ static void client_gone(struct client *c)
         if (c->dev[i].mem_fd >= 0) close(c->dev[i].mem_fd); /* the pages go with the last mapping */
         c->dev[i].mem_fd = -1;
     }
+    ipc_drop_client(c); /* after its blocks: memory it exported and imported itself goes now */
     c->state = CLIENT_EXITED;
     c->exited_s = sim_now() / 1e9;
     if (c->seg) munmap(c->seg, sizeof *c->seg);
@@ -482,6 +497,8 @@ static bool may_use(int fd, const struct ucred *cr)
 
 /* A new connection, or NULL to refuse it. Called only where the poll loop holds no client
  * pointer (it may free closed records). */
+static uint64_t proc_start_ticks(pid_t pid);
+
 static struct client *client_new(int fd)
 {
     struct ucred cred;
@@ -513,6 +530,9 @@ static struct client *client_new(int fd)
     c->uid = cred.uid;
     c->gid = cred.gid;
     c->admitted = may_use(fd, &cred);
+    c->start_ticks = proc_start_ticks(cred.pid);
+    struct pollfd hup = {.fd = fd, .events = POLLRDHUP};
+    if (poll(&hup, 1, 0) > 0 && (hup.revents & (POLLHUP | POLLRDHUP))) c->start_ticks = 0; /* gone: pid may be reused */
     for (int s = 0; s < EMU_MAX_STREAMS; s++) c->queues[s].active_slot = -1;
     for (int i = 0; i < EMU_MAX_DEVICES; i++) c->dev[i].mem_fd = -1;
     lock_all();
@@ -606,6 +626,8 @@ static void sb(struct sbuf *b, const char *fmt, ...)
     }
 }
 
+static void ipc_status(struct sbuf *b, const struct client *c, int dev);
+
 static void status_json(struct sbuf *b)
 {
     static const char *const kinds[8] = {"?", "kernel", "copy", "memset", "event_record", "event_wait", "?", "?"};
@@ -615,14 +637,18 @@ static void status_json(struct sbuf *b)
         pthread_mutex_lock(&d->lock);
         sim_advance(d, sim_now()); /* busy times up to now */
         const struct emu_params *p = &d->p;
+        uint64_t ipc_held = 0; /* freed by their owners, still mapped by IPC importers */
+        for (size_t k = 0; k < d->nblocks; k++)
+            if (!d->blocks[k].owner) ipc_held += d->blocks[k].size;
         sb(b,
            "%s{\"index\":%d,\"soc\":\"%s\",\"mode\":\"%s\",\"params\":{\"peak_tflops\":%.3f,"
            "\"hbm_gbps\":%.3f,\"link_gbps\":%.3f,\"p2p_gbps\":%.3f,\"launch_us\":%.3f,\"time_scale\":%g,\"capacity\":%llu},"
-           "\"memory\":{\"total\":%llu,\"used\":%llu},\"busy_ns\":%.0f,\"pending_ops\":%zu,\"clients\":[",
+           "\"memory\":{\"total\":%llu,\"used\":%llu,\"ipc_held\":%llu},\"busy_ns\":%.0f,\"pending_ops\":%zu,"
+           "\"clients\":[",
            i ? "," : "", i, p->soc_name, p->mode == EMU_MODE_SERIAL ? "serial" : "shared", p->peak_flops / 1e12,
            p->hbm_bw / 1e9, p->link_bw / 1e9, p->p2p_bw / 1e9, p->launch_ns / 1e3, p->time_scale, (unsigned long long)p->capacity,
-           (unsigned long long)p->capacity, (unsigned long long)atomic_load(&d->seg->mem_used), d->busy_ns,
-           sim_pending_ops(d));
+           (unsigned long long)p->capacity, (unsigned long long)atomic_load(&d->seg->mem_used),
+           (unsigned long long)ipc_held, d->busy_ns, sim_pending_ops(d));
         int first = 1;
         for (int k = 0; k < g_srv.nclients; k++) {
             struct client *c = g_srv.clients[k];
@@ -639,7 +665,9 @@ static void status_json(struct sbuf *b)
             sb(b, "},\"bytes_copied\":{");
             for (int o = 0; o < 8; o++)
                 sb(b, "%s\"%s\":%llu", o ? "," : "", copy_names[o] + 7, (unsigned long long)cd->bytes_by_copy_kind[o]);
-            sb(b, "},\"memset_bytes\":%llu,\"busy_by_name\":{", (unsigned long long)cd->memset_bytes);
+            sb(b, "},\"memset_bytes\":%llu,", (unsigned long long)cd->memset_bytes);
+            ipc_status(b, c, i);
+            sb(b, ",\"busy_by_name\":{");
             int f2 = 1;
             for (int n = 0; n < g_srv.nnames; n++)
                 if (cd->count_by_name[n]) {
@@ -688,12 +716,386 @@ static int sealed_memfd(const char *name, uint64_t size)
     return fd;
 }
 
+/* ---------------------------------------------------------------- IPC memory
+ *
+ * aclrtIpcMemGetExportKey moves the exported pages of an allocation (its first `bytes`,
+ * page-rounded) out of the owner's memory file into a memfd of their own, which the owner
+ * maps over the same addresses (its pointers stay valid) and which every process allowed to
+ * import the key maps too: one copy of the bytes, seen by all, nothing copied afterwards.
+ * The device's capacity is accounted once, in the owner's block. The block stays reserved
+ * until its owner has freed it and the last importer has closed or exited.
+ *
+ * Who may import: a process named with aclrtIpcMemSetImportPid (by pid and start time, both
+ * as the kernel tells the server: a recycled pid is another process), or, if the key was
+ * exported with ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION, a process of the
+ * exporter's own user, or root. A key is 64 random hex characters (getrandom) and says
+ * nothing else; an unknown key and a key the process may not import look alike. */
+
+#define EMU_IPC_MAX_EXPORTS 4096     /* in all */
+#define EMU_IPC_MAX_IMPORTS 4096     /* in all */
+#define EMU_IPC_PER_CLIENT 256       /* exports, and imports, one process may hold */
+#define EMU_IPC_PER_UID 1024         /* exports one user (not root, not the server's) may hold */
+#define EMU_IPC_MAX_PIDS 1024        /* pids one key may name */
+#define ACL_RT_IPC_EXPORT_NO_PID_CHECK 0x1UL /* acl_rt.h ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION */
+#define ACL_RT_IPC_IMPORT_PEER 0x1UL         /* acl_rt.h ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS */
+
+struct ipc_pid {
+    int32_t pid;
+    uint64_t start_ticks;
+};
+
+struct ipc_export {
+    char key[EMU_IPC_KEY_LEN];
+    bool key_open;         /* the key may be imported (its exporter has not closed it) */
+    struct client *owner;  /* the exporter, until it frees the allocation or exits */
+    uid_t uid;             /* the exporter's */
+    int dev;
+    uint64_t off;          /* the allocation's offset on the device */
+    uint64_t bytes;        /* exported, as asked */
+    uint64_t map_bytes;    /* page-rounded: the memfd's size */
+    int fd;
+    uint64_t flags;
+    struct ipc_pid *pids;
+    uint32_t npids;
+    uint32_t imports; /* live imports */
+};
+
+struct ipc_import {
+    struct ipc_export *e;
+    struct client *c;
+    int dev;          /* the importer's device */
+    char key[EMU_IPC_KEY_LEN];
+};
+
+static struct ipc_export *g_exports[EMU_IPC_MAX_EXPORTS];
+static int g_nexports;
+static struct ipc_import g_imports[EMU_IPC_MAX_IMPORTS]; /* in import order */
+static int g_nimports;
+
+/* The process's start time in clock ticks (field 22 of /proc/<pid>/stat), 0 if unknown. */
+static uint64_t proc_start_ticks(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    if (!p) return 0;
+    p++;
+    for (int field = 3; field < 22; field++) { /* p is before field 3 (state) */
+        p = strchr(p + 1, ' ');
+        if (!p) return 0;
+    }
+    return strtoull(p + 1, NULL, 10);
+}
+
+static bool key_equal(const char *a, const char *b) /* constant time over the whole key */
+{
+    unsigned diff = 0;
+    for (int i = 0; i < EMU_IPC_KEY_LEN; i++) diff |= (unsigned char)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
+static int new_key(char *key)
+{
+    unsigned char r[32];
+    static const char hex[] = "0123456789abcdef";
+    size_t got = 0;
+    while (got < sizeof r) {
+        ssize_t n = getrandom(r + got, sizeof r - got, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        got += (size_t)n;
+    }
+    for (int i = 0; i < 32; i++) {
+        key[2 * i] = hex[r[i] >> 4];
+        key[2 * i + 1] = hex[r[i] & 15];
+    }
+    key[64] = 0;
+    return 0;
+}
+
+/* The export whose open key this is, or NULL. */
+static struct ipc_export *export_by_key(const char *key)
+{
+    struct ipc_export *found = NULL;
+    for (int i = 0; i < g_nexports; i++)
+        if (g_exports[i]->key_open && key_equal(g_exports[i]->key, key)) found = g_exports[i];
+    return found;
+}
+
+/* Drops an export nobody holds any more: no owner, no importer. Its block leaves the
+ * allocator. Caller holds the export's device lock. */
+static void export_destroy(struct ipc_export *e, bool remove)
+{
+    struct device *d = &g_srv.dev[e->dev];
+    if (remove)
+        for (size_t i = 0; i < d->nblocks; i++)
+            if (d->blocks[i].exp == e) {
+                remove_block(d, i);
+                break;
+            }
+    /* no page of it stays behind, whatever a process still maps */
+    fallocate(e->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)e->map_bytes);
+    close(e->fd);
+    for (int i = 0; i < g_nexports; i++)
+        if (g_exports[i] == e) {
+            g_exports[i] = g_exports[--g_nexports];
+            break;
+        }
+    free(e->pids);
+    free(e);
+}
+
+/* Block i, exported, was freed by its owner. True if importers still map it: then it stays
+ * in the allocator without an owner. Caller holds d->lock. */
+static bool ipc_block_freed(struct device *d, size_t i)
+{
+    struct ipc_export *e = d->blocks[i].exp;
+    e->owner = NULL;
+    e->key_open = false; /* freed memory cannot be imported (CANN: import before the free) */
+    if (e->imports > 0) {
+        d->blocks[i].owner = NULL;
+        return true;
+    }
+    d->blocks[i].exp = NULL;
+    export_destroy(e, false);
+    return false;
+}
+
+/* Closes import k. Caller holds the export's device lock. */
+static void import_close(int k)
+{
+    struct ipc_export *e = g_imports[k].e;
+    memmove(&g_imports[k], &g_imports[k + 1], (size_t)(g_nimports - k - 1) * sizeof *g_imports);
+    g_nimports--;
+    if (--e->imports == 0 && !e->owner) export_destroy(e, true);
+}
+
+/* A client is gone: its imports close, its keys with it. Caller holds every device lock,
+ * after the client's blocks were released. */
+static void ipc_drop_client(struct client *c)
+{
+    for (int k = g_nimports; k-- > 0;)
+        if (g_imports[k].c == c) import_close(k);
+}
+
+static bool may_import(const struct ipc_export *e, const struct client *c)
+{
+    if (e->flags & ACL_RT_IPC_EXPORT_NO_PID_CHECK) return c->uid == e->uid || c->uid == 0;
+    for (uint32_t i = 0; i < e->npids; i++)
+        if (e->pids[i].pid == c->pid && e->pids[i].start_ticks && e->pids[i].start_ticks == c->start_ticks)
+            return true;
+    return false;
+}
+
+/* Copies the data of [off, off + len) of file src to [0, len) of dst, skipping holes (an
+ * allocation never written costs nothing). */
+static int copy_extents(int src, uint64_t off, int dst, uint64_t len)
+{
+    static char buf[1 << 18];
+    uint64_t pos = off, end = off + len;
+    while (pos < end) {
+        off_t data = lseek(src, (off_t)pos, SEEK_DATA);
+        if (data < 0) return errno == ENXIO ? 0 : -1;
+        if ((uint64_t)data >= end) return 0;
+        off_t hole = lseek(src, data, SEEK_HOLE);
+        uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
+        for (uint64_t at = (uint64_t)data; at < stop;) {
+            size_t want = stop - at < sizeof buf ? (size_t)(stop - at) : sizeof buf;
+            ssize_t r = pread(src, buf, want, (off_t)at);
+            if (r <= 0 || pwrite(dst, buf, (size_t)r, (off_t)(at - off)) != r) return -1;
+            at += (uint64_t)r;
+        }
+        pos = stop;
+    }
+    return 0;
+}
+
+static void reply_ipc(struct client *c, int err, uint64_t a, uint64_t b, uint32_t dev, const char *key, int fd)
+{
+    struct emu_ipc_rep rep = {.err = err, .dev = dev, .a = a, .b = b};
+    if (key) memcpy(rep.key, key, EMU_IPC_KEY_LEN);
+    send_msg(c, &rep, sizeof rep, fd >= 0 ? &fd : NULL, fd >= 0 ? 1 : 0);
+}
+
+static int count_exports(const struct client *c, uid_t uid)
+{
+    int n = 0;
+    for (int i = 0; i < g_nexports; i++)
+        n += c ? g_exports[i]->owner == c : g_exports[i]->uid == uid;
+    return n;
+}
+
+static void ipc_export(struct client *c, const struct emu_ipc_req *q)
+{
+    if (q->device < 0 || q->device >= g_srv.ndev || !c->dev[q->device].open)
+        return reply_ipc(c, ACL_ERROR_RT_INVALID_DEVICEID, 0, 0, 0, NULL, -1);
+    if (q->flags & ~ACL_RT_IPC_EXPORT_NO_PID_CHECK) return reply_ipc(c, ACL_ERROR_RT_PARAM_INVALID, 0, 0, 0, NULL, -1);
+    struct device *d = &g_srv.dev[q->device];
+    char key[EMU_IPC_KEY_LEN];
+    int err = 0, fd = -1;
+    uint64_t map_bytes = (q->b + EMU_MEM_ALIGN - 1) & ~(uint64_t)(EMU_MEM_ALIGN - 1);
+    pthread_mutex_lock(&d->lock);
+    struct block *blk = NULL;
+    for (size_t i = 0; i < d->nblocks; i++)
+        if (d->blocks[i].off == q->a && d->blocks[i].owner == c) blk = &d->blocks[i];
+    struct ipc_export *e = blk ? blk->exp : NULL;
+    if (!blk || q->b == 0 || map_bytes < q->b || map_bytes > blk->size)
+        err = ACL_ERROR_RT_PARAM_INVALID; /* not the start of an allocation, or more than it */
+    else if (e && (e->key_open || e->map_bytes != map_bytes))
+        err = ACL_ERROR_RT_PARAM_INVALID; /* exported already (close the key first) */
+    else if (new_key(key) < 0)
+        err = ACL_ERROR_RT_INTERNAL_ERROR;
+    else if (!e) {
+        bool capped = c->uid != 0 && c->uid != geteuid();
+        if (g_nexports >= EMU_IPC_MAX_EXPORTS || count_exports(c, 0) >= EMU_IPC_PER_CLIENT ||
+            (capped && count_exports(NULL, c->uid) >= EMU_IPC_PER_UID))
+            err = ACL_ERROR_RT_OVER_LIMIT;
+        else if ((fd = sealed_memfd("flexnpu-emu-ipc", map_bytes)) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SEAL) < 0 ||
+                 copy_extents(c->dev[q->device].mem_fd, blk->off, fd, map_bytes) < 0 ||
+                 !(e = calloc(1, sizeof *e)))
+            err = ACL_ERROR_RT_RESOURCE_ALLOC_FAIL;
+        if (err && fd >= 0) close(fd);
+        if (!err) {
+            *e = (struct ipc_export){.owner = c, .uid = c->uid, .dev = q->device, .off = blk->off,
+                                     .map_bytes = map_bytes, .fd = fd};
+            blk->exp = e;
+            g_exports[g_nexports++] = e;
+        }
+    }
+    if (!err) { /* a new key (again, after the exporter closed the last one, for the same pages) */
+        memcpy(e->key, key, EMU_IPC_KEY_LEN);
+        e->key_open = true;
+        e->bytes = q->b;
+        e->flags = q->flags;
+        free(e->pids);
+        e->pids = NULL;
+        e->npids = 0;
+    }
+    pthread_mutex_unlock(&d->lock);
+    reply_ipc(c, err, err ? 0 : map_bytes, 0, 0, err ? NULL : key, err ? -1 : e->fd);
+}
+
+/* The exporter maps the export's memfd now: the pages in its own file are not needed. */
+static void ipc_mapped(struct client *c, const struct emu_ipc_req *q)
+{
+    struct ipc_export *e = export_by_key(q->key);
+    if (!e || e->owner != c) return reply_ipc(c, ACL_ERROR_RT_PARAM_INVALID, 0, 0, 0, NULL, -1);
+    int fd = c->dev[e->dev].mem_fd;
+    if (fd >= 0) fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)e->off, (off_t)e->map_bytes);
+    reply_ipc(c, 0, 0, 0, 0, NULL, -1);
+}
+
+static void ipc_set_pids(struct client *c, const struct emu_ipc_req *q)
+{
+    struct ipc_export *e = export_by_key(q->key);
+    int err = 0;
+    if (!e || q->npids == 0 || q->npids > EMU_IPC_PIDS_PER_REQ) err = ACL_ERROR_RT_PARAM_INVALID;
+    else if (e->owner != c || (e->flags & ACL_RT_IPC_EXPORT_NO_PID_CHECK))
+        err = ACL_ERROR_RT_NO_PERMISSION; /* only its exporter, and not with pid validation off */
+    else if (e->npids + q->npids > EMU_IPC_MAX_PIDS)
+        err = ACL_ERROR_RT_OVER_LIMIT;
+    for (uint32_t i = 0; !err && i < q->npids; i++)
+        if (q->pids[i] <= 0) err = ACL_ERROR_RT_PARAM_INVALID;
+    struct ipc_pid *np = err ? NULL : realloc(e->pids, (e->npids + q->npids) * sizeof *np);
+    if (!err && !np) err = ACL_ERROR_BAD_ALLOC;
+    if (!err) {
+        e->pids = np;
+        for (uint32_t i = 0; i < q->npids; i++) /* the process that has the pid now, and no later one */
+            e->pids[e->npids++] = (struct ipc_pid){q->pids[i], proc_start_ticks(q->pids[i])};
+    }
+    reply_ipc(c, err, 0, 0, 0, NULL, -1);
+}
+
+static void ipc_import(struct client *c, const struct emu_ipc_req *q)
+{
+    if (q->device < 0 || q->device >= g_srv.ndev || !c->dev[q->device].open)
+        return reply_ipc(c, ACL_ERROR_RT_INVALID_DEVICEID, 0, 0, 0, NULL, -1);
+    if (q->flags & ~ACL_RT_IPC_IMPORT_PEER) return reply_ipc(c, ACL_ERROR_RT_PARAM_INVALID, 0, 0, 0, NULL, -1);
+    struct ipc_export *e = export_by_key(q->key);
+    if (!e || !may_import(e, c)) {
+        if (e)
+            LOG_LIMITED("refused an IPC import by pid %d (uid %u): the exporter (uid %u) did not allow it", (int)c->pid,
+                        (unsigned)c->uid, (unsigned)e->uid);
+        return reply_ipc(c, ACL_ERROR_RT_DRV_INTERNAL_ERROR, 0, 0, 0, NULL, -1);
+    }
+    if (e->dev != q->device && !(q->flags & ACL_RT_IPC_IMPORT_PEER))
+        return reply_ipc(c, ACL_ERROR_RT_FEATURE_NOT_SUPPORT, 0, 0, 0, NULL, -1);
+    int mine = 0;
+    for (int k = 0; k < g_nimports; k++) mine += g_imports[k].c == c;
+    if (g_nimports >= EMU_IPC_MAX_IMPORTS || mine >= EMU_IPC_PER_CLIENT)
+        return reply_ipc(c, ACL_ERROR_RT_OVER_LIMIT, 0, 0, 0, NULL, -1);
+    struct ipc_import *im = &g_imports[g_nimports++];
+    *im = (struct ipc_import){.e = e, .c = c, .dev = q->device};
+    memcpy(im->key, e->key, EMU_IPC_KEY_LEN);
+    e->imports++;
+    reply_ipc(c, 0, e->map_bytes, e->bytes, (uint32_t)e->dev, NULL, e->fd);
+}
+
+/* An importer closes its oldest import of the key (rep.a = 1), or the exporter its key
+ * (rep.a = 2): then nobody can import it any more; imports made stay valid. */
+static void ipc_close(struct client *c, const struct emu_ipc_req *q)
+{
+    for (int k = 0; k < g_nimports; k++)
+        if (g_imports[k].c == c && key_equal(g_imports[k].key, q->key)) {
+            struct device *d = &g_srv.dev[g_imports[k].e->dev];
+            pthread_mutex_lock(&d->lock);
+            import_close(k);
+            pthread_mutex_unlock(&d->lock);
+            return reply_ipc(c, 0, 1, 0, 0, NULL, -1);
+        }
+    struct ipc_export *e = export_by_key(q->key);
+    if (!e || e->owner != c) return reply_ipc(c, ACL_ERROR_RT_PARAM_INVALID, 0, 0, 0, NULL, -1);
+    e->key_open = false;
+    reply_ipc(c, 0, 2, 0, 0, NULL, -1);
+}
+
+/* "ipc":{...} of a client on a device: its allocations exported, its imports; page-rounded bytes. */
+static void ipc_status(struct sbuf *b, const struct client *c, int dev)
+{
+    uint64_t ne = 0, be = 0, ni = 0, bi = 0;
+    for (int i = 0; i < g_nexports; i++)
+        if (g_exports[i]->owner == c && g_exports[i]->dev == dev) ne++, be += g_exports[i]->map_bytes;
+    for (int k = 0; k < g_nimports; k++)
+        if (g_imports[k].c == c && g_imports[k].dev == dev) ni++, bi += g_imports[k].e->map_bytes;
+    sb(b, "\"ipc\":{\"exports\":%llu,\"export_bytes\":%llu,\"imports\":%llu,\"import_bytes\":%llu}",
+       (unsigned long long)ne, (unsigned long long)be, (unsigned long long)ni, (unsigned long long)bi);
+}
+
+static bool handle_ipc(struct client *c, const struct emu_ipc_req *q, ssize_t len)
+{
+    struct emu_ipc_req r;
+    if (len != (ssize_t)sizeof r || !c->seg) {
+        reply_ipc(c, ACL_ERROR_RT_PARAM_INVALID, 0, 0, 0, NULL, -1);
+        return true;
+    }
+    r = *q;
+    r.key[EMU_IPC_KEY_LEN - 1] = 0;
+    switch (r.type) {
+    case EMU_REQ_IPC_EXPORT: ipc_export(c, &r); break;
+    case EMU_REQ_IPC_MAPPED: ipc_mapped(c, &r); break;
+    case EMU_REQ_IPC_SET_PIDS: ipc_set_pids(c, &r); break;
+    case EMU_REQ_IPC_IMPORT: ipc_import(c, &r); break;
+    default: ipc_close(c, &r); break;
+    }
+    return true;
+}
+
 /* Handles one request; returns false if the connection should close. */
 static bool handle(struct client *c)
 {
+    union {
+        struct emu_req req;
+        struct emu_ipc_req ipc;
+    } u;
     struct emu_req req;
     int fds[EMU_FDS_MAX], nfds = 0;
-    ssize_t r = emu_recv_fds(c->fd, &req, sizeof req, fds, &nfds);
+    ssize_t r = emu_recv_fds(c->fd, &u, sizeof u, fds, &nfds);
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
     if (r <= 0) return false;
     c->last_ns = emu_now_ns();
@@ -705,10 +1107,13 @@ static bool handle(struct client *c)
         reply(c, ACL_ERROR_RT_NO_PERMISSION, g_have_group ? (uint64_t)g_group_gid : EMU_NO_GROUP, NULL, 0);
         return false;
     }
+    if (r >= (ssize_t)sizeof u.req.type && u.req.type >= EMU_REQ_IPC_EXPORT && u.req.type <= EMU_REQ_IPC_CLOSE)
+        return handle_ipc(c, &u.ipc, r);
     if (r != (ssize_t)sizeof req) {
         reply(c, ACL_ERROR_INVALID_PARAM, 0, NULL, 0);
         return true;
     }
+    req = u.req;
     bool dev_ok = req.device >= 0 && req.device < g_srv.ndev;
     struct device *d = dev_ok ? &g_srv.dev[req.device] : NULL;
     switch (req.type) {
@@ -795,6 +1200,9 @@ static bool handle(struct client *c)
         reply(c, id < 0 ? ACL_ERROR_RT_OVER_LIMIT : 0, (uint64_t)(id < 0 ? 0 : id), NULL, 0);
         return true;
     }
+    case EMU_REQ_PID: /* as the server sees it: in its pid namespace, the node's */
+        reply(c, c->seg ? 0 : ACL_ERROR_INVALID_PARAM, (uint64_t)c->pid, NULL, 0);
+        return true;
     case EMU_REQ_STATUS: {
         struct sbuf b = {0};
         status_json(&b);

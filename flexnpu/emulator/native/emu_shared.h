@@ -11,7 +11,10 @@
  *     resizing. A process maps only its own: device memory of another process is in a file
  *     it is never given, as a real device's contexts keep their memory apart. The server
  *     allocates offsets device-wide (capacity is accounted over all processes) and punches
- *     the hole in the owner's file on free.
+ *     the hole in the owner's file on free;
+ *   - one memfd per IPC export (aclrtIpcMemGetExportKey): exactly the exported pages of one
+ *     allocation, which move there from the owner's file; the exporter maps it over the
+ *     allocation's addresses, and each process allowed to import the key maps it too.
  *
  * The hot path (a launch) writes one op into the client's ring and rings the doorbell
  * only when the server would otherwise sleep past the op's modelled completion.
@@ -145,6 +148,15 @@ enum emu_req_type {
     EMU_REQ_FREE = 4,        /* device, a = offset; rep.a = size freed */
     EMU_REQ_NAME = 5,        /* name; rep.a = name id */
     EMU_REQ_STATUS = 6,      /* reply: JSON text in chunks, then an empty message */
+    EMU_REQ_PID = 7,         /* rep.a = this process's pid as the server sees it (aclrtDeviceGetBareTgid) */
+    /* IPC memory (aclrtIpcMem*): struct emu_ipc_req in, struct emu_ipc_rep back */
+    EMU_REQ_IPC_EXPORT = 8,  /* device, a = offset of an allocation, b = bytes, flags; fd back: a memfd
+                                holding those bytes (rep.a long, page-rounded), rep.key: the new key */
+    EMU_REQ_IPC_MAPPED = 9,  /* key: the exporter now maps the memfd over its allocation */
+    EMU_REQ_IPC_SET_PIDS = 10, /* key, npids pids: who may import it */
+    EMU_REQ_IPC_IMPORT = 11, /* device (current), key, flags; fd back: the export's memfd; rep.a = bytes
+                                mapped (page-rounded), rep.b = bytes exported, rep.dev = exporter's device */
+    EMU_REQ_IPC_CLOSE = 12,  /* key: the exporter closes its key, or an importer its oldest import of it */
 };
 /* A process the server does not admit gets, to its first request, rep.err =
  * ACL_ERROR_RT_NO_PERMISSION with rep.a = the client group's gid (EMU_NO_GROUP: none on the
@@ -164,6 +176,31 @@ struct emu_rep {
     uint32_t pad;
     uint64_t a;
     uint64_t b;
+};
+
+/* IPC memory requests and replies: the head of struct emu_req / emu_rep, then a key. */
+#define EMU_IPC_KEY_LEN 65 /* 64 characters and a NUL, as CANN's keys (aclrtIpcMemGetExportKey len) */
+#define EMU_IPC_PIDS_PER_REQ 16
+
+struct emu_ipc_req {
+    uint32_t type;
+    int32_t device;
+    uint64_t a;
+    uint64_t b;
+    uint64_t flags;
+    char key[EMU_IPC_KEY_LEN];
+    char pad[3];
+    uint32_t npids;
+    int32_t pids[EMU_IPC_PIDS_PER_REQ];
+};
+
+struct emu_ipc_rep {
+    int32_t err; /* aclError */
+    uint32_t dev; /* import: the exporter's device */
+    uint64_t a;
+    uint64_t b;
+    char key[EMU_IPC_KEY_LEN];
+    char pad2[7];
 };
 
 static inline uint64_t emu_now_ns(void)

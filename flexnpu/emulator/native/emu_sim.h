@@ -68,6 +68,7 @@ struct client {
     uid_t uid;     /* effective ids at connect (SO_PEERCRED) */
     gid_t gid;
     bool admitted; /* root, the server's user, or a member of the client group */
+    uint64_t start_ticks; /* the process's start time (/proc/<pid>/stat), 0 if unknown: with pid, who it is */
     enum client_state state; /* written under every device lock */
     bool drop;        /* closed by the poll loop; freed or marked exited once nothing refers to it */
     uint64_t last_ns; /* a PENDING connection's last sign of life: accept, request, reply progress */
@@ -84,7 +85,8 @@ struct client {
 
 struct block { /* an allocation in device memory */
     uint64_t off, size;
-    struct client *owner;
+    struct client *owner;    /* NULL: freed by its owner, still held by IPC importers (exp) */
+    struct ipc_export *exp;  /* its IPC export (emu_server.c), or NULL */
 };
 
 struct device {
