@@ -13,6 +13,9 @@ SIZE = ctypes.c_size_t
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_INTER_DEVICE_TO_DEVICE = 7  # acl_rt.h: aclrtMemcpyKind
 ACL_HBM_MEM = 1
+ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION = 0x1  # acl_rt.h
+ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS = 0x1
+IPC_KEY_LEN = 65  # 64 characters and a NUL
 
 _SIGNATURES = {
     "aclInit": [ctypes.c_char_p],
@@ -31,6 +34,11 @@ _SIGNATURES = {
     "aclrtBinaryUnLoad": [VP],
     "aclrtLaunchKernel": [VP, ctypes.c_uint32, ctypes.c_char_p, SIZE, VP],
     "aclGetRecentErrMsg": [],
+    "aclrtIpcMemGetExportKey": [VP, SIZE, ctypes.c_char_p, SIZE, ctypes.c_uint64],
+    "aclrtIpcMemSetImportPid": [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int32), SIZE],
+    "aclrtIpcMemImportByKey": [ctypes.POINTER(VP), ctypes.c_char_p, ctypes.c_uint64],
+    "aclrtIpcMemClose": [ctypes.c_char_p],
+    "aclrtDeviceGetBareTgid": [ctypes.POINTER(ctypes.c_int32)],
 }
 
 
@@ -72,6 +80,29 @@ class Acl:
         free, total = SIZE(), SIZE()
         self.call("aclrtGetMemInfo", ACL_HBM_MEM, ctypes.byref(free), ctypes.byref(total))
         return free.value, total.value
+
+    # -- IPC memory: share an allocation with another process, no copy
+    def export_key(self, ptr: VP | int, size: int, flags: int = 0) -> bytes:
+        """aclrtIpcMemGetExportKey: the key (64 characters) another process imports it by."""
+        key = ctypes.create_string_buffer(IPC_KEY_LEN)
+        self.call("aclrtIpcMemGetExportKey", ptr, size, key, IPC_KEY_LEN, flags)
+        return key.value
+
+    def set_import_pids(self, key: bytes, pids: list[int]) -> None:
+        """aclrtIpcMemSetImportPid: the processes (aclrtDeviceGetBareTgid) that may import it."""
+        arr = (ctypes.c_int32 * len(pids))(*pids)
+        self.call("aclrtIpcMemSetImportPid", key, arr, len(pids))
+
+    def import_key(self, key: bytes, flags: int = 0) -> VP:
+        """aclrtIpcMemImportByKey: a device pointer to the exporter's memory, on the current device."""
+        ptr = VP()
+        self.call("aclrtIpcMemImportByKey", ctypes.byref(ptr), key, flags)
+        return ptr
+
+    def bare_tgid(self) -> int:
+        pid = ctypes.c_int32()
+        self.call("aclrtDeviceGetBareTgid", ctypes.byref(pid))
+        return pid.value
 
     def launch(self, func: VP, args: bytes, stream: VP) -> None:
         rc = self._launch(func, 1, args, len(args), stream)

@@ -15,6 +15,7 @@
  *   copy HD HS N KIND [async]      device to device copy of N bytes, aclrtMemcpyKind KIND
  *   kernel HD HS N                 the built-in `copy` kernel, HS -> HD, N bytes, on a stream
  *   meminfo                        {"free", "total"}
+ *   exportmany N                   {"ok", "rc"}: N page allocations, each exported, until one fails
  *   badargs                        {"name": code, ...}: every IPC call with bad input
  *   quit
  *
@@ -216,6 +217,17 @@ int main(int argc, char **argv)
             size_t fr = 0, tot = 0;
             rc = aclrtGetMemInfo(ACL_HBM_MEM, &fr, &tot);
             printf("{\"rc\":%d,\"free\":%zu,\"total\":%zu}\n", rc, fr, tot);
+        } else if (!strcmp(cmd, "exportmany") && n == 2) {
+            int want = atoi(w[1]), done = 0;
+            rc = 0;
+            while (done < want && !rc) {
+                void *p = NULL;
+                char key[65];
+                rc = aclrtMalloc(&p, 4096, ACL_MEM_MALLOC_HUGE_FIRST);
+                if (!rc && (rc = aclrtIpcMemGetExportKey(p, 4096, key, 65, 1)) != 0) aclrtFree(p);
+                done += !rc;
+            }
+            printf("{\"ok\":%d,\"rc\":%d}\n", done, rc);
         } else if (!strcmp(cmd, "badargs")) {
             badargs();
         } else
