@@ -3,6 +3,8 @@ decode instance (two layers of Qwen2.5-7B, so a run takes seconds), checked agai
 emulator's own accounting; chunked prefill; the KV cache limiting the batch; a hand-off
 between two devices."""
 
+import json
+
 import pytest
 
 from flexnpu.bench.node import LocalNode
@@ -37,6 +39,43 @@ def test_pd_run_agrees_with_emulator(node):
     assert m["tpot_s"]["p50"] > 0 and 0 < m["slo_attainment"] <= 1
 
 
+def test_same_device_handoff_maps_the_prefills_kv_and_copies_nothing(node):
+    reqs = [Request(i, 0.01 * i, 200 + 50 * i, 12) for i in range(4)]
+    res = driver.run(node, reqs, driver.Setup(model=MODEL, shim=False, prefill_kv_tokens=4096))
+    assert res.problems == []
+    kvb = model_by_name(MODEL).kv_bytes_per_token
+    # the prefill's pool, exported once and mapped by the decode instance: nothing else
+    assert res.handoff == {"prefill": {"exports": 1, "export_bytes": 4096 * kvb, "imports": 0, "import_bytes": 0},
+                           "decode": {"exports": 0, "export_bytes": 0, "imports": 1, "import_bytes": 4096 * kvb}}
+    for name in ("prefill", "decode"):
+        (c,) = [c for d in res.status["devices"] for c in d["clients"] if c["pid"] == res.stats[name]["pid"]]
+        assert c["ops"]["copy"] == 0 and sum(c["bytes_copied"].values()) == 0
+    assert res.stats["decode"]["copied_bytes"] == 0
+    # the check sees a copy where there must be none
+    st = json.loads(json.dumps(res.status))
+    (c,) = [c for d in st["devices"] for c in d["clients"] if c["pid"] == res.stats["decode"]["pid"]]
+    c["bytes_copied"]["d2d"], c["ops"]["copy"] = 4096, 1
+    timing = {t.id: t for t in res.requests}
+    setup = driver.Setup(model=MODEL, shim=False, prefill_kv_tokens=4096)
+    assert driver.check(res.stats, st, timing, setup, handoff=res.handoff) == [
+        "decode: emulator copied 4096 bytes on a same-device hand-off (want 0)"]
+    assert "want one each" in driver.check(res.stats, res.status, timing, setup, handoff=None)[0]
+
+
+def test_prefill_holds_a_prompts_kv_until_decode_is_done_with_it(node):
+    """With IPC the decode instance reads the prompt's KV in the prefill's pool until the
+    request ends: the prefill's pool (two prompts here) refills only then."""
+    reqs = [Request(i, 0.0, 100, 30) for i in range(3)]
+    res = driver.run(node, reqs, driver.Setup(model=MODEL, shim=False, prefill_kv_tokens=200))
+    assert res.problems == []
+    first_done = min(res.requests[0].token_times[-1], res.requests[1].token_times[-1])
+    assert res.requests[2].token_times[0] > first_done
+    copied = driver.run(node, reqs, driver.Setup(model=MODEL, shim=False, prefill_kv_tokens=200, kv_ipc=False))
+    assert copied.problems == []  # released once the decode instance has taken a request: early
+    assert copied.requests[2].token_times[0] < min(copied.requests[0].token_times[-1],
+                                                    copied.requests[1].token_times[-1])
+
+
 def test_chunked_prefill_mixes_decode(node):
     reqs = [Request(0, 0.0, 300, 20), Request(1, 0.01, 200, 5)]
     res = driver.run(node, reqs, driver.Setup(model=MODEL, mixed=True, chunk_tokens=64, shim=False))
@@ -50,16 +89,19 @@ def test_chunked_prefill_mixes_decode(node):
     assert res.metrics["output_tokens"] == 25
 
 
-def test_kv_cache_limits_the_batch(node):
+@pytest.mark.parametrize("kv_ipc", [True, False])
+def test_kv_cache_limits_the_batch(node, kv_ipc):
     reqs = [Request(i, 0.0, 100, 30) for i in range(5)]
-    two = 2 * (100 + 30)
-    res = driver.run(node, reqs, driver.Setup(model=MODEL, decode_kv_tokens=two, shim=False))
+    # the decode instance's pool holds each request's output; its prompt too unless the prompt's
+    # KV stays where prefill wrote it (IPC)
+    two = 2 * 30 if kv_ipc else 2 * (100 + 30)
+    res = driver.run(node, reqs, driver.Setup(model=MODEL, decode_kv_tokens=two, shim=False, kv_ipc=kv_ipc))
     assert res.problems == [] and res.metrics["completed"] == 5
     assert max(res.decode_batches) == 2
     # the last requests waited for KV space: their first decode token comes late
     assert res.requests[4].token_times[1] - res.requests[4].token_times[0] > \
         res.requests[0].token_times[1] - res.requests[0].token_times[0]
-    roomy = driver.run(node, reqs, driver.Setup(model=MODEL, shim=False))
+    roomy = driver.run(node, reqs, driver.Setup(model=MODEL, shim=False, kv_ipc=kv_ipc))
     assert max(roomy.decode_batches) >= 4
 
 

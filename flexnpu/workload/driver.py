@@ -13,9 +13,15 @@ decode instance's token events give every later token's time. With `Setup.mixed`
 instance does both (a chunked-prefill engine). The instances run with the node's
 environment, under the FlexNPU shim unless `Setup.shim` is False.
 
+With `Setup.kv_ipc` (the default) the KV is handed over through AscendCL's IPC memory calls
+(instance.py): before the first request the driver has the prefill instance allow the decode
+instance's pid (both from their "ready") and the decode instance import the prefill's KV pool;
+on one device the prefill's range is then released when the decode instance is "done" with the
+request, as the decode instance reads the prompt's KV where it is.
+
 Every run ends with `check`: the emulator's per-process kernel counts must equal what each
-instance says it launched, and its busy time (serial mode) the sum of the modelled kernel
-times within `Setup.busy_tolerance`.
+instance says it launched, its busy time (serial mode) the sum of the modelled kernel
+times within `Setup.busy_tolerance`, and on one device the hand-off must have copied nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Setup:
     weights: bool = True
     shim: bool = True
     role_env: bool = False  # FLEXNPU_ROLE in the instances' environment without the shim (vNPU partitions)
+    kv_ipc: bool = True  # hand the KV over through IPC memory (the decode instance imports the prefill's pool)
     slo: MX.Slo = field(default_factory=MX.Slo)
     busy_tolerance: float = 0.02
     timeout_s: float = 600.0
@@ -69,6 +76,7 @@ class Result:
     problems: list[str]
     setup: dict
     decode_batches: list[int]  # requests decoded in each decode step, in order
+    handoff: dict | None = None  # kv_ipc: the emulator's IPC record of each instance once the import is made
 
 
 class _Proc:
@@ -104,6 +112,8 @@ def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = No
          str(s.max_batched_tokens), "--max-num-seqs", str(s.max_num_seqs), "--kv-tokens", str(kv_tokens)]
     if src is not None:
         a += ["--kv-src-device", str(src)]
+    if role == "prefill" and s.kv_ipc:
+        a += ["--kv-export"]
     return a + ([] if s.weights else ["--no-weights"])
 
 
@@ -133,6 +143,8 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
     lock = threading.Lock()
     procs: dict[str, _Proc] = {}
     batches: list[int] = []
+    handshake = {"allowed": threading.Event(), "imported": threading.Event()}
+    shared = setup.kv_ipc and not setup.mixed and setup.prefill_device == setup.decode_device
 
     def finished(rid: int) -> None:
         with lock:
@@ -151,9 +163,12 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
                 finished(ev["id"])
         elif kind == "handoff":
             r = by_id[ev["id"]]
-            procs["decode"].send(op="kv", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens)
-        elif kind == "taken":
+            procs["decode"].send(op="kv", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens,
+                                 kv_start=ev.get("kv_start", -1))
+        elif kind == "taken" and not shared or kind == "done":  # the decode instance needs the prefill's KV no more
             procs["prefill"].send(op="release", id=ev["id"])
+        elif kind in handshake:
+            handshake[kind].set()
         elif kind == "tokens":
             batches.append(len(ev["ids"]))
             for rid in ev["ids"]:
@@ -172,6 +187,7 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
         return procs[name]
 
     cross = setup.prefill_device != setup.decode_device
+    handoff = None
     try:
         if setup.mixed:
             spawn("prefill", _argv("mixed", setup, setup.prefill_device, setup.decode_kv_tokens), "mixed")
@@ -179,6 +195,8 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
             spawn("prefill", _argv("prefill", setup, setup.prefill_device, setup.prefill_kv_tokens), "prefill")
             spawn("decode", _argv("decode", setup, setup.decode_device, setup.decode_kv_tokens,
                                   setup.prefill_device if cross else None), "decode")
+            if setup.kv_ipc:
+                handoff = _share_kv(node, procs["prefill"], procs["decode"], handshake)
         t0 = time.monotonic()
         for r in sorted(reqs, key=lambda r: r.arrival_s):
             delay = t0 + r.arrival_s - time.monotonic()
@@ -188,10 +206,11 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
             procs["prefill"].send(op="req", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens)
         if reqs and not done.wait(setup.timeout_s):
             raise RuntimeError(f"{remaining[0]} of {len(reqs)} requests unfinished after {setup.timeout_s:g} s")
-        for p in procs.values():
+        for name in ("decode", "prefill"):  # an importer closes before its exporter (CANN's order)
+            if (p := procs.get(name)) is None:
+                continue
             p.send(op="drain")
             p.p.stdin.close()
-        for name, p in procs.items():
             if p.p.wait(60) != 0:
                 raise RuntimeError(f"the {name} instance exited {p.p.returncode}")
             p.thread.join(10)
@@ -202,15 +221,46 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
                 p.p.kill()
                 p.p.wait()
     stats = {name: p.stats or {} for name, p in procs.items()}
-    problems = check(stats, status, timing, setup, node.time_scale, node.mode)
+    problems = check(stats, status, timing, setup, node.time_scale, node.mode, handoff)
     return Result(MX.compute(list(timing.values()), setup.slo), list(timing.values()), stats, status, problems,
-                  setup.describe(), batches)
+                  setup.describe(), batches, handoff)
+
+
+def _share_kv(node: Any, prefill: _Proc, decode: _Proc, handshake: dict[str, threading.Event]) -> dict:
+    """The prefill instance lets the decode instance's pid import its KV pool, then the decode
+    instance imports it. Returns the emulator's IPC record of each, taken then."""
+    pre, dec = prefill.info, decode.info
+    prefill.send(op="allow", pid=dec["pid"])
+    if not handshake["allowed"].wait(60):
+        raise RuntimeError(f"the prefill instance did not allow the import (exit {prefill.p.poll()})")
+    decode.send(op="import", key=pre["kv_key"], tokens=pre["kv_tokens"])
+    if not handshake["imported"].wait(60):
+        raise RuntimeError(f"the decode instance did not import the KV pool (exit {decode.p.poll()})")
+    ipc = {}
+    for dev in node.emulator_status()["devices"]:
+        for c in dev["clients"]:
+            for name, info in (("prefill", pre), ("decode", dec)):
+                if c["pid"] == info["pid"]:
+                    rec = ipc.setdefault(name, {"exports": 0, "export_bytes": 0, "imports": 0, "import_bytes": 0})
+                    for k in rec:
+                        rec[k] += c["ipc"][k]
+    return ipc
 
 
 def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTiming], setup: Setup,
-          time_scale: float = 1.0, mode: str = "serial") -> list[str]:
-    """What the instances report against the emulator's ground truth; [] when they agree."""
+          time_scale: float = 1.0, mode: str = "serial", handoff: dict | None = None) -> list[str]:
+    """What the instances report against the emulator's ground truth; [] when they agree.
+    handoff: the emulator's IPC records once the KV import was made (Setup.kv_ipc)."""
     problems: list[str] = []
+    same_device = not setup.mixed and setup.prefill_device == setup.decode_device
+    if setup.kv_ipc and not setup.mixed:  # the prefill's whole pool, exported once and imported once
+        pool = stats.get("prefill", {}).get("kv_pool_bytes", 0)
+        exp, imp = (handoff or {}).get("prefill", {}), (handoff or {}).get("decode", {})
+        if exp.get("exports") != 1 or imp.get("imports") != 1 or not \
+                pool <= imp.get("import_bytes", -1) == exp.get("export_bytes"):
+            problems.append(f"emulator shows {exp.get('exports')} exports of {exp.get('export_bytes')} bytes and "
+                            f"{imp.get('imports')} imports of {imp.get('import_bytes')} once the KV was shared, "
+                            f"want one each of the prefill's {pool}-byte pool")
     clients = {}
     for dev in status["devices"]:
         for c in dev["clients"]:
@@ -230,6 +280,10 @@ def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTimi
         copied = sum(c["bytes_copied"].get("inter_d2d", 0) for c in recs)
         if copied != st.get("copied_bytes", 0):
             problems.append(f"{name}: emulator copied {copied} bytes between devices, the instance {st['copied_bytes']}")
+        if same_device:  # the hand-off maps the prefill's KV: no copy of any kind, by anyone
+            moved = sum(sum(c["bytes_copied"].values()) for c in recs)
+            if moved or any(c["ops"]["copy"] for c in recs):
+                problems.append(f"{name}: emulator copied {moved} bytes on a same-device hand-off (want 0)")
         if counts != st["kernels"]:
             problems.append(f"{name}: emulator counted {counts}, the instance launched {st['kernels']}")
         want = st["modelled_s"] * 1e9 * time_scale

@@ -6,11 +6,14 @@ requests it is given. It knows nothing of FlexNPU.
 Control is JSON lines on stdin, events are JSON lines on stdout (see `driver`):
 
   in:  {"op": "req", "id", "prompt", "output"}   a request to prefill (prefill, mixed)
-       {"op": "kv", "id", "prompt", "output"}    a prefilled request handed over (decode)
-       {"op": "release", "id"}                   the decode instance holds this KV now (prefill)
+       {"op": "allow", "pid"}                    this process may import the KV pool (prefill, --kv-export)
+       {"op": "import", "key"}                   import the prefill instance's KV pool (decode)
+       {"op": "kv", "id", "prompt", "output", "kv_start"}  a prefilled request handed over (decode)
+       {"op": "release", "id"}                   the decode instance needs this KV no more (prefill)
        {"op": "drain"}                           no more requests: finish the work and exit
-  out: {"ev": "ready", "pid", "kv_tokens"}  {"ev": "first", "id", "t"}  {"ev": "handoff", "id", "t"}
-       {"ev": "taken", "id", "t"}  {"ev": "tokens", "t", "ids"}  {"ev": "stats", ...}
+  out: {"ev": "ready", "pid", "kv_tokens", "kv_key"}  {"ev": "allowed"}  {"ev": "imported", "bytes"}
+       {"ev": "first", "id", "t"}  {"ev": "handoff", "id", "t", "kv_start"}  {"ev": "taken", "id", "t"}
+       {"ev": "done", "id"}  {"ev": "tokens", "t", "ids"}  {"ev": "stats", ...}
 
 Times are CLOCK_MONOTONIC seconds (time.monotonic) taken right after the step's stream
 synchronisation, i.e. when the step's tokens exist.
@@ -20,20 +23,30 @@ reserves its whole need on admission (prompt + output tokens in decode and mixed
 in prefill) and waits, first come first served, while it does not fit. Prefill keeps a
 request's KV until the decode instance has taken it ("release").
 
-Hand-off on one device: no copy. On hardware the decode instance would map the prefill
-instance's KV blocks (an IPC handle); the emulator has no IPC memory handles, so the decode
-instance reserves the request's range in its own pool when it takes the request and the
-prefill instance frees its range on "release": no device op, no bytes moved. Across devices
-(--kv-src-device) the decode instance pulls the request's KV bytes with
-aclrtMemcpyAsync(INTER_DEVICE_TO_DEVICE) from a window it holds on the prefill device into its
-pool, on a transfer stream of its own, from a transfer thread, as a disaggregated engine's KV
-connector does: the decode loop keeps stepping while a pull is under way, and a request joins
-the batch (and is "taken") once its bytes have arrived. The emulator times the pull at the
-profile's device-link bandwidth. The bytes are the right number, on the right devices; their
-content is not the prefill process's (same reason). The emulator moves them with the host's
-CPU inside the call (8 ms for a 1024-token prompt's 59 MB, 50 ms when the pool's pages are
-touched the first time, against 1 ms modelled on the link): on the transfer thread that cost
-delays only the requests being pulled, where inline in the decode loop it stalled every step.
+Hand-off through AscendCL's IPC memory calls, as an engine's KV connector does on hardware.
+With --kv-export the prefill instance exports its KV pool once at start
+(aclrtIpcMemGetExportKey, its key in "ready") and, told the decode instance's pid ("allow"),
+lets that process import it (aclrtIpcMemSetImportPid); the decode instance imports the pool
+once ("import", aclrtIpcMemImportByKey) and, for each request handed over, learns where in the
+pool its prompt's KV is ("kv_start"). On one device the request's prompt KV then stays where
+prefill wrote it, in memory both processes map: the decode instance reserves only the output
+tokens in its own pool, nothing is copied, and it says "done" when the request ends, after
+which the prefill instance frees the range ("release"). Across devices (--kv-src-device) the
+decode instance imports the pool with ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS and pulls
+each prompt's KV bytes from it with aclrtMemcpyAsync(INTER_DEVICE_TO_DEVICE) into its own pool,
+on a transfer stream of its own, from a transfer thread, as a disaggregated engine's KV
+connector does: the decode loop keeps stepping while a pull is under way, a request joins the
+batch (and is "taken") once its bytes have arrived, and the prefill instance frees the range
+then. The emulator times the pull at the profile's device-link bandwidth; the bytes are the
+prefill process's own. The emulator moves them with the host's CPU inside the call (8 ms for a
+1024-token prompt's 59 MB, 50 ms when the pool's pages are touched the first time, against 1 ms
+modelled on the link): on the transfer thread that cost delays only the requests being pulled,
+where inline in the decode loop it stalled every step.
+
+Without an import (no "import" message) the decode instance works as before the IPC calls
+existed: on one device it reserves the request's whole range in its own pool and nothing moves
+(the hand-off is only accounted); across devices it pulls from a window of its own on the
+prefill device, whose content is not the prefill process's.
 """
 
 from __future__ import annotations
@@ -50,7 +63,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from flexnpu.workload import model as M
-from flexnpu.workload.acl import ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, Acl, AclError
+from flexnpu.workload.acl import (ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS, Acl,
+                                  AclError)
 
 
 class KvPool:
@@ -97,6 +111,7 @@ class Req:
     done: int = 0  # prompt tokens prefilled
     ctx: int = 0  # decode: tokens in the context
     left: int = 0  # decode: tokens still to generate
+    kv_start: int = -1  # decode: where the prompt's KV is in the prefill instance's pool (-1: unknown)
 
 
 class Instance:
@@ -123,6 +138,10 @@ class Instance:
         self.running: list[Req] = []
         self.draining = False
         self.allocs: list = []
+        self.kv_key: bytes | None = None  # prefill, --kv-export: the key of its KV pool
+        self.peer_kv: int | None = None  # decode: the prefill instance's KV pool, imported
+        self.peer_kv_tokens = 0
+        self._window = None  # decode across devices without an import: its own window there
 
     # -- io
     def emit(self, **ev) -> None:
@@ -141,9 +160,14 @@ class Instance:
         if op == "req":
             self.waiting.append(Req(m["id"], m["prompt"], m["output"]))
         elif op == "kv":
-            self.pending.append(Req(m["id"], m["prompt"], m["output"]))
+            self.pending.append(Req(m["id"], m["prompt"], m["output"], kv_start=m.get("kv_start", -1)))
         elif op == "release":
             self.pool.free(m["id"])
+        elif op == "allow":  # prefill: the decode instance may import the KV pool
+            self.acl.set_import_pids(self.kv_key, [m["pid"]])
+            self.emit(ev="allowed")
+        elif op == "import":  # decode: the prefill instance's KV pool, mapped here
+            self.import_peer_kv(m["key"].encode(), m["tokens"])
         elif op == "pulled":  # the transfer thread: these requests' KV is in the pool
             for rid in m["ids"]:
                 self.start_decode(self.pulling.pop(rid))
@@ -156,10 +180,6 @@ class Instance:
     def setup(self) -> None:
         acl, a = self.acl, self.a
         acl.call("aclInit", None)
-        if a.kv_src_device is not None:  # the window on the prefill device, for hand-offs
-            acl.call("aclrtSetDevice", a.kv_src_device)
-            self.window_tokens = a.max_model_len
-            self.window = acl.malloc(self.window_tokens * self.cfg.kv_bytes_per_token)
         acl.call("aclrtSetDevice", a.device)
         self.stream = acl.handle("aclrtCreateStream")
         self.pull_stream = acl.handle("aclrtCreateStream") if a.kv_src_device is not None else None
@@ -176,7 +196,32 @@ class Instance:
             kv_tokens = int(free * a.kv_mem_share) // self.cfg.kv_bytes_per_token
         self.kv_base = acl.malloc(max(kv_tokens, 1) * self.cfg.kv_bytes_per_token)
         self.pool = KvPool(kv_tokens)
-        self.emit(ev="ready", pid=os.getpid(), kv_tokens=kv_tokens)
+        if a.kv_export:  # shared with the decode instance through IPC memory, once
+            self.kv_key = acl.export_key(self.kv_base, max(kv_tokens, 1) * self.cfg.kv_bytes_per_token)
+        self.pid = acl.bare_tgid()  # as the device sees it: what the emulator reports, and imports are granted to
+        self.emit(ev="ready", pid=self.pid, kv_tokens=kv_tokens,
+                  kv_key=self.kv_key.decode() if self.kv_key else None)
+
+    def import_peer_kv(self, key: bytes, tokens: int) -> None:
+        """Maps the prefill instance's KV pool: on this device, or on the prefill instance's
+        (--kv-src-device) with peer access."""
+        flags = ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS if self.a.kv_src_device is not None else 0
+        self.peer_kv = self.acl.import_key(key, flags).value
+        self.peer_key = key
+        self.peer_kv_tokens = tokens
+        self.emit(ev="imported", bytes=tokens * self.cfg.kv_bytes_per_token)
+
+    def window(self) -> tuple[int, int]:
+        """Where cross-device pulls read from: the imported pool, or else a window of this
+        process's own on the prefill device (tokens); made on first use."""
+        if self.peer_kv is not None:
+            return self.peer_kv, self.peer_kv_tokens
+        if self._window is None:
+            self.acl.call("aclrtSetDevice", self.a.kv_src_device)
+            self._window = self.acl.malloc(self.a.max_model_len * self.cfg.kv_bytes_per_token)
+            self.acl.call("aclrtSetDevice", self.a.device)  # the puller's thread: its current device again
+            self.allocs.append(self._window)
+        return self._window.value, self.a.max_model_len
 
     def run_step(self, chunks: tuple, decode_ctx: tuple) -> float:
         ks = M.step_kernels(self.cfg, chunks, decode_ctx)
@@ -225,7 +270,10 @@ class Instance:
         a = self.a
         while self.pending and len(self.running) + len(self.pulling) < a.max_num_seqs:
             r = self.pending[0]
-            start = self.pool.reserve(r.id, r.prompt + r.output)
+            shared = self.peer_kv is not None and a.kv_src_device is None  # prompt KV stays in prefill's pool
+            if shared and not 0 <= r.kv_start <= self.peer_kv_tokens - r.prompt:
+                raise AclError(f"request {r.id}: KV at {r.kv_start} is outside the imported pool")
+            start = self.pool.reserve(r.id, r.output if shared else r.prompt + r.output)
             if start is None:
                 break
             self.pending.popleft()
@@ -248,11 +296,16 @@ class Instance:
             acl.call("aclrtSetDevice", self.a.device)  # the current device is per thread
             while (job := self.pulls.get()) is not None:  # None: the decode loop is done
                 r, dst = job
+                src, tokens = self.window()
+                if self.peer_kv is not None:  # the prompt's own KV, where prefill wrote it
+                    if not 0 <= r.kv_start <= tokens - r.prompt:
+                        raise AclError(f"request {r.id}: KV at {r.kv_start} is outside the imported pool")
+                    src += r.kv_start * kvb
                 left, off = r.prompt * kvb, 0
                 while left > 0:
-                    n = min(left, self.window_tokens * kvb)
-                    acl.call("aclrtMemcpyAsync", dst + off, n, self.window, n,
-                             ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, self.pull_stream)
+                    n = min(left, tokens * kvb)
+                    acl.call("aclrtMemcpyAsync", dst + off, n, src, n, ACL_MEMCPY_INTER_DEVICE_TO_DEVICE,
+                             self.pull_stream)
                     left, off, self.copied = left - n, off + n, self.copied + n
                 acl.call("aclrtSynchronizeStream", self.pull_stream)
                 self.inbox.put({"op": "pulled", "ids": [r.id]})
@@ -280,19 +333,21 @@ class Instance:
             if r.output <= 1:
                 self.pool.free(r.id)
             elif self.a.role == "prefill":
-                self.emit(ev="handoff", id=r.id, t=t)
+                self.emit(ev="handoff", id=r.id, t=t, kv_start=self.pool.held[r.id][0])
             else:
                 r.ctx, r.left = r.prompt + 1, r.output - 1
                 self.running.append(r)
         if decoding:
             self.tokens += len(decoding)
-            self.emit(ev="tokens", t=t, ids=[r.id for r in decoding])
             for r in decoding:
                 r.ctx += 1
                 r.left -= 1
                 if r.left <= 0:
                     self.running.remove(r)
                     self.pool.free(r.id)
+                    if self.peer_kv is not None and self.a.kv_src_device is None:
+                        self.emit(ev="done", id=r.id)  # its prompt KV in prefill's pool may go (before "tokens")
+            self.emit(ev="tokens", t=t, ids=[r.id for r in decoding])
         return True
 
     def busy(self) -> bool:
@@ -319,11 +374,16 @@ class Instance:
         if puller is not None:
             self.pulls.put(None)
             puller.join()
-        self.emit(ev="stats", pid=os.getpid(), role=self.a.role, kernels=dict(self.kernels),
-                  modelled_s=self.modelled_s, steps=self.steps, tokens=self.tokens, copied_bytes=self.copied)
+        self.emit(ev="stats", pid=self.pid, role=self.a.role, kernels=dict(self.kernels),
+                  modelled_s=self.modelled_s, steps=self.steps, tokens=self.tokens, copied_bytes=self.copied,
+                  kv_pool_bytes=max(self.pool.tokens, 1) * self.cfg.kv_bytes_per_token)
 
     def close(self) -> None:
         acl = self.acl
+        if self.peer_kv is not None:  # an importer closes first (CANN's order)
+            acl.call("aclrtIpcMemClose", self.peer_key)
+        if self.kv_key is not None:
+            acl.call("aclrtIpcMemClose", self.kv_key)
         for p in self.allocs + [self.kv_base]:
             acl.call("aclrtFree", p)
         acl.call("aclrtBinaryUnLoad", self.binary)
@@ -341,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--kv-src-device", type=int, default=None,
                    help="decode: the prefill instance's device, when it is another one")
+    p.add_argument("--kv-export", action="store_true",
+                   help="prefill: export the KV pool (IPC memory) for the decode instance to import")
     p.add_argument("--chunk-tokens", type=int, default=0, help="chunked prefill: tokens per step (0: whole prompts)")
     p.add_argument("--max-batched-tokens", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -734,7 +734,8 @@ static int sealed_memfd(const char *name, uint64_t size)
 #define EMU_IPC_MAX_EXPORTS 4096     /* in all */
 #define EMU_IPC_MAX_IMPORTS 4096     /* in all */
 #define EMU_IPC_PER_CLIENT 256       /* exports, and imports, one process may hold */
-#define EMU_IPC_PER_UID 1024         /* exports one user (not root, not the server's) may hold */
+#define EMU_IPC_PER_UID (EMU_IPC_MAX_EXPORTS / 4) /* exports, and imports, one user (not root, not the
+                                                     server's) may hold: the tables are the node's */
 #define EMU_IPC_MAX_PIDS 1024        /* pids one key may name */
 #define ACL_RT_IPC_EXPORT_NO_PID_CHECK 0x1UL /* acl_rt.h ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION */
 #define ACL_RT_IPC_IMPORT_PEER 0x1UL         /* acl_rt.h ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS */
@@ -1026,9 +1027,13 @@ static void ipc_import(struct client *c, const struct emu_ipc_req *q)
     }
     if (e->dev != q->device && !(q->flags & ACL_RT_IPC_IMPORT_PEER))
         return reply_ipc(c, ACL_ERROR_RT_FEATURE_NOT_SUPPORT, 0, 0, 0, NULL, -1);
-    int mine = 0;
-    for (int k = 0; k < g_nimports; k++) mine += g_imports[k].c == c;
-    if (g_nimports >= EMU_IPC_MAX_IMPORTS || mine >= EMU_IPC_PER_CLIENT)
+    int mine = 0, users = 0;
+    for (int k = 0; k < g_nimports; k++) {
+        mine += g_imports[k].c == c;
+        users += g_imports[k].c->uid == c->uid;
+    }
+    bool capped = c->uid != 0 && c->uid != geteuid();
+    if (g_nimports >= EMU_IPC_MAX_IMPORTS || mine >= EMU_IPC_PER_CLIENT || (capped && users >= EMU_IPC_PER_UID))
         return reply_ipc(c, ACL_ERROR_RT_OVER_LIMIT, 0, 0, 0, NULL, -1);
     struct ipc_import *im = &g_imports[g_nimports++];
     *im = (struct ipc_import){.e = e, .c = c, .dev = q->device};
