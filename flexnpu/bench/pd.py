@@ -9,12 +9,14 @@ Configurations (CONFIGS):
                      its prefill_share) and a spatial split (the emulator's vNPU-like
                      `--partition`), the share chosen by a sweep at the trace's load
   static-disagg      prefill and decode on separate devices (1:1), the KV copied across
+                     (pulled from the prefill's pool, imported with peer access)
   flexnpu            co-located, the `flexpd` policy
 
 On N devices every co-located configuration runs N prefill/decode pairs (the trace dealt
-round-robin), static-disagg N/2 pairs. Every run ends with the workload's own check against
-the emulator (kernel counts, busy time, bytes, tokens) and, where an observer runs, the
-observer's phase of each instance against the workload's ground truth (`phasecheck`).
+round-robin), static-disagg N/2 pairs. A co-located pair hands the KV over through IPC
+memory: nothing is copied. Every run ends with the workload's own check against the emulator
+(kernel counts, busy time, bytes, no byte copied on one device, tokens) and, where an observer
+runs, the observer's phase of each instance against the workload's ground truth (`phasecheck`).
 
     from flexnpu.bench import pd
     report = pd.run(pd.Options(quick=True))     # the dict `--json` writes
@@ -301,7 +303,8 @@ def _busy(status: dict, duration_s: float, problems: list[str]) -> dict:
     devs = status["devices"]
     share = [round(d["busy_ns"] / (duration_s * 1e9), 3) if duration_s > 0 else None for d in devs]
     return {"ok": not problems, "problems": len(problems), "device_busy_share": share,
-            "check": "kernel counts, inter-device bytes and tokens per instance; busy time against the "
+            "check": "kernel counts, inter-device bytes and tokens per instance; no byte copied on a "
+                     "same-device hand-off (the KV pool shared through IPC memory); busy time against the "
                      "modelled kernel times (serial mode and partitions, 2%)"}
 
 
