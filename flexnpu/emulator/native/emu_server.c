@@ -907,9 +907,13 @@ static int copy_extents(int src, uint64_t off, int dst, uint64_t len)
         off_t hole = lseek(src, data, SEEK_HOLE);
         uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
         for (uint64_t at = (uint64_t)data; at < stop;) {
-            size_t want = stop - at < sizeof buf ? (size_t)(stop - at) : sizeof buf;
-            ssize_t r = pread(src, buf, want, (off_t)at);
-            if (r <= 0 || pwrite(dst, buf, (size_t)r, (off_t)(at - off)) != r) return -1;
+            loff_t in = (loff_t)at, out = (loff_t)(at - off); /* in the kernel, when it can */
+            ssize_t r = copy_file_range(src, &in, dst, &out, (size_t)(stop - at), 0);
+            if (r <= 0) {
+                size_t want = stop - at < sizeof buf ? (size_t)(stop - at) : sizeof buf;
+                r = pread(src, buf, want, (off_t)at);
+                if (r <= 0 || pwrite(dst, buf, (size_t)r, (off_t)(at - off)) != r) return -1;
+            }
             at += (uint64_t)r;
         }
         pos = stop;
