@@ -105,12 +105,17 @@ def test_kv_cache_limits_the_batch(node, kv_ipc):
     assert max(roomy.decode_batches) >= 4
 
 
-def test_handoff_across_devices_copies_the_kv():
+@pytest.mark.parametrize("kv_ipc", [True, False])
+def test_handoff_across_devices_copies_the_kv(kv_ipc):
+    """From the prefill's own pool, imported with peer access (IPC), or from a window the
+    decode instance holds on the prefill device."""
     reqs = [Request(0, 0.0, 1000, 4), Request(1, 0.0, 500, 3)]
     with LocalNode(devices=2, observer=None, daemons=False) as n:
-        res = driver.run(n, reqs, driver.Setup(model=MODEL, prefill_device=0, decode_device=1, shim=False))
+        res = driver.run(n, reqs, driver.Setup(model=MODEL, prefill_device=0, decode_device=1, shim=False,
+                                               kv_ipc=kv_ipc))
         st = n.emulator_status()
     assert res.problems == []
+    assert (res.handoff or {}).get("decode", {}).get("imports") == (1 if kv_ipc else None)
     kvb = model_by_name(MODEL).kv_bytes_per_token
     assert res.stats["decode"]["copied_bytes"] == 1500 * kvb
     client = next(c for c in st["devices"][1]["clients"] if c["pid"] == res.stats["decode"]["pid"])

@@ -7,7 +7,7 @@ Control is JSON lines on stdin, events are JSON lines on stdout (see `driver`):
 
   in:  {"op": "req", "id", "prompt", "output"}   a request to prefill (prefill, mixed)
        {"op": "allow", "pid"}                    this process may import the KV pool (prefill, --kv-export)
-       {"op": "import", "key"}                   import the prefill instance's KV pool (decode)
+       {"op": "import", "key", "tokens"}         import the prefill instance's KV pool (decode)
        {"op": "kv", "id", "prompt", "output", "kv_start"}  a prefilled request handed over (decode)
        {"op": "release", "id"}                   the decode instance needs this KV no more (prefill)
        {"op": "drain"}                           no more requests: finish the work and exit
@@ -20,8 +20,9 @@ synchronisation, i.e. when the step's tokens exist.
 
 The KV cache is one aclrtMalloc'd pool, handed out in contiguous token ranges; a request
 reserves its whole need on admission (prompt + output tokens in decode and mixed, the prompt
-in prefill) and waits, first come first served, while it does not fit. Prefill keeps a
-request's KV until the decode instance has taken it ("release").
+in prefill; only the output in decode when the prompt's KV stays in the prefill's pool, below)
+and waits, first come first served, while it does not fit. Prefill keeps a request's KV until
+the decode instance needs it no more ("release").
 
 Hand-off through AscendCL's IPC memory calls, as an engine's KV connector does on hardware.
 With --kv-export the prefill instance exports its KV pool once at start
