@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
