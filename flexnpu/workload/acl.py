@@ -13,6 +13,10 @@ SIZE = ctypes.c_size_t
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_INTER_DEVICE_TO_DEVICE = 7  # acl_rt.h: aclrtMemcpyKind
 ACL_HBM_MEM = 1
+# aclrtLaunchKernel's blockDim for a kernel that fills the device: at least every core of its
+# class (24 cube, 48 vector on a 910B or a 910C die). A kernel on fewer cores gets that share
+# of the compute, on real hardware as on the emulator (docs/emulator.md).
+FULL_BLOCK_DIM = 48
 
 _SIGNATURES = {
     "aclInit": [ctypes.c_char_p],
@@ -73,8 +77,8 @@ class Acl:
         self.call("aclrtGetMemInfo", ACL_HBM_MEM, ctypes.byref(free), ctypes.byref(total))
         return free.value, total.value
 
-    def launch(self, func: VP, args: bytes, stream: VP) -> None:
-        rc = self._launch(func, 1, args, len(args), stream)
+    def launch(self, func: VP, args: bytes, stream: VP, block_dim: int = FULL_BLOCK_DIM) -> None:
+        rc = self._launch(func, block_dim, args, len(args), stream)
         if rc != 0:
             msg = self.lib.aclGetRecentErrMsg()
             raise AclError(f"aclrtLaunchKernel failed: {rc} ({msg.decode(errors='replace') if msg else ''})")
