@@ -14,8 +14,9 @@ instance does both (a chunked-prefill engine). The instances run with the node's
 environment, under the FlexNPU shim unless `Setup.shim` is False.
 
 Every run ends with `check`: the emulator's per-process kernel counts must equal what each
-instance says it launched, and its busy time (serial mode) the sum of the modelled kernel
-times within `Setup.busy_tolerance`.
+instance says it launched, and its busy time the sum of the modelled kernel times within
+`Setup.busy_tolerance` (serial mode; contexts mode too for an instance that copied nothing
+between devices: its only stream then runs one op at a time at full speed).
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
 
 
 def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTiming], setup: Setup,
-          time_scale: float = 1.0, mode: str = "serial") -> list[str]:
+          time_scale: float = 1.0, mode: str = "contexts") -> list[str]:
     """What the instances report against the emulator's ground truth; [] when they agree."""
     problems: list[str] = []
     clients = {}
@@ -233,7 +234,11 @@ def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTimi
         if counts != st["kernels"]:
             problems.append(f"{name}: emulator counted {counts}, the instance launched {st['kernels']}")
         want = st["modelled_s"] * 1e9 * time_scale
-        if mode == "serial" and want > 0 and abs(busy - want) > setup.busy_tolerance * want:
+        # In contexts mode a KV pull on the instance's second stream may run beside its kernels,
+        # and the device's time is then split between them: only an instance that pulled nothing
+        # must match its modelled kernel time.
+        exact = mode == "serial" or (mode == "contexts" and not copied)
+        if exact and want > 0 and abs(busy - want) > setup.busy_tolerance * want:
             problems.append(f"{name}: emulator busy {busy / 1e6:.3f} ms, modelled {want / 1e6:.3f} ms "
                             f"(tolerance {setup.busy_tolerance:.0%})")
     reported = sum(st.get("tokens", 0) for st in stats.values())
