@@ -99,8 +99,8 @@ PROFILES: dict[str, DeviceProfile] = {
             "launch_us": "assumption: no vendor figure is published; between the smallest device "
             "kernel time (8.5 us, sgl-kernel-npu #601) and framework per-op overheads (20-70 us)",
             "capacity_gib": "CANN platform config Ascend910B2.ini memory_size = 64 GiB",
-            "cube_cores": "CANN platform config Ascend910B2.ini [SoCInfo] cube_core_cnt=24 (quoted in full in "
-            "the pto-isa kernel guide's 'Number of Cube and Vector cores'; torchair docs limit_core_num.md)",
+            "cube_cores": "CANN platform config Ascend910B2.ini [SoCInfo] ai_core_cnt=24, cube_core_cnt=24 "
+            "(the values Ascend/torchair docs/zh/context/limit_core_num.md quotes for A2/A3)",
             "vector_cores": "CANN platform config Ascend910B2.ini [SoCInfo] vector_core_cnt=48",
             "context_switch_us": CONTEXT_SWITCH_SOURCE,
         },
@@ -121,8 +121,9 @@ PROFILES: dict[str, DeviceProfile] = {
             "link_gbps": "assumption: no published 910C host-to-device figure; the 910B's pinned rate",
             "launch_us": "assumption, as for 910b",
             "capacity_gib": "arXiv:2506.12708 (128 GB per package); CANN Ascend910_9392.ini memory_size = 64 GiB per die",
-            "cube_cores": "CANN platform config Ascend910_9392.ini cube_core_cnt=24 per die (as aclrtGetDeviceInfo "
-            "reports on a 910C: 24 AI cores, 48 vector cores per device); the die has the 910B's core configuration",
+            "cube_cores": "CANN platform config Ascend910_9392.ini cube_core_cnt=24 per die (device queries on "
+            "a 910C report 24 AI cores, 48 vector cores per device); the die has the 910B's core "
+            "configuration (arXiv:2506.12708)",
             "vector_cores": "CANN platform config Ascend910_9392.ini vector_core_cnt=48 per die",
             "context_switch_us": CONTEXT_SWITCH_SOURCE,
         },
