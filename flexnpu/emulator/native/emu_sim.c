@@ -369,17 +369,26 @@ static int running_contexts(struct device *d, struct sop **run)
     }
     int n = 0, nc = 0;
     uint32_t cube_free = d->p.cube_cores, vector_free = d->p.vector_cores;
-    struct candidate cand[d->nactive + 1];
+    if (d->order_cap < d->nactive) { /* on the heap: a node's every stream may be queued */
+        size_t cap = d->nactive > 64 ? 2 * d->nactive : 128;
+        void *b = realloc(d->order_buf, cap * sizeof(struct candidate));
+        if (b) {
+            d->order_buf = b;
+            d->order_cap = cap;
+        }
+    }
+    bool may_start = d->order_cap >= d->nactive; /* out of memory: nothing new starts for now */
+    struct candidate *cand = d->order_buf;
     for (size_t i = 0; i < d->nactive; i++) {
         struct sop *s = d->active[i]->head;
         if (s->started) {
             run[n++] = s;
             cube_free -= s->cube_held;
             vector_free -= s->vector_held;
-        } else if (s->solo > 0 && ready(d, s))
+        } else if (may_start && s->solo > 0 && ready(d, s))
             cand[nc++] = (struct candidate){eligible(d, s), s->order, s};
     }
-    qsort(cand, (size_t)nc, sizeof *cand, by_serial_order);
+    if (nc > 1) qsort(cand, (size_t)nc, sizeof *cand, by_serial_order);
     bool cube_waits = false, vector_waits = false; /* a kernel of the class waits for cores */
     for (int i = 0; i < nc; i++) {
         struct sop *s = cand[i].s;

@@ -117,6 +117,8 @@ struct device {
     double switch_end;
     uint64_t switches;
     double cube_busy_ns, vector_busy_ns; /* core-ns held / cores of the class */
+    void *order_buf; /* contexts mode: scratch for the serial order of the stream heads */
+    size_t order_cap;
     bool event_poll;     /* a stream waits on an event another device completes */
 };
 
