@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one flooding process costs everybody else on the emulated device.
 
-    python3 scripts/bench_flood_device.py [--mode serial|shared] [--partition SPEC]
+    python3 scripts/bench_flood_device.py [--mode contexts|serial|shared] [--partition SPEC]
                                           [--seconds S] [--streams K] [--flooder-user USER]
                                           [--json]
 
@@ -39,12 +39,13 @@ SAMPLE_LOOP = REPO / "flexnpu" / "samples" / "sample_loop.py"
 
 try:
     from flexnpu import paths
-    from flexnpu.emulator.control import _REQ, _REQ_STATUS
+    from flexnpu.emulator.control import _REQ, _REQ_STATUS, DEFAULT_MODE, MODES
     from flexnpu.emulator.profiles import PROFILES
 except ImportError:
     sys.exit("bench_flood_device: flexnpu is not installed; run `pip install .` in the repository first")
 
 PEAK_FLOPS = PROFILES["910b"].peak_tflops * 1e12
+FULL_BLOCK_DIM = 48  # a full-device kernel: every core of its class (docs/emulator.md)
 
 
 # ---------------------------------------------------------------- the flooders (run as --role)
@@ -71,7 +72,7 @@ def role_launch(sock: str, n: int, streams: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=report, daemon=True).start()
-    while acl.aclrtLaunchKernel(func, 1, args, len(args), sts[count[0] % streams]) == 0:
+    while acl.aclrtLaunchKernel(func, FULL_BLOCK_DIM, args, len(args), sts[count[0] % streams]) == 0:
         count[0] += 1
 
 
@@ -225,7 +226,7 @@ def fmt(x) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", default="serial", choices=["serial", "shared"])
+    ap.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
     ap.add_argument("--partition", default=None, help="prefill=S,decode=S (the server's --partition)")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each step measurement")
     ap.add_argument("--settle", type=float, default=1.5, help="seconds a flood runs before measuring")

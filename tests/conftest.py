@@ -161,14 +161,15 @@ class Emulator:
 
 @pytest.fixture
 def emulator(runtime_dir: Path) -> Iterator[Callable[..., Emulator]]:
-    """Factory: emulator(devices=1, profile="910b", mode="serial", time_scale=1.0) starts the
+    """Factory: emulator(devices=1, profile="910b", mode="contexts", time_scale=1.0) starts the
     real device server in this test's runtime dir. Teardown always stops it and checks that
     the process is gone."""
     started: list[Emulator] = []
 
-    def start(devices: int = 1, profile: str = "910b", mode: str = "serial", time_scale: float = 1.0) -> Emulator:
+    def start(devices: int = 1, profile: str = "910b", mode: str = control.DEFAULT_MODE, time_scale: float = 1.0,
+              context_switch_us: float | None = None) -> Emulator:
         _require_native()
-        pid = control.start(devices, profile, mode, time_scale, rdir=runtime_dir)
+        pid = control.start(devices, profile, mode, time_scale, rdir=runtime_dir, context_switch_us=context_switch_us)
         _SERVER_PIDS.add(pid)
         emu = Emulator(pid, runtime_dir, devices, PROFILES[profile], mode, time_scale)
         started.append(emu)

@@ -113,7 +113,7 @@ elif mode == "flood":
             time.sleep(0.2)
     threading.Thread(target=report, daemon=True).start()
     while True:
-        if acl.aclrtLaunchKernel(func, 1, args, len(args), streams[count[0] % nstreams]) != 0:
+        if acl.aclrtLaunchKernel(func, 48, args, len(args), streams[count[0] % nstreams]) != 0:  # the whole device
             say(error=True)
             break
         count[0] += 1

@@ -99,7 +99,8 @@ def test_start_status_stop(cli, runtime_dir, run_acl, workload):
 
 @pytest.mark.parametrize("args, says", [
     (["--profile", "nope"], "unknown profile 'nope'"),
-    (["--mode", "bogus"], "--mode takes serial or shared"),
+    (["--mode", "bogus"], "--mode takes contexts, serial, shared"),
+    (["--context-switch-us", "-1"], "--context-switch-us must be >= 0"),
     (["--devices", "2", "--mode", "serial,shared,serial"], "one per device"),
     (["--devices", "0"], "--devices must be between 1 and 16"),
     (["--devices", "17"], "--devices must be between 1 and 16"),

@@ -39,7 +39,7 @@ def options_from(trace: str, n: int | None, rate: str | float | None, rates: str
                  repeat: int, configs: str | None, shares: str | None, model: str | None, seed: int,
                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, quick: bool) -> pd.Options:
     o = pd.Options(trace=trace, devices=devices, repeat=repeat, seed=seed,
-                   modes=pd.MODES if mode == "both" else tuple(mode.split(",")), observer=pd.default_observer())
+                   modes=pd.MODES if mode == "all" else tuple(mode.split(",")), observer=pd.default_observer())
     if n is not None:
         o.n = n
     auto = rate is None or str(rate).strip().lower() == "auto"
@@ -98,8 +98,8 @@ def pd_command(
              "rate at which the best static co-location is still stable, found by a sweep.")] = None,
     rates: Annotated[Optional[str], typer.Option(help="Load sweep: a comma list of rates (req/s).")] = None,
     devices: Annotated[int, typer.Option(help="Emulated devices (co-located: one pair each).")] = 2,
-    mode: Annotated[str, typer.Option(help="The emulator's sharing mode: serial (Ascend-like, the default), "
-                                      "shared, or both.")] = pd.DEFAULT_MODE,
+    mode: Annotated[str, typer.Option(help="The emulator's sharing mode: contexts (Ascend-like, the default), "
+                                      "serial, shared, or all.")] = pd.DEFAULT_MODE,
     repeat: Annotated[int, typer.Option(help="Run everything this many times; medians and spread.")] = 1,
     configs: Annotated[Optional[str], typer.Option(help=f"A comma list of: {', '.join(pd.CONFIGS)}.")] = None,
     shares: Annotated[Optional[str], typer.Option(help="Prefill shares the static-colocation sweep tries.")] = None,
@@ -125,13 +125,13 @@ def pd_command(
       flexnpu bench pd --rate 16 --configs static-colocation,flexnpu
       flexnpu bench pd --trace prefill-heavy --repeat 3
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
-      flexnpu bench pd --mode both --configs static-colocation,flexnpu
+      flexnpu bench pd --mode all --configs static-colocation,flexnpu
     """
     check_output_file("bench pd", "--json", json_path)
     check_output_file("bench pd", "--plot", plot_path)
     try:
-        if mode not in (*pd.MODES, "both"):
-            raise pd.BenchError(f"--mode takes serial, shared or both, got {mode!r}")
+        if mode not in (*pd.MODES, "all"):
+            raise pd.BenchError(f"--mode takes {', '.join(pd.MODES)} or all, got {mode!r}")
         o = options_from(trace, n, rate, rates, devices, mode, repeat, configs, shares, model, seed,
                          slo_ttft_ms, slo_tpot_ms, quick)
     except pd.BenchError as e:

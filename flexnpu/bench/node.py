@@ -3,7 +3,7 @@ the demo: the emulated device, a forwarding daemon per device, the observer and 
 controller, each a real process started the way a person would start it, and programs run
 under the shim beside them.
 
-    with LocalNode(devices=1, mode="serial", observer="shim", policy="flexpd") as node:
+    with LocalNode(devices=1, observer="shim", policy="flexpd") as node:
         p = node.spawn([exe, ...], role="decode")
         ...
     # everything it started is stopped (SIGTERM, then SIGKILL), also on an exception
@@ -112,7 +112,7 @@ class LocalNode:
     partition: the emulator's `--partition prefill=S,decode=S` (fixed shares by role), or None.
     """
 
-    def __init__(self, devices: int = 1, mode: str = "serial", profile: str = "910b", time_scale: float = 1.0,
+    def __init__(self, devices: int = 1, mode: str = "contexts", profile: str = "910b", time_scale: float = 1.0,
                  observer: str | None = "shim", observe_interval_ms: float = 50.0, policy: str | None = None,
                  controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None,
                  partition: str | None = None, daemon_args: Sequence[str] = ()) -> None:

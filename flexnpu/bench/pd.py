@@ -39,8 +39,8 @@ from flexnpu.bench.phasecheck import PhaseCheck
 from flexnpu.workload import driver, metrics as MX, model as M, trace as T
 
 CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu")
-MODES = ("serial", "shared")
-DEFAULT_MODE = "serial"  # separate contexts take turns on Ascend's AI Cores (docs/bench.md)
+MODES = ("contexts", "serial", "shared")
+DEFAULT_MODE = "contexts"  # as Ascend shares a device: contexts take turns, streams of one share cores (docs/emulator.md)
 # The bench's traces. Outputs are clipped shorter than trace.SHAREGPT_OUTPUT's 2048: a run's
 # throughput is over its whole duration, and one 2048-token reply would be most of it.
 TRACES = {
@@ -114,7 +114,7 @@ class Options:
         if bad or not self.configs:
             raise BenchError(f"--configs takes a comma list of {', '.join(CONFIGS)}; got {','.join(bad) or 'nothing'}")
         if any(m not in MODES for m in self.modes) or not self.modes:
-            raise BenchError(f"--mode takes serial, shared or both, got {','.join(self.modes)}")
+            raise BenchError(f"--mode takes {', '.join(MODES)} or all, got {','.join(self.modes)}")
         if not self.shares or any(not 0.05 <= s <= 0.95 for s in self.shares):
             raise BenchError("--shares takes prefill shares between 0.05 and 0.95")
         if "static-disagg" in self.configs and self.devices < 2:
@@ -305,7 +305,7 @@ def _busy(status: dict, duration_s: float, problems: list[str]) -> dict:
     return {"ok": not problems, "problems": len(problems), "device_busy_share": share,
             "check": "kernel counts, inter-device bytes and tokens per instance; no byte copied on a "
                      "same-device hand-off (the KV pool shared through IPC memory); busy time against the "
-                     "modelled kernel times (serial mode and partitions, 2%)"}
+                     "modelled kernel times (serial and contexts modes, partitions; 2%)"}
 
 
 # ---------------------------------------------------------------- summaries and targets

@@ -27,23 +27,27 @@ def start(
     profile: Annotated[str, typer.Option(help=f"Device profile: {', '.join(PROFILES)}.")] = "910b",
     mode: Annotated[
         str,
-        typer.Option(help="serial (one op at a time, arrival order) or shared (fluid sharing); "
+        typer.Option(help="contexts (as Ascend: processes take turns, streams of one share the cores), "
+                     "serial (one op at a time) or shared (ideal fluid sharing, an upper bound like MPS); "
                      "a comma list gives one per device."),
-    ] = "serial",
+    ] = control.DEFAULT_MODE,
     time_scale: Annotated[float, typer.Option(help="Multiply every modelled time by this.")] = 1.0,
     foreground: Annotated[bool, typer.Option(help="Run in the foreground (for systemd).")] = False,
     partition: Annotated[str | None, typer.Option(help="Split every device by role in fixed shares of compute "
                                                   "and bandwidth, like vNPU templates: prefill=S,decode=S.")] = None,
+    context_switch_us: Annotated[float | None, typer.Option(
+        help="contexts mode: device idle time when it changes process (default: the profile's).")] = None,
 ) -> None:
     """Start the device server.
 
     Examples:
       flexnpu emu start --devices 2
-      flexnpu emu start --profile 910c --mode serial,shared --devices 2
+      flexnpu emu start --profile 910c --mode contexts,shared --devices 2
       flexnpu emu start --partition prefill=0.6,decode=0.4
     """
     try:
-        pid = control.start(devices, profile, mode, time_scale, foreground=foreground, partition=partition)
+        pid = control.start(devices, profile, mode, time_scale, foreground=foreground, partition=partition,
+                            context_switch_us=context_switch_us)
     except control.EmulatorError as e:
         err.print(f"flexnpu emu start: {e}")
         raise typer.Exit(1)
@@ -95,7 +99,10 @@ def status(
             f"[bold]device {d['index']}[/] {d['soc']} {d['mode']}  "
             f"{p['peak_tflops']:.0f} TFLOPS  {p['hbm_gbps']:.0f} GB/s HBM\n"
             f"  memory {_mib(d['memory']['used'])}/{_mib(d['memory']['total'])} MiB  "
-            f"busy {d['busy_ns'] / 1e6:.1f} ms  pending ops {d['pending_ops']}"
+            f"busy {d['busy_ns'] / 1e6:.1f} ms  pending ops {d['pending_ops']}\n"
+            f"  cube busy {d['cube_busy_ns'] / 1e6:.1f} ms ({p['cube_cores']} AIC)  "
+            f"vector busy {d['vector_busy_ns'] / 1e6:.1f} ms ({p['vector_cores']} AIV)  "
+            f"context switches {d['context_switches']}"
         )
         if not d["clients"]:
             continue

@@ -31,7 +31,10 @@ _REQ_STATUS = 6
 _REP = struct.Struct("<iIQQ")
 _NO_PERMISSION = 207006  # ACL_ERROR_RT_NO_PERMISSION
 _NO_GROUP = (1 << 64) - 1
-MODES = ("serial", "shared")
+# contexts: as an Ascend device shares itself (the default); serial: one op at a time;
+# shared: ideal fluid sharing, an upper bound like MPS, not Ascend (docs/emulator.md)
+MODES = ("contexts", "serial", "shared")
+DEFAULT_MODE = "contexts"
 
 
 class EmulatorError(RuntimeError):
@@ -171,25 +174,29 @@ def status(rdir: Path | None = None, timeout: float = 5.0) -> dict:
 def start(
     devices: int = 8,
     profile: str = "910b",
-    mode: str = "serial",
+    mode: str = DEFAULT_MODE,
     time_scale: float = 1.0,
     rdir: Path | None = None,
     foreground: bool = False,
     timeout: float = 10.0,
     partition: str | None = None,
+    context_switch_us: float | None = None,
 ) -> int:
     """Starts the device server; returns its pid. `mode` is one mode for all devices or a
     comma list with one per device. With foreground=True, runs it in this process's place.
     `partition` ("prefill=0.6,decode=0.4"): every device split by role in fixed shares of its
-    compute and bandwidth, like Ascend's vNPU templates (docs/emulator.md)."""
+    compute and bandwidth, like Ascend's vNPU templates (docs/emulator.md).
+    `context_switch_us`: the contexts mode's switch cost, instead of the profile's."""
     rdir = Path(rdir or paths.runtime_dir())
     if profile not in PROFILES:
         raise EmulatorError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     modes = mode.split(",")
     if any(m not in MODES for m in modes) or len(modes) not in (1, devices):
         raise EmulatorError(
-            f"--mode takes serial or shared, or a comma list with one per device ({devices}); got {mode!r}"
+            f"--mode takes {', '.join(MODES)}, or a comma list with one per device ({devices}); got {mode!r}"
         )
+    if context_switch_us is not None and not 0 <= context_switch_us < float("inf"):
+        raise EmulatorError(f"--context-switch-us must be >= 0 and finite, got {context_switch_us}")
     if not 1 <= devices <= 16:
         raise EmulatorError(f"--devices must be between 1 and 16, got {devices}")
     if not 0 < time_scale < float("inf"):
@@ -206,6 +213,7 @@ def start(
         "--mode", mode,
         "--time-scale", repr(time_scale),
         *PROFILES[profile].server_args(),
+        *(["--context-switch-us", repr(context_switch_us)] if context_switch_us is not None else []),
         *(["--partition", partition] if partition else []),
         "--client-group", paths.CLIENT_GROUP,
     ]

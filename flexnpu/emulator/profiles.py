@@ -20,6 +20,11 @@ class DeviceProfile:
     link_gbps: float  # host <-> device copy bandwidth, GB/s
     launch_us: float  # submission to earliest kernel start
     capacity_gib: float  # HBM per device
+    # AI Core units (contexts mode: a kernel's blockDim counts in its class's cores)
+    cube_cores: int = 24  # AIC
+    vector_cores: int = 48  # AIV
+    # contexts mode: the device idles this long when it changes from one process's context to another's
+    context_switch_us: float = 20.0
     # device <-> device copies (aclrtMemcpy INTER_DEVICE_TO_DEVICE), GB/s; 0: the host link
     p2p_gbps: float = 0.0
     # achieved fraction of peak per built-in kernel: {builtin: (compute, hbm)}; absent = 1.0
@@ -37,11 +42,21 @@ class DeviceProfile:
             "--link-bw", repr(self.link_gbps * 1e9),
             "--launch-ns", repr(self.launch_us * 1e3),
             "--capacity", str(int(self.capacity_gib * GIB)),
+            "--cube-cores", str(self.cube_cores),
+            "--vector-cores", str(self.vector_cores),
+            "--context-switch-us", repr(self.context_switch_us),
             *(["--p2p-bw", repr(self.p2p_gbps * 1e9)] if self.p2p_gbps else []),
             *(["--efficiency", ",".join(f"{k}={c!r}/{h!r}" for k, (c, h) in sorted(self.efficiency.items()))]
               if self.efficiency else []),
         ]
 
+
+CONTEXT_SWITCH_SOURCE = (
+    "assumption: no figure is published for Ascend (nor by NVIDIA for its GPUs' time-slice switches); "
+    "the model switches only at op boundaries after the old context has drained, so no core state is "
+    "saved, and 20 us (twice the launch latency) stands for the runtime's and the MMU's change of "
+    "address space; docs/emulator.md has the sweep of its effect"
+)
 
 PROFILES: dict[str, DeviceProfile] = {
     # Ascend 910B2 (Atlas 800T A2): 24 AI Cores at 1800 MHz, 16x16x16 FP16 MACs per core
@@ -84,6 +99,10 @@ PROFILES: dict[str, DeviceProfile] = {
             "launch_us": "assumption: no vendor figure is published; between the smallest device "
             "kernel time (8.5 us, sgl-kernel-npu #601) and framework per-op overheads (20-70 us)",
             "capacity_gib": "CANN platform config Ascend910B2.ini memory_size = 64 GiB",
+            "cube_cores": "CANN platform config Ascend910B2.ini [SoCInfo] ai_core_cnt=24, cube_core_cnt=24 "
+            "(the values Ascend/torchair docs/zh/context/limit_core_num.md quotes for A2/A3)",
+            "vector_cores": "CANN platform config Ascend910B2.ini [SoCInfo] vector_core_cnt=48",
+            "context_switch_us": CONTEXT_SWITCH_SOURCE,
         },
     ),
     # Ascend 910C, one die = one device as CANN presents it (two per package).
@@ -102,6 +121,11 @@ PROFILES: dict[str, DeviceProfile] = {
             "link_gbps": "assumption: no published 910C host-to-device figure; the 910B's pinned rate",
             "launch_us": "assumption, as for 910b",
             "capacity_gib": "arXiv:2506.12708 (128 GB per package); CANN Ascend910_9392.ini memory_size = 64 GiB per die",
+            "cube_cores": "CANN platform config Ascend910_9392.ini cube_core_cnt=24 per die (device queries on "
+            "a 910C report 24 AI cores, 48 vector cores per device); the die has the 910B's core "
+            "configuration (arXiv:2506.12708)",
+            "vector_cores": "CANN platform config Ascend910_9392.ini vector_core_cnt=48 per die",
+            "context_switch_us": CONTEXT_SWITCH_SOURCE,
         },
     ),
 }

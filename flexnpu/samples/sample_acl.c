@@ -14,6 +14,13 @@
 
 #include "acl/acl.h"
 
+/* blockDim: how many cores a kernel runs on. On a 910B (Ascend910B2) or a 910C die there are
+ * 24 cube cores (AIC) and 48 vector cores (AIV); a kernel that asks for fewer than its class
+ * has gets that share of the device's compute, as on real hardware (docs/emulator.md). A
+ * cube kernel (GEMM) counts AIC, a vector kernel AIV, a mix kernel (attention) AIC+2 AIV groups. */
+#define AIC_CORES 24
+#define AIV_CORES 48
+
 #define CHECK(call)                                                                        \
     do {                                                                                   \
         aclError e_ = (call);                                                              \
@@ -108,28 +115,28 @@ int main(int argc, char **argv)
         CHECK(aclrtMemcpyAsync(da, sizeof(float) * M * K, a, sizeof(float) * M * K, ACL_MEMCPY_HOST_TO_DEVICE, s0));
         CHECK(aclrtMemcpyAsync(db, sizeof(float) * K * N, b, sizeof(float) * K * N, ACL_MEMCPY_HOST_TO_DEVICE, s0));
         struct gemm_args g = {P(da), P(db), P(dc), M, N, K, ACL_FLOAT};
-        CHECK(aclrtLaunchKernel(f_gemm, 8, &g, sizeof g, s0));
+        CHECK(aclrtLaunchKernel(f_gemm, AIC_CORES, &g, sizeof g, s0));
         CHECK(aclrtMemcpyAsync(c, sizeof(float) * M * N, dc, sizeof(float) * M * N, ACL_MEMCPY_DEVICE_TO_HOST, s0));
 
         CHECK(aclrtMemcpyAsync(dx, sizeof(float) * EW, x, sizeof(float) * EW, ACL_MEMCPY_HOST_TO_DEVICE, s1));
         CHECK(aclrtMemcpyAsync(dy, sizeof(float) * EW, y, sizeof(float) * EW, ACL_MEMCPY_HOST_TO_DEVICE, s1));
         struct ew_args w = {P(dx), P(dy), P(dz), EW, 0, ACL_FLOAT};
-        CHECK(aclrtLaunchKernel(f_ew, 8, &w, sizeof w, s1));
+        CHECK(aclrtLaunchKernel(f_ew, AIV_CORES, &w, sizeof w, s1));
         struct copy_args cp = {P(dz), P(dz2), sizeof(float) * EW};
-        CHECK(aclrtLaunchKernel(f_copy, 8, &cp, sizeof cp, s1));
+        CHECK(aclrtLaunchKernel(f_copy, AIV_CORES, &cp, sizeof cp, s1));
         CHECK(aclrtMemcpyAsync(z, sizeof(float) * EW, dz2, sizeof(float) * EW, ACL_MEMCPY_DEVICE_TO_HOST, s1));
 
         CHECK(aclrtMemcpy(dq, qkv, q, qkv, ACL_MEMCPY_HOST_TO_DEVICE));
         CHECK(aclrtMemcpy(dk, qkv, kv, qkv, ACL_MEMCPY_HOST_TO_DEVICE));
         CHECK(aclrtMemcpy(dv, qkv, q, qkv, ACL_MEMCPY_HOST_TO_DEVICE));
         struct attn_args pre = {P(dq), P(dk), P(dv), P(dop), 1, H, H, S, D, ACL_FLOAT};
-        CHECK(aclrtLaunchKernel(f_pre, 8, &pre, sizeof pre, s0));
+        CHECK(aclrtLaunchKernel(f_pre, AIC_CORES, &pre, sizeof pre, s0));
         /* decode for the last position: its query is the last row of q per head */
         for (int h = 0; h < H; h++)
             CHECK(aclrtMemcpyAsync((char *)dq + sizeof(float) * h * D, sizeof(float) * D, q + (h * S + S - 1) * D,
                                    sizeof(float) * D, ACL_MEMCPY_HOST_TO_DEVICE, s0));
         struct attn_args dec = {P(dq), P(dk), P(dv), P(dod), 1, H, H, S, D, ACL_FLOAT};
-        CHECK(aclrtLaunchKernel(f_dec, 8, &dec, sizeof dec, s0));
+        CHECK(aclrtLaunchKernel(f_dec, AIC_CORES, &dec, sizeof dec, s0));
         CHECK(aclrtMemcpyAsync(op, qkv, dop, qkv, ACL_MEMCPY_DEVICE_TO_HOST, s0));
         CHECK(aclrtMemcpyAsync(od, sizeof(float) * H * D, dod, sizeof(float) * H * D, ACL_MEMCPY_DEVICE_TO_HOST, s0));
 

@@ -26,6 +26,9 @@ ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
 ACL_FLOAT = 0
 ADD = 0
+# blockDim, the cores a kernel runs on: the 910B has 24 cube (GEMM) and 48 vector cores (the
+# elementwise and copy kernels); fewer gets that share of the compute (docs/emulator.md)
+AIC_CORES, AIV_CORES = 24, 48
 
 VP = ctypes.c_void_p
 SIZE = ctypes.c_size_t
@@ -161,15 +164,15 @@ def main(argv: list[str]) -> int:
         addr, _ = host.buffer_info()
         acl.aclrtMemcpyAsync(addr, sizes[name], d[name], sizes[name], ACL_MEMCPY_DEVICE_TO_HOST, stream)
 
-    def launch(func: VP, args: bytes, stream: VP) -> None:
-        acl.aclrtLaunchKernel(func, 8, args, len(args), stream)
+    def launch(func: VP, args: bytes, stream: VP, block_dim: int = AIV_CORES) -> None:
+        acl.aclrtLaunchKernel(func, block_dim, args, len(args), stream)
 
     # stream 1: inputs, z = x + y, c = a @ b; then an event the second stream waits on
     acl.aclrtRecordEvent(ev_start, s1)
     for name, host in (("x", x), ("y", y), ("a", a), ("b", b)):
         h2d(name, host, s1)
     launch(f_ew, pack_elementwise(d["x"], d["y"], d["z"], EW, ADD), s1)
-    launch(f_gemm, pack_gemm(d["a"], d["b"], d["c"], M, N, K), s1)
+    launch(f_gemm, pack_gemm(d["a"], d["b"], d["c"], M, N, K), s1, AIC_CORES)
     acl.aclrtRecordEvent(ev_done, s1)
     # stream 2: only after stream 1's work, z2 = copy(z), then both results back
     acl.aclrtStreamWaitEvent(s2, ev_done)

@@ -16,6 +16,10 @@ ACL_HBM_MEM = 1
 ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION = 0x1  # acl_rt.h
 ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS = 0x1
 IPC_KEY_LEN = 65  # 64 characters and a NUL
+# aclrtLaunchKernel's blockDim for a kernel that fills the device: at least every core of its
+# class (24 cube, 48 vector on a 910B or a 910C die). A kernel on fewer cores gets that share
+# of the compute, on real hardware as on the emulator (docs/emulator.md).
+FULL_BLOCK_DIM = 48
 
 _SIGNATURES = {
     "aclInit": [ctypes.c_char_p],
@@ -104,8 +108,8 @@ class Acl:
         self.call("aclrtDeviceGetBareTgid", ctypes.byref(pid))
         return pid.value
 
-    def launch(self, func: VP, args: bytes, stream: VP) -> None:
-        rc = self._launch(func, 1, args, len(args), stream)
+    def launch(self, func: VP, args: bytes, stream: VP, block_dim: int = FULL_BLOCK_DIM) -> None:
+        rc = self._launch(func, block_dim, args, len(args), stream)
         if rc != 0:
             msg = self.lib.aclGetRecentErrMsg()
             raise AclError(f"aclrtLaunchKernel failed: {rc} ({msg.decode(errors='replace') if msg else ''})")

@@ -17,6 +17,8 @@
  *   launchcost KLIB N             ns spent in each aclrtLaunchKernel call: percentiles
  *
  * Options: --device D, --kernel NAME (timing; corun uses --kernel and --kernel2),
+ *          --block-dim B (every kernel's blockDim; default FULL_BLOCK_DIM, the whole device;
+ *          corun's second stream uses --block-dim2 if given),
  *          --reps R (timing), --start-at NS (CLOCK_MONOTONIC; timing and corun wait for it).
  *
  * Build: cc acl_workload.c -I<acl include> -L<libascendcl dir> -lascendcl -lm -pthread
@@ -33,6 +35,10 @@
 
 #include "acl/acl.h"
 
+/* blockDim of a kernel meant to fill the device: at least every core of its class (24 cube,
+ * 48 vector on the emulated 910B and 910C), as a real launch asks (docs/emulator.md) */
+#define FULL_BLOCK_DIM 48
+
 #pragma pack(push, 1)
 struct synthetic_args { double flops, hbm_bytes; };
 struct copy_args { uint64_t src, dst, bytes; };
@@ -44,6 +50,7 @@ struct ew_args { uint64_t x, y, out, n; uint32_t op; int32_t dtype; };
 static int g_dev;
 static const char *g_kernel = "synthetic", *g_kernel2 = NULL;
 static int g_reps = 1;
+static uint32_t g_block_dim = FULL_BLOCK_DIM, g_block_dim2; /* 0: g_block_dim */
 static uint64_t g_start_at;
 
 static void die_acl(const char *what, aclError e)
@@ -97,10 +104,15 @@ static aclrtFuncHandle kernel(const char *klib, const char *name, aclrtBinHandle
     return f;
 }
 
-static void launch_synthetic(aclrtFuncHandle f, double flops, double hbm, aclrtStream s)
+static void launch_synthetic_bd(aclrtFuncHandle f, uint32_t block_dim, double flops, double hbm, aclrtStream s)
 {
     struct synthetic_args a = {flops, hbm};
-    CHECK(aclrtLaunchKernel(f, 1, &a, sizeof a, s));
+    CHECK(aclrtLaunchKernel(f, block_dim, &a, sizeof a, s));
+}
+
+static void launch_synthetic(aclrtFuncHandle f, double flops, double hbm, aclrtStream s)
+{
+    launch_synthetic_bd(f, g_block_dim, flops, hbm, s);
 }
 
 static void print_list(const char *key, const double *v, int n)
@@ -171,7 +183,8 @@ static int cmd_corun(const char *klib, double f1, double h1, double f2, double h
         CHECK(aclrtCreateEvent(&e[i]));
     }
     launch_synthetic(k1, 0, 0, s[0]);
-    launch_synthetic(k2, 0, 0, s[1]);
+    uint32_t bd2 = g_block_dim2 ? g_block_dim2 : g_block_dim;
+    launch_synthetic_bd(k2, bd2, 0, 0, s[1]);
     CHECK(aclrtSynchronizeStream(s[0]));
     CHECK(aclrtSynchronizeStream(s[1]));
     wait_until(g_start_at);
@@ -180,7 +193,7 @@ static int cmd_corun(const char *klib, double f1, double h1, double f2, double h
     CHECK(aclrtRecordEvent(b[1], s[1]));
     for (int i = 0; i < n; i++) {
         launch_synthetic(k1, f1, h1, s[0]);
-        launch_synthetic(k2, f2, h2, s[1]);
+        launch_synthetic_bd(k2, bd2, f2, h2, s[1]);
     }
     CHECK(aclrtRecordEvent(e[0], s[0]));
     CHECK(aclrtRecordEvent(e[1], s[1]));
@@ -432,7 +445,7 @@ static int cmd_badargs(const char *klib)
     CODE("create_event3", aclrtCreateEvent(&never));
     struct synthetic_args busy = {353.9e12 * 0.05, 0};
     CODE("record_start", aclrtRecordEvent(e0, s));
-    CODE("launch_busy", aclrtLaunchKernel(f, 1, &busy, sizeof busy, s));
+    CODE("launch_busy", aclrtLaunchKernel(f, FULL_BLOCK_DIM, &busy, sizeof busy, s));
     CODE("record_end", aclrtRecordEvent(e1, s));
     CODE("sync_stream_timeout_0", aclrtSynchronizeStreamWithTimeout(s, 0));
     CODE("sync_event_timeout_0", aclrtSynchronizeEventWithTimeout(e1, 0));
@@ -553,7 +566,7 @@ static int cmd_waitlong(const char *klib, double flops)
     void *p = NULL;
     aclError malloc_rc = aclrtMalloc(&p, 4096, ACL_MEM_MALLOC_HUGE_FIRST);
     struct synthetic_args a = {1, 0};
-    aclError launch_rc = aclrtLaunchKernel(f, 1, &a, sizeof a, s);
+    aclError launch_rc = aclrtLaunchKernel(f, FULL_BLOCK_DIM, &a, sizeof a, s);
     aclError sync_again = aclrtSynchronizeStream(s);
     printf("{\"sync_rc\":%d,\"waited_ms\":%.3f,\"sync_done_ns\":%llu,\"malloc_rc\":%d,\"launch_rc\":%d,"
            "\"sync_again_rc\":%d}\n",
@@ -578,13 +591,13 @@ static int cmd_launchcost(const char *klib, int n)
     CHECK(aclrtCreateStream(&s));
     struct synthetic_args a = {1e3, 0}; /* a tiny kernel: picoseconds of modelled work */
     uint64_t *ns = malloc(sizeof *ns * (size_t)n);
-    CHECK(aclrtLaunchKernel(f, 1, &a, sizeof a, s)); /* registers the kernel name */
+    CHECK(aclrtLaunchKernel(f, FULL_BLOCK_DIM, &a, sizeof a, s)); /* registers the kernel name */
     CHECK(aclrtSynchronizeStream(s));
     double sum = 0;
     for (int i = 0; i < n; i++) {
         if (i % 1024 == 1023) CHECK(aclrtSynchronizeStream(s)); /* keep the ring from filling */
         uint64_t t0 = now_ns();
-        aclError rc = aclrtLaunchKernel(f, 1, &a, sizeof a, s);
+        aclError rc = aclrtLaunchKernel(f, FULL_BLOCK_DIM, &a, sizeof a, s);
         uint64_t t1 = now_ns();
         if (rc) die_acl("aclrtLaunchKernel", rc);
         ns[i] = t1 - t0;
@@ -612,7 +625,7 @@ static int usage(void)
             "       copyback BYTES | oom |\n"
             "       badargs KLIB | setdevice DEV | hold BYTES SECONDS | waitlong KLIB FLOPS |\n"
             "       launchcost KLIB N   [--device D] [--kernel NAME] [--kernel2 NAME] [--reps R]\n"
-            "       [--start-at MONOTONIC_NS]\n");
+            "       [--block-dim B] [--block-dim2 B] [--start-at MONOTONIC_NS]\n");
     return 2;
 }
 
@@ -628,6 +641,8 @@ int main(int argc, char **argv)
             else if (!strcmp(k, "--kernel")) g_kernel = v;
             else if (!strcmp(k, "--kernel2")) g_kernel2 = v;
             else if (!strcmp(k, "--reps")) g_reps = atoi(v) > 0 ? atoi(v) : 1;
+            else if (!strcmp(k, "--block-dim")) g_block_dim = (uint32_t)strtoul(v, NULL, 10);
+            else if (!strcmp(k, "--block-dim2")) g_block_dim2 = (uint32_t)strtoul(v, NULL, 10);
             else if (!strcmp(k, "--start-at")) g_start_at = strtoull(v, NULL, 10);
             else return usage();
         } else if (npos < 16) {

@@ -33,6 +33,10 @@
 
 #include "acl/acl.h"
 
+/* blockDim of a kernel meant to fill the device: at least every core of its class (24 cube,
+ * 48 vector on the emulated 910B and 910C), as a real launch asks (docs/emulator.md) */
+#define FULL_BLOCK_DIM 48
+
 #pragma pack(push, 1)
 struct synthetic_args {
     double flops, hbm_bytes;
@@ -105,7 +109,7 @@ int main(int argc, char **argv)
     CHECK(aclrtCreateStream(&s));
     struct synthetic_args warm = {0, 0};
     uint64_t first = now_ns();
-    CHECK(aclrtLaunchKernel(f, 1, &warm, sizeof warm, s));
+    CHECK(aclrtLaunchKernel(f, FULL_BLOCK_DIM, &warm, sizeof warm, s));
     CHECK(aclrtSynchronizeStream(s));
     printf("{\"ready\":true,\"pid\":%d,\"first_ms\":%.3f}\n", getpid(), (double)first / 1e6);
     fflush(stdout);
@@ -116,7 +120,7 @@ int main(int argc, char **argv)
     long done = 0;
     while (now_ns() < deadline) {
         uint64_t s0 = now_ns();
-        for (int j = 0; j < k; j++) CHECK(aclrtLaunchKernel(f, 1, &a, sizeof a, s));
+        for (int j = 0; j < k; j++) CHECK(aclrtLaunchKernel(f, FULL_BLOCK_DIM, &a, sizeof a, s));
         CHECK(aclrtSynchronizeStream(s));
         uint64_t s1 = now_ns();
         done++;

@@ -24,6 +24,10 @@
 
 #include "acl/acl.h"
 
+/* blockDim of a kernel meant to fill the device: at least every core of its class (24 cube,
+ * 48 vector on the emulated 910B and 910C), as a real launch asks (docs/emulator.md) */
+#define FULL_BLOCK_DIM 48
+
 #define CHECK(call)                                                                          \
     do {                                                                                     \
         aclError e_ = (call);                                                                \
@@ -51,7 +55,7 @@ static void pass(aclrtFuncHandle f, int layers, double flops, size_t in_bytes, s
 {
     struct synthetic_args a = {flops, 0};
     CHECK(aclrtMemcpyAsync(dev_in, prompt_bytes, host, in_bytes, ACL_MEMCPY_HOST_TO_DEVICE, s));
-    for (int i = 0; i < layers; i++) CHECK(aclrtLaunchKernel(f, 1, &a, sizeof a, s));
+    for (int i = 0; i < layers; i++) CHECK(aclrtLaunchKernel(f, FULL_BLOCK_DIM, &a, sizeof a, s));
     CHECK(aclrtMemcpyAsync(host, prompt_bytes, dev_out, out_bytes, ACL_MEMCPY_DEVICE_TO_HOST, s));
     CHECK(aclrtSynchronizeStream(s));
 }

@@ -84,6 +84,7 @@ struct context {
 struct func {
     uint32_t magic;
     int builtin;
+    int core_class; /* enum emu_core_class: the built-in's, or the library line's */
     _Atomic int name_id; /* server name id, registered on first launch; -1 until then */
     char name[EMU_NAME_LEN];
 };
@@ -1169,8 +1170,9 @@ ACL_FUNC_VISIBILITY aclError aclrtDestroyEvent(aclrtEvent event)
 
 /* ---------------------------------------------------------------- kernels */
 
-/* Kernel library text: a "flexnpu-kernels 1" line, then "kernel <name> <builtin>" lines;
- * '#' starts a comment. See docs/emulator.md. */
+/* Kernel library text: a "flexnpu-kernels 1" line, then "kernel <name> <builtin> [cube|vector|mix]"
+ * lines (the last word, optional, names the cores the kernel runs on); '#' starts a comment.
+ * See docs/emulator.md. */
 static aclError parse_library(const char *text, size_t len, aclrtBinHandle *binHandle)
 {
     char *buf = malloc(len + 1);
@@ -1185,17 +1187,19 @@ static aclError parse_library(const char *text, size_t len, aclrtBinHandle *binH
         lineno++;
         char *hash = strchr(line, '#');
         if (hash) *hash = 0;
-        char w0[32], w1[EMU_NAME_LEN + 1], w2[32], extra[2];
-        int k = sscanf(line, "%31s %48s %31s %1s", w0, w1, w2, extra);
+        char w0[32], w1[EMU_NAME_LEN + 1], w2[32], w3[32], extra[2];
+        int k = sscanf(line, "%31s %48s %31s %31s %1s", w0, w1, w2, w3, extra);
         if (k <= 0) continue;
         if (!header) {
             if (k == 2 && strcmp(w0, "flexnpu-kernels") == 0 && strcmp(w1, "1") == 0) header = 1;
             else rc = fail(ACL_ERROR_PARSE_FILE, "not a FlexNPU kernel library (line %d)", lineno);
             continue;
         }
-        int b = k == 3 ? emu_builtin_by_name(w2) : -1;
-        if (k != 3 || strcmp(w0, "kernel") != 0 || strlen(w1) >= EMU_NAME_LEN || b < 0) {
-            rc = fail(ACL_ERROR_PARSE_FILE, "kernel library line %d: expected 'kernel <name> <builtin>'", lineno);
+        int b = k == 3 || k == 4 ? emu_builtin_by_name(w2) : -1;
+        int cls = k == 4 ? emu_core_class_by_name(w3) : b >= 0 ? emu_builtin_core_class(b) : -1;
+        if ((k != 3 && k != 4) || strcmp(w0, "kernel") != 0 || strlen(w1) >= EMU_NAME_LEN || b < 0 || cls < 0) {
+            rc = fail(ACL_ERROR_PARSE_FILE,
+                      "kernel library line %d: expected 'kernel <name> <builtin> [cube|vector|mix]'", lineno);
             break;
         }
         if (n == cap) {
@@ -1210,6 +1214,7 @@ static aclError parse_library(const char *text, size_t len, aclrtBinHandle *binH
         struct func *f = &bin->funcs[n++];
         f->magic = FUNC_MAGIC;
         f->builtin = b;
+        f->core_class = cls;
         atomic_store(&f->name_id, -1);
         snprintf(f->name, sizeof f->name, "%s", w1);
     }
@@ -1350,7 +1355,7 @@ ACL_FUNC_VISIBILITY aclError aclrtLaunchKernel(aclrtFuncHandle funcHandle, uint3
     if (nranges) emu_kernel_run(f->builtin, argsData);
     emu_kernel_derate(&g_dev[dev].seg->params, f->builtin, &cost);
     struct emu_op op = {.kind = EMU_OP_KERNEL, .name_id = (uint16_t)id, .flops = cost.flops,
-                        .hbm_bytes = cost.hbm_bytes};
+                        .hbm_bytes = cost.hbm_bytes, .block_dim = blockDim, .core_class = (uint32_t)f->core_class};
     return submit(dev, idx, &op, NULL);
 }
 

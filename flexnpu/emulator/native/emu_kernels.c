@@ -26,6 +26,32 @@ const char *emu_builtin_name(int builtin)
     return (builtin >= 0 && builtin < EMU_K_COUNT) ? builtin_names[builtin] : "?";
 }
 
+int emu_builtin_core_class(int builtin)
+{
+    switch (builtin) {
+    case EMU_K_GEMM: return EMU_CORE_CUBE;
+    case EMU_K_ELEMENTWISE:
+    case EMU_K_RMSNORM:
+    case EMU_K_ROPE:
+    case EMU_K_COPY: return EMU_CORE_VECTOR;
+    default: return EMU_CORE_MIX; /* attention (cube matmuls, vector softmax) and synthetic */
+    }
+}
+
+static const char *const core_class_names[] = {"none", "cube", "vector", "mix"};
+
+int emu_core_class_by_name(const char *name)
+{
+    for (int i = EMU_CORE_CUBE; i <= EMU_CORE_MIX; i++)
+        if (strcmp(name, core_class_names[i]) == 0) return i;
+    return -1;
+}
+
+const char *emu_core_class_name(int core_class)
+{
+    return (core_class >= EMU_CORE_NONE && core_class <= EMU_CORE_MIX) ? core_class_names[core_class] : "?";
+}
+
 static int dtype_size(int32_t dt)
 {
     switch (dt) {

@@ -101,6 +101,13 @@ struct emu_range {
 int emu_builtin_by_name(const char *name);
 const char *emu_builtin_name(int builtin);
 
+/* The cores a built-in runs on (enum emu_core_class): gemm cube; elementwise, rmsnorm, rope
+ * and copy vector; the attention kernels and synthetic mix. A kernel library line may name
+ * another ("cube", "vector" or "mix"): emu_core_class_by_name, -1 if unknown. */
+int emu_builtin_core_class(int builtin);
+int emu_core_class_by_name(const char *name);
+const char *emu_core_class_name(int core_class);
+
 /* Parses argsData. Returns 0 and fills cost and ranges (up to 4, count in *nranges;
  * ranges with ptr 0 are left out), or an aclError for malformed arguments. */
 int emu_kernel_prepare(int builtin, const void *args, size_t size, struct emu_cost *cost,

@@ -6,7 +6,8 @@
  * connection closes, whether it finalised or was killed.
  *
  * Usage: flexnpu-emu-server --socket PATH --devices N --peak-flops F --hbm-bw B
- *        --link-bw B --launch-ns T --capacity BYTES --time-scale X --mode serial[,shared...]
+ *        --link-bw B --launch-ns T --capacity BYTES --time-scale X --mode contexts[,serial,shared...]
+ *        [--cube-cores N] [--vector-cores N] [--context-switch-us T]  (contexts mode: emu_sim.c)
  *        [--partition prefill=S,decode=S]  (vNPU-like fixed shares per role: emu_sim.c)
  *        --soc NAME [--p2p-bw B] [--efficiency NAME=C/H,...] [--client-group NAME]
  * Root, the server's own user and members of --client-group (default "flexnpu", if the node
@@ -43,6 +44,8 @@ struct server g_srv;
 static const char *g_group_name = EMU_CLIENT_GROUP;
 static gid_t g_group_gid;
 static bool g_have_group;
+
+static const char *const mode_names[] = {"serial", "shared", "contexts"}; /* enum emu_mode */
 
 static const char *const copy_names[8] = {
     "memcpy_h2h", "memcpy_h2d", "memcpy_d2h", "memcpy_d2d",
@@ -642,13 +645,16 @@ static void status_json(struct sbuf *b)
             if (!d->blocks[k].owner) ipc_held += d->blocks[k].size;
         sb(b,
            "%s{\"index\":%d,\"soc\":\"%s\",\"mode\":\"%s\",\"params\":{\"peak_tflops\":%.3f,"
-           "\"hbm_gbps\":%.3f,\"link_gbps\":%.3f,\"p2p_gbps\":%.3f,\"launch_us\":%.3f,\"time_scale\":%g,\"capacity\":%llu},"
-           "\"memory\":{\"total\":%llu,\"used\":%llu,\"ipc_held\":%llu},\"busy_ns\":%.0f,\"pending_ops\":%zu,"
-           "\"clients\":[",
-           i ? "," : "", i, p->soc_name, p->mode == EMU_MODE_SERIAL ? "serial" : "shared", p->peak_flops / 1e12,
+           "\"hbm_gbps\":%.3f,\"link_gbps\":%.3f,\"p2p_gbps\":%.3f,\"launch_us\":%.3f,\"time_scale\":%g,\"capacity\":%llu,"
+           "\"cube_cores\":%u,\"vector_cores\":%u,\"context_switch_us\":%.3f},"
+           "\"memory\":{\"total\":%llu,\"used\":%llu,\"ipc_held\":%llu},\"busy_ns\":%.0f,\"cube_busy_ns\":%.0f,\"vector_busy_ns\":%.0f,"
+           "\"context_switches\":%llu,\"pending_ops\":%zu,\"clients\":[",
+           i ? "," : "", i, p->soc_name, mode_names[p->mode], p->peak_flops / 1e12,
            p->hbm_bw / 1e9, p->link_bw / 1e9, p->p2p_bw / 1e9, p->launch_ns / 1e3, p->time_scale, (unsigned long long)p->capacity,
+           p->cube_cores, p->vector_cores, p->context_switch_ns / 1e3,
            (unsigned long long)p->capacity, (unsigned long long)atomic_load(&d->seg->mem_used),
-           (unsigned long long)ipc_held, d->busy_ns, sim_pending_ops(d));
+           (unsigned long long)ipc_held, d->busy_ns,
+           d->cube_busy_ns, d->vector_busy_ns, (unsigned long long)d->switches, sim_pending_ops(d));
         int first = 1;
         for (int k = 0; k < g_srv.nclients; k++) {
             struct client *c = g_srv.clients[k];
@@ -1262,12 +1268,29 @@ static double num_arg(const char *v, const char *name)
     return x;
 }
 
+static double nonneg_arg(const char *v, const char *name)
+{
+    char *end;
+    double x = strtod(v, &end);
+    if (*end || !(x >= 0) || !isfinite(x)) die("%s must be a number >= 0, got '%s'", name, v);
+    return x;
+}
+
+static long core_arg(const char *v, const char *name)
+{
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || x < 1 || x > 4096) die("%s must be a whole number of cores, 1..4096, got '%s'", name, v);
+    return x;
+}
+
 int main(int argc, char **argv)
 {
-    const char *sock_path = NULL, *modes = "serial";
+    const char *sock_path = NULL, *modes = "contexts";
     int ndev = 1;
     struct emu_params p = {.peak_flops = 353.9e12, .hbm_bw = 1.6e12, .link_bw = 23e9, .launch_ns = 10000,
-                           .time_scale = 1.0, .capacity = 64ULL << 30};
+                           .time_scale = 1.0, .capacity = 64ULL << 30, .cube_cores = 24, .vector_cores = 48,
+                           .context_switch_ns = 20000};
     snprintf(p.soc_name, sizeof p.soc_name, "Ascend910B2");
     for (int k = 0; k < EMU_EFF_SLOTS; k++) p.eff_flops[k] = p.eff_hbm[k] = 1.0;
     for (int i = 1; i < argc; i++) {
@@ -1285,6 +1308,9 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--mode")) modes = v;
         else if (!strcmp(a, "--soc")) snprintf(p.soc_name, sizeof p.soc_name, "%s", v);
         else if (!strcmp(a, "--p2p-bw")) p.p2p_bw = num_arg(v, a);
+        else if (!strcmp(a, "--cube-cores")) p.cube_cores = (uint32_t)core_arg(v, a);
+        else if (!strcmp(a, "--vector-cores")) p.vector_cores = (uint32_t)core_arg(v, a);
+        else if (!strcmp(a, "--context-switch-us")) p.context_switch_ns = nonneg_arg(v, a) * 1e3;
         else if (!strcmp(a, "--client-group")) g_group_name = v;
         else if (!strcmp(a, "--partition")) {
             char err[160];
@@ -1327,7 +1353,8 @@ int main(int argc, char **argv)
     while (tok && nm < EMU_MAX_DEVICES) {
         if (!strcmp(tok, "serial")) mode_of[nm++] = EMU_MODE_SERIAL;
         else if (!strcmp(tok, "shared")) mode_of[nm++] = EMU_MODE_SHARED;
-        else die("--mode takes serial or shared, got '%s'", tok);
+        else if (!strcmp(tok, "contexts")) mode_of[nm++] = EMU_MODE_CONTEXTS;
+        else die("--mode takes contexts, serial or shared, got '%s'", tok);
         tok = strtok_r(NULL, ",", &save);
     }
     if (nm != 1 && nm != ndev) die("--mode needs one mode or one per device (%d)", ndev);

@@ -54,7 +54,13 @@ enum emu_op_kind {
     EMU_OP_EVENT_WAIT = 5,   /* zero work; the stream waits for event >= gen */
 };
 
-enum emu_mode { EMU_MODE_SERIAL = 0, EMU_MODE_SHARED = 1 };
+enum emu_mode { EMU_MODE_SERIAL = 0, EMU_MODE_SHARED = 1, EMU_MODE_CONTEXTS = 2 };
+
+/* The AI Core units a kernel runs on (contexts mode, docs/emulator.md): cube cores (AIC),
+ * vector cores (AIV), or both, a block being one AIC with EMU_MIX_AIV_PER_AIC AIVs. Copies,
+ * memsets and events use none (DMA engines and the scheduler). */
+enum emu_core_class { EMU_CORE_NONE = 0, EMU_CORE_CUBE = 1, EMU_CORE_VECTOR = 2, EMU_CORE_MIX = 3 };
+#define EMU_MIX_AIV_PER_AIC 2
 
 /* Names the server pre-registers: copies and memsets are reported under these. */
 #define EMU_NAME_MEMSET 0
@@ -67,8 +73,16 @@ struct emu_op {
     uint32_t stream;      /* index into the client's stream table */
     uint16_t kind;        /* enum emu_op_kind */
     uint16_t name_id;     /* kernel name, or copy kind */
-    uint32_t event;       /* event index (record/wait) */
-    uint32_t event_gen;   /* record generation (record/wait) */
+    union {
+        struct {                 /* EMU_OP_EVENT_RECORD, EMU_OP_EVENT_WAIT */
+            uint32_t event;      /* event index */
+            uint32_t event_gen;  /* record generation */
+        };
+        struct {                 /* EMU_OP_KERNEL */
+            uint32_t block_dim;  /* aclrtLaunchKernel's blockDim (0: the whole device) */
+            uint32_t core_class; /* enum emu_core_class (EMU_CORE_NONE: mix) */
+        };
+    };
     double flops;         /* work: floating point operations */
     double hbm_bytes;     /* work: device memory traffic */
     double link_bytes;    /* work: host link traffic */
@@ -124,6 +138,11 @@ struct emu_params {
      * HBM: a kernel's work is divided by them before the roofline. 1.0 = peak. */
     double eff_flops[EMU_EFF_SLOTS];
     double eff_hbm[EMU_EFF_SLOTS];
+    /* contexts mode: the cores a kernel's blockDim is counted in, and the time the device
+     * stays idle while it changes from one process's context to another's (unscaled) */
+    uint32_t cube_cores;     /* AIC */
+    uint32_t vector_cores;   /* AIV */
+    double context_switch_ns;
 };
 
 struct emu_dev_seg {

@@ -21,7 +21,20 @@
  *                each other. Fairness is between processes: the ops of a process running
  *                k streams at once each weigh 1/k, so many streams buy no larger share.
  *
- *   partition:   (--partition, on top of either mode) each role has a fixed fraction of
+ *   contexts mode: as an Ascend device shares itself. Work of different processes (each
+ *                its own context) never runs at once: the device takes ops in the serial
+ *                order above; when the next op in that order is another process's, the
+ *                current one starts nothing new, its running ops drain, and the device
+ *                changes context, idle for context_switch_ns (no cost when the context it
+ *                held has gone). Within one process, ops of different streams run at once,
+ *                limited by cores: a kernel holds min(blockDim, cores of its class) cube or
+ *                vector cores (a mix kernel one cube and two vector cores per block), starts
+ *                once that many are free (kernels of a class start in the serial order: one
+ *                waiting for cores holds back later ones of its class), and its compute runs
+ *                at the share of its class's cores it holds. Copies, memsets and events hold
+ *                no cores. HBM and the link are shared by max-min, as in shared mode.
+ *
+ *   partition:   (--partition, on top of any mode) each role has a fixed fraction of
  *                every resource, as a vNPU template fixes AI Cores and bandwidth: the ops of
  *                a partition run one at a time, at `share` of full speed, whatever the other
  *                partitions do. A client's busy time then counts the work done (full-device
@@ -67,6 +80,35 @@ static bool client_uses(struct client *c, int dev)
     return c && c->state == CLIENT_ALIVE && c->seg && c->dev[dev].open;
 }
 
+/* The cores a kernel holds in contexts mode, min(blockDim, cores of its class) (blockDim 0:
+ * all of them), and the rate they allow it: its compute runs at the share of the class's
+ * cores it holds (a blockDim beyond the cores runs in waves, at full speed); its HBM and link
+ * traffic is not limited by its cores. */
+static void core_demand(const struct emu_params *p, struct sop *s)
+{
+    uint32_t bd = s->op.block_dim, nc = p->cube_cores, nv = p->vector_cores;
+    double share;
+    switch (s->op.core_class) {
+    case EMU_CORE_CUBE:
+        s->cube_held = bd && bd < nc ? bd : nc;
+        share = (double)s->cube_held / nc;
+        break;
+    case EMU_CORE_VECTOR:
+        s->vector_held = bd && bd < nv ? bd : nv;
+        share = (double)s->vector_held / nv;
+        break;
+    default: { /* mix (and a kernel that names no class) */
+        uint32_t groups = nv / EMU_MIX_AIV_PER_AIC < nc ? nv / EMU_MIX_AIV_PER_AIC : nc;
+        if (groups < 1) groups = 1;
+        uint32_t g = bd && bd < groups ? bd : groups;
+        s->cube_held = g;
+        s->vector_held = g * EMU_MIX_AIV_PER_AIC < nv ? g * EMU_MIX_AIV_PER_AIC : nv;
+        share = (double)g / groups;
+    }
+    }
+    if (p->mode == EMU_MODE_CONTEXTS && s->util[0] > share) s->cap = share / s->util[0];
+}
+
 bool sim_rings_pending(struct device *d)
 {
     for (int i = 0; i < g_srv.nclients; i++) {
@@ -95,7 +137,8 @@ void sim_ingest(struct device *d)
         for (; head != tail && cd->queued < EMU_MAX_QUEUED; head++) {
             struct emu_op op = r->ops[head & (EMU_RING_SLOTS - 1)];
             if (op.stream >= EMU_MAX_STREAMS || op.kind < EMU_OP_KERNEL || op.kind > EMU_OP_EVENT_WAIT ||
-                op.name_id >= EMU_MAX_NAMES || op.event >= EMU_MAX_EVENTS || !(op.flops >= 0) ||
+                op.name_id >= EMU_MAX_NAMES || (op.kind >= EMU_OP_EVENT_RECORD && op.event >= EMU_MAX_EVENTS) ||
+                !(op.flops >= 0) ||
                 !(op.hbm_bytes >= 0) || !(op.link_bytes >= 0))
                 continue;
             struct sop *s = calloc(1, sizeof *s);
@@ -113,6 +156,8 @@ void sim_ingest(struct device *d)
                 s->util[1] = op.hbm_bytes / p->hbm_bw / sec;
                 s->util[2] = op.link_bytes / p->link_bw / sec;
             }
+            s->cap = 1.0;
+            if (op.kind == EMU_OP_KERNEL) core_demand(p, s);
             s->order = d->next_order++;
             s->ready_at = s->arrive; /* or later, if it reaches its stream's head later (complete) */
             cd->queued++;
@@ -246,11 +291,13 @@ static int client_part(struct client *c)
     return c->part;
 }
 
-/* Max-min fair rates over compute, HBM and link for the running ops, weighted so that each
+/* Max-min fair rates over the shared resources (compute, HBM and link from `first`: 0, or 1
+ * when each op's compute is its own cores) for the running ops, weighted so that each
  * process's running ops together count as one (weight 1/nrun each): every op's rate rises as
- * level / nrun until a resource fills or the op runs at full speed. With one op per process,
- * or one process, the weights are equal and this is plain progressive filling. */
-static void share_resources(struct sop **run, int n)
+ * level / nrun until a resource fills or the op reaches its cap (full speed, or what its
+ * cores allow). With one op per process, or one process, the weights are equal and this is
+ * plain progressive filling. */
+static void share_resources(struct sop **run, int n, int first)
 {
     bool fixed[n];
     double used[3] = {0, 0, 0};
@@ -260,8 +307,8 @@ static void share_resources(struct sop **run, int n)
         double level = INFINITY;
         int bottleneck = -1;
         for (int i = 0; i < n; i++)
-            if (!fixed[i] && run[i]->nrun < level) level = run[i]->nrun; /* full speed */
-        for (int r = 0; r < 3; r++) {
+            if (!fixed[i] && run[i]->cap * run[i]->nrun < level) level = run[i]->cap * run[i]->nrun; /* its cap */
+        for (int r = first; r < 3; r++) {
             double demand = 0;
             for (int i = 0; i < n; i++)
                 if (!fixed[i]) demand += run[i]->util[r] / run[i]->nrun;
@@ -273,9 +320,9 @@ static void share_resources(struct sop **run, int n)
         for (int i = 0; i < n; i++) {
             if (fixed[i]) continue;
             double rate = level / run[i]->nrun;
-            bool full = rate >= 1.0;
+            bool full = rate >= run[i]->cap * (1 - 1e-12);
             if (bottleneck >= 0 ? run[i]->util[bottleneck] <= 0 : !full) continue;
-            run[i]->rate = full ? 1.0 : rate;
+            run[i]->rate = full ? run[i]->cap : rate;
             fixed[i] = true;
             left--;
             for (int r = 0; r < 3; r++) used[r] += run[i]->rate * run[i]->util[r];
@@ -295,6 +342,82 @@ static bool goes_before(const struct device *d, const struct sop *a, const struc
 {
     double ea = eligible(d, a), eb = eligible(d, b);
     return ea < eb || (ea == eb && a->order < b->order);
+}
+
+struct candidate {
+    double eligible;
+    uint64_t order;
+    struct sop *s;
+};
+
+static int by_serial_order(const void *a, const void *b)
+{
+    const struct candidate *x = a, *y = b;
+    if (x->eligible != y->eligible) return x->eligible < y->eligible ? -1 : 1;
+    return x->order < y->order ? -1 : x->order > y->order;
+}
+
+/* Contexts mode (see the top of this file): the ops running at d->t_sim, starting those of
+ * the context the device holds that the serial order and the free cores allow, or beginning
+ * a context switch. */
+static int running_contexts(struct device *d, struct sop **run)
+{
+    if (d->ctx_next) {
+        if (d->t_sim < d->switch_end) return 0; /* changing context: the device is idle */
+        d->ctx_owner = d->ctx_next;
+        d->ctx_next = NULL;
+    }
+    int n = 0, nc = 0;
+    uint32_t cube_free = d->p.cube_cores, vector_free = d->p.vector_cores;
+    if (d->order_cap < d->nactive) { /* on the heap: a node's every stream may be queued */
+        size_t cap = d->nactive > 64 ? 2 * d->nactive : 128;
+        void *b = realloc(d->order_buf, cap * sizeof(struct candidate));
+        if (b) {
+            d->order_buf = b;
+            d->order_cap = cap;
+        }
+    }
+    bool may_start = d->order_cap >= d->nactive; /* out of memory: nothing new starts for now */
+    struct candidate *cand = d->order_buf;
+    for (size_t i = 0; i < d->nactive; i++) {
+        struct sop *s = d->active[i]->head;
+        if (s->started) {
+            run[n++] = s;
+            cube_free -= s->cube_held;
+            vector_free -= s->vector_held;
+        } else if (may_start && s->solo > 0 && ready(d, s))
+            cand[nc++] = (struct candidate){eligible(d, s), s->order, s};
+    }
+    if (nc > 1) qsort(cand, (size_t)nc, sizeof *cand, by_serial_order);
+    bool cube_waits = false, vector_waits = false; /* a kernel of the class waits for cores */
+    for (int i = 0; i < nc; i++) {
+        struct sop *s = cand[i].s;
+        if (s->c != d->ctx_owner) {
+            if (n > 0) break; /* another process is next: drain, then switch */
+            bool resident = d->ctx_owner && client_uses(d->ctx_owner, d->index);
+            if (resident) d->switches++;
+            if (resident && d->p.context_switch_ns > 0) {
+                d->ctx_next = s->c;
+                d->switch_end = d->t_sim + d->p.context_switch_ns * d->p.time_scale;
+                return 0;
+            }
+            d->ctx_owner = s->c;
+        }
+        bool cube = s->cube_held > 0, vector = s->vector_held > 0;
+        if ((cube && cube_waits) || (vector && vector_waits) || s->cube_held > cube_free ||
+            s->vector_held > vector_free) {
+            cube_waits |= cube;
+            vector_waits |= vector;
+            continue;
+        }
+        s->started = true;
+        cube_free -= s->cube_held;
+        vector_free -= s->vector_held;
+        run[n++] = s;
+    }
+    for (int i = 0; i < n; i++) run[i]->nrun = 1; /* one process */
+    share_resources(run, n, 1);
+    return n;
 }
 
 /* The ops running at d->t_sim, with their rates. Returns how many. */
@@ -319,6 +442,7 @@ static int running_set(struct device *d, struct sop **run)
         }
         return n;
     }
+    if (d->p.mode == EMU_MODE_CONTEXTS) return running_contexts(d, run);
     if (d->p.mode == EMU_MODE_SERIAL) {
         if (!d->current) {
             struct sop *best = NULL;
@@ -341,8 +465,23 @@ static int running_set(struct device *d, struct sop **run)
     for (int i = 0; i < n; i++) run[i]->c->dev[d->index].nrun = 0;
     for (int i = 0; i < n; i++) run[i]->c->dev[d->index].nrun++;
     for (int i = 0; i < n; i++) run[i]->nrun = run[i]->c->dev[d->index].nrun;
-    share_resources(run, n);
+    share_resources(run, n, 0);
     return n;
+}
+
+/* The share of the cube and of the vector cores op s occupies while it runs: in contexts
+ * mode the cores it holds; elsewhere a kernel occupies every core of its class at its rate. */
+static void class_occupancy(const struct device *d, const struct sop *s, double *cube, double *vector)
+{
+    if (d->p.mode == EMU_MODE_CONTEXTS && !g_srv.partition.on) {
+        *cube += (double)s->cube_held / d->p.cube_cores;
+        *vector += (double)s->vector_held / d->p.vector_cores;
+        return;
+    }
+    if (s->op.kind != EMU_OP_KERNEL) return;
+    uint32_t cls = s->op.core_class;
+    if (cls != EMU_CORE_VECTOR) *cube += s->rate;
+    if (cls != EMU_CORE_CUBE) *vector += s->rate;
 }
 
 void sim_advance(struct device *d, double t)
@@ -363,6 +502,7 @@ void sim_advance(struct device *d, double t)
             double a = d->active[i]->head->arrive;
             if (a > d->t_sim && a < t_next) t_next = a;
         }
+        if (d->ctx_next && d->switch_end > d->t_sim && d->switch_end < t_next) t_next = d->switch_end;
         if (t_next < d->t_sim) t_next = d->t_sim;
         double dt = t_next - d->t_sim;
         if (dt > 0 && n > 0) {
@@ -370,6 +510,10 @@ void sim_advance(struct device *d, double t)
             for (int i = 0; i < n; i++) total += run[i]->rate;
             bool part = g_srv.partition.on;
             d->busy_ns += part ? dt * (total < 1.0 ? total : 1.0) : dt;
+            double cube = 0, vector = 0;
+            for (int i = 0; i < n; i++) class_occupancy(d, run[i], &cube, &vector);
+            d->cube_busy_ns += dt * (cube < 1.0 ? cube : 1.0);
+            d->vector_busy_ns += dt * (vector < 1.0 ? vector : 1.0);
             for (int i = 0; i < n; i++) {
                 struct sop *s = run[i];
                 s->remaining -= dt * s->rate / s->solo;
@@ -408,12 +552,15 @@ double sim_next_deadline(struct device *d)
         double a = d->active[i]->head->arrive;
         if (a > d->t_sim && a < next) next = a;
     }
+    if (d->ctx_next && d->switch_end > d->t_sim && d->switch_end < next) next = d->switch_end;
     if (d->event_poll && d->t_sim + 200000.0 < next) next = d->t_sim + 200000.0;
     return next;
 }
 
 void sim_drop_client(struct device *d, struct client *c)
 {
+    if (d->ctx_owner == c) d->ctx_owner = NULL; /* its context is gone: the next costs no switch */
+    if (d->ctx_next == c) d->ctx_next = d->ctx_owner = NULL; /* a switch to it ends: the device holds none */
     for (int s = 0; s < EMU_MAX_STREAMS; s++) {
         struct squeue *q = &c->queues[s];
         if (!q->head) continue;

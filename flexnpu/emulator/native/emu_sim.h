@@ -21,6 +21,10 @@ struct sop { /* an op on the model's timeline */
     double util[3];   /* share of compute, HBM, link it uses at full speed */
     uint64_t order;   /* arrival order on the device */
     int nrun;         /* shared mode: ops of its process running with it, itself included */
+    double cap;       /* highest rate it may run at: the share of its class's cores it holds
+                         (contexts mode) over its compute share; 1 elsewhere */
+    bool started;     /* contexts mode: running, holding its cores until it completes */
+    uint32_t cube_held, vector_held; /* contexts mode: cores it holds (or will, once started) */
     struct sop *next;
 };
 
@@ -109,6 +113,14 @@ struct device {
     size_t nactive, cap_active;
     struct sop *current; /* serial mode: the op holding the device */
     struct sop *part_current[3]; /* partition mode: the op holding each partition */
+    /* contexts mode: the process whose context the device holds (NULL: none, or it exited),
+     * and a switch to another one under way until switch_end */
+    struct client *ctx_owner, *ctx_next;
+    double switch_end;
+    uint64_t switches;
+    double cube_busy_ns, vector_busy_ns; /* core-ns held / cores of the class */
+    void *order_buf; /* contexts mode: scratch for the serial order of the stream heads */
+    size_t order_cap;
     bool event_poll;     /* a stream waits on an event another device completes */
 };
 

@@ -24,6 +24,10 @@
 
 #include "acl/acl.h"
 
+/* blockDim of a kernel meant to fill the device: at least every core of its class (24 cube,
+ * 48 vector on the emulated 910B and 910C), as a real launch asks (docs/emulator.md) */
+#define FULL_BLOCK_DIM 48
+
 typedef int aclnnStatus;
 typedef struct opapi_executor aclOpExecutor;
 
@@ -78,7 +82,7 @@ static aclnnStatus run(aclOpExecutor *e, aclrtStream stream)
     int prefill = e->prefill < 0 ? e->shape.query_len > 1 : e->prefill;
     struct attn_args a = {0, 0, 0, 0, e->shape.batch, e->shape.heads, e->shape.kv_heads, e->shape.seq_len,
                           e->shape.head_dim, ACL_FLOAT16};
-    aclError rc = aclrtLaunchKernel(prefill ? f_prefill : f_decode, 1, &a, sizeof a, stream);
+    aclError rc = aclrtLaunchKernel(prefill ? f_prefill : f_decode, FULL_BLOCK_DIM, &a, sizeof a, stream);
     free(e); /* an executor runs once, as CANN's */
     return rc;
 }
