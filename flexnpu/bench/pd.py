@@ -35,6 +35,7 @@ from typing import Any, Callable
 from flexnpu.bench.node import LocalNode, machine
 from flexnpu.bench.phasecheck import PhaseCheck
 from flexnpu.workload import driver, metrics as MX, model as M, trace as T
+from flexnpu.workload.aclnn import DEFAULT_OPS, OPS
 
 CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu")
 MODES = ("serial", "shared")
@@ -89,6 +90,7 @@ class Options:
     slo_ttft_s: float = 1.0
     slo_tpot_s: float = 0.06
     observer: str = "auto"  # bpf where it can attach, else the shim's counters
+    ops: str = DEFAULT_OPS  # how the instances express a step (instance --ops)
     quick: bool = False
 
     def check(self) -> None:
@@ -111,6 +113,8 @@ class Options:
         bad = [c for c in self.configs if c not in CONFIGS]
         if bad or not self.configs:
             raise BenchError(f"--configs takes a comma list of {', '.join(CONFIGS)}; got {','.join(bad) or 'nothing'}")
+        if self.ops not in OPS:
+            raise BenchError(f"--ops takes {', '.join(OPS)}, got {self.ops!r}")
         if any(m not in MODES for m in self.modes) or not self.modes:
             raise BenchError(f"--mode takes serial, shared or both, got {','.join(self.modes)}")
         if not self.shares or any(not 0.05 <= s <= 0.95 for s in self.shares):
@@ -232,7 +236,8 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
                 checker.start()
             try:
                 results = run_pairs(node, [(driver.Setup(model=o.model, profile=o.profile, prefill_device=p,
-                                                         decode_device=d, shim=shim, role_env=role_env, slo=o.slo), part)
+                                                         decode_device=d, shim=shim, role_env=role_env, slo=o.slo,
+                                                         ops=o.ops), part)
                                            for (p, d), part in zip(pairs, parts) if part], on_done)
             finally:
                 samples = checker.stop() if checker else None

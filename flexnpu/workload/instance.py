@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 from flexnpu.workload import model as M
 from flexnpu.workload.acl import ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, Acl, AclError
+from flexnpu.workload.aclnn import DEFAULT_OPS, OPS, AclnnError, AclnnOps
 
 
 class KvPool:
@@ -123,6 +124,7 @@ class Instance:
         self.running: list[Req] = []
         self.draining = False
         self.allocs: list = []
+        self.nn: AclnnOps | None = None  # --ops aclnn*: the step as aclnn operator calls
 
     # -- io
     def emit(self, **ev) -> None:
@@ -168,6 +170,9 @@ class Instance:
         self.binary = acl.handle("aclrtBinaryLoadFromFile", f.name.encode(), None)
         os.unlink(f.name)
         self.funcs = {n: acl.handle("aclrtBinaryGetFunction", self.binary, n.encode()) for n in M.KERNEL_BUILTINS}
+        if a.ops != "kernels":
+            self.nn = AclnnOps(self.cfg, acl, lambda k: acl.launch(self.funcs[k.name], k.args, self.stream),
+                               fia=a.ops == "aclnn-fia")
         if a.weights:
             self.allocs.append(acl.malloc(self.cfg.weight_bytes))
         kv_tokens = a.kv_tokens
@@ -180,10 +185,16 @@ class Instance:
 
     def run_step(self, chunks: tuple, decode_ctx: tuple) -> float:
         ks = M.step_kernels(self.cfg, chunks, decode_ctx)
-        launch, funcs, stream = self.acl.launch, self.funcs, self.stream
-        for k in ks:
-            launch(funcs[k.name], k.args, stream)
-            self.kernels[k.name] += 1
+        launch, funcs, stream, nn = self.acl.launch, self.funcs, self.stream, self.nn
+        if nn is not None:
+            nn.begin_step()
+            for k in ks:
+                nn.run(k, stream)
+                self.kernels[k.name] += 1
+        else:
+            for k in ks:
+                launch(funcs[k.name], k.args, stream)
+                self.kernels[k.name] += 1
         self.modelled_s += M.step_seconds(ks, self.peak, self.bw, self.eff)
         self.acl.call("aclrtSynchronizeStream", stream)
         self.steps += 1
@@ -319,11 +330,14 @@ class Instance:
         if puller is not None:
             self.pulls.put(None)
             puller.join()
-        self.emit(ev="stats", pid=os.getpid(), role=self.a.role, kernels=dict(self.kernels),
-                  modelled_s=self.modelled_s, steps=self.steps, tokens=self.tokens, copied_bytes=self.copied)
+        self.emit(ev="stats", pid=os.getpid(), role=self.a.role, ops=self.a.ops, kernels=dict(self.kernels),
+                  operators=dict(self.nn.calls) if self.nn else {}, modelled_s=self.modelled_s, steps=self.steps,
+                  tokens=self.tokens, copied_bytes=self.copied)
 
     def close(self) -> None:
         acl = self.acl
+        if self.nn is not None:
+            self.nn.close()
         for p in self.allocs + [self.kv_base]:
             acl.call("aclrtFree", p)
         acl.call("aclrtBinaryUnLoad", self.binary)
@@ -348,6 +362,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-tokens", type=int, default=0, help="KV pool size in tokens (0: --kv-mem-share of free memory)")
     p.add_argument("--kv-mem-share", type=float, default=0.9)
     p.add_argument("--no-weights", dest="weights", action="store_false", help="do not allocate the weights")
+    p.add_argument("--ops", choices=OPS, default=DEFAULT_OPS,
+                   help="kernels: the step's kernels through aclrtLaunchKernel; aclnn: as CANN aclnn operators "
+                        "(PromptFlashAttention / IncreFlashAttention by phase); aclnn-fia: aclnn operators with "
+                        "FusedInferAttentionScore for every phase, as vllm-ascend")
     return p.parse_args(argv)
 
 
@@ -357,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         inst.setup()
         inst.serve()
         inst.close()
-    except AclError as e:
+    except (AclError, AclnnError) as e:
         print(f"flexnpu.workload.instance: {e}", file=sys.stderr)
         return 1
     return 0
