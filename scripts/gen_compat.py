@@ -45,7 +45,8 @@ What each column says:
   data and models the time (docs/emulator.md); *emulated without numerics* — exported, checked
   and timed, but it computes no output data (a timing-only op); *refused* — exported, returns
   `ACL_ERROR_API_NOT_SUPPORT` (200001); *absent* — not exported (a program that calls it fails
-  to link or to find it with `dlsym`, as on an older CANN).
+  to link or to find it with `dlsym`, as on an older CANN); *emulator extension* — exported by the
+  emulated library for the emulator's own parts, no part of CANN's API.
 - **shim** (`flexnpu run`, docs/forward.md): *gated* — the call passes its device's dispatch
   gate; *gated, budgeted* — and counts against the in-flight budget; *wrapped* — counted
   (memory against the quota, synchronisations); *wrapped by hand* — device ids are remapped or
@@ -72,7 +73,10 @@ def _strip_comments(text: str) -> str:
     return re.sub(r"//[^\n]*", " ", text)
 
 
-_DECL = re.compile(r"\b((?:acl|aclnn)\w*)\s*\(([^;{}]*)\)\s*;")
+_DECL = re.compile(r"\b(acl\w*)\s*\(([^;{}]*)\)\s*;")
+_EXT_DECL = re.compile(r"ACL_FUNC_VISIBILITY\s+[\w\s*]+?\b(\w+)\s*\(")
+# The emulator's own exports beside CANN's ABI (what its libopapi.so asks of its libascendcl.so)
+EXT_HEADER, EXT_LIBRARY = "emu_ext.h", "libascendcl.so"
 
 
 def declared() -> dict[str, tuple[str, str]]:
@@ -88,6 +92,12 @@ def declared() -> dict[str, tuple[str, str]]:
                 if name.startswith("acl") and name not in out:
                     out[name] = (lib, f"{sub}/{h.name}")
     return out
+
+
+def extensions() -> list[str]:
+    """The emulator's exports that are no part of CANN's API (emu_ext.h)."""
+    h = NATIVE / EXT_HEADER
+    return sorted(set(_EXT_DECL.findall(_strip_comments(h.read_text())))) if h.is_file() else []
 
 
 def _bodies() -> dict[str, str]:
@@ -148,14 +158,17 @@ def rows() -> list[Row]:
             else:
                 r.emulator = "emulated"
         table[name] = r
+    for name in extensions():
+        table[name] = Row(name, EXT_LIBRARY, emulator="emulator extension (not CANN's)",
+                          where=f"emulator/native/{EXT_HEADER}")
     profiled = [(p.library, s.name) for p in (ASCENDCL, ASCEND_RT) for s in p.symbols]
     profiled += [(p.library, n.name) for p in (ASCENDCL, ACLNN) for n in p.namers]
     for lib, name in profiled:
         table.setdefault(name, Row(name, lib))
     for r in table.values():
         r.shim = _shim(r.name)
-        if r.shim == "—" and r.library == "libopapi.so" and not r.name.endswith("GetWorkspaceSize") \
-                and r.emulator != "absent":
+        if r.shim == "—" and r.library == "libopapi.so" and r.name.startswith("aclnn") \
+                and not r.name.endswith("GetWorkspaceSize") and r.emulator != "absent":
             r.shim = "via aclrtLaunchKernel"
         r.probes = probes.get(r.name, "—")
     return sorted(table.values(), key=lambda r: (r.library, r.name))

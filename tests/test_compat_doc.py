@@ -31,8 +31,9 @@ def doc_rows() -> dict[str, tuple[str, str]]:
 
 
 def exported(lib: Path) -> set[str]:
+    """The functions a library exports (nm -D: defined, text)."""
     out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
-    return {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}
+    return {f[2].split("@")[0] for f in (line.split() for line in out.splitlines()) if len(f) == 3 and f[1] in "TtWi"}
 
 
 def test_the_page_is_what_the_sources_give() -> None:
@@ -50,13 +51,13 @@ def test_the_page_lists_every_call_of_the_runtime_profiles() -> None:
 
 
 @pytest.mark.parametrize("name", LIBRARIES)
-def test_every_exported_call_is_listed_and_emulated(name: str) -> None:
+def test_every_exported_function_is_listed_and_present(name: str) -> None:
     lib = paths.native_lib_dir() / name
     if name == "libascendcl.so":
         assert lib.is_file(), f"{lib}: run scripts/setup.sh"
     elif not lib.is_file():
         pytest.skip(f"{name} is not built by this checkout")
-    calls = {s for s in exported(lib) if s.startswith("acl")}
+    calls = exported(lib) - {"_init", "_fini"}
     assert calls
     rows = doc_rows()
     missing = sorted(calls - set(rows))

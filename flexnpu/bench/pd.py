@@ -35,7 +35,7 @@ from typing import Any, Callable
 from flexnpu.bench.node import LocalNode, machine
 from flexnpu.bench.phasecheck import PhaseCheck
 from flexnpu.workload import driver, metrics as MX, model as M, trace as T
-from flexnpu.workload.aclnn import DEFAULT_OPS, OPS
+from flexnpu.workload.aclnn import DECODE_ATTENTION, DEFAULT_OPS, OPS, PREFILL_ATTENTION
 
 CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu")
 MODES = ("serial", "shared")
@@ -277,9 +277,10 @@ def run_pairs(node: LocalNode, work: list[tuple[driver.Setup, list[T.Request]]],
 
 
 def _token_truth(results: list[driver.Result], status: dict, model: str) -> list[str]:
-    """The emulator's kernel counts against the tokens timed: one attention_prefill per layer
-    per prompt (each gives a first token) and one attention_decode per layer per decode step
-    (the step's batch gives one token each)."""
+    """The emulator's kernel counts against the tokens timed: one prefill attention kernel per
+    layer per prompt (each gives a first token) and one decode attention kernel per layer per
+    decode step (the step's batch gives one token each); attention_prefill / attention_decode
+    under --ops kernels, the aclnn operators' PromptFlashAttention / IncreFlashAttention."""
     layers = M.model_by_name(model).layers
     by_pid: dict[int, dict[str, int]] = {}
     for dev in status["devices"]:
@@ -290,14 +291,14 @@ def _token_truth(results: list[driver.Result], status: dict, model: str) -> list
     out = []
     for i, r in enumerate(results):
         pre, dec = r.stats.get("prefill") or {}, r.stats.get("decode") or {}
-        firsts = by_pid.get(pre.get("pid"), {}).get("attention_prefill", 0)
-        steps = by_pid.get(dec.get("pid"), {}).get("attention_decode", 0)
+        firsts = sum(by_pid.get(pre.get("pid"), {}).get(k, 0) for k in PREFILL_ATTENTION)
+        steps = sum(by_pid.get(dec.get("pid"), {}).get(k, 0) for k in DECODE_ATTENTION)
         n = len(r.requests)
         later = sum(len(t.token_times) - 1 for t in r.requests)
         if firsts != layers * n:
-            out.append(f"pair {i}: emulator ran {firsts} attention_prefill, {layers} x {n} prompts expected")
+            out.append(f"pair {i}: emulator ran {firsts} prefill attention kernels, {layers} x {n} prompts expected")
         if steps != layers * len(r.decode_batches) or sum(r.decode_batches) != later:
-            out.append(f"pair {i}: emulator ran {steps} attention_decode for {len(r.decode_batches)} steps "
+            out.append(f"pair {i}: emulator ran {steps} decode attention kernels for {len(r.decode_batches)} steps "
                        f"of {sum(r.decode_batches)} tokens; the driver timed {later} tokens after the first")
     return out
 

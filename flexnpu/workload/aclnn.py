@@ -53,6 +53,17 @@ INNER_PRECISE = 1  # high performance (ops-transformer PromptFlashAttention docs
 OPS = ("kernels", "aclnn", "aclnn-fia")
 DEFAULT_OPS = "kernels"
 
+# The kernel each operator launches, by the name the emulator counts it under (CANN's op
+# types; docs/emulator.md, "The aclnn operator API"). FusedInferAttentionScore launches the
+# prompt kernel for queries longer than one token, else the incremental one.
+PFA_KERNEL, IFA_KERNEL = "PromptFlashAttention", "IncreFlashAttention"
+KERNEL_OF = {"aclnnMatmul": "MatMulV2", "aclnnRmsNorm": "RmsNorm", "aclnnApplyRotaryPosEmb": "ApplyRotaryPosEmb",
+             "aclnnSwiGlu": "SwiGlu", "aclnnAdd": "Add", "aclnnPromptFlashAttentionV3": PFA_KERNEL,
+             "aclnnIncreFlashAttentionV4": IFA_KERNEL}
+# attention kernels by phase, under either way of running a step (what a step's tokens are counted by)
+PREFILL_ATTENTION = ("attention_prefill", PFA_KERNEL)
+DECODE_ATTENTION = ("attention_decode", IFA_KERNEL)
+
 _T = VP  # aclTensor *, aclTensorList *, aclIntArray *, aclScalar *, aclOpExecutor *
 _WS = (ctypes.POINTER(U64), ctypes.POINTER(VP))  # uint64_t *workspaceSize, aclOpExecutor **executor
 _RUN = [VP, U64, VP, VP]  # workspace, workspaceSize, executor, stream
@@ -138,7 +149,8 @@ class AclnnOps:
         self._lists: dict[tuple, VP] = {}
         self._arrays: dict[tuple, VP] = {}
         self._owned: list[tuple[str, VP]] = []
-        self._executors: dict[M.Kernel, tuple[str, VP, int]] = {}  # kernel -> operator, executor, workspace
+        # kernel -> (operator, executor, workspace bytes, the kernel it launches)
+        self._executors: dict[M.Kernel, tuple[str, VP, int, str]] = {}
         one = ctypes.c_float(1.0)
         self.alpha_one = VP(b.aclCreateScalar(ctypes.byref(one), ACL_FLOAT))
         if not self.alpha_one:
@@ -238,20 +250,23 @@ class AclnnOps:
         self.calls[op] = self.calls.get(op, 0) + 1
 
     # -- a step's kernel as its operator
-    def run(self, k: M.Kernel, stream: VP) -> None:
-        """Launches kernel k as its operator (or as itself, where no operator stands for it)."""
+    def run(self, k: M.Kernel, stream: VP) -> str:
+        """Launches kernel k as its operator (or as itself, where no operator stands for it);
+        returns the name of the kernel that ran, as the emulator counts it."""
         hit = self._executors.get(k)
         if hit is None:
             made = self.operator(k)
             if made is None:
                 self.launch_kernel(k)
-                return
+                return k.name
             hit = self._executors[k] = made
-        op, ex, need = hit
+        op, ex, need, kernel = hit
         self.execute(op, ex, need, stream)
+        return kernel
 
-    def operator(self, k: M.Kernel) -> tuple[str, VP, int] | None:
-        """The operator that computes kernel k, prepared: (name, executor, workspace bytes);
+    def operator(self, k: M.Kernel) -> tuple[str, VP, int, str] | None:
+        """The operator that computes kernel k, prepared: (name, executor, workspace bytes,
+        the kernel it launches);
         None where no operator stands for it (the engine's own kernel)."""
         b, c, t = k.builtin, self.cfg, self.tensor
         if b == "gemm":
@@ -285,11 +300,12 @@ class AclnnOps:
             return self.attention(heads, kvh, d, batch=batch, q_len=1, kv_len=ctx)
         return None
 
-    def _prep(self, op: str, *args) -> tuple[str, VP, int]:
+    def _prep(self, op: str, *args, kernel: str | None = None) -> tuple[str, VP, int, str]:
         ex, need = self.prepare(op, *args)
-        return op, ex, need
+        return op, ex, need, kernel or KERNEL_OF[op]
 
-    def attention(self, heads: int, kvh: int, d: int, batch: int, q_len: int, kv_len: int) -> tuple[str, VP, int]:
+    def attention(self, heads: int, kvh: int, d: int, batch: int, q_len: int,
+                  kv_len: int) -> tuple[str, VP, int, str]:
         """Attention of batch sequences, q_len new queries each after kv_len - q_len cached keys
         (causal), in the BSND layout."""
         scale = 1.0 / math.sqrt(d)
@@ -304,7 +320,7 @@ class AclnnOps:
             return self._prep("aclnnFusedInferAttentionScoreV2", q, self.tensor_list("k", kv),
                               self.tensor_list("v", kv), None, mask, qlens, kvlens, *([None] * 17),
                               heads, scale, PRE_TOKENS, 0, b"BSND", kvh, sparse, INNER_PRECISE, 0, 0, False, 0, 0,
-                              out, self.tensor("lse", (1,), ACL_FLOAT))
+                              out, self.tensor("lse", (1,), ACL_FLOAT), kernel=PFA_KERNEL if causal else IFA_KERNEL)
         if causal:
             return self._prep("aclnnPromptFlashAttentionV3", q, self.tensor("k", kv), self.tensor("v", kv), None,
                               mask, qlens, kvlens, None, None, None, None, None, heads, scale, PRE_TOKENS, 0,

@@ -189,8 +189,7 @@ class Instance:
         if nn is not None:
             nn.begin_step()
             for k in ks:
-                nn.run(k, stream)
-                self.kernels[k.name] += 1
+                self.kernels[nn.run(k, stream)] += 1
         else:
             for k in ks:
                 launch(funcs[k.name], k.args, stream)
