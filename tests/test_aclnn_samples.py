@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from flexnpu import paths
-from test_daemon_fixtures import daemon  # noqa: F401  (a fixture, used by name)
+from test_daemon_fixtures import daemons  # noqa: F401  (a fixture, used by name)
 
 PROGS = Path(__file__).resolve().parent / "progs"
 FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
@@ -152,10 +152,10 @@ def test_aclnn_programs_compute_right(emulator, acl_env, aclnn_ops, tmp_path, dt
         assert c["ops"]["kernel"] >= 1 and not c["alive"]
 
 
-def test_aclnn_programs_under_flexnpu_run(emulator, daemon, acl_env, aclnn_ops, tmp_path) -> None:
+def test_aclnn_programs_under_flexnpu_run(emulator, daemons, acl_env, aclnn_ops, tmp_path) -> None:
     """The same programs under the shim, with a daemon owning the device's gates."""
     emu = emulator()
-    daemon(0)
+    daemons(0)
     rng = np.random.default_rng(11)
     for c in cases("fp32", rng):
         run_case(aclnn_ops, "fp32", c, tmp_path, acl_env, under_shim=True)
