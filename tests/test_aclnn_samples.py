@@ -51,6 +51,7 @@ class Case:
     inputs: list[np.ndarray]  # in the dtype the program gets them
     expect: Callable[..., list[np.ndarray]]  # float64 inputs -> float64 outputs
     out_dtypes: list[type] | None = None  # per output; default: the inputs' dtype
+    tol: float | None = None  # default: TOL of the dtype
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
@@ -92,7 +93,7 @@ def cases(dt: str, rng: np.random.Generator) -> list[Case]:
         return (rng.standard_normal(shape) * scale).astype(t)
 
     ifa_lens = [5, 3, 7]
-    return [
+    basic = [
         Case("add", ["4x2", "1.2"], [r(4, 2), r(4, 2)], lambda x, y: [x + 1.2 * y]),
         Case("mul", ["3x5"], [r(3, 5), r(3, 5)], lambda x, y: [x * y]),
         Case("matmul", ["3", "16", "5"], [r(3, 16), r(16, 5)], lambda a, b: [a @ b]),
@@ -106,15 +107,19 @@ def cases(dt: str, rng: np.random.Generator) -> list[Case]:
         # CANN's ApplyRotaryPosEmb takes a head dimension of 128 only
         Case("rope", ["4", "2", "1", "128"], [r(1, 4, 2, 128), r(1, 4, 1, 128), r(1, 4, 1, 128), r(1, 4, 1, 128)],
              lambda q, k, c, s: [q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s]),
+    ]
+    if dt == "fp32":  # CANN's attention operators take FLOAT16 and BFLOAT16 only
+        return basic
+    return basic + [
         Case("pfa", ["6", "6", "4", "2", "16", "1"], [r(1, 6, 4, 16), r(1, 6, 2, 16), r(1, 6, 2, 16)],
-             lambda q, k, v: [_attention(q, k, v, True)]),
+             lambda q, k, v: [_attention(q, k, v, True)], tol=5e-3),
         Case("pfa", ["3", "5", "2", "2", "8", "0"], [r(1, 3, 2, 8), r(1, 5, 2, 8), r(1, 5, 2, 8)],
-             lambda q, k, v: [_attention(q, k, v, False)]),
+             lambda q, k, v: [_attention(q, k, v, False)], tol=5e-3),
         Case("fia", ["3", "7", "4", "1", "8", "1"], [r(1, 3, 4, 8), r(1, 7, 1, 8), r(1, 7, 1, 8)],
-             lambda q, k, v: [_attention(q, k, v, True)]),
+             lambda q, k, v: [_attention(q, k, v, True)], tol=5e-3),
         Case("ifa", ["3", "4", "2", "8", ",".join(map(str, ifa_lens))],
              [r(3, 1, 4, 8), r(3, 7, 2, 8), r(3, 7, 2, 8)],
-             lambda q, k, v: [_attention(q, k, v, False, ifa_lens)]),
+             lambda q, k, v: [_attention(q, k, v, False, ifa_lens)], tol=5e-3),
     ]
 
 
@@ -136,7 +141,8 @@ def run_case(exe: Path, dt: str, c: Case, tmp: Path, env: dict[str, str], under_
         at += n
     assert at == len(raw), f"{c.op}: {len(raw)} bytes of output, expected {at}"
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g.astype(np.float64), w, rtol=TOL[dt], atol=TOL[dt], err_msg=f"{c.op} {dt}")
+        tol = c.tol or TOL[dt]
+        np.testing.assert_allclose(g.astype(np.float64), w, rtol=tol, atol=tol, err_msg=f"{c.op} {dt} {c.args}")
     return got
 
 
@@ -158,8 +164,8 @@ def test_aclnn_programs_under_flexnpu_run(emulator, daemons, acl_env, aclnn_ops,
     emu = emulator()
     daemons(0)
     rng = np.random.default_rng(11)
-    for c in cases("fp32", rng):
-        run_case(aclnn_ops, "fp32", c, tmp_path, acl_env, under_shim=True)
+    for c in cases("fp16", rng):
+        run_case(aclnn_ops, "fp16", c, tmp_path, acl_env, under_shim=True)
     clients = emu.status()["devices"][0]["clients"]
-    assert len(clients) == len(cases("fp32", rng)) and all(c["ops"]["kernel"] >= 1 for c in clients)
+    assert len(clients) == len(cases("fp16", rng)) and all(c["ops"]["kernel"] >= 1 for c in clients)
 
