@@ -204,7 +204,7 @@ class AclnnOps:
 
     def flush(self) -> None:
         """Destroys every kept executor and descriptor (the next calls make them anew)."""
-        for _, ex, _ in self._executors.values():
+        for _, ex, _, _ in self._executors.values():
             self.base.aclDestroyAclOpExecutor(ex)
         self._executors.clear()
         for fn, h in reversed(self._owned):
