@@ -132,8 +132,6 @@ class Tensor:
             self.fake = C.create_string_buffer(256)
             keep.append(self.fake)
             self.handle = C.cast(self.fake, P).value
-        elif spec.get("object") == "destroyed":
-            nnop.aclDestroyTensor(self.handle)
 
     def read(self) -> list:
         raw = C.create_string_buffer(self.nbytes)
@@ -156,6 +154,9 @@ def scalar(v, dtype: str, keep: list):
 def run_case(case: dict, stream) -> dict:
     keep: list = []
     tensors = {name: Tensor(spec, keep) for name, spec in case.get("tensors", {}).items()}
+    for x in tensors.values():  # after every creation, so that no later one reuses the memory
+        if x.spec.get("object") == "destroyed":
+            nnop.aclDestroyTensor(x.handle)
     argtypes, argv, owned = [], [], []
     for a in case["args"]:
         if "t" in a:

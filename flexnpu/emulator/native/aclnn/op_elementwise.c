@@ -50,7 +50,7 @@ static int run_binary(struct aclOpExecutor *ex)
     for (; !w.done; nn_walk_next(&w)) {
         if (kind == NN_KIND_FLOAT && p->ctype != ACL_DOUBLE) {
             float x = nn_ldf(a, w.off[1]), y = nn_ldf(b, w.off[2]);
-            nn_st(o, w.off[0], add ? x + (float)p->alpha_d * y : x * y);
+            nn_st(o, w.off[0], nn_round(p->ctype, add ? x + (float)p->alpha_d * y : x * y));
         } else if (kind == NN_KIND_FLOAT) {
             double x = nn_ld(a, w.off[1]), y = nn_ld(b, w.off[2]);
             nn_st(o, w.off[0], add ? x + p->alpha_d * y : x * y);

@@ -102,6 +102,15 @@ static inline uint16_t nn_f_to_bf16(float v)
     return (uint16_t)(bits >> 16);
 }
 
+/* v as a 16-bit floating dtype stores it (other dtypes: v): a result computed in fp32 for
+ * that dtype, before it is written to an output of another dtype. */
+static inline float nn_round(int32_t dtype, float v)
+{
+    if (dtype == ACL_FLOAT16) return (float)(_Float16)v;
+    if (dtype == ACL_BF16) return nn_bf16_to_f(nn_f_to_bf16(v));
+    return v;
+}
+
 /* The element at offset i as a double, whatever the dtype (int64 beyond 2^53 rounds). */
 static inline double nn_ld(const struct nn_view *v, int64_t i)
 {
