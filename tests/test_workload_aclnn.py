@@ -91,8 +91,9 @@ def test_the_observer_learns_each_instances_phase_from_its_operators(ops, source
     """No FLEXNPU_ROLE (no shim): the observer finds the real libopapi.so in each instance's
     maps and classes its work by the attention operators it calls (aclnn), or, where the
     fused operator names no phase, by the kernels it launches (PromptFlashAttention /
-    IncreFlashAttention)."""
-    reqs = [Request(i, 0.05 * i, 600, 60) for i in range(8)]
+    IncreFlashAttention). The observer looks for newly mapped libraries every second, so
+    the trace runs for about five."""
+    reqs = [Request(i, 0.25 * i, 600, 120) for i in range(20)]
     with LocalNode(devices=1, observer="bpf", daemons=False) as node:
         checker = PhaseCheck(node.rdir).start()
         try:
