@@ -680,6 +680,21 @@ def test_fused_attention_costs_what_the_attention_builtins_cost(case: str, aclnn
         assert_same_busy(busy, "IncreFlashAttention", "attention_decode")
 
 
+def test_band_cost_is_counted_exactly_for_long_sequences(aclnn) -> None:
+    # sparse mode 4, preTokens 1000, nextTokens 0 over a million tokens: row i attends
+    # min(i, 1000) + 1 keys; compute-bound, so the busy time is the FLOPs' time
+    S, N, D, pre = 1 << 20, 1, 128, 1000
+    x = {n: timing_only("f16", [1, N, S, D]) for n in "qkvo"}
+    op = op_case("aclnnPromptFlashAttentionV3", {**x, "m": T("bool", [2048, 2048], data=None)},
+                 pfa_args("q", "k", "v", "o", mask="m", heads=N, scale=0.1, pre=pre, nxt=0, layout="BNSD",
+                          sparse=4), [])
+    res, pid, _ = aclnn([op])
+    ok(res[0])
+    pairs = (pre + 1) * S - pre * (pre + 1) // 2
+    flops_ns = 4 * N * D * pairs / (353.9e12 * 0.45) * 1e9  # attention_prefill's efficiency: sq = skv
+    assert aclnn.emu.client(pid)["busy_by_name"]["PromptFlashAttention"] == pytest.approx(flops_ns, abs=1.5)
+
+
 def test_timing_only_costs_and_touches_nothing(aclnn) -> None:
     m = n = k = 4096
     op = op_case("aclnnMatmul", {"a": timing_only("bf16", [m, k]), "b": timing_only("bf16", [k, n]),
@@ -752,6 +767,10 @@ ERRORS = {  # name: (case, code of the first call, code of the run call or None,
     "add a handle that is not a tensor": (add_case(a=T("f32", [2, 3], data=Z, obj="bad")), INVALID, None, "not an aclTensor"),
     "add a destroyed tensor": (add_case(a=T("f32", [2, 3], data=Z, obj="destroyed")), INVALID, None, "not an aclTensor"),
     "add some tensors without data": (add_case(b=T("f32", [3], data=None)), INVALID, None, "timing only"),
+    "add too many elements": (add_case(a=T("f32", [1 << 40, 1 << 40], data=None, strides=[0, 0]),
+                                       b=T("f32", [1], data=None), o=T("f32", [1 << 40, 1 << 40], data=None,
+                                                                       strides=[0, 0])),
+                              INVALID, None, "too many elements"),
     "add a view past its storage": (add_case(a=T("f32", [2, 3], data=Z, storage=[5])), INVALID, None,
                                     "storage"),
     "add a host pointer": (add_case(a=T("f32", [2, 3], data="host")), 0, INVALID, "not inside one device allocation"),

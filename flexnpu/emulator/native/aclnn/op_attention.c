@@ -217,7 +217,21 @@ static int run_attention(struct aclOpExecutor *ex)
 
 /* ---------------------------------------------------------------- the cost */
 
-/* Query-key pairs batch b attends, by the structural mask. */
+/* Sum over integer i in [a, b) of max(0, s*i + c), s in {-1, 0, 1}. */
+static double sum_positive(double a, double b, int s, double c)
+{
+    if (b <= a) return 0;
+    if (s == 0) return c > 0 ? (b - a) * c : 0;
+    /* where s*i + c > 0: i > -c (s = 1) or i < c (s = -1) */
+    if (s > 0 && a < 1 - c) a = 1 - c;
+    if (s < 0 && b > c) b = c;
+    if (b <= a) return 0;
+    return s * (a + b - 1) / 2 * (b - a) + c * (b - a); /* arithmetic series */
+}
+
+/* Query-key pairs batch b attends, by the structural mask: query row i attends keys
+ * [max(0, i + off - pre), min(skv - 1, i + off + next)]. In closed form, so that a timing-only
+ * call with a long sequence costs no time to price. */
 static double pairs(const struct attn_args *p, bool has_mask, int64_t b)
 {
     int64_t sq = QLEN(p, b), skv = KVLEN(p, b);
@@ -234,12 +248,20 @@ static double pairs(const struct attn_args *p, bool has_mask, int64_t b)
     default: off = skv - sq, pre = p->pre, next = p->next; break;
     }
     if ((p->sparse == 2 || p->sparse == 3) && sq == skv) return (double)sq * (double)sq / 2.0; /* as attention_prefill */
-    double n = 0;
-    for (int64_t i = 0; i < sq; i++) {
-        int64_t lo = i + off - pre, hi = i + off + next;
-        if (lo < 0) lo = 0;
-        if (hi > skv - 1) hi = skv - 1;
-        if (hi >= lo) n += (double)(hi - lo + 1);
+    if (sq == 0 || skv == 0) return 0;
+    /* keys of row i: min(A, i + c2) - max(0, i + c1) + 1, linear between the two corners */
+    double A = (double)(skv - 1), c1 = (double)(off - pre), c2 = (double)(off + next);
+    double p1 = A - c2 + 1, p2 = 1 - c1; /* i < p1: the upper end is i + c2; i < p2: the lower end is 0 */
+    double cut[4] = {0, p1 < p2 ? p1 : p2, p1 < p2 ? p2 : p1, (double)sq}, n = 0;
+    for (int k = 0; k < 3; k++) {
+        double a = cut[k] < 0 ? 0 : cut[k] > sq ? (double)sq : cut[k];
+        double e = cut[k + 1] < 0 ? 0 : cut[k + 1] > sq ? (double)sq : cut[k + 1];
+        if (e <= a) continue;
+        double mid = a; /* which case holds on [a, e): decided at its first point */
+        bool upper_moves = mid < p1, lower_zero = mid < p2;
+        int s = (upper_moves ? 1 : 0) - (lower_zero ? 0 : 1);
+        double c = (upper_moves ? c2 : A) - (lower_zero ? 0 : c1) + 1;
+        n += sum_positive(a, e, s, c);
     }
     return n;
 }

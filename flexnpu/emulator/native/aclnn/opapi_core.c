@@ -256,7 +256,13 @@ int nn_take(struct aclOpExecutor *ex, const char *api, const aclTensor *t, const
     memcpy(v->strides, t->strides, t->ndim * sizeof *t->strides);
     v->offset = t->offset;
     v->data = t->data;
-    v->numel = nn_numel(t->dims, t->ndim);
+    int64_t numel = 1; /* sizes are kept far from int64 overflow */
+    for (uint32_t i = 0; i < t->ndim; i++) {
+        if (t->dims[i] && numel > (INT64_MAX / 16) / t->dims[i])
+            return nn_fail(ACLNN_ERR_PARAM_INVALID, api, "%s has too many elements", what);
+        numel *= t->dims[i];
+    }
+    v->numel = numel;
     if (v->numel > 0) {
         /* the last element a view touches; strides are non-negative (aclCreateTensor) */
         int64_t last = t->offset;
@@ -266,7 +272,10 @@ int nn_take(struct aclOpExecutor *ex, const char *api, const aclTensor *t, const
             last += (t->dims[i] - 1) * t->strides[i];
         }
         v->span = last + 1;
-        int64_t storage = nn_numel(t->storage, t->nstorage);
+        int64_t storage = 1; /* saturated: the view only needs to fit in it */
+        for (uint32_t i = 0; i < t->nstorage; i++)
+            storage = t->storage[i] && storage > (INT64_MAX / 16) / t->storage[i] ? INT64_MAX / 16
+                                                                                : storage * t->storage[i];
         if (v->span > storage)
             return nn_fail(ACLNN_ERR_PARAM_INVALID, api,
                            "%s's view reaches element %lld of a storage of %lld elements", what,
