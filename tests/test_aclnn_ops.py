@@ -886,6 +886,7 @@ def test_c_program(emulator, acl_env, aclnn_programs) -> None:
     r = run_program([aclnn_programs["aclnn_smoke"]], acl_env).ok().json()
     assert r["ok"] is True, r
     assert (r["null_self"], r["null_ws"], r["null_executor"]) == (NULLPTR, NULLPTR, NULLPTR)
+    assert r["bad_stream"] == RUNTIME
 
 
 def test_cpp_program_in_the_style_of_the_cann_samples(emulator, acl_env, aclnn_programs) -> None:

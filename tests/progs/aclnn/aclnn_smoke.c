@@ -1,6 +1,7 @@
 /* aclnn from C: Add (broadcast, alpha), Matmul and a decode step of FusedInferAttentionScoreV2
  * on small known inputs, plus the NULL-argument codes of the first calls. Prints one JSON
- * line: {"ok": true, ...} when every result matched, else {"ok": false, "why": ...}.
+ * line: {"ok": true, ...} when every result matched, else {"ok": false, "why": ...}; the codes of
+ * the NULL-argument and bad-stream calls are in the line.
  *
  * Usage: aclnn_smoke [device]   (built with -lopapi -lnnopbase -lascendcl)
  */
@@ -91,6 +92,10 @@ int main(int argc, char **argv)
     int null_self = aclnnAddGetWorkspaceSize(NULL, tb, alpha, to, &ws, &ex);
     int null_ws = aclnnAddGetWorkspaceSize(ta, tb, alpha, to, NULL, &ex);
     int null_exec = aclnnAdd(NULL, 0, NULL, g_stream);
+    /* a stream handle that is no stream: the runtime refuses it */
+    int not_a_stream = 0, bad_stream = -1;
+    if (aclnnAddGetWorkspaceSize(ta, tb, alpha, to, &ws, &ex) == ACLNN_SUCCESS)
+        bad_stream = aclnnAdd(NULL, ws, ex, (aclrtStream)&not_a_stream);
 
     /* Matmul: [2,3] @ [3,2], fp16 */
     const int64_t s32[] = {3, 2}, s22[] = {2, 2};
@@ -138,7 +143,8 @@ int main(int argc, char **argv)
     aclnnFinalize();
     aclFinalize();
     printf("{\"ok\": true, \"add\": [%g, %g], \"matmul\": [%g, %g, %g, %g], \"fia\": [%g, %g], "
-           "\"null_self\": %d, \"null_ws\": %d, \"null_executor\": %d}\n",
-           out[0], out[5], mout[0], mout[1], mout[2], mout[3], aout[0], aout[1], null_self, null_ws, null_exec);
+           "\"null_self\": %d, \"null_ws\": %d, \"null_executor\": %d, \"bad_stream\": %d}\n",
+           out[0], out[5], mout[0], mout[1], mout[2], mout[3], aout[0], aout[1], null_self, null_ws, null_exec,
+           bad_stream);
     return 0;
 }
