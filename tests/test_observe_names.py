@@ -90,7 +90,9 @@ def test_aclnn_operators_on_a_real_libopapi(emulator, probes, acl_env, engine, f
     if fused:
         argv.insert(-3, "--fused")
     b = SnapshotBuilder("bpf")
-    pid, snaps = run_sampled(session, argv, acl_env, builder=b)
+    # read every 10 ms: a prefill pass takes about that, and launches of a handle go unnamed
+    # until the read after the library made it (below)
+    pid, snaps = run_sampled(session, argv, acl_env, every_s=0.01, builder=b)
     c = session.read()[(pid, 0)]
     ops = c["named"][3:]
     if fused:

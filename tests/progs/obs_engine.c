@@ -19,7 +19,8 @@
  *         anon    named k_attn_p / k_attn_d (nothing says their phase)
  *         aclnn   through libopapi.so's aclnnPromptFlashAttentionV3 / aclnnIncreFlashAttentionV4
  *                 (or, with --fused, aclnnFusedInferAttentionScoreV2 for both), loaded with
- *                 dlopen as frameworks do (--opapi PATH: another libopapi.so), on timing-only
+ *                 dlopen as frameworks do (--opapi PATH: another libopapi.so; the aclTensor
+ *                 calls come from libnnopbase.so on the library path), on timing-only
  *                 tensors (NULL data): a prompt of 2k tokens, a decode batch of 8 at 2k
  * The kernel library must bind k_mlp_p, k_mlp_d and the attention names (to synthetic).
  */
@@ -172,7 +173,7 @@ static void *sym(void *lib, const char *name)
 {
     void *f = dlsym(lib, name);
     if (!f) {
-        fprintf(stderr, "obs_engine: %s has no %s\n", opapi ? opapi : "libopapi.so", name);
+        fprintf(stderr, "obs_engine: no %s (%s)\n", name, dlerror());
         exit(1);
     }
     return f;
@@ -226,9 +227,14 @@ int main(int argc, char **argv)
             fprintf(stderr, "obs_engine: %s\n", dlerror());
             return 1;
         }
-        create_tensor = (__typeof__(create_tensor))sym(lib, "aclCreateTensor");
-        create_list = (__typeof__(create_list))sym(lib, "aclCreateTensorList");
-        create_ints = (__typeof__(create_ints))sym(lib, "aclCreateIntArray");
+        void *base = dlopen("libnnopbase.so", RTLD_NOW | RTLD_GLOBAL); /* aclTensor and friends */
+        if (!base) {
+            fprintf(stderr, "obs_engine: %s\n", dlerror());
+            return 1;
+        }
+        create_tensor = (__typeof__(create_tensor))sym(base, "aclCreateTensor");
+        create_list = (__typeof__(create_list))sym(base, "aclCreateTensorList");
+        create_ints = (__typeof__(create_ints))sym(base, "aclCreateIntArray");
         if (fused) {
             fia_ws = (__typeof__(fia_ws))sym(lib, "aclnnFusedInferAttentionScoreV2GetWorkspaceSize");
             op_p = op_d = (op_fn)sym(lib, "aclnnFusedInferAttentionScoreV2");
