@@ -196,9 +196,10 @@ def test_add_and_mul_broadcast_strided_views(dtype: str, aclnn) -> None:
                 [t("s"), t("o"), {"scalar": alpha, "dtype": adt}, t("out")], ["out"]),
     ]
     res, _, _ = aclnn(cases)
-    assert_view(out["add"], ok(res[0])["out"], lambda i: binary_ref("add", self_.at(i), broadcast_get(other, i), alpha, dtype))
-    assert_view(out["mul"], ok(res[1])["out"], lambda i: binary_ref("mul", self_.at(i), broadcast_get(other, i), 1, dtype))
-    assert_view(out["addc"], ok(res[2])["out"], lambda i: binary_ref("add", self_.at(i), broadcast_get(col, i), alpha, dtype))
+    for r, (name, op, rhs, scale) in zip(res, (("add", "add", other, alpha), ("mul", "mul", other, 1),
+                                                ("addc", "add", col, alpha))):
+        assert_view(out[name], ok(r)["out"],
+                    lambda i: binary_ref(op, self_.at(i), broadcast_get(rhs, i), scale, dtype))
 
 
 def test_inplace_add_mul_and_type_promotion(aclnn) -> None:
@@ -552,7 +553,10 @@ def paged_cache(kv: list, block: int, kvlens: list[int], heads_major: bool, dtyp
             for h in range(KVN):
                 for d in range(D):
                     blk, o = table[b][j // block], j % block
-                    pos = (((blk * KVN + h) * block + o) * D + d) if heads_major else ((blk * block + o) * KVN * D + h * D + d)
+                    if heads_major:
+                        pos = ((blk * KVN + h) * block + o) * D + d
+                    else:
+                        pos = (blk * block + o) * KVN * D + h * D + d
                     cache[pos] = kv[b][h][j][d]
     size = nblocks * block * KVN * D
     flat = [cache.get(i, rnd(dtype, 9.0)) for i in range(size)]  # unread slots hold a value that would show
@@ -733,7 +737,8 @@ def test_attention_kernel_names_tell_the_phase_classifier_the_phase(aclnn) -> No
 
 
 def add_case(**over) -> dict:
-    tensors = {"a": T("f32", [2, 3], data="zeros"), "b": T("f32", [3], data="zeros"), "o": T("f32", [2, 3], data="zeros")}
+    tensors = {"a": T("f32", [2, 3], data="zeros"), "b": T("f32", [3], data="zeros"),
+               "o": T("f32", [2, 3], data="zeros")}
     tensors.update({k: v for k, v in over.items() if isinstance(v, T)})
     args = over.get("args", [t("a"), t("b"), {"scalar": 1.0, "dtype": "f32"}, t("o")])
     return op_case("aclnnAdd", tensors, args, [], **{k: v for k, v in over.items() if k in ("run_as", "runs")})
@@ -764,8 +769,10 @@ ERRORS = {  # name: (case, code of the first call, code of the run call or None,
     "add float result into int32": (add_case(o=T("i32", [2, 3], data=Z)), INVALID, None, "cannot be written"),
     "add complex64 (not emulated)": (add_case(a=T("c64", [2, 3], data=None), b=T("c64", [3], data=None)), INVALID,
                                      None, "does not support"),
-    "add a handle that is not a tensor": (add_case(a=T("f32", [2, 3], data=Z, obj="bad")), INVALID, None, "not an aclTensor"),
-    "add a destroyed tensor": (add_case(a=T("f32", [2, 3], data=Z, obj="destroyed")), INVALID, None, "not an aclTensor"),
+    "add a handle that is not a tensor": (add_case(a=T("f32", [2, 3], data=Z, obj="bad")), INVALID, None,
+                                          "not an aclTensor"),
+    "add a destroyed tensor": (add_case(a=T("f32", [2, 3], data=Z, obj="destroyed")), INVALID, None,
+                               "not an aclTensor"),
     "add some tensors without data": (add_case(b=T("f32", [3], data=None)), INVALID, None, "timing only"),
     "add too many elements": (add_case(a=T("f32", [1 << 40, 1 << 40], data=None, strides=[0, 0]),
                                        b=T("f32", [1], data=None), o=T("f32", [1 << 40, 1 << 40], data=None,
@@ -869,7 +876,8 @@ def aclnn_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("aclnn-programs")
     inc, lib = str(paths.acl_include_dir()), str(paths.native_lib_dir())
     built = {}
-    for src, cc, std in ((PROGS / "aclnn_smoke.c", "gcc", "-std=c11"), (PROGS / "aclnn_sample.cpp", "g++", "-std=c++11")):
+    for src, cc, std in ((PROGS / "aclnn_smoke.c", "gcc", "-std=c11"),
+                         (PROGS / "aclnn_sample.cpp", "g++", "-std=c++11")):
         if shutil.which(cc) is None:
             pytest.fail(f"{cc} is needed to build {src.name}", pytrace=False)
         exe = out / src.stem

@@ -149,7 +149,8 @@ static int run_attention(struct aclOpExecutor *ex)
     int lay_o = p->layout == L_BNSD_BSND ? L_BSND : p->layout;
     int64_t D = p->D, DV = p->DV, group = p->N / p->KVN, skv_max = 0;
     for (int64_t b = 0; b < p->B; b++) skv_max = KVLEN(p, b) > skv_max ? KVLEN(p, b) : skv_max;
-    float *K = malloc(sizeof(float) * (size_t)(skv_max * D + 1)), *V = malloc(sizeof(float) * (size_t)(skv_max * DV + 1));
+    float *K = malloc(sizeof(float) * (size_t)(skv_max * D + 1));
+    float *V = malloc(sizeof(float) * (size_t)(skv_max * DV + 1));
     float *s = malloc(sizeof(float) * (size_t)(skv_max + 1)), *qr = malloc(sizeof(float) * (size_t)(D + DV + 1));
     if (!K || !V || !s || !qr) {
         free(K), free(V), free(s), free(qr);
@@ -247,7 +248,8 @@ static double pairs(const struct attn_args *p, bool has_mask, int64_t b)
     case 3: off = skv - sq, pre = TOKENS_MAX, next = 0; break;
     default: off = skv - sq, pre = p->pre, next = p->next; break;
     }
-    if ((p->sparse == 2 || p->sparse == 3) && sq == skv) return (double)sq * (double)sq / 2.0; /* as attention_prefill */
+    if ((p->sparse == 2 || p->sparse == 3) && sq == skv)
+        return (double)sq * (double)sq / 2.0; /* a causal square: as attention_prefill counts it */
     if (sq == 0 || skv == 0) return 0;
     /* keys of row i: min(A, i + c2) - max(0, i + c1) + 1, linear between the two corners */
     double A = (double)(skv - 1), c1 = (double)(off - pre), c2 = (double)(off + next);
