@@ -6,7 +6,7 @@ emulator, the shim and the observer's probes do with each, read from the sources
 
 Sources, so the page never goes stale (tests/test_compat_doc.py runs --check):
   - the headers the emulator implements (flexnpu/include/acl, aclnn, aclnnop): what is declared;
-  - the emulator's C sources (flexnpu/emulator/native/*.c): where each call is defined, and
+  - the emulator's C sources (flexnpu/emulator/native/**/*.c): where each call is defined, and
     whether its body only refuses (ACL_ERROR_API_NOT_SUPPORT) or computes no data;
   - the runtime profiles (flexnpu/runtimes): what the shim wraps and what the probes see.
 """
@@ -103,7 +103,7 @@ def extensions() -> list[str]:
 def _bodies() -> dict[str, str]:
     """name -> body of its definition in the emulator's C sources."""
     out: dict[str, str] = {}
-    for src in sorted(NATIVE.glob("*.c")):
+    for src in sorted(NATIVE.rglob("*.c")):
         text = src.read_text()
         for m in re.finditer(r"\b(acl\w*)\s*\([^;{}]*\)\s*\{", text):
             depth, i = 1, m.end()
@@ -111,6 +111,10 @@ def _bodies() -> dict[str, str]:
                 depth += {"{": 1, "}": -1}.get(text[i], 0)
                 i += 1
             out.setdefault(m.group(1), text[m.end():i - 1])
+        # definitions a macro writes: an invocation at file level naming the calls it defines
+        for m in re.finditer(r"^[A-Z][A-Z0-9_]*\(([^;{}]*)\)\s*$", _strip_comments(text), flags=re.M):
+            for name in re.findall(r"\b(acl\w*)\b", m.group(1)):
+                out.setdefault(name, "")
     return out
 
 
