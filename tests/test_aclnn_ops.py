@@ -867,6 +867,31 @@ def test_repeatable_executor_runs_until_destroyed(aclnn) -> None:
     assert aclnn.emu.client(pid)["count_by_name"]["Add"] == 3
 
 
+# ---------------------------------------------------------------- libraries
+
+
+def exported(lib: Path) -> set[str]:
+    r = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
+    return {line.split()[-1] for line in r.stdout.splitlines() if line.split()[1] in "TWDBR"}
+
+
+def test_libraries_export_cann_names_only() -> None:
+    if shutil.which("nm") is None:
+        pytest.fail("nm (binutils) is needed to read the libraries' exports", pytrace=False)
+    lib = paths.native_lib_dir()
+    nnop, opapi = exported(lib / "libnnopbase.so"), exported(lib / "libopapi.so")
+    assert {"aclCreateTensor", "aclDestroyTensor", "aclCreateScalar", "aclCreateIntArray", "aclCreateTensorList",
+            "aclnnInit", "aclnnFinalize", "aclSetAclOpExecutorRepeatable", "aclDestroyAclOpExecutor"} <= nnop
+    assert all(n.startswith("acl") for n in nnop), sorted(nnop)
+    ops = {"Add", "InplaceAdd", "Mul", "InplaceMul", "Silu", "SwiGlu", "Matmul", "RmsNorm", "Softmax",
+           "ApplyRotaryPosEmb", "ApplyRotaryPosEmbV2", "PromptFlashAttentionV3", "IncreFlashAttentionV4",
+           "FusedInferAttentionScoreV2", "FusedInferAttentionScoreV3", "FusedInferAttentionScoreV4"}
+    assert opapi == {f"aclnn{o}{s}" for o in ops for s in ("", "GetWorkspaceSize")}
+    # as CANN's, libopapi.so needs the runtime and the object library: loading it loads both
+    r = subprocess.run(["readelf", "-d", str(lib / "libopapi.so")], capture_output=True, text=True, check=True)
+    assert "[libascendcl.so]" in r.stdout and "[libnnopbase.so]" in r.stdout
+
+
 # ---------------------------------------------------------------- C and C++ programs, the shim
 
 
