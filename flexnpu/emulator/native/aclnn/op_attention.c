@@ -127,6 +127,20 @@ static bool attends(const struct attn_args *p, const struct nn_view *mask, int64
 
 /* ---------------------------------------------------------------- the data */
 
+/* An output row that attends nothing (or lies past its batch's length): zeros, and a
+ * log-sum-exp of +inf. Each row is written once, right after its query row is read, so an
+ * output in the query's own memory is still right. */
+static void empty_row(const struct attn_args *p, const struct nn_view *o, const struct nn_view *lse, int64_t b,
+                      int64_t n, int64_t row)
+{
+    int64_t ro = row_at(o, p->layout == L_BNSD_BSND ? L_BSND : p->layout, b, n, row, p->DV);
+    for (int64_t x = 0; x < p->DV; x++) nn_st(o, ro + x * o->strides[o->ndim - 1], 0.0);
+    if (lse) {
+        int64_t li[4] = {b, n, row, 0}, lt[3] = {row, n, 0};
+        nn_st(lse, nn_at(lse, p->layout == L_TND ? lt : li), INFINITY);
+    }
+}
+
 static int run_attention(struct aclOpExecutor *ex)
 {
     struct attn_args *p = ex->priv;
@@ -159,18 +173,6 @@ static int run_attention(struct aclOpExecutor *ex)
     float *acc = qr + D;
     int64_t ksx = k->strides[k->ndim - 1], vsx = v->strides[v->ndim - 1];
     int64_t qsx = q->strides[q->ndim - 1], osx = o->strides[o->ndim - 1];
-    /* every output row is written: padding rows and rows that attend nothing get zeros */
-    int64_t rows = p->layout == L_TND ? p->T : p->Sq;
-    for (int64_t b = 0; b < (p->layout == L_TND ? 1 : p->B); b++)
-        for (int64_t n = 0; n < p->N; n++)
-            for (int64_t r = 0; r < rows; r++) {
-                int64_t ro = row_at(o, lay_o, b, n, r, DV);
-                for (int64_t x = 0; x < DV; x++) nn_st(o, ro + x * osx, 0.0);
-                if (lse) {
-                    int64_t li[4] = {b, n, r, 0}, lt[3] = {r, n, 0};
-                    nn_st(lse, nn_at(lse, p->layout == L_TND ? lt : li), INFINITY);
-                }
-            }
     for (int64_t b = 0; b < p->B; b++) {
         int64_t sq = QLEN(p, b), skv = KVLEN(p, b);
         for (int64_t h = 0; h < p->KVN; h++) {
@@ -180,8 +182,12 @@ static int run_attention(struct aclOpExecutor *ex)
                 for (int64_t x = 0; x < DV; x++) V[j * DV + x] = nn_ldf(v, vo + x * vsx);
             }
             for (int64_t n = h * group; n < (h + 1) * group; n++)
-                for (int64_t i = 0; i < sq; i++) {
+                for (int64_t i = 0; i < (p->layout == L_TND ? sq : p->Sq); i++) {
                     int64_t srow = p->layout == L_TND ? QSTART(p, b) + i : i;
+                    if (i >= sq) { /* past the batch's actual length */
+                        empty_row(p, o, lse, b, n, srow);
+                        continue;
+                    }
                     int64_t qo = row_at(q, p->layout, b, n, srow, D);
                     for (int64_t x = 0; x < D; x++) qr[x] = nn_ldf(q, qo + x * qsx);
                     float mx = -INFINITY, sum = 0.f;
@@ -195,7 +201,10 @@ static int run_attention(struct aclOpExecutor *ex)
                         s[j] = dot * (float)p->scale;
                         if (s[j] > mx) mx = s[j];
                     }
-                    if (mx == -INFINITY) continue; /* nothing to attend: the zeros stay */
+                    if (mx == -INFINITY) { /* nothing to attend */
+                        empty_row(p, o, lse, b, n, srow);
+                        continue;
+                    }
                     for (int64_t x = 0; x < DV; x++) acc[x] = 0.f;
                     for (int64_t j = 0; j < skv; j++) {
                         if (s[j] == -INFINITY) continue;
@@ -212,6 +221,9 @@ static int run_attention(struct aclOpExecutor *ex)
                 }
         }
     }
+    /* TND tokens after the last batch's */
+    for (int64_t r = p->B ? QSTART(p, p->B - 1) + QLEN(p, p->B - 1) : 0; p->layout == L_TND && r < p->T; r++)
+        for (int64_t n = 0; n < p->N; n++) empty_row(p, o, lse, 0, n, r);
     free(K), free(V), free(s), free(qr);
     return ACLNN_SUCCESS;
 }
