@@ -49,9 +49,10 @@ MASK_DIM = 2048
 PRE_TOKENS = 2147483647
 INNER_PRECISE = 1  # high performance (ops-transformer PromptFlashAttention docs)
 
-# how an instance expresses its step (instance --ops, bench pd --ops)
+# how an instance expresses its step (instance --ops, bench pd --ops, demo --ops); aclnn by
+# default: what a serving engine on CANN calls, with the kernel path's modelled time
 OPS = ("kernels", "aclnn", "aclnn-fia")
-DEFAULT_OPS = "kernels"
+DEFAULT_OPS = "aclnn"
 
 # The kernel each operator launches, by the name the emulator counts it under (CANN's op
 # types; docs/emulator.md, "The aclnn operator API"). FusedInferAttentionScore launches the

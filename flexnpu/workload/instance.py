@@ -1,7 +1,11 @@
 """A serving instance: an ordinary AscendCL program that runs a transformer's kernels for the
 requests it is given. It knows nothing of FlexNPU.
 
-    python -m flexnpu.workload.instance --role prefill|decode|mixed --model qwen2.5-7b [...]
+    python -m flexnpu.workload.instance --role prefill|decode|mixed --model qwen2.5-7b [--ops aclnn] [...]
+
+A step is the model's kernels (flexnpu/workload/model.py), run as CANN aclnn operators
+(--ops aclnn, the default; aclnn-fia: FusedInferAttentionScore for every phase; see
+flexnpu/workload/aclnn.py) or as the emulator's built-in kernels (--ops kernels).
 
 Control is JSON lines on stdin, events are JSON lines on stdout (see `driver`):
 
