@@ -169,3 +169,18 @@ def test_aclnn_programs_under_flexnpu_run(emulator, daemons, acl_env, aclnn_ops,
     clients = emu.status()["devices"][0]["clients"]
     assert len(clients) == len(cases("fp16", rng)) and all(c["ops"]["kernel"] >= 1 for c in clients)
 
+
+
+def test_operator_launches_go_through_the_shim(emulator, acl_env, aclnn_ops, tmp_path) -> None:
+    """libopapi.so launches its kernels with aclrtLaunchKernel through its PLT, so under the
+    shim they bind to the shim's wrapper (the dispatch gate), as the application's own do."""
+    emulator()
+    c = cases("fp32", np.random.default_rng(3))[0]
+    inp = tmp_path / "in"
+    inp.write_bytes(b"".join(x.tobytes() for x in c.inputs))
+    env = {**acl_env, "LD_PRELOAD": str(paths.native_lib_dir() / "libflexnpu_shim.so"), "LD_DEBUG": "bindings"}
+    r = subprocess.run([str(aclnn_ops), c.op, "fp32", *c.args, str(inp), str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    binds = [ln for ln in r.stderr.splitlines() if "libopapi.so" in ln and "`aclrtLaunchKernel'" in ln]
+    assert binds and all("libflexnpu_shim.so" in ln for ln in binds), binds
