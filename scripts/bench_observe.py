@@ -183,7 +183,7 @@ def main() -> int:
                                    observer_cpu(cost_exe, klib, env, rdir, 1, a.seconds, "trace")]}
         if a.accuracy:
             programs = {"phases": compile_prog("obs_phases", out), "engine": compile_prog("obs_engine", out)}
-            opapi = accuracy.build_opapi(out)
+            opapi = accuracy.opapi_library()
             env["FLEXNPU_EMU_KERNELS"] = str(klib)
             session = ProbeSession(ProbeConfig())
             session.attach(str(paths.emulator_library()), "libascendcl.so")

@@ -32,11 +32,11 @@ installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok
 
 # --- apt packages -----------------------------------------------------------
 arch=$(dpkg --print-architecture)
-# gcc/cmake/make build the native parts and the C samples; bcc comes only from
-# Debian (it is not on PyPI); its compiler needs kernel headers. systemd gives
+# gcc/cmake/make build the native parts and the C samples, g++ the aclnn C++ test
+# programs; bcc comes only from Debian (it is not on PyPI); its compiler needs kernel headers. systemd gives
 # systemd-analyze (the service tests verify every unit; it does not become PID 1)
 # and strace checks each service's system calls against its unit's filter.
-want=(gcc make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace)
+want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.

@@ -73,11 +73,19 @@ def test_targets_and_max_rate():
     (["--devices", "1", "--configs", "static-disagg"], "static-disagg needs"),
     (["--rates", "1,x"], "--rates"),
     (["--json", "/nonexistent/dir/x.json"], "--json"),
+    (["--ops", "cuda"], "--ops takes kernels, aclnn, aclnn-fia"),
 ])
 def test_bad_input_is_one_line(args, says):
     r = flexnpu("bench", "pd", *args, timeout=60)
     assert r.returncode == 2
     assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_demo_refuses_unknown_ops():
+    r = flexnpu("demo", "--ops", "cuda", timeout=60)
+    assert r.returncode == 2
+    assert "flexnpu demo: --ops takes kernels, aclnn, aclnn-fia" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("rows, says", [

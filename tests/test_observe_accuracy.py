@@ -1,7 +1,7 @@
 """Phase inference against the emulator's ground truth (flexnpu/bench/accuracy.py), per
 signal source: engine loops the classifier was not built beside (a 78-kernel, 90 ms,
 no-H2D prefill loop, a decode loop, a chunked-prefill engine, a decode loop whose batch
-grows), each with named attention kernels, through the stand-in libopapi.so, and with
+grows), each with named attention kernels, through the emulator's libopapi.so, and with
 anonymous kernels; and the project's own loops (obs_phases). The figures are printed
 (pytest -s) and recorded as test properties; docs/observe.md quotes them from
 scripts/bench_observe.py --accuracy."""
@@ -22,7 +22,7 @@ def test_accuracy_per_source(emulator, probes, obs_programs, acl_env, runtime_di
                              record_property) -> None:
     emulator()
     session = probes()
-    opapi = accuracy.build_opapi(tmp_path)
+    opapi = accuracy.opapi_library()
     assert session.attach(str(opapi), "libopapi.so") > 0
     programs = {"phases": obs_programs["phases"], "engine": build(PROGS / "obs_engine.c", tmp_path / "obs_engine")}
     klib = accuracy.kernel_library(runtime_dir)

@@ -1,6 +1,6 @@
 """Phase from what the work is, through real probes on real libraries: kernel names learned
-at aclrtBinaryGetFunction (the emulator's libascendcl.so), aclnn attention operators in a
-stand-in libopapi.so (tests/progs/lib/opapi.c), and a chunked-prefill engine classed
+at aclrtBinaryGetFunction (the emulator's libascendcl.so), aclnn attention operators in the
+emulator's libopapi.so, and a chunked-prefill engine classed
 mixed with its prefill share. The workload is tests/progs/obs_engine.c; counts are exact
 (prime numbers of passes, 26 layers each)."""
 
@@ -26,7 +26,7 @@ PREFILLS, DECODES = 7, 11  # prime
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("engine")
-    return {"engine": build(PROGS / "obs_engine.c", out / "obs_engine"), "opapi": accuracy.build_opapi(out),
+    return {"engine": build(PROGS / "obs_engine.c", out / "obs_engine"), "opapi": accuracy.opapi_library(),
             "klib": accuracy.kernel_library(out)}
 
 
@@ -90,7 +90,9 @@ def test_aclnn_operators_on_a_real_libopapi(emulator, probes, acl_env, engine, f
     if fused:
         argv.insert(-3, "--fused")
     b = SnapshotBuilder("bpf")
-    pid, snaps = run_sampled(session, argv, acl_env, builder=b)
+    # read every 10 ms: a prefill pass takes about that, and launches of a handle go unnamed
+    # until the read after the library made it (below)
+    pid, snaps = run_sampled(session, argv, acl_env, every_s=0.01, builder=b)
     c = session.read()[(pid, 0)]
     ops = c["named"][3:]
     if fused:
@@ -100,10 +102,11 @@ def test_aclnn_operators_on_a_real_libopapi(emulator, probes, acl_env, engine, f
     else:
         assert ops == [PREFILLS * LAYERS, DECODES * LAYERS, 0]
         assert c["sig_iters"][4:] == [0, PREFILLS, DECODES, 0]
-    # the operators launch the emulator's attention_prefill/attention_decode kernels, whose
-    # names the kernel signal classes too, except in the first pass: the stand-in makes its
-    # handles at its first call, and launches go unnamed until the observer's next read
-    # has classed the names (docs/observe.md, Limits)
+    # the operators launch the emulator's PromptFlashAttention / IncreFlashAttention kernels
+    # (FusedInferAttentionScore: one or the other by the query's length), whose names the
+    # kernel signal classes too, except in the first pass: the library makes its handles at
+    # its first call, and launches go unnamed until the observer's next read has classed the
+    # names (docs/observe.md, Limits)
     assert (PREFILLS - 1) * LAYERS <= c["named"][0] <= PREFILLS * LAYERS
     assert c["named"][1] == DECODES * LAYERS
 

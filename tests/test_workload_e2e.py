@@ -14,6 +14,18 @@ from flexnpu.workload.model import model_by_name
 from flexnpu.workload.trace import Request, TraceSpec, generate
 
 MODEL = "qwen2.5-7b:2"
+OPS = ("kernels", "aclnn")  # the kernel path, and the default: aclnn operators (test_workload_aclnn.py)
+
+
+def attention_calls(stats: dict, ops: str) -> tuple[int, int, int]:
+    """Attention of whole prompts, of prompt chunks after cached tokens, and of decode batches,
+    as the instance launched it: built-in kernels, or aclnn operators."""
+    if ops == "kernels":
+        k = stats["kernels"]
+        return k.get("attention_prefill", 0), k.get("attention_prefill_chunk", 0), k.get("attention_decode", 0)
+    o = stats["operators"]
+    return (o.get("aclnnPromptFlashAttentionV3", 0), o.get("aclnnFusedInferAttentionScoreV2", 0),
+            o.get("aclnnIncreFlashAttentionV4", 0))
 
 
 @pytest.fixture
@@ -22,10 +34,11 @@ def node():
         yield n
 
 
-def test_pd_run_agrees_with_emulator(node):
+@pytest.mark.parametrize("ops", OPS)
+def test_pd_run_agrees_with_emulator(node, ops):
     reqs = generate(TraceSpec(n=5, rate=40, seed=3, fixed_prompt=0))
     reqs = [Request(r.id, r.arrival_s, r.prompt_tokens, min(r.output_tokens, 40)) for r in reqs]
-    res = driver.run(node, reqs, driver.Setup(model=MODEL, shim=False))
+    res = driver.run(node, reqs, driver.Setup(model=MODEL, shim=False, ops=ops))
     assert res.problems == []
     m = res.metrics
     assert m["completed"] == 5 and m["output_tokens"] == sum(r.output_tokens for r in reqs)
@@ -34,8 +47,8 @@ def test_pd_run_agrees_with_emulator(node):
         assert t.token_times == sorted(t.token_times)
     dec = res.stats["decode"]
     assert dec["tokens"] == sum(r.output_tokens - 1 for r in reqs)
-    assert res.stats["prefill"]["kernels"]["attention_prefill"] == 2 * 5  # two layers, one per prompt
-    assert "attention_prefill" not in dec["kernels"] and dec["kernels"]["attention_decode"] == 2 * dec["steps"]
+    assert attention_calls(res.stats["prefill"], ops) == (2 * 5, 0, 0)  # two layers, one per prompt
+    assert attention_calls(dec, ops) == (0, 0, 2 * dec["steps"])
     assert m["tpot_s"]["p50"] > 0 and 0 < m["slo_attainment"] <= 1
 
 
@@ -76,16 +89,16 @@ def test_prefill_holds_a_prompts_kv_until_decode_is_done_with_it(node):
                                                     copied.requests[1].token_times[-1])
 
 
-def test_chunked_prefill_mixes_decode(node):
+@pytest.mark.parametrize("ops", OPS)
+def test_chunked_prefill_mixes_decode(node, ops):
     reqs = [Request(0, 0.0, 300, 20), Request(1, 0.01, 200, 5)]
-    res = driver.run(node, reqs, driver.Setup(model=MODEL, mixed=True, chunk_tokens=64, shim=False))
+    res = driver.run(node, reqs, driver.Setup(model=MODEL, mixed=True, chunk_tokens=64, shim=False, ops=ops))
     assert res.problems == []
-    k = res.stats["prefill"]["kernels"]
-    assert k["attention_prefill"] == 2 * 2  # each prompt's first chunk
-    assert k["attention_prefill_chunk"] >= 2 * (4 + 3)  # 300 -> 5+ chunks of <= 64, 200 -> 4+
+    whole, chunks, decode = attention_calls(res.stats["prefill"], ops)
+    assert whole == 2 * 2  # each prompt's first chunk
+    assert chunks >= 2 * (4 + 3)  # 300 -> 5+ chunks of <= 64, 200 -> 4+
     # some step held both a prompt chunk and decode tokens: more attention launches than steps
-    attn = k["attention_prefill"] + k["attention_prefill_chunk"] + k["attention_decode"]
-    assert attn // 2 > res.stats["prefill"]["steps"]
+    assert (whole + chunks + decode) // 2 > res.stats["prefill"]["steps"]
     assert res.metrics["output_tokens"] == 25
 
 

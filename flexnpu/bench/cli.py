@@ -37,9 +37,11 @@ def _floats(s: str | None, what: str) -> tuple[float, ...]:
 
 def options_from(trace: str, n: int | None, rate: str | float | None, rates: str | None, devices: int, mode: str,
                  repeat: int, configs: str | None, shares: str | None, model: str | None, seed: int,
-                 slo_ttft_ms: float | None, slo_tpot_ms: float | None, quick: bool) -> pd.Options:
+                 slo_ttft_ms: float | None, slo_tpot_ms: float | None, quick: bool,
+                 ops: str = pd.DEFAULT_OPS) -> pd.Options:
     o = pd.Options(trace=trace, devices=devices, repeat=repeat, seed=seed,
-                   modes=pd.MODES if mode == "all" else tuple(mode.split(",")), observer=pd.default_observer())
+                   modes=pd.MODES if mode == "all" else tuple(mode.split(",")), observer=pd.default_observer(),
+                   ops=ops)
     if n is not None:
         o.n = n
     auto = rate is None or str(rate).strip().lower() == "auto"
@@ -110,6 +112,10 @@ def pd_command(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results here (\"schema\": 1).")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write the plot here (PNG).")] = None,
     quick: Annotated[bool, typer.Option(help="CI size: 2 layers, 16 requests, one share per form.")] = False,
+    ops: Annotated[str, typer.Option(help=f"How the instances run a step: {', '.join(pd.OPS)} (kernels: the "
+                                     "built-in kernels; aclnn: CANN aclnn operators, attention by phase; "
+                                     "aclnn-fia: FusedInferAttentionScore for every phase, as vllm-ascend).")
+                   ] = pd.DEFAULT_OPS,
 ) -> None:
     """Compare ways of sharing devices between a prefill and a decode instance.
 
@@ -126,6 +132,7 @@ def pd_command(
       flexnpu bench pd --trace prefill-heavy --repeat 3
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
       flexnpu bench pd --mode all --configs static-colocation,flexnpu
+      flexnpu bench pd --quick --ops aclnn-fia
     """
     check_output_file("bench pd", "--json", json_path)
     check_output_file("bench pd", "--plot", plot_path)
@@ -133,7 +140,7 @@ def pd_command(
         if mode not in (*pd.MODES, "all"):
             raise pd.BenchError(f"--mode takes {', '.join(pd.MODES)} or all, got {mode!r}")
         o = options_from(trace, n, rate, rates, devices, mode, repeat, configs, shares, model, seed,
-                         slo_ttft_ms, slo_tpot_ms, quick)
+                         slo_ttft_ms, slo_tpot_ms, quick, ops)
     except pd.BenchError as e:
         err.print(f"flexnpu bench pd: {e}")
         raise typer.Exit(2)

@@ -38,9 +38,9 @@ def _on_term(signum: int, frame: object) -> None:
     raise _Stop(signum)
 
 
-def demo_options(quick: bool) -> pd.Options:
+def demo_options(quick: bool, ops: str = pd.DEFAULT_OPS) -> pd.Options:
     """The comparison the demo runs: every configuration, one share per static form."""
-    o = pd.Options(observer=pd.default_observer(), shares=(0.5,))
+    o = pd.Options(observer=pd.default_observer(), shares=(0.5,), ops=ops)
     if quick:
         return pd.quick(replace(o, n=8))
     # four layers of Qwen2.5-7B keep each run to seconds; the full model is `flexnpu bench pd`
@@ -63,7 +63,7 @@ def live_workload(console: Console, o: pd.Options, seconds: float) -> None:
         reqs = [r for r in reqs if r.arrival_s < seconds]
         from flexnpu.workload import driver
 
-        setup = driver.Setup(model=o.model, profile=o.profile, slo=o.slo)
+        setup = driver.Setup(model=o.model, profile=o.profile, slo=o.slo, ops=o.ops)
         result: dict = {}
 
         def work() -> None:
@@ -110,6 +110,8 @@ def demo_command(
     seconds: Annotated[Optional[float], typer.Option(help="How long the live view runs (s).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Directory for pd.json and pd.png (default: a new one "
                                                 "under /tmp).")] = None,
+    ops: Annotated[str, typer.Option(help=f"How the instances run a step: {', '.join(pd.OPS)} (see "
+                                     "`flexnpu bench pd --help`).")] = pd.DEFAULT_OPS,
 ) -> None:
     """Run FlexNPU end to end on emulated devices, then compare it.
 
@@ -130,7 +132,10 @@ def demo_command(
     from flexnpu.bench.cli import console as make_console, execute
 
     console = make_console()
-    o = demo_options(quick)
+    if ops not in pd.OPS:
+        say(f"flexnpu demo: --ops takes {', '.join(pd.OPS)}, got {ops!r}")
+        raise typer.Exit(2)
+    o = demo_options(quick, ops)
     secs = seconds if seconds is not None else (4.0 if quick else 20.0)
     try:
         with stop_signals(_on_term):

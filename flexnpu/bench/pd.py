@@ -37,6 +37,7 @@ from typing import Any, Callable
 from flexnpu.bench.node import LocalNode, machine
 from flexnpu.bench.phasecheck import PhaseCheck
 from flexnpu.workload import driver, metrics as MX, model as M, trace as T
+from flexnpu.workload.aclnn import DECODE_ATTENTION, DEFAULT_OPS, OPS, PREFILL_ATTENTION
 
 CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu")
 MODES = ("contexts", "serial", "shared")
@@ -91,6 +92,7 @@ class Options:
     slo_ttft_s: float = 1.0
     slo_tpot_s: float = 0.06
     observer: str = "auto"  # bpf where it can attach, else the shim's counters
+    ops: str = DEFAULT_OPS  # how the instances express a step (instance --ops)
     quick: bool = False
 
     def check(self) -> None:
@@ -113,6 +115,8 @@ class Options:
         bad = [c for c in self.configs if c not in CONFIGS]
         if bad or not self.configs:
             raise BenchError(f"--configs takes a comma list of {', '.join(CONFIGS)}; got {','.join(bad) or 'nothing'}")
+        if self.ops not in OPS:
+            raise BenchError(f"--ops takes {', '.join(OPS)}, got {self.ops!r}")
         if any(m not in MODES for m in self.modes) or not self.modes:
             raise BenchError(f"--mode takes {', '.join(MODES)} or all, got {','.join(self.modes)}")
         if not self.shares or any(not 0.05 <= s <= 0.95 for s in self.shares):
@@ -234,7 +238,8 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
                 checker.start()
             try:
                 results = run_pairs(node, [(driver.Setup(model=o.model, profile=o.profile, prefill_device=p,
-                                                         decode_device=d, shim=shim, role_env=role_env, slo=o.slo), part)
+                                                         decode_device=d, shim=shim, role_env=role_env, slo=o.slo,
+                                                         ops=o.ops), part)
                                            for (p, d), part in zip(pairs, parts) if part], on_done)
             finally:
                 samples = checker.stop() if checker else None
@@ -274,9 +279,10 @@ def run_pairs(node: LocalNode, work: list[tuple[driver.Setup, list[T.Request]]],
 
 
 def _token_truth(results: list[driver.Result], status: dict, model: str) -> list[str]:
-    """The emulator's kernel counts against the tokens timed: one attention_prefill per layer
-    per prompt (each gives a first token) and one attention_decode per layer per decode step
-    (the step's batch gives one token each)."""
+    """The emulator's kernel counts against the tokens timed: one prefill attention kernel per
+    layer per prompt (each gives a first token) and one decode attention kernel per layer per
+    decode step (the step's batch gives one token each); attention_prefill / attention_decode
+    under --ops kernels, the aclnn operators' PromptFlashAttention / IncreFlashAttention."""
     layers = M.model_by_name(model).layers
     by_pid: dict[int, dict[str, int]] = {}
     for dev in status["devices"]:
@@ -287,14 +293,14 @@ def _token_truth(results: list[driver.Result], status: dict, model: str) -> list
     out = []
     for i, r in enumerate(results):
         pre, dec = r.stats.get("prefill") or {}, r.stats.get("decode") or {}
-        firsts = by_pid.get(pre.get("pid"), {}).get("attention_prefill", 0)
-        steps = by_pid.get(dec.get("pid"), {}).get("attention_decode", 0)
+        firsts = sum(by_pid.get(pre.get("pid"), {}).get(k, 0) for k in PREFILL_ATTENTION)
+        steps = sum(by_pid.get(dec.get("pid"), {}).get(k, 0) for k in DECODE_ATTENTION)
         n = len(r.requests)
         later = sum(len(t.token_times) - 1 for t in r.requests)
         if firsts != layers * n:
-            out.append(f"pair {i}: emulator ran {firsts} attention_prefill, {layers} x {n} prompts expected")
+            out.append(f"pair {i}: emulator ran {firsts} prefill attention kernels, {layers} x {n} prompts expected")
         if steps != layers * len(r.decode_batches) or sum(r.decode_batches) != later:
-            out.append(f"pair {i}: emulator ran {steps} attention_decode for {len(r.decode_batches)} steps "
+            out.append(f"pair {i}: emulator ran {steps} decode attention kernels for {len(r.decode_batches)} steps "
                        f"of {sum(r.decode_batches)} tokens; the driver timed {later} tokens after the first")
     return out
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flexnpu.workload import metrics as MX
+from flexnpu.workload.aclnn import DEFAULT_OPS
 from flexnpu.workload.model import model_by_name
 from flexnpu.workload.trace import Request
 
@@ -59,6 +60,7 @@ class Setup:
     shim: bool = True
     role_env: bool = False  # FLEXNPU_ROLE in the instances' environment without the shim (vNPU partitions)
     kv_ipc: bool = True  # hand the KV over through IPC memory (the decode instance imports the prefill's pool)
+    ops: str = DEFAULT_OPS  # how the instances express a step: kernels, aclnn, aclnn-fia (instance --ops)
     slo: MX.Slo = field(default_factory=MX.Slo)
     busy_tolerance: float = 0.02
     timeout_s: float = 600.0
@@ -111,7 +113,8 @@ class _Proc:
 def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = None) -> list[str]:
     a = [sys.executable, "-m", "flexnpu.workload.instance", "--role", role, "--model", s.model, "--profile", s.profile,
          "--device", str(device), "--chunk-tokens", str(s.chunk_tokens), "--max-batched-tokens",
-         str(s.max_batched_tokens), "--max-num-seqs", str(s.max_num_seqs), "--kv-tokens", str(kv_tokens)]
+         str(s.max_batched_tokens), "--max-num-seqs", str(s.max_num_seqs), "--kv-tokens", str(kv_tokens),
+         "--ops", s.ops]
     if src is not None:
         a += ["--kv-src-device", str(src)]
     if role == "prefill" and s.kv_ipc:

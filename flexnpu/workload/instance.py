@@ -1,7 +1,11 @@
 """A serving instance: an ordinary AscendCL program that runs a transformer's kernels for the
 requests it is given. It knows nothing of FlexNPU.
 
-    python -m flexnpu.workload.instance --role prefill|decode|mixed --model qwen2.5-7b [...]
+    python -m flexnpu.workload.instance --role prefill|decode|mixed --model qwen2.5-7b [--ops aclnn] [...]
+
+A step is the model's kernels (flexnpu/workload/model.py), run as CANN aclnn operators
+(--ops aclnn, the default; aclnn-fia: FusedInferAttentionScore for every phase; see
+flexnpu/workload/aclnn.py) or as the emulator's built-in kernels (--ops kernels).
 
 Control is JSON lines on stdin, events are JSON lines on stdout (see `driver`):
 
@@ -66,6 +70,7 @@ from dataclasses import dataclass
 from flexnpu.workload import model as M
 from flexnpu.workload.acl import (ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS, Acl,
                                   AclError)
+from flexnpu.workload.aclnn import DEFAULT_OPS, OPS, AclnnError, AclnnOps
 
 
 class KvPool:
@@ -143,6 +148,7 @@ class Instance:
         self.peer_kv: int | None = None  # decode: the prefill instance's KV pool, imported
         self.peer_kv_tokens = 0
         self._window = None  # decode across devices without an import: its own window there
+        self.nn: AclnnOps | None = None  # --ops aclnn*: the step as aclnn operator calls
 
     # -- io
     def emit(self, **ev) -> None:
@@ -189,6 +195,9 @@ class Instance:
         self.binary = acl.handle("aclrtBinaryLoadFromFile", f.name.encode(), None)
         os.unlink(f.name)
         self.funcs = {n: acl.handle("aclrtBinaryGetFunction", self.binary, n.encode()) for n in M.KERNEL_BUILTINS}
+        if a.ops != "kernels":
+            self.nn = AclnnOps(self.cfg, acl, lambda k: acl.launch(self.funcs[k.name], k.args, self.stream),
+                               fia=a.ops == "aclnn-fia")
         if a.weights:
             self.allocs.append(acl.malloc(self.cfg.weight_bytes))
         kv_tokens = a.kv_tokens
@@ -226,10 +235,15 @@ class Instance:
 
     def run_step(self, chunks: tuple, decode_ctx: tuple) -> float:
         ks = M.step_kernels(self.cfg, chunks, decode_ctx)
-        launch, funcs, stream = self.acl.launch, self.funcs, self.stream
-        for k in ks:
-            launch(funcs[k.name], k.args, stream)
-            self.kernels[k.name] += 1
+        launch, funcs, stream, nn = self.acl.launch, self.funcs, self.stream, self.nn
+        if nn is not None:
+            nn.begin_step()
+            for k in ks:
+                self.kernels[nn.run(k, stream)] += 1
+        else:
+            for k in ks:
+                launch(funcs[k.name], k.args, stream)
+                self.kernels[k.name] += 1
         self.modelled_s += M.step_seconds(ks, self.peak, self.bw, self.eff)
         self.acl.call("aclrtSynchronizeStream", stream)
         self.steps += 1
@@ -375,12 +389,15 @@ class Instance:
         if puller is not None:
             self.pulls.put(None)
             puller.join()
-        self.emit(ev="stats", pid=self.pid, role=self.a.role, kernels=dict(self.kernels),
-                  modelled_s=self.modelled_s, steps=self.steps, tokens=self.tokens, copied_bytes=self.copied,
+        self.emit(ev="stats", pid=self.pid, role=self.a.role, ops=self.a.ops, kernels=dict(self.kernels),
+                  operators=dict(self.nn.calls) if self.nn else {}, modelled_s=self.modelled_s, steps=self.steps,
+                  tokens=self.tokens, copied_bytes=self.copied,
                   kv_pool_bytes=max(self.pool.tokens, 1) * self.cfg.kv_bytes_per_token)
 
     def close(self) -> None:
         acl = self.acl
+        if self.nn is not None:
+            self.nn.close()
         if self.peer_kv is not None:  # an importer closes first (CANN's order)
             acl.call("aclrtIpcMemClose", self.peer_key)
         if self.kv_key is not None:
@@ -411,6 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-tokens", type=int, default=0, help="KV pool size in tokens (0: --kv-mem-share of free memory)")
     p.add_argument("--kv-mem-share", type=float, default=0.9)
     p.add_argument("--no-weights", dest="weights", action="store_false", help="do not allocate the weights")
+    p.add_argument("--ops", choices=OPS, default=DEFAULT_OPS,
+                   help="kernels: the step's kernels through aclrtLaunchKernel; aclnn: as CANN aclnn operators "
+                        "(PromptFlashAttention / IncreFlashAttention by phase); aclnn-fia: aclnn operators with "
+                        "FusedInferAttentionScore for every phase, as vllm-ascend")
     return p.parse_args(argv)
 
 
@@ -420,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         inst.setup()
         inst.serve()
         inst.close()
-    except AclError as e:
+    except (AclError, AclnnError) as e:
         print(f"flexnpu.workload.instance: {e}", file=sys.stderr)
         return 1
     return 0

@@ -17,8 +17,11 @@
  *   --attn kernel|anon|aclnn:
  *         kernel  attention kernels named PromptFlashAttention_bf16 / IncreFlashAttention_bf16
  *         anon    named k_attn_p / k_attn_d (nothing says their phase)
- *         aclnn   through --opapi LIB's aclnnPromptFlashAttentionV3 / aclnnIncreFlashAttentionV4
- *                 (or, with --fused, aclnnFusedInferAttentionScoreV2 for both)
+ *         aclnn   through libopapi.so's aclnnPromptFlashAttentionV3 / aclnnIncreFlashAttentionV4
+ *                 (or, with --fused, aclnnFusedInferAttentionScoreV2 for both), loaded with
+ *                 dlopen as frameworks do (--opapi PATH: another libopapi.so; the aclTensor
+ *                 calls come from libnnopbase.so on the library path), on timing-only
+ *                 tensors (NULL data): a prompt of 2k tokens, a decode batch of 8 at 2k
  * The kernel library must bind k_mlp_p, k_mlp_d and the attention names (to synthetic).
  */
 #define _GNU_SOURCE
@@ -32,6 +35,9 @@
 #include <unistd.h>
 
 #include "acl/acl.h"
+#include "aclnnop/aclnn_fused_infer_attention_score_v2.h"
+#include "aclnnop/aclnn_incre_flash_attention_v4.h"
+#include "aclnnop/aclnn_prompt_flash_attention_v3.h"
 
 /* blockDim of a kernel meant to fill the device: at least every core of its class (24 cube,
  * 48 vector on the emulated 910B and 910C), as a real launch asks (docs/emulator.md) */
@@ -50,17 +56,25 @@
 #pragma pack(push, 1)
 struct synthetic_args { double flops, hbm_bytes; };
 #pragma pack(pop)
-struct opapi_attn { uint32_t batch, heads, kv_heads, seq_len, head_dim, query_len; };
-typedef int (*ws_fn)(const struct opapi_attn *, uint64_t *, void **);
-typedef int (*op_fn)(void *, uint64_t, void *, aclrtStream);
+typedef aclnnStatus (*op_fn)(void *, uint64_t, aclOpExecutor *, aclrtStream);
 
 static int layers = 26, mlp = 2, chunk_decodes = 3, fused;
 static double p_ms = 1.15, d_ms = 0.05, grow_to = 4, ms_flops = 3.2e11;
 static const char *attn = "kernel", *opapi;
 static aclrtStream s;
 static aclrtFuncHandle f_mlp_p, f_mlp_d, f_attn_p, f_attn_d;
-static ws_fn ws_p, ws_d;
+/* the aclnn calls, found with dlsym (libopapi.so, and libnnopbase.so beneath it) */
+static __typeof__(&aclCreateTensor) create_tensor;
+static __typeof__(&aclCreateTensorList) create_list;
+static __typeof__(&aclCreateIntArray) create_ints;
+static __typeof__(&aclnnPromptFlashAttentionV3GetWorkspaceSize) pfa_ws;
+static __typeof__(&aclnnIncreFlashAttentionV4GetWorkspaceSize) ifa_ws;
+static __typeof__(&aclnnFusedInferAttentionScoreV2GetWorkspaceSize) fia_ws;
 static op_fn op_p, op_d;
+/* a prompt of 2k tokens and a decode batch of 8 at 2k, 32 query and 8 kv heads of 128, BSND */
+static aclTensor *q_p, *kv_p, *q_d, *mask, *o_p, *o_d, *lse;
+static aclTensorList *kl_p, *vl_p, *kl_d, *vl_d;
+static aclIntArray *len_p, *len_d, *one_d;
 static void *dev_io;
 static char host[4096];
 
@@ -70,18 +84,60 @@ static void kernel(aclrtFuncHandle f, double ms)
     CHECK(aclrtLaunchKernel(f, FULL_BLOCK_DIM, &a, sizeof a, s));
 }
 
+static aclTensor *tensor(int64_t a, int64_t b, int64_t c, int64_t d, aclDataType dt)
+{
+    int64_t dims[4] = {a, b, c, d}, strides[4] = {b * c * d, c * d, d, 1};
+    int n = c ? 4 : 2;
+    if (!c) strides[0] = b, strides[1] = 1;
+    aclTensor *t = create_tensor(dims, n, dt, strides, 0, ACL_FORMAT_ND, dims, n, NULL);
+    if (!t) {
+        fprintf(stderr, "obs_engine: aclCreateTensor failed\n");
+        exit(1);
+    }
+    return t;
+}
+
+static void make_tensors(void)
+{
+    q_p = tensor(1, 2048, 32, 128, ACL_BF16), o_p = tensor(1, 2048, 32, 128, ACL_BF16);
+    kv_p = tensor(1, 2048, 8, 128, ACL_BF16);
+    q_d = tensor(8, 1, 32, 128, ACL_BF16), o_d = tensor(8, 1, 32, 128, ACL_BF16);
+    mask = tensor(2048, 2048, 0, 0, ACL_BOOL);
+    lse = tensor(1, 1, 0, 0, ACL_FLOAT);
+    const aclTensor *k[1];
+    k[0] = tensor(1, 2048, 8, 128, ACL_BF16), kl_p = create_list(k, 1);
+    k[0] = tensor(1, 2048, 8, 128, ACL_BF16), vl_p = create_list(k, 1);
+    k[0] = tensor(8, 2048, 8, 128, ACL_BF16), kl_d = create_list(k, 1);
+    k[0] = tensor(8, 2048, 8, 128, ACL_BF16), vl_d = create_list(k, 1);
+    int64_t lp[1] = {2048}, ld[8] = {2048, 2048, 2048, 2048, 2048, 2048, 2048, 2048}, ones[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    len_p = create_ints(lp, 1), len_d = create_ints(ld, 8), one_d = create_ints(ones, 8);
+    if (!kl_p || !vl_p || !kl_d || !vl_d || !len_p || !len_d || !one_d) {
+        fprintf(stderr, "obs_engine: creating the aclnn arguments failed\n");
+        exit(1);
+    }
+}
+
 static void attention(int prefill, double ms)
 {
     if (strcmp(attn, "aclnn")) {
         kernel(prefill ? f_attn_p : f_attn_d, ms);
         return;
     }
-    /* the emulator's attention kernels: a prompt of 2k tokens, or a decode batch of 8 */
-    struct opapi_attn sh = prefill ? (struct opapi_attn){1, 32, 8, 2048, 128, 2048}
-                                   : (struct opapi_attn){8, 32, 8, 2048, 128, 1};
     uint64_t ws;
-    void *ex;
-    CHECK((prefill ? ws_p : ws_d)(&sh, &ws, &ex));
+    aclOpExecutor *ex;
+    char layout[] = "BSND";
+    double scale = 0.08838834764831845; /* 1 / sqrt(128) */
+    if (fused)
+        CHECK(fia_ws(prefill ? q_p : q_d, prefill ? kl_p : kl_d, prefill ? vl_p : vl_d, NULL, prefill ? mask : NULL,
+                     prefill ? len_p : one_d, prefill ? len_p : len_d, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                     NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 32, scale, 2147483647, 0, layout, 8,
+                     prefill ? 3 : 0, 1, 0, 0, false, 0, 0, prefill ? o_p : o_d, lse, &ws, &ex));
+    else if (prefill)
+        CHECK(pfa_ws(q_p, kv_p, kv_p, NULL, mask, len_p, len_p, NULL, NULL, NULL, NULL, NULL, 32, scale, 2147483647, 0,
+                     layout, 8, 3, 1, o_p, &ws, &ex));
+    else
+        CHECK(ifa_ws(q_d, kl_d, vl_d, NULL, NULL, len_d, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 32,
+                     scale, layout, 8, 0, 1, o_d, &ws, &ex));
     CHECK((prefill ? op_p : op_d)(NULL, ws, ex, s));
 }
 
@@ -121,7 +177,7 @@ static void *sym(void *lib, const char *name)
 {
     void *f = dlsym(lib, name);
     if (!f) {
-        fprintf(stderr, "obs_engine: %s has no %s\n", opapi, name);
+        fprintf(stderr, "obs_engine: no %s (%s)\n", name, dlerror());
         exit(1);
     }
     return f;
@@ -175,15 +231,24 @@ int main(int argc, char **argv)
             fprintf(stderr, "obs_engine: %s\n", dlerror());
             return 1;
         }
-        const char *pn = fused ? "aclnnFusedInferAttentionScoreV2" : "aclnnPromptFlashAttentionV3";
-        const char *dn = fused ? "aclnnFusedInferAttentionScoreV2" : "aclnnIncreFlashAttentionV4";
-        char buf[128];
-        op_p = (op_fn)sym(lib, pn);
-        op_d = (op_fn)sym(lib, dn);
-        snprintf(buf, sizeof buf, "%sGetWorkspaceSize", pn);
-        ws_p = (ws_fn)sym(lib, buf);
-        snprintf(buf, sizeof buf, "%sGetWorkspaceSize", dn);
-        ws_d = (ws_fn)sym(lib, buf);
+        void *base = dlopen("libnnopbase.so", RTLD_NOW | RTLD_GLOBAL); /* aclTensor and friends */
+        if (!base) {
+            fprintf(stderr, "obs_engine: %s\n", dlerror());
+            return 1;
+        }
+        create_tensor = (__typeof__(create_tensor))sym(base, "aclCreateTensor");
+        create_list = (__typeof__(create_list))sym(base, "aclCreateTensorList");
+        create_ints = (__typeof__(create_ints))sym(base, "aclCreateIntArray");
+        if (fused) {
+            fia_ws = (__typeof__(fia_ws))sym(lib, "aclnnFusedInferAttentionScoreV2GetWorkspaceSize");
+            op_p = op_d = (op_fn)sym(lib, "aclnnFusedInferAttentionScoreV2");
+        } else {
+            pfa_ws = (__typeof__(pfa_ws))sym(lib, "aclnnPromptFlashAttentionV3GetWorkspaceSize");
+            ifa_ws = (__typeof__(ifa_ws))sym(lib, "aclnnIncreFlashAttentionV4GetWorkspaceSize");
+            op_p = (op_fn)sym(lib, "aclnnPromptFlashAttentionV3");
+            op_d = (op_fn)sym(lib, "aclnnIncreFlashAttentionV4");
+        }
+        make_tensors();
     } else {
         CHECK(aclrtBinaryGetFunction(bin, named ? "PromptFlashAttention_bf16" : "k_attn_p", &f_attn_p));
         CHECK(aclrtBinaryGetFunction(bin, named ? "IncreFlashAttention_bf16" : "k_attn_d", &f_attn_d));

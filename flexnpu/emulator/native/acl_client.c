@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <sys/sysinfo.h>
 
+#include "emu_ext.h"
 #include "emu_kernels.h"
 #include "emu_shared.h"
 #include "emu_util.h"
@@ -1582,4 +1583,49 @@ ACL_FUNC_VISIBILITY aclError aclrtDeviceGetBareTgid(int32_t *pid)
     if (rc) return rc;
     *pid = (int32_t)rep.a;
     return ACL_SUCCESS;
+}
+
+/* ---------------------------------------------------------------- emulator extensions */
+
+/* Calls for the emulator's own libopapi.so (its aclnn operators), not AscendCL API:
+ * declared in emu_ext.h. */
+
+/* ACL_SUCCESS if `stream` is usable and [ptr, ptr + size) lies inside one allocation of
+ * this process on the stream's device (size 0: only the stream is checked). */
+ACL_FUNC_VISIBILITY aclError flexnpuEmuCheckRange(aclrtStream stream, const void *ptr, size_t size)
+{
+    REQUIRE_INIT();
+    int dev = -1;
+    uint32_t idx = 0;
+    int rc = resolve_stream(stream, &dev, &idx);
+    if (rc) return rc;
+    if (size && classify(ptr, size) != dev)
+        return fail(ACL_ERROR_INVALID_PARAM, "device range %p + %zu bytes is not inside one allocation on device %d",
+                    ptr, size, dev);
+    return ACL_SUCCESS;
+}
+
+/* The achieved fraction of peak (compute, HBM) the stream's device gives the named built-in,
+ * 1.0 where it has none: what aclrtLaunchKernel divides a kernel's work by. */
+ACL_FUNC_VISIBILITY aclError flexnpuEmuKernelEfficiency(aclrtStream stream, const char *builtin,
+                                                        double *computeEff, double *hbmEff)
+{
+    REQUIRE_INIT();
+    int dev = -1;
+    uint32_t idx = 0;
+    int rc = resolve_stream(stream, &dev, &idx);
+    if (rc) return rc;
+    int b = builtin ? emu_builtin_by_name(builtin) : -1;
+    if (b < 0 || !computeEff || !hbmEff) return fail(ACL_ERROR_INVALID_PARAM, "unknown built-in kernel or NULL output");
+    struct emu_cost unit = {.flops = 1.0, .hbm_bytes = 1.0};
+    emu_kernel_derate(&g_dev[dev].seg->params, b, &unit);
+    *computeEff = 1.0 / unit.flops;
+    *hbmEff = 1.0 / unit.hbm_bytes;
+    return ACL_SUCCESS;
+}
+
+/* Sets the calling thread's aclGetRecentErrMsg() text. */
+ACL_FUNC_VISIBILITY void flexnpuEmuSetErrMsg(const char *msg)
+{
+    snprintf(t_errmsg, sizeof t_errmsg, "%s", msg ? msg : "");
 }
