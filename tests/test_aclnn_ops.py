@@ -636,9 +636,9 @@ def timing_only(dtype: str, shape: list[int]) -> T:
     return T(dtype, shape, data=None)
 
 
-def busy_pair(aclnn, op: dict, builtin: str, fmt: str, vals: list) -> tuple[dict, dict]:
+def busy_pair(aclnn, op: dict, builtin: str, fmt: str, vals: list, block_dim: int = 48) -> tuple[dict, dict]:
     """Runs the operator and the built-in in one process; returns its busy and count by name."""
-    res, pid, _ = aclnn([op, {"builtin": builtin, "fmt": fmt, "values": vals}], kernels=True)
+    res, pid, _ = aclnn([op, {"builtin": builtin, "fmt": fmt, "values": vals, "block_dim": block_dim}], kernels=True)
     ok(res[0])
     assert res[1]["rc"] == 0, res
     c = aclnn.emu.client(pid)
@@ -665,7 +665,9 @@ def test_matmul_costs_what_gemm_costs(aclnn) -> None:
 @pytest.mark.parametrize("case", ["prefill", "extend", "decode"])
 def test_fused_attention_costs_what_the_attention_builtins_cost(case: str, aclnn) -> None:
     B, N, KVN, D = 2, 8, 2, 128
-    sq, skv = {"prefill": (512, 512), "extend": (64, 512), "decode": (1, 1000)}[case]
+    # shapes whose tiling fills the device (PromptFlashAttention's blockDim B·N·⌈Sq/128⌉ >= 24
+    # cores), as the built-in it is compared with does: a smaller one runs on fewer cores
+    sq, skv = {"prefill": (512, 512), "extend": (320, 512), "decode": (1, 1000)}[case]
     q, o = timing_only("f16", [B, N, sq, D]), timing_only("f16", [B, N, sq, D])
     kv = {"k": timing_only("f16", [B, KVN, skv, D]), "v": timing_only("f16", [B, KVN, skv, D])}
     mask = {} if case == "decode" else {"m": T("bool", [2048, 2048], data=None)}
@@ -682,6 +684,25 @@ def test_fused_attention_costs_what_the_attention_builtins_cost(case: str, aclnn
     else:
         busy, counts = busy_pair(aclnn, op, "attention_decode", "<QQQQIIIIIi", [0, 0, 0, 0, B, N, KVN, skv, D, 1])
         assert_same_busy(busy, "IncreFlashAttention", "attention_decode")
+
+
+def test_a_small_tiling_runs_on_fewer_cores(aclnn) -> None:
+    """A 64-token chunk tiles PromptFlashAttention over B·N·⌈64/128⌉ = 16 of the 24 cube cores
+    (its blockDim; mix kernels count cube cores): it costs what the built-in costs on 16 cores,
+    and more than on the whole device (the contexts mode's compute scales with cores held)."""
+    B, N, KVN, D, sq, skv = 2, 8, 2, 128, 64, 512
+    q, o = timing_only("f16", [B, N, sq, D]), timing_only("f16", [B, N, sq, D])
+    kv = {"k": timing_only("f16", [B, KVN, skv, D]), "v": timing_only("f16", [B, KVN, skv, D])}
+    op = op_case("aclnnFusedInferAttentionScoreV2", {"q": q, "o": o, **kv, "m": T("bool", [2048, 2048], data=None)},
+                 fia_args("q", "k", "v", "o", mask="m", heads=N, kv_heads=KVN, scale=0.1, layout="BNSD", sparse=3), [])
+    vals = [0, 0, 0, 0, B, N, KVN, sq, skv, D, 1]
+    ext = {"builtin": "attention_extend", "fmt": "<QQQQIIIIIIi", "values": vals}
+    busy, _ = busy_pair(aclnn, op, "attention_extend", ext["fmt"], vals, block_dim=16)
+    assert_same_busy(busy, "PromptFlashAttention", "attention_extend")
+    res, pid, _ = aclnn([ext], kernels=True)  # the built-in on the whole device, alone
+    assert res[0]["rc"] == 0, res
+    full = aclnn.emu.client(pid)["busy_by_name"]["attention_extend"]
+    assert busy["PromptFlashAttention"] > 1.3 * full, (busy, full)
 
 
 def test_band_cost_is_counted_exactly_for_long_sequences(aclnn) -> None:

@@ -6,7 +6,8 @@ runs every case on device 0 and prints one JSON line per case, then {"pid": ...}
   {"tensors": {name: spec}, "call": "aclnnAdd", "args": [arg, ...], "read": [name, ...],
    "run_as": optional second-call name, "runs": how many times to run the executor (default 1),
    "repeatable": bool, "null_stream": bool}
-  {"builtin": "gemm", "fmt": "<QQQIIIi", "values": [...]}   a built-in kernel launch
+  {"builtin": "gemm", "fmt": "<QQQIIIi", "values": [...], "block_dim": 48}   a built-in kernel
+                                                             launch (block_dim: default 48)
   {"sync": true}                                             synchronise the stream
 
 A tensor spec: {"dtype": "f16", "shape": [...], "strides": [...], "offset": 0, "storage": [...],
@@ -47,6 +48,7 @@ acl.aclrtFree.argtypes = [P]
 acl.aclGetRecentErrMsg.restype = C.c_char_p
 acl.aclrtBinaryLoadFromFile.argtypes = [C.c_char_p, P, C.POINTER(P)]
 acl.aclrtBinaryGetFunction.argtypes = [P, C.c_char_p, C.POINTER(P)]
+FULL_BLOCK_DIM = 48  # every core of a class on a 910B or a 910C die (docs/emulator.md)
 acl.aclrtLaunchKernel.argtypes = [P, C.c_uint32, P, C.c_size_t, P]
 nnop.aclCreateTensor.restype = P
 nnop.aclCreateTensor.argtypes = [C.POINTER(C.c_int64), C.c_uint64, C.c_int, C.POINTER(C.c_int64), C.c_int64,
@@ -242,7 +244,10 @@ def main() -> None:
                 check(acl.aclrtBinaryGetFunction(binh, case["builtin"].encode(), C.byref(f)), "aclrtBinaryGetFunction")
                 funcs[case["builtin"]] = f
             args = struct.pack(case["fmt"], *case["values"])
-            rc = acl.aclrtLaunchKernel(funcs[case["builtin"]], 1, args, len(args), stream)
+            # a built-in that fills the device (every core of its class), as the operators' tiling
+            # does for the shapes the cost tests compare
+            block_dim = case.get("block_dim", FULL_BLOCK_DIM)
+            rc = acl.aclrtLaunchKernel(funcs[case["builtin"]], block_dim, args, len(args), stream)
             print(json.dumps({"rc": rc}), flush=True)
         elif case.get("sync"):
             print(json.dumps({"rc": acl.aclrtSynchronizeStream(stream)}), flush=True)

@@ -229,12 +229,27 @@ struct aclOpExecutor *nn_executor_new(const char *api, enum nn_kernel_id kernel,
     return ex;
 }
 
+/* Executors freed lately, kept (dead, their magic cleared) before their memory goes back to
+ * malloc: a program that runs a one-shot executor twice, or destroys one after its run, then
+ * gets ACLNN_ERR_PARAM_INVALID instead of a double free, for the next NN_EXECUTOR_QUARANTINE
+ * executors it makes. */
+#define NN_EXECUTOR_QUARANTINE 256
+static struct aclOpExecutor *g_dead[NN_EXECUTOR_QUARANTINE];
+static unsigned g_dead_next;
+static pthread_mutex_t g_dead_lock = PTHREAD_MUTEX_INITIALIZER;
+
 void nn_executor_free(struct aclOpExecutor *ex)
 {
     if (!ex) return;
     ex->head.magic = 0;
     free(ex->priv);
-    free(ex);
+    ex->priv = NULL;
+    pthread_mutex_lock(&g_dead_lock);
+    struct aclOpExecutor *old = g_dead[g_dead_next];
+    g_dead[g_dead_next] = ex;
+    g_dead_next = (g_dead_next + 1) % NN_EXECUTOR_QUARANTINE;
+    pthread_mutex_unlock(&g_dead_lock);
+    free(old);
 }
 
 int nn_take(struct aclOpExecutor *ex, const char *api, const aclTensor *t, const char *what, struct nn_view **out)
