@@ -181,6 +181,20 @@ def test_by_totals_when_there_are_no_histograms() -> None:
     assert C.classify(decode).source == "shape"
 
 
+
+def test_work_without_a_kernel_is_no_evidence_of_decode() -> None:
+    """Copies or a synchronisation but no kernel launched: a new process is not called
+    decode (flexpd would put it first), and a known one keeps what it ran before."""
+    c = PhaseClassifier()
+    copies = feats(dispatches=3, launches=0, iterations=0, iter_ns=0, h2d_bytes=1 << 20, open_iter_ns=2 * MS)
+    v = c.classify(copies, key=1)
+    assert (v.phase, v.source) == ("idle", "idle"), v
+    assert c.classify(feats(dispatches=79, launches=78, iterations=1, iter_ns=90 * MS), key=1).phase == "prefill"
+    v = c.classify(copies, key=1)
+    assert (v.phase, v.source) == ("prefill", "shape") and "no kernel launched" in v.reason, v
+    assert c.classify(copies, key=2).phase == "idle"  # another process: its own history
+
+
 # ---------------------------------------------------------------- snapshots
 
 

@@ -135,6 +135,7 @@ class _Point:
 class _ProcessState:
     hist: dict[tuple[int, int, int], list[float]] = field(default_factory=dict)  # iters, ns, launches
     cost: dict[tuple[str, str], float] = field(default_factory=dict)  # (signal, P|D) -> ns per call
+    seen: PhaseVerdict | None = None  # the last verdict some work gave evidence for
 
 
 class ShapeModel:
@@ -277,8 +278,15 @@ class PhaseClassifier:
             return PhaseVerdict(role, "role", 1.0 if role == "prefill" else 0.0, f"FLEXNPU_ROLE={role}")
         for source in ("aclnn", "kernel", "shape"):
             if by[source] is not None:
+                st.seen = by[source]
                 return by[source]
-        return PhaseVerdict("decode", "shape", 0.0, "no kernel launched")
+        # work pending (copies, a synchronisation) but no kernel launched: no evidence of a
+        # phase. What the process ran before stands; a process that has launched nothing yet
+        # is not called decode (under flexpd that would put a new, unknown process first).
+        if st.seen is not None:
+            v = st.seen
+            return PhaseVerdict(v.phase, v.source, v.prefill_share, f"no kernel launched; as before ({v.reason})")
+        return PhaseVerdict("idle", "idle", 0.0, "no kernel launched yet")
 
     # ---------------------------------------------------------------- verdicts
     def _verdict(self, source: str, p_ns: float, d_ns: float, why: str) -> PhaseVerdict | None:
@@ -353,10 +361,12 @@ class PhaseClassifier:
                 d_ns, n_d = d_ns + o, n_d + 1
         return self._verdict("shape", p_ns, d_ns, f"{n_p} prefill-shaped, {n_d} decode-shaped iterations ({desc})")
 
-    def _by_totals(self, f: IntervalFeatures) -> PhaseVerdict:
+    def _by_totals(self, f: IntervalFeatures) -> PhaseVerdict | None:
         """Interval totals only (the shim's counters): per-iteration averages vote; the
         time per launch decides alone, the others need three of four."""
         r = self.rules
+        if f.launches == 0:
+            return None  # nothing launched: the shape of no work tells nothing
         n = f.iterations + (1 if f.open_iter_ns else 0)
         per_iter = max(n, 1)
         span_ns = (f.iter_ns + f.open_iter_ns) / per_iter
