@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def test_shared_memory_sees_writes_both_ways_and_nothing_is_copied(emulator, pee
     assert emu.client(b.pid)["ipc"] == {"exports": 0, "export_bytes": 0, "imports": 1,
                                         "import_bytes": page_round(size)}
     assert emu.client(b.pid)["memory_used"] == 0
+    # and `flexnpu emu status` says so, a line per process
+    text = subprocess.run([sys.executable, "-m", "flexnpu.cli", "emu", "status"], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "FLEXNPU_RUNTIME_DIR": str(emu.rdir),
+                                           "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                           "COLUMNS": "100"}).stdout
+    mib = f"{page_round(size) / MIB:.1f}"
+    assert f"{a.pid}: IPC memory exported 1 ({mib} MiB), imported 0 (0.0 MiB)" in text, text
+    assert f"{b.pid}: IPC memory exported 0 (0.0 MiB), imported 1 ({mib} MiB)" in text, text
 
     # the exporter's bytes, in the importer
     r = ok(b.ask(f"read {hb} 0 {size}"))

@@ -73,6 +73,12 @@ def _mib(n: float) -> str:
     return f"{n / (1 << 20):.1f}"
 
 
+def _held(mem: dict) -> str:
+    """Memory its owner freed that IPC importers still map, where there is some."""
+    held = mem.get("ipc_held", 0)
+    return f" ({_mib(held)} MiB held by IPC imports)" if held else ""
+
+
 @app.command()
 def status(
     json_out: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
@@ -98,7 +104,8 @@ def status(
         con.print(
             f"[bold]device {d['index']}[/] {d['soc']} {d['mode']}  "
             f"{p['peak_tflops']:.0f} TFLOPS  {p['hbm_gbps']:.0f} GB/s HBM\n"
-            f"  memory {_mib(d['memory']['used'])}/{_mib(d['memory']['total'])} MiB  "
+            f"  memory {_mib(d['memory']['used'])}/{_mib(d['memory']['total'])} MiB"
+            f"{_held(d['memory'])}  "
             f"busy {d['busy_ns'] / 1e6:.1f} ms  pending ops {d['pending_ops']}\n"
             f"  cube busy {d['cube_busy_ns'] / 1e6:.1f} ms ({p['cube_cores']} AIC)  "
             f"vector busy {d['vector_busy_ns'] / 1e6:.1f} ms ({p['vector_cores']} AIV)  "
@@ -120,6 +127,10 @@ def status(
             top = sorted(c["busy_by_name"].items(), key=lambda kv: -kv[1])[:4]
             if top:
                 tops.append(f"  {c['pid']}: " + ", ".join(f"{k} {v / 1e6:.3f} ms" for k, v in top))
+            ipc = c.get("ipc") or {}
+            if ipc.get("exports") or ipc.get("imports"):
+                tops.append(f"  {c['pid']}: IPC memory exported {ipc['exports']} ({_mib(ipc['export_bytes'])} MiB), "
+                            f"imported {ipc['imports']} ({_mib(ipc['import_bytes'])} MiB)")
         con.print(t)
         for line in tops:  # busiest names, one line per client, under 80 columns
             con.print(line, soft_wrap=True, highlight=False)

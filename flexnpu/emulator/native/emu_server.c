@@ -951,6 +951,9 @@ static void ipc_export(struct client *c, const struct emu_ipc_req *q)
     char key[EMU_IPC_KEY_LEN];
     int err = 0, fd = -1;
     uint64_t map_bytes = (q->b + EMU_MEM_ALIGN - 1) & ~(uint64_t)(EMU_MEM_ALIGN - 1);
+    /* Blocks are added and removed only by this thread (requests), so the block found here
+     * is still there after the copy, which runs without the device's lock: the model thread
+     * keeps publishing everyone's completions while a large export is copied. */
     pthread_mutex_lock(&d->lock);
     struct block *blk = NULL;
     for (size_t i = 0; i < d->nblocks; i++)
@@ -967,10 +970,20 @@ static void ipc_export(struct client *c, const struct emu_ipc_req *q)
         if (g_nexports >= EMU_IPC_MAX_EXPORTS || count_exports(c, 0) >= EMU_IPC_PER_CLIENT ||
             (capped && count_exports(NULL, c->uid) >= EMU_IPC_PER_UID))
             err = ACL_ERROR_RT_OVER_LIMIT;
-        else if ((fd = sealed_memfd("flexnpu-emu-ipc", map_bytes)) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SEAL) < 0 ||
-                 copy_extents(c->dev[q->device].mem_fd, blk->off, fd, map_bytes) < 0 ||
-                 !(e = calloc(1, sizeof *e)))
+        uint64_t off = blk->off;
+        pthread_mutex_unlock(&d->lock);
+        if (!err && ((fd = sealed_memfd("flexnpu-emu-ipc", map_bytes)) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SEAL) < 0 ||
+                     copy_extents(c->dev[q->device].mem_fd, off, fd, map_bytes) < 0 || !(e = calloc(1, sizeof *e))))
             err = ACL_ERROR_RT_RESOURCE_ALLOC_FAIL;
+        pthread_mutex_lock(&d->lock);
+        blk = NULL;
+        for (size_t i = 0; i < d->nblocks; i++)
+            if (d->blocks[i].off == off && d->blocks[i].owner == c) blk = &d->blocks[i];
+        if (!err && !blk) err = ACL_ERROR_RT_INTERNAL_ERROR; /* cannot happen: see above */
+        if (err && e) {
+            free(e);
+            e = NULL;
+        }
         if (err && fd >= 0) close(fd);
         if (!err) {
             *e = (struct ipc_export){.owner = c, .uid = c->uid, .dev = q->device, .off = blk->off,
