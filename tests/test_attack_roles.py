@@ -44,6 +44,10 @@ KLIB = str(paths.emulator_kernel_library())
 # engine with a queue of prompts). Alone a step is about 8 ms; two sharing the device
 # fairly take about twice that.
 JOB = ["4", "2.0"]
+# the warm-up kernel as long as the steps' ones: a zero-work warm-up alone in the observer's
+# first interval looks like a decode step, and a process doing decode-shaped work is treated as
+# decode whatever it declared (that is the observed phase, not the lie)
+WARM = ["--warm-ms", "2.0"]
 
 
 class Decisions:
@@ -99,7 +103,7 @@ def _setting(node: LocalNode, pid: int) -> dict:
 def _victim(node: LocalNode, seconds: float) -> tuple[subprocess.Popen, int]:
     """Root's prefill job, declared prefill."""
     exe = str(node.rdir / "engine_loop")
-    p = node.spawn([exe, KLIB, "0", *JOB, "--seconds", str(seconds)], role="prefill")
+    p = node.spawn([exe, KLIB, "0", *JOB, *WARM, "--seconds", str(seconds)], role="prefill")
     ready = json.loads(p.stdout.readline())
     assert ready.get("ready"), ready
     return p, ready["pid"]
@@ -111,7 +115,7 @@ def _liar(node: LocalNode, user: str, seconds: float, named: bool = False) -> tu
     exe = str(node.rdir / "engine_loop")
     lib = ([str(node.rdir / "named.fxk")], ["--kernel", "prompt_flash_attention"]) if named else ([KLIB], [])
     p = node.spawn(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", sys.executable, "-m",
-                    "flexnpu.cli", "run", "--role", "decode", "--", exe, *lib[0], "0", *JOB, "--seconds",
+                    "flexnpu.cli", "run", "--role", "decode", "--", exe, *lib[0], "0", *JOB, *WARM, "--seconds",
                     str(seconds), *lib[1]], shim=False, cwd="/", extra_env={"PYTHONPATH": str(REPO)})
     line = p.stdout.readline()
     if not line:
@@ -174,7 +178,8 @@ def test_a_role_the_user_may_not_declare_gives_no_priority(node_dir: Path, membe
             deadline = t_liar + 3.0
             while time.monotonic() < deadline:
                 lst, vst = _setting(node, lpid), _setting(node, vpid)
-                assert lst.get("priority", 0) == 0 and vst.get("priority", 0) == 0, (lst, vst)
+                assert lst.get("priority", 0) == 0 and vst.get("priority", 0) == 0, (
+                    lst, vst, [d.reason for d in seen.about(lpid)][-3:])
                 assert vst.get("inflight", 0) == 0, vst
                 time.sleep(0.1)
             v_ms, l_ms = _shared_steps(victim, liar, (t_liar + 1.0) * 1e3)

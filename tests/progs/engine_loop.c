@@ -4,12 +4,15 @@
  * serving engine waiting for requests: a half-loaded decode instance has GAP ~ its step).
  *
  *   engine_loop KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0] [--kernel NAME]
- *               [--until-stdin]
+ *               [--until-stdin] [--warm-ms W]
  *
  *   --start-ms T0  wait until T0 ms of CLOCK_MONOTONIC (so several loops start together)
  *   --kernel NAME  the kernel to launch (default "synthetic"): a kernel library that maps a
  *                  name such as prompt_flash_attention to the synthetic built-in gives the
  *                  loop a serving engine's kernel name at the same modelled cost
+ *   --warm-ms W    the warm-up kernel's modelled time (default 0: no work). A warm-up as long as
+ *                  the steps' kernels makes even the first interval an observer sees look like
+ *                  the loop's work (a zero-work launch alone looks like a decode step)
  *   --until-stdin  also stop at the first step end that finds a line (or EOF) on stdin; after
  *                  the "done" line wait for one more line (or EOF) before exiting, so a test
  *                  can compare the device's counts with the steps while the process lives
@@ -73,14 +76,14 @@ static void sleep_until(uint64_t t)
 int main(int argc, char **argv)
 {
     if (argc < 5) {
-        fprintf(stderr, "usage: %s KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0] [--kernel NAME]\n",
+        fprintf(stderr, "usage: %s KLIB DEV K MS --seconds S [--gap-ms G] [--tflops T] [--start-ms T0] [--kernel NAME] [--until-stdin] [--warm-ms W]\n",
                 argv[0]);
         return 2;
     }
     const char *klib = argv[1];
     int dev = atoi(argv[2]);
     int k = atoi(argv[3]);
-    double ms = atof(argv[4]), seconds = 0, gap_ms = 0, tflops = 353.9, start_ms = 0;
+    double ms = atof(argv[4]), seconds = 0, gap_ms = 0, tflops = 353.9, start_ms = 0, warm_ms = 0;
     const char *kernel = "synthetic";
     int until_stdin = 0;
     for (int i = 5; i < argc; i++) {
@@ -90,13 +93,14 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--start-ms") && i + 1 < argc) start_ms = atof(argv[++i]);
         else if (!strcmp(argv[i], "--kernel") && i + 1 < argc) kernel = argv[++i];
         else if (!strcmp(argv[i], "--until-stdin")) until_stdin = 1;
+        else if (!strcmp(argv[i], "--warm-ms") && i + 1 < argc) warm_ms = atof(argv[++i]);
         else {
             fprintf(stderr, "%s: unknown argument %s\n", argv[0], argv[i]);
             return 2;
         }
     }
-    if (k <= 0 || ms <= 0 || seconds <= 0 || gap_ms < 0) {
-        fprintf(stderr, "%s: need K > 0, MS > 0, --seconds > 0, --gap-ms >= 0\n", argv[0]);
+    if (k <= 0 || ms <= 0 || seconds <= 0 || gap_ms < 0 || warm_ms < 0) {
+        fprintf(stderr, "%s: need K > 0, MS > 0, --seconds > 0, --gap-ms >= 0, --warm-ms >= 0\n", argv[0]);
         return 2;
     }
     CHECK(aclInit(NULL));
@@ -107,7 +111,7 @@ int main(int argc, char **argv)
     CHECK(aclrtBinaryGetFunction(bin, kernel, &f));
     aclrtStream s;
     CHECK(aclrtCreateStream(&s));
-    struct synthetic_args warm = {0, 0};
+    struct synthetic_args warm = {tflops * 1e12 * warm_ms / 1e3, 0};
     uint64_t first = now_ns();
     CHECK(aclrtLaunchKernel(f, FULL_BLOCK_DIM, &warm, sizeof warm, s));
     CHECK(aclrtSynchronizeStream(s));
