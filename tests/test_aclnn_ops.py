@@ -24,6 +24,7 @@ import pytest
 
 from flexnpu import paths
 from flexnpu.observe.phase import classify_name
+from flexnpu.workload.acl import FULL_BLOCK_DIM
 from forward_fixtures import run_program, shim_env  # noqa: F401  (fixtures are used by name)
 
 PROGS = Path(__file__).resolve().parent / "progs" / "aclnn"
@@ -636,7 +637,8 @@ def timing_only(dtype: str, shape: list[int]) -> T:
     return T(dtype, shape, data=None)
 
 
-def busy_pair(aclnn, op: dict, builtin: str, fmt: str, vals: list, block_dim: int = 48) -> tuple[dict, dict]:
+def busy_pair(aclnn, op: dict, builtin: str, fmt: str, vals: list,
+              block_dim: int = FULL_BLOCK_DIM) -> tuple[dict, dict]:
     """Runs the operator and the built-in in one process; returns its busy and count by name."""
     res, pid, _ = aclnn([op, {"builtin": builtin, "fmt": fmt, "values": vals, "block_dim": block_dim}], kernels=True)
     ok(res[0])

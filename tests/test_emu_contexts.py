@@ -14,12 +14,12 @@ On the 910b profile: 24 cube cores, 48 vector cores; a synthetic kernel of 2 ms 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from test_emu_cli import cli, one_line  # noqa: F401  (the `cli` fixture: the installed flexnpu)
+from test_emu_timing import corun_processes, makespan_ms
 
 TOL = 0.05
 MS = 1e6  # ns per ms
@@ -78,36 +78,13 @@ def test_cli_context_switch_option(cli):  # noqa: F811
 
 # ---------------------------------------------------------------- processes take turns
 
-def corun_processes(emu, spawn, workload, klib, jobs, lead_s=0.5) -> tuple[list[dict], float]:
-    """One `timing` process per (kernel, flops, hbm, n), all starting their batch at the same
-    CLOCK_MONOTONIC instant; a run whose starts are more than 2 ms apart (a loaded machine) is
-    tried again. Returns the results and the skew in ms."""
-    for _attempt in range(4):
-        start_at = time.monotonic_ns() + int(lead_s * 1e9)
-        procs = [spawn([workload, "timing", klib, repr(f), repr(h), n, "--kernel", k, "--start-at", start_at])
-                 for k, f, h, n in jobs]
-        results = [p.read(timeout=30) for p in procs]
-        for p, r in zip(procs, results):
-            assert r.get("ok"), r
-            assert p.proc.wait(timeout=10) == 0
-        skew = (max(r["t_start_ns"] for r in results) - min(r["t_start_ns"] for r in results)) / MS
-        if skew < 2.0:
-            break
-    assert skew < 5.0, f"the processes did not start together: {results}"
-    return results, skew
-
-
-def makespan_ms(results: list[dict]) -> float:
-    return (max(r["t_end_ns"] for r in results) - min(r["t_start_ns"] for r in results)) / MS
-
-
 def test_two_processes_never_overlap_and_pay_the_switch(emulator, spawn, workload, core_kernels):
     sw_us = 250.0
     emu = emulator(context_switch_us=sw_us)
     f, h = emu.flops_for_ms(2), emu.hbm_bytes_for_ms(2)
     before = emu.device()
     # a compute-bound and a memory-bound kernel: `shared` would overlap them (about 20 ms)
-    (a, b), _ = corun_processes(emu, spawn, workload, core_kernels, [("mix_k", f, 0, 10), ("plain_k", 0, h, 10)])
+    (a, b), _, _ = corun_processes(emu, spawn, workload, core_kernels, [("mix_k", f, 0, 10), ("plain_k", 0, h, 10)])
     after = emu.device()
     switches = after["context_switches"] - before["context_switches"]
     busy = after["busy_ns"] - before["busy_ns"]

@@ -170,14 +170,22 @@ static void release_block(struct device *d, size_t i)
     remove_block(d, i);
 }
 
-static int dev_free(struct device *d, struct client *c, uint64_t off, uint64_t *size)
+/* The allocation of client c that starts at off, or NULL. */
+static struct block *block_at(struct device *d, const struct client *c, uint64_t off)
 {
     for (size_t i = 0; i < d->nblocks; i++)
-        if (d->blocks[i].off == off && d->blocks[i].owner == c) {
-            *size = d->blocks[i].size;
-            release_block(d, i);
-            return 0;
-        }
+        if (d->blocks[i].off == off && d->blocks[i].owner == c) return &d->blocks[i];
+    return NULL;
+}
+
+static int dev_free(struct device *d, struct client *c, uint64_t off, uint64_t *size)
+{
+    struct block *b = block_at(d, c, off);
+    if (b) {
+        *size = b->size;
+        release_block(d, (size_t)(b - d->blocks));
+        return 0;
+    }
     return ACL_ERROR_INVALID_PARAM;
 }
 
@@ -955,9 +963,7 @@ static void ipc_export(struct client *c, const struct emu_ipc_req *q)
      * is still there after the copy, which runs without the device's lock: the model thread
      * keeps publishing everyone's completions while a large export is copied. */
     pthread_mutex_lock(&d->lock);
-    struct block *blk = NULL;
-    for (size_t i = 0; i < d->nblocks; i++)
-        if (d->blocks[i].off == q->a && d->blocks[i].owner == c) blk = &d->blocks[i];
+    struct block *blk = block_at(d, c, q->a);
     struct ipc_export *e = blk ? blk->exp : NULL;
     if (!blk || q->b == 0 || map_bytes < q->b || map_bytes > blk->size)
         err = ACL_ERROR_RT_PARAM_INVALID; /* not the start of an allocation, or more than it */
@@ -976,9 +982,7 @@ static void ipc_export(struct client *c, const struct emu_ipc_req *q)
                      copy_extents(c->dev[q->device].mem_fd, off, fd, map_bytes) < 0 || !(e = calloc(1, sizeof *e))))
             err = ACL_ERROR_RT_RESOURCE_ALLOC_FAIL;
         pthread_mutex_lock(&d->lock);
-        blk = NULL;
-        for (size_t i = 0; i < d->nblocks; i++)
-            if (d->blocks[i].off == off && d->blocks[i].owner == c) blk = &d->blocks[i];
+        blk = block_at(d, c, off);
         if (!err && !blk) err = ACL_ERROR_RT_INTERNAL_ERROR; /* cannot happen: see above */
         if (err && e) {
             free(e);
