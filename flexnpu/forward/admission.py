@@ -52,6 +52,7 @@ class Client:
     pidfd: int
     conn: socket.socket | None
     page: ClientPage | None
+    mode: int = 0  # enum fx_mode, as declared
     since: float = field(default_factory=time.monotonic)
 
 
@@ -107,7 +108,7 @@ class Registry:
     def add(self, c: Client, kept: bool, defaults: dict) -> None:
         with self.lock:
             self.clients[c.slot] = c
-            self.table.admit(c.slot, c.pid, c.uid, c.role, c.start_time, SLOT_ADMITTED)
+            self.table.admit(c.slot, c.pid, c.uid, c.role, c.start_time, SLOT_ADMITTED, c.mode)
             if not kept:
                 self.table.write_slot(c.slot, defaults["gate"], defaults["priority"], defaults["max_hold_ns"],
                                       defaults.get("inflight", 0), None)
@@ -227,7 +228,7 @@ class Admission:
         self._reply(conn, -status, reason=reason)
         conn.close()
 
-    def admit(self, conn: socket.socket | None, peer: access.Peer, role: int) -> Client | None:
+    def admit(self, conn: socket.socket | None, peer: access.Peer, role: int, mode: int = 0) -> Client | None:
         """Admits an identified peer (conn None: a test's direct admission). On refusal the
         peer's pidfd is closed and nothing is left behind."""
         import errno
@@ -264,7 +265,7 @@ class Admission:
                     self.table.free(slot)
                 refuse(errno.ENOMEM, f"device {self.device}: no page for a client: {e}")
                 return None
-            c = Client(slot, peer.pid, peer.uid, role, peer.start_time, peer.pidfd, conn, page)
+            c = Client(slot, peer.pid, peer.uid, role, peer.start_time, peer.pidfd, conn, page, mode if mode in (0, 1) else 0)
             d = self.defaults()
             reg.add(c, kept, d)
         if conn is not None:
@@ -299,7 +300,7 @@ class Admission:
         if len(data) < L["hello_size"]:
             conn.close()  # hung up, or not a shim
             return
-        magic, version, role, _ = struct.unpack_from("<IIII", data)
+        magic, version, role, mode = struct.unpack_from("<IIII", data)
         if magic != L["hello_magic"] or version != L["version"]:
             self._refuse(conn, 71, f"device {self.device}: the gate speaks version {L['version']}; "
                                    f"this shim speaks {version}", None)
@@ -312,7 +313,7 @@ class Admission:
             return
         conn.setblocking(True)
         conn.settimeout(1.0)  # a full socket buffer must not stall admission of others
-        self.admit(conn, peer, role)
+        self.admit(conn, peer, role, mode)
 
     def _serve(self) -> None:
         poller = select.poll()
@@ -378,7 +379,7 @@ class Admission:
                 rewatch()
 
 
-def request_admission(path: Path, role: int = 0, timeout: float = 5.0) -> tuple[dict, list[int], socket.socket]:
+def request_admission(path: Path, role: int = 0, timeout: float = 5.0, mode: int = 0) -> tuple[dict, list[int], socket.socket]:
     """What a shim does at attach, from Python (tests, diagnostics): connect, say hello, read
     the answer. Returns (answer, fds, connection); the connection must stay open for the
     admission to stand."""
@@ -386,7 +387,7 @@ def request_admission(path: Path, role: int = 0, timeout: float = 5.0) -> tuple[
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     s.connect(str(path))
-    s.send(struct.pack("<IIII", L["hello_magic"], L["version"], role, 0))
+    s.send(struct.pack("<IIII", L["hello_magic"], L["version"], role, mode))
     msg, fds, _, _ = socket.recv_fds(s, L["welcome_size"], 4)
     magic, version, status, slot = struct.unpack_from("<IIiI", msg)
     reason = msg[L["reason_offset"]:].split(b"\0", 1)[0].decode(errors="replace")

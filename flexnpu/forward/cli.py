@@ -127,13 +127,13 @@ def gate_list(
         typer.echo(json.dumps(reply))
         return
     t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))  # under 80 columns; the rest: --json
-    for col in ("pid", "role", "gate", "prio", "owner", "budget", "kernels", "mem MiB", "iters", "held ms"):
-        t.add_column(col, justify="left" if col in ("role", "gate", "owner") else "right", no_wrap=True)
+    for col in ("pid", "role", "mode", "gate", "prio", "owner", "budget", "kernels", "mem MiB", "iters", "held ms"):
+        t.add_column(col, justify="left" if col in ("role", "mode", "gate", "owner") else "right", no_wrap=True)
     short = {None: "-", "controller": "ctl", "manual": "man"}
     for v in reply["clients"]:
         budget = f"{v['inflight'] or '-'}/{v['inflight_now']}"
         held = (v["gate_wait_ns"] + v["inflight_wait_ms"] * 1e6) / 1e6
-        t.add_row(str(v["pid"]), v["role"], v["gate"], str(v["priority"]), short.get(v["owner"], "?"), budget,
+        t.add_row(str(v["pid"]), v["role"], "fwd" if v.get("mode") == "forward" else "gated", v["gate"], str(v["priority"]), short.get(v["owner"], "?"), budget,
                   str(v["ops"]["kernel"]), f"{v['mem_held'] / 2**20:.1f}", str(v["iterations"]), f"{held:.1f}")
     Console(width=80).print(t)
     lease = reply.get("controller")

@@ -85,8 +85,8 @@ class ForwardDaemon:
         for i in range(self.table.max_slots):
             if i in kept:
                 pid, start = kept[i]
-                self.table.admit(i, pid, self.table.settings(i)["uid"], self.table.settings(i)["role"], start,
-                                 SLOT_RESERVED)
+                t = self.table.settings(i)
+                self.table.admit(i, pid, t["uid"], t["role"], start, SLOT_RESERVED, t["mode"])
                 self.registry.reserved[i] = Reserved(i, pid, start, until)
             else:
                 self.table.free(i)

@@ -31,6 +31,7 @@ OWNERS = {0: None, 1: "controller", 2: "manual"}  # enum fx_owner: who set a slo
 OWNER_IDS = {v: k for k, v in OWNERS.items()}
 ROLES = {0: "auto", 1: "prefill", 2: "decode"}
 ROLE_IDS = {v: k for k, v in ROLES.items()}
+MODES = {0: "gated", 1: "forward"}  # enum fx_mode
 _FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
@@ -46,7 +47,7 @@ def gate_library() -> ctypes.CDLL:
     lib.fx_wake.argtypes = [vp]
     lib.fx_defaults_set.argtypes = [vp, u32, u32, u64]
     lib.fx_grace_set.argtypes = [vp, u64]
-    lib.fx_slot_admit.argtypes = [vp, ctypes.c_int, i32, u32, u32, u64, u32]
+    lib.fx_slot_admit.argtypes = [vp, ctypes.c_int, i32, u32, u32, u32, u64, u32]
     lib.fx_slot_free.argtypes = [vp, ctypes.c_int]
     lib.fx_open_all.argtypes = [vp]
     lib.fx_map.argtypes = [ctypes.c_int, sz, ctypes.c_int]
@@ -167,6 +168,7 @@ class SlotView:
     pid: int
     uid: int
     role: str
+    mode: str
     pending: bool
     waiting: int
     released: bool
@@ -290,6 +292,7 @@ class GateTable:
             c.update(page.read())
         return SlotView(
             slot=i, state=t["state"], gen=t["gen"], pid=t["pid"], uid=t["uid"], role=ROLES.get(t["role"], "auto"),
+            mode=MODES.get(t["mode"], "gated"),
             pending=bool(c["pending"]), waiting=c["waiting"], released=bool(c["released"]),
             ops=c["ops"], bytes=c["bytes"], memset_bytes=c["memset_bytes"], mem_held=c["mem_held"],
             mem_peak=c["mem_peak"], iterations=c["iterations"], iter_ns_total=c["iter_ns_total"],
@@ -323,9 +326,10 @@ class GateTable:
         self._writable()
         self.lib.fx_grace_set(self.ctl_addr, grace_ns)
 
-    def admit(self, i: int, pid: int, uid: int, role: int, start_time: int, state: int = SLOT_ADMITTED) -> None:
+    def admit(self, i: int, pid: int, uid: int, role: int, start_time: int, state: int = SLOT_ADMITTED,
+              mode: int = 0) -> None:
         self._writable()
-        self.lib.fx_slot_admit(self.ctl_addr, i, pid, uid, role, start_time, state)
+        self.lib.fx_slot_admit(self.ctl_addr, i, pid, uid, role, mode, start_time, state)
 
     def free(self, i: int) -> None:
         self._writable()

@@ -18,7 +18,7 @@ from flexnpu.forward.gate import GATE_OPEN, SLOT_FREE, GateTable, SummaryThread,
 
 log = logging.getLogger("flexnpu.daemon")
 
-DRIFT_KEYS = ("gate", "priority", "max_hold_ns", "inflight_max", "owner", "pid", "uid", "role", "state")
+DRIFT_KEYS = ("gate", "priority", "max_hold_ns", "inflight_max", "owner", "pid", "uid", "role", "mode", "state")
 
 
 class GateSettings:
@@ -55,7 +55,7 @@ class GateSettings:
                 if now != mine:
                     diff = ", ".join(f"{k} {mine[k]} -> {now[k]}" for k in DRIFT_KEYS if now[k] != mine[k])
                     out.append(f"slot {i}: {diff}")
-                    self.table.admit(i, mine["pid"], mine["uid"], mine["role"], t["start_time"], mine["state"])
+                    self.table.admit(i, mine["pid"], mine["uid"], mine["role"], t["start_time"], mine["state"], mine["mode"])
                     self.table.write_slot(i, mine["gate"], mine["priority"], mine["max_hold_ns"],
                                           mine["inflight_max"], protocol_owner(mine["owner"]))
                     self.record(i)

@@ -56,6 +56,9 @@
 
 enum fx_gate { FX_GATE_OPEN = 0, FX_GATE_CLOSED = 1 };
 enum fx_role { FX_ROLE_AUTO = 0, FX_ROLE_PREFILL = 1, FX_ROLE_DECODE = 2 };
+/* How the client runs: gated (its own context; the shim holds its calls) or forwarded (its
+ * calls are entries in a ring the device's executor runs in the one context it owns). */
+enum fx_mode { FX_MODE_GATED = 0, FX_MODE_FORWARD = 1 };
 /* RESERVED: a slot adopted by a restarted daemon, kept for its live process to reconnect */
 enum fx_slot_state { FX_SLOT_FREE = 0, FX_SLOT_ADMITTED = 2, FX_SLOT_RESERVED = 3 };
 enum fx_owner { FX_OWNER_NONE = 0, FX_OWNER_CONTROLLER = 1, FX_OWNER_MANUAL = 2 };
@@ -74,7 +77,7 @@ struct __attribute__((aligned(64))) fx_ctl_slot { /* daemon-written */
     _Atomic uint32_t state;        /* enum fx_slot_state */
     _Atomic uint32_t uid;          /* the admitted process's effective uid */
     _Atomic uint32_t role;         /* enum fx_role, as the client declared it at admission */
-    uint32_t pad;
+    _Atomic uint32_t mode;         /* enum fx_mode, as the client declared it at admission */
     _Atomic uint64_t start_time;   /* /proc/<pid>/stat starttime: the process, across pid reuse */
 };
 
@@ -136,7 +139,7 @@ struct fx_hello {
     uint32_t magic;   /* FX_HELLO_MAGIC */
     uint32_t version; /* FX_GATE_VERSION */
     uint32_t role;    /* enum fx_role */
-    uint32_t pad;
+    uint32_t mode;    /* enum fx_mode */
 };
 
 struct fx_welcome {

@@ -83,7 +83,8 @@ EXPORT const char *fx_layout(void)
     P(F(struct fx_ctl_slot, gen)); P(","); P(F(struct fx_ctl_slot, changed_ns)); P(",");
     P(F(struct fx_ctl_slot, inflight_max)); P(","); P(F(struct fx_ctl_slot, owner)); P(",");
     P(F(struct fx_ctl_slot, state)); P(","); P(F(struct fx_ctl_slot, uid)); P(",");
-    P(F(struct fx_ctl_slot, role)); P(","); P(F(struct fx_ctl_slot, start_time));
+    P(F(struct fx_ctl_slot, role)); P(","); P(F(struct fx_ctl_slot, mode)); P(",");
+    P(F(struct fx_ctl_slot, start_time));
     P("}},\"page\":{\"size\":%zu,\"fields\":{", sizeof(struct fx_page));
     P(F(struct fx_page, magic)); P(","); P(F(struct fx_page, version)); P(","); P(F(struct fx_page, slot)); P(",");
     P(F(struct fx_page, change_seq)); P(","); P(F(struct fx_page, pending)); P(",");
@@ -151,14 +152,16 @@ EXPORT void fx_defaults_set(struct fx_ctl_seg *ctl, uint32_t gate, uint32_t prio
 
 EXPORT void fx_grace_set(struct fx_ctl_seg *ctl, uint64_t grace_ns) { atomic_store(&ctl->pending_grace_ns, grace_ns); }
 
-/* Records who the daemon admitted into a slot (pid, uid from the kernel; role as declared). */
+/* Records who the daemon admitted into a slot (pid, uid from the kernel; role and mode as
+ * declared). */
 EXPORT void fx_slot_admit(struct fx_ctl_seg *ctl, int slot, int32_t pid, uint32_t uid, uint32_t role,
-                          uint64_t start_time, uint32_t state)
+                          uint32_t mode, uint64_t start_time, uint32_t state)
 {
     struct fx_ctl_slot *s = &ctl->slots[slot];
     atomic_fetch_add(&s->gen, 1);
     atomic_store(&s->uid, uid);
     atomic_store(&s->role, role);
+    atomic_store(&s->mode, mode);
     atomic_store(&s->start_time, start_time);
     atomic_store(&s->pid, pid);
     atomic_store(&s->state, state);
@@ -172,6 +175,7 @@ EXPORT void fx_slot_free(struct fx_ctl_seg *ctl, int slot)
     atomic_store(&s->pid, 0);
     atomic_store(&s->uid, 0);
     atomic_store(&s->role, 0);
+    atomic_store(&s->mode, 0);
     atomic_store(&s->start_time, 0);
     atomic_store(&s->gate, atomic_load(&ctl->default_gate));
     atomic_store(&s->priority, atomic_load(&ctl->default_priority));
