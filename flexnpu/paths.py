@@ -123,6 +123,22 @@ def gate_socket(device: int, rdir: Path | None = None) -> Path:
     return Path(rdir or runtime_dir()) / f"gate-{device}.sock"
 
 
+def executor_socket(device: int, rdir: Path | None = None) -> Path:
+    """A device's executor: forwarded clients connect here once admitted (unix SOCK_SEQPACKET,
+    made and held by the daemon, so it outlives an executor's restart)."""
+    return Path(rdir or runtime_dir()) / f"exec-{device}.sock"
+
+
+def executor_binary() -> Path:
+    """The executor of one device (started by its daemon)."""
+    return _native() / "bin" / "flexnpu-executor"
+
+
+def forward_shim_library() -> Path:
+    """The shim's forward build: every AscendCL call goes to the device's executor."""
+    return native_lib_dir() / "libflexnpu_fwd.so"
+
+
 def gate_table(device: int, rdir: Path | None = None) -> Path:
     """A device's gate table, gate-N.ctl (daemon-written; clients map it read-only)."""
     return Path(rdir or runtime_dir()) / f"gate-{device}.ctl"

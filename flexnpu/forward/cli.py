@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -238,7 +239,7 @@ def shim_library() -> str:
 
 
 def run_env(devices: Optional[str], role: str, mem_quota: Optional[str], debug: bool,
-            base: dict[str, str]) -> dict[str, str]:
+            base: dict[str, str], forward: bool = False) -> dict[str, str]:
     """The environment `flexnpu run` gives a program; ValueError for bad input."""
     env = dict(base)
     if role not in ("prefill", "decode", "auto"):
@@ -258,7 +259,8 @@ def run_env(devices: Optional[str], role: str, mem_quota: Optional[str], debug: 
     env["FLEXNPU_ROLE"] = role
     if debug:
         env["FLEXNPU_DEBUG"] = "1"
-    env["LD_PRELOAD"] = shim_library() + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+    lib = str(paths.forward_shim_library()) if forward else shim_library()
+    env["LD_PRELOAD"] = lib + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
     env.setdefault("FLEXNPU_RUNTIME_DIR", str(paths.runtime_dir()))
     if not _real_cann_present():
         # no CANN on this node: programs get the emulated device, as `flexnpu emu env` sets up
@@ -299,6 +301,49 @@ def gate_refusal() -> str | None:
     return None
 
 
+def forward_refusal(devices: Optional[str], exe: str) -> str | None:
+    """Why the program cannot run forwarded here (None: it can): a device it is given has no
+    executor, or the program itself imports an AscendCL call the forwarder does not carry."""
+    rdir = paths.runtime_dir()
+    wanted = [int(d) for d in devices.split(",")] if devices else None
+    if wanted is None:
+        try:
+            wanted = sorted(int(m.group(1)) for p in rdir.iterdir() if (m := re.fullmatch(r"gate-(\d+)\.sock", p.name)))
+        except OSError:
+            wanted = []
+        if not wanted:
+            return f"no forwarding daemon runs in {rdir} (start one: flexnpu daemon --device N)"
+    for d in wanted:
+        if not paths.executor_socket(d, rdir).exists():
+            return f"device {d} has no executor (is `flexnpu daemon --device {d}` running, with forwarding?)"
+    missing = sorted(set(_acl_imports(exe)) - set(carried_calls()))
+    if missing:
+        return f"{exe} calls {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}, which forwarding does not carry"
+    return None
+
+
+def carried_calls() -> list[str]:
+    """The AscendCL and aclnn calls the forward build exports (docs/compatibility.md)."""
+    out = subprocess.run(["nm", "-D", "--defined-only", str(paths.forward_shim_library())], capture_output=True,
+                         text=True, check=False).stdout
+    return [ln.split()[-1] for ln in out.splitlines() if ln.split() and ln.split()[-1].startswith("acl")]
+
+
+def _acl_imports(exe: str) -> list[str]:
+    """AscendCL calls an ELF program imports by name (a script's interpreter imports none)."""
+    try:
+        with open(exe, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return []
+    except OSError:
+        return []
+    out = subprocess.run(["nm", "-D", "--undefined-only", exe], capture_output=True, text=True, check=False).stdout
+    names = [ln.split()[-1].split("@")[0] for ln in out.splitlines() if ln.split()]
+    return [n for n in names if n.startswith("acl") and not n.startswith(("aclCreate", "aclDestroy", "aclGet",
+                                                                          "aclSet", "aclInitTensor"))
+            or n.startswith("aclGetRecentErrMsg")]
+
+
 def _not_runnable(name: str, path: str | None) -> tuple[str, int]:
     """Why `name` cannot be run, and the shell's exit code for it (127 not found, 126 found
     but not executable)."""
@@ -326,15 +371,28 @@ def run_command(
     role: Annotated[str, typer.Option(help="prefill, decode or auto.")] = "auto",
     mem_quota: Annotated[Optional[str], typer.Option(help="Cap on device memory per device, e.g. 8G.")] = None,
     debug: Annotated[bool, typer.Option(help="The shim reports what it does on stderr.")] = False,
+    forward: Annotated[bool, typer.Option("--forward", help="Forwarded execution: every AscendCL call runs in the "
+                                          "device's executor, which schedules it op by op.")] = False,
+    fallback: Annotated[str, typer.Option(help="With --forward, where forwarding cannot run this program: 'gated' "
+                                          "runs it gated from the start, 'none' refuses.")] = "none",
 ) -> None:
     """Run a program under the FlexNPU shim; its exit code passes through.
+
+    Gated (the default), the program keeps its own device context and the shim decides when
+    its calls go out. Forwarded (--forward), its calls run in the context of the device's
+    executor, beside every other forwarded program's: docs/architecture.md.
 
     Examples:
       flexnpu run --role prefill -- python serve.py --port 8000
       flexnpu run --device 2,3 --mem-quota 24G -- ./my_acl_program
+      flexnpu run --forward --role decode -- python serve.py --port 8001
+      flexnpu run --forward --fallback gated -- ./my_acl_program
     """
+    if fallback not in ("gated", "none"):
+        err.print(f"flexnpu run: --fallback takes gated or none, not {fallback!r}")
+        raise typer.Exit(2)
     try:
-        env = run_env(device, role, mem_quota, debug, dict(os.environ))
+        env = run_env(device, role, mem_quota, debug, dict(os.environ), forward=forward)
     except ValueError as e:
         err.print(f"flexnpu run: {e}")
         raise typer.Exit(2)
@@ -350,4 +408,12 @@ def run_command(
         problem, code = _not_runnable(cmd[0], env.get("PATH"))
         err.print(f"flexnpu run: {cmd[0]}: {problem}" if cmd[0] else f"flexnpu run: {problem}")
         raise typer.Exit(code)
+    if forward:
+        why = forward_refusal(device, exe)
+        if why and fallback == "gated":
+            err.print(f"flexnpu run: not forwarded ({why}); running gated")
+            env = run_env(device, role, mem_quota, debug, dict(os.environ), forward=False)
+        elif why:
+            err.print(f"flexnpu run: cannot forward: {why}; run it gated (without --forward) or with --fallback gated")
+            raise typer.Exit(1)
     os.execve(exe, cmd, env)

@@ -26,6 +26,7 @@ from flexnpu import paths, rundir, systemd
 from flexnpu.forward import access, protocol
 from flexnpu.forward.admission import PER_UID_CAP, RESERVE_S, Admission, Registry, Reserved
 from flexnpu.forward.control import FD_HEADROOM, ControlServer, raise_fd_limit
+from flexnpu.forward.executor import ExecutorSupervisor
 from flexnpu.forward.gate import SLOT_ADMITTED, SLOT_FREE, SLOT_RESERVED, GateTable, SummaryThread, now_ns
 from flexnpu.forward.settings import GateSettings
 
@@ -45,7 +46,7 @@ class ForwardDaemon:
     def __init__(self, device: int, rdir: Path | None = None, max_hold_ms: float = 200.0,
                  priority: int = 0, gate: str = "open", pending_grace_ms: float = 1.0,
                  admin_group: str | None = None, client_group: str = paths.CLIENT_GROUP,
-                 per_uid_cap: int = PER_UID_CAP):
+                 per_uid_cap: int = PER_UID_CAP, forward: bool = True):
         if device < 0:
             raise ValueError("device must be >= 0")
         if per_uid_cap < 1:
@@ -65,6 +66,8 @@ class ForwardDaemon:
         self.settings: GateSettings | None = None
         self.admission: Admission | None = None
         self.adopted = 0
+        self.forward = forward
+        self.executor: ExecutorSupervisor | None = None
 
     # -- start-up
     def open(self) -> None:
@@ -167,6 +170,15 @@ class ForwardDaemon:
         control = ControlServer(self, self.rdir, self.policy, fd_limit=fd_limit)
         control.bind()
         self.admission.start()
+        if self.forward and ExecutorSupervisor.available():
+            self.executor = ExecutorSupervisor(self.device, self.rdir, self.policy,
+                                               verbose=log.isEnabledFor(logging.DEBUG))
+            try:
+                self.executor.start()
+            except (OSError, RuntimeError) as e:  # gated clients are served all the same
+                log.error("device %d: no forwarded execution: %s", self.device, e)
+                self.executor.stop()
+                self.executor = None
         beat = threading.Thread(target=self._heartbeat, name=f"gate-beat-{self.device}", daemon=True)
         beat.start()
         systemd.notify("READY=1", f"STATUS=forwarding device {self.device}")
@@ -184,6 +196,8 @@ class ForwardDaemon:
     def close(self, control: ControlServer | None = None) -> None:
         if self.admission is not None:
             self.admission.stop()
+        if self.executor is not None:
+            self.executor.stop()
         self.table.open_all()  # nobody stays held by a daemon that is gone
         self.table.heartbeat(False)
         if control is not None:

@@ -124,6 +124,11 @@ def generate(p: RuntimeProfile) -> str:
     wrapped = [s for s in p.symbols if s.wrap]
     for s in wrapped:
         out.append(f"static {s.returns} (*_Atomic real_{s.name})({', '.join(t for t, _ in s.params) or 'void'});")
+    # the forward build's "real" functions (fwd_client.c): exported, so the observer can probe them
+    out.append("#ifdef FX_FORWARD")
+    for s in wrapped:
+        out.append(f"__attribute__((visibility(\"default\"), noinline)) {s.returns} fxf_{s.name}({_params(s)});")
+    out.append("#endif")
     out += ["#endif", "", "#if defined(FX_GEN_WRAPPERS) && !defined(FLEXNPU_SHIM_GEN_WRAPPERS_)",
             "#define FLEXNPU_SHIM_GEN_WRAPPERS_"]
     out.append("")

@@ -37,6 +37,13 @@
 
 #include "gate.h"
 #include "shim_gen.h" /* the runtime profile's definitions */
+#ifdef FX_FORWARD
+#include "fwd_proto.h" /* the forward build: fwd_client.c, included at the end */
+#include "executor.h" /* EX_KEY_LEN */
+#define FX_CLIENT_MODE FX_MODE_FORWARD
+#else
+#define FX_CLIENT_MODE FX_MODE_GATED
+#endif
 
 #define FX_EXPORT __attribute__((visibility("default")))
 #define FX_LIKELY(x) __builtin_expect(!!(x), 1)
@@ -182,7 +189,7 @@ static int fx_connect(int dev, const struct fx_ctl_seg **ctl_out, struct fx_page
     struct timeval tv = {.tv_sec = 2}; /* a daemon that does not answer must not hang the program */
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    struct fx_hello hello = {.magic = FX_HELLO_MAGIC, .version = FX_GATE_VERSION, .role = g_role};
+    struct fx_hello hello = {.magic = FX_HELLO_MAGIC, .version = FX_GATE_VERSION, .role = g_role, .mode = FX_CLIENT_MODE};
     struct fx_welcome w;
     memset(&w, 0, sizeof w);
     union {
@@ -435,7 +442,11 @@ static void fx_gate_wait(struct fx_att *a)
 static inline void fx_gate_at(struct fx_att *a)
 {
     if (!a) return;
+#ifdef FX_FORWARD /* forwarded work is scheduled by the executor, op by op */
+    (void)fx_gate_wait;
+#else
     if (__builtin_expect(!fx_gate_open(a), 0)) fx_gate_wait(a);
+#endif
     struct fx_page *me = fx_me(a);
     if (__builtin_expect(!atomic_load_explicit(&me->pending, memory_order_relaxed), 0)) {
         /* first work since the last sync: the daemon counts it at the priority it set */
@@ -619,6 +630,13 @@ static void *fx_lookup_real(const char *name)
     return p;
 }
 
+#ifdef FX_FORWARD
+/* The forward build: the "real" function is the forwarder's (fwd_client.c). */
+#define FX_REAL(name)                                                                          \
+    do {                                                                                       \
+        if (__builtin_expect(real_##name == NULL, 0)) real_##name = fxf_##name;                \
+    } while (0)
+#else
 /* Resolves the real function once; a missing runtime is reported like a missing device. */
 #define FX_REAL(name)                                                                          \
     do {                                                                                       \
@@ -630,6 +648,7 @@ static void *fx_lookup_real(const char *name)
             }                                                                                  \
         }                                                                                      \
     } while (0)
+#endif
 
 #define FX_GEN_WRAPPERS
 #include "shim_gen.h" /* the generated wrappers */
@@ -776,9 +795,23 @@ FX_EXPORT aclError aclrtGetMemInfo(aclrtMemAttr attr, size_t *free_, size_t *tot
 
 /* ---------------------------------------------------------------- dlsym */
 
+#ifdef FX_FORWARD
+static void *fw_dlsym(const char *name);
+#endif
+
 FX_EXPORT void *dlsym(void *handle, const char *name)
 {
     if (!g_real_dlsym) return NULL; /* before the constructor: cannot happen in practice */
+#ifdef FX_FORWARD
+    /* every AscendCL and aclnn name the program looks up is this library's, found or not in
+     * the runtime it opened: nothing reaches the local runtime's device calls */
+    if (handle != RTLD_NEXT && !strncmp(name, "acl", 3)) {
+        for (int i = 0; i < FX_NUM_WRAPPERS; i++)
+            if (!strcmp(fx_wrappers[i].name, name)) return fx_wrappers[i].wrapper;
+        void *f = fw_dlsym(name);
+        if (f) return f;
+    }
+#endif
     void *real = g_real_dlsym(handle, name);
     if (!real || strncmp(name, "acl", 3) != 0 || handle == RTLD_NEXT) return real;
     for (int i = 0; i < FX_NUM_WRAPPERS; i++) {
@@ -881,3 +914,7 @@ __attribute__((destructor)) static void fx_fini(void)
         if (atomic_exchange(&me->pending, 0)) fx_notify(me);
     }
 }
+
+#ifdef FX_FORWARD
+#include "fwd_client.c"
+#endif

@@ -203,6 +203,9 @@ static void fx_inflight_wait(struct fx_att *a, uint32_t budget, void *stream)
 /* Before a budgeted launch: the budget (0: none), after waiting while it is spent. */
 static inline uint32_t fx_budget(struct fx_att *a, void *stream)
 {
+#ifdef FX_FORWARD
+    return 0; /* the executor keeps forwarded clients' budgets, exactly */
+#endif
     if (!a) return 0;
     uint32_t budget = atomic_load_explicit(&fx_g(a)->inflight_max, memory_order_relaxed);
     if (__builtin_expect(budget != 0, 0) && fx_inflight_outstanding(a) >= budget)
