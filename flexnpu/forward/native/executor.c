@@ -192,7 +192,7 @@ aclrtStream ex_stream(struct ex_client *c, uint64_t h, int *rc)
     if (h == 0) return c->default_stream;
     int64_t i = fwd_handle_index(h, FWD_H_STREAM);
     if (i < 0 || i >= FWD_MAX_STREAMS || !c->streams[i]) {
-        *rc = ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "%#llx is not a stream of this process", (unsigned long long)h);
+        *rc = ex_fail(c, ACL_ERROR_INVALID_PARAM, "%#llx is not a stream of this process", (unsigned long long)h);
         return NULL;
     }
     return c->streams[i];
@@ -202,7 +202,7 @@ static aclrtEvent ev_of(struct ex_client *c, uint64_t h, int *rc)
 {
     int64_t i = fwd_handle_index(h, FWD_H_EVENT);
     if (i < 0 || i >= FWD_MAX_EVENTS || !c->events[i]) {
-        *rc = ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "%#llx is not an event of this process", (unsigned long long)h);
+        *rc = ex_fail(c, ACL_ERROR_INVALID_PARAM, "%#llx is not an event of this process", (unsigned long long)h);
         return NULL;
     }
     return c->events[i];
@@ -344,7 +344,7 @@ static int op_launch(struct ex_client *c, const struct fwd_rec *r, const uint8_t
     int rc = ACL_SUCCESS;
     int64_t fi = fwd_handle_index(r->a[0], FWD_H_FUNC);
     if (fi < 0 || fi >= FWD_MAX_FUNCS || !c->funcs[fi].fn)
-        return ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "aclrtLaunchKernel: %#llx is not a kernel of this process",
+        return ex_fail(c, ACL_ERROR_INVALID_PARAM, "aclrtLaunchKernel: %#llx is not a kernel of this process",
                        (unsigned long long)r->a[0]);
     aclrtStream st = ex_stream(c, r->a[2], &rc);
     if (!st) return rc;
@@ -580,6 +580,7 @@ static int op_ipc_import(struct ex_client *c, const struct fwd_rec *r, const uin
         else {
             m->refs++;
             o[0] = m->base;
+            o[1] = m->size;
         }
         pthread_mutex_unlock(&g_mem_lock);
         if (rc == ACL_ERROR_RT_DRV_INTERNAL_ERROR)
@@ -643,7 +644,7 @@ static int op_stream_create(struct ex_client *c, const struct fwd_rec *r)
 {
     int64_t i = fwd_handle_index(r->a[0], FWD_H_STREAM);
     if (i < 0 || i >= FWD_MAX_STREAMS || c->streams[i])
-        return ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "aclrtCreateStream: bad handle");
+        return ex_fail(c, ACL_ERROR_INVALID_PARAM, "aclrtCreateStream: bad handle");
     int rc = aclrtCreateStreamWithConfig(&c->streams[i], (uint32_t)r->a[1], (uint32_t)r->a[2]);
     return rc ? rt_fail(c, rc, "aclrtCreateStream") : ACL_SUCCESS;
 }
@@ -652,7 +653,7 @@ static int op_stream_destroy(struct ex_client *c, const struct fwd_rec *r)
 {
     int rc = ACL_SUCCESS;
     aclrtStream st = ex_stream(c, r->a[0], &rc);
-    if (!st || st == c->default_stream) return rc ? rc : ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "aclrtDestroyStream: NULL");
+    if (!st || st == c->default_stream) return rc ? rc : ex_fail(c, ACL_ERROR_INVALID_PARAM, "aclrtDestroyStream: NULL");
     for (int k = 0; k < c->inf_n; k++) { /* budget events on it first */
         struct ex_inflight *e = &c->inf[(c->inf_head + k) % EX_INFLIGHT];
         aclrtSynchronizeEvent(e->ev);
@@ -713,7 +714,7 @@ static int op_event(struct ex_client *c, const struct fwd_rec *r, uint64_t *o)
     case FWD_EVENT_CREATE: {
         int64_t i = fwd_handle_index(r->a[0], FWD_H_EVENT);
         if (i < 0 || i >= FWD_MAX_EVENTS || c->events[i])
-            return ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "aclrtCreateEvent: bad handle");
+            return ex_fail(c, ACL_ERROR_INVALID_PARAM, "aclrtCreateEvent: bad handle");
         rc = aclrtCreateEventWithFlag(&c->events[i], (uint32_t)r->a[1]);
         return rc ? rt_fail(c, rc, "aclrtCreateEvent") : ACL_SUCCESS;
     }
@@ -773,7 +774,7 @@ static int op_bin(struct ex_client *c, const struct fwd_rec *r, const uint8_t *p
     if (r->op == FWD_BIN_LOAD) {
         int64_t i = fwd_handle_index(r->a[0], FWD_H_BIN);
         if (i < 0 || i >= FWD_MAX_BINS || c->bins[i].bin)
-            return ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "aclrtBinaryLoad: bad handle");
+            return ex_fail(c, ACL_ERROR_INVALID_PARAM, "aclrtBinaryLoad: bad handle");
         rc = aclrtBinaryLoadFromData(pl, r->plen, NULL, &c->bins[i].bin);
         if (rc) return rt_fail(c, rc, "aclrtBinaryLoadFromData");
         ex_kernel_library_parse(&c->bins[i], pl, r->plen);
@@ -781,7 +782,7 @@ static int op_bin(struct ex_client *c, const struct fwd_rec *r, const uint8_t *p
     }
     int64_t i = fwd_handle_index(r->a[0], FWD_H_BIN);
     if (i < 0 || i >= FWD_MAX_BINS || !c->bins[i].bin)
-        return ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "%#llx is not a binary of this process", (unsigned long long)r->a[0]);
+        return ex_fail(c, ACL_ERROR_INVALID_PARAM, "%#llx is not a binary of this process", (unsigned long long)r->a[0]);
     if (r->op == FWD_BIN_UNLOAD) {
         rc = aclrtBinaryUnLoad(c->bins[i].bin);
         if (rc) return rt_fail(c, rc, "aclrtBinaryUnLoad");
@@ -793,7 +794,7 @@ static int op_bin(struct ex_client *c, const struct fwd_rec *r, const uint8_t *p
     }
     int64_t f = fwd_handle_index(r->a[1], FWD_H_FUNC);
     if (f < 0 || f >= FWD_MAX_FUNCS || c->funcs[f].fn)
-        return ex_fail(c, ACL_ERROR_RT_PARAM_INVALID, "aclrtBinaryGetFunction: bad handle");
+        return ex_fail(c, ACL_ERROR_INVALID_PARAM, "aclrtBinaryGetFunction: bad handle");
     char name[FWD_NAME_LEN];
     size_t n = r->plen < sizeof name - 1 ? r->plen : sizeof name - 1;
     memcpy(name, pl, n);

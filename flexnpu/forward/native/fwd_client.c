@@ -47,12 +47,13 @@ static pthread_mutex_t g_fw_lock = PTHREAD_MUTEX_INITIALIZER; /* connections, ha
 static __thread int t_fdev = -1;  /* the thread's physical device, as forwarded */
 static _Atomic int g_last_fdev = -1;
 static __thread char t_msg[FWD_MSG_LEN];
-static bool g_acl_inited;
+static bool g_acl_inited, g_acl_finalized;
 static uint64_t g_host_bytes = FWD_HOST_DEFAULT;
 
 /* handle tables: the device of each handle this process holds; -1 free */
 static int8_t g_h_stream[FWD_MAX_STREAMS], g_h_event[FWD_MAX_EVENTS], g_h_bin[FWD_MAX_BINS], g_h_func[FWD_MAX_FUNCS];
 static int8_t g_h_ctx[256];
+static struct ex_bin g_bins[FWD_MAX_BINS]; /* kernel names -> built-ins, of FlexNPU kernel libraries */
 static bool g_h_inited;
 
 static void fw_tables_init(void)
@@ -100,9 +101,11 @@ static void fw_release(int8_t *t, int n, uint64_t h, uint32_t kind)
     pthread_mutex_unlock(&g_fw_lock);
 }
 
+static __thread int t_rc; /* the code of the failure t_msg describes */
 static int fw_set_msg(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int fw_set_msg(int rc, const char *fmt, ...)
 {
+    t_rc = rc;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(t_msg, sizeof t_msg, fmt, ap);
@@ -242,6 +245,10 @@ static struct fwc *fw_connect(int dev)
 /* The connection of device dev, made at its first use (admission first). */
 static struct fwc *fw_get(int dev)
 {
+    if (!g_acl_inited) {
+        fw_set_msg(ACL_ERROR_UNINITIALIZE, "aclInit has not been called");
+        return NULL;
+    }
     if (dev < 0 || dev >= FX_MAX_DEVICES) {
         fw_set_msg(ACL_ERROR_RT_CONTEXT_NULL, "no device is set on this thread (aclrtSetDevice)");
         return NULL;
@@ -382,7 +389,7 @@ static int fw_call(struct fwc *w, uint16_t op, const uint64_t *a, const void *p1
 static int fw_call_simple(int dev, uint16_t op, uint64_t a0, uint64_t a1, uint64_t *o)
 {
     struct fwc *w = fw_get(dev);
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     uint64_t a[6] = {a0, a1};
     return fw_call(w, op, a, NULL, 0, NULL, 0, o, NULL);
 }
@@ -462,12 +469,108 @@ static bool fw_host_free(struct fwc *w, void *p)
     return ok;
 }
 
+/* ---------------------------------------------------------------- device ranges */
+
+/* The device memory this process holds (its allocations and imports), to tell the two sides
+ * of an ACL_MEMCPY_DEFAULT copy apart. The executor checks every pointer again. */
+static struct { uint64_t base, size; } *g_dr;
+static int g_ndr, g_cap_dr;
+static pthread_mutex_t g_dr_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void fw_dr_add(uint64_t base, uint64_t size)
+{
+    pthread_mutex_lock(&g_dr_lock);
+    if (g_ndr == g_cap_dr) {
+        int n = g_cap_dr ? g_cap_dr * 2 : 64;
+        void *p = realloc(g_dr, (size_t)n * sizeof *g_dr);
+        if (!p) {
+            pthread_mutex_unlock(&g_dr_lock);
+            return;
+        }
+        g_dr = p;
+        g_cap_dr = n;
+    }
+    int at = g_ndr;
+    while (at > 0 && g_dr[at - 1].base > base) at--;
+    memmove(&g_dr[at + 1], &g_dr[at], (size_t)(g_ndr - at) * sizeof *g_dr);
+    g_dr[at].base = base;
+    g_dr[at].size = size;
+    g_ndr++;
+    pthread_mutex_unlock(&g_dr_lock);
+}
+
+static void fw_dr_del(uint64_t base)
+{
+    pthread_mutex_lock(&g_dr_lock);
+    for (int i = 0; i < g_ndr; i++)
+        if (g_dr[i].base == base) {
+            memmove(&g_dr[i], &g_dr[i + 1], (size_t)(g_ndr - i - 1) * sizeof *g_dr);
+            g_ndr--;
+            break;
+        }
+    pthread_mutex_unlock(&g_dr_lock);
+}
+
+static bool fw_is_dev(const void *p)
+{
+    uint64_t x = (uint64_t)(uintptr_t)p;
+    bool in = false;
+    pthread_mutex_lock(&g_dr_lock);
+    for (int i = 0; i < g_ndr && !in; i++) in = x >= g_dr[i].base && x - g_dr[i].base < g_dr[i].size;
+    pthread_mutex_unlock(&g_dr_lock);
+    return in;
+}
+
+/* ACL_MEMCPY_DEFAULT: the direction from where each side lies (unified addressing). */
+static aclrtMemcpyKind fw_kind(aclrtMemcpyKind kind, const void *dst, const void *src)
+{
+    if (kind != ACL_MEMCPY_DEFAULT) return kind;
+    bool d = fw_is_dev(dst), s = fw_is_dev(src);
+    return d && s ? ACL_MEMCPY_DEVICE_TO_DEVICE : d ? ACL_MEMCPY_HOST_TO_DEVICE : s ? ACL_MEMCPY_DEVICE_TO_HOST
+                                                                                     : ACL_MEMCPY_HOST_TO_HOST;
+}
+
+/* ---------------------------------------------------------------- kernels */
+
+/* The built-in of each function handle (-1: opaque), from the kernel library it came from:
+ * a launch is checked here as the runtime checks it at the call (arguments, blockDim, memory
+ * its pointers name), so its errors come at the call, not at the next synchronisation. */
+static int16_t g_func_builtin[FWD_MAX_FUNCS];
+
+static int fw_check_launch(aclrtFuncHandle f, uint32_t blockDim, const void *args, size_t size, int dev)
+{
+    if (fw_dev_of((uint64_t)(uintptr_t)f, FWD_H_FUNC, g_h_func, FWD_MAX_FUNCS) != dev)
+        return fw_set_msg(ACL_ERROR_INVALID_PARAM, "%p is not a kernel of this process on the stream's device", f);
+    if (blockDim == 0) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "blockDim is 0");
+    int b = g_func_builtin[fwd_handle_index((uint64_t)(uintptr_t)f, FWD_H_FUNC)];
+    if (b < 0) return ACL_SUCCESS;
+    struct emu_cost cost;
+    struct emu_range r[4];
+    int n = 0;
+    int rc = emu_kernel_prepare(b, args, size, &cost, r, &n);
+    if (rc) return fw_set_msg(rc, "bad arguments for a %s kernel", emu_builtin_name(b));
+    for (int i = 0; i < n; i++) {
+        bool in = false;
+        pthread_mutex_lock(&g_dr_lock);
+        for (int k = 0; k < g_ndr && !in; k++)
+            in = r[i].ptr >= g_dr[k].base && r[i].ptr - g_dr[k].base < g_dr[k].size &&
+                 r[i].bytes <= g_dr[k].size - (r[i].ptr - g_dr[k].base);
+        pthread_mutex_unlock(&g_dr_lock);
+        if (!in) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "argument %d is not inside a device allocation", i);
+    }
+    return ACL_SUCCESS;
+}
+
 /* ---------------------------------------------------------------- the profile's calls */
 
 FX_EXPORT aclError fxf_aclrtSetDevice(int32_t deviceId)
 {
+    if (!g_acl_inited) return fw_set_msg(ACL_ERROR_UNINITIALIZE, "aclInit has not been called");
+    if (deviceId < 0 || deviceId >= FX_MAX_DEVICES)
+        return fw_set_msg(ACL_ERROR_RT_INVALID_DEVICEID, "device %d does not exist", deviceId);
     struct fwc *w = fw_get(deviceId);
-    if (!w) return ACL_ERROR_RT_NO_DEVICE;
+    if (!w && t_rc == ACL_ERROR_RT_NO_DEVICE) t_rc = ACL_ERROR_RT_INVALID_DEVICEID; /* as the runtime says it */
+    if (!w) return t_rc;
     pthread_mutex_lock(&g_fw_lock);
     w->refs++;
     pthread_mutex_unlock(&g_fw_lock);
@@ -528,7 +631,7 @@ FX_EXPORT aclError fxf_aclrtCreateContext(aclrtContext *context, int32_t deviceI
 FX_EXPORT aclError fxf_aclrtDestroyContext(aclrtContext context)
 {
     if (fw_dev_of((uint64_t)(uintptr_t)context, FWD_H_CTX, g_h_ctx, 256) < 0)
-        return fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "not a context of this process");
+        return fw_set_msg(ACL_ERROR_INVALID_PARAM, "not a context of this process");
     fw_release(g_h_ctx, 256, (uint64_t)(uintptr_t)context, FWD_H_CTX);
     return ACL_SUCCESS;
 }
@@ -536,7 +639,7 @@ FX_EXPORT aclError fxf_aclrtDestroyContext(aclrtContext context)
 FX_EXPORT aclError fxf_aclrtSetCurrentContext(aclrtContext context)
 {
     int d = fw_dev_of((uint64_t)(uintptr_t)context, FWD_H_CTX, g_h_ctx, 256);
-    if (d < 0) return fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "not a context of this process");
+    if (d < 0) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "not a context of this process");
     t_fdev = d;
     atomic_store(&g_last_fdev, d);
     return ACL_SUCCESS;
@@ -547,13 +650,18 @@ FX_EXPORT aclError fxf_aclrtMalloc(void **devPtr, size_t size, aclrtMemMallocPol
     if (!devPtr) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "devPtr is NULL");
     uint64_t o[4] = {0};
     int rc = fw_call_simple(fw_cur_dev(), FWD_MALLOC, size, (uint64_t)policy, o);
-    if (!rc) *devPtr = (void *)(uintptr_t)o[0];
+    if (!rc) {
+        *devPtr = (void *)(uintptr_t)o[0];
+        fw_dr_add(o[0], size);
+    }
     return rc;
 }
 
 FX_EXPORT aclError fxf_aclrtFree(void *devPtr)
 {
-    return fw_call_simple(fw_cur_dev(), FWD_FREE, (uint64_t)(uintptr_t)devPtr, 0, NULL);
+    int rc = fw_call_simple(fw_cur_dev(), FWD_FREE, (uint64_t)(uintptr_t)devPtr, 0, NULL);
+    if (!rc) fw_dr_del((uint64_t)(uintptr_t)devPtr);
+    return rc;
 }
 
 FX_EXPORT aclError fxf_aclrtGetMemInfo(aclrtMemAttr attr, size_t *free_, size_t *total)
@@ -579,11 +687,11 @@ static struct fwc *fw_for_stream(aclrtStream s, int *rc)
 {
     int d = fw_stream_dev(s);
     if (d < 0) {
-        *rc = fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "%p is not a stream of this process", s);
+        *rc = fw_set_msg(ACL_ERROR_INVALID_PARAM, "%p is not a stream of this process", s);
         return NULL;
     }
     struct fwc *w = fw_get(d);
-    if (!w) *rc = ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) *rc = t_rc;
     return w;
 }
 
@@ -595,6 +703,7 @@ FX_EXPORT aclError fxf_aclrtLaunchKernel(aclrtFuncHandle funcHandle, uint32_t bl
     if (!w) return rc;
     if (argsSize && !argsData) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "argsData is NULL");
     if (argsSize > 65536) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "argsSize %zu is too large", argsSize);
+    if ((rc = fw_check_launch(funcHandle, blockDim, argsData, argsSize, w->dev))) return rc;
     uint64_t a[6] = {(uint64_t)(uintptr_t)funcHandle, blockDim, (uint64_t)(uintptr_t)stream};
     return fw_post(w, FWD_LAUNCH, 0, a, argsData, argsSize, NULL, 0);
 }
@@ -626,15 +735,18 @@ FX_EXPORT aclError fxf_aclrtMemcpy(void *dst, size_t destMax, const void *src, s
     if (count > destMax) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "count %zu > destMax %zu", count, destMax);
     if (!count) return ACL_SUCCESS;
     if (!dst || !src) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "dst or src is NULL");
+    kind = fw_kind(kind, dst, src);
     if (kind == ACL_MEMCPY_HOST_TO_HOST) {
         memmove(dst, src, count);
         return ACL_SUCCESS;
     }
     struct fwc *w = fw_get(fw_cur_dev());
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     const void *host = kind == ACL_MEMCPY_HOST_TO_DEVICE ? src : kind == ACL_MEMCPY_DEVICE_TO_HOST ? dst : NULL;
     if (kind != ACL_MEMCPY_HOST_TO_DEVICE && kind != ACL_MEMCPY_DEVICE_TO_HOST && kind != ACL_MEMCPY_DEVICE_TO_DEVICE)
-        return fw_set_msg(ACL_ERROR_API_NOT_SUPPORT, "aclrtMemcpy kind %d is not forwarded", (int)kind);
+        return fw_set_msg(ACL_ERROR_INVALID_PARAM, "aclrtMemcpy kind %d is not a copy kind", (int)kind);
+    if (host && fw_is_dev(host))
+        return fw_set_msg(ACL_ERROR_INVALID_PARAM, "the host side of the copy is device memory");
     if (host && fw_host_off(w, host, count) < 0) return fw_copy_staged(w, dst, src, count, kind);
     uint64_t a[6] = {(uint64_t)(uintptr_t)dst, destMax, (uint64_t)(uintptr_t)src, count, (uint64_t)kind, 0};
     return fw_call(w, FWD_COPY, a, NULL, 0, NULL, 0, NULL, NULL);
@@ -646,6 +758,7 @@ FX_EXPORT aclError fxf_aclrtMemcpyAsync(void *dst, size_t destMax, const void *s
     if (count > destMax) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "count %zu > destMax %zu", count, destMax);
     if (!count) return ACL_SUCCESS;
     if (!dst || !src) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "dst or src is NULL");
+    kind = fw_kind(kind, dst, src);
     int rc = ACL_SUCCESS;
     struct fwc *w = fw_for_stream(stream, &rc);
     if (!w) return rc;
@@ -656,6 +769,8 @@ FX_EXPORT aclError fxf_aclrtMemcpyAsync(void *dst, size_t destMax, const void *s
         if (!rc) memmove(dst, src, count);
         return rc;
     }
+    if ((kind == ACL_MEMCPY_HOST_TO_DEVICE && fw_is_dev(src)) || (kind == ACL_MEMCPY_DEVICE_TO_HOST && fw_is_dev(dst)))
+        return fw_set_msg(ACL_ERROR_INVALID_PARAM, "the host side of the copy is device memory");
     if (kind == ACL_MEMCPY_HOST_TO_DEVICE && fw_host_off(w, src, count) < 0) {
         /* pageable: the bytes travel in the records (taken now, as the runtime would stage them) */
         for (size_t done = 0; done < count && !rc; done += FWD_INLINE_MAX) {
@@ -672,7 +787,7 @@ FX_EXPORT aclError fxf_aclrtMemcpyAsync(void *dst, size_t destMax, const void *s
         return rc ? rc : fw_copy_staged(w, dst, src, count, kind);
     }
     if (kind != ACL_MEMCPY_HOST_TO_DEVICE && kind != ACL_MEMCPY_DEVICE_TO_HOST && kind != ACL_MEMCPY_DEVICE_TO_DEVICE)
-        return fw_set_msg(ACL_ERROR_API_NOT_SUPPORT, "aclrtMemcpyAsync kind %d is not forwarded", (int)kind);
+        return fw_set_msg(ACL_ERROR_INVALID_PARAM, "aclrtMemcpyAsync kind %d is not a copy kind", (int)kind);
     uint64_t a[6] = {(uint64_t)(uintptr_t)dst, destMax, (uint64_t)(uintptr_t)src, count, (uint64_t)kind,
                      (uint64_t)(uintptr_t)stream};
     return fw_post(w, FWD_COPY_ASYNC, 0, a, NULL, 0, NULL, 0);
@@ -681,7 +796,7 @@ FX_EXPORT aclError fxf_aclrtMemcpyAsync(void *dst, size_t destMax, const void *s
 FX_EXPORT aclError fxf_aclrtMemset(void *devPtr, size_t maxCount, int32_t value, size_t count)
 {
     struct fwc *w = fw_get(fw_cur_dev());
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     uint64_t a[6] = {(uint64_t)(uintptr_t)devPtr, maxCount, (uint64_t)(uint32_t)value, count};
     return fw_call(w, FWD_MEMSET, a, NULL, 0, NULL, 0, NULL, NULL);
 }
@@ -707,7 +822,7 @@ FX_EXPORT aclError fxf_aclrtRecordEvent(aclrtEvent event, aclrtStream stream)
     int rc = ACL_SUCCESS;
     struct fwc *w = fw_for_stream(stream, &rc);
     if (!w) return rc;
-    if (fw_event_dev(event) != w->dev) return fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "the event is not of the stream's device");
+    if (fw_event_dev(event) != w->dev) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "the event is not of the stream's device");
     uint64_t a[6] = {(uint64_t)(uintptr_t)event, (uint64_t)(uintptr_t)stream};
     return fw_post(w, FWD_RECORD, 0, a, NULL, 0, NULL, 0);
 }
@@ -718,13 +833,15 @@ FX_EXPORT aclError fxf_aclrtStreamWaitEvent(aclrtStream stream, aclrtEvent event
     struct fwc *w = fw_for_stream(stream, &rc);
     if (!w) return rc;
     if (fw_event_dev(event) != w->dev)
-        return fw_set_msg(ACL_ERROR_API_NOT_SUPPORT, "a stream waiting on another device's event is not forwarded");
+        return fw_set_msg(fw_event_dev(event) < 0 ? ACL_ERROR_INVALID_PARAM : ACL_ERROR_API_NOT_SUPPORT,
+                          "%p is not an event of this process on the stream's device", event);
     uint64_t a[6] = {(uint64_t)(uintptr_t)stream, (uint64_t)(uintptr_t)event};
     return fw_post(w, FWD_WAIT_EVENT, 0, a, NULL, 0, NULL, 0);
 }
 
 static int fw_stream_sync(aclrtStream stream, int32_t timeout)
 {
+    if (timeout < -1) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "timeout %d: -1 (none) or >= 0 ms", timeout);
     int rc = ACL_SUCCESS;
     struct fwc *w = fw_for_stream(stream, &rc);
     if (!w) return rc;
@@ -745,13 +862,15 @@ FX_EXPORT aclError fxf_aclrtSynchronizeDevice(void)
 
 FX_EXPORT aclError fxf_aclrtSynchronizeDeviceWithTimeout(int32_t timeout)
 {
+    if (timeout < -1) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "timeout %d: -1 (none) or >= 0 ms", timeout);
     return fw_call_simple(fw_cur_dev(), FWD_DEVICE_SYNC, (uint64_t)(int64_t)timeout, 0, NULL);
 }
 
 static int fw_event_sync(aclrtEvent event, int32_t timeout)
 {
+    if (timeout < -1) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "timeout %d: -1 (none) or >= 0 ms", timeout);
     int d = fw_event_dev(event);
-    if (d < 0) return fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "%p is not an event of this process", event);
+    if (d < 0) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "%p is not an event of this process", event);
     return fw_call_simple(d, FWD_EVENT_SYNC, (uint64_t)(uintptr_t)event, (uint64_t)(int64_t)timeout, NULL);
 }
 
@@ -765,16 +884,21 @@ FX_EXPORT aclError fxf_aclrtSynchronizeEventWithTimeout(aclrtEvent event, int32_
 
 FX_EXPORT aclError aclInit(const char *configPath)
 {
-    (void)configPath;
     if (g_acl_inited) return fw_set_msg(ACL_ERROR_REPEAT_INITIALIZE, "aclInit was already called");
+    if (configPath && *configPath && access(configPath, R_OK) != 0)
+        return fw_set_msg(ACL_ERROR_INVALID_FILE, "cannot read config file %s", configPath);
     g_acl_inited = true;
+    g_acl_finalized = false;
     return ACL_SUCCESS;
 }
 
 FX_EXPORT aclError aclFinalize(void)
 {
-    if (!g_acl_inited) return fw_set_msg(ACL_ERROR_REPEAT_FINALIZE, "aclFinalize without aclInit");
+    if (!g_acl_inited)
+        return g_acl_finalized ? fw_set_msg(ACL_ERROR_REPEAT_FINALIZE, "aclFinalize was already called")
+                               : fw_set_msg(ACL_ERROR_UNINITIALIZE, "aclInit has not been called");
     g_acl_inited = false;
+    g_acl_finalized = true;
     return ACL_SUCCESS;
 }
 
@@ -816,7 +940,7 @@ static int fw_stream_create(aclrtStream *stream, uint32_t priority, uint32_t fla
     if (!stream) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "stream is NULL");
     int d = fw_cur_dev();
     struct fwc *w = fw_get(d);
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     int i = fw_take(g_h_stream, FWD_MAX_STREAMS, d);
     if (i < 0) return fw_set_msg(ACL_ERROR_RT_NO_STREAM_RESOURCE, "too many streams");
     uint64_t h = fwd_handle(FWD_H_STREAM, (uint32_t)i);
@@ -861,7 +985,7 @@ FX_EXPORT aclError aclrtMallocHost(void **hostPtr, size_t size)
 {
     if (!hostPtr || !size) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "hostPtr is NULL or size is 0");
     struct fwc *w = fw_get(fw_cur_dev());
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     void *p = fw_host_alloc(w, size);
     if (!p) return fw_set_msg(ACL_ERROR_RT_MEMORY_ALLOCATION, "the forwarded host memory (%llu bytes, "
                               "FLEXNPU_FWD_HOST_MEM) has no %zu bytes free", (unsigned long long)w->host_bytes, size);
@@ -883,7 +1007,7 @@ static int fw_event_create(aclrtEvent *event, uint32_t flag)
     if (!event) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "event is NULL");
     int d = fw_cur_dev();
     struct fwc *w = fw_get(d);
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     int i = fw_take(g_h_event, FWD_MAX_EVENTS, d);
     if (i < 0) return fw_set_msg(ACL_ERROR_RT_NO_EVENT_RESOURCE, "too many events");
     uint64_t h = fwd_handle(FWD_H_EVENT, (uint32_t)i);
@@ -900,7 +1024,7 @@ FX_EXPORT aclError aclrtCreateEventWithFlag(aclrtEvent *event, uint32_t flag) { 
 static int fw_event_simple(aclrtEvent e, uint16_t op, uint64_t a1, uint64_t *o)
 {
     int d = fw_event_dev(e);
-    if (d < 0) return fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "%p is not an event of this process", e);
+    if (d < 0) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "%p is not an event of this process", e);
     return fw_call_simple(d, op, (uint64_t)(uintptr_t)e, a1, o);
 }
 
@@ -945,14 +1069,18 @@ static int fw_bin_load(const void *data, size_t length, aclrtBinHandle *binHandl
                                                        "to forward (at most %u)", length, FWD_RING_BYTES / 4);
     int d = fw_cur_dev();
     struct fwc *w = fw_get(d);
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     int i = fw_take(g_h_bin, FWD_MAX_BINS, d);
     if (i < 0) return fw_set_msg(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "too many binaries");
     uint64_t h = fwd_handle(FWD_H_BIN, (uint32_t)i);
     uint64_t a[6] = {h};
     int rc = fw_call(w, FWD_BIN_LOAD, a, data, length, NULL, 0, NULL, NULL);
     if (rc) fw_release(g_h_bin, FWD_MAX_BINS, h, FWD_H_BIN);
-    else *binHandle = (aclrtBinHandle)(uintptr_t)h;
+    else {
+        *binHandle = (aclrtBinHandle)(uintptr_t)h;
+        free(g_bins[i].names);
+        ex_kernel_library_parse(&g_bins[i], data, length); /* the same reading as the executor's */
+    }
     return rc;
 }
 
@@ -973,7 +1101,7 @@ FX_EXPORT aclError aclrtBinaryLoadFromFile(const char *binPath, aclrtBinaryLoadO
     struct stat sb;
     if (fd < 0 || fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
         if (fd >= 0) close(fd);
-        return fw_set_msg(ACL_ERROR_RT_FILE_OPEN, "cannot open %s: %s", binPath, strerror(errno ? errno : EINVAL));
+        return fw_set_msg(ACL_ERROR_INVALID_FILE, "cannot open %s: %s", binPath, strerror(errno ? errno : EINVAL));
     }
     size_t n = (size_t)sb.st_size;
     if (n > FWD_RING_BYTES / 4) {
@@ -988,7 +1116,7 @@ FX_EXPORT aclError aclrtBinaryLoadFromFile(const char *binPath, aclrtBinaryLoadO
         got += (size_t)k;
     }
     close(fd);
-    int rc = buf && got == n ? fw_bin_load(buf, n, binHandle) : fw_set_msg(ACL_ERROR_RT_FILE_OPEN, "cannot read %s", binPath);
+    int rc = buf && got == n ? fw_bin_load(buf, n, binHandle) : fw_set_msg(ACL_ERROR_INVALID_FILE, "cannot read %s", binPath);
     free(buf);
     return rc;
 }
@@ -996,7 +1124,7 @@ FX_EXPORT aclError aclrtBinaryLoadFromFile(const char *binPath, aclrtBinaryLoadO
 FX_EXPORT aclError aclrtBinaryUnLoad(aclrtBinHandle binHandle)
 {
     int d = fw_dev_of((uint64_t)(uintptr_t)binHandle, FWD_H_BIN, g_h_bin, FWD_MAX_BINS);
-    if (d < 0) return fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "%p is not a binary of this process", binHandle);
+    if (d < 0) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "%p is not a binary of this process", binHandle);
     int rc = fw_call_simple(d, FWD_BIN_UNLOAD, (uint64_t)(uintptr_t)binHandle, 0, NULL);
     if (!rc) {
         pthread_mutex_lock(&g_fw_lock);
@@ -1011,9 +1139,9 @@ FX_EXPORT aclError aclrtBinaryGetFunction(const aclrtBinHandle binHandle, const 
 {
     if (!kernelName || !funcHandle) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "kernelName or funcHandle is NULL");
     int d = fw_dev_of((uint64_t)(uintptr_t)binHandle, FWD_H_BIN, g_h_bin, FWD_MAX_BINS);
-    if (d < 0) return fw_set_msg(ACL_ERROR_RT_PARAM_INVALID, "%p is not a binary of this process", binHandle);
+    if (d < 0) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "%p is not a binary of this process", binHandle);
     struct fwc *w = fw_get(d);
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     int i = fw_take(g_h_func, FWD_MAX_FUNCS, d);
     if (i < 0) return fw_set_msg(ACL_ERROR_RT_RESOURCE_ALLOC_FAIL, "too many kernels");
     uint64_t h = fwd_handle(FWD_H_FUNC, (uint32_t)i);
@@ -1021,7 +1149,11 @@ FX_EXPORT aclError aclrtBinaryGetFunction(const aclrtBinHandle binHandle, const 
     size_t n = strnlen(kernelName, FWD_NAME_LEN);
     int rc = fw_call(w, FWD_BIN_FUNC, a, kernelName, n, NULL, 0, NULL, NULL);
     if (rc) fw_release(g_h_func, FWD_MAX_FUNCS, h, FWD_H_FUNC);
-    else *funcHandle = (aclrtFuncHandle)(uintptr_t)h;
+    else {
+        *funcHandle = (aclrtFuncHandle)(uintptr_t)h;
+        struct ex_bin *b = &g_bins[fwd_handle_index((uint64_t)(uintptr_t)binHandle, FWD_H_BIN)];
+        g_func_builtin[i] = (int16_t)ex_kernel_builtin_of(b, kernelName);
+    }
     return rc;
 }
 
@@ -1032,7 +1164,7 @@ FX_EXPORT aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key,
 {
     if (!key || len < EX_KEY_LEN) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "key is NULL or len < %d", EX_KEY_LEN);
     struct fwc *w = fw_get(fw_cur_dev());
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     uint64_t a[6] = {(uint64_t)(uintptr_t)devPtr, size, flags};
     char text[FWD_MSG_LEN] = {0};
     int rc = fw_call(w, FWD_IPC_EXPORT, a, NULL, 0, NULL, 0, NULL, text);
@@ -1044,7 +1176,7 @@ FX_EXPORT aclError aclrtIpcMemSetImportPid(const char *key, int32_t *pid, size_t
 {
     if (!key || !pid || !num || num > 64) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "key or pid is NULL, or num is not 1-64");
     struct fwc *w = fw_get(fw_cur_dev());
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     char k[EX_KEY_LEN] = {0};
     snprintf(k, sizeof k, "%s", key);
     uint64_t a[6] = {0, num};
@@ -1055,12 +1187,15 @@ FX_EXPORT aclError aclrtIpcMemImportByKey(void **devPtr, const char *key, uint64
 {
     if (!devPtr || !key) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "devPtr or key is NULL");
     struct fwc *w = fw_get(fw_cur_dev());
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     char k[EX_KEY_LEN] = {0};
     snprintf(k, sizeof k, "%s", key);
     uint64_t a[6] = {flags}, o[4] = {0};
     int rc = fw_call(w, FWD_IPC_IMPORT, a, k, sizeof k, NULL, 0, o, NULL);
-    if (!rc) *devPtr = (void *)(uintptr_t)o[0];
+    if (!rc) {
+        *devPtr = (void *)(uintptr_t)o[0];
+        fw_dr_add(o[0], o[1] ? o[1] : 1);
+    }
     return rc;
 }
 
@@ -1068,7 +1203,7 @@ FX_EXPORT aclError aclrtIpcMemClose(const char *key)
 {
     if (!key) return fw_set_msg(ACL_ERROR_INVALID_PARAM, "key is NULL");
     struct fwc *w = fw_get(fw_cur_dev());
-    if (!w) return ACL_ERROR_RT_CONTEXT_NULL;
+    if (!w) return t_rc;
     char k[EX_KEY_LEN] = {0};
     snprintf(k, sizeof k, "%s", key);
     return fw_call(w, FWD_IPC_CLOSE, NULL, k, sizeof k, NULL, 0, NULL, NULL);

@@ -39,7 +39,8 @@
 #include "shim_gen.h" /* the runtime profile's definitions */
 #ifdef FX_FORWARD
 #include "fwd_proto.h" /* the forward build: fwd_client.c, included at the end */
-#include "executor.h" /* EX_KEY_LEN */
+#include "emu_kernels.h" /* built-in kernels' arguments, checked at the call */
+#include "executor.h"    /* EX_KEY_LEN, kernel libraries (exec_kernels.c) */
 #define FX_CLIENT_MODE FX_MODE_FORWARD
 #else
 #define FX_CLIENT_MODE FX_MODE_GATED
