@@ -15,6 +15,9 @@
  *   copy HD HS N KIND [async]      device to device copy of N bytes, aclrtMemcpyKind KIND
  *   kernel HD HS N                 the built-in `copy` kernel, HS -> HD, N bytes, on a stream
  *   meminfo                        {"free", "total"}
+ *   ptr H                          {"ptr"}: the device address of handle H (decimal)
+ *   adopt PTR SIZE                 {"h"}: a handle for an address this process did not allocate
+ *                                  (another process's, to check it cannot be named)
  *   exportmany N                   {"ok", "rc"}: N page allocations, each exported, until one fails
  *   badargs                        {"name": code, ...}: every IPC call with bad input
  *   quit
@@ -213,6 +216,11 @@ int main(int argc, char **argv)
             rc = aclrtLaunchKernel(g_copy, 1, &args, sizeof args, g_stream);
             if (!rc) rc = aclrtSynchronizeStream(g_stream);
             answer_rc(rc);
+        } else if (!strcmp(cmd, "ptr") && n == 2 && handle(w[1]) >= 0) {
+            printf("{\"rc\":0,\"ptr\":\"%llu\"}\n", (unsigned long long)(uintptr_t)g_ptr[handle(w[1])]);
+        } else if (!strcmp(cmd, "adopt") && n == 3) {
+            void *p = (void *)(uintptr_t)strtoull(w[1], NULL, 10);
+            printf("{\"rc\":0,\"h\":%d}\n", new_handle(p, strtoull(w[2], NULL, 10)));
         } else if (!strcmp(cmd, "meminfo")) {
             size_t fr = 0, tot = 0;
             rc = aclrtGetMemInfo(ACL_HBM_MEM, &fr, &tot);

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -1217,6 +1218,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "flexnpu-executor: --device N is required\n");
         return 2;
     }
+    /* it lives and dies with its daemon: clients of a gone daemon get errors at once, and a
+     * restarted daemon starts an executor of its own */
+    pid_t parent = getppid();
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) return 1;
     struct stat sb;
     if (fstat(ctl_fd, &sb) != 0 || (size_t)sb.st_size < sizeof(struct fx_ctl_seg)) {
         ex_log("fd %d is not the device's gate table", ctl_fd);
