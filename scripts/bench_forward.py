@@ -162,7 +162,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "flexnpu.cli", "daemon", "--device", str(DEVICE)], env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-        from flexnpu.forward.client import DaemonClient, DaemonError
+        from flexnpu.forward.api import DaemonClient, DaemonError
 
         self.client = DaemonClient(DEVICE, rdir, timeout=2.0)
         deadline = time.monotonic() + 15
@@ -349,7 +349,7 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
     it fell asleep wakes more slowly here than one held for milliseconds."""
     from types import SimpleNamespace
 
-    from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN
+    from flexnpu.forward.daemon.gate import GATE_CLOSED, GATE_OPEN
 
     proc = subprocess.Popen([str(exe), str(paths.emulator_kernel_library()), "--steady", str(STEADY_GAP_NS),
                              "--device", str(DEVICE)], env=env, stdin=subprocess.DEVNULL,

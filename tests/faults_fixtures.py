@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from flexnpu import paths
 from flexnpu.bench.node import LocalNode, machine
-from flexnpu.forward.client import DaemonClient, DaemonError
+from flexnpu.forward.api import DaemonClient, DaemonError
 from test_daemon_fixtures import wait_for
 
 KLIB = str(paths.emulator_kernel_library())

@@ -29,7 +29,7 @@ import pytest
 from flexnpu import paths
 from flexnpu.bench.node import LocalNode, wait_for
 from flexnpu.control.wire import ControllerReport, Decision
-from flexnpu.forward.client import DaemonClient
+from flexnpu.forward.api import DaemonClient
 from test_observe_fixtures import NEEDS_BPF
 from users_fixtures import flexnpu_group, member, open_rdir  # noqa: F401 (fixtures)
 

@@ -19,7 +19,7 @@ import pytest
 
 from flexnpu import paths
 from flexnpu.bench.node import LocalNode, wait_for
-from flexnpu.forward.client import DaemonClient
+from flexnpu.forward.api import DaemonClient
 
 pytestmark = pytest.mark.slow
 KLIB = str(paths.emulator_kernel_library())

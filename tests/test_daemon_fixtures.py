@@ -23,7 +23,7 @@ import pytest
 from flexnpu import paths
 from flexnpu.bench.node import NodeError, stop_process
 from flexnpu.bench.node import wait_for as node_wait_for
-from flexnpu.forward.client import DaemonClient, DaemonError
+from flexnpu.forward.api import DaemonClient, DaemonError
 
 FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
 KLIB = str(paths.emulator_kernel_library())

@@ -23,10 +23,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexnpu.forward import protocol
-from flexnpu.forward.daemon import ForwardDaemon
-from flexnpu.forward import access
-from flexnpu.forward.gate import GateTable
+from flexnpu.forward.daemon import protocol
+from flexnpu.forward.daemon.server import ForwardDaemon
+from flexnpu.forward.daemon import access
+from flexnpu.forward.daemon.gate import GateTable
 from test_daemon_fixtures import daemons, end_client, gate_client, gate_loop, ready  # noqa: F401  (fixtures)
 
 SLOT = 0  # the first free slot: where the first client is admitted

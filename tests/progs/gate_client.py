@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from flexnpu.forward.admission import request_admission
+from flexnpu.forward.daemon.admission import request_admission
 
 rdir, dev = Path(sys.argv[1]), int(sys.argv[2])
 role = int(sys.argv[sys.argv.index("--role") + 1]) if "--role" in sys.argv else 0
