@@ -160,7 +160,7 @@ def end_to_end(trials: int = 8, observer: str | None = None) -> dict:
 
         def setting_of(pid: int) -> dict | None:
             try:
-                return next((c for c in client.list() if c["pid"] == pid), None)
+                return next((dict(c.raw) for c in client.list() if c.pid == pid), None)
             except DaemonError:
                 return None
 

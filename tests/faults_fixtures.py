@@ -119,7 +119,7 @@ def clients(node: LocalNode, timeout: float = 2.0) -> dict[int, dict]:
     """The daemon's client list by pid ({} while no daemon answers)."""
     try:
         with DaemonClient(0, node.rdir, timeout=timeout) as c:
-            return {x["pid"]: x for x in c.list()}
+            return {x.pid: dict(x.raw) for x in c.list()}
     except DaemonError:
         return {}
 

@@ -97,7 +97,7 @@ class Decisions:
 
 def _setting(node: LocalNode, pid: int) -> dict:
     with DaemonClient(0, node.rdir, timeout=5.0) as c:
-        return next((x for x in c.list() if x["pid"] == pid), {})
+        return next((dict(x.raw) for x in c.list() if x.pid == pid), {})
 
 
 def _victim(node: LocalNode, seconds: float) -> tuple[subprocess.Popen, int]:

@@ -168,7 +168,7 @@ def changes(setting: GateSetting | Mapping[str, Any] | None = None, **kw: Any) -
         if extra:
             raise ApiError(f"unknown setting {extra[0]!r}; expected {', '.join(SETTING_KEYS)}")
         out.update(setting)
-    out.update(kw)
+    out.update({k: v for k, v in kw.items() if v is not None})
     out = {k: v for k, v in out.items() if v is not None}
     check_changes(out)
     return out
