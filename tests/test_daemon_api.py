@@ -93,6 +93,10 @@ def test_set_many_and_defaults_typed(two_clients):
     assert listed.defaults == got
     assert listed.client(fwd).setting == GateSetting(priority=1, max_inflight_ms=4.0)  # on the defaults: applied
     assert listed.client(gated).setting.max_inflight_ms == 1.5  # the controller's: kept
+    r = cli("gate", "defaults", "--max-inflight-ms", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["defaults"]["max_inflight_ms"] == 0.5
+    assert d.client.list_all().defaults.setting.max_inflight_ms == 0.5
 
 
 def test_durations_on_the_wire_are_ms(two_clients, runtime_dir):

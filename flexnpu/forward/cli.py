@@ -212,6 +212,8 @@ def gate_defaults(
     priority: Annotated[Optional[int], typer.Option(help="0-7.")] = None,
     max_hold_ms: Annotated[Optional[float], typer.Option(help="Longest hold of one call.")] = None,
     pending_grace_ms: Annotated[Optional[float], typer.Option(help="Priority grace after a sync (device-wide).")] = None,
+    max_inflight_ms: Annotated[Optional[float], typer.Option(
+        help="In-flight budget in device time (ms; 0 none), for clients in forward mode.")] = None,
     apply: Annotated[bool, typer.Option(help="Also apply to the clients there now.")] = False,
 ) -> None:
     """Set the device-wide defaults new clients start with.
@@ -219,10 +221,11 @@ def gate_defaults(
     Example:  flexnpu gate defaults --device 0 --max-hold-ms 100 --apply
     """
     _check_times("gate defaults", max_hold_ms, pending_grace_ms)
+    check_range("gate defaults", "--max-inflight-ms", max_inflight_ms, 0.0, api.MAX_INFLIGHT_LIMIT_MS, " ms")
     try:
         with _client(device, "defaults") as c:
             d = c.defaults(gate=gate, priority=priority, max_hold_ms=max_hold_ms, apply=apply,
-                           pending_grace_ms=pending_grace_ms)
+                           pending_grace_ms=pending_grace_ms, max_inflight_ms=max_inflight_ms)
     except (api.DaemonError, api.ApiError) as e:
         _fail("defaults", e)
     typer.echo(json.dumps({"schema": SCHEMA, "defaults": dict(d.raw)}))
