@@ -19,7 +19,7 @@ from typing import Any
 
 from flexnpu import SCHEMA, paths
 from flexnpu.control.wire import ControllerReport, Decision, WireError
-from flexnpu.forward.api import ApiError, ClientView
+from flexnpu.forward.api import ApiError, ClientView, ms_to_ns, ns_to_ms
 from flexnpu.snapshot import NA, NodeSnapshot, Num, SnapshotSubscriber, num
 
 HISTORY = 60  # occupancy samples kept per device (the sparkline)
@@ -54,7 +54,7 @@ class GateClient:
                    role=v.role if v.role in ("prefill", "decode") else None,
                    gate=v.gate or "N/A", priority=num(v.priority),
                    max_hold_ms=num(v.max_hold_ms),
-                   gate_wait_ns=NA if gate_wait_ms is NA else int(round(gate_wait_ms * 1e6)),
+                   gate_wait_ns=NA if gate_wait_ms is NA else ms_to_ns(gate_wait_ms),
                    held_ms_per_s=held_ms_per_s, mem_held=num(v.mem_held), owner=v.owner,
                    inflight=num(v.inflight), inflight_now=num(v.inflight_now))
 
@@ -322,12 +322,12 @@ class Sampler:
     def _held_rate(self, dev: int, pid: int, gate_wait_ms: float | None, now: float) -> Num:
         if gate_wait_ms is None:
             return NA
-        wait = int(round(gate_wait_ms * 1e6))
+        wait = ms_to_ns(gate_wait_ms)
         prev = self._waits.get((dev, pid))
         self._waits[(dev, pid)] = (int(wait), now)
         if prev is None or now <= prev[1] or wait < prev[0]:
             return NA
-        return (wait - prev[0]) / 1e6 / (now - prev[1])
+        return ns_to_ms(wait - prev[0]) / (now - prev[1])
 
 
 def _state(sock_exists: bool, have: bool, age_s: float, stale_s: float) -> str:
