@@ -8,6 +8,7 @@ builds the admission socket's name with the same pattern (flexnpu/forward/native
 from __future__ import annotations
 
 import os
+import re
 import sysconfig
 from functools import cache
 from pathlib import Path
@@ -110,6 +111,20 @@ CLIENT_GROUP = "flexnpu"  # may run gated programs and read gates; see docs/secu
 def daemon_socket(device: int, rdir: Path | None = None) -> Path:
     """The forwarding daemon's read-only control API (ping, list; zmq REP, 0660 root:flexnpu)."""
     return Path(rdir or runtime_dir()) / f"daemon-{device}.sock"
+
+
+DAEMON_SOCKET = re.compile(r"^daemon-(\d+)\.sock$")  # daemon_socket's name; group 1: the device
+GATE_SOCKET = re.compile(r"^gate-(\d+)\.sock$")  # gate_socket's name; group 1: the device
+
+
+def daemon_devices(rdir: Path | None = None) -> list[int]:
+    """The devices whose forwarding daemon's read socket is in the runtime dir, in order
+    (none when the directory cannot be read)."""
+    try:
+        names = os.listdir(rdir or runtime_dir())
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := DAEMON_SOCKET.match(n)))
 
 
 def daemon_admin_socket(device: int, rdir: Path | None = None) -> Path:

@@ -144,7 +144,7 @@ def end_to_end(trials: int = 8, observer: str | None = None) -> dict:
     The daemon's table is polled every POLL_MS, which bounds the resolution."""
     from flexnpu import paths
     from flexnpu.bench.node import LocalNode
-    from flexnpu.forward.client import DaemonClient, DaemonError
+    from flexnpu.forward.api import DaemonClient, DaemonError
 
     observer = observer or _observer_source()
     klib = str(paths.emulator_kernel_library())
@@ -160,7 +160,7 @@ def end_to_end(trials: int = 8, observer: str | None = None) -> dict:
 
         def setting_of(pid: int) -> dict | None:
             try:
-                return next((c for c in client.list() if c["pid"] == pid), None)
+                return next((dict(c.raw) for c in client.list() if c.pid == pid), None)
             except DaemonError:
                 return None
 

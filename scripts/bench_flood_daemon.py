@@ -154,7 +154,7 @@ def flood_user(name: str | None) -> Iterator[str]:
 def clients(rdir: Path, n: int) -> Iterator[None]:
     """n admitted clients of the daemon (forked children of this process, each holding its
     admission connection as a shim does), so that `list` has their records to gather."""
-    from flexnpu.forward.admission import request_admission
+    from flexnpu.forward.daemon.admission import request_admission
 
     r, w = os.pipe()
     pids = []

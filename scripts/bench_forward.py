@@ -162,7 +162,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "flexnpu.cli", "daemon", "--device", str(DEVICE)], env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-        from flexnpu.forward.client import DaemonClient, DaemonError
+        from flexnpu.forward.api import DaemonClient, DaemonError
 
         self.client = DaemonClient(DEVICE, rdir, timeout=2.0)
         deadline = time.monotonic() + 15
@@ -181,7 +181,7 @@ class Daemon:
         self.client.defaults(gate="open", priority=priority, inflight=inflight)
 
     def priorities(self) -> dict[int, int]:
-        return {c["pid"]: c["priority"] for c in self.client.list()}
+        return {c.pid: c.priority for c in self.client.list()}
 
     def stop(self) -> None:
         self.client.close()
@@ -282,11 +282,11 @@ def measure_interference(exe: Path, tmp: Path, base: dict[str, str], seconds: fl
                 pre = _loop(exe, env, PREFILL_MS, PREFILL_KERNELS, seconds + 1.0, "--quiet", "--ms-max",
                             str(PREFILL_MS_MAX))
                 deadline = time.monotonic() + 10
-                while not any(c["pid"] == pre.pid for c in daemon.client.list()):
+                while not any(c.pid == pre.pid for c in daemon.client.list()):
                     if time.monotonic() > deadline:
                         raise BenchError("the daemon did not admit the prefill loop")
                     time.sleep(0.01)
-                daemon.client.set(pid=pre.pid, inflight=budget, max_hold_ms=60_000)
+                daemon.client.set(pre.pid, inflight=budget, max_hold_ms=60_000)
                 pre.stdin.write("go\n")
                 pre.stdin.flush()
                 time.sleep(0.3)  # the prefill is in its stride
@@ -300,8 +300,8 @@ def measure_interference(exe: Path, tmp: Path, base: dict[str, str], seconds: fl
                 done = [x for x in _finish(pre) if x.get("done")]
                 if done:
                     r["prefill_kernels_per_s"] = round(done[0]["iters"] * PREFILL_KERNELS / done[0]["wall_ms"] * 1e3, 1)
-                waits = [c for c in daemon.client.list() if c["pid"] == pre.pid]
-                r["prefill_inflight_waits"] = waits[0]["inflight_waits"] if waits else None
+                waits = [c for c in daemon.client.list() if c.pid == pre.pid]
+                r["prefill_inflight_waits"] = waits[0].inflight_waits if waits else None
             cases[case] = r
     finally:
         if daemon is not None:
@@ -349,14 +349,14 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
     it fell asleep wakes more slowly here than one held for milliseconds."""
     from types import SimpleNamespace
 
-    from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN
+    from flexnpu.forward.daemon.gate import GATE_CLOSED, GATE_OPEN
 
     proc = subprocess.Popen([str(exe), str(paths.emulator_kernel_library()), "--steady", str(STEADY_GAP_NS),
                              "--device", str(DEVICE)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     def entry():  # the client's record, from the daemon (its counters live in its own page)
-        mine = [c for c in daemon.client.list() if c["pid"] == proc.pid]
-        return SimpleNamespace(**mine[0]) if mine else None
+        mine = [c for c in daemon.client.list() if c.pid == proc.pid]
+        return SimpleNamespace(**mine[0].raw) if mine else None
 
     lags: dict[str, dict[str, list[float]]] = {name: {"close": [], "open": []} for name, _, _ in LATENCY_CASES}
     hold_ns = 10_000_000_000  # long: every release measured is the writer's, not max_hold's
@@ -376,14 +376,14 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
             time.sleep(0.001)  # gently: this process shares the machine with the one it measures
 
     def write(writer: str, gate: int) -> None:
-        daemon.client.set(pid=proc.pid, gate="open" if gate == GATE_OPEN else "closed", max_hold_ms=hold_ns / 1e6)
+        daemon.client.set(proc.pid, gate="open" if gate == GATE_OPEN else "closed", max_hold_ms=hold_ns / 1e6)
 
     try:
         deadline = time.monotonic() + 10
         while True:
-            mine = [c for c in daemon.client.list() if c["pid"] == proc.pid]
-            if mine and mine[0]["ops"]["event_record"] > 0:
-                slot = mine[0]["slot"]
+            mine = [c for c in daemon.client.list() if c.pid == proc.pid]
+            if mine and mine[0].ops.get("event_record", 0) > 0:
+                slot = mine[0].slot
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise BenchError("enforcement latency: the dispatching client did not register")

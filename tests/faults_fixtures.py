@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from flexnpu import paths
 from flexnpu.bench.node import LocalNode, machine
-from flexnpu.forward.client import DaemonClient, DaemonError
+from flexnpu.forward.api import DaemonClient, DaemonError
 from test_daemon_fixtures import wait_for
 
 KLIB = str(paths.emulator_kernel_library())
@@ -119,7 +119,7 @@ def clients(node: LocalNode, timeout: float = 2.0) -> dict[int, dict]:
     """The daemon's client list by pid ({} while no daemon answers)."""
     try:
         with DaemonClient(0, node.rdir, timeout=timeout) as c:
-            return {x["pid"]: x for x in c.list()}
+            return {x.pid: dict(x.raw) for x in c.list()}
     except DaemonError:
         return {}
 

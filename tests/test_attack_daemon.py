@@ -32,8 +32,8 @@ import pytest
 import zmq
 
 from flexnpu import SCHEMA, paths
-from flexnpu.forward import control
-from flexnpu.forward import daemon as forward_daemon
+from flexnpu.forward.daemon import control
+from flexnpu.forward.daemon import server as forward_daemon
 from test_daemon_fixtures import FLEXNPU, DaemonProcess, wait_for
 from users_fixtures import _gid, flexnpu_group, member, open_rdir  # noqa: F401 (fixtures)
 

@@ -29,7 +29,7 @@ import pytest
 from flexnpu import paths
 from flexnpu.bench.node import LocalNode, wait_for
 from flexnpu.control.wire import ControllerReport, Decision
-from flexnpu.forward.client import DaemonClient
+from flexnpu.forward.api import DaemonClient
 from test_observe_fixtures import NEEDS_BPF
 from users_fixtures import flexnpu_group, member, open_rdir  # noqa: F401 (fixtures)
 
@@ -97,7 +97,7 @@ class Decisions:
 
 def _setting(node: LocalNode, pid: int) -> dict:
     with DaemonClient(0, node.rdir, timeout=5.0) as c:
-        return next((x for x in c.list() if x["pid"] == pid), {})
+        return next((dict(x.raw) for x in c.list() if x.pid == pid), {})
 
 
 def _victim(node: LocalNode, seconds: float) -> tuple[subprocess.Popen, int]:

@@ -19,7 +19,7 @@ import pytest
 
 from flexnpu import paths
 from flexnpu.bench.node import LocalNode, wait_for
-from flexnpu.forward.client import DaemonClient
+from flexnpu.forward.api import DaemonClient
 
 pytestmark = pytest.mark.slow
 KLIB = str(paths.emulator_kernel_library())
@@ -51,7 +51,7 @@ def _busy_ns(node: LocalNode) -> dict[int, int]:
 
 def _clients(node: LocalNode) -> dict[int, dict]:
     with DaemonClient(0, node.rdir, timeout=5.0) as c:
-        return {x["pid"]: x for x in c.list()}
+        return {x.pid: dict(x.raw) for x in c.list()}
 
 
 def _write_config(tmp_path: Path, text: str) -> str:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from flexnpu.forward.gate import GateTable
+from flexnpu.forward.daemon.gate import GateTable
 from test_daemon_fixtures import (  # noqa: F401  (fixtures)
     busy_ns,
     daemons,

@@ -23,7 +23,7 @@ import pytest
 from flexnpu import paths
 from flexnpu.bench.node import NodeError, stop_process
 from flexnpu.bench.node import wait_for as node_wait_for
-from flexnpu.forward.client import DaemonClient, DaemonError
+from flexnpu.forward.api import DaemonClient, DaemonError
 
 FLEXNPU = str(Path(sys.executable).with_name("flexnpu"))
 KLIB = str(paths.emulator_kernel_library())
@@ -79,14 +79,16 @@ class DaemonProcess:
             time.sleep(0.05)
 
     def list(self) -> list[dict]:
-        return self.client.list()
+        """The `list` reply's client records as sent (the wire; tests/test_daemon_api.py
+        covers the typed view)."""
+        return [dict(v.raw) for v in self.client.list()]
 
     def entry(self, pid: int) -> dict | None:
         """The `list` record of client pid, or None if it is not registered."""
         return next((c for c in self.list() if c["pid"] == pid), None)
 
     def set(self, pid: int, **settings: Any) -> dict:
-        return self.client.set(pid=pid, **settings)
+        return dict(self.client.set(pid, **settings).raw)
 
     def wait_admitted(self, pid: int, timeout: float = 15.0) -> dict:
         return wait_for(lambda: self.entry(pid), timeout, f"pid {pid} admitted by the daemon")

@@ -23,10 +23,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexnpu.forward import protocol
-from flexnpu.forward.daemon import ForwardDaemon
-from flexnpu.forward import access
-from flexnpu.forward.gate import GateTable
+from flexnpu.forward.daemon import protocol
+from flexnpu.forward.daemon.server import ForwardDaemon
+from flexnpu.forward.daemon import access
+from flexnpu.forward.daemon.gate import GateTable
 from test_daemon_fixtures import daemons, end_client, gate_client, gate_loop, ready  # noqa: F401  (fixtures)
 
 SLOT = 0  # the first free slot: where the first client is admitted
@@ -84,7 +84,7 @@ def test_list(handler_daemon):
     r = ok(d, {"schema": 1, "cmd": "list"})
     assert r["device"] == 0
     assert r["defaults"] == {"gate": "open", "priority": 0, "max_hold_ms": 200.0, "pending_grace_ms": 1.0,
-                           "inflight": 0}
+                           "inflight": 0, "max_inflight_ms": 0.0}
     [c] = r["clients"]
     assert (c["slot"], c["pid"], c["admitted_pid"]) == (SLOT, pid, pid)
     assert (c["gate"], c["priority"], c["max_hold_ms"]) == ("open", 0, 200.0)
@@ -128,7 +128,7 @@ def test_defaults_and_apply(handler_daemon):
     d, pid = handler_daemon
     r = ok(d, {"schema": 1, "cmd": "defaults", "gate": "closed", "priority": 2, "max_hold_ms": 300})
     assert r["defaults"] == {"gate": "closed", "priority": 2, "max_hold_ms": 300, "pending_grace_ms": 1.0,
-                             "inflight": 0}
+                             "inflight": 0, "max_inflight_ms": 0.0}
     assert d.table.default("default_gate") == 1 and d.table.default("default_priority") == 2
     assert d.table.slot(SLOT + 1).gate == "closed"  # a free slot: what a new client gets
     assert d.table.slot(SLOT).gate == "open"  # the client there now: unchanged without apply
@@ -361,7 +361,7 @@ def test_daemon_process_reverts_a_dead_controllers_settings_in_time(daemons, run
         t0 = time.monotonic()
         r = d.client.set_many([{"pid": child.pid, "gate": "closed", "inflight": 1}], lease_ms=lease_ms)
         t_reply = time.monotonic()
-        assert r == {"applied": [child.pid], "skipped": []}
+        assert (r.applied, r.skipped) == ((child.pid,), {})
         seg = GateTable.open_readonly(0, runtime_dir)
         try:
             assert seg.slot(SLOT).gate == "closed"

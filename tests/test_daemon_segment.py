@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from flexnpu import paths
-from flexnpu.forward import access
-from flexnpu.forward.daemon import ForwardDaemon
+from flexnpu.forward.daemon import access
+from flexnpu.forward.daemon.server import ForwardDaemon
 from test_daemon_fixtures import daemons, end_client, gate_client, gate_loop, ready, wait_for  # noqa: F401
 
 
@@ -131,9 +131,9 @@ def test_a_process_that_exits_before_admission_leaves_nothing(runtime_dir):
     d = ForwardDaemon(0, runtime_dir)
     d.open()  # listening; no admission thread: this test plays it
     try:
-        code = (f"from flexnpu.forward.admission import request_admission\n"
+        code = (f"from flexnpu.forward.daemon.admission import request_admission\n"
                 f"import socket, struct\n"
-                f"from flexnpu.forward.gate import layout\n"
+                f"from flexnpu.forward.daemon.gate import layout\n"
                 f"L = layout()\n"
                 f"s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
                 f"s.connect({str(runtime_dir / 'gate-0.sock')!r})\n"

@@ -29,7 +29,7 @@ from faults_fixtures import (
     now,
     wait_until,
 )
-from flexnpu.forward.client import DaemonClient
+from flexnpu.forward.api import DaemonClient
 
 pytestmark = pytest.mark.slow
 REPS = 3

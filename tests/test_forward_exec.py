@@ -28,7 +28,7 @@ from test_daemon_fixtures import FLEXNPU, daemons, wait_for  # noqa: F401  (fixt
 from users_fixtures import flexnpu_group, member, open_rdir  # noqa: F401  (fixtures)
 
 from flexnpu import paths
-from flexnpu.forward.admission import request_admission
+from flexnpu.forward.daemon.admission import request_admission
 
 PROGS = Path(__file__).resolve().parent / "progs"
 MIB = 1 << 20

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from flexnpu import paths
-from flexnpu.forward.gate import layout
+from flexnpu.forward.daemon.gate import layout
 from test_daemon_fixtures import (  # noqa: F401  (fixtures)
     FLEXNPU,
     busy_ns,
@@ -87,7 +87,7 @@ _FILES = """
 _CONTROL = """
     import json, sys, time
     from pathlib import Path
-    from flexnpu.forward.client import DaemonClient, DaemonError
+    from flexnpu.forward.api import DaemonClient, DaemonError
     c = DaemonClient(0, Path(sys.argv[1]), timeout=5)
     out = {}
     for name, call in (("list", lambda: c.list()), ("set", lambda: c.set(pid=int(sys.argv[2]), gate="closed")),
@@ -175,8 +175,8 @@ def test_an_outsider_gets_nothing(victim, outsider, open_rdir):
 _MEMBER = """
     import ctypes, json, mmap, os, struct, sys, time
     from pathlib import Path
-    from flexnpu.forward.admission import request_admission
-    from flexnpu.forward.gate import layout
+    from flexnpu.forward.daemon.admission import request_admission
+    from flexnpu.forward.daemon.gate import layout
     L = layout()
     rdir = Path(sys.argv[1])
     answer, fds, conn = request_admission(rdir / "gate-0.sock", 1)

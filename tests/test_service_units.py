@@ -80,7 +80,8 @@ def _bytes(v: str) -> int:
 
 @pytest.mark.parametrize("emulator", [True, False], ids=["emulator", "cann"])
 def test_every_unit_limits_descriptors_memory_and_tasks_with_a_reason(tmp_path, emulator):
-    from flexnpu.forward import control, daemon
+    from flexnpu.forward.daemon import control
+    from flexnpu.forward.daemon import server as daemon
 
     cfg = units.ServiceConfig(binary=Path("/opt/v/bin/flexnpu"), devices=(0,), emulator=emulator)
     for name, text in units.render(cfg).items():

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from flexnpu.forward.access import proc_stat
+from flexnpu.forward.daemon.access import proc_stat
 
 STOP_S = 5.0  # SIGTERM to SIGKILL, as LocalNode.stop gives each service
 

@@ -253,7 +253,7 @@ class LocalNode:
         wait_for(up, START_TIMEOUT_S, f"{name} to start")
 
     def _daemon_up(self, dev: int) -> bool:
-        from flexnpu.forward.client import DaemonClient, DaemonError
+        from flexnpu.forward.api import DaemonClient, DaemonError
 
         if not paths.daemon_socket(dev, self.rdir).exists():
             return False

@@ -39,6 +39,7 @@ from typing import Any
 from flexnpu.control import roles
 from flexnpu.control.policies import POLICIES
 from flexnpu.control.policies.base import opt
+from flexnpu.forward.api import LEASE_DEFAULT_MS
 
 MAX_BYTES = 1 << 20  # a controller's configuration is a few KB; more is a wrong file
 
@@ -51,7 +52,7 @@ class ConfigError(ValueError):
 class ControllerOptions:
     policy: str = opt("flexpd", "passthrough, static-split or flexpd", choices=tuple(POLICIES))
     tick_ms: float = opt(5.0, "how often settings are recomputed and the difference applied", lo=0.5, hi=1000.0)
-    lease_ms: float = opt(500.0, "a daemon reverts the controller's settings (gates open) this long "
+    lease_ms: float = opt(LEASE_DEFAULT_MS, "a daemon reverts the controller's settings (gates open) this long "
                                  "after its last renewal", lo=50.0, hi=60000.0)
     renew_ms: float = opt(100.0, "the lease is renewed at least this often (at most lease_ms / 2)", lo=5.0,
                           hi=30000.0)

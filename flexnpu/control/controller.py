@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -38,7 +37,7 @@ from flexnpu.control.policies import POLICIES
 from flexnpu.control.policies.base import Client, Clients, PolicyOutput
 from flexnpu.control.roles import RoleAccess
 from flexnpu.control.wire import OPEN, RECENT_KEPT, ClientSetting, ControllerReport, Decision, DeviceReport, GateSetting
-from flexnpu.forward.client import DaemonClient, DaemonError
+from flexnpu.forward.api import ApiError, DaemonClient, DaemonError
 from flexnpu.snapshot import NodeSnapshot, SnapshotSubscriber
 
 log = logging.getLogger("flexnpu.controller")
@@ -47,13 +46,11 @@ OWNER = "controller"
 DAEMON_TIMEOUT_S = 0.25  # a daemon that has not answered by then is marked absent
 IO_THREADS = 16  # daemon requests under way at once (one per device at most)
 RELEASE_LEASE_MS = 10.0  # the shortest lease a daemon takes: what stop() leaves behind
-_SOCK = re.compile(r"^daemon-(\d+)\.sock$")
 
 
 def same(a: GateSetting, b: GateSetting) -> bool:
-    """Equal settings, max_hold compared to the daemon's ns resolution."""
-    return a is b or (a.gate == b.gate and a.priority == b.priority and a.inflight == b.inflight
-            and abs(a.max_hold_ms - b.max_hold_ms) < 1e-5)
+    """Equal settings, durations compared to the daemon's ns resolution."""
+    return a.same(b)
 
 
 def diff(wanted: dict[int, GateSetting], clients: tuple[Client, ...]) -> list[tuple[Client, GateSetting]]:
@@ -160,10 +157,7 @@ class Controller:
     def scan(self, now_ns: int) -> None:
         """Adds a link per daemon socket in the runtime dir; drops links whose socket is gone."""
         self.scanned_ns = now_ns
-        try:
-            found = {int(m.group(1)) for e in os.scandir(self.rdir) if (m := _SOCK.match(e.name))}
-        except OSError:
-            found = set()
+        found = set(paths.daemon_devices(self.rdir))
         for dev in sorted(found - set(self.links)):
             log.info("device %d: daemon socket found", dev)
             self.links[dev] = DeviceLink(dev, DaemonClient(dev, self.rdir, timeout=DAEMON_TIMEOUT_S))
@@ -178,14 +172,14 @@ class Controller:
     def refresh(self, link: DeviceLink, now_ns: int) -> None:
         """Reads the daemon's client list (settings in force, owners, roles)."""
         try:
-            reply = link.client.request("list")
-        except DaemonError as e:
+            listed = link.client.list_all()
+        except (DaemonError, ApiError) as e:
             link.mark_absent(str(e), now_ns, self.opts.rescan_ms)
             return
         if link.status != "ok":
-            log.info("device %d: daemon answers; %d clients", link.device, len(reply.get("clients") or ()))
+            log.info("device %d: daemon answers; %d clients", link.device, len(listed.clients))
             link.renewed_ns = 0  # a daemon back from a restart gets our lease at once
-        clients = tuple(self.vetted(Client.from_daemon(link.device, c)) for c in reply.get("clients") or ())
+        clients = tuple(self.vetted(Client.from_view(link.device, v)) for v in listed.clients)
         with link.lock:
             link.status, link.error, link.clients = "ok", "", clients
         link.listed_ns = now_ns
@@ -221,14 +215,13 @@ class Controller:
         """Sends the changes (one set_many) or, if there are none, renews the lease."""
         try:
             if changes:
-                reply = link.client.request(
-                    "set_many", owner=OWNER, lease_ms=self.opts.lease_ms,
-                    settings=[{"pid": c.pid, **s.as_dict()} for c, s in changes])
+                result = link.client.set_many({c.pid: s for c, s in changes}, owner=OWNER,
+                                              lease_ms=self.opts.lease_ms)
                 link.renewed_ns = now_ns
-                ok = set(reply.get("applied") or ())
-                for one in reply.get("skipped") or ():
-                    link.skipped[int(one["pid"])] = str(one.get("reason", ""))
-                    log.info("device %d: pid %s left as set: %s", link.device, one["pid"], one.get("reason"))
+                ok = set(result.applied)
+                for pid, why in result.skipped.items():
+                    link.skipped[pid] = why
+                    log.info("device %d: pid %s left as set: %s", link.device, pid, why)
                 done = [(c, s) for c, s in changes if c.pid in ok]
                 link.set_clients(applied(link.clients, done))
                 for c, s in done:
@@ -239,9 +232,9 @@ class Controller:
                             "device %d pid %d -> %s, priority %d, max hold %g ms, in-flight %d: %s",
                             link.device, c.pid, s.gate, s.priority, s.max_hold_ms, s.inflight, reason)
             else:  # tick() sends nothing else: the lease is due
-                link.client.request("renew", owner=OWNER, lease_ms=self.opts.lease_ms)
+                link.client.renew(OWNER, self.opts.lease_ms)
                 link.renewed_ns = now_ns
-        except DaemonError as e:
+        except (DaemonError, ApiError) as e:
             link.mark_absent(str(e), now_ns, self.opts.rescan_ms)
 
     def tick(self, now_ns: int | None = None) -> ControllerReport | None:
@@ -378,10 +371,9 @@ class Controller:
             mine = [c for c in link.clients if c.owner == OWNER]
             try:
                 if mine:
-                    link.client.request("set_many", owner=OWNER, lease_ms=RELEASE_LEASE_MS,
-                                        settings=[{"pid": c.pid, **OPEN.as_dict()} for c in mine])
+                    link.client.set_many({c.pid: OPEN for c in mine}, owner=OWNER, lease_ms=RELEASE_LEASE_MS)
                 else:
-                    link.client.request("renew", owner=OWNER, lease_ms=RELEASE_LEASE_MS)
+                    link.client.renew(OWNER, RELEASE_LEASE_MS)
                 log.info("device %d: released %d settings (gates open)", link.device, len(mine))
             except DaemonError as e:
                 log.warning("device %d: could not release (%s); the lease reverts them within %g ms",

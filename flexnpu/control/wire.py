@@ -11,52 +11,35 @@ Wire format, schema 1:
      "observer": "ok" | "stale" | "absent",
      "devices": [{"device": int, "daemon": "ok" | "absent", "note": str,
                   "clients": [{"pid": int, "gate": "open"|"closed", "priority": int,
-                               "max_hold_ms": float, "inflight": int, "owner": str|null}]}],
+                               "max_hold_ms": float, "inflight": int, "max_inflight_ms": float,
+                               "owner": str|null}]}],
      "decisions": [{"time": unix s, "device": int, "pid": int,
-                    "setting": {"gate", "priority", "max_hold_ms", "inflight"},
+                    "setting": {"gate", "priority", "max_hold_ms", "inflight", "max_inflight_ms"},
                     "reason": str}],
      "recent": [the same, up to RECENT_KEPT]}
 
 "decisions" holds the changes applied since the previous message (the newest last);
 "recent" the last RECENT_KEPT decisions, the newest last, so that a subscriber that joins
 late (a `flexnpu top` started after the gates were set) still sees why they are as they
-are; "clients" the settings in force as the controller last applied or read them.
+are; "clients" the settings in force as the controller last applied or read them. A setting is
+flexnpu.forward.api.GateSetting (durations in ms, as on the daemon's API).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from flexnpu import SCHEMA
+from flexnpu.forward.api import DEFAULT_MAX_HOLD_MS, GateSetting  # noqa: F401 (the daemon API's own)
 
 REPORT_EVERY_S = 0.5
 RECENT_KEPT = 16
-DEFAULT_MAX_HOLD_MS = 200.0
 
 
 class WireError(ValueError):
     """A message that is not a controller report of this schema."""
-
-
-@dataclass(frozen=True)
-class GateSetting:
-    """What the controller wants for one client: the daemon's four knobs."""
-
-    gate: str = "open"  # "open" or "closed"
-    priority: int = 0  # 0..7, higher goes first
-    max_hold_ms: float = DEFAULT_MAX_HOLD_MS  # longest one call is held
-    inflight: int = 0  # dispatched-but-unfinished launches allowed; 0 = unlimited
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GateSetting:
-        return cls(gate=str(d.get("gate", "open")), priority=int(d.get("priority", 0)),
-                   max_hold_ms=float(d.get("max_hold_ms", DEFAULT_MAX_HOLD_MS)),
-                   inflight=int(d.get("inflight", 0)))
 
 
 OPEN = GateSetting()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flexnpu import logs, paths
+from flexnpu import SCHEMA, logs, paths
+from flexnpu.forward import api
 from flexnpu.cliargs import NumberArgs, check_device, check_pid, check_range, size_bytes
 
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
@@ -24,12 +24,12 @@ gate_app = typer.Typer(help="Inspect and set the dispatch gates of a device's cl
 
 def daemon_command(
     device: Annotated[int, typer.Option(help="Physical device this daemon forwards.")] = 0,
-    max_hold_ms: Annotated[float, typer.Option(help="Default longest hold of a client's call.")] = 200.0,
+    max_hold_ms: Annotated[float, typer.Option(help="Default longest hold of a client's call.")] = api.DEFAULT_MAX_HOLD_MS,
     priority: Annotated[int, typer.Option(help="Default priority of new clients (0-7).")] = 0,
     gate: Annotated[str, typer.Option(help="Default gate of new clients: open or closed.")] = "open",
     pending_grace_ms: Annotated[float, typer.Option(
         help="How long a client's work still counts as pending for priority after its sync "
-             "(its next step keeps its turn).")] = 1.0,
+             "(its next step keeps its turn).")] = api.DEFAULT_PENDING_GRACE_MS,
     admin_group: Annotated[Optional[str], typer.Option(
         help="A group whose members may change gates, budgets and defaults besides root "
              "(the admin socket becomes 0660 root:GROUP).")] = None,
@@ -43,7 +43,8 @@ def daemon_command(
       flexnpu daemon --device 0
       flexnpu daemon --device 1 --max-hold-ms 50
     """
-    from flexnpu.forward import daemon, protocol
+    from flexnpu.forward.daemon import protocol
+    from flexnpu.forward.daemon import server as daemon
 
     _check_times("daemon", max_hold_ms, pending_grace_ms)
     logs.setup(verbose)
@@ -85,17 +86,13 @@ def device_count() -> tuple[int | None, str]:
 def _check_times(cmd: str, max_hold_ms: float | None, pending_grace_ms: float | None) -> None:
     """The daemon's own limits (protocol.py), checked before any socket is touched: a bad
     value is a usage error (exit 2), not a refusal from the daemon."""
-    from flexnpu.forward import protocol
-
-    check_range(cmd, "--max-hold-ms", max_hold_ms, protocol.MIN_HOLD_MS, protocol.MAX_HOLD_LIMIT_MS, " ms")
-    check_range(cmd, "--pending-grace-ms", pending_grace_ms, 0.0, protocol.MAX_GRACE_MS, " ms")
+    check_range(cmd, "--max-hold-ms", max_hold_ms, api.MIN_HOLD_MS, api.MAX_HOLD_LIMIT_MS, " ms")
+    check_range(cmd, "--pending-grace-ms", pending_grace_ms, 0.0, api.MAX_GRACE_MS, " ms")
 
 
 def _client(device: int, cmd: str):
-    from flexnpu.forward.client import DaemonClient
-
     check_device(f"gate {cmd}", device)
-    return DaemonClient(device)
+    return api.DaemonClient(device)
 
 
 def _fail(what: str, e: Exception) -> None:
@@ -117,29 +114,27 @@ def gate_list(
 
     Example:  flexnpu gate list --device 0
     """
-    from flexnpu.forward.client import DaemonError
-
     try:
         with _client(device, "list") as c:
-            reply = c.request("list")
-    except DaemonError as e:
+            listed = c.list_all()
+    except (api.DaemonError, api.ApiError) as e:
         _fail("list", e)
     if json_out:
-        typer.echo(json.dumps(reply))
+        typer.echo(json.dumps(dict(listed.raw)))
         return
     t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))  # under 80 columns; the rest: --json
     for col in ("pid", "role", "mode", "gate", "prio", "owner", "budget", "kernels", "mem MiB", "iters", "held ms"):
         t.add_column(col, justify="left" if col in ("role", "mode", "gate", "owner") else "right", no_wrap=True)
     short = {None: "-", "controller": "ctl", "manual": "man"}
-    for v in reply["clients"]:
-        budget = f"{v['inflight'] or '-'}/{v['inflight_now']}"
-        held = (v["gate_wait_ns"] + v["inflight_wait_ms"] * 1e6) / 1e6
-        t.add_row(str(v["pid"]), v["role"], "fwd" if v.get("mode") == "forward" else "gated", v["gate"], str(v["priority"]), short.get(v["owner"], "?"), budget,
-                  str(v["ops"]["kernel"]), f"{v['mem_held'] / 2**20:.1f}", str(v["iterations"]), f"{held:.1f}")
+    for v in listed.clients:
+        budget = f"{v.inflight or '-'}/{v.inflight_now or 0}"
+        held = (v.gate_wait_ms or 0.0) + (v.inflight_wait_ms or 0.0)
+        t.add_row(str(v.pid), v.role, "fwd" if v.mode == "forward" else "gated", v.gate or "?", str(v.priority),
+                  short.get(v.owner, "?"), budget, str(v.ops.get("kernel", 0)), f"{(v.mem_held or 0) / 2**20:.1f}",
+                  str(v.iterations), f"{held:.1f}")
     Console(width=80).print(t)
-    lease = reply.get("controller")
-    if lease is not None:
-        typer.echo(f"controller lease: {lease['lease_left_ms']:.0f} ms left")
+    if listed.lease_left_ms is not None:
+        typer.echo(f"controller lease: {listed.lease_left_ms:.0f} ms left")
 
 
 @gate_app.command("set", cls=NumberArgs)
@@ -151,6 +146,8 @@ def gate_set(
     max_hold_ms: Annotated[Optional[float], typer.Option(help="Longest hold of one call.")] = None,
     inflight: Annotated[Optional[int], typer.Option(
         help="In-flight budget: launches it may have dispatched and unfinished on the device; 0 unlimited.")] = None,
+    max_inflight_ms: Annotated[Optional[float], typer.Option(
+        help="In-flight budget in device time (ms; 0 none), for clients in forward mode.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Set one client's gate, priority, max_hold or in-flight budget (a manual setting).
@@ -162,19 +159,21 @@ def gate_set(
       flexnpu gate set 4242 --priority 5 --max-hold-ms 20
       flexnpu gate set 4242 --inflight 2
     """
-    from flexnpu.forward.client import DaemonError
-
     check_pid("gate set", "PID", pid)
     _check_times("gate set", max_hold_ms, None)
+    check_range("gate set", "--max-inflight-ms", max_inflight_ms, 0.0, api.MAX_INFLIGHT_LIMIT_MS, " ms")
     try:
         with _client(device, "set") as c:
-            v = c.set(pid=pid, gate=gate, priority=priority, max_hold_ms=max_hold_ms, inflight=inflight)
-    except DaemonError as e:
+            v = c.set(pid, gate=gate, priority=priority, max_hold_ms=max_hold_ms, inflight=inflight,
+                      max_inflight_ms=max_inflight_ms)
+    except (api.DaemonError, api.ApiError) as e:
         _fail("set", e)
-    budget = v["inflight"] or "unlimited"
-    typer.echo(json.dumps({"schema": 1, "client": v}) if json_out else
-               f"pid {pid}: gate {v['gate']}, priority {v['priority']}, max_hold {v['max_hold_ms']:g} ms, "
-               f"in-flight budget {budget} (manual until `flexnpu gate release {pid}`)")
+    s = v.setting
+    budget = s.inflight or "unlimited"
+    device_time = f", {s.max_inflight_ms:g} ms of device time in flight" if s.max_inflight_ms else ""
+    typer.echo(json.dumps({"schema": SCHEMA, "client": dict(v.raw)}) if json_out else
+               f"pid {pid}: gate {s.gate}, priority {s.priority}, max_hold {s.max_hold_ms:g} ms, "
+               f"in-flight budget {budget}{device_time} (manual until `flexnpu gate release {pid}`)")
 
 
 @gate_app.command("release", cls=NumberArgs)
@@ -190,8 +189,6 @@ def gate_release(
       flexnpu gate release 4242
       flexnpu gate release --all --device 1
     """
-    from flexnpu.forward.client import DaemonError
-
     if (pid is None) == (not all_):
         err.print("flexnpu gate release: give a PID or --all")
         raise typer.Exit(2)
@@ -199,10 +196,10 @@ def gate_release(
     try:
         with _client(device, "release") as c:
             pids = c.release(pid=pid, all=all_)
-    except DaemonError as e:
+    except api.DaemonError as e:
         _fail("release", e)
     if json_out:
-        typer.echo(json.dumps({"schema": 1, "released": pids}))
+        typer.echo(json.dumps({"schema": SCHEMA, "released": pids}))
     elif pids:
         typer.echo(f"released {', '.join(map(str, pids))}: back to the device defaults")
     else:
@@ -216,22 +213,23 @@ def gate_defaults(
     priority: Annotated[Optional[int], typer.Option(help="0-7.")] = None,
     max_hold_ms: Annotated[Optional[float], typer.Option(help="Longest hold of one call.")] = None,
     pending_grace_ms: Annotated[Optional[float], typer.Option(help="Priority grace after a sync (device-wide).")] = None,
+    max_inflight_ms: Annotated[Optional[float], typer.Option(
+        help="In-flight budget in device time (ms; 0 none), for clients in forward mode.")] = None,
     apply: Annotated[bool, typer.Option(help="Also apply to the clients there now.")] = False,
 ) -> None:
     """Set the device-wide defaults new clients start with.
 
     Example:  flexnpu gate defaults --device 0 --max-hold-ms 100 --apply
     """
-    from flexnpu.forward.client import DaemonError
-
     _check_times("gate defaults", max_hold_ms, pending_grace_ms)
+    check_range("gate defaults", "--max-inflight-ms", max_inflight_ms, 0.0, api.MAX_INFLIGHT_LIMIT_MS, " ms")
     try:
         with _client(device, "defaults") as c:
             d = c.defaults(gate=gate, priority=priority, max_hold_ms=max_hold_ms, apply=apply,
-                           pending_grace_ms=pending_grace_ms)
-    except DaemonError as e:
+                           pending_grace_ms=pending_grace_ms, max_inflight_ms=max_inflight_ms)
+    except (api.DaemonError, api.ApiError) as e:
         _fail("defaults", e)
-    typer.echo(json.dumps({"schema": 1, "defaults": d}))
+    typer.echo(json.dumps({"schema": SCHEMA, "defaults": dict(d.raw)}))
 
 
 def shim_library() -> str:
@@ -284,7 +282,7 @@ def gate_refusal() -> str | None:
     admission socket's mode is what the kernel checks when the shim connects."""
     rdir = paths.runtime_dir()
     try:
-        socks = sorted(p for p in rdir.iterdir() if re.fullmatch(r"gate-\d+\.sock", p.name))
+        socks = sorted(p for p in rdir.iterdir() if paths.GATE_SOCKET.match(p.name))
     except OSError:
         return None
     for p in socks:

@@ -11,16 +11,11 @@ daemon's, from the kernel.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
 from flexnpu import paths
 from flexnpu.runtimes import Direction, Op
-
-_READ_SOCKET = re.compile(r"daemon-(\d+)\.sock$")
-
 
 class ShimSource:
     def __init__(self, rdir: Path | None = None) -> None:
@@ -29,47 +24,44 @@ class ShimSource:
         self.roles: dict[int, str] = {}  # pid -> prefill/decode, from the daemons
 
     def devices(self) -> list[int]:
-        try:
-            names = os.listdir(self.rdir)
-        except OSError:
-            return []
-        return sorted(int(m.group(1)) for n in names if (m := _READ_SOCKET.match(n)))
+        return paths.daemon_devices(self.rdir)
 
     def _client(self, dev: int) -> Any:
         if dev not in self._clients:
-            from flexnpu.forward.client import DaemonClient
+            from flexnpu.forward.api import DaemonClient
 
             self._clients[dev] = DaemonClient(dev, self.rdir, timeout=0.5)
         return self._clients[dev]
 
     def read(self) -> dict[tuple[int, int], dict[str, Any]]:
         """Counters by (pid, device) in the observer's field names; unknown ones None."""
-        from flexnpu.forward.client import DaemonError
+        from flexnpu.forward.api import ApiError, DaemonError, ms_to_ns
 
         out: dict[tuple[int, int], dict[str, Any]] = {}
         roles: dict[int, str] = {}
         for dev in self.devices():
             try:
                 clients = self._client(dev).list()
-            except DaemonError:
+            except (DaemonError, ApiError):
                 continue
             for v in clients:
-                if v.get("pid", 0) <= 0:
+                if v.pid <= 0:
                     continue
-                if v["role"] in ("prefill", "decode"):
-                    roles[v["pid"]] = v["role"]
-                out[(v["pid"], dev)] = {
-                    "ops": [v["ops"].get(o.name.lower(), 0) for o in Op],
-                    "bytes": [v["bytes"].get(d.name.lower(), 0) for d in Direction],
-                    "memset_bytes": v["memset_bytes"],
+                if v.role in ("prefill", "decode"):
+                    roles[v.pid] = v.role
+                out[(v.pid, dev)] = {
+                    "ops": [v.ops.get(o.name.lower(), 0) for o in Op],
+                    "bytes": [v.bytes.get(d.name.lower(), 0) for d in Direction],
+                    "memset_bytes": v.memset_bytes,
                     "rt_launches": 0,
                     "allocs": None, "alloc_failures": None, "alloc_bytes": None,
                     "frees_known": None, "freed_bytes": None,
-                    "mem_bytes": v["mem_held"],
+                    "mem_bytes": v.mem_held,
                     "sync_ns": None,
-                    "iterations": v["iterations"],
-                    "iter_ns": v["iter_ns_total"],
-                    "iter_ns_last": v["iter_ns_last"],
+                    "iterations": v.iterations,
+                    # the observer's fields are in ns (observe/snapshot.py); the API's in ms
+                    "iter_ns": None if v.iter_total_ms is None else ms_to_ns(v.iter_total_ms),
+                    "iter_ns_last": None if v.iter_last_ms is None else ms_to_ns(v.iter_last_ms),
                     "iter_start_ns": None,
                     "class_iters": None, "class_ns": None,
                 }

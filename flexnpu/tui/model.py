@@ -10,7 +10,6 @@ reference swap, so drawing never waits on a socket. Frames can also be built by 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from typing import Any
 
 from flexnpu import SCHEMA, paths
 from flexnpu.control.wire import ControllerReport, Decision, WireError
+from flexnpu.forward.api import ApiError, ClientView, ms_to_ns, ns_to_ms
 from flexnpu.snapshot import NA, NodeSnapshot, Num, SnapshotSubscriber, num
 
 HISTORY = 60  # occupancy samples kept per device (the sparkline)
@@ -27,9 +27,6 @@ DECISIONS_KEPT = 32
 OBSERVER_STALE_S = 1.0  # the observer publishes every 100 ms
 CONTROLLER_STALE_S = 3.0  # the controller reports at least every 0.5 s
 DAEMON_TIMEOUT_S = 0.3
-
-_DAEMON_SOCK = re.compile(r"daemon-(\d+)\.sock$")
-
 
 @dataclass(frozen=True)
 class GateClient:
@@ -51,16 +48,21 @@ class GateClient:
     inflight_now: Num
 
     @classmethod
+    def from_view(cls, device: int, v: ClientView, comm: str = "?", held_ms_per_s: Num = NA) -> GateClient:
+        gate_wait_ms = num(v.gate_wait_ms)
+        return cls(device=device, pid=v.pid, comm=comm,
+                   role=v.role if v.role in ("prefill", "decode") else None,
+                   gate=v.gate or "N/A", priority=num(v.priority),
+                   max_hold_ms=num(v.max_hold_ms),
+                   gate_wait_ns=NA if gate_wait_ms is NA else ms_to_ns(gate_wait_ms),
+                   held_ms_per_s=held_ms_per_s, mem_held=num(v.mem_held), owner=v.owner,
+                   inflight=num(v.inflight), inflight_now=num(v.inflight_now))
+
+    @classmethod
     def from_dict(cls, device: int, c: dict[str, Any], comm: str = "?",
                   held_ms_per_s: Num = NA) -> GateClient:
-        role = c.get("role")
-        return cls(device=device, pid=int(c["pid"]), comm=comm,
-                   role=role if role in ("prefill", "decode") else None,
-                   gate=str(c.get("gate") or "N/A"), priority=num(c.get("priority")),
-                   max_hold_ms=num(c.get("max_hold_ms")), gate_wait_ns=num(c.get("gate_wait_ns")),
-                   held_ms_per_s=held_ms_per_s, mem_held=num(c.get("mem_held")),
-                   owner=c.get("owner") if isinstance(c.get("owner"), str) else None,
-                   inflight=num(c.get("inflight")), inflight_now=num(c.get("inflight_now")))
+        """From a raw `list` record (decoded by the API's ClientView.from_wire)."""
+        return cls.from_view(device, ClientView.from_wire(c), comm, held_ms_per_s)
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,7 @@ def _client_raw(d: DaemonState, c: GateClient) -> dict[str, Any]:
 
 def daemon_devices(rdir: Path) -> list[int]:
     """Devices whose daemon socket exists in the runtime dir."""
-    try:
-        names = os.listdir(rdir)
-    except OSError:
-        return []
-    return sorted(int(m.group(1)) for n in names if (m := _DAEMON_SOCK.match(n)))
+    return paths.daemon_devices(rdir)
 
 
 def anything_running(rdir: Path) -> bool:
@@ -295,7 +293,7 @@ class Sampler:
         self._report, self._report_at = r, time.monotonic()
 
     def _poll_daemons(self, clients: dict[int, Any]) -> tuple[DaemonState, ...]:
-        from flexnpu.forward.client import DaemonClient, DaemonError
+        from flexnpu.forward.api import DaemonClient, DaemonError
 
         devices = daemon_devices(self.rdir)
         for dev in [d for d in clients if d not in devices]:
@@ -305,36 +303,31 @@ class Sampler:
         for dev in devices:
             c = clients.get(dev) or clients.setdefault(dev, DaemonClient(dev, self.rdir, timeout=DAEMON_TIMEOUT_S))
             try:
-                reply = c.request("list")
-            except (DaemonError, ValueError, OSError) as e:
+                listed = c.list_all()
+            except (DaemonError, ApiError, ValueError, OSError) as e:
                 out.append(DaemonState(dev, "error", str(e)))
                 self._lists[dev] = self._lists.get(dev, 0) + 1
                 continue
             now = time.monotonic()
-            rows = []
-            for raw in reply.get("clients") or ():
-                try:
-                    pid = int(raw["pid"])
-                except (KeyError, TypeError, ValueError):
-                    continue
-                rows.append(GateClient.from_dict(dev, raw, _comm(pid), self._held_rate(dev, pid, raw, now)))
-            defaults = reply.get("defaults") if isinstance(reply.get("defaults"), dict) else {}
-            out.append(DaemonState(dev, "ok", "", tuple(rows), tuple(sorted(defaults.items())), raw=reply))
+            rows = tuple(GateClient.from_view(dev, v, _comm(v.pid), self._held_rate(dev, v.pid, v.gate_wait_ms, now))
+                         for v in listed.clients)
+            defaults = dict(listed.defaults.raw) if listed.defaults else {}
+            out.append(DaemonState(dev, "ok", "", rows, tuple(sorted(defaults.items())), raw=dict(listed.raw)))
             self._lists[dev] = self._lists.get(dev, 0) + 1
         live = {(c.device, c.pid) for d in out for c in d.clients}
         for k in [k for k in self._waits if k not in live]:
             del self._waits[k]
         return tuple(out)
 
-    def _held_rate(self, dev: int, pid: int, raw: dict, now: float) -> Num:
-        wait = num(raw.get("gate_wait_ns"))
-        if wait is NA:
+    def _held_rate(self, dev: int, pid: int, gate_wait_ms: float | None, now: float) -> Num:
+        if gate_wait_ms is None:
             return NA
+        wait = ms_to_ns(gate_wait_ms)
         prev = self._waits.get((dev, pid))
         self._waits[(dev, pid)] = (int(wait), now)
         if prev is None or now <= prev[1] or wait < prev[0]:
             return NA
-        return (wait - prev[0]) / 1e6 / (now - prev[1])
+        return ns_to_ms(wait - prev[0]) / (now - prev[1])
 
 
 def _state(sock_exists: bool, have: bool, age_s: float, stale_s: float) -> str:

@@ -2,7 +2,7 @@
 (in RDIR) to admit this process, prints one JSON line with the answer, and (with --hold S)
 keeps the connection open for S seconds or until stdin closes. Run as any user.
 
-usage: python gate_client.py RDIR DEV [--role N] [--hold S]
+usage: python gate_client.py RDIR DEV [--role N] [--mode N] [--hold S]
 """
 
 import json
@@ -12,13 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from flexnpu.forward.admission import request_admission
+from flexnpu.forward.daemon.admission import request_admission
 
 rdir, dev = Path(sys.argv[1]), int(sys.argv[2])
 role = int(sys.argv[sys.argv.index("--role") + 1]) if "--role" in sys.argv else 0
+mode = int(sys.argv[sys.argv.index("--mode") + 1]) if "--mode" in sys.argv else 0
 hold = float(sys.argv[sys.argv.index("--hold") + 1]) if "--hold" in sys.argv else 0.0
 try:
-    answer, fds, conn = request_admission(rdir / f"gate-{dev}.sock", role)
+    answer, fds, conn = request_admission(rdir / f"gate-{dev}.sock", role, mode=mode)
 except OSError as e:
     print(json.dumps({"pid": os.getpid(), "error": f"{type(e).__name__}: {e}", "errno": e.errno}), flush=True)
     sys.exit(0)

@@ -22,6 +22,7 @@ from typing import Any, Mapping, NamedTuple
 
 from flexnpu.control.roles import ROLES, RoleRules, Trust, distrust_note, judge
 from flexnpu.control.wire import OPEN, GateSetting
+from flexnpu.forward.api import ClientView
 from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
 
 Settings = dict[int, dict[int, GateSetting]]
@@ -41,10 +42,10 @@ def opt(default: Any, help: str, lo: float | None = None, hi: float | None = Non
 
 @lru_cache(maxsize=4096)
 def setting(gate: str = "open", priority: int = 0, max_hold_ms: float = OPEN.max_hold_ms,
-            inflight: int = 0) -> GateSetting:
+            inflight: int = 0, max_inflight_ms: float = 0.0) -> GateSetting:
     """A GateSetting, one object per distinct value: the controller's diff then finds most
     unchanged settings by identity, without comparing fields (a tick stays well under 1 ms)."""
-    return GateSetting(gate, priority, max_hold_ms, inflight)
+    return GateSetting(gate, priority, max_hold_ms, inflight, max_inflight_ms)
 
 
 class Client(NamedTuple):
@@ -61,13 +62,18 @@ class Client(NamedTuple):
     who: str = ""  # its user as a sentence names it, e.g. "uid 1001 (bob)"
 
     @classmethod
+    def from_view(cls, device: int, v: ClientView) -> Client:
+        """From the daemon's `list` record, decoded by the API (settings it did not send: OPEN's)."""
+        return cls(pid=v.pid, device=device, role=v.role, owner=v.owner,
+                   setting=setting(v.gate or OPEN.gate, OPEN.priority if v.priority is None else v.priority,
+                                   OPEN.max_hold_ms if v.max_hold_ms is None else round(v.max_hold_ms, 6),
+                                   v.inflight or 0, round(v.max_inflight_ms or 0.0, 6)),
+                   uid=v.uid)
+
+    @classmethod
     def from_daemon(cls, device: int, d: Mapping[str, Any]) -> Client:
-        uid = d.get("uid")
-        return cls(pid=int(d["pid"]), device=device, role=str(d.get("role") or "auto"), owner=d.get("owner"),
-                   setting=setting(str(d.get("gate", "open")), int(d.get("priority", 0)),
-                                   round(float(d.get("max_hold_ms", OPEN.max_hold_ms)), 6),
-                                   int(d.get("inflight") or 0)),
-                   uid=uid if isinstance(uid, int) and not isinstance(uid, bool) else None)
+        """From a raw `list` record (ApiError if it is not one)."""
+        return cls.from_view(device, ClientView.from_wire(d))
 
 
 Clients = Mapping[int, tuple[Client, ...]]  # device -> its clients

@@ -37,8 +37,8 @@ from pathlib import Path
 import zmq
 
 from flexnpu import paths
-from flexnpu.forward import protocol
-from flexnpu.forward.access import AccessPolicy
+from flexnpu.forward.daemon import protocol
+from flexnpu.forward.daemon.access import AccessPolicy
 
 log = logging.getLogger("flexnpu.daemon")
 

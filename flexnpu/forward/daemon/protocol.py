@@ -1,21 +1,36 @@
-"""The forwarding daemon's control API: JSON over zmq REQ/REP.
+"""The forwarding daemon's control API: JSON over zmq REQ/REP. Clients use
+flexnpu/forward/api.py (typed); this module is the daemon's side.
 
 Request:  {"schema": 1, "cmd": <name>, ...arguments}
 Reply:    {"schema": 1, "ok": true, ...}  or  {"schema": 1, "ok": false, "error": "..."}
+The schema number is flexnpu.SCHEMA, defined once.
+
+Units: every duration on the wire is a JSON number of milliseconds and its key ends in
+"_ms" (api.WIRE_UNIT). The daemon converts to the gate table's nanoseconds where it writes
+the table (api.ms_to_ns) and back where it reads it. Counters the table keeps in ns are sent
+in ms ("gate_wait_ms", "iter_total_ms", "iter_last_ms", "last_release_lag_ms",
+"last_hold_lag_ms", "inflight_wait_ms"); their schema-1 nanosecond twins (LEGACY_NS_KEYS:
+"gate_wait_ns", "iter_ns_total", "iter_ns_last", "last_release_lag_ns",
+"last_hold_lag_ns") are still sent, unchanged in meaning, for readers of schema 1.
 
 Commands
   ping                                   -> device, pid, clients
   list                                   -> clients: [slot view + settings], defaults, controller
-  set       pid|slot, [gate], [priority], [max_hold_ms], [inflight], [owner], [lease_ms]  -> client
-  set_many  owner, [lease_ms], settings: [{pid, [gate], [priority], [max_hold_ms], [inflight]}]
+  set       pid|slot, [settings], [owner], [lease_ms]  -> client
+  set_many  owner, [lease_ms], settings: [{pid, [settings]}]
                                          -> applied: [pid], skipped: [{pid, reason}]
   release   pid | all: true              -> released: [pid]
   renew     owner, [lease_ms]            -> controller: {lease_left_ms}
-  defaults  [gate], [priority], [max_hold_ms], [inflight], [pending_grace_ms], [apply]  -> defaults
+  defaults  [settings], [pending_grace_ms], [apply]  -> defaults
+[settings]: any of gate, priority, max_hold_ms, inflight, max_inflight_ms (api.SETTING_KEYS).
 gate is "open" or "closed"; priority 0..7 (higher goes first); max_hold_ms in [0.01, 60000];
 inflight 0..1000000 (launches a client may have dispatched and unfinished; 0 unlimited);
+max_inflight_ms in [0, 60000] (device time a client may have in flight; 0 none: stored and
+listed for the forward mode's executor; the gated shim does not enforce it, and the gate
+table has no field for it, so a restarted daemon forgets it);
 pending_grace_ms in [0, 1000] (device-wide: how long a client's work still counts as pending
-for priority after its sync, so its next step keeps its turn).
+for priority after its sync, so its next step keeps its turn). Limits and defaults are
+api.py's.
 
 Ownership: each client's settings belong to nobody (the device defaults), the "controller"
 or "manual" (a person, `flexnpu gate set`). A manual set overrides anything and holds until
@@ -33,53 +48,33 @@ a frame over MAX_FRAME gets none (zmq's MAXMSGSIZE drops that peer).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any
 
 from flexnpu import SCHEMA
-from flexnpu.forward.gate import GATE_CLOSED, GATE_OPEN
+from flexnpu.forward import api
+from flexnpu.forward.api import (  # noqa: F401 (the daemon's limits are the API's)
+    ALL_COMMANDS, INFLIGHT_LIMIT, LEASE_DEFAULT_MS, LEASE_MAX_MS, LEASE_MIN_MS, MAX_GRACE_MS, MAX_HOLD_LIMIT_MS,
+    MIN_HOLD_MS, OWNERS, READ_COMMANDS, SETTING_KEYS, ms_to_ns)
+from flexnpu.forward.daemon.gate import GATE_CLOSED, GATE_OPEN
 
 MAX_MESSAGE = 64 * 1024
 MAX_FRAME = 1 << 20
 GATES = {"open": GATE_OPEN, "closed": GATE_CLOSED}
-MAX_HOLD_LIMIT_MS = 60_000.0
-MIN_HOLD_MS = 0.01  # 10 us; anything shorter is not a hold a futex wait can honour
-INFLIGHT_LIMIT = 1_000_000  # launches; the segment holds a u32
-OWNERS = ("manual", "controller")
-LEASE_MIN_MS, LEASE_MAX_MS, LEASE_DEFAULT_MS = 10.0, 60_000.0, 500.0
 MANUAL_HOLDS = "manual setting holds; `flexnpu gate release PID` returns it to the controller"
-SETTING_KEYS = ("pid", "gate", "priority", "max_hold_ms", "inflight")
-READ_COMMANDS = ("ping", "list")  # served on the read socket; everything else is admin
+LEGACY_NS_KEYS = ("gate_wait_ns", "iter_ns_total", "iter_ns_last", "last_release_lag_ns", "last_hold_lag_ns")
 
 
 class RequestError(ValueError):
     """A request the daemon refuses; its text goes back as the error."""
 
 
-def ms_to_ns(ms: float) -> int:
-    return int(round(ms * 1e6))
-
-
 def check_settings(req: dict[str, Any]) -> None:
-    gate, prio, hold = req.get("gate"), req.get("priority"), req.get("max_hold_ms")
-    if gate is not None and (not isinstance(gate, str) or gate not in GATES):  # a list is unhashable
-        raise RequestError(f"gate must be 'open' or 'closed', not {gate!r}")
-    if prio is not None and (isinstance(prio, bool) or not isinstance(prio, int) or not 0 <= prio <= 7):
-        raise RequestError(f"priority must be an integer 0..7, not {prio!r}")
-    # the range test comes first: it rejects NaN and inf, and math.isfinite would raise
-    # OverflowError on an integer too large for a float
-    if hold is not None and (
-        isinstance(hold, bool) or not isinstance(hold, (int, float)) or not MIN_HOLD_MS <= hold <= MAX_HOLD_LIMIT_MS
-        or not math.isfinite(hold)
-    ):
-        raise RequestError(f"max_hold_ms must be a number in [{MIN_HOLD_MS:g}, {MAX_HOLD_LIMIT_MS:g}], not {hold!r}")
-    inflight = req.get("inflight")
-    if inflight is not None and (isinstance(inflight, bool) or not isinstance(inflight, int)
-                                 or not 0 <= inflight <= INFLIGHT_LIMIT):
-        raise RequestError(f"inflight must be an integer 0..{INFLIGHT_LIMIT} (launches; 0: unlimited), "
-                           f"not {inflight!r}")
+    try:
+        api.check_changes(req)
+    except api.ApiError as e:
+        raise RequestError(str(e)) from None
 
 
 def check_owner(req: dict[str, Any]) -> tuple[str, float | None]:
@@ -94,10 +89,10 @@ def check_owner(req: dict[str, Any]) -> tuple[str, float | None]:
         return owner, None
     if lease is None:
         return owner, LEASE_DEFAULT_MS
-    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not LEASE_MIN_MS <= lease <= LEASE_MAX_MS \
-            or not math.isfinite(lease):
-        raise RequestError(f"lease_ms must be a number in [{LEASE_MIN_MS:g}, {LEASE_MAX_MS:g}], not {lease!r}")
-    return owner, float(lease)
+    try:
+        return owner, api.check_lease(lease)
+    except api.ApiError as e:
+        raise RequestError(str(e)) from None
 
 
 def check_setting_list(req: dict[str, Any]) -> list[dict[str, Any]]:
@@ -105,13 +100,13 @@ def check_setting_list(req: dict[str, Any]) -> list[dict[str, Any]]:
     any is applied."""
     settings = req.get("settings")
     if not isinstance(settings, list):
-        raise RequestError("settings must be a list of {pid, gate?, priority?, max_hold_ms?, inflight?}")
+        raise RequestError("settings must be a list of {pid, " + ", ".join(k + "?" for k in SETTING_KEYS) + "}")
     for i, one in enumerate(settings):
         if not isinstance(one, dict):
             raise RequestError(f"settings[{i}] must be an object")
-        extra = sorted(k for k in one if k not in SETTING_KEYS)
+        extra = sorted(k for k in one if k != "pid" and k not in SETTING_KEYS)
         if extra:
-            raise RequestError(f"settings[{i}]: unknown key {extra[0]!r}; expected {', '.join(SETTING_KEYS)}")
+            raise RequestError(f"settings[{i}]: unknown key {extra[0]!r}; expected pid, {', '.join(SETTING_KEYS)}")
         pid = one.get("pid")
         if isinstance(pid, bool) or not isinstance(pid, int):
             raise RequestError(f"settings[{i}]: pid must be an integer, not {pid!r}")
@@ -122,14 +117,11 @@ def check_setting_list(req: dict[str, Any]) -> list[dict[str, Any]]:
     return settings
 
 
-MAX_GRACE_MS = 1000.0
-
-
 def check_grace(req: dict[str, Any]) -> None:
-    g = req.get("pending_grace_ms")
-    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_GRACE_MS
-                          or not math.isfinite(g)):
-        raise RequestError(f"pending_grace_ms must be a number in [0, {MAX_GRACE_MS:g}], not {g!r}")
+    try:
+        api.check_grace(req)
+    except api.ApiError as e:
+        raise RequestError(str(e)) from None
 
 
 def _int_or_none(req: dict, key: str) -> int | None:
@@ -162,7 +154,8 @@ def _dispatch(daemon, req: dict[str, Any], admin: bool) -> dict[str, Any]:
         if lease is not None:
             st.renew(lease)
         return {"client": st.set_client(c, req.get("gate"), req.get("priority"), req.get("max_hold_ms"),
-                                        inflight=req.get("inflight"), owner=owner)}
+                                        inflight=req.get("inflight"), owner=owner,
+                                        max_inflight_ms=req.get("max_inflight_ms"))}
     if cmd == "set_many":
         owner, lease = check_owner({**req, "owner": req.get("owner", "controller")})
         settings = check_setting_list(req)
@@ -189,11 +182,10 @@ def _dispatch(daemon, req: dict[str, Any], admin: bool) -> dict[str, Any]:
         if not isinstance(apply, bool):
             raise RequestError("apply must be true or false")
         return {"defaults": st.set_defaults(req.get("gate"), req.get("priority"), req.get("max_hold_ms"), apply,
-                                            req.get("pending_grace_ms"), req.get("inflight"))}
+                                            req.get("pending_grace_ms"), req.get("inflight"),
+                                            req.get("max_inflight_ms"))}
     raise RequestError(f"unknown cmd {cmd!r}; expected ping, list, set, set_many, release, renew or defaults")
 
-
-ALL_COMMANDS = ("ping", "list", "set", "set_many", "release", "renew", "defaults")
 
 
 def error_reply(error: str) -> bytes:

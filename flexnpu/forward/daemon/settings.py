@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from flexnpu.forward import protocol
-from flexnpu.forward.admission import Client, Registry
-from flexnpu.forward.gate import GATE_OPEN, SLOT_FREE, GateTable, SummaryThread, now_ns
+from flexnpu.forward import api
+from flexnpu.forward.daemon import protocol
+from flexnpu.forward.daemon.admission import Client, Registry
+from flexnpu.forward.daemon.gate import GATE_OPEN, SLOT_FREE, GateTable, SummaryThread, now_ns
 
 log = logging.getLogger("flexnpu.daemon")
 
@@ -32,6 +33,8 @@ class GateSettings:
         self.lease_deadline_ns: int | None = None  # CLOCK_MONOTONIC end of the controller's lease
         self.written: dict[int, dict] = {}  # slot -> what the daemon last wrote there
         self.defaults_written: dict = {}
+        # slot -> (pid, max_inflight_ms): kept here, the gate table has no field for it
+        self.inflight_budget_ms: dict[int, tuple[int, float]] = {}
 
     # -- the record the drift check compares against
     def record(self, slot: int) -> None:
@@ -79,11 +82,24 @@ class GateSettings:
                 f"no client with {'pid ' + str(pid) if pid is not None else 'slot ' + str(slot)}")
         return c
 
+    def max_inflight_ms(self, c: Client) -> float:
+        """c's in-flight budget in device time: as last set, else the device default."""
+        pid, ms = self.inflight_budget_ms.get(c.slot, (None, 0.0))
+        return ms if pid == c.pid else float(self.defaults.get("max_inflight_ms", 0.0))
+
     def client_info(self, c: Client) -> dict:
+        """c's record on the wire: durations in ms (api.WIRE_UNIT), with the schema-1
+        nanosecond counters kept beside them (protocol.LEGACY_NS_KEYS)."""
         v = self.table.slot(c.slot, c.page).as_dict()
-        v["max_hold_ms"] = v.pop("max_hold_ns") / 1e6
+        v["max_hold_ms"] = api.ns_to_ms(v.pop("max_hold_ns"))
         v["inflight"] = v.pop("inflight_max")
-        v["inflight_wait_ms"] = v.pop("inflight_wait_ns") / 1e6
+        v["max_inflight_ms"] = self.max_inflight_ms(c)
+        v["inflight_wait_ms"] = api.ns_to_ms(v.pop("inflight_wait_ns"))
+        v["gate_wait_ms"] = api.ns_to_ms(v["gate_wait_ns"])
+        v["iter_total_ms"] = api.ns_to_ms(v["iter_ns_total"])
+        v["iter_last_ms"] = api.ns_to_ms(v["iter_ns_last"])
+        v["last_release_lag_ms"] = api.ns_to_ms(v["last_release_lag_ns"])
+        v["last_hold_lag_ms"] = api.ns_to_ms(v["last_hold_lag_ns"])
         return v
 
     def list_clients(self) -> list[dict]:
@@ -94,23 +110,25 @@ class GateSettings:
         deadline = self.lease_deadline_ns
         if deadline is None:
             return None
-        return {"lease_left_ms": max(0.0, (deadline - now_ns()) / 1e6)}
+        return {"lease_left_ms": max(0.0, api.ns_to_ms(deadline - now_ns()))}
 
     # -- writes
     def _write_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
-                      inflight: int | None, owner: str | None) -> dict:
+                      inflight: int | None, owner: str | None, max_inflight_ms: float | None = None) -> dict:
         """Writes c's settings (those not given keep their values) without waking anyone."""
         info = self.client_info(c)
         g = protocol.GATES[gate if gate is not None else info["gate"]]
         p = priority if priority is not None else info["priority"]
-        h = protocol.ms_to_ns(max_hold_ms) if max_hold_ms is not None else int(round(info["max_hold_ms"] * 1e6))
+        h = api.ms_to_ns(max_hold_ms if max_hold_ms is not None else info["max_hold_ms"])
         n = inflight if inflight is not None else info["inflight"]
+        budget = float(max_inflight_ms) if max_inflight_ms is not None else info["max_inflight_ms"]
         log.info("device %d: pid %d gate=%s priority=%d max_hold=%.1fms inflight=%d (%s)", self.device, c.pid,
-                 "open" if g == GATE_OPEN else "closed", p, h / 1e6, n, owner or "defaults")
-        info.update(gate="open" if g == GATE_OPEN else "closed", priority=p, max_hold_ms=h / 1e6, inflight=n,
-                    owner=owner)
+                 "open" if g == GATE_OPEN else "closed", p, api.ns_to_ms(h), n, owner or "defaults")
+        info.update(gate="open" if g == GATE_OPEN else "closed", priority=p, max_hold_ms=api.ns_to_ms(h), inflight=n,
+                    max_inflight_ms=budget, owner=owner)
         with self.registry.lock:
             if self.registry.clients.get(c.slot) is c:  # not freed meanwhile
+                self.inflight_budget_ms[c.slot] = (c.pid, budget)
                 self.table.write_slot(c.slot, g, p, h, n, owner)
                 self.record(c.slot)
         return info
@@ -124,11 +142,12 @@ class GateSettings:
         return owner == "controller" and self.table.slot(c.slot).owner == "manual"
 
     def set_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
-                   inflight: int | None = None, owner: str | None = "manual") -> dict:
+                   inflight: int | None = None, owner: str | None = "manual",
+                   max_inflight_ms: float | None = None) -> dict:
         with self.lock:
             if self._manual_holds(c, owner):
                 raise protocol.RequestError(f"pid {c.pid}: {protocol.MANUAL_HOLDS.replace('PID', str(c.pid))}")
-            info = self._write_client(c, gate, priority, max_hold_ms, inflight, owner)
+            info = self._write_client(c, gate, priority, max_hold_ms, inflight, owner, max_inflight_ms)
             # the wake comes last: a client it releases then competes with less of this request's work
             self._wake()
         return info
@@ -148,7 +167,7 @@ class GateSettings:
                     skipped.append({"pid": pid, "reason": protocol.MANUAL_HOLDS.replace("PID", str(pid))})
                     continue
                 self._write_client(c, one.get("gate"), one.get("priority"), one.get("max_hold_ms"),
-                                   one.get("inflight"), owner)
+                                   one.get("inflight"), owner, one.get("max_inflight_ms"))
                 applied.append(pid)
             if applied:
                 self._wake()
@@ -161,7 +180,8 @@ class GateSettings:
         done = []
         for c in self.registry.snapshot():
             if self.table.slot(c.slot).owner == owner:
-                self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None)
+                self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None,
+                                   d.get("max_inflight_ms", 0.0))
                 done.append(c.pid)
         if done:
             self._wake()
@@ -176,14 +196,15 @@ class GateSettings:
             if self.table.slot(c.slot).owner != "manual":
                 return []
             d = self.defaults
-            self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None)
+            self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None,
+                                   d.get("max_inflight_ms", 0.0))
             self._wake()
             return [pid]
 
     def renew(self, lease_ms: float) -> None:
         """Extends the controller's lease to lease_ms from now."""
         with self.lock:
-            self.lease_deadline_ns = now_ns() + protocol.ms_to_ns(lease_ms)
+            self.lease_deadline_ns = now_ns() + api.ms_to_ns(lease_ms)
 
     def check_lease(self) -> None:
         """From the heartbeat: a lease that ran out reverts every controller-owned setting."""
@@ -193,7 +214,7 @@ class GateSettings:
         with self.lock:
             if self.lease_deadline_ns is None or now_ns() < self.lease_deadline_ns:
                 return  # renewed meanwhile
-            late_ms = (now_ns() - self.lease_deadline_ns) / 1e6
+            late_ms = api.ns_to_ms(now_ns() - self.lease_deadline_ns)
             self.lease_deadline_ns = None
             pids = self._revert("controller")
         log.warning("device %d: the controller's lease ran out (%.0f ms ago); %d controller settings back "
@@ -202,16 +223,19 @@ class GateSettings:
     def write_defaults(self) -> None:
         d = self.defaults
         with self.lock:
-            self.table.set_defaults(protocol.GATES[d["gate"]], d["priority"], protocol.ms_to_ns(d["max_hold_ms"]))
-            self.table.set_grace(protocol.ms_to_ns(d["pending_grace_ms"]))
+            self.table.set_defaults(protocol.GATES[d["gate"]], d["priority"], api.ms_to_ns(d["max_hold_ms"]))
+            self.table.set_grace(api.ms_to_ns(d["pending_grace_ms"]))
             self.defaults_written = {k: self.table.default(k) for k in
                                      ("default_gate", "default_priority", "default_max_hold_ns", "pending_grace_ns")}
         self.summary.kick()
 
     def set_defaults(self, gate: str | None, priority: int | None, max_hold_ms: float | None, apply: bool,
-                     pending_grace_ms: float | None = None, inflight: int | None = None) -> dict:
+                     pending_grace_ms: float | None = None, inflight: int | None = None,
+                     max_inflight_ms: float | None = None) -> dict:
         d = self.defaults
         with self.lock:
+            if max_inflight_ms is not None:
+                d["max_inflight_ms"] = float(max_inflight_ms)
             if inflight is not None:
                 d["inflight"] = inflight
             if pending_grace_ms is not None:
@@ -230,7 +254,8 @@ class GateSettings:
                         self.table.free(i)  # what a new client gets
                         self.record(i)
             if apply:  # to the clients on the defaults: manual and controller settings stay theirs
-                touched = [self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None)
+                touched = [self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None,
+                                   d.get("max_inflight_ms", 0.0))
                            for c in self.registry.snapshot() if self.table.slot(c.slot).owner is None]
                 if touched:
                     self._wake()
@@ -241,10 +266,10 @@ class GateSettings:
     def new_client_defaults(self) -> dict:
         d = self.defaults
         return {"gate": protocol.GATES[d["gate"]], "priority": d["priority"],
-                "max_hold_ns": protocol.ms_to_ns(d["max_hold_ms"]), "inflight": d.get("inflight", 0)}
+                "max_hold_ns": api.ms_to_ns(d["max_hold_ms"]), "inflight": d.get("inflight", 0)}
 
 
 def protocol_owner(owner_id: int) -> str | None:
-    from flexnpu.forward.gate import OWNERS
+    from flexnpu.forward.daemon.gate import OWNERS
 
     return OWNERS.get(owner_id)

@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 from flexnpu import paths, rundir, systemd
-from flexnpu.forward import access, protocol
-from flexnpu.forward.admission import PER_UID_CAP, RESERVE_S, Admission, Registry, Reserved
-from flexnpu.forward.control import FD_HEADROOM, ControlServer, raise_fd_limit
-from flexnpu.forward.executor import ExecutorSupervisor
-from flexnpu.forward.gate import SLOT_ADMITTED, SLOT_FREE, SLOT_RESERVED, GateTable, SummaryThread, now_ns
-from flexnpu.forward.settings import GateSettings
+from flexnpu.forward import api
+from flexnpu.forward.daemon import access, protocol
+from flexnpu.forward.daemon.admission import PER_UID_CAP, RESERVE_S, Admission, Registry, Reserved
+from flexnpu.forward.daemon.control import FD_HEADROOM, ControlServer, raise_fd_limit
+from flexnpu.forward.daemon.executor import ExecutorSupervisor
+from flexnpu.forward.daemon.gate import SLOT_ADMITTED, SLOT_FREE, SLOT_RESERVED, GateTable, SummaryThread, now_ns
+from flexnpu.forward.daemon.settings import GateSettings
 
 log = logging.getLogger("flexnpu.daemon")
 
@@ -43,8 +44,9 @@ class ForwardDaemon:
     """One device's daemon. `open()` makes the table and the admission socket; `serve()`
     blocks until `stop()` or SIGTERM."""
 
-    def __init__(self, device: int, rdir: Path | None = None, max_hold_ms: float = 200.0,
-                 priority: int = 0, gate: str = "open", pending_grace_ms: float = 1.0,
+    def __init__(self, device: int, rdir: Path | None = None, max_hold_ms: float = api.DEFAULT_MAX_HOLD_MS,
+                 priority: int = api.DEFAULT_PRIORITY, gate: str = api.DEFAULT_GATE,
+                 pending_grace_ms: float = api.DEFAULT_PENDING_GRACE_MS,
                  admin_group: str | None = None, client_group: str = paths.CLIENT_GROUP,
                  per_uid_cap: int = PER_UID_CAP, forward: bool = True):
         if device < 0:
@@ -56,7 +58,8 @@ class ForwardDaemon:
         self.device = device
         self.rdir = Path(rdir or paths.runtime_dir())
         self.defaults = {"gate": gate, "priority": priority, "max_hold_ms": max_hold_ms,
-                         "pending_grace_ms": pending_grace_ms, "inflight": 0}
+                         "pending_grace_ms": pending_grace_ms, "inflight": 0,
+                         "max_inflight_ms": 0.0}
         self.policy = access.AccessPolicy(client_group, admin_group)
         self.per_uid_cap = per_uid_cap
         self._stop = threading.Event()

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from flexnpu import paths
-from flexnpu.forward import access
-from flexnpu.forward.gate import SLOT_ADMITTED, SLOT_FREE, SLOT_RESERVED, ClientPage, GateTable, SummaryThread, \
+from flexnpu.forward.daemon import access
+from flexnpu.forward.daemon.gate import SLOT_ADMITTED, SLOT_FREE, SLOT_RESERVED, ClientPage, GateTable, SummaryThread, \
     layout
 
 log = logging.getLogger("flexnpu.daemon")
