@@ -305,10 +305,7 @@ def forward_refusal(devices: Optional[str], exe: str) -> str | None:
     rdir = paths.runtime_dir()
     wanted = [int(d) for d in devices.split(",")] if devices else None
     if wanted is None:
-        try:
-            wanted = sorted(int(m.group(1)) for p in rdir.iterdir() if (m := re.fullmatch(r"gate-(\d+)\.sock", p.name)))
-        except OSError:
-            wanted = []
+        wanted = paths.daemon_devices(rdir)
         if not wanted:
             return f"no forwarding daemon runs in {rdir} (start one: flexnpu daemon --device N)"
     for d in wanted:
