@@ -47,6 +47,13 @@ INFLIGHT_LIMIT = 1_000_000  # launches; the table holds a u32
 MAX_INFLIGHT_LIMIT_MS = 60_000.0  # in-flight budget in device time
 MAX_GRACE_MS = 1000.0
 LEASE_MIN_MS, LEASE_MAX_MS, LEASE_DEFAULT_MS = 10.0, 60_000.0, 500.0
+# What a declared role gets at admission in forward mode, before any controller speaks (so a
+# co-located pair is interleaved from its first operation): flexpd's own settings for a decode
+# beside a prefill (flexnpu/control/policies/flexpd.py reads them from here).
+DECODE_PRIORITY = 7
+PREFILL_PRIORITY = 0
+PREFILL_ADMISSION_INFLIGHT = 1
+
 OWNERS = ("manual", "controller")
 ROLES = ("auto", "prefill", "decode")
 MODES = ("gated", "forward")

@@ -44,12 +44,13 @@ from flexnpu.control.policies.base import (
     observer_quiet, opt, role_events, role_note, samples_by_pid, setting, with_note,
 )
 from flexnpu.control.roles import RoleRules
+from flexnpu.forward import api
 from flexnpu.control.wire import DEFAULT_MAX_HOLD_MS, OPEN, GateSetting
 from flexnpu.snapshot import NA, NodeSnapshot, ProcessSample
 
 NAME = "flexpd"
-DECODE_PRIORITY = 7
-PREFILL_PRIORITY = 0
+DECODE_PRIORITY = api.DECODE_PRIORITY
+PREFILL_PRIORITY = api.PREFILL_PRIORITY
 
 
 @dataclass(frozen=True)

@@ -263,10 +263,19 @@ class GateSettings:
                 self._wake()
         return dict(d)
 
-    def new_client_defaults(self) -> dict:
+    def new_client_defaults(self, role: int = 0, mode: int = 0) -> dict:
+        """A new client's settings: the daemon's defaults; in forward mode, a declared role's
+        (decode first, prefill one launch in flight), so the executor interleaves a co-located
+        pair from its first operation, before a controller has seen it. A controller's or an
+        operator's settings replace them as for anyone."""
         d = self.defaults
-        return {"gate": protocol.GATES[d["gate"]], "priority": d["priority"],
-                "max_hold_ns": api.ms_to_ns(d["max_hold_ms"]), "inflight": d.get("inflight", 0)}
+        out = {"gate": protocol.GATES[d["gate"]], "priority": d["priority"],
+               "max_hold_ns": api.ms_to_ns(d["max_hold_ms"]), "inflight": d.get("inflight", 0)}
+        if mode == 1 and role == 2:  # enum fx_role: decode
+            out.update(priority=api.DECODE_PRIORITY, inflight=0)
+        elif mode == 1 and role == 1:  # prefill
+            out.update(priority=api.PREFILL_PRIORITY, inflight=api.PREFILL_ADMISSION_INFLIGHT)
+        return out
 
 
 def protocol_owner(owner_id: int) -> str | None:
