@@ -23,6 +23,7 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -928,7 +929,7 @@ static void serve(struct ex_client *c)
             uint64_t now = ex_now();
             if (!idle_since) idle_since = now;
             if (now - idle_since < EX_SPIN_NS) {
-                __builtin_ia32_pause();
+                sched_yield(); /* the client and the device share the CPUs */
                 continue;
             }
             uint32_t bell = atomic_load(&c->hdr->bell);

@@ -13,7 +13,7 @@
 
 #define EX_KEY_LEN 65                   /* an IPC key, as CANN's (ascendcl-facts.md) */
 #define EX_INFLIGHT 256                 /* budget events per client */
-#define EX_SPIN_NS 50000ULL             /* an idle worker watches its ring this long before it sleeps */
+#define EX_SPIN_NS 20000ULL     /* an idle worker watches its ring this long (yielding) before it sleeps */
 #define EX_IDLE_SLICE_NS 10000000ULL    /* a sleeping worker looks at its client's connection this often */
 #define EX_SETTINGS_POLL_NS 10000000ULL /* a held client re-reads its settings at least this often */
 

@@ -15,10 +15,14 @@
  * Errors: a failure of an asynchronous call is returned by the next synchronisation (as on
  * the hardware). If the executor goes, every call returns ACL_ERROR_RT_SOCKET_CLOSE at once.
  */
+#include <sched.h>
 #include <sys/uio.h>
 
 #define FWD_LOST ACL_ERROR_RT_SOCKET_CLOSE
-#define FWD_SPIN_NS 30000ULL /* a synchronous call watches its completion this long before it sleeps */
+/* A synchronous call watches its completion this long before it sleeps, yielding the CPU
+ * between looks (the executor and the device may need it): most answers come within it, and a
+ * sleeping caller costs a futex wake more. */
+#define FWD_SPIN_NS 100000ULL
 
 struct fwc { /* this process's connection to one device's executor */
     int dev;
@@ -365,7 +369,7 @@ static int fw_call(struct fwc *w, uint16_t op, const uint64_t *a, const void *p1
             return fw_set_msg(FWD_LOST, "device %d: the executor went away during the call", w->dev);
         }
         if (fx_now() - t0 < FWD_SPIN_NS) {
-            __builtin_ia32_pause();
+            sched_yield();
             continue;
         }
         atomic_store(&k->waiting, 1);
