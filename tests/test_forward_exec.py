@@ -453,3 +453,41 @@ def test_max_hold_bounds_a_closed_gate(node, fpeer):
     t = time.monotonic()
     ok(a.ask(f"fill {h} 0 {MIB} 8 async"))
     assert 0.25 <= time.monotonic() - t < 3.0
+
+
+def test_a_flooding_client_does_not_hold_another_behind_its_queue(node, workload, fwd_env, spawn, acl_programs):
+    """Two clients of the same priority and no settings: one queues 400 kernels of 5 ms (2 s),
+    the other's kernel waits at most the fair share of queued work (16 launches), not all 2 s."""
+    emu, _ = node
+    flood = spawn([workload, "timing", KLIB, str(emu.flops_for_ms(5)), "0", "400"], env=fwd_env)
+    time.sleep(0.3)  # its queue is deep by now
+    t = time.monotonic()
+    r = run([workload, "timing", KLIB, str(emu.flops_for_ms(0.1)), "0", "1"], fwd_env)
+    took = time.monotonic() - t
+    assert last_json(r)["ok"], r.stderr
+    assert took < 1.0, f"the small client waited {took:.2f} s behind the flood"
+    assert flood.proc.poll() is None  # the flood was still running: it was beside it
+
+
+def test_a_stopped_client_holds_others_at_most_their_max_hold(node, fpeer):
+    """A high-priority client stopped (SIGSTOP) with work since its last sync: a lower-priority
+    client is held, but not past its max_hold."""
+    emu, d = node
+    hi, lo = fpeer(), fpeer()
+    hh = ok(hi.ask(f"malloc {MIB}"))["h"]
+    hl = ok(lo.ask(f"malloc {MIB}"))["h"]
+    d.wait_admitted(hi.proc.pid)
+    d.wait_admitted(lo.proc.pid)
+    d.set(hi.proc.pid, priority=7)
+    d.set(lo.proc.pid, priority=0, max_hold_ms=400)
+    hi.proc.stdin.write(f"fill {hh} 0 {MIB} 1 async nosync\n")  # its work since its last sync...
+    hi.proc.stdin.flush()
+    hi.read()
+    os.kill(hi.proc.pid, signal.SIGSTOP)  # ...and it stops before the next
+    try:
+        t = time.monotonic()
+        ok(lo.ask(f"fill {hl} 0 {MIB} 2 async", timeout=10))
+        took = time.monotonic() - t
+        assert 0.3 <= took < 3.0, took
+    finally:
+        os.kill(hi.proc.pid, signal.SIGCONT)

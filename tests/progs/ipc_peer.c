@@ -9,7 +9,8 @@
  *   setpid KEY PID...              aclrtIpcMemSetImportPid
  *   import KEY FLAGS SIZE          {"h"}: aclrtIpcMemImportByKey (SIZE: what the handle spans here)
  *   close KEY                      aclrtIpcMemClose
- *   fill H OFF N BYTE [async]      N bytes of BYTE from the host to ptr(H)+OFF (aclrtMemcpy[Async], H2D)
+ *   fill H OFF N BYTE [async [nosync]]  N bytes of BYTE from the host to ptr(H)+OFF (aclrtMemcpy[Async],
+ *                                  H2D; async syncs the stream after unless nosync)
  *   memset H OFF N BYTE            aclrtMemset
  *   read H OFF N [async|default]   {"first", "same"}: D2H copy (or ACL_MEMCPY_DEFAULT) of N bytes
  *   copy HD HS N KIND [async]      device to device copy of N bytes, aclrtMemcpyKind KIND
@@ -173,7 +174,7 @@ int main(int argc, char **argv)
             char *dst = (char *)g_ptr[handle(w[1])] + off;
             if (n > 5 && !strcmp(w[5], "async")) {
                 rc = aclrtMemcpyAsync(dst, cnt, buf, cnt, ACL_MEMCPY_HOST_TO_DEVICE, g_stream);
-                if (!rc) rc = aclrtSynchronizeStream(g_stream);
+                if (!rc && !(n > 6 && !strcmp(w[6], "nosync"))) rc = aclrtSynchronizeStream(g_stream);
             } else
                 rc = aclrtMemcpy(dst, cnt, buf, cnt, ACL_MEMCPY_HOST_TO_DEVICE);
             free(buf);

@@ -308,35 +308,63 @@ static void sched_kick(void)
 /* The in-flight budget: the client's launches on the device, dispatched and not finished,
  * at most the table's inflight_max (0: unlimited). Counted exactly with the executor's own
  * events, recorded on the client's stream after each budgeted operation. */
-static void budget_wait(struct ex_client *c, aclrtStream st)
+/* The client's in-flight budget now: its setting, or with none EX_FAIR_INFLIGHT: streams of
+ * one context take cores in the order work arrived, so a client with a deep queue on the
+ * device would hold a newcomer behind all of it; a bounded queue keeps the device busy and
+ * bounds the wait. */
+static uint32_t budget_of(struct ex_client *c)
 {
     uint32_t max = atomic_load(&slot_of(c)->inflight_max);
-    if (!max) return;
+    return max ? max : EX_FAIR_INFLIGHT;
+}
+
+/* Pops the events that have completed (oldest first): their launches are done. */
+static void budget_pop(struct ex_client *c)
+{
     while (c->inf_n > 0) {
-        /* pop what has finished */
         struct ex_inflight *e = &c->inf[c->inf_head];
-        aclrtEventRecordedStatus stt = ACL_EVENT_RECORDED_STATUS_NOT_READY;
-        if (aclrtQueryEventStatus(e->ev, &stt) == ACL_SUCCESS && stt == ACL_EVENT_RECORDED_STATUS_COMPLETE) {
-            c->inf_head = (c->inf_head + 1) % EX_INFLIGHT;
-            c->inf_n--;
-            continue;
-        }
-        if ((uint32_t)c->inf_n < max) break;
-        uint64_t t0 = ex_now();
-        aclrtSynchronizeEventWithTimeout(e->ev, 10);
-        c->budget_wait_ns += ex_now() - t0;
-        if (c->gone || g_stop) break;
+        aclrtEventRecordedStatus st = ACL_EVENT_RECORDED_STATUS_NOT_READY;
+        if (aclrtQueryEventStatus(e->ev, &st) != ACL_SUCCESS || st != ACL_EVENT_RECORDED_STATUS_COMPLETE) return;
+        c->done_seq = e->seq;
+        c->inf_head = (c->inf_head + 1) % EX_INFLIGHT;
+        c->inf_n--;
     }
-    (void)st;
+}
+
+static bool budget_record(struct ex_client *c, aclrtStream st)
+{
+    if (c->inf_n >= EX_INFLIGHT) return false;
+    struct ex_inflight *e = &c->inf[(c->inf_head + c->inf_n) % EX_INFLIGHT];
+    if (!e->ev && aclrtCreateEventWithFlag(&e->ev, ACL_EVENT_SYNC) != ACL_SUCCESS) return false;
+    if (aclrtRecordEvent(e->ev, st) != ACL_SUCCESS) return false;
+    e->seq = c->issued;
+    c->rec_seq = c->issued;
+    c->inf_n++;
+    return true;
+}
+
+/* Before a budgeted launch: waits while the client's launches on the device, dispatched and
+ * not known finished, reach its budget. Counted with the executor's own events, one every
+ * budget/2 launches (so the count is over by less than that, never under). */
+static void budget_wait(struct ex_client *c, aclrtStream st)
+{
+    uint32_t max = budget_of(c);
+    budget_pop(c);
+    while (c->issued - c->done_seq >= max && !c->gone && !g_stop) {
+        if (c->inf_n == 0 && !budget_record(c, st)) return; /* nothing to wait on: go */
+        if (c->rec_seq < c->issued && c->inf_n < EX_INFLIGHT) budget_record(c, st);
+        uint64_t t0 = ex_now();
+        aclrtSynchronizeEventWithTimeout(c->inf[c->inf_head].ev, 10);
+        c->budget_wait_ns += ex_now() - t0;
+        budget_pop(c);
+    }
 }
 
 static void budget_dispatched(struct ex_client *c, aclrtStream st)
 {
-    uint32_t max = atomic_load(&slot_of(c)->inflight_max);
-    if (!max || c->inf_n >= EX_INFLIGHT) return;
-    struct ex_inflight *e = &c->inf[(c->inf_head + c->inf_n) % EX_INFLIGHT];
-    if (!e->ev && aclrtCreateEventWithFlag(&e->ev, ACL_EVENT_SYNC) != ACL_SUCCESS) return;
-    if (aclrtRecordEvent(e->ev, st) == ACL_SUCCESS) c->inf_n++;
+    uint32_t max = budget_of(c), stride = max / 2 ? max / 2 : 1;
+    c->issued++;
+    if (c->issued - c->rec_seq >= stride) budget_record(c, st);
 }
 
 /* ---------------------------------------------------------------- operations */
@@ -660,7 +688,9 @@ static int op_stream_destroy(struct ex_client *c, const struct fwd_rec *r)
         struct ex_inflight *e = &c->inf[(c->inf_head + k) % EX_INFLIGHT];
         aclrtSynchronizeEvent(e->ev);
     }
+    c->inf_head = (c->inf_head + c->inf_n) % EX_INFLIGHT;
     c->inf_n = 0;
+    c->done_seq = c->rec_seq = c->issued;
     rc = aclrtDestroyStream(st);
     if (!rc) c->streams[fwd_handle_index(r->a[0], FWD_H_STREAM)] = NULL;
     return rc ? rt_fail(c, rc, "aclrtDestroyStream") : ACL_SUCCESS;
@@ -675,7 +705,7 @@ static int op_sync(struct ex_client *c, const struct fwd_rec *r, uint64_t *o)
         aclrtStream st = ex_stream(c, r->a[0], &rc);
         if (!st) return rc;
         rc = timeout < 0 ? aclrtSynchronizeStream(st) : aclrtSynchronizeStreamWithTimeout(st, timeout);
-        if (!rc) c->inf_n = 0;
+        if (!rc) budget_pop(c);
         break;
     }
     case FWD_DEVICE_SYNC: { /* this client's streams only: others' work is not its to wait for */
@@ -684,7 +714,11 @@ static int op_sync(struct ex_client *c, const struct fwd_rec *r, uint64_t *o)
         for (int i = 0; !rc && i < FWD_MAX_STREAMS; i++)
             if (c->streams[i]) rc = timeout < 0 ? aclrtSynchronizeStream(c->streams[i])
                                                 : aclrtSynchronizeStreamWithTimeout(c->streams[i], timeout);
-        if (!rc) c->inf_n = 0;
+        if (!rc) { /* every launch of the client is done */
+            c->inf_head = (c->inf_head + c->inf_n) % EX_INFLIGHT;
+            c->inf_n = 0;
+            c->done_seq = c->rec_seq = c->issued;
+        }
         break;
     }
     case FWD_EVENT_SYNC: {

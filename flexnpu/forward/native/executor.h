@@ -13,6 +13,7 @@
 
 #define EX_KEY_LEN 65                   /* an IPC key, as CANN's (ascendcl-facts.md) */
 #define EX_INFLIGHT 256                 /* budget events per client */
+#define EX_FAIR_INFLIGHT 32             /* launches a client with no budget may have queued on the device */
 #define EX_SPIN_NS 20000ULL     /* an idle worker watches its ring this long (yielding) before it sleeps */
 #define EX_IDLE_SLICE_NS 10000000ULL    /* a sleeping worker looks at its client's connection this often */
 #define EX_SETTINGS_POLL_NS 10000000ULL /* a held client re-reads its settings at least this often */
@@ -40,6 +41,7 @@ struct ex_func {
 
 struct ex_inflight {
     aclrtEvent ev;
+    uint64_t seq; /* the client's launches dispatched when it was recorded */
 };
 
 struct ex_aclnn_state;
@@ -74,6 +76,7 @@ struct ex_client {
     /* the in-flight budget: events on the device, oldest first (the worker's alone) */
     struct ex_inflight inf[EX_INFLIGHT];
     int inf_head, inf_n;
+    uint64_t issued, done_seq, rec_seq; /* launches dispatched; of them known done; at the newest event */
     uint64_t budget_wait_ns;
     /* errors */
     int async_rc;
