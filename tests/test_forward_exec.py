@@ -491,3 +491,19 @@ def test_a_stopped_client_holds_others_at_most_their_max_hold(node, fpeer):
         assert 0.3 <= took < 3.0, took
     finally:
         os.kill(hi.proc.pid, signal.SIGCONT)
+
+
+def test_the_config_file_chooses_the_mode_per_role(node, acl_programs, acl_env, runtime_dir, spawn):
+    _, d = node
+    cfg = runtime_dir / "flexnpu.toml"
+    cfg.write_text('[run.decode]\nmode = "forward"\nfallback = "gated"\n')
+    env = {**acl_env, "FLEXNPU_CONFIG": str(cfg)}
+    modes = {}
+    for role, extra in (("decode", []), ("prefill", []), ("decode", ["--gated"])):
+        p = spawn([FLEXNPU, "run", "--role", role, *extra, "--", acl_programs["ipc_peer"]], env=env)
+        assert p.read()["ready"]
+        modes[(role, *extra)] = d.wait_admitted(p.proc.pid)["mode"]
+    assert modes == {("decode",): "forward", ("prefill",): "gated", ("decode", "--gated"): "gated"}
+    cfg.write_text('[run.decode]\nmode = "sideways"\n')
+    r = run([FLEXNPU, "run", "--role", "decode", "--", acl_programs["ipc_peer"]], env)
+    assert r.returncode == 2 and "[run.decode] mode" in r.stderr, r.stderr

@@ -14,6 +14,9 @@
     [roles]
     decode = ["@inference", "alice"]   # who may declare each role (flexnpu run --role); absent: anyone
     distrust_after_ms = 2000.0         # a declared role the observed operators contradict this long is set aside
+    [run.decode]                       # how `flexnpu run --role decode` runs a program (also prefill, auto)
+    mode = "forward"                   # gated | forward (`--forward` / `--gated` override it)
+    fallback = "gated"                 # with forward: gated (run gated where forwarding cannot) | none
 
 Every key has a default; an unknown section or key, a value of the wrong type or out of
 range is refused with a `ConfigError` that names the key (`[policy.flexpd] tpot_slack`) and
@@ -63,11 +66,23 @@ class ControllerOptions:
     report_ms: float = opt(500.0, "a report is published at least this often", lo=10.0, hi=60000.0)
 
 
+RUN_ROLES = ("prefill", "decode", "auto")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    mode: str = opt("gated", "how `flexnpu run` runs a program of this role: gated or forward",
+                    choices=("gated", "forward"))
+    fallback: str = opt("none", "with forward, where forwarding cannot run the program: gated, or none "
+                        "(refuse)", choices=("none", "gated"))
+
+
 @dataclass(frozen=True)
 class Config:
     controller: ControllerOptions
     policies: dict[str, Any]  # policy name -> its options dataclass
     roles: roles.RoleRules = roles.RoleRules()
+    run: dict[str, RunOptions] = dataclasses.field(default_factory=lambda: {r: RunOptions() for r in RUN_ROLES})
 
     @property
     def policy_options(self) -> Any:
@@ -204,9 +219,17 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
         role_rules = roles.parse(data.pop("roles", {}))
     except roles.RoleRulesError as e:
         raise ConfigError(str(e)) from None
+    run = data.pop("run", {}) or {}
+    if not isinstance(run, dict):
+        raise ConfigError("[run] must hold tables such as [run.decode]")
+    for k in run:
+        if k not in RUN_ROLES:
+            raise ConfigError(f"[run.{_key(k)}]: unknown role; known: {', '.join(RUN_ROLES)}")
+    run_opts = {r: _build(RunOptions, f"run.{r}", run.get(r, {})) for r in RUN_ROLES}
     for k in data:
         raise ConfigError(f"[{_key(k)}]: unknown section; known: [controller], [roles], "
-                          + ", ".join(f"[policy.{p}]" for p in POLICIES))
+                          + ", ".join(f"[policy.{p}]" for p in POLICIES) + ", "
+                          + ", ".join(f"[run.{r}]" for r in RUN_ROLES))
     if not isinstance(pol, dict):
         raise ConfigError("[policy] must hold tables such as [policy.flexpd]")
     for k in pol:
@@ -217,7 +240,7 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
         raise ConfigError(f"[controller] renew_ms = {controller.renew_ms:g}: must be at most lease_ms / 2 "
                           f"({controller.lease_ms / 2:g}), or the lease runs out between renewals")
     policies = {name: _build(mod.Options, f"policy.{name}", pol.get(name, {})) for name, mod in POLICIES.items()}
-    return Config(controller, policies, role_rules)
+    return Config(controller, policies, role_rules, run_opts)
 
 
 def load(path: Path | None, required: bool, overrides: dict[str, Any] | None = None) -> Config:
@@ -249,4 +272,6 @@ def to_toml(cfg: Config) -> str:
     for name, opts in cfg.policies.items():
         out += [""] + _section(f"policy.{name}", opts)  # a bare TOML key may hold '-'
     out += [""] + roles.to_toml(cfg.roles)
+    for r, opts in cfg.run.items():
+        out += [""] + _section(f"run.{r}", opts)
     return "\n".join(out) + "\n"

@@ -366,10 +366,13 @@ def run_command(
     role: Annotated[str, typer.Option(help="prefill, decode or auto.")] = "auto",
     mem_quota: Annotated[Optional[str], typer.Option(help="Cap on device memory per device, e.g. 8G.")] = None,
     debug: Annotated[bool, typer.Option(help="The shim reports what it does on stderr.")] = False,
-    forward: Annotated[bool, typer.Option("--forward", help="Forwarded execution: every AscendCL call runs in the "
-                                          "device's executor, which schedules it op by op.")] = False,
-    fallback: Annotated[str, typer.Option(help="With --forward, where forwarding cannot run this program: 'gated' "
-                                          "runs it gated from the start, 'none' refuses.")] = "none",
+    forward: Annotated[Optional[bool], typer.Option("--forward/--gated", help="Forwarded execution (every AscendCL "
+                                                    "call runs in the device's executor, which schedules it op by op), "
+                                                    "or gated; default: [run.<role>] mode in flexnpu.toml, else gated.",
+                                                    show_default=False)] = None,
+    fallback: Annotated[Optional[str], typer.Option(help="With --forward, where forwarding cannot run this program: "
+                                                    "'gated' runs it gated from the start, 'none' refuses; default: "
+                                                    "[run.<role>] fallback, else none.", show_default=False)] = None,
 ) -> None:
     """Run a program under the FlexNPU shim; its exit code passes through.
 
@@ -383,9 +386,21 @@ def run_command(
       flexnpu run --forward --role decode -- python serve.py --port 8001
       flexnpu run --forward --fallback gated -- ./my_acl_program
     """
-    if fallback not in ("gated", "none"):
+    if fallback is not None and fallback not in ("gated", "none"):
         err.print(f"flexnpu run: --fallback takes gated or none, not {fallback!r}")
         raise typer.Exit(2)
+    if forward is None or fallback is None:  # the node's configuration for this role
+        from flexnpu.control import config as cfgmod
+
+        try:
+            run_cfg = cfgmod.load(paths.config_file(), required=False).run.get(role)
+        except cfgmod.ConfigError as e:
+            err.print(f"flexnpu run: {e}")
+            raise typer.Exit(2)
+        if forward is None:
+            forward = run_cfg is not None and run_cfg.mode == "forward"
+        if fallback is None:
+            fallback = run_cfg.fallback if run_cfg is not None else "none"
     try:
         env = run_env(device, role, mem_quota, debug, dict(os.environ), forward=forward)
     except ValueError as e:
