@@ -143,6 +143,24 @@ EXPORT void fx_slot_write(struct fx_ctl_seg *ctl, int slot, uint32_t gate, uint3
 /* Wakes every waiter so each re-evaluates its gate and budget. */
 EXPORT void fx_wake(struct fx_ctl_seg *ctl) { wake_all(ctl, 1); }
 
+/* Writes the settings of n slots (each as fx_slot_write; slots out of range are skipped), then
+ * wakes every waiter once. The stores and the wake are one call: a held client that a store
+ * releases is woken microseconds after its gate opened, never after the rest of the caller's
+ * work (the daemon's Python, its other threads). Returns how many slots were written. */
+EXPORT int fx_slots_apply(struct fx_ctl_seg *ctl, int n, const int32_t *slot, const uint32_t *gate,
+                          const uint32_t *priority, const uint64_t *max_hold_ns, const uint32_t *inflight_max,
+                          const uint32_t *owner)
+{
+    int done = 0;
+    for (int k = 0; k < n; k++) {
+        if (slot[k] < 0 || slot[k] >= FX_MAX_SLOTS) continue;
+        fx_slot_write(ctl, slot[k], gate[k], priority[k], max_hold_ns[k], inflight_max[k], owner[k]);
+        done++;
+    }
+    wake_all(ctl, 1);
+    return done;
+}
+
 EXPORT void fx_defaults_set(struct fx_ctl_seg *ctl, uint32_t gate, uint32_t priority, uint64_t max_hold_ns)
 {
     atomic_store(&ctl->default_gate, gate);
