@@ -448,13 +448,14 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
             write(writer, GATE_CLOSED)
             v = wait_for(lambda v: v.waiting > 0 and v.gate_waits > before.gate_waits, "a held call")
             lags[case]["close"].append(v.last_hold_lag_ns / 1e3)
-            lag_before = v.last_release_lag_ns
+            held_ns_before = v.gate_wait_ns  # grows at the end of every hold, before `waiting` drops
             if held_for:
                 floor.sample(held_for)  # the hold itself: a floor sample as long, under the same load
             else:
                 time.sleep(held_for)
             write(writer, GATE_OPEN)
-            v = wait_for(lambda v: v.waiting == 0 and v.last_release_lag_ns != lag_before, "the release")
+            # (not "the lag changed": two releases may take the same number of nanoseconds)
+            v = wait_for(lambda v: v.waiting == 0 and v.gate_wait_ns != held_ns_before, "the release")
             lags[case]["open"].append(v.last_release_lag_ns / 1e3)
             time.sleep(0.002)  # let it dispatch freely for a moment
     finally:
