@@ -153,6 +153,15 @@ def floor_cpus() -> tuple[int, int] | None:
     return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
 
 
+def last_cpu(pid: int) -> int | None:
+    """The CPU a process's main thread last ran on (/proc/PID/stat, field 39); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[36])
+
+
 class WakeFloor:
     """The futex wake floor, one sample at a time (fwd_wake_floor --serve), taken between the
     gate's release samples while the gate's client is held, so both see the same load: the
@@ -161,7 +170,9 @@ class WakeFloor:
     on another CPU than the daemon's (the held client sleeps on its own CPU; the daemon's
     thread runs where its request arrived), and a floor pair left to the scheduler sometimes
     shares one CPU, where the waiter runs as soon as the waker sleeps without the interrupt
-    a wake-up on another (maybe idle) CPU costs: that floor is not the release's."""
+    a wake-up on another (maybe idle) CPU costs: that floor is not the release's. The waiter
+    sleeps on the CPU the held client sleeps on (where the release will wake it; the idle
+    CPUs of a virtual machine need not wake alike), the waker on another."""
 
     def __init__(self, exe: Path):
         self.cpus = floor_cpus()
@@ -169,9 +180,13 @@ class WakeFloor:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lags_us: list[float] = []
 
-    def sample(self, hold_s: float) -> None:
-        """The waiter sleeps hold_s, then is woken; its lag is kept."""
-        self.proc.stdin.write(f"{int(hold_s * 1e6)}\n")
+    def sample(self, hold_s: float, beside: int | None = None) -> None:
+        """The waiter sleeps hold_s, then is woken; its lag is kept. beside: a pid whose last
+        CPU the waiter takes (the waker another)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        where = last_cpu(beside) if beside is not None and self.cpus else None
+        pins = f" {where} {next(c for c in cpus if c != where)}" if where in cpus else ""
+        self.proc.stdin.write(f"{int(hold_s * 1e6)}{pins}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line.strip():
@@ -451,7 +466,7 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
             lags[case]["close"].append(v.last_hold_lag_ns / 1e3)
             held_ns_before = v.gate_wait_ns  # grows at the end of every hold, before `waiting` drops
             if held_for:
-                floor.sample(held_for)  # the hold itself: a floor sample as long, under the same load
+                floor.sample(held_for, proc.pid)  # the hold itself: a floor sample as long, under the same load
             else:
                 time.sleep(held_for)
             write(writer, GATE_OPEN)
@@ -632,7 +647,7 @@ def table(doc: dict) -> str:
         lines.append(f"target: p99 <= {lat['target_p99_us']:g} us; the client calls every ~{lat['client_gap_us']:g} us "
                      "plus its sleep's wake-up, which bounds how soon a close can be seen")
         f, sep, rel = lat["wake_floor"], lat["wake_floor_separate"], lat["daemon"]["open"]
-        on = f"CPUs {f['cpus'][0]} and {f['cpus'][1]}" if f["cpus"] else "one CPU"
+        on = "the held client's CPU and another" if f["cpus"] else "one CPU"
         lines.append(f"floor: a plain futex wake between two processes ({on}), sampled in the 2 ms holds: "
                      f"p50 {f['p50_us']:.1f} us, p90 {f['p90_us']:.1f} us, p99 {f['p99_us']:.1f} us, "
                      f"max {f['max_us']:.1f} us ({f['samples']})")

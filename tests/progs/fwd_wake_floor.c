@@ -4,8 +4,9 @@
  * stamps the clock, stores the word and wakes; the waiter takes the lag as it runs again).
  *
  *   fwd_wake_floor SAMPLES [--cpus W,S]  -> {"samples": N, "p50_us": .., "p99_us": .., "max_us": ..}
- *   fwd_wake_floor --serve [--cpus W,S]  -> for each line read (HOLD_US), one sample: the waiter
- *                                           sleeps HOLD_US, is woken; prints the lag in ns
+ *   fwd_wake_floor --serve [--cpus W,S]  -> for each line read (HOLD_US [W S]), one sample: the
+ *                                           waiter (on CPU W, the waker on S, if given) sleeps
+ *                                           HOLD_US, is woken; prints the lag in ns
  *
  * --cpus W,S pins the waiter to CPU W and the waker to CPU S. A wake-up on another CPU (an
  * interrupt to it, which may be idle) and one on the waker's own CPU (the waiter runs once the
@@ -48,13 +49,13 @@ static int cmp(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-static void pin(int cpu)
+static void pin(pid_t who, int cpu)
 {
     if (cpu < 0) return;
     cpu_set_t cs;
     CPU_ZERO(&cs);
     CPU_SET(cpu, &cs);
-    if (sched_setaffinity(0, sizeof cs, &cs) != 0) {
+    if (sched_setaffinity(who, sizeof cs, &cs) != 0) {
         perror("fwd_wake_floor: sched_setaffinity");
         exit(2);
     }
@@ -88,7 +89,7 @@ int main(int argc, char **argv)
     pid_t pid = fork();
     if (pid < 0) return 1;
     if (pid == 0) {
-        pin(wcpu);
+        pin(0, wcpu);
         struct timespec slice = {.tv_nsec = 10000000}; /* as a held call: slices of 10 ms */
         while (!atomic_load(&s->done)) {
             atomic_store(&s->asleep, 1);
@@ -101,12 +102,17 @@ int main(int argc, char **argv)
         }
         _exit(0);
     }
-    pin(scpu);
+    pin(0, scpu);
     if (serve) {
         setvbuf(stdout, NULL, _IOLBF, 0);
         char line[64];
         while (fgets(line, sizeof line, stdin)) {
-            long hold = atol(line);
+            long hold = 0;
+            int w = -1, sc = -1;
+            if (sscanf(line, "%ld %d %d", &hold, &w, &sc) == 3 && w >= 0 && sc >= 0) {
+                pin(pid, w); /* the waiter, asleep or about to be: it wakes on w */
+                pin(0, sc);
+            }
             printf("%llu\n", (unsigned long long)sample(s, hold > 0 ? hold : 0));
         }
     } else {
