@@ -138,12 +138,76 @@ def build(out: Path) -> Path:
 
 
 def measure_wake_floor(out: Path, samples: int) -> dict:
-    """Plain futex wake-up latency between two processes on this machine: the floor under
-    the gate's release latency, measured the same way (stamp, store, wake; lag at wake)."""
+    """Plain futex wake-up latency between two processes on this machine, in a run of its
+    own, the two placed by the scheduler: for reference beside the floor measured between
+    the release samples (WakeFloor), which the release is compared with."""
     r = subprocess.run([str(out / "fwd_wake_floor"), str(samples)], capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise BenchError(f"fwd_wake_floor exited {r.returncode}")
     return json.loads(r.stdout)
+
+
+def floor_cpus() -> tuple[int, int] | None:
+    """Two CPUs this process may use (the waiter's, the waker's), or None with only one."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def last_cpu(pid: int) -> int | None:
+    """The CPU a process's main thread last ran on (/proc/PID/stat, field 39); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[36])
+
+
+class WakeFloor:
+    """The futex wake floor, one sample at a time (fwd_wake_floor --serve), taken between the
+    gate's release samples while the gate's client is held, so both see the same load: the
+    waker stamps, stores and wakes, the waiter takes the lag as it runs, as the daemon and
+    the shim do. Waiter and waker are pinned to two different CPUs: a release is a wake-up
+    on another CPU than the daemon's (the held client sleeps on its own CPU; the daemon's
+    thread runs where its request arrived), and a floor pair left to the scheduler sometimes
+    shares one CPU, where the waiter runs as soon as the waker sleeps without the interrupt
+    a wake-up on another (maybe idle) CPU costs: that floor is not the release's. The waiter
+    sleeps on the CPU the held client sleeps on (where the release will wake it; the idle
+    CPUs of a virtual machine need not wake alike), the waker on another."""
+
+    def __init__(self, exe: Path):
+        self.cpus = floor_cpus()
+        cmd = [str(exe), "--serve"] + (["--cpus", f"{self.cpus[0]},{self.cpus[1]}"] if self.cpus else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lags_us: list[float] = []
+
+    def sample(self, hold_s: float, beside: int | None = None) -> None:
+        """The waiter sleeps hold_s, then is woken; its lag is kept. beside: a pid whose last
+        CPU the waiter takes (the waker another)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        where = last_cpu(beside) if beside is not None and self.cpus else None
+        pins = f" {where} {next(c for c in cpus if c != where)}" if where in cpus else ""
+        self.proc.stdin.write(f"{int(hold_s * 1e6)}{pins}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line.strip():
+            raise BenchError(f"fwd_wake_floor --serve exited {self.proc.poll()}")
+        self.lags_us.append(int(line) / 1e3)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+    def summary(self) -> dict:
+        xs = self.lags_us
+        return {"samples": len(xs), "p50_us": round(_percentile(xs, 0.5), 2), "p90_us": round(_percentile(xs, 0.9), 2),
+                "p99_us": round(_percentile(xs, 0.99), 2), "max_us": round(max(xs), 2),
+                "cpus": list(self.cpus) if self.cpus else None}
 
 
 def daemon_available() -> bool:
@@ -332,7 +396,7 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, rdir: Path,
-                                samples: int) -> dict:
+                                samples: int, floor_exe: Path) -> dict:
     """Enforcement latency of gate changes, against a client that keeps dispatching
     (fwd_callcost --steady: an event record, then a sleep of STEADY_GAP_NS):
 
@@ -346,7 +410,11 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
 
       daemon: a `set` request to the running daemon, which writes the gate;
     and two hold lengths before the release (LATENCY_CASES): a client released moments after
-    it fell asleep wakes more slowly here than one held for milliseconds."""
+    it fell asleep wakes more slowly here than one held for milliseconds.
+
+    The futex wake floor (WakeFloor) is sampled in the holds of the held-for-milliseconds
+    case: its waiter sleeps as long as the client is held, and is woken just before the
+    client is released."""
     from types import SimpleNamespace
 
     from flexnpu.forward.daemon.gate import GATE_CLOSED, GATE_OPEN
@@ -378,7 +446,9 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
     def write(writer: str, gate: int) -> None:
         daemon.client.set(proc.pid, gate="open" if gate == GATE_OPEN else "closed", max_hold_ms=hold_ns / 1e6)
 
+    floor = None
     try:
+        floor = WakeFloor(floor_exe)
         deadline = time.monotonic() + 10
         while True:
             mine = [c for c in daemon.client.list() if c.pid == proc.pid]
@@ -394,22 +464,28 @@ def measure_enforcement_latency(exe: Path, env: dict[str, str], daemon: Daemon, 
             write(writer, GATE_CLOSED)
             v = wait_for(lambda v: v.waiting > 0 and v.gate_waits > before.gate_waits, "a held call")
             lags[case]["close"].append(v.last_hold_lag_ns / 1e3)
-            lag_before = v.last_release_lag_ns
-            time.sleep(held_for)
+            held_ns_before = v.gate_wait_ns  # grows at the end of every hold, before `waiting` drops
+            if held_for:
+                floor.sample(held_for, proc.pid)  # the hold itself: a floor sample as long, under the same load
+            else:
+                time.sleep(held_for)
             write(writer, GATE_OPEN)
-            v = wait_for(lambda v: v.waiting == 0 and v.last_release_lag_ns != lag_before, "the release")
+            # (not "the lag changed": two releases may take the same number of nanoseconds)
+            v = wait_for(lambda v: v.waiting == 0 and v.gate_wait_ns != held_ns_before, "the release")
             lags[case]["open"].append(v.last_release_lag_ns / 1e3)
             time.sleep(0.002)  # let it dispatch freely for a moment
     finally:
         proc.kill()
         proc.wait()
+        if floor is not None:
+            floor.close()
 
     def summary(xs: list[float]) -> dict:
-        return {"p50_us": round(_percentile(xs, 0.5), 2), "p99_us": round(_percentile(xs, 0.99), 2),
-                "max_us": round(max(xs), 2), "samples": len(xs)}
+        return {"p50_us": round(_percentile(xs, 0.5), 2), "p90_us": round(_percentile(xs, 0.9), 2),
+                "p99_us": round(_percentile(xs, 0.99), 2), "max_us": round(max(xs), 2), "samples": len(xs)}
 
     return {w: {k: summary(v) for k, v in d.items()} for w, d in lags.items()} | {
-        "client_gap_us": STEADY_GAP_NS / 1e3, "target_p99_us": 50.0}
+        "client_gap_us": STEADY_GAP_NS / 1e3, "target_p99_us": 50.0, "wake_floor": floor.summary()}
 
 
 def bench(quick: bool, calls: int | None, rounds: int | None, interference: bool = True) -> dict:
@@ -464,8 +540,9 @@ def bench(quick: bool, calls: int | None, rounds: int | None, interference: bool
                 samples[v].append(next(iter(d.values()))["median"])
         if daemon is not None:
             daemon.defaults(priority=0)
-            latency = measure_enforcement_latency(exe, shim, daemon, rdir, 30 if quick else 200)
-            latency["wake_floor"] = measure_wake_floor(tmp, 30 if quick else 200)
+            latency = measure_enforcement_latency(exe, shim, daemon, rdir, 30 if quick else 200,
+                                                  tmp / "fwd_wake_floor")
+            latency["wake_floor_separate"] = measure_wake_floor(tmp, 30 if quick else 200)
         if daemon is not None:
             daemon.stop()
             daemon = None
@@ -565,13 +642,19 @@ def table(doc: dict) -> str:
             for what in ("close", "open"):
                 x = lat[case][what]
                 lines.append(f"enforcement latency, {what:<5} {label:<24} p50 {x['p50_us']:6.1f} us, "
-                             f"p99 {x['p99_us']:6.1f} us, max {x['max_us']:7.1f} us ({x['samples']})")
+                             f"p90 {x['p90_us']:6.1f} us, p99 {x['p99_us']:6.1f} us, max {x['max_us']:7.1f} us "
+                             f"({x['samples']})")
         lines.append(f"target: p99 <= {lat['target_p99_us']:g} us; the client calls every ~{lat['client_gap_us']:g} us "
                      "plus its sleep's wake-up, which bounds how soon a close can be seen")
-        f = lat["wake_floor"]
-        lines.append(f"floor: a plain futex wake between two processes here: p50 {f['p50_us']:.1f} us, "
-                     f"p99 {f['p99_us']:.1f} us; open p50 / floor p50 (daemon, held 2 ms): "
-                     f"{lat['daemon']['open']['p50_us'] / f['p50_us']:.2f}")
+        f, sep, rel = lat["wake_floor"], lat["wake_floor_separate"], lat["daemon"]["open"]
+        on = "the held client's CPU and another" if f["cpus"] else "one CPU"
+        lines.append(f"floor: a plain futex wake between two processes ({on}), sampled in the 2 ms holds: "
+                     f"p50 {f['p50_us']:.1f} us, p90 {f['p90_us']:.1f} us, p99 {f['p99_us']:.1f} us, "
+                     f"max {f['max_us']:.1f} us ({f['samples']})")
+        lines.append(f"  open / floor (daemon, held 2 ms): p50 {rel['p50_us'] / f['p50_us']:.2f}, "
+                     f"p90 {rel['p90_us'] / f['p90_us']:.2f}, p99 {rel['p99_us'] / f['p99_us']:.2f}")
+        lines.append(f"  (in a run of its own, placed by the scheduler: p50 {sep['p50_us']:.1f} us, "
+                     f"p99 {sep['p99_us']:.1f} us)")
     bc = doc.get("budget_cost")
     if bc is not None:
         lines.append("")

@@ -304,6 +304,34 @@ def test_set_many_applies_a_batch_with_one_wake_and_skips_strangers(handler_daem
     assert r["applied"] == [] and _wake_seq(d) == seq + 1
 
 
+def test_set_many_naming_a_client_twice_applies_both_in_order_with_one_wake(handler_daemon, second_client):
+    """The batch is written in one call into C (stores, then the wake); a client named twice
+    gets the second setting over the first, and what only the first set stays."""
+    d, pid = handler_daemon
+    seq = _wake_seq(d)
+    r = ok(d, {"schema": 1, "cmd": "set_many", "settings": [
+        {"pid": pid, "gate": "closed", "inflight": 3},
+        {"pid": second_client, "priority": 4},
+        {"pid": pid, "priority": 5, "inflight": 6},
+    ]})
+    assert r["applied"] == [pid, second_client, pid]
+    assert _wake_seq(d) == seq + 1
+    a, b = d.table.slot(SLOT), d.table.slot(SLOT + 1)
+    assert (a.gate, a.priority, a.inflight_max, a.owner) == ("closed", 5, 6, "controller")
+    assert (b.gate, b.priority, b.owner) == ("open", 4, "controller")
+
+
+def test_apply_slots_skips_slots_out_of_range_and_wakes_once(handler_daemon):
+    d, _ = handler_daemon
+    seq = _wake_seq(d)
+    n = d.table.apply_slots([(-1, 1, 3, 1, 0, None), (d.table.max_slots, 1, 3, 1, 0, None),
+                             (SLOT, 1, 6, 5_000_000, 2, "manual")])
+    assert n == 1 and _wake_seq(d) == seq + 1
+    v = d.table.slot(SLOT)
+    assert (v.gate, v.priority, v.max_hold_ns, v.inflight_max, v.owner) == ("closed", 6, 5_000_000, 2, "manual")
+    assert d.table.apply_slots([]) == 0 and _wake_seq(d) == seq + 2  # nothing written: a wake all the same
+
+
 def test_manual_overrides_the_controller_until_released(handler_daemon, second_client):
     d, pid = handler_daemon
     ok(d, {"schema": 1, "cmd": "set_many", "settings": [{"pid": pid, "inflight": 1}]})

@@ -45,6 +45,9 @@ def gate_library() -> ctypes.CDLL:
     lib.fx_heartbeat.argtypes = [vp, ctypes.c_int]
     lib.fx_slot_write.argtypes = [vp, ctypes.c_int, u32, u32, u64, u32, u32]
     lib.fx_wake.argtypes = [vp]
+    lib.fx_slots_apply.argtypes = [vp, ctypes.c_int, ctypes.POINTER(i32), ctypes.POINTER(u32), ctypes.POINTER(u32),
+                                   ctypes.POINTER(u64), ctypes.POINTER(u32), ctypes.POINTER(u32)]
+    lib.fx_slots_apply.restype = ctypes.c_int
     lib.fx_defaults_set.argtypes = [vp, u32, u32, u64]
     lib.fx_grace_set.argtypes = [vp, u64]
     lib.fx_slot_admit.argtypes = [vp, ctypes.c_int, i32, u32, u32, u32, u64, u32]
@@ -316,6 +319,18 @@ class GateTable:
         """One wake_seq bump and one futex wake: every waiter re-evaluates."""
         self._writable()
         self.lib.fx_wake(self.ctl_addr)
+
+    def apply_slots(self, writes: list[tuple[int, int, int, int, int, str | None]]) -> int:
+        """Writes each (slot, gate, priority, max_hold_ns, inflight_max, owner), then wakes every
+        waiter once, all in one call into C: nothing of the daemon's runs between a gate's
+        store and the wake of the client it releases. Returns how many slots were written."""
+        self._writable()
+        n = len(writes)
+        cols = list(zip(*writes)) if writes else [()] * 6
+        return self.lib.fx_slots_apply(
+            self.ctl_addr, n, (ctypes.c_int32 * n)(*cols[0]), (ctypes.c_uint32 * n)(*cols[1]),
+            (ctypes.c_uint32 * n)(*cols[2]), (ctypes.c_uint64 * n)(*cols[3]), (ctypes.c_uint32 * n)(*cols[4]),
+            (ctypes.c_uint32 * n)(*(OWNER_IDS[o] for o in cols[5])))
 
     def set_defaults(self, gate: int, priority: int, max_hold_ns: int) -> None:
         self._writable()

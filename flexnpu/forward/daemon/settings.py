@@ -113,10 +113,12 @@ class GateSettings:
         return {"lease_left_ms": max(0.0, api.ns_to_ms(deadline - now_ns()))}
 
     # -- writes
-    def _write_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
-                      inflight: int | None, owner: str | None, max_inflight_ms: float | None = None) -> dict:
-        """Writes c's settings (those not given keep their values) without waking anyone."""
-        info = self.client_info(c)
+    def _plan_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
+                     inflight: int | None, owner: str | None, current: dict | None = None,
+                     max_inflight_ms: float | None = None) -> tuple[dict, tuple]:
+        """c's new settings (those not given keep their values, from current if given, else from
+        the table): what the request answers, and the write for _apply."""
+        info = dict(current) if current is not None else self.client_info(c)
         g = protocol.GATES[gate if gate is not None else info["gate"]]
         p = priority if priority is not None else info["priority"]
         h = api.ms_to_ns(max_hold_ms if max_hold_ms is not None else info["max_hold_ms"])
@@ -126,15 +128,35 @@ class GateSettings:
                  "open" if g == GATE_OPEN else "closed", p, api.ns_to_ms(h), n, owner or "defaults")
         info.update(gate="open" if g == GATE_OPEN else "closed", priority=p, max_hold_ms=api.ns_to_ms(h), inflight=n,
                     max_inflight_ms=budget, owner=owner)
+        return info, (c, (c.slot, g, p, h, n, owner), budget)
+
+    def _apply(self, planned: list[tuple]) -> None:
+        """Writes the planned settings (at most one per client) and wakes the waiters, in one
+        call into C: a client that a gate releases goes without waiting for any more of the
+        daemon's Python. Then, if a priority changed, the summary is recomputed (its thread
+        wakes the waiters again if the summary changed)."""
         with self.registry.lock:
-            if self.registry.clients.get(c.slot) is c:  # not freed meanwhile
-                self.inflight_budget_ms[c.slot] = (c.pid, budget)
-                self.table.write_slot(c.slot, g, p, h, n, owner)
+            live = [(c, w, b) for c, w, b in planned if self.registry.clients.get(c.slot) is c]  # not freed meanwhile
+            if not live:
+                return
+            prio_changed = any(w[2] != self.table.settings(c.slot)["priority"] for c, w, _ in live)
+            self.table.apply_slots([w for _, w, _ in live])
+            for c, _, b in live:
+                self.inflight_budget_ms[c.slot] = (c.pid, b)
                 self.record(c.slot)
+        if prio_changed:
+            self.summary.kick()
+
+    def _write_client(self, c: Client, gate: str | None, priority: int | None, max_hold_ms: float | None,
+                      inflight: int | None, owner: str | None, max_inflight_ms: float | None = None) -> dict:
+        """Writes c's settings (those not given keep their values) and wakes the waiters."""
+        info, write = self._plan_client(c, gate, priority, max_hold_ms, inflight, owner,
+                                        max_inflight_ms=max_inflight_ms)
+        self._apply([write])
         return info
 
     def _wake(self) -> None:
-        # the summary first (a priority may have changed), then the waiters
+        # the summary first (the grace may have changed), then the waiters
         self.summary.kick()
         self.table.wake()
 
@@ -147,15 +169,13 @@ class GateSettings:
         with self.lock:
             if self._manual_holds(c, owner):
                 raise protocol.RequestError(f"pid {c.pid}: {protocol.MANUAL_HOLDS.replace('PID', str(c.pid))}")
-            info = self._write_client(c, gate, priority, max_hold_ms, inflight, owner, max_inflight_ms)
-            # the wake comes last: a client it releases then competes with less of this request's work
-            self._wake()
-        return info
+            return self._write_client(c, gate, priority, max_hold_ms, inflight, owner, max_inflight_ms)
 
     def set_many(self, settings: list[dict], owner: str) -> dict:
         """Applies every setting it can, then wakes waiters once for the whole batch."""
         applied: list[int] = []
         skipped: list[dict] = []
+        planned: dict[int, tuple[dict, tuple]] = {}  # by slot: a client named twice gets both, in order
         with self.lock:
             for one in settings:
                 pid = one["pid"]
@@ -166,11 +186,13 @@ class GateSettings:
                 if self._manual_holds(c, owner):
                     skipped.append({"pid": pid, "reason": protocol.MANUAL_HOLDS.replace("PID", str(pid))})
                     continue
-                self._write_client(c, one.get("gate"), one.get("priority"), one.get("max_hold_ms"),
-                                   one.get("inflight"), owner, one.get("max_inflight_ms"))
+                before = planned.get(c.slot)
+                planned[c.slot] = self._plan_client(c, one.get("gate"), one.get("priority"), one.get("max_hold_ms"),
+                                                    one.get("inflight"), owner, before[0] if before else None,
+                                                    one.get("max_inflight_ms"))
                 applied.append(pid)
-            if applied:
-                self._wake()
+            if planned:
+                self._apply([w for _, w in planned.values()])
         return {"applied": applied, "skipped": skipped}
 
     def _revert(self, owner: str | None) -> list[int]:
@@ -178,13 +200,14 @@ class GateSettings:
         waiters once. Caller holds the lock."""
         d = self.defaults
         done = []
+        planned = []
         for c in self.registry.snapshot():
             if self.table.slot(c.slot).owner == owner:
-                self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None,
-                                   d.get("max_inflight_ms", 0.0))
+                planned.append(self._plan_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0),
+                                                 None, max_inflight_ms=d.get("max_inflight_ms", 0.0))[1])
                 done.append(c.pid)
-        if done:
-            self._wake()
+        if planned:
+            self._apply(planned)
         return done
 
     def release(self, pid: int | None) -> list[int]:
@@ -197,8 +220,7 @@ class GateSettings:
                 return []
             d = self.defaults
             self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None,
-                                   d.get("max_inflight_ms", 0.0))
-            self._wake()
+                               d.get("max_inflight_ms", 0.0))
             return [pid]
 
     def renew(self, lease_ms: float) -> None:
@@ -254,12 +276,12 @@ class GateSettings:
                         self.table.free(i)  # what a new client gets
                         self.record(i)
             if apply:  # to the clients on the defaults: manual and controller settings stay theirs
-                touched = [self._write_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0), None,
-                                   d.get("max_inflight_ms", 0.0))
+                planned = [self._plan_client(c, d["gate"], d["priority"], d["max_hold_ms"], d.get("inflight", 0),
+                                             None, max_inflight_ms=d.get("max_inflight_ms", 0.0))[1]
                            for c in self.registry.snapshot() if self.table.slot(c.slot).owner is None]
-                if touched:
-                    self._wake()
-            elif pending_grace_ms is not None:
+                if planned:
+                    self._apply(planned)
+            if pending_grace_ms is not None:
                 self._wake()
         return dict(d)
 
