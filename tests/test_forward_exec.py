@@ -371,7 +371,7 @@ def test_the_executor_refuses_what_it_cannot_trust_at_connect(node, runtime_dir)
 
 
 def test_fuzzed_ring_records_never_crash_the_executor(node, runtime_dir, workload, fwd_env):
-    emu, _ = node
+    emu, _ = node  # _: the daemon, whose log says how an executor ended
     ex = executor_pid(emu)
     rng = random.Random(1234)
     for round_ in range(6):
@@ -399,7 +399,8 @@ def test_fuzzed_ring_records_never_crash_the_executor(node, runtime_dir, workloa
             time.sleep(0.2)
         finally:
             r.close()
-        assert Path(f"/proc/{ex}").exists() and executor_pid(emu) == ex, f"the executor died in round {round_}"
+        assert Path(f"/proc/{ex}").exists() and executor_pid(emu) == ex, \
+            f"the executor died in round {round_}: {_.log()[-3000:]}"
     # and it still serves an honest program
     p = run([workload, "copyback", str(MIB)], fwd_env)
     assert last_json(p)["ok"], p.stderr
