@@ -11,6 +11,7 @@ program under `flexnpu run --forward`'s environment)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ import pytest
 
 from flexnpu.forward import gen_aclnn
 from flexnpu.forward.cli import run_env
-from test_aclnn_ops import (ERRORS, LOG_PREFIX, RUNNER, T, canon, fia_args, ifa_args, lay_out, none, op_case,
-                            pfa_args, raw, t)
+from forward_fixtures import run_program
+from test_aclnn_ops import (ERRORS, LOG_PREFIX, RUNNER, T, aclnn_programs, canon, fia_args,  # noqa: F401
+                            ifa_args, lay_out, none, op_case, pfa_args, raw, t)
 from test_daemon_fixtures import daemons  # noqa: F401  (a fixture, used by name)
 
 INCLUDE = Path(__file__).resolve().parents[1] / "flexnpu" / "include"
@@ -148,3 +150,86 @@ def test_every_operator_forwarded_gives_the_direct_results(both) -> None:
     kernels = {k: v for k, v in both.executor_record()["count_by_name"].items() if not k.startswith("memcpy")}
     assert kernels["PromptFlashAttention"] == 4 and kernels["IncreFlashAttention"] == 1, kernels
     assert not [c for c in both.emu.status()["devices"][0]["clients"] if c["pid"] == pid]
+
+
+# ---------------------------------------------------------------- errors, repeatable executors, kernels
+
+ADDR = re.compile(r"0x[0-9a-f]+")
+
+
+def test_bad_input_gets_the_direct_codes_and_reasons(both) -> None:
+    names = list(ERRORS)
+    cases = [{**ERRORS[n][0], "sync_may_fail": n in DEFERRED} for n in names]
+    direct, _, d_err = both.direct(cases)
+    fwd, _, f_err = both.forwarded(cases)
+    for name, d, f in zip(names, direct, fwd):
+        words = ERRORS[name][3]
+        if name in DEFERRED:
+            # found by the operator's computation in the executor: the run call returned, the
+            # next synchronisation reports it with the operator's own code and reason
+            assert d["rc_run"] == [ERRORS[name][2]] and f["rc_run"] == [0], (name, d, f)
+            assert f["rc_sync"] == d["rc_run"][0] and words in f["err_sync"], (name, f)
+            continue
+        assert (f["rc"], f["rc_run"]) == (d["rc"], d["rc_run"]), (name, d, f)
+        # the reason word for word (addresses differ: the direct run's memory is its own)
+        assert ADDR.sub("ADDR", f.get("err") or "") == ADDR.sub("ADDR", d.get("err") or ""), (name, d, f)
+        assert words in f["err"], (name, f)
+    # one line on stderr per failure, as the library writes it
+    d_lines = [x for x in d_err.splitlines() if x.startswith(LOG_PREFIX)]
+    f_lines = [x for x in f_err.splitlines() if x.startswith(LOG_PREFIX)]
+    assert len(f_lines) == len(d_lines) - len(DEFERRED), "\n".join(f_lines)
+    # the executor took all of it and still serves
+    res, _, _ = both.forwarded(every_operator()[:1])
+    assert res[0]["rc"] == 0 and res[0]["rc_run"] == [0]
+
+
+def test_a_repeatable_executor_runs_until_destroyed(both) -> None:
+    a, b = T("f32", [4], data=[1, 2, 3, 4]), T("f32", [4], data=[1, 1, 1, 1])
+    case = op_case("aclnnInplaceAdd", {"a": a, "b": b}, [t("a"), t("b"), {"scalar": 1.0, "dtype": "f32"}], ["a"],
+                   repeatable=True, runs=3)
+    res, _, _ = both.forwarded([case, {**case, "repeatable": False, "runs": 2}])
+    assert res[0]["rc_run"] == [0, 0, 0] and res[0]["out"]["a"] == [4, 5, 6, 7]
+    # a one-shot executor is gone after its run, here as directly
+    assert res[1]["rc_run"] == [0, 161002] and "not a live aclOpExecutor" in res[1]["err"]
+    assert both.executor_record()["count_by_name"]["Add"] == 4
+
+
+def timing_only(dtype: str, shape: list[int]) -> T:
+    return T(dtype, shape, data=None)
+
+
+def test_timing_only_operators_launch_the_direct_kernels(both) -> None:
+    B, N, D, S = 2, 8, 128, 512
+    cases = [
+        op_case("aclnnMatmul", {"a": timing_only("bf16", [2048, 4096]), "b": timing_only("bf16", [4096, 4096]),
+                                "o": timing_only("bf16", [2048, 4096])}, [t("a"), t("b"), t("o"), {"i8": 0}], []),
+        op_case("aclnnPromptFlashAttentionV3",
+                {n: timing_only("f16", [B, S, N * D]) for n in "qkvo"},
+                pfa_args("q", "k", "v", "o", heads=N, scale=0.1, layout="BSH"), []),
+        op_case("aclnnIncreFlashAttentionV4",
+                {"q": timing_only("f16", [B, 1, N * D]), "k": timing_only("f16", [B, S, N * D]),
+                 "v": timing_only("f16", [B, S, N * D]), "o": timing_only("f16", [B, 1, N * D])},
+                ifa_args("q", "k", "v", "o", heads=N, scale=0.1, layout="BSH"), []),
+        op_case("aclnnRmsNorm", {"x": timing_only("bf16", [64, 4096]), "g": timing_only("bf16", [4096]),
+                                 "y": timing_only("bf16", [64, 4096]), "r": timing_only("f32", [64, 1])},
+                [t("x"), t("g"), {"f64": 1e-6}, t("y"), t("r")], []),
+    ]
+    direct, pid, _ = both.direct(cases)
+    fwd, _, _ = both.forwarded(cases)
+    assert all(r["rc"] == 0 and r["rc_run"] == [0] for r in direct + fwd), (direct, fwd)
+    d = both.emu.client(pid)
+    e = both.executor_record()
+    assert e["count_by_name"] == d["count_by_name"]
+    # the same cost: the executor's device time for them is the direct client's
+    for name, busy in d["busy_by_name"].items():
+        assert e["busy_by_name"][name] == pytest.approx(busy, rel=1e-6, abs=2), name
+    assert e["allocs"] == 0
+
+
+def test_c_and_cpp_programs_linked_against_the_libraries(both, aclnn_programs) -> None:
+    """Programs that call the operators through the dynamic linker (no dlsym): the forward
+    library's exports bind first."""
+    for name in ("aclnn_smoke", "aclnn_sample"):
+        d = run_program([aclnn_programs[name]], both.direct_env).ok().json()
+        f = run_program([aclnn_programs[name]], both.fwd_env).ok().json()
+        assert f == d, name
