@@ -233,3 +233,106 @@ def test_c_and_cpp_programs_linked_against_the_libraries(both, aclnn_programs) -
         d = run_program([aclnn_programs[name]], both.direct_env).ok().json()
         f = run_program([aclnn_programs[name]], both.fwd_env).ok().json()
         assert f == d, name
+
+
+# ---------------------------------------------------------------- memory of others
+
+# Holds 16 bytes of device memory with known values, says where, and reads them again once
+# told to: what another process's operators did to them.
+HOLDER = r"""
+import ctypes as C, json, sys
+acl = C.CDLL("libascendcl.so", mode=C.RTLD_GLOBAL)
+P = C.c_void_p
+acl.aclrtMalloc.argtypes = [C.POINTER(P), C.c_size_t, C.c_int]
+acl.aclrtMemcpy.argtypes = [P, C.c_size_t, P, C.c_size_t, C.c_int]
+assert acl.aclInit(None) == 0 and acl.aclrtSetDevice(0) == 0
+p = P()
+assert acl.aclrtMalloc(C.byref(p), 16, 0) == 0
+src = (C.c_float * 4)(1, 2, 3, 4)
+assert acl.aclrtMemcpy(p, 16, src, 16, 1) == 0
+print(json.dumps({"ptr": p.value}), flush=True)
+sys.stdin.readline()
+dst = (C.c_float * 4)()
+assert acl.aclrtMemcpy(dst, 16, p, 16, 2) == 0
+print(json.dumps({"values": list(dst)}), flush=True)
+"""
+
+# Names memory at an address it was given in an operator's tensors: argv[1] the address,
+# argv[2] the device whose memory it is in this process ("other": another process's).
+INTRUDER = r"""
+import ctypes as C, json, sys
+acl = C.CDLL("libascendcl.so", mode=C.RTLD_GLOBAL)
+nn = C.CDLL("libnnopbase.so", mode=C.RTLD_GLOBAL)
+op = C.CDLL("libopapi.so", mode=C.RTLD_GLOBAL)
+P = C.c_void_p
+acl.aclrtMalloc.argtypes = [C.POINTER(P), C.c_size_t, C.c_int]
+acl.aclrtCreateStream.argtypes = [C.POINTER(P)]
+acl.aclrtSynchronizeStream.argtypes = [P]
+acl.aclGetRecentErrMsg.restype = C.c_char_p
+nn.aclCreateTensor.restype = P
+nn.aclCreateTensor.argtypes = [C.POINTER(C.c_int64), C.c_uint64, C.c_int, C.POINTER(C.c_int64), C.c_int64, C.c_int,
+                               C.POINTER(C.c_int64), C.c_uint64, P]
+nn.aclCreateScalar.restype = P
+nn.aclCreateScalar.argtypes = [P, C.c_int]
+op.aclnnInplaceAddGetWorkspaceSize.argtypes = [P, P, P, C.POINTER(C.c_uint64), C.POINTER(P)]
+op.aclnnInplaceAdd.argtypes = [P, C.c_uint64, P, P]
+assert acl.aclInit(None) == 0
+addr = int(sys.argv[1])
+if sys.argv[2] != "other":  # memory of this process on another device
+    assert acl.aclrtSetDevice(int(sys.argv[2])) == 0
+    p = P()
+    assert acl.aclrtMalloc(C.byref(p), 16, 0) == 0
+    addr = p.value
+assert acl.aclrtSetDevice(0) == 0
+s, own = P(), P()
+assert acl.aclrtCreateStream(C.byref(s)) == 0 and acl.aclrtMalloc(C.byref(own), 16, 0) == 0
+dims = (C.c_int64 * 1)(4)
+tensor = lambda data: nn.aclCreateTensor(dims, 1, 0, None, 0, 2, dims, 1, data)
+one = C.c_float(100.0)
+ws, ex = C.c_uint64(), P()
+rc = op.aclnnInplaceAddGetWorkspaceSize(tensor(addr), tensor(own.value), nn.aclCreateScalar(C.byref(one), 0),
+                                        C.byref(ws), C.byref(ex))
+rc_run = op.aclnnInplaceAdd(None, ws.value, ex, s) if rc == 0 else None
+err = acl.aclGetRecentErrMsg()
+rc_sync = acl.aclrtSynchronizeStream(s)
+err_sync = acl.aclGetRecentErrMsg() if rc_sync else None
+print(json.dumps({"rc": rc, "rc_run": rc_run, "err": err and err.decode(), "rc_sync": rc_sync,
+                  "err_sync": err_sync and err_sync.decode()}), flush=True)
+"""
+
+
+def test_a_tensor_naming_another_processs_memory_is_refused(both) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], env=both.fwd_env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ptr = json.loads(holder.stdout.readline())["ptr"]
+        r = run_program([sys.executable, "-c", INTRUDER, ptr, "other"], both.fwd_env).ok().json()
+        # refused at the run call, as the runtime refuses memory the process does not hold
+        assert r["rc"] == 0 and r["rc_run"] == 161002, r
+        assert "not inside one device allocation" in r["err"] and r["rc_sync"] == 0, r
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        out, err = holder.communicate(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.communicate()
+    assert json.loads(out.splitlines()[-1])["values"] == [1, 2, 3, 4], err
+
+
+@pytest.fixture
+def two_devices(emulator, acl_env, daemons) -> Both:  # noqa: F811
+    emu = emulator(devices=2)
+    d = daemons(0, env=acl_env)
+    daemons(1, env=acl_env)
+    return Both(emu, acl_env, d)
+
+
+def test_the_executor_refuses_memory_its_client_does_not_hold_on_its_device(two_devices) -> None:
+    """The memory of the process on device 1 named by an operator on device 0: the program's
+    own library lets it through (the address is the process's), the executor of device 0,
+    which holds none of it for this process, refuses it: reported at the synchronisation."""
+    r = run_program([sys.executable, "-c", INTRUDER, 0, 1], two_devices.fwd_env).ok().json()
+    assert r["rc"] == 0 and r["rc_run"] == 0, r
+    assert r["rc_sync"] == 100000 and "not inside device memory of this process" in r["err_sync"], r
+    assert "Add" not in two_devices.executor_record()["count_by_name"]
