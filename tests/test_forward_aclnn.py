@@ -336,3 +336,84 @@ def test_the_executor_refuses_memory_its_client_does_not_hold_on_its_device(two_
     assert r["rc"] == 0 and r["rc_run"] == 0, r
     assert r["rc_sync"] == 100000 and "not inside device memory of this process" in r["err_sync"], r
     assert "Add" not in two_devices.executor_record()["count_by_name"]
+
+
+# ---------------------------------------------------------------- the generator
+
+
+def header(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "aclnnop").mkdir(exist_ok=True)
+    (tmp_path / "aclnnop" / "aclnn_x.h").write_text(text)
+    return tmp_path
+
+
+RUN_DECL = "ACLNN_API aclnnStatus aclnnX(void *workspace, uint64_t workspaceSize, aclOpExecutor *executor, aclrtStream stream);\n"
+
+
+def test_the_generator_refuses_a_type_it_cannot_carry(tmp_path: Path) -> None:
+    inc = header(tmp_path, "ACLNN_API aclnnStatus aclnnXGetWorkspaceSize(const aclTensor *self, const aclFoo *foo,\n"
+                           "    uint64_t *workspaceSize, aclOpExecutor **executor);\n" + RUN_DECL)
+    with pytest.raises(gen_aclnn.GenError, match=r"foo has type 'const aclFoo \*'"):
+        gen_aclnn.parse(inc)
+    r = subprocess.run([sys.executable, "-m", "flexnpu.forward.gen_aclnn", str(inc), str(tmp_path / "out.h")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "aclFoo" in r.stderr and not (tmp_path / "out.h").exists()
+
+
+def test_the_generator_refuses_an_operator_without_its_second_call(tmp_path: Path) -> None:
+    inc = header(tmp_path, "ACLNN_API aclnnStatus aclnnXGetWorkspaceSize(const aclTensor *self,\n"
+                           "    uint64_t *workspaceSize, aclOpExecutor **executor);\n")
+    with pytest.raises(gen_aclnn.GenError, match="no second call aclnnX"):
+        gen_aclnn.parse(inc)
+
+
+def test_the_generator_carries_every_argument_of_our_headers() -> None:
+    ops = gen_aclnn.parse(INCLUDE)
+    text = gen_aclnn.generate(ops)
+    for op in ops:
+        # the client serialises and the executor decodes each argument, in order
+        assert text.count(f"FX_EXPORT aclnnStatus {op.gws}(") == 1 and text.count(f"FX_EXPORT aclnnStatus {op.run}(") == 1
+    fia = next(o for o in ops if o.run == "aclnnFusedInferAttentionScoreV4")
+    assert len(fia.params) == 45 and {gen_aclnn.ARG_KINDS[p.ctype] for p in fia.params} == {
+        "tensor", "tensor_list", "int_array", "int", "double", "string"}
+
+
+# ---------------------------------------------------------------- the reference workload
+
+WL_MODEL = "qwen2.5-7b:2"
+
+
+@pytest.mark.parametrize("ops", ["aclnn", "aclnn-fia"])
+def test_the_reference_workload_runs_forwarded_on_aclnn(ops) -> None:
+    """driver.Setup(forward=True): both instances under the forward library, their operators
+    run by the device's executor. The same launches, tokens and modelled time as direct."""
+    from flexnpu.bench.node import LocalNode
+    from flexnpu.workload import driver
+    from flexnpu.workload.model import model_by_name
+    from flexnpu.workload.trace import Request
+
+    reqs = [Request(0, 0.0, 300, 12), Request(1, 0.02, 120, 20), Request(2, 0.04, 700, 6)]
+    with LocalNode(devices=1, observer=None, daemons=True) as node:
+        direct = driver.run(node, reqs, driver.Setup(model=WL_MODEL, shim=False, ops=ops))
+        before = node.emulator_status()
+        fwd = driver.run(node, reqs, driver.Setup(model=WL_MODEL, forward=True, ops=ops))
+    assert direct.problems == [] and fwd.problems == []
+    # prefill: the same calls per prompt; decode: the same calls per step (how many steps
+    # depends on when requests arrive between them)
+    assert fwd.stats["prefill"]["operators"] == direct.stats["prefill"]["operators"]
+    assert fwd.stats["prefill"]["kernels"] == direct.stats["prefill"]["kernels"]
+    per_step = [{k: v / st["steps"] for k, v in st["operators"].items()} for st in (fwd.stats["decode"],
+                                                                                   direct.stats["decode"])]
+    assert per_step[0] == per_step[1]
+    layers = model_by_name(WL_MODEL).layers
+    assert fwd.stats["decode"]["operators"]["aclnnMatmul"] == (4 * layers + 1) * fwd.stats["decode"]["steps"]
+    assert fwd.metrics["output_tokens"] == direct.metrics["output_tokens"] == sum(r.output_tokens for r in reqs)
+    # the executor's device time for the run is the instances' modelled time
+    pids = {st["pid"] for st in fwd.stats.values()} | {st["pid"] for st in direct.stats.values()}
+
+    def busy(status: dict) -> float:
+        return sum(v for c in status["devices"][0]["clients"] if c["pid"] not in pids
+                   for k, v in c["busy_by_name"].items() if not k.startswith(driver.COPY_NAMES))
+
+    modelled = sum(st["modelled_s"] for st in fwd.stats.values()) * 1e9
+    assert busy(fwd.status) - busy(before) == pytest.approx(modelled, rel=0.02)

@@ -306,9 +306,10 @@ static void fwn_put_tensor(struct fwn_enc *e, const aclTensor *t, const char *wh
         fwn_bad(e, ACLNN_ERR_PARAM_INVALID, "%s cannot be described (more than %d dimensions?)", what, FWN_MAX_DIMS);
     } else {
         fwn_item(e, FWN_TENSOR, 0);
-        struct fwn_tensor *h = fwn_grow(e, sizeof *h);
-        int64_t *v = fwn_grow(e, (2 * nd + nsto) * sizeof(int64_t));
-        if (h && v) {
+        /* one growth for the head and the arrays: a second could move the first */
+        struct fwn_tensor *h = fwn_grow(e, sizeof *h + (2 * nd + nsto) * sizeof(int64_t));
+        if (h) {
+            int64_t *v = (int64_t *)(h + 1);
             *h = (struct fwn_tensor){.dtype = dt, .format = fmt, .ndim = (uint32_t)nd, .nstorage = (uint32_t)nsto,
                                      .offset = off, .data = (uint64_t)(uintptr_t)data};
             memcpy(v, dims, nd * sizeof *v);
