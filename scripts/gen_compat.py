@@ -62,7 +62,7 @@ What each column says:
   (memory against the quota, synchronisations); *wrapped by hand* — device ids are remapped or
   memory views cut to the quota; *via aclrtLaunchKernel* — not wrapped itself, the kernels it
   launches pass the gate where they are launched; *—* — not touched.
-- **forwarded** (`flexnpu run --forward`, docs/architecture.md "Forwarded execution"):
+- **forwarded** (`flexnpu run --forward`, docs/forward.md "Forwarded aclnn operators"):
   *carried* — the forward library (`libflexnpu_fwd.so`) exports it and the device's executor
   runs it (or it is answered in the process, as `aclInit`); *local, remembered* — the
   process's own aclnn library makes the host object and the forward library keeps what it was
