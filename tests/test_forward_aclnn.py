@@ -11,6 +11,7 @@ program under `flexnpu run --forward`'s environment)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from forward_fixtures import run_program
 from test_aclnn_ops import (ERRORS, LOG_PREFIX, RUNNER, T, aclnn_programs, canon, fia_args,  # noqa: F401
                             ifa_args, lay_out, none, op_case, pfa_args, raw, t)
 from test_daemon_fixtures import daemons  # noqa: F401  (a fixture, used by name)
+from users_fixtures import flexnpu_group, member, open_rdir, run_as  # noqa: F401  (fixtures)
 
 INCLUDE = Path(__file__).resolve().parents[1] / "flexnpu" / "include"
 # errors found only by computing (the data names a block the cache does not have): on the
@@ -417,3 +419,32 @@ def test_the_reference_workload_runs_forwarded_on_aclnn(ops) -> None:
 
     modelled = sum(st["modelled_s"] for st in fwd.stats.values()) * 1e9
     assert busy(fwd.status) - busy(before) == pytest.approx(modelled, rel=0.02)
+
+
+# ---------------------------------------------------------------- as real users
+
+@pytest.mark.root_users
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and groups")
+def test_a_member_naming_roots_memory_in_a_tensor_is_refused(emulator, acl_env, daemons, member,  # noqa: F811
+                                                             open_rdir) -> None:
+    """A member of flexnpu, forwarded, names the device memory of root's forwarded process in
+    an operator's tensors: refused, and root's memory is untouched."""
+    emulator()
+    daemons(0, env=acl_env)
+    both = Both(None, acl_env, None)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], env=both.fwd_env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ptr = json.loads(holder.stdout.readline())["ptr"]
+        r = run_as(member, [sys.executable, "-c", INTRUDER, ptr, "other"], both.fwd_env)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout.splitlines()[-1])
+        assert got["rc"] == 0 and got["rc_run"] == 161002 and got["rc_sync"] == 0, got
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        out, err = holder.communicate(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.communicate()
+    assert json.loads(out.splitlines()[-1])["values"] == [1, 2, 3, 4], err
