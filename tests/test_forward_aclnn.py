@@ -11,8 +11,11 @@ program under `flexnpu run --forward`'s environment)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -448,3 +451,109 @@ def test_a_member_naming_roots_memory_in_a_tensor_is_refused(emulator, acl_env, 
             holder.kill()
             holder.communicate()
     assert json.loads(out.splitlines()[-1])["values"] == [1, 2, 3, 4], err
+
+
+# ---------------------------------------------------------------- hostile records
+
+def item(tag: int, n: int = 0) -> bytes:
+    return struct.pack("<II", tag, n)
+
+
+def pad8(b: bytes) -> bytes:
+    return b + bytes(-len(b) % 8)
+
+
+def tensor_item(dtype: int, shape: list[int], data: int) -> bytes:
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    return item(1) + struct.pack("<iiIIqQ", dtype, 2, len(shape), len(shape), 0, data) + \
+        struct.pack(f"<{3 * len(shape)}q", *shape, *strides, *shape)
+
+
+def encode(args: list[dict], shapes: dict[str, tuple[int, list[int]]]) -> bytes:
+    """A FWD_ACLNN_MAKE payload for the runner's argument specs (test_aclnn_ops' helpers);
+    every tensor's data in the harness's device memory."""
+    out, base = b"", 0x100000
+    addr = {n: base + 0x4000 * i for i, n in enumerate(shapes)}
+    for a in args:
+        (kind, v), = ((k, v) for k, v in a.items() if k != "dtype")
+        if v is None and kind in ("t", "tl", "ia", "str"):
+            out += item(0)
+        elif kind == "t":
+            out += tensor_item(*shapes[v], addr[v])
+        elif kind == "tl":
+            out += item(2, len(v)) + b"".join(tensor_item(*shapes[n], addr[n]) for n in v)
+        elif kind == "scalar":
+            out += item(3) + struct.pack("<iI16s", 0, 0, struct.pack("<f", v))
+        elif kind == "ia":
+            out += item(5, len(v)) + struct.pack(f"<{len(v)}q", *v)
+        elif kind in ("i64", "i8", "bool"):
+            out += item(8) + struct.pack("<q", int(v))
+        elif kind == "f64":
+            out += item(9) + struct.pack("<d", v)
+        elif kind == "str":
+            out += item(10, len(v)) + pad8(v.encode())
+    return out
+
+
+def record(plen_payload: bytes, handle: int, op: int, nargs: int) -> bytes:
+    return struct.pack("<IQQQ", len(plen_payload), handle, op, nargs) + plen_payload
+
+
+@pytest.fixture(scope="module")
+def records_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/progs/fwd_aclnn_records.c with exec_aclnn.c and its generated callers, with the
+    address and undefined-behaviour sanitizers when gcc has them."""
+    import shutil
+
+    from flexnpu import paths
+
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed to build the record harness", pytrace=False)
+    out = tmp_path_factory.mktemp("fwd-records")
+    gen = out / "fwd_aclnn_gen.h"
+    gen.write_text(gen_aclnn.generate(gen_aclnn.parse(INCLUDE)))
+    native = Path(__file__).resolve().parents[1] / "flexnpu" / "forward" / "native"
+    exe = out / "fwd_aclnn_records"
+    base = ["gcc", "-O1", "-g", "-Wall", str(Path(__file__).parent / "progs" / "fwd_aclnn_records.c"),
+            str(native / "exec_aclnn.c"), "-o", str(exe), "-I", str(out), "-I", str(native), "-I", str(INCLUDE),
+            "-L", str(paths.native_lib_dir()), f"-Wl,-rpath,{paths.native_lib_dir()}", "-lascendcl", "-ldl",
+            "-lpthread"]
+    for extra in (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"], []):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            return exe
+    pytest.fail(f"building the record harness failed:\n{r.stderr}", pytrace=False)
+
+
+def test_hostile_records_are_refused_without_harm(records_harness: Path) -> None:
+    """Valid MAKE records, then every truncation of them, random byte flips, and wrong
+    operators, counts and handles: the valid ones make an executor, the rest are refused or
+    make one that is freed, and nothing crashes, overruns or leaks (the sanitizers watch)."""
+    ops = [o.run for o in gen_aclnn.parse(INCLUDE)]
+    add = encode([t("a"), t("b"), {"scalar": 1.0, "dtype": "f32"}, t("o")],
+                 {"a": (0, [2, 3]), "b": (0, [3]), "o": (0, [2, 3])})
+    fia = encode(fia_args("q", "k", "v", "o", heads=2, scale=0.25, layout="BSH", qlens=[4], kvlens=[4]),
+                 {n: (1, [1, 4, 32]) for n in "qkvo"})
+    valid = [(add, ops.index("aclnnAdd"), 4), (fia, ops.index("aclnnFusedInferAttentionScoreV2"), 39)]
+    rng = random.Random(7)
+    stream = b"".join(record(p, 0x0f06000000000001, op, n) for p, op, n in valid)
+    for p, op, n in valid:
+        for cut in range(0, len(p), 4):
+            stream += record(p[:cut], 0x0f06000000000002, op, n)
+        for _ in range(300):
+            b = bytearray(p)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            stream += record(bytes(b), 0x0f06000000000003, op, n)
+        stream += record(p, 0x0f06000000000004, op, n + 1)           # a count that is not the operator's
+        stream += record(p, 0x0f06000000000005, len(ops), n)          # no such operator
+        stream += record(p, 0x0f06000000010000, op, n)                # a handle past the table
+        stream += record(p, 0x0f05000000000006, op, n)                # a handle of another kind
+    r = subprocess.run([str(records_harness)], input=stream, capture_output=True, timeout=300,
+                       env={**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1"})
+    out = r.stdout.decode().splitlines()
+    assert r.returncode == 0 and out and out[-1] == "done", r.stderr.decode()[-3000:]
+    assert out[0] == "0 0" and out[1] == "0 0", out[:2]  # the valid records made executors, destroyed
+    codes = [int(x.split()[0]) for x in out[2:-1]]
+    refused = sum(1 for c in codes if c)
+    assert refused > len(codes) // 2, out[:20]
