@@ -8,7 +8,11 @@ Sources, so the page never goes stale (tests/test_compat_doc.py runs --check):
   - the headers the emulator implements (flexnpu/include/acl, aclnn, aclnnop): what is declared;
   - the emulator's C sources (flexnpu/emulator/native/**/*.c): where each call is defined, and
     whether its body only refuses (ACL_ERROR_API_NOT_SUPPORT) or computes no data;
-  - the runtime profiles (flexnpu/runtimes): what the shim wraps and what the probes see.
+  - the runtime profiles (flexnpu/runtimes): what the shim wraps and what the probes see;
+  - the forward build's export tables (flexnpu/forward/native/fwd_client.c's fwd_exports[],
+    fwd_aclnn.c's FWD_ACLNN_EXPORTS, the operators flexnpu/forward/gen_aclnn.py generates from
+    the aclnnop headers, and the profile's wrappers): what `flexnpu run --forward` carries.
+    tests/test_compat_doc.py checks them against the built libflexnpu_fwd.so's exports.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from flexnpu.forward import gen_aclnn  # noqa: E402
 from flexnpu.forward.gen_shim import BUDGETED  # noqa: E402
 from flexnpu.observe.phase import classify_name  # noqa: E402
 from flexnpu.runtimes import ACLNN, ASCEND_RT, ASCENDCL, PROBED_WITH, RUNTIMES, Op  # noqa: E402
@@ -29,6 +34,11 @@ from flexnpu.runtimes import ACLNN, ASCEND_RT, ASCENDCL, PROBED_WITH, RUNTIMES, 
 DOC = REPO / "docs" / "compatibility.md"
 INCLUDE = REPO / "flexnpu" / "include"
 NATIVE = REPO / "flexnpu" / "emulator" / "native"
+FWD_NATIVE = REPO / "flexnpu" / "forward" / "native"
+# the forward build's tables of calls exported under their own names
+FWD_TABLES = (FWD_NATIVE / "fwd_client.c", FWD_NATIVE / "fwd_aclnn.c")
+# libnnopbase.so's calls on an operator executor: the forward build sends them to the executor
+FWD_EXECUTOR_CALLS = {"aclSetAclOpExecutorRepeatable", "aclDestroyAclOpExecutor"}
 
 # Which library a header's calls live in, as CANN ships them (CANN's aclnn "two-stage
 # interface" docs: the operators in libopapi.so, tensors and executors in libnnopbase.so).
@@ -52,6 +62,14 @@ What each column says:
   (memory against the quota, synchronisations); *wrapped by hand* — device ids are remapped or
   memory views cut to the quota; *via aclrtLaunchKernel* — not wrapped itself, the kernels it
   launches pass the gate where they are launched; *—* — not touched.
+- **forwarded** (`flexnpu run --forward`, docs/forward.md "Forwarded aclnn operators"):
+  *carried* — the forward library (`libflexnpu_fwd.so`) exports it and the device's executor
+  runs it (or it is answered in the process, as `aclInit`); *local, remembered* — the
+  process's own aclnn library makes the host object and the forward library keeps what it was
+  made with, to send it with the operators that name it; *local* — the process's own library
+  answers it (host objects only: tensors are described to the executor by their accessors);
+  *not carried* — returns `ACL_ERROR_API_NOT_SUPPORT` (run the program gated); *—* — not an
+  AscendCL or aclnn call a program makes.
 - **probes** (`flexnpu observe`, docs/observe.md): what the uprobes count or learn from a call;
   *phase: prefill / decode / either* — an attention operator whose name says the phase of the
   work (flexnpu/observe/phase.py); *—* — not probed.
@@ -65,6 +83,7 @@ class Row:
     emulator: str = "absent"
     shim: str = "—"
     probes: str = "—"
+    forwarded: str = "—"
     where: str = ""  # the header that declares it
 
 
@@ -148,8 +167,31 @@ def _probes() -> dict[str, str]:
     return out
 
 
+def forward_exports() -> set[str]:
+    """The AscendCL and aclnn calls libflexnpu_fwd.so exports under their own names."""
+    names: set[str] = set()
+    for src in FWD_TABLES:
+        names |= set(re.findall(r'\{"(acl\w*)",\s*\(void \*\)', _strip_comments(src.read_text())))
+    names |= {s.name for s in ASCENDCL.symbols if s.wrap}  # the shim's wrappers, whose real call is forwarded
+    for op in gen_aclnn.parse(INCLUDE):
+        names |= {op.run, op.gws}
+    return names
+
+
+def _forwarded(r: Row, fwd: set[str]) -> str:
+    if r.library == "libnnopbase.so":
+        if r.name in FWD_EXECUTOR_CALLS and r.name in fwd:
+            return "carried"
+        return "local, remembered" if r.name in fwd else "local"
+    if r.name in fwd:
+        return "carried"
+    if r.library in ("libascendcl.so", "libopapi.so") and r.emulator != "emulator extension (not CANN's)":
+        return "not carried"
+    return "—"
+
+
 def rows() -> list[Row]:
-    decl, bodies, probes = declared(), _bodies(), _probes()
+    decl, bodies, probes, fwd = declared(), _bodies(), _probes(), forward_exports()
     table: dict[str, Row] = {}
     for name, (lib, where) in decl.items():
         r = Row(name, lib, where=where)
@@ -175,6 +217,7 @@ def rows() -> list[Row]:
                 and not r.name.endswith("GetWorkspaceSize") and r.emulator != "absent":
             r.shim = "via aclrtLaunchKernel"
         r.probes = probes.get(r.name, "—")
+        r.forwarded = _forwarded(r, fwd)
     return sorted(table.values(), key=lambda r: (r.library, r.name))
 
 
@@ -201,10 +244,10 @@ def render() -> str:
         part = [r for r in rs if r.library == lib]
         if not part:
             continue
-        out += ["", f"## {_LIB_TITLES.get(lib, lib)}", "", "| call | emulator | shim | probes | declared in |",
-                "|---|---|---|---|---|"]
-        out += [f"| `{r.name}` | {r.emulator} | {r.shim} | {r.probes} | {r.where and f'`{r.where}`' or '—'} |"
-                for r in part]
+        out += ["", f"## {_LIB_TITLES.get(lib, lib)}", "",
+                "| call | emulator | shim | forwarded | probes | declared in |", "|---|---|---|---|---|---|"]
+        out += [f"| `{r.name}` | {r.emulator} | {r.shim} | {r.forwarded} | {r.probes} | "
+                f"{r.where and f'`{r.where}`' or '—'} |" for r in part]
     return "\n".join(out) + "\n"
 
 

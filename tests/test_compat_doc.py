@@ -70,3 +70,30 @@ def test_no_call_listed_as_present_is_missing_from_its_library() -> None:
         lib = next((n for n in LIBRARIES if n in section), None)
         if status != "absent" and lib in exports:
             assert call in exports[lib], f"{call}: listed as {status} in {lib}, which does not export it"
+
+
+def forwarded_column() -> dict[str, str]:
+    """call -> its "forwarded" entry on the page."""
+    out: dict[str, str] = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 6 and cells[0].startswith("`"):
+            out[cells[0].strip("`")] = cells[3]
+    return out
+
+
+def test_the_forwarded_column_is_what_the_forward_library_exports() -> None:
+    """Every call the page lists as carried (or remembered) is exported by the built
+    libflexnpu_fwd.so, and every AscendCL or aclnn call it exports is listed so."""
+    lib = paths.forward_shim_library()
+    assert lib.is_file(), f"{lib}: run scripts/setup.sh"
+    exports = {n for n in exported(lib) if n.startswith("acl")}
+    col = forwarded_column()
+    assert col and set(col.values()) <= {"carried", "local, remembered", "local", "not carried", "—"}, set(col.values())
+    listed = {n for n, v in col.items() if v in ("carried", "local, remembered")}
+    assert sorted(listed - exports) == [], "listed as carried but not exported by libflexnpu_fwd.so"
+    assert sorted(exports - listed) == [], "exported by libflexnpu_fwd.so but not listed as carried"
+    # every operator the emulator has is carried
+    rows = doc_rows()
+    ops = [n for n, (section, status) in rows.items() if "libopapi.so" in section and status != "absent"]
+    assert ops and all(col[n] == "carried" for n in ops), {n: col[n] for n in ops}

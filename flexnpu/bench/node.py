@@ -145,16 +145,17 @@ class LocalNode:
         return env
 
     def program_env(self, role: str = "auto", shim: bool = True, devices: str | None = None,
-                    extra: dict[str, str] | None = None) -> dict[str, str]:
+                    extra: dict[str, str] | None = None, forward: bool = False) -> dict[str, str]:
         """The environment of an AscendCL program on this node: the emulated runtime, and
-        under the shim (as `flexnpu run` sets it) unless shim is False."""
+        under the shim (as `flexnpu run` sets it) unless shim is False; forward: under the
+        forward library (`flexnpu run --forward`)."""
         from flexnpu.emulator import control
         from flexnpu.forward.cli import run_env
 
         env = self.base_env()
         env.update(control.emulator_env(self.rdir))
-        if shim:
-            env = run_env(devices, role, None, False, env)
+        if shim or forward:
+            env = run_env(devices, role, None, False, env, forward=forward)
         env.update(extra or {})
         return env
 
@@ -270,13 +271,14 @@ class LocalNode:
             return ""
 
     def spawn(self, argv: Sequence[str], role: str = "auto", shim: bool = True, devices: str | None = None,
-              extra_env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-        """Starts an AscendCL program on this node (text stdout, piped, unless given)."""
+              extra_env: dict[str, str] | None = None, forward: bool = False, **popen: Any) -> subprocess.Popen:
+        """Starts an AscendCL program on this node (text stdout, piped, unless given);
+        forward: forwarded execution (`flexnpu run --forward`), which needs the node's daemons."""
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
         popen.setdefault("stdin", subprocess.DEVNULL)
         popen.setdefault("text", True)
-        p = subprocess.Popen(list(argv), env=self.program_env(role, shim, devices, extra_env), **popen)
+        p = subprocess.Popen(list(argv), env=self.program_env(role, shim, devices, extra_env, forward), **popen)
         self.programs.append(p)
         self._watch(p.pid)
         return p

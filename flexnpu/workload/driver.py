@@ -58,6 +58,7 @@ class Setup:
     decode_kv_tokens: int = 0  # 0: 90% of the device memory free when it starts
     weights: bool = True
     shim: bool = True
+    forward: bool = False  # forwarded execution (`flexnpu run --forward`): the node's daemons run the work
     role_env: bool = False  # FLEXNPU_ROLE in the instances' environment without the shim (vNPU partitions)
     kv_ipc: bool = True  # hand the KV over through IPC memory (the decode instance imports the prefill's pool)
     ops: str = DEFAULT_OPS  # how the instances express a step: kernels, aclnn, aclnn-fia (instance --ops)
@@ -185,7 +186,8 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
     def spawn(name: str, argv: list[str], role: str) -> _Proc:
         env_role = role if role in ("prefill", "decode") else "auto"
         extra = {"FLEXNPU_ROLE": env_role} if setup.role_env and not setup.shim else None
-        p = node.spawn(argv, role=env_role, shim=setup.shim, extra_env=extra, stdin=subprocess.PIPE, stderr=None)
+        p = node.spawn(argv, role=env_role, shim=setup.shim, extra_env=extra, stdin=subprocess.PIPE, stderr=None,
+                       **({"forward": True} if setup.forward else {}))
         procs[name] = _Proc(p, name, on_event)
         if not procs[name].ready.wait(60):
             raise RuntimeError(f"the {name} instance did not start (exit {p.poll()})")
@@ -193,6 +195,7 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
 
     cross = setup.prefill_device != setup.decode_device
     handoff = None
+    before = node.emulator_status() if setup.forward else None  # the executors' work so far
     try:
         if setup.mixed:
             spawn("prefill", _argv("mixed", setup, setup.prefill_device, setup.decode_kv_tokens), "mixed")
@@ -226,7 +229,10 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
                 p.p.kill()
                 p.p.wait()
     stats = {name: p.stats or {} for name, p in procs.items()}
-    problems = check(stats, status, timing, setup, node.time_scale, node.mode, handoff)
+    if setup.forward:
+        problems = check_forwarded(stats, status, before, timing)
+    else:
+        problems = check(stats, status, timing, setup, node.time_scale, node.mode, handoff)
     return Result(MX.compute(list(timing.values()), setup.slo), list(timing.values()), stats, status, problems,
                   setup.describe(), batches, handoff)
 
@@ -250,6 +256,44 @@ def _share_kv(node: Any, prefill: _Proc, decode: _Proc, handshake: dict[str, thr
                     for k in rec:
                         rec[k] += c["ipc"][k]
     return ipc
+
+
+def check_forwarded(stats: dict[str, dict], status: dict, before: dict | None,
+                    timing: dict[int, MX.RequestTiming]) -> list[str]:
+    """Setup.forward: the instances' work runs in the devices' executors, one emulator client
+    per device for every instance (the KV hand-off is memory inside the executor, no IPC of the
+    emulator's). What the executors launched during the run, against what the instances say
+    they launched together; [] when they agree."""
+    problems: list[str] = []
+    pids = {st.get("pid") for st in stats.values() if st}
+
+    def launched(s: dict | None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for dev in (s or {}).get("devices", []):
+            for c in dev["clients"]:
+                if c["pid"] in pids:
+                    problems.append(f"the instance pid {c['pid']} opened device {dev['index']} itself (not forwarded)")
+                    continue
+                for k, v in c["count_by_name"].items():
+                    if not k.startswith(COPY_NAMES):
+                        out[k] = out.get(k, 0) + v
+        return out
+
+    after, prior = launched(status), launched(before)
+    counts = {k: v - prior.get(k, 0) for k, v in after.items() if v - prior.get(k, 0)}
+    want: dict[str, int] = {}
+    for name, st in stats.items():
+        if not st:
+            problems.append(f"{name}: no stats reported")
+        for k, v in (st or {}).get("kernels", {}).items():
+            want[k] = want.get(k, 0) + v
+    if counts != want:
+        problems.append(f"the executors counted {counts}, the instances launched {want}")
+    reported = sum(st.get("tokens", 0) for st in stats.values())
+    measured = sum(len(t.token_times) for t in timing.values())
+    if reported != measured:
+        problems.append(f"instances report {reported} tokens, the driver saw {measured}")
+    return problems
 
 
 def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTiming], setup: Setup,

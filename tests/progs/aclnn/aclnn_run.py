@@ -5,7 +5,8 @@ runs every case on device 0 and prints one JSON line per case, then {"pid": ...}
 
   {"tensors": {name: spec}, "call": "aclnnAdd", "args": [arg, ...], "read": [name, ...],
    "run_as": optional second-call name, "runs": how many times to run the executor (default 1),
-   "repeatable": bool, "null_stream": bool}
+   "repeatable": bool, "null_stream": bool, "sync_may_fail": bool (its code and reason are kept as
+   "rc_sync" and "err_sync" instead of ending the runner)}
   {"builtin": "gemm", "fmt": "<QQQIIIi", "values": [...], "block_dim": 48}   a built-in kernel
                                                              launch (block_dim: default 48)
   {"sync": true}                                             synchronise the stream
@@ -215,7 +216,14 @@ def run_case(case: dict, stream) -> dict:
             res["rc_run"].append(run(None, ws.value, ex, None if case.get("null_stream") else stream))
         if case.get("repeatable"):
             nnop.aclDestroyAclOpExecutor(ex)
-        check(acl.aclrtSynchronizeStream(None if case.get("null_stream") else stream), "aclrtSynchronizeStream")
+        rc_sync = acl.aclrtSynchronizeStream(None if case.get("null_stream") else stream)
+        if case.get("sync_may_fail"):  # an error the run call could not see comes here (forwarded execution)
+            res["rc_sync"] = rc_sync
+            if rc_sync:
+                msg = acl.aclGetRecentErrMsg()
+                res["err_sync"] = msg.decode() if msg else None
+        else:
+            check(rc_sync, "aclrtSynchronizeStream")
     if rc != 0 or any(res["rc_run"]):
         msg = acl.aclGetRecentErrMsg()
         res["err"] = msg.decode() if msg else None
