@@ -501,7 +501,7 @@ def record(plen_payload: bytes, handle: int, op: int, nargs: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def records_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/progs/fwd_aclnn_records.c with exec_aclnn.c and its generated callers, with the
+    """tests/progs/aclnn/fwd_aclnn_records.c with exec_aclnn.c and its generated callers, with the
     address and undefined-behaviour sanitizers when gcc has them."""
     import shutil
 
@@ -514,7 +514,7 @@ def records_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gen.write_text(gen_aclnn.generate(gen_aclnn.parse(INCLUDE)))
     native = Path(__file__).resolve().parents[1] / "flexnpu" / "forward" / "native"
     exe = out / "fwd_aclnn_records"
-    base = ["gcc", "-O1", "-g", "-Wall", str(Path(__file__).parent / "progs" / "fwd_aclnn_records.c"),
+    base = ["gcc", "-O1", "-g", "-Wall", str(Path(__file__).parent / "progs" / "aclnn" / "fwd_aclnn_records.c"),
             str(native / "exec_aclnn.c"), "-o", str(exe), "-I", str(out), "-I", str(native), "-I", str(INCLUDE),
             "-L", str(paths.native_lib_dir()), f"-Wl,-rpath,{paths.native_lib_dir()}", "-lascendcl", "-ldl",
             "-lpthread"]
