@@ -2,7 +2,7 @@
 where it finds its native parts and its configuration.
 
 Change a name here only: the shim (C) reads the runtime dir from $FLEXNPU_RUNTIME_DIR and
-builds the admission socket's name with the same pattern (flexnpu/forward/native/shim.c).
+builds the admission socket's name with the same pattern (flexnpu/forward/native/shim/shim.c).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Sources, so the page never goes stale (tests/test_compat_doc.py runs --check):
   - the emulator's C sources (flexnpu/emulator/native/**/*.c): where each call is defined, and
     whether its body only refuses (ACL_ERROR_API_NOT_SUPPORT) or computes no data;
   - the runtime profiles (flexnpu/runtimes): what the shim wraps and what the probes see;
-  - the forward build's export tables (flexnpu/forward/native/fwd_client.c's fwd_exports[],
+  - the forward build's export tables (flexnpu/forward/native/shim/fwd_client.c's fwd_exports[],
     fwd_aclnn.c's FWD_ACLNN_EXPORTS, the operators flexnpu/forward/gen_aclnn.py generates from
     the aclnnop headers, and the profile's wrappers): what `flexnpu run --forward` carries.
     tests/test_compat_doc.py checks them against the built libflexnpu_fwd.so's exports.
@@ -36,7 +36,7 @@ INCLUDE = REPO / "flexnpu" / "include"
 NATIVE = REPO / "flexnpu" / "emulator" / "native"
 FWD_NATIVE = REPO / "flexnpu" / "forward" / "native"
 # the forward build's tables of calls exported under their own names
-FWD_TABLES = (FWD_NATIVE / "fwd_client.c", FWD_NATIVE / "fwd_aclnn.c")
+FWD_TABLES = (FWD_NATIVE / "shim" / "fwd_client.c", FWD_NATIVE / "shim" / "fwd_aclnn.c")
 # libnnopbase.so's calls on an operator executor: the forward build sends them to the executor
 FWD_EXECUTOR_CALLS = {"aclSetAclOpExecutorRepeatable", "aclDestroyAclOpExecutor"}
 

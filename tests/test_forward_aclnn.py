@@ -515,7 +515,7 @@ def records_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     native = Path(__file__).resolve().parents[1] / "flexnpu" / "forward" / "native"
     exe = out / "fwd_aclnn_records"
     base = ["gcc", "-O1", "-g", "-Wall", str(Path(__file__).parent / "progs" / "aclnn" / "fwd_aclnn_records.c"),
-            str(native / "exec_aclnn.c"), "-o", str(exe), "-I", str(out), "-I", str(native), "-I", str(INCLUDE),
+            str(native / "executor" / "exec_aclnn.c"), "-o", str(exe), "-I", str(out), "-I", str(native), "-I", str(native / "executor"), "-I", str(INCLUDE),
             "-L", str(paths.native_lib_dir()), f"-Wl,-rpath,{paths.native_lib_dir()}", "-lascendcl", "-ldl",
             "-lpthread"]
     for extra in (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"], []):

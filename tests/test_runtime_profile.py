@@ -274,7 +274,7 @@ def test_generated_bodies_follow_each_op(generated: str) -> None:
 
 
 def test_hand_written_wrappers_are_in_shim_c() -> None:
-    shim = (FWD_NATIVE / "shim.c").read_text()
+    shim = (FWD_NATIVE / "shim" / "shim.c").read_text()
     for s in wrapped(ASCENDCL):
         defined = re.search(rf"^FX_EXPORT {re.escape(s.returns)} {s.name}\(", shim, re.M)
         if s.hand_written:
@@ -346,7 +346,7 @@ def test_generated_header_compiles_into_the_shim(generated: str, tmp_path: Path)
     needs_gcc()
     (tmp_path / "shim_gen.h").write_text(generated)
     r = _gcc(["-std=c11", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
-              "-I", tmp_path, "-I", FWD_NATIVE, "-I", include_dir(), FWD_NATIVE / "shim.c"], tmp_path)
+              "-I", tmp_path, "-I", FWD_NATIVE, "-I", FWD_NATIVE / "shim", "-I", include_dir(), FWD_NATIVE / "shim" / "shim.c"], tmp_path)
     assert r.returncode == 0, r.stderr
 
 

@@ -7,7 +7,9 @@
 - settings.py: owners, the controller's lease, the defaults, the drift record;
 - control.py: the control sockets (daemon-<dev>.sock read, daemon-<dev>.admin.sock admin);
 - protocol.py: the control API's wire format and its request handler;
-- access.py: who may do what (docs/security.md).
+- access.py: who may do what (docs/security.md);
+- executor.py: exec-<dev>.sock, and the device's executor (native/executor/), started,
+  restarted after a crash and stopped with the daemon.
 
 Clients of the control API use flexnpu/forward/api.py, never these modules.
 """

@@ -1,5 +1,5 @@
 """The daemon's side of forwarded execution: it makes the executor's socket, starts the
-executor of its device (native, flexnpu/forward/native/executor.c) and restarts it if it dies.
+executor of its device (native, flexnpu/forward/native/executor/executor.c) and restarts it if it dies.
 
 The daemon owns exec-<dev>.sock (made with the same mode and group as the admission socket,
 so the same users may connect) and the gate table; the executor gets both as descriptors and
