@@ -57,14 +57,18 @@ def fwd_env(acl_env):
 
 
 def executor_pid(emu) -> int:
-    """The executor: the emulator's client whose command is flexnpu-executor."""
-    for c in emu.device()["clients"]:
-        try:
-            if Path(f"/proc/{c['pid']}/exe").resolve().name == "flexnpu-executor":
-                return c["pid"]
-        except OSError:
-            pass
-    raise AssertionError(f"no executor among the emulator's clients: {emu.device()['clients']}")
+    """The executor: the emulator's client whose command is flexnpu-executor (the daemon starts
+    it at the first client admitted in forward mode)."""
+    def find():
+        for c in emu.device()["clients"]:
+            try:
+                if c["alive"] and Path(f"/proc/{c['pid']}/exe").resolve().name == "flexnpu-executor":
+                    return c["pid"]
+            except OSError:
+                pass
+        return None
+
+    return wait_for(find, 10, "an executor among the emulator's clients")
 
 
 def run(argv, env, timeout=60) -> subprocess.CompletedProcess:
@@ -288,9 +292,9 @@ def test_a_killed_daemon_takes_its_executor_and_calls_fail_at_once(node, fpeer):
 
 def test_a_client_killed_mid_operation_frees_its_memory_and_streams(node, fpeer):
     emu, _ = node
+    a = fpeer()
     ex = executor_pid(emu)
     base = emu.client(ex)
-    a = fpeer()
     h1 = ok(a.ask(f"malloc {8 * MIB}"))["h"]
     ok(a.ask(f"malloc {MIB}"))
     ok(a.ask(f"fill {h1} 0 {8 * MIB} 3 async"))
@@ -372,6 +376,7 @@ def test_the_executor_refuses_what_it_cannot_trust_at_connect(node, runtime_dir)
 
 def test_fuzzed_ring_records_never_crash_the_executor(node, runtime_dir, workload, fwd_env):
     emu, _ = node  # _: the daemon, whose log says how an executor ended
+    assert last_json(run([workload, "copyback", "4096"], fwd_env))["ok"]  # the executor started
     ex = executor_pid(emu)
     rng = random.Random(1234)
     for round_ in range(6):

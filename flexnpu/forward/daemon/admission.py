@@ -79,6 +79,7 @@ class Registry:
         # after the daemon writes a slot (the drift check's record) / when the set of clients changed
         self.on_write: Callable[[int], None] = lambda slot: None
         self.on_change: Callable[[], None] = lambda: None
+        self.on_forward: Callable[[], None] = lambda: None  # a client was admitted in forward mode
 
     def snapshot(self) -> list[Client]:
         with self.lock:
@@ -115,6 +116,8 @@ class Registry:
             self.summary.set(c.slot, c.page)
             self.on_write(c.slot)
             self.on_change()
+            if c.mode == 1:
+                self.on_forward()
 
     def remove(self, slot: int, why: str) -> Client | None:
         with self.lock:

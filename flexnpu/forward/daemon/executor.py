@@ -44,6 +44,7 @@ class ExecutorSupervisor:
         self.restarts = 0
         self.started_at = 0.0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @staticmethod
@@ -51,6 +52,9 @@ class ExecutorSupervisor:
         return paths.executor_binary().is_file()
 
     def start(self) -> None:
+        """Makes the socket; the executor starts at the first wanted() (a client admitted in
+        forward mode), so a node that runs no forwarded program has no executor holding a
+        context on its device. A client that connects first waits in the socket's backlog."""
         self.path.unlink(missing_ok=True)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         with self.policy.binding(self.path):
@@ -58,9 +62,25 @@ class ExecutorSupervisor:
         s.listen(128)
         self.sock = s
         self.ctl_fd = os.open(paths.gate_table(self.device, self.rdir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        self._spawn()
-        self._thread = threading.Thread(target=self._watch, name=f"executor-{self.device}", daemon=True)
-        self._thread.start()
+
+    def wanted(self) -> None:
+        """Starts the executor (and its watch) if it is not running yet; returns at once."""
+        with self._lock:
+            if self._thread is not None or self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._first, name=f"executor-{self.device}", daemon=True)
+            self._thread.start()
+
+    def _first(self) -> None:
+        try:
+            self._spawn()
+        except (OSError, RuntimeError) as e:
+            log.error("%s", e)
+            self.started_at = time.monotonic()
+            with self._lock:
+                self._thread = None  # the next forward-mode client tries again
+            return
+        self._watch()
 
     def _spawn(self) -> None:
         fds = (self.sock.fileno(), self.ctl_fd)
@@ -81,7 +101,12 @@ class ExecutorSupervisor:
             proc.wait()
             raise RuntimeError(f"device {self.device}: the executor did not start (exit {proc.returncode}); "
                                f"its reason is in the log above")
-        self.proc = proc
+        with self._lock:
+            if self._stop.is_set():  # stopped while it started
+                proc.terminate()
+                proc.wait()
+                return
+            self.proc = proc
         self.started_at = time.monotonic()
         log.info("device %d: executor pid %d serves forwarded clients on %s", self.device, proc.pid, self.path)
 
@@ -115,7 +140,8 @@ class ExecutorSupervisor:
                 "socket": str(self.path)}
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         p = self.proc
         if p is not None and p.poll() is None:
             p.terminate()

@@ -172,16 +172,18 @@ class ForwardDaemon:
         self.open()
         control = ControlServer(self, self.rdir, self.policy, fd_limit=fd_limit)
         control.bind()
-        self.admission.start()
         if self.forward and ExecutorSupervisor.available():
+            # the socket now; the executor itself at the first client admitted in forward mode
             self.executor = ExecutorSupervisor(self.device, self.rdir, self.policy,
                                                verbose=log.isEnabledFor(logging.DEBUG))
             try:
                 self.executor.start()
-            except (OSError, RuntimeError) as e:  # gated clients are served all the same
+                self.registry.on_forward = self.executor.wanted
+            except OSError as e:  # gated clients are served all the same
                 log.error("device %d: no forwarded execution: %s", self.device, e)
                 self.executor.stop()
                 self.executor = None
+        self.admission.start()
         beat = threading.Thread(target=self._heartbeat, name=f"gate-beat-{self.device}", daemon=True)
         beat.start()
         systemd.notify("READY=1", f"STATUS=forwarding device {self.device}")
