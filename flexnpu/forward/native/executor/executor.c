@@ -1037,8 +1037,10 @@ static void *worker(void *arg)
     cleanup(c);
     pthread_mutex_lock(&g_clients_lock);
     pthread_mutex_lock(&g_mem_lock); /* find_export walks g_clients under it */
+    pthread_mutex_lock(&g_sched);    /* and the scheduler under this one */
     for (int i = 0; i < (int)(sizeof g_clients / sizeof *g_clients); i++)
         if (g_clients[i] == c) g_clients[i] = NULL;
+    pthread_mutex_unlock(&g_sched);
     pthread_mutex_unlock(&g_mem_lock);
     pthread_mutex_unlock(&g_clients_lock);
     if (g_verbose) ex_log("pid %d: gone after %llu records", c->pid, (unsigned long long)c->records);
@@ -1185,7 +1187,9 @@ static void admit(int s)
         if (!g_clients[i]) at = i;
     if (at >= 0) {
         pthread_mutex_lock(&g_mem_lock);
+        pthread_mutex_lock(&g_sched);
         g_clients[at] = c;
+        pthread_mutex_unlock(&g_sched);
         pthread_mutex_unlock(&g_mem_lock);
     }
     pthread_mutex_unlock(&g_clients_lock);
@@ -1199,7 +1203,11 @@ static void admit(int s)
     if (at < 0 || pthread_create(&t, &attr, worker, c) != 0) {
         if (at >= 0) {
             pthread_mutex_lock(&g_clients_lock);
+            pthread_mutex_lock(&g_mem_lock);
+            pthread_mutex_lock(&g_sched);
             g_clients[at] = NULL;
+            pthread_mutex_unlock(&g_sched);
+            pthread_mutex_unlock(&g_mem_lock);
             pthread_mutex_unlock(&g_clients_lock);
         }
         aclrtDestroyStream(c->default_stream);
@@ -1217,6 +1225,35 @@ static void admit(int s)
 }
 
 static void on_signal(int sig) { g_stop = 1; }
+
+/* A connection is admitted on a thread of its own: one that sends nothing (it has 2 s) must
+ * not keep others waiting. At most EX_ADMITTING at once; past that, refused at once. */
+static _Atomic int g_admitting;
+
+static void *admit_thread(void *arg)
+{
+    admit((int)(intptr_t)arg);
+    atomic_fetch_sub(&g_admitting, 1);
+    return NULL;
+}
+
+static void admit_async(int s)
+{
+    if (atomic_fetch_add(&g_admitting, 1) >= EX_ADMITTING) {
+        atomic_fetch_sub(&g_admitting, 1);
+        close(s);
+        return;
+    }
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &attr, admit_thread, (void *)(intptr_t)s) != 0) {
+        atomic_fetch_sub(&g_admitting, 1);
+        close(s);
+    }
+    pthread_attr_destroy(&attr);
+}
 
 /* The daemon bumps the table's wake_seq whenever it writes settings: held clients look again
  * at once (a FUTEX_WAIT on the read-only table only reads the word). */
@@ -1294,7 +1331,7 @@ int main(int argc, char **argv)
         struct pollfd p = {.fd = listen_fd, .events = POLLIN};
         if (poll(&p, 1, 100) <= 0) continue;
         int s = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (s >= 0) admit(s);
+        if (s >= 0) admit_async(s);
     }
     /* clients' work is left to the runtime to end: the process exits, the device frees it */
     return 0;

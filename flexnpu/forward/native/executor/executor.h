@@ -16,6 +16,7 @@
 #define EX_FAIR_INFLIGHT 32             /* launches a client with no budget may have queued on the device */
 #define EX_SPIN_NS 20000ULL     /* an idle worker watches its ring this long (yielding) before it sleeps */
 #define EX_IDLE_SLICE_NS 10000000ULL    /* a sleeping worker looks at its client's connection this often */
+#define EX_ADMITTING 16                 /* connections being admitted at once */
 #define EX_SETTINGS_POLL_NS 10000000ULL /* a held client re-reads its settings at least this often */
 
 struct ex_mem;
