@@ -49,6 +49,7 @@
 /* ---------------------------------------------------------------- small things */
 
 static int g_device = -1;
+static aclrtContext g_ctx; /* the device's one context: every thread of the executor works in it */
 static const struct fx_ctl_seg *g_ctl;
 static bool g_verbose;
 static volatile sig_atomic_t g_stop;
@@ -1028,7 +1029,7 @@ static void cleanup(struct ex_client *c)
 static void *worker(void *arg)
 {
     struct ex_client *c = arg;
-    aclrtSetDevice(g_device);
+    aclrtSetCurrentContext(g_ctx);
     serve(c);
     pthread_mutex_lock(&g_sched);
     c->gone = true;
@@ -1232,6 +1233,7 @@ static _Atomic int g_admitting;
 
 static void *admit_thread(void *arg)
 {
+    aclrtSetCurrentContext(g_ctx); /* the client's default stream is made here */
     admit((int)(intptr_t)arg);
     atomic_fetch_sub(&g_admitting, 1);
     return NULL;
@@ -1317,6 +1319,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     int rc = aclInit(NULL);
     if (rc == ACL_SUCCESS) rc = aclrtSetDevice(g_device);
+    if (rc == ACL_SUCCESS) rc = aclrtCreateContext(&g_ctx, g_device);
     if (rc != ACL_SUCCESS) {
         const char *why = aclGetRecentErrMsg();
         ex_log("cannot open the device: AscendCL error %d (%s)", rc, why ? why : "");
