@@ -145,16 +145,17 @@ class LocalNode:
         return env
 
     def program_env(self, role: str = "auto", shim: bool = True, devices: str | None = None,
-                    extra: dict[str, str] | None = None) -> dict[str, str]:
+                    extra: dict[str, str] | None = None, forward: bool = False) -> dict[str, str]:
         """The environment of an AscendCL program on this node: the emulated runtime, and
-        under the shim (as `flexnpu run` sets it) unless shim is False."""
+        under the shim (as `flexnpu run` sets it) unless shim is False; forward: the shim's
+        forward build (`flexnpu run --forward`), its calls run by the device's executor."""
         from flexnpu.emulator import control
         from flexnpu.forward.cli import run_env
 
         env = self.base_env()
         env.update(control.emulator_env(self.rdir))
-        if shim:
-            env = run_env(devices, role, None, False, env)
+        if shim or forward:
+            env = run_env(devices, role, None, False, env, forward=forward)
         env.update(extra or {})
         return env
 
@@ -263,6 +264,33 @@ class LocalNode:
         except DaemonError:
             return False
 
+    def executor_pid(self, dev: int) -> int | None:
+        """The pid of device dev's executor (its daemon's `ping`), None when it has none."""
+        from flexnpu.forward.api import DaemonClient, DaemonError
+
+        if f"daemon-{dev}" not in self.services:
+            return None
+        try:
+            with DaemonClient(dev, self.rdir, timeout=2.0) as c:
+                return (c.ping().get("executor") or {}).get("pid")
+        except DaemonError:
+            return None
+
+    def forward_refusal(self, devices: Sequence[int]) -> str | None:
+        """Why programs on these devices cannot run forwarded on this node (None: they can)."""
+        from flexnpu.forward.daemon.executor import ExecutorSupervisor
+
+        if not paths.forward_shim_library().is_file():
+            return f"{paths.forward_shim_library()} is missing (rebuild: bash scripts/setup.sh)"
+        if not ExecutorSupervisor.available():
+            return f"{paths.executor_binary()} is missing (rebuild: bash scripts/setup.sh)"
+        for d in devices:
+            if f"daemon-{d}" not in self.services:
+                return f"device {d} has no daemon on this node (LocalNode daemons=False)"
+            if self.executor_pid(d) is None:
+                return f"device {d}'s daemon runs no executor (its log: {self.logs / f'daemon-{d}.log'})"
+        return None
+
     def log(self, name: str) -> str:
         try:
             return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -270,13 +298,14 @@ class LocalNode:
             return ""
 
     def spawn(self, argv: Sequence[str], role: str = "auto", shim: bool = True, devices: str | None = None,
-              extra_env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-        """Starts an AscendCL program on this node (text stdout, piped, unless given)."""
+              extra_env: dict[str, str] | None = None, forward: bool = False, **popen: Any) -> subprocess.Popen:
+        """Starts an AscendCL program on this node (text stdout, piped, unless given);
+        forward: forwarded (`forward_refusal` first says whether it can be)."""
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
         popen.setdefault("stdin", subprocess.DEVNULL)
         popen.setdefault("text", True)
-        p = subprocess.Popen(list(argv), env=self.program_env(role, shim, devices, extra_env), **popen)
+        p = subprocess.Popen(list(argv), env=self.program_env(role, shim, devices, extra_env, forward), **popen)
         self.programs.append(p)
         self._watch(p.pid)
         return p
