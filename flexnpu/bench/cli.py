@@ -60,6 +60,8 @@ def options_from(trace: str, n: int | None, rate: str | float | None, rates: str
         o.slo_tpot_s = slo_tpot_ms / 1e3
     if configs:
         o.configs = tuple(c.strip() for c in configs.split(",") if c.strip())
+    else:  # the default list: the forwarded configurations where they can run (why not, printed)
+        o = pd.runnable(o)
     o.rates = _floats(rates, "--rates")
     if quick:
         o = pd.quick(o)

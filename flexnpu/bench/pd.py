@@ -109,6 +109,7 @@ class Options:
     observer: str = "auto"  # bpf where it can attach, else the shim's counters
     ops: str = DEFAULT_OPS  # how the instances express a step (instance --ops)
     quick: bool = False
+    left_out: str = ""  # why the forwarded configurations were left out of the default list (`runnable`)
 
     def check(self) -> None:
         if self.trace not in TRACES and not Path(self.trace).is_file():
@@ -134,6 +135,10 @@ class Options:
                              f"got {','.join(bad) or 'nothing'}")
         if self.ops not in OPS:
             raise BenchError(f"--ops takes {', '.join(OPS)}, got {self.ops!r}")
+        fwd = [c for c in self.configs if c in FORWARDED]
+        why = forward_refusal(self.ops) if fwd else None
+        if why:
+            raise BenchError(f"{', '.join(fwd)} cannot run: {why}")
         if any(m not in MODES for m in self.modes) or not self.modes:
             raise BenchError(f"--mode takes {', '.join(MODES)} or all, got {','.join(self.modes)}")
         if not self.shares or any(not 0.05 <= s <= 0.95 for s in self.shares):
@@ -156,6 +161,26 @@ class Options:
     @property
     def slo(self) -> MX.Slo:
         return MX.Slo(self.slo_ttft_s, self.slo_tpot_s)
+
+
+def forward_refusal(ops: str) -> str | None:
+    """Why the forwarded configurations cannot run here with these --ops (None: they can)."""
+    from flexnpu import paths
+    from flexnpu.forward.daemon.executor import ExecutorSupervisor
+
+    if not paths.forward_shim_library().is_file() or not ExecutorSupervisor.available():
+        return "this FlexNPU was built without forwarded execution (libflexnpu_fwd.so, flexnpu-executor)"
+    return driver.ops_refusal(ops)
+
+
+def runnable(o: Options) -> Options:
+    """The default configuration list less the forwarded ones where they cannot run (the
+    reason in `left_out`, printed with the results); a list given by name is left as it is."""
+    why = forward_refusal(o.ops) if any(c in FORWARDED for c in o.configs) else None
+    if not why:
+        return o
+    return replace(o, configs=tuple(c for c in o.configs if c not in FORWARDED),
+                   left_out=f"{', '.join(c for c in o.configs if c in FORWARDED)} left out: {why}")
 
 
 def canonical(configs: tuple[str, ...]) -> tuple[str, ...]:
@@ -655,6 +680,8 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
     o.check()
     say = log or (lambda s: None)
     tick = progress or (lambda d, k: None)
+    if o.left_out:
+        say(o.left_out)
     t0 = time.time()
     points: list[dict] = []
     cache: dict[tuple, Run] = {}  # the operating point's runs, reused by the targets' static sweep

@@ -216,7 +216,7 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
         if cross:
             raise RuntimeError("cannot forward: forwarded instances are co-located here (prefill and decode on one "
                                "device); run the cross-device pair gated")
-        why = node.forward_refusal(sorted({setup.prefill_device, setup.decode_device}))
+        why = node.forward_refusal(sorted({setup.prefill_device, setup.decode_device})) or ops_refusal(setup.ops)
         if why:
             raise RuntimeError(f"cannot forward: {why}")
         executors = {d: node.executor_pid(d) for d in {setup.prefill_device, setup.decode_device}}
@@ -236,8 +236,14 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
                 time.sleep(delay)
             timing[r.id].arrival = time.monotonic()
             procs["prefill"].send(op="req", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens)
-        if reqs and not done.wait(setup.timeout_s):
-            raise RuntimeError(f"{remaining[0]} of {len(reqs)} requests unfinished after {setup.timeout_s:g} s")
+        deadline = time.monotonic() + setup.timeout_s
+        while reqs and not done.wait(0.2):  # an instance that dies ends the run now, not at the timeout
+            gone = [(n, p.p.returncode) for n, p in procs.items() if p.p.poll() is not None]
+            if gone:
+                raise RuntimeError(f"the {gone[0][0]} instance exited {gone[0][1]} with {remaining[0]} of {len(reqs)} "
+                                   f"requests unfinished (its reason is on stderr above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{remaining[0]} of {len(reqs)} requests unfinished after {setup.timeout_s:g} s")
         for name in ("decode", "prefill"):  # an importer closes before its exporter (CANN's order)
             if (p := procs.get(name)) is None:
                 continue
@@ -259,6 +265,25 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
     problems = check(stats, status, timing, setup, node.time_scale, node.mode, handoff, executors)
     return Result(MX.compute(list(timing.values()), setup.slo), list(timing.values()), stats, status, problems,
                   setup.describe(), batches, handoff, executors)
+
+
+def ops_refusal(ops: str) -> str | None:
+    """Why instances with --ops `ops` cannot run forwarded (None: they can): the aclnn
+    operators they call must be carried by the forward build (flexnpu run --forward's list)."""
+    if ops == "kernels":
+        return None
+    from flexnpu.forward.cli import carried_calls
+    from flexnpu.workload.aclnn import _OPERATORS
+
+    try:
+        carried = set(carried_calls())
+    except OSError:  # no nm on this node: the instances will say it themselves
+        return None
+    missing = sorted({n for op in _OPERATORS for n in (op, op + "GetWorkspaceSize")} - carried)
+    if missing:
+        return (f"--ops {ops} calls {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, which forwarding "
+                f"does not carry yet; run with --ops kernels")
+    return None
 
 
 def _share_kv(node: Any, prefill: _Proc, decode: _Proc, handshake: dict[str, threading.Event],
