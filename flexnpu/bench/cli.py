@@ -122,15 +122,18 @@ def pd_command(
     """Compare ways of sharing devices between a prefill and a decode instance.
 
     Runs one trace under no-shim, uncontrolled (passthrough), static-colocation
-    (the best time or vNPU split of a sweep), static-disagg (separate devices)
-    and flexnpu (flexpd), one after another on the emulator, and prints
+    (the best time or vNPU split of a sweep), static-disagg (separate devices),
+    flexnpu-gated (flexpd, the shim; `flexnpu` is its old name), and forwarded
+    (the device's executor runs the instances' calls) forward-uncontrolled and
+    flexnpu-forward (flexpd), one after another on the emulator, and prints
     latency, throughput, SLO attainment, the emulator's checks, the observer's
     phase accuracy and each target as PASS/MISS.
 
     Examples:
       flexnpu bench pd --quick
       flexnpu bench pd --json pd.json --plot pd.png
-      flexnpu bench pd --rate 16 --configs static-colocation,flexnpu
+      flexnpu bench pd --rate 16 --configs static-colocation,flexnpu-gated
+      flexnpu bench pd --quick --ops kernels --configs flexnpu-gated,flexnpu-forward
       flexnpu bench pd --trace prefill-heavy --repeat 3
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
       flexnpu bench pd --mode all --configs static-colocation,flexnpu
