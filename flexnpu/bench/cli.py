@@ -136,7 +136,7 @@ def pd_command(
       flexnpu bench pd --quick --ops kernels --configs flexnpu-gated,flexnpu-forward
       flexnpu bench pd --trace prefill-heavy --repeat 3
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
-      flexnpu bench pd --mode all --configs static-colocation,flexnpu
+      flexnpu bench pd --mode all --configs static-colocation,flexnpu-gated
       flexnpu bench pd --quick --ops aclnn-fia
     """
     check_output_file("bench pd", "--json", json_path)
