@@ -314,3 +314,21 @@ def test_quick_run_of_the_forwarded_configurations(tmp_path):
             "flexnpu-gated TTFT p50 vs static-colocation"} <= names
     for row in ("flexnpu-gated", "flexnpu-forward", "forward-uncontrolled"):
         assert f"│ {row} " in r.stdout, row
+
+
+def test_forwarded_nodes(tmp_path):
+    """How each forwarded configuration's node is set up (nothing started): forwarded
+    instances, the shim's counters as the observer, flexpd or passthrough, and no settings
+    by declared role for forward-uncontrolled."""
+    o = pd.Options(ops="kernels")
+    for name, policy, args in (("flexnpu-forward", "flexpd", []), ("forward-uncontrolled", "passthrough",
+                                                                  ["--no-role-admission"])):
+        node, shim, role_env, forward = pd._node(pd.Variant(name), o, "contexts", tmp_path)
+        try:
+            assert (shim, role_env, forward) == (True, False, True)
+            assert (node.policy, node.observer, node.daemon_args, node.want_daemons) == (policy, "shim", args, True)
+        finally:
+            node.stop()
+    node, *_, forward = pd._node(pd.Variant("flexnpu-gated"), o, "contexts", tmp_path)
+    node.stop()
+    assert not forward and node.daemon_args == []
