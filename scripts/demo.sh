@@ -2,7 +2,8 @@
 # The FlexNPU demo on emulated Ascend devices: set up the machine (scripts/setup.sh: build
 # tools, bcc, kernel headers, tracefs, .venv with FlexNPU), then `flexnpu demo`: the
 # emulator, a forwarding daemon per device, the observer and the controller in a temporary
-# runtime dir; the reference serving workload under FlexNPU with the `top` view live; then
+# runtime dir; the reference serving workload under FlexNPU (forwarded where it can be, else
+# gated; the demo prints which) with the `top` view live; then
 # the comparison (`flexnpu bench pd`, short) with its table and plot. `flexnpu demo` stops
 # everything it started, also on Ctrl-C and on failure.
 #

@@ -28,7 +28,11 @@ def test_quick_run_writes_every_configuration(tmp_path):
     assert rep["schema"] == 1 and rep["benchmark"] == "pd"
     assert png.stat().st_size > 10_000
     (point,) = rep["results"]
-    assert set(point["configs"]) == set(pd.CONFIGS)
+    # the forwarded configurations run where the forward build carries the default --ops; else
+    # the default list leaves them out and says why
+    left_out = pd.forward_refusal(pd.DEFAULT_OPS)
+    assert set(point["configs"]) == set(pd.CONFIGS) - (set(pd.FORWARDED) if left_out else set())
+    assert (left_out is None) == (not rep["options"]["left_out"])
     for name, c in point["configs"].items():
         assert c["completed"] == rep["options"]["n"], name
         # the emulator's kernel counts, bytes, busy time and tokens agree with the instances'
@@ -39,7 +43,7 @@ def test_quick_run_writes_every_configuration(tmp_path):
         assert all(0 < b <= 1.05 for b in c["busy_check"]["device_busy_share"] if b is not None), name
     # the sweep tried both static forms; the phase check ran where an observer did
     assert {s["form"] for s in point["static_sweep"]} == {"time", "vnpu"}
-    assert point["configs"]["flexnpu"]["phase"]["intervals"] > 0
+    assert point["configs"]["flexnpu-gated"]["phase"]["intervals"] > 0
     names = {t["name"] for t in rep["targets"]}
     assert "uncontrolled throughput vs no-shim" in names
     assert all(t["status"] in ("PASS", "MISS", "N/A") for t in rep["targets"])
@@ -51,15 +55,24 @@ def test_targets_and_max_rate():
         ms = lambda v: {"p50": v, "p90": v, "p99": v}  # noqa: E731
         return {"ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(tpot), "output_tps": tps, "phase": {}}
 
-    t = {x.name: x for x in pd.targets({"flexnpu": cfg(5, 21, 1000), "static-colocation": cfg(100, 20, 1000),
+    t = {x.name: x for x in pd.targets({"flexnpu-gated": cfg(5, 21, 1000), "static-colocation": cfg(100, 20, 1000),
                                         "static-disagg": cfg(50, 20, 900), "uncontrolled": cfg(6, 20, 995),
-                                        "no-shim": cfg(6, 20, 1000)}, "balanced", None)}
-    assert t["flexnpu TTFT p50 vs static-colocation"].ok and t["flexnpu TTFT p50 vs static-colocation"].ratio == 0.95
-    assert t["flexnpu TPOT p50 vs static-colocation"].ok  # 1.05
-    assert t["flexnpu throughput vs static-disagg (balanced trace)"].ok  # 1.11
-    assert t["flexnpu throughput vs static-disagg (prefill-heavy trace)"].ok is None
+                                        "no-shim": cfg(6, 20, 1000), "flexnpu-forward": cfg(4, 22, 1000),
+                                        "forward-uncontrolled": cfg(6, 20, 980)}, "balanced", None)}
+    g = "flexnpu-gated"
+    assert t[f"{g} TTFT p50 vs static-colocation"].ok and t[f"{g} TTFT p50 vs static-colocation"].ratio == 0.95
+    assert t[f"{g} TPOT p50 vs static-colocation"].ok  # 1.05
+    assert t[f"{g} throughput vs static-disagg (balanced trace)"].ok  # 1.11
+    assert t[f"{g} throughput vs static-disagg (prefill-heavy trace)"].ok is None
     assert t["uncontrolled throughput vs no-shim"].ok
-    assert t["flexnpu goodput rate vs static-disagg at its SLO"].ok is None
+    assert t[f"{g} goodput rate vs static-disagg at its SLO"].ok is None
+    # the forwarded configuration has its own rows; forward-uncontrolled is 2% under no-shim
+    assert t["flexnpu-forward TTFT p50 vs static-colocation"].ratio == 0.96
+    assert not t["flexnpu-forward TPOT p50 vs static-colocation"].ok  # 1.1
+    assert t["forward-uncontrolled throughput vs no-shim"].ok is False
+    # without the forwarded configurations, no rows of theirs
+    t2 = {x.name for x in pd.targets({"no-shim": cfg(6, 20, 1000)}, "balanced", None)}
+    assert "flexnpu-gated TTFT p50 vs static-colocation" in t2 and not any("forward" in n for n in t2)
     assert pd.max_rate([(1, 1.0), (2, 0.95), (3, 0.85)]) == pytest.approx(2.5)
     assert pd.max_rate([(1, 1.0), (2, 1.0)]) == 2
     assert pd.max_rate([(1, 0.5)]) is None
@@ -185,3 +198,137 @@ def test_best_static_split_is_a_stable_one():
     flat = run(lambda i: 0.5 if i % 2 else 1.5, 0.5)  # half of them over the TTFT SLO, no growth
     assert growing.metrics["goodput"] > flat.metrics["goodput"]
     assert pd._better(growing, flat) is flat and pd._better(flat, growing) is flat
+
+
+# ---------------------------------------------------------------- forwarded execution
+
+def test_old_name_flexnpu_is_flexnpu_gated():
+    from flexnpu.bench import cli
+
+    o = cli.options_from("balanced", 4, "40", None, 2, "contexts", 1, "flexnpu,no-shim,flexnpu-gated", None, None, 0,
+                         None, None, True, "kernels")
+    assert o.configs == ("flexnpu-gated", "no-shim")
+    r = flexnpu("bench", "pd", "--configs", "flexnpu-forward,nope", "--ops", "kernels", timeout=60)
+    assert r.returncode == 2 and "flexnpu-gated" in r.stderr and "(flexnpu: flexnpu-gated)" in r.stderr
+
+
+def test_ops_the_forward_build_does_not_carry_are_refused(monkeypatch):
+    """A forwarded configuration whose instances would call an aclnn operator the forward
+    build does not carry is refused before any run (one line), and left out of the default
+    list with the reason; --ops kernels needs none."""
+    from flexnpu.forward import cli as fcli
+    from flexnpu.workload import driver
+    from flexnpu.workload.aclnn import _OPERATORS
+
+    every = [n for op in _OPERATORS for n in (op, op + "GetWorkspaceSize")]
+    monkeypatch.setattr(fcli, "carried_calls", lambda: ["aclrtLaunchKernel"] + every[1:])
+    why = driver.ops_refusal("aclnn")
+    assert why and every[0] in why and "--ops kernels" in why
+    assert driver.ops_refusal("kernels") is None
+    with pytest.raises(pd.BenchError, match="flexnpu-forward cannot run: --ops aclnn calls"):
+        pd.Options(configs=("flexnpu-forward",), ops="aclnn").check()
+    o = pd.runnable(pd.Options(ops="aclnn"))
+    assert not set(o.configs) & set(pd.FORWARDED) and "flexnpu-forward" in o.left_out
+    assert pd.runnable(pd.Options(ops="kernels")).configs == pd.CONFIGS
+    monkeypatch.setattr(fcli, "carried_calls", lambda: every)
+    assert driver.ops_refusal("aclnn") is None and pd.runnable(pd.Options(ops="aclnn")).configs == pd.CONFIGS
+
+
+@pytest.mark.slow
+def test_forwarded_pair_is_the_executors_work():
+    """A co-located pair run forwarded: every kernel is the executor's (the emulator knows no
+    instance's pid), the driver's check passes on the executor's record, the decode's import
+    is the prefill's pool itself, and the check fails where the record disagrees."""
+    import copy
+
+    from flexnpu.bench.node import LocalNode
+    from flexnpu.workload import driver, trace as T
+
+    reqs = T.generate(T.TraceSpec(n=5, rate=40, seed=1, prompt=T.LengthDist(170, 1.0, 4, 2048),
+                                  output=T.LengthDist(12, 0.9, 1, 24)))
+    setup = driver.Setup(model="qwen2.5-7b:2", ops="kernels", forward=True)
+    with LocalNode(devices=1, observer=None) as node:
+        ex = node.executor_pid(0)
+        assert ex and Path(f"/proc/{ex}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/flexnpu-executor")
+        r = driver.run(node, reqs, setup)
+    assert r.problems == [] and r.executors == {0: ex}
+    pids = {r.stats[k]["pid"] for k in ("prefill", "decode")}
+    (dev,) = r.status["devices"]
+    seen = {c["pid"]: c for c in dev["clients"]}
+    assert not pids & set(seen), "an instance ran in its own context"
+    launched = sum(sum(r.stats[k]["kernels"].values()) for k in ("prefill", "decode"))
+    assert sum(seen[ex]["count_by_name"].values()) == launched > 0
+    assert seen[ex]["ops"]["copy"] == 0 and sum(seen[ex]["bytes_copied"].values()) == 0
+    h = r.handoff
+    assert h["imported_ptr"] == h["exported_ptr"] and h["exported_ptr"]
+    assert h["executor-0"]["exports"] == 1 and h["executor-0"]["imports"] == 0
+    # the check can fail: a kernel more than the executor ran, another pointer, busy time off
+    timing = {t.id: t for t in r.requests}
+    stats = copy.deepcopy(r.stats)
+    stats["decode"]["kernels"]["attention_decode"] += 1
+    assert any("executor" in p and "counted" in p for p in driver.check(stats, r.status, timing, setup,
+                                                                           executors=r.executors, handoff=h))
+    moved = dict(h, imported_ptr=h["exported_ptr"] + 4096)
+    assert any("not the same memory" in p for p in driver.check(r.stats, r.status, timing, setup,
+                                                                 executors=r.executors, handoff=moved))
+    stats = copy.deepcopy(r.stats)
+    for k in stats:
+        stats[k]["modelled_s"] *= 0.5
+    assert any("executor busy" in p for p in driver.check(stats, r.status, timing, setup,
+                                                           executors=r.executors, handoff=h))
+    # read as a gated run's, the same status has no record of either instance
+    assert driver.check(r.stats, r.status, timing, setup, handoff=h)
+
+
+def test_forwarding_without_an_executor_fails_with_its_reason():
+    from flexnpu.bench.node import LocalNode
+    from flexnpu.workload import driver, trace as T
+
+    reqs = T.generate(T.TraceSpec(n=1, rate=10, seed=0))
+    with LocalNode(devices=1, observer=None, daemons=False) as node:
+        with pytest.raises(RuntimeError, match="cannot forward: device 0 has no daemon on this node"):
+            driver.run(node, reqs, driver.Setup(model="qwen2.5-7b:2", ops="kernels", forward=True))
+        assert node.programs == []  # refused before any instance started
+
+
+@pytest.mark.slow
+def test_quick_run_of_the_forwarded_configurations(tmp_path):
+    out = tmp_path / "pd.json"
+    r = flexnpu("bench", "pd", "--quick", "--ops", "kernels", "-n", "6", "--configs",
+                "flexnpu,flexnpu-forward,forward-uncontrolled", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["options"]["configs"] == ["flexnpu-gated", "flexnpu-forward", "forward-uncontrolled"]
+    (point,) = rep["results"]
+    assert set(point["configs"]) == {"flexnpu-gated", "flexnpu-forward", "forward-uncontrolled"}
+    for name, c in point["configs"].items():
+        assert c["completed"] == 6, name
+        assert c["problems"] == [] and c["busy_check"]["ok"], (name, c["problems"])
+        assert c["execution"] == ("forwarded" if name in pd.FORWARDED else "gated"), name
+        assert c["output_tps"] > 0
+        assert c["phase"]["intervals"] > 0, name
+    # forwarded runs observe with the shim's counters, scored against the instances' own steps
+    assert point["configs"]["flexnpu-forward"]["phase"]["source"] == "shim"
+    names = {t["name"] for t in rep["targets"]}
+    assert {"flexnpu-forward TTFT p50 vs static-colocation", "forward-uncontrolled throughput vs no-shim",
+            "flexnpu-gated TTFT p50 vs static-colocation"} <= names
+    for row in ("flexnpu-gated", "flexnpu-forward", "forward-uncontrolled"):
+        assert f"│ {row} " in r.stdout, row
+
+
+def test_forwarded_nodes(tmp_path):
+    """How each forwarded configuration's node is set up (nothing started): forwarded
+    instances, the shim's counters as the observer, flexpd or passthrough, and no settings
+    by declared role for forward-uncontrolled."""
+    o = pd.Options(ops="kernels")
+    for name, policy, args in (("flexnpu-forward", "flexpd", []), ("forward-uncontrolled", "passthrough",
+                                                                  ["--no-role-admission"])):
+        node, shim, role_env, forward = pd._node(pd.Variant(name), o, "contexts", tmp_path)
+        try:
+            assert (shim, role_env, forward) == (True, False, True)
+            assert (node.policy, node.observer, node.daemon_args, node.want_daemons) == (policy, "shim", args, True)
+        finally:
+            node.stop()
+    node, *_, forward = pd._node(pd.Variant("flexnpu-gated"), o, "contexts", tmp_path)
+    node.stop()
+    assert not forward and node.daemon_args == []

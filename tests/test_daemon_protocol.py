@@ -77,6 +77,29 @@ def test_ping(handler_daemon):
     d, _ = handler_daemon
     r = ok(d, {"schema": 1, "cmd": "ping"})
     assert (r["device"], r["pid"], r["clients"]) == (0, os.getpid(), 1)
+    assert r["executor"] is None  # this daemon object started none (a served daemon's: its pid, restarts, socket)
+
+
+def test_declared_roles_at_admission_can_be_turned_off(runtime_dir):
+    """Forward mode: a declared role sets a new client's priority and budget (decode first),
+    unless the daemon runs with --no-role-admission; gated clients get the defaults either way."""
+    from flexnpu.forward import api
+
+    for on in (True, False):
+        d = ForwardDaemon(0, runtime_dir, role_admission=on)
+        d.open()
+        try:
+            st = d.settings
+            plain = st.new_client_defaults()
+            dec, pre = st.new_client_defaults(role=2, mode=1), st.new_client_defaults(role=1, mode=1)
+            assert st.new_client_defaults(role=2, mode=0) == plain
+            if on:
+                assert (dec["priority"], pre["priority"], pre["inflight"]) == \
+                    (api.DECODE_PRIORITY, api.PREFILL_PRIORITY, api.PREFILL_ADMISSION_INFLIGHT)
+            else:
+                assert dec == pre == plain and plain["priority"] != api.DECODE_PRIORITY
+        finally:
+            d.close()
 
 
 def test_list(handler_daemon):

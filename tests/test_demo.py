@@ -1,6 +1,7 @@
 """`flexnpu demo --quick` runs to the end, and leaves nothing running (no process, no socket,
 no temporary dir) at the end and when interrupted with SIGINT midway."""
 
+import json
 import os
 import signal
 import subprocess
@@ -49,6 +50,13 @@ def test_demo_quick_runs_and_cleans_up(tmp_path):
     o, e = p.communicate(timeout=600)
     assert p.returncode == 0, e[-3000:]
     assert "flexnpu top" in o and "targets" in o and (out / "pd.json").exists() and (out / "pd.png").exists()
+    # it says how the live workload runs: forwarded where the forward build carries its --ops
+    from flexnpu.bench import pd
+
+    forwarded = pd.forward_refusal(pd.DEFAULT_OPS) is None
+    assert ("mode: forwarded" if forwarded else "mode: gated") in o
+    configs = set(json.loads((out / "pd.json").read_text())["results"][0]["configs"])
+    assert ("flexnpu-forward" in configs) == forwarded and "flexnpu-gated" in configs
     assert _wait_clean(tmp_path) == []
 
 

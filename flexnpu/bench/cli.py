@@ -60,6 +60,8 @@ def options_from(trace: str, n: int | None, rate: str | float | None, rates: str
         o.slo_tpot_s = slo_tpot_ms / 1e3
     if configs:
         o.configs = tuple(c.strip() for c in configs.split(",") if c.strip())
+    else:  # the default list: the forwarded configurations where they can run (why not, printed)
+        o = pd.runnable(o)
     o.rates = _floats(rates, "--rates")
     if quick:
         o = pd.quick(o)
@@ -120,18 +122,21 @@ def pd_command(
     """Compare ways of sharing devices between a prefill and a decode instance.
 
     Runs one trace under no-shim, uncontrolled (passthrough), static-colocation
-    (the best time or vNPU split of a sweep), static-disagg (separate devices)
-    and flexnpu (flexpd), one after another on the emulator, and prints
+    (the best time or vNPU split of a sweep), static-disagg (separate devices),
+    flexnpu-gated (flexpd, the shim; `flexnpu` is its old name), and forwarded
+    (the device's executor runs the instances' calls) forward-uncontrolled and
+    flexnpu-forward (flexpd), one after another on the emulator, and prints
     latency, throughput, SLO attainment, the emulator's checks, the observer's
     phase accuracy and each target as PASS/MISS.
 
     Examples:
       flexnpu bench pd --quick
       flexnpu bench pd --json pd.json --plot pd.png
-      flexnpu bench pd --rate 16 --configs static-colocation,flexnpu
+      flexnpu bench pd --rate 16 --configs static-colocation,flexnpu-gated
+      flexnpu bench pd --quick --ops kernels --configs flexnpu-gated,flexnpu-forward
       flexnpu bench pd --trace prefill-heavy --repeat 3
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
-      flexnpu bench pd --mode all --configs static-colocation,flexnpu
+      flexnpu bench pd --mode all --configs static-colocation,flexnpu-gated
       flexnpu bench pd --quick --ops aclnn-fia
     """
     check_output_file("bench pd", "--json", json_path)

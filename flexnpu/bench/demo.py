@@ -2,6 +2,11 @@
 device, the observer, the controller), the reference serving workload under it with the
 `top` view live, then the comparison (`bench pd`, short) and its table and plot.
 
+The live workload runs forwarded (its calls run in the device's executor, which schedules
+them op by op: flexnpu-forward) where forwarding can run the instances' --ops, else gated
+(the shim, flexnpu-gated); the demo says which and why. The comparison runs flexnpu-forward
+beside flexnpu-gated where it can (forward-uncontrolled is `bench pd`'s, not the demo's).
+
 Everything it starts is stopped on the way out: at the end, on an error, on Ctrl-C (SIGINT),
 on SIGTERM and on SIGHUP (the terminal closed, the ssh session dropped); killed outright, its
 nodes' guards stop them (flexnpu/bench/guard.py). The runtime dirs are temporary and removed.
@@ -39,20 +44,35 @@ def _on_term(signum: int, frame: object) -> None:
 
 
 def demo_options(quick: bool, ops: str = pd.DEFAULT_OPS) -> pd.Options:
-    """The comparison the demo runs: every configuration, one share per static form."""
-    o = pd.Options(observer=pd.default_observer(), shares=(0.5,), ops=ops)
+    """The comparison the demo runs: every configuration but forward-uncontrolled (the
+    forwarded ones where they can run), one share per static form."""
+    o = pd.runnable(pd.Options(observer=pd.default_observer(), shares=(0.5,), ops=ops,
+                               configs=tuple(c for c in pd.CONFIGS if c != "forward-uncontrolled")))
     if quick:
         return pd.quick(replace(o, n=8))
     # four layers of Qwen2.5-7B keep each run to seconds; the full model is `flexnpu bench pd`
     return replace(o, model="qwen2.5-7b:4", n=40, rate=24.0, slo_ttft_s=0.1, slo_tpot_s=0.012)
 
 
+def live_mode(o: pd.Options) -> tuple[bool, str]:
+    """Whether the live workload runs forwarded, and the line that says so."""
+    why = pd.forward_refusal(o.ops)
+    if why is None:
+        return True, "forwarded: the instances' calls run in the device's executor, scheduled op by op (flexnpu-forward)"
+    return False, f"gated: the shim holds the instances' calls (flexnpu-gated); not forwarded because {why}"
+
+
 def live_workload(console: Console, o: pd.Options, seconds: float) -> None:
-    """The workload under FlexNPU (flexpd) with the top view live for `seconds`."""
+    """The workload under FlexNPU (flexpd) with the top view live for `seconds`, forwarded
+    where it can be (`live_mode`)."""
     from flexnpu.tui.model import Sampler
     from flexnpu.tui.view import ViewState, render
 
-    node = LocalNode(devices=1, mode=o.modes[0], profile=o.profile, observer=o.observer, policy="flexpd")
+    forward, line = live_mode(o)
+    console.print(f"mode: {line}", markup=False, highlight=False)
+    # forwarded, the shim's counters: BPF's probes in libascendcl.so see the executor alone
+    observer = "shim" if forward and o.observer else o.observer
+    node = LocalNode(devices=1, mode=o.modes[0], profile=o.profile, observer=observer, policy="flexpd")
     # in the node's own dir, so that whatever removes the node (its stop, or its guard after a
     # kill -9 of this process) removes the configuration too
     toml = node.rdir / "flexpd.toml"
@@ -63,7 +83,7 @@ def live_workload(console: Console, o: pd.Options, seconds: float) -> None:
         reqs = [r for r in reqs if r.arrival_s < seconds]
         from flexnpu.workload import driver
 
-        setup = driver.Setup(model=o.model, profile=o.profile, slo=o.slo, ops=o.ops)
+        setup = driver.Setup(model=o.model, profile=o.profile, slo=o.slo, ops=o.ops, forward=forward)
         result: dict = {}
 
         def work() -> None:
@@ -99,7 +119,8 @@ def live_workload(console: Console, o: pd.Options, seconds: float) -> None:
         if "err" in result:
             raise result["err"]
         m = result["res"].metrics
-        console.print(f"workload under flexpd: {m.get('completed', 0)} requests, TTFT p50 "
+        console.print(f"workload under flexpd, {'forwarded' if forward else 'gated'}: {m.get('completed', 0)} "
+                      f"requests, TTFT p50 "
                       f"{m['ttft_s']['p50'] * 1e3:.1f} ms, TPOT p50 {m['tpot_s']['p50'] * 1e3:.2f} ms, "
                       f"{m['output_throughput']:.0f} tok/s; emulator check: "
                       f"{'ok' if not result['res'].problems else result['res'].problems}")
@@ -118,7 +139,8 @@ def demo_command(
     Starts the emulator, a forwarding daemon per device, the observer and
     the controller (flexpd) in a temporary runtime dir; runs the reference
     serving workload (a prefill and a decode instance sharing a device)
-    under them with the `flexnpu top` view live; then runs `flexnpu bench
+    under them, forwarded where forwarding can run it, else gated (it
+    prints which), with the `flexnpu top` view live; then runs `flexnpu bench
     pd` (short) and prints its table and where the plot is. Everything it
     starts is stopped at the end, on Ctrl-C and on failure.
 
@@ -139,7 +161,8 @@ def demo_command(
     secs = seconds if seconds is not None else (4.0 if quick else 20.0)
     try:
         with stop_signals(_on_term):
-            console.rule("FlexNPU demo: a prefill and a decode instance share an emulated 910B under flexpd")
+            console.rule("FlexNPU demo: a prefill and a decode instance share an emulated 910B under flexpd, "
+                         + ("forwarded" if live_mode(o)[0] else "gated"))
             live_workload(console, o, secs)
             console.rule("the comparison: flexnpu bench pd" + (" --quick" if quick else " (short)"))
             where = out or Path(tempfile.mkdtemp(prefix="flexnpu-demo-results-"))

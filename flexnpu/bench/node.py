@@ -147,8 +147,8 @@ class LocalNode:
     def program_env(self, role: str = "auto", shim: bool = True, devices: str | None = None,
                     extra: dict[str, str] | None = None, forward: bool = False) -> dict[str, str]:
         """The environment of an AscendCL program on this node: the emulated runtime, and
-        under the shim (as `flexnpu run` sets it) unless shim is False; forward: under the
-        forward library (`flexnpu run --forward`)."""
+        under the shim (as `flexnpu run` sets it) unless shim is False; forward: the shim's
+        forward build (`flexnpu run --forward`), its calls run by the device's executor."""
         from flexnpu.emulator import control
         from flexnpu.forward.cli import run_env
 
@@ -264,6 +264,33 @@ class LocalNode:
         except DaemonError:
             return False
 
+    def executor_pid(self, dev: int) -> int | None:
+        """The pid of device dev's executor (its daemon's `ping`), None when it has none."""
+        from flexnpu.forward.api import DaemonClient, DaemonError
+
+        if f"daemon-{dev}" not in self.services:
+            return None
+        try:
+            with DaemonClient(dev, self.rdir, timeout=2.0) as c:
+                return (c.ping().get("executor") or {}).get("pid")
+        except DaemonError:
+            return None
+
+    def forward_refusal(self, devices: Sequence[int]) -> str | None:
+        """Why programs on these devices cannot run forwarded on this node (None: they can)."""
+        from flexnpu.forward.daemon.executor import ExecutorSupervisor
+
+        if not paths.forward_shim_library().is_file():
+            return f"{paths.forward_shim_library()} is missing (rebuild: bash scripts/setup.sh)"
+        if not ExecutorSupervisor.available():
+            return f"{paths.executor_binary()} is missing (rebuild: bash scripts/setup.sh)"
+        for d in devices:
+            if f"daemon-{d}" not in self.services:
+                return f"device {d} has no daemon on this node (LocalNode daemons=False)"
+            if not paths.executor_socket(d, self.rdir).exists():  # the executor starts with its first client
+                return f"device {d}'s daemon serves no executor (its log: {self.logs / f'daemon-{d}.log'})"
+        return None
+
     def log(self, name: str) -> str:
         try:
             return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -273,7 +300,7 @@ class LocalNode:
     def spawn(self, argv: Sequence[str], role: str = "auto", shim: bool = True, devices: str | None = None,
               extra_env: dict[str, str] | None = None, forward: bool = False, **popen: Any) -> subprocess.Popen:
         """Starts an AscendCL program on this node (text stdout, piped, unless given);
-        forward: forwarded execution (`flexnpu run --forward`), which needs the node's daemons."""
+        forward: forwarded (`forward_refusal` first says whether it can be)."""
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
         popen.setdefault("stdin", subprocess.DEVNULL)

@@ -10,13 +10,22 @@ Configurations (CONFIGS):
                      `--partition`), the share chosen by a sweep at the trace's load
   static-disagg      prefill and decode on separate devices (1:1), the KV copied across
                      (pulled from the prefill's pool, imported with peer access)
-  flexnpu            co-located, the `flexpd` policy
+  flexnpu-gated      co-located under the shim, the `flexpd` policy (`flexnpu` in --configs
+                     is another name for it, the configuration's name before forwarding)
+  forward-uncontrolled  co-located, forwarded (the instances' calls run in the device's
+                     executor), the `passthrough` policy, no settings by declared role
+  flexnpu-forward    co-located, forwarded, the `flexpd` policy (its settings reach the
+                     executor through the daemon's gate table, as the gated shim's do)
 
 On N devices every co-located configuration runs N prefill/decode pairs (the trace dealt
 round-robin), static-disagg N/2 pairs. A co-located pair hands the KV over through IPC
-memory: nothing is copied. Every run ends with the workload's own check against the emulator
-(kernel counts, busy time, bytes, no byte copied on one device, tokens) and, where an observer
-runs, the observer's phase of each instance against the workload's ground truth (`phasecheck`).
+memory: nothing is copied (forwarded, the decode instance's import is the prefill's memory in
+the executor's context). Every run ends with the workload's own check against the emulator
+(kernel counts, busy time, bytes, no byte copied on one device, tokens; forwarded, the
+executor's record against the sum of its instances') and, where an observer runs, the
+observer's phase of each instance against the workload's ground truth (`phasecheck`).
+Forwarded configurations observe with the shim's counters (the forwarded clients keep them in
+their pages): with BPF the probes in libascendcl.so see only the executor.
 
     from flexnpu.bench import pd
     report = pd.run(pd.Options(quick=True))     # the dict `--json` writes
@@ -39,7 +48,13 @@ from flexnpu.bench.phasecheck import PhaseCheck
 from flexnpu.workload import driver, metrics as MX, model as M, trace as T
 from flexnpu.workload.aclnn import DECODE_ATTENTION, DEFAULT_OPS, OPS, PREFILL_ATTENTION
 
-CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu")
+CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu-gated", "forward-uncontrolled",
+           "flexnpu-forward")
+ALIASES = {"flexnpu": "flexnpu-gated"}  # old command lines' names
+FORWARDED = ("forward-uncontrolled", "flexnpu-forward")
+# how each configuration's instances run: "none" (no FlexNPU), "gated" (the shim), "forwarded"
+EXECUTION = {"no-shim": "none", "static-disagg": "none", "static-colocation": "gated", "uncontrolled": "gated",
+             "flexnpu-gated": "gated", "forward-uncontrolled": "forwarded", "flexnpu-forward": "forwarded"}
 MODES = ("contexts", "serial", "shared")
 DEFAULT_MODE = "contexts"  # as Ascend shares a device: contexts take turns, streams of one share cores (docs/emulator.md)
 # The bench's traces. Outputs are clipped shorter than trace.SHAREGPT_OUTPUT's 2048: a run's
@@ -94,6 +109,7 @@ class Options:
     observer: str = "auto"  # bpf where it can attach, else the shim's counters
     ops: str = DEFAULT_OPS  # how the instances express a step (instance --ops)
     quick: bool = False
+    left_out: str = ""  # why the forwarded configurations were left out of the default list (`runnable`)
 
     def check(self) -> None:
         if self.trace not in TRACES and not Path(self.trace).is_file():
@@ -112,11 +128,17 @@ class Options:
             raise BenchError(f"--devices must be 1..16, got {self.devices}")
         if not 1 <= self.repeat <= MAX_REPEAT:
             raise BenchError(f"--repeat must be from 1 to {MAX_REPEAT}, got {self.repeat}")
+        self.configs = canonical(self.configs)
         bad = [c for c in self.configs if c not in CONFIGS]
         if bad or not self.configs:
-            raise BenchError(f"--configs takes a comma list of {', '.join(CONFIGS)}; got {','.join(bad) or 'nothing'}")
+            raise BenchError(f"--configs takes a comma list of {', '.join(CONFIGS)} (flexnpu: flexnpu-gated); "
+                             f"got {','.join(bad) or 'nothing'}")
         if self.ops not in OPS:
             raise BenchError(f"--ops takes {', '.join(OPS)}, got {self.ops!r}")
+        fwd = [c for c in self.configs if c in FORWARDED]
+        why = forward_refusal(self.ops) if fwd else None
+        if why:
+            raise BenchError(f"{', '.join(fwd)} cannot run: {why}")
         if any(m not in MODES for m in self.modes) or not self.modes:
             raise BenchError(f"--mode takes {', '.join(MODES)} or all, got {','.join(self.modes)}")
         if not self.shares or any(not 0.05 <= s <= 0.95 for s in self.shares):
@@ -139,6 +161,31 @@ class Options:
     @property
     def slo(self) -> MX.Slo:
         return MX.Slo(self.slo_ttft_s, self.slo_tpot_s)
+
+
+def forward_refusal(ops: str) -> str | None:
+    """Why the forwarded configurations cannot run here with these --ops (None: they can)."""
+    from flexnpu import paths
+    from flexnpu.forward.daemon.executor import ExecutorSupervisor
+
+    if not paths.forward_shim_library().is_file() or not ExecutorSupervisor.available():
+        return "this FlexNPU was built without forwarded execution (libflexnpu_fwd.so, flexnpu-executor)"
+    return driver.ops_refusal(ops)
+
+
+def runnable(o: Options) -> Options:
+    """The default configuration list less the forwarded ones where they cannot run (the
+    reason in `left_out`, printed with the results); a list given by name is left as it is."""
+    why = forward_refusal(o.ops) if any(c in FORWARDED for c in o.configs) else None
+    if not why:
+        return o
+    return replace(o, configs=tuple(c for c in o.configs if c not in FORWARDED),
+                   left_out=f"{', '.join(c for c in o.configs if c in FORWARDED)} left out: {why}")
+
+
+def canonical(configs: tuple[str, ...]) -> tuple[str, ...]:
+    """Configuration names with the old ones (ALIASES) replaced, each once, in order."""
+    return tuple(dict.fromkeys(ALIASES.get(c, c) for c in configs))
 
 
 def quick(o: Options) -> Options:
@@ -202,16 +249,22 @@ def _pairs(cfg: str, devices: int) -> list[tuple[int, int]]:
     return [(d, d) for d in range(devices)]
 
 
-def _node(v: Variant, o: Options, mode: str, tmp: Path) -> tuple[LocalNode, bool, bool]:
-    """The node of a variant, whether the instances run under the shim, and whether they carry
-    FLEXNPU_ROLE without it."""
+def _node(v: Variant, o: Options, mode: str, tmp: Path) -> tuple[LocalNode, bool, bool, bool]:
+    """The node of a variant, whether the instances run under the shim, whether they carry
+    FLEXNPU_ROLE without it, and whether they run forwarded."""
     common = dict(devices=o.devices, mode=mode, profile=o.profile)
     if v.config in ("no-shim", "static-disagg"):
-        return LocalNode(observer=None, daemons=False, **common), False, False
+        return LocalNode(observer=None, daemons=False, **common), False, False, False
     if v.config == "static-colocation" and v.form == "vnpu":
         part = f"prefill={v.share:g},decode={1 - v.share:g}"
-        return LocalNode(observer=None, daemons=False, partition=part, **common), False, True
-    policy = {"uncontrolled": "passthrough", "flexnpu": "flexpd", "static-colocation": "static-split"}[v.config]
+        return LocalNode(observer=None, daemons=False, partition=part, **common), False, True, False
+    policy = {"uncontrolled": "passthrough", "flexnpu-gated": "flexpd", "static-colocation": "static-split",
+              "forward-uncontrolled": "passthrough", "flexnpu-forward": "flexpd"}[v.config]
+    forward = v.config in FORWARDED
+    # forwarded: the shim's counters (BPF's probes in libascendcl.so see the executor alone);
+    # uncontrolled: no settings by declared role at admission either
+    observer = "shim" if forward and o.observer else o.observer
+    daemon_args = ["--no-role-admission"] if v.config == "forward-uncontrolled" else []
     args: list[str] = []
     if policy == "static-split":
         cfg = tmp / f"static-{v.share:g}.toml"
@@ -221,7 +274,8 @@ def _node(v: Variant, o: Options, mode: str, tmp: Path) -> tuple[LocalNode, bool
         cfg = tmp / "flexpd.toml"
         cfg.write_text(FLEXPD_TOML)
         args = ["--config", str(cfg)]
-    return LocalNode(observer=o.observer, policy=policy, controller_args=args, **common), True, False
+    return (LocalNode(observer=observer, policy=policy, controller_args=args, daemon_args=daemon_args, **common),
+            True, False, forward)
 
 
 def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: float,
@@ -229,7 +283,7 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
     """Runs the trace once under one variant on a fresh node; everything it started is gone after."""
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as td:
-        node, shim, role_env = _node(v, o, mode, Path(td))
+        node, shim, role_env, forward = _node(v, o, mode, Path(td))
         pairs = _pairs(v.config, o.devices)
         parts = [reqs[i::len(pairs)] for i in range(len(pairs))]
         with node:
@@ -239,7 +293,7 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
             try:
                 results = run_pairs(node, [(driver.Setup(model=o.model, profile=o.profile, prefill_device=p,
                                                          decode_device=d, shim=shim, role_env=role_env, slo=o.slo,
-                                                         ops=o.ops), part)
+                                                         ops=o.ops, forward=forward), part)
                                            for (p, d), part in zip(pairs, parts) if part], on_done)
             finally:
                 samples = checker.stop() if checker else None
@@ -249,7 +303,12 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
     problems += _token_truth(results, status, o.model)
     m = MX.compute(timings, o.slo)
     roles = {r.stats[k]["pid"]: k for r in results for k in r.stats if r.stats[k]}
-    phase = PhaseCheck.score(samples, roles) if samples is not None else {"accuracy": None, "note": "no observer"}
+    # forwarded, the emulator knows only the executor's time: each instance's own step spans
+    # say when it had work on the device
+    spans = ({r.stats[k]["pid"]: r.stats[k].get("step_spans", []) for r in results for k in r.stats if r.stats[k]}
+             if forward else None)
+    phase = (PhaseCheck.score(samples, roles, spans) if samples is not None
+             else {"accuracy": None, "note": "no observer"})
     busy = _busy(status, m.get("duration_s", 0.0), problems)
     return Run(v, mode, rate, m, timings, problems, busy, phase, time.monotonic() - t_start)
 
@@ -293,8 +352,13 @@ def _token_truth(results: list[driver.Result], status: dict, model: str) -> list
     out = []
     for i, r in enumerate(results):
         pre, dec = r.stats.get("prefill") or {}, r.stats.get("decode") or {}
-        firsts = sum(by_pid.get(pre.get("pid"), {}).get(k, 0) for k in PREFILL_ATTENTION)
-        steps = sum(by_pid.get(dec.get("pid"), {}).get(k, 0) for k in DECODE_ATTENTION)
+        # forwarded, the kernels are the executor's: only the prefill instance launches prefill
+        # attention and only the decode instance decode attention, so its counts still tell them apart
+        ex = r.executors or {}
+        pre_pid = ex.get(r.setup["prefill_device"], pre.get("pid"))
+        dec_pid = ex.get(r.setup["decode_device"], dec.get("pid"))
+        firsts = sum(by_pid.get(pre_pid, {}).get(k, 0) for k in PREFILL_ATTENTION)
+        steps = sum(by_pid.get(dec_pid, {}).get(k, 0) for k in DECODE_ATTENTION)
         n = len(r.requests)
         later = sum(len(t.token_times) - 1 for t in r.requests)
         if firsts != layers * n:
@@ -311,7 +375,9 @@ def _busy(status: dict, duration_s: float, problems: list[str]) -> dict:
     return {"ok": not problems, "problems": len(problems), "device_busy_share": share,
             "check": "kernel counts, inter-device bytes and tokens per instance; no byte copied on a "
                      "same-device hand-off (the KV pool shared through IPC memory); busy time against the "
-                     "modelled kernel times (serial and contexts modes, partitions; 2%)"}
+                     "modelled kernel times (serial and contexts modes, partitions; 2%); forwarded: the "
+                     "executor's counts, bytes and busy time against the sum of its instances', the "
+                     "instances' own pids idle, the decode's imported pointer the prefill's pool"}
 
 
 # ---------------------------------------------------------------- summaries and targets
@@ -337,6 +403,7 @@ def summarize(r: Run) -> dict:
     m = r.metrics
     return {
         "variant": r.variant.label or None,
+        "execution": EXECUTION[r.variant.config],
         "completed": m.get("completed", 0),
         "duration_s": round(m.get("duration_s", 0.0), 3),
         "ttft_ms": _ms(m["ttft_s"]), "tpot_ms": _ms(m["tpot_s"]), "itl_ms": _ms(m["itl_s"]),
@@ -399,40 +466,50 @@ def _ratio(x: float | None, y: float | None) -> float | None:
 
 
 def targets(cfgs: dict[str, dict], trace_name: str, sweep: dict | None, floor: dict | None = None) -> list[Target]:
-    """floor: the trace's TTFT floor (`ttft_floor`), to say how much lower any TTFT could be."""
-    f, s, d = cfgs.get("flexnpu"), cfgs.get("static-colocation"), cfgs.get("static-disagg")
-    u, n = cfgs.get("uncontrolled"), cfgs.get("no-shim")
-    out = []
-    for q in ("p50", "p99"):
-        r = _ratio(_get(f, "ttft_ms", q), _get(s, "ttft_ms", q))
-        cut = None if r is None else 1 - r
-        how = "1 - flexnpu / static-colocation"
-        st = _get(s, "ttft_ms", q)
-        if floor and floor.get(q) and st:
-            how += (f"; the prompts' own prefill alone (the TTFT floor) is {floor[q]:.1f} ms at {q}: at most "
-                    f"{1 - floor[q] / st:.1%} lower is possible")
-        out.append(Target(f"flexnpu TTFT {q} vs static-colocation", cut, ">= 0.92 lower",
-                          None if cut is None else cut >= 0.92, how))
-    r = _ratio(_get(f, "tpot_ms", "p50"), _get(s, "tpot_ms", "p50"))
-    out.append(Target("flexnpu TPOT p50 vs static-colocation", r, "<= 1.05", None if r is None else r <= 1.05,
-                      "flexnpu / static-colocation"))
-    r = _ratio(_get(f, "output_tps"), _get(s, "output_tps"))
-    out.append(Target("flexnpu throughput vs static-colocation", r, ">= 0.97", None if r is None else r >= 0.97,
-                      "output tokens/s, flexnpu / static-colocation"))
-    r = _ratio(_get(f, "output_tps"), _get(d, "output_tps"))
-    for kind, want in (("balanced", 1.05), ("prefill-heavy", 1.25)):
-        mine = trace_name == kind
-        out.append(Target(f"flexnpu throughput vs static-disagg ({kind} trace)", r if mine else None, f">= {want:g}",
-                          (r >= want if r is not None else None) if mine else None,
-                          "output tokens/s, flexnpu / static-disagg" + ("" if mine else f": run with --trace {kind}")))
-    r = _ratio(_get(u, "output_tps"), _get(n, "output_tps"))
-    out.append(Target("uncontrolled throughput vs no-shim", r, "within 1%", None if r is None else abs(r - 1) <= 0.01,
-                      "output tokens/s, uncontrolled / no-shim"))
+    """floor: the trace's TTFT floor (`ttft_floor`), to say how much lower any TTFT could be.
+    FlexNPU's targets for each of its configurations run (flexnpu-gated, flexnpu-forward)."""
+    s, d = cfgs.get("static-colocation"), cfgs.get("static-disagg")
+    n = cfgs.get("no-shim")
     g = (sweep or {}).get("max_rate", {})
-    r = _ratio(g.get("flexnpu"), g.get("static-disagg"))
-    out.append(Target("flexnpu goodput rate vs static-disagg at its SLO", r, ">= 1.5", None if r is None else r >= 1.5,
-                      "highest rate with >= 90% of requests within static-disagg's p90 TTFT and TPOT at the base "
-                      "rate" + ("" if sweep else ": run with --rates")))
+    out = []
+    for name in ("flexnpu-gated", "flexnpu-forward"):
+        f = cfgs.get(name)
+        if f is None and (name != "flexnpu-gated" or "flexnpu-forward" in cfgs):
+            continue  # with neither run, flexnpu-gated's rows say N/A
+        for q in ("p50", "p99"):
+            r = _ratio(_get(f, "ttft_ms", q), _get(s, "ttft_ms", q))
+            cut = None if r is None else 1 - r
+            how = f"1 - {name} / static-colocation"
+            st = _get(s, "ttft_ms", q)
+            if floor and floor.get(q) and st:
+                how += (f"; the prompts' own prefill alone (the TTFT floor) is {floor[q]:.1f} ms at {q}: at most "
+                        f"{1 - floor[q] / st:.1%} lower is possible")
+            out.append(Target(f"{name} TTFT {q} vs static-colocation", cut, ">= 0.92 lower",
+                              None if cut is None else cut >= 0.92, how))
+        r = _ratio(_get(f, "tpot_ms", "p50"), _get(s, "tpot_ms", "p50"))
+        out.append(Target(f"{name} TPOT p50 vs static-colocation", r, "<= 1.05", None if r is None else r <= 1.05,
+                          f"{name} / static-colocation"))
+        r = _ratio(_get(f, "output_tps"), _get(s, "output_tps"))
+        out.append(Target(f"{name} throughput vs static-colocation", r, ">= 0.97", None if r is None else r >= 0.97,
+                          f"output tokens/s, {name} / static-colocation"))
+        r = _ratio(_get(f, "output_tps"), _get(d, "output_tps"))
+        for kind, want in (("balanced", 1.05), ("prefill-heavy", 1.25)):
+            mine = trace_name == kind
+            out.append(Target(f"{name} throughput vs static-disagg ({kind} trace)", r if mine else None,
+                              f">= {want:g}", (r >= want if r is not None else None) if mine else None,
+                              f"output tokens/s, {name} / static-disagg" + ("" if mine else f": run with --trace {kind}")))
+        r = _ratio(g.get(name), g.get("static-disagg"))
+        out.append(Target(f"{name} goodput rate vs static-disagg at its SLO", r, ">= 1.5",
+                          None if r is None else r >= 1.5,
+                          "highest rate with >= 90% of requests within static-disagg's p90 TTFT and TPOT at the base "
+                          "rate" + ("" if sweep else ": run with --rates")))
+    for name in ("uncontrolled", "forward-uncontrolled"):
+        u = cfgs.get(name)
+        if u is None and name != "uncontrolled":
+            continue
+        r = _ratio(_get(u, "output_tps"), _get(n, "output_tps"))
+        out.append(Target(f"{name} throughput vs no-shim", r, "within 1%", None if r is None else abs(r - 1) <= 0.01,
+                          f"output tokens/s, {name} / no-shim"))
     for name, c in cfgs.items():
         acc = (c.get("phase") or {}).get("accuracy")
         if acc is not None:
@@ -603,6 +680,8 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
     o.check()
     say = log or (lambda s: None)
     tick = progress or (lambda d, k: None)
+    if o.left_out:
+        say(o.left_out)
     t0 = time.time()
     points: list[dict] = []
     cache: dict[tuple, Run] = {}  # the operating point's runs, reused by the targets' static sweep

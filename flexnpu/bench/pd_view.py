@@ -131,6 +131,8 @@ def render(rep: dict) -> RenderableType:
                               f"device: p50 {fl['p50']:.1f} ms, p99 {fl['p99']:.1f} ms; no configuration goes under "
                               f"it, so TTFT can be at most {1 - fl['p50'] / st['p50']:.0%} (p50) and "
                               f"{1 - fl['p99'] / st['p99']:.0%} (p99) lower than static-colocation's here"))
+    if rep["options"].get("left_out"):
+        parts.append(Text(rep["options"]["left_out"], style="yellow"))
     m = rep["machine"]
     parts.append(Text(f"machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, load {m['load1']}; "
                       f"observer: {rep['observer']}; {rep['wall_s']:.0f} s", style="dim"))

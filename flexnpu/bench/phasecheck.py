@@ -12,6 +12,11 @@ interpolated (on CLOCK_MONOTONIC, which the snapshot's `mono_ns` also uses) to t
 each snapshot's own interval, so the few ms between a snapshot and the status query that
 follows it do not count against the observer.
 
+Forwarded instances' work is their executor's on the emulator (one client per device, busy
+time not split by instance), so there the ground truth is each instance's own step spans
+(`spans`: first launch to synchronisation, CLOCK_MONOTONIC, as the instance reports them),
+the time it had work on the device; the executor's pid is no instance's and is not scored.
+
     pc = PhaseCheck(node.rdir); pc.start(); ...; samples = pc.stop()
     PhaseCheck.score(samples, {pid: "prefill", pid2: "decode"})
 """
@@ -73,8 +78,11 @@ class PhaseCheck:
         return {"samples": self.samples, "source": self.source, "error": self.error}
 
     @staticmethod
-    def score(got: dict[str, Any], roles: dict[int, str]) -> dict[str, Any]:
-        """Share of (interval, instance) pairs the observer got right; roles: pid -> phase."""
+    def score(got: dict[str, Any], roles: dict[int, str],
+              spans: dict[int, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
+        """Share of (interval, instance) pairs the observer got right; roles: pid -> phase;
+        spans: pid -> [start, end] seconds of each step, the ground truth instead of the
+        emulator's busy time (forwarded instances)."""
         samples = got["samples"]
         # busy time of each process at the moments the emulator was asked (CLOCK_MONOTONIC),
         # interpolated to the ends of each snapshot's own interval
@@ -86,6 +94,15 @@ class PhaseCheck:
                 return None
             (b0, t0), (b1, t1) = (samples[i - 1][1].get(pid, 0.0), qs[i - 1]), (samples[i][1].get(pid, 0.0), qs[i])
             return b0 + (b1 - b0) * (t - t0) / (t1 - t0) if t1 > t0 else b1
+
+        if spans is not None:
+            cum = {pid: _cumulative(sorted(tuple(x) for x in sp)) for pid, sp in spans.items()}
+            first, last = (qs[0], qs[-1]) if qs else (0.0, 0.0)
+
+            def busy_at(pid: int, t: float) -> float | None:  # noqa: F811 (the forwarded ground truth)
+                if pid not in cum or not first < t < last:  # as above: only while the run was sampled
+                    return None
+                return cum[pid](t)
 
         right = total = edge = 0
         wrong: Counter = Counter()
@@ -111,3 +128,20 @@ class PhaseCheck:
         return {"accuracy": round(right / total, 4) if total else None, "intervals": total, "edge": edge,
                 "wrong": dict(wrong), "source": got["source"], "phase_sources": dict(sources),
                 "error": got["error"]}
+
+
+def _cumulative(spans: list[tuple[float, float]]):
+    """t -> ns of [start, end] spans (sorted, not overlapping) before t."""
+    starts = [a for a, _ in spans]
+    done = [0.0]
+    for a, b in spans:
+        done.append(done[-1] + max(0.0, b - a))
+
+    def at(t: float) -> float:
+        i = bisect.bisect_right(starts, t)
+        if i == 0:
+            return 0.0
+        a, b = spans[i - 1]
+        return (done[i - 1] + max(0.0, min(t, b) - a)) * 1e9
+
+    return at

@@ -403,7 +403,8 @@ class DaemonClient:
         return reply
 
     def ping(self) -> dict:
-        """{"device", "pid" (the daemon's), "clients" (how many)}."""
+        """{"device", "pid" (the daemon's), "clients" (how many), "executor" ({"pid", "restarts",
+        "socket"} of the device's executor, its pid None while it is down; None without one)}."""
         return self.request("ping")
 
     def list_all(self) -> DaemonList:

@@ -35,6 +35,10 @@ def daemon_command(
              "(the admin socket becomes 0660 root:GROUP).")] = None,
     max_clients_per_user: Annotated[int, typer.Option(
         help="Gate slots one non-root user may hold on this device.")] = 16,
+    role_admission: Annotated[bool, typer.Option(
+        "--role-admission/--no-role-admission",
+        help="In forward mode, a client's declared role sets its priority and budget at admission "
+             "(decode first); without it every client starts with the defaults.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
     """Run the forwarding daemon of one device in the foreground (SIGTERM stops it, gates open).
@@ -60,7 +64,7 @@ def daemon_command(
         raise typer.Exit(2)
     try:
         daemon.run(device, max_hold_ms=max_hold_ms, priority=priority, gate=gate, pending_grace_ms=pending_grace_ms,
-                   admin_group=admin_group, per_uid_cap=max_clients_per_user)
+                   admin_group=admin_group, per_uid_cap=max_clients_per_user, role_admission=role_admission)
     except (protocol.RequestError, ValueError, RuntimeError, OSError) as e:
         err.print(f"flexnpu daemon: {e}")
         raise typer.Exit(1)

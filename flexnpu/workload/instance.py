@@ -15,12 +15,15 @@ Control is JSON lines on stdin, events are JSON lines on stdout (see `driver`):
        {"op": "kv", "id", "prompt", "output", "kv_start"}  a prefilled request handed over (decode)
        {"op": "release", "id"}                   the decode instance needs this KV no more (prefill)
        {"op": "drain"}                           no more requests: finish the work and exit
-  out: {"ev": "ready", "pid", "kv_tokens", "kv_key"}  {"ev": "allowed"}  {"ev": "imported", "bytes"}
+  out: {"ev": "ready", "pid", "kv_tokens", "kv_key", "kv_ptr"}  {"ev": "allowed"}  {"ev": "imported", "bytes", "ptr"}
        {"ev": "first", "id", "t"}  {"ev": "handoff", "id", "t", "kv_start"}  {"ev": "taken", "id", "t"}
        {"ev": "done", "id"}  {"ev": "tokens", "t", "ids"}  {"ev": "stats", ...}
 
 Times are CLOCK_MONOTONIC seconds (time.monotonic) taken right after the step's stream
-synchronisation, i.e. when the step's tokens exist.
+synchronisation, i.e. when the step's tokens exist. "stats" also lists each step's span
+(`step_spans`: [first launch, synchronised] in those seconds): when the instance had work on
+the device, as the program itself knows it. `kv_ptr` (the KV pool's device address) and the
+imported pool's `ptr` let a driver see whether an import is the exporter's memory itself.
 
 The KV cache is one aclrtMalloc'd pool, handed out in contiguous token ranges; a request
 reserves its whole need on admission (prompt + output tokens in decode and mixed, the prompt
@@ -134,6 +137,7 @@ class Instance:
         self.kernels: Counter = Counter()
         self.modelled_s = 0.0
         self.steps = 0
+        self.spans: list[tuple[float, float]] = []  # each step's [first launch, synchronised], monotonic s
         self.tokens = 0
         self.copied = 0
         self.waiting: deque[Req] = deque()  # to prefill
@@ -210,7 +214,7 @@ class Instance:
             self.kv_key = acl.export_key(self.kv_base, max(kv_tokens, 1) * self.cfg.kv_bytes_per_token)
         self.pid = acl.bare_tgid()  # as the device sees it: what the emulator reports, and imports are granted to
         self.emit(ev="ready", pid=self.pid, kv_tokens=kv_tokens,
-                  kv_key=self.kv_key.decode() if self.kv_key else None)
+                  kv_key=self.kv_key.decode() if self.kv_key else None, kv_ptr=self.kv_base.value)
 
     def import_peer_kv(self, key: bytes, tokens: int) -> None:
         """Maps the prefill instance's KV pool: on this device, or on the prefill instance's
@@ -219,7 +223,7 @@ class Instance:
         self.peer_kv = self.acl.import_key(key, flags).value
         self.peer_key = key
         self.peer_kv_tokens = tokens
-        self.emit(ev="imported", bytes=tokens * self.cfg.kv_bytes_per_token)
+        self.emit(ev="imported", bytes=tokens * self.cfg.kv_bytes_per_token, ptr=self.peer_kv)
 
     def window(self) -> tuple[int, int]:
         """Where cross-device pulls read from: the imported pool, or else a window of this
@@ -234,6 +238,7 @@ class Instance:
         return self._window.value, self.a.max_model_len
 
     def run_step(self, chunks: tuple, decode_ctx: tuple) -> float:
+        t0 = time.monotonic()
         ks = M.step_kernels(self.cfg, chunks, decode_ctx)
         launch, funcs, stream, nn = self.acl.launch, self.funcs, self.stream, self.nn
         if nn is not None:
@@ -247,7 +252,9 @@ class Instance:
         self.modelled_s += M.step_seconds(ks, self.peak, self.bw, self.eff)
         self.acl.call("aclrtSynchronizeStream", stream)
         self.steps += 1
-        return time.monotonic()
+        t1 = time.monotonic()
+        self.spans.append((round(t0, 6), round(t1, 6)))
+        return t1
 
     # -- scheduling
     def prefill_need(self, r: Req) -> int:
@@ -391,7 +398,7 @@ class Instance:
             puller.join()
         self.emit(ev="stats", pid=self.pid, role=self.a.role, ops=self.a.ops, kernels=dict(self.kernels),
                   operators=dict(self.nn.calls) if self.nn else {}, modelled_s=self.modelled_s, steps=self.steps,
-                  tokens=self.tokens, copied_bytes=self.copied,
+                  tokens=self.tokens, copied_bytes=self.copied, step_spans=self.spans,
                   kv_pool_bytes=max(self.pool.tokens, 1) * self.cfg.kv_bytes_per_token)
 
     def close(self) -> None:

@@ -14,7 +14,9 @@ in ms ("gate_wait_ms", "iter_total_ms", "iter_last_ms", "last_release_lag_ms",
 "last_hold_lag_ns") are still sent, unchanged in meaning, for readers of schema 1.
 
 Commands
-  ping                                   -> device, pid, clients
+  ping                                   -> device, pid, clients, executor ({pid, restarts, socket} of
+                                            the device's executor; pid null while it is down; null
+                                            without forwarded execution)
   list                                   -> clients: [slot view + settings], defaults, controller
   set       pid|slot, [settings], [owner], [lease_ms]  -> client
   set_many  owner, [lease_ms], settings: [{pid, [settings]}]
@@ -140,7 +142,9 @@ def _dispatch(daemon, req: dict[str, Any], admin: bool) -> dict[str, Any]:
         raise RequestError(f"permission denied: {cmd} changes the gates of device {daemon.device}; it is served on "
                            f"daemon-{daemon.device}.admin.sock, which is for root")
     if cmd == "ping":
-        return {"device": daemon.device, "pid": os.getpid(), "clients": len(daemon.registry.clients)}
+        ex = getattr(daemon, "executor", None)
+        return {"device": daemon.device, "pid": os.getpid(), "clients": len(daemon.registry.clients),
+                "executor": ex.info() if ex is not None else None}
     if cmd == "list":
         return {"device": daemon.device, "clients": st.list_clients(), "defaults": dict(st.defaults),
                 "controller": st.controller_info()}

@@ -48,7 +48,7 @@ class ForwardDaemon:
                  priority: int = api.DEFAULT_PRIORITY, gate: str = api.DEFAULT_GATE,
                  pending_grace_ms: float = api.DEFAULT_PENDING_GRACE_MS,
                  admin_group: str | None = None, client_group: str = paths.CLIENT_GROUP,
-                 per_uid_cap: int = PER_UID_CAP, forward: bool = True):
+                 per_uid_cap: int = PER_UID_CAP, forward: bool = True, role_admission: bool = True):
         if device < 0:
             raise ValueError("device must be >= 0")
         if per_uid_cap < 1:
@@ -70,6 +70,7 @@ class ForwardDaemon:
         self.admission: Admission | None = None
         self.adopted = 0
         self.forward = forward
+        self.role_admission = role_admission
         self.executor: ExecutorSupervisor | None = None
 
     # -- start-up
@@ -86,6 +87,7 @@ class ForwardDaemon:
         self.summary = SummaryThread(self.table)
         self.registry = Registry(self.device, self.table, self.summary)
         self.settings = GateSettings(self.device, self.table, self.summary, self.registry, self.defaults)
+        self.settings.role_admission = self.role_admission
         self.settings.write_defaults()
         until = time.monotonic() + RESERVE_S
         for i in range(self.table.max_slots):

@@ -35,6 +35,7 @@ class GateSettings:
         self.defaults_written: dict = {}
         # slot -> (pid, max_inflight_ms): kept here, the gate table has no field for it
         self.inflight_budget_ms: dict[int, tuple[int, float]] = {}
+        self.role_admission = True  # a declared role's settings at admission in forward mode (daemon option)
 
     # -- the record the drift check compares against
     def record(self, slot: int) -> None:
@@ -289,10 +290,13 @@ class GateSettings:
         """A new client's settings: the daemon's defaults; in forward mode, a declared role's
         (decode first, prefill one launch in flight), so the executor interleaves a co-located
         pair from its first operation, before a controller has seen it. A controller's or an
-        operator's settings replace them as for anyone."""
+        operator's settings replace them as for anyone. A daemon started with
+        --no-role-admission gives every client the defaults."""
         d = self.defaults
         out = {"gate": protocol.GATES[d["gate"]], "priority": d["priority"],
                "max_hold_ns": api.ms_to_ns(d["max_hold_ms"]), "inflight": d.get("inflight", 0)}
+        if not self.role_admission:
+            return out
         if mode == 1 and role == 2:  # enum fx_role: decode
             out.update(priority=api.DECODE_PRIORITY, inflight=0)
         elif mode == 1 and role == 1:  # prefill
