@@ -248,9 +248,10 @@ def test_forwarded_pair_is_the_executors_work():
                                   output=T.LengthDist(12, 0.9, 1, 24)))
     setup = driver.Setup(model="qwen2.5-7b:2", ops="kernels", forward=True)
     with LocalNode(devices=1, observer=None) as node:
+        assert node.executor_pid(0) is None  # the daemon starts it with its first forwarded client
+        r = driver.run(node, reqs, setup)
         ex = node.executor_pid(0)
         assert ex and Path(f"/proc/{ex}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/flexnpu-executor")
-        r = driver.run(node, reqs, setup)
     assert r.problems == [] and r.executors == {0: ex}
     pids = {r.stats[k]["pid"] for k in ("prefill", "decode")}
     (dev,) = r.status["devices"]
