@@ -65,7 +65,18 @@ def test_targets_and_max_rate():
     assert t[f"{g} throughput vs static-disagg (balanced trace)"].ok  # 1.11
     assert t[f"{g} throughput vs static-disagg (prefill-heavy trace)"].ok is None
     assert t["uncontrolled throughput vs no-shim"].ok
-    assert t[f"{g} goodput rate vs static-disagg at its SLO"].ok is None
+    assert t[f"{g} goodput vs static-disagg at its p90 SLO"].ok is None  # no sweep: N/A
+    assert t[f"{g} saturation rate vs static-disagg (balanced trace)"].ok is None
+    assert t[f"{g} TTFT p99 vs no-shim"].ratio == pytest.approx(5 / 6) and not t[f"{g} TTFT p99 vs no-shim"].ok
+    assert t["flexnpu-forward TTFT p99 vs no-shim"].ok  # 4 / 6
+    sweep = {"max_rate": {"flexnpu-forward": 42.0, "static-disagg": 40.0, "no-shim": 30.0},
+             "base_attainment": {"flexnpu-forward": 0.99, "static-disagg": 0.9, "no-shim": 0.5}}
+    t3 = {x.name: x for x in pd.targets({"flexnpu-forward": cfg(4, 22, 1000)}, "balanced", sweep)}
+    assert t3["flexnpu-forward saturation rate vs static-disagg (balanced trace)"].ratio == 1.05
+    assert t3["flexnpu-forward saturation rate vs static-disagg (balanced trace)"].ok
+    assert t3["flexnpu-forward saturation rate vs static-disagg (prefill-heavy trace)"].ok is None
+    assert t3["flexnpu-forward goodput vs static-disagg at its p90 SLO"].ratio == pytest.approx(1.1)
+    assert t3["flexnpu-forward goodput vs no-shim at static-disagg's p90 SLO"].ok
     # the forwarded configuration has its own rows; forward-uncontrolled is 2% under no-shim
     assert t["flexnpu-forward TTFT p50 vs static-colocation"].ratio == 0.96
     assert not t["flexnpu-forward TPOT p50 vs static-colocation"].ok  # 1.1
