@@ -189,6 +189,11 @@ def allowed_syscalls(unit_text: str) -> tuple[set[str], set[str]]:
     return allow, deny
 
 
+# uretprobe(2), x86_64 number 335 (Linux 6.11+; strace 5.x has no name for it): made by the
+# kernel's return-probe trampoline when an observer's uretprobe fires in a traced process (any
+# FlexNPU observer running on the machine), not by the program itself; seccomp passes it through
+URETPROBE = "syscall_0x14f"
+
 _CALL = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]")
 
 
@@ -207,6 +212,8 @@ def _trace(path: Path) -> tuple[set[str], set[str], list[str], list[str]]:
     for line in lines[start:]:
         m = _CALL.match(line)
         if not m or "resumed>" in line and not line.split("<... ", 1)[-1].startswith(m.group(1)):
+            continue
+        if m.group(1) == URETPROBE:
             continue
         names.add(m.group(1))
         if m.group(1) == "socket":
