@@ -245,42 +245,6 @@ static aclTensor *exn_get_tensor(struct exn_dec *d)
     return x;
 }
 
-static aclTensorList *exn_get_tensor_list(struct exn_dec *d)
-{
-    uint32_t tag, n;
-    if (!dec_item(d, &tag, &n) || tag == FWN_NULL) return NULL;
-    if (tag != FWN_TENSOR_LIST || n > FWN_MAX_LIST || (size_t)n * 8 > d->left) {
-        dec_bad(d, "an argument is not the tensor list the operator takes");
-        return NULL;
-    }
-    aclTensor **items = calloc(n ? n : 1, sizeof *items);
-    if (!items) {
-        dec_bad(d, "out of memory");
-        return NULL;
-    }
-    uint32_t made = 0;
-    for (; made < n && !d->bad; made++) {
-        uint32_t t2, n2;
-        if (!dec_item(d, &t2, &n2)) break;
-        if (t2 != FWN_TENSOR) {
-            dec_bad(d, "a tensor list holds something else than tensors");
-            break;
-        }
-        if (!(items[made] = dec_tensor_body(d))) break;
-    }
-    aclTensorList *l = NULL;
-    if (!d->bad) {
-        l = L.create_tensor_list((const aclTensor *const *)items, n);
-        if (!l) dec_bad(d, "aclCreateTensorList refused a list the client described");
-    }
-    if (l) keep(d, FWN_TENSOR_LIST, l); /* the list owns its tensors */
-    else
-        for (uint32_t i = 0; i < made; i++)
-            if (items[i]) L.destroy[FWN_TENSOR](items[i]);
-    free(items);
-    return l;
-}
-
 static aclScalar *dec_scalar_body(struct exn_dec *d)
 {
     const struct fwn_scalar *s = dec_take(d, sizeof *s);
@@ -304,15 +268,19 @@ static aclScalar *exn_get_scalar(struct exn_dec *d)
     return x;
 }
 
-static aclScalarList *exn_get_scalar_list(struct exn_dec *d)
+/* A list argument (tensors or scalars): its items decoded with body, then the list made with
+ * create; a list owns its items, so only the items of a list that was not made are destroyed. */
+static void *dec_list(struct exn_dec *d, uint32_t list_tag, uint32_t item_tag, void *(*body)(struct exn_dec *),
+                      void *(*create)(const void *const *, uint64_t), const char *what)
 {
     uint32_t tag, n;
     if (!dec_item(d, &tag, &n) || tag == FWN_NULL) return NULL;
-    if (tag != FWN_SCALAR_LIST || n > FWN_MAX_LIST || (size_t)n * 8 > d->left) {
-        dec_bad(d, "an argument is not the scalar list the operator takes");
+    if (tag != list_tag || n > FWN_MAX_LIST || (size_t)n * 8 > d->left) {
+        dec_bad(d, list_tag == FWN_TENSOR_LIST ? "an argument is not the tensor list the operator takes"
+                                               : "an argument is not the scalar list the operator takes");
         return NULL;
     }
-    aclScalar **items = calloc(n ? n : 1, sizeof *items);
+    void **items = calloc(n ? n : 1, sizeof *items);
     if (!items) {
         dec_bad(d, "out of memory");
         return NULL;
@@ -321,23 +289,42 @@ static aclScalarList *exn_get_scalar_list(struct exn_dec *d)
     for (; made < n && !d->bad; made++) {
         uint32_t t2, n2;
         if (!dec_item(d, &t2, &n2)) break;
-        if (t2 != FWN_SCALAR) {
-            dec_bad(d, "a scalar list holds something else than scalars");
+        if (t2 != item_tag) {
+            dec_bad(d, item_tag == FWN_TENSOR ? "a tensor list holds something else than tensors"
+                                              : "a scalar list holds something else than scalars");
             break;
         }
-        if (!(items[made] = dec_scalar_body(d))) break;
+        if (!(items[made] = body(d))) break;
     }
-    aclScalarList *l = NULL;
+    void *l = NULL;
     if (!d->bad) {
-        l = L.create_scalar_list((const aclScalar *const *)items, n);
-        if (!l) dec_bad(d, "aclCreateScalarList refused a list the client described");
+        l = create((const void *const *)items, n);
+        if (!l) dec_bad(d, what);
     }
-    if (l) keep(d, FWN_SCALAR_LIST, l);
+    if (l) keep(d, list_tag, l);
     else
         for (uint32_t i = 0; i < made; i++)
-            if (items[i]) L.destroy[FWN_SCALAR](items[i]);
+            if (items[i]) L.destroy[item_tag](items[i]);
     free(items);
     return l;
+}
+
+static void *tensor_body(struct exn_dec *d) { return dec_tensor_body(d); }
+
+static aclTensorList *exn_get_tensor_list(struct exn_dec *d)
+{
+    return dec_list(d, FWN_TENSOR_LIST, FWN_TENSOR, tensor_body,
+                    (void *(*)(const void *const *, uint64_t))L.create_tensor_list,
+                    "aclCreateTensorList refused a list the client described");
+}
+
+static void *scalar_body(struct exn_dec *d) { return dec_scalar_body(d); }
+
+static aclScalarList *exn_get_scalar_list(struct exn_dec *d)
+{
+    return dec_list(d, FWN_SCALAR_LIST, FWN_SCALAR, scalar_body,
+                    (void *(*)(const void *const *, uint64_t))L.create_scalar_list,
+                    "aclCreateScalarList refused a list the client described");
 }
 
 static const void *dec_array(struct exn_dec *d, uint32_t want, size_t esize, uint32_t *n)
