@@ -57,6 +57,7 @@ class NodeObserver:
         self._last_full = 0.0
         self._info: dict[int, ProcessInfo] = {}
         self.skipped: set[int] = set()  # executors: their runtime calls are their clients' work
+        self._counted: set[int] = set()  # processes with counts, known not to be executors
         self.libraries: dict[tuple[int, int], str] = {}
         if source not in ("auto", "bpf", "shim"):
             raise ValueError(f"source must be auto, bpf or shim, not {source!r}")
@@ -169,8 +170,19 @@ class NodeObserver:
         else:
             reads = self.shim.read()
         if self.pid:
-            reads = {k: v for k, v in reads.items() if k[0] == self.pid}
-        elif self.skipped:
+            return {k: v for k, v in reads.items() if k[0] == self.pid}
+        if self.session:
+            # a process is looked at once it has counts, before it is in any snapshot: an
+            # executor the scans missed (one that was still its daemon's child, not yet
+            # exec'ed, when a scan saw its pid) is found here
+            new = {pid for pid, _ in reads} - self._counted - self.skipped
+            executor = paths.executor_binary()
+            found = {pid for pid in new if procs.is_executor(pid, executor)}
+            if found:
+                self.skipped |= found
+                self.session.skip(found)
+            self._counted |= new - found
+        if self.skipped:
             reads = {k: v for k, v in reads.items() if k[0] not in self.skipped}
         return reads
 
@@ -183,6 +195,7 @@ class NodeObserver:
             self.session.forget(gone)  # reported once more above, now dropped
         for pid in gone:
             self._info.pop(pid, None)
+        self._counted -= gone
         return snap
 
     def close(self) -> None:
