@@ -189,3 +189,67 @@ def test_phase_of_a_forwarded_loop_is_that_of_the_gated_one(emulator, daemons, s
         g, f = verdicts[(shape, "gated")], verdicts[(shape, "forwarded")]
         assert g[0] == f[0] == shape, verdicts
     assert ex not in everyone
+
+
+def test_an_executor_is_known_by_its_executable(tmp_path: Path) -> None:
+    """procs.is_executor: this install's executor, or a root-owned flexnpu-executor nobody else
+    may write; not a program a user copied to that name, nor one others may write."""
+    import shutil
+    import subprocess
+
+    sleep = shutil.which("sleep")
+    assert sleep
+    cases = {}
+    for name, owner, mode in (("own", 65534, 0o755), ("root", 0, 0o755), ("writable", 0, 0o775),
+                              ("other-name", 0, 0o755)):
+        d = tmp_path / name
+        d.mkdir()
+        d.chmod(0o755)
+        exe = d / ("flexnpu-executor" if name != "other-name" else "flexnpu-executor2")
+        shutil.copy2(sleep, exe)
+        os.chown(exe, owner, owner)
+        exe.chmod(mode)
+        cases[name] = exe
+    tmp_path.chmod(0o755)
+    started = {name: subprocess.Popen([str(exe), "30"]) for name, exe in cases.items()}
+    try:
+        time.sleep(0.3)  # exec'ed
+        got = {name: procs.is_executor(p.pid) for name, p in started.items()}
+        # the installed executor's file is recognised as such whatever its owner
+        known = procs.is_executor(started["own"].pid, known=cases["own"])
+    finally:
+        for p in started.values():
+            p.kill()
+            p.wait(timeout=10)
+    assert got == {"own": False, "root": True, "writable": False, "other-name": False}
+    assert known
+    assert not procs.is_executor(os.getpid()) and not procs.is_executor(2 ** 22 + 1)
+
+
+def test_observe_finds_a_forward_library_at_a_new_path(emulator, daemons, spawn, acl_env, fwd_env, obs_programs,
+                                                       flexnpu_proc, tmp_path: Path) -> None:
+    """A forwarded client whose libflexnpu_fwd.so is at a path the observer was never told
+    about (another install) is found in its maps and probed from then on, as a runtime is."""
+    import shutil
+
+    emulator()
+    daemons(0, env=acl_env)
+    elsewhere = tmp_path / "other-install"
+    elsewhere.mkdir()
+    lib = elsewhere / paths.forward_shim_library().name
+    shutil.copy2(paths.forward_shim_library(), lib)
+    obs = flexnpu_proc("observe", "--interval-ms", "100", "--json", "--source", "bpf", env=acl_env)
+    obs.read(timeout=60)
+    wl = spawn([obs_programs["linked"], KLIB, "--device-first", "--wait", "--hold"],
+               env={**fwd_env, "LD_PRELOAD": str(lib)})
+    pid = wl.read(timeout=30)["pid"]
+    assert str(lib) in Path(f"/proc/{pid}/maps").read_text()
+    time.sleep(2.5)  # new processes are scanned every interval, all of them every second
+    wl.proc.stdin.write("go\n")
+    wl.proc.stdin.flush()
+    truth = truth_of(wl.read(timeout=60))
+    truth["ops"]["device_set"] -= 1  # made before the library was found
+    seen = _until_equal(lambda: obs.read(timeout=10), lambda s: observed_from_entries(s["processes"], pid),
+                        truth, timeout=15)
+    assert seen == truth
+    _stop(obs)
