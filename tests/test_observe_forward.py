@@ -253,3 +253,22 @@ def test_observe_finds_a_forward_library_at_a_new_path(emulator, daemons, spawn,
                         truth, timeout=15)
     assert seen == truth
     _stop(obs)
+
+
+def test_attach_to_the_executor_shows_the_work_it_runs_for_its_clients(emulator, daemons, spawn, acl_env, fwd_env,
+                                                                       obs_programs, flexnpu_proc) -> None:
+    """Asked for by pid, the executor is observed like any process (one process only: no
+    skip map): its runtime calls are the forwarded clients' work, all of it."""
+    emulator()
+    d = daemons(0, env=acl_env)
+    ex = executor_of(d)
+    att = flexnpu_proc("attach", str(ex), "0.1", "--json", env=acl_env)
+    assert att.read(timeout=60)["pid"] == ex
+    wl = spawn([obs_programs["linked"], KLIB, "--device-first", "--hold"], env=fwd_env)
+    wl.read(timeout=30)
+    truth = truth_of(wl.read(timeout=60))
+    launches = _until_equal(lambda: att.read(timeout=10),
+                            lambda doc: {"kernel": sum(e["counters"]["ops"]["kernel"] for e in doc["processes"])},
+                            {"kernel": truth["ops"]["kernel"]}, timeout=15)
+    assert launches == {"kernel": truth["ops"]["kernel"]}
+    _stop(att)
