@@ -105,9 +105,9 @@ def test_attach_counts_a_forwarded_client_exactly_as_a_gated_one(emulator, daemo
                                                                  fwd_env, obs_programs, flexnpu_proc) -> None:
     emu = emulator()
     d = daemons(0, env=acl_env)
-    ex = executor_of(d)
     g_pid, g_truth, g_seen = _attached(spawn, flexnpu_proc, acl_env, shim_env, obs_programs["linked"])
     f_pid, f_truth, f_seen = _attached(spawn, flexnpu_proc, acl_env, fwd_env, obs_programs["linked"])
+    ex = executor_of(d)  # started with the daemon, or with its first forwarded client
     assert g_seen == g_truth
     assert f_seen == f_truth
     assert f_seen == g_seen  # the same program, the same counts and bytes, whichever way it ran
@@ -127,10 +127,10 @@ def test_observe_gives_each_forwarded_client_its_work_and_the_executor_none(
     obs = flexnpu_proc("observe", "--interval-ms", "100", "--json", "--source", "bpf", env=acl_env)
     docs = [obs.read(timeout=60)]
     d = daemons(0, env=acl_env)
-    ex = executor_of(d)
     runs = [spawn([obs_programs[b], KLIB, "--device-first", "--hold"], env=env)
             for b, env in (("linked", fwd_env), ("dlopen", fwd_env), ("linked", shim_env))]
     pids = [r.read(timeout=30)["pid"] for r in runs]
+    ex = executor_of(d)  # started with the daemon, or with its first forwarded client
     truths = [truth_of(r.read(timeout=60)) for r in runs]
     for pid, truth in zip(pids, truths):
         assert truth["ops"] == TRUTH_OPS
@@ -168,7 +168,6 @@ def test_phase_of_a_forwarded_loop_is_that_of_the_gated_one(emulator, daemons, s
                                                            acl_programs, flexnpu_proc) -> None:
     emulator()
     d = daemons(0, env=acl_env)
-    ex = executor_of(d)
     obs = flexnpu_proc("observe", "--interval-ms", "100", "--json", "--source", "bpf", env=acl_env)
     obs.read(timeout=60)
     verdicts: dict[tuple[str, str], tuple[str, collections.Counter]] = {}
@@ -184,6 +183,7 @@ def test_phase_of_a_forwarded_loop_is_that_of_the_gated_one(emulator, daemons, s
             assert wl.proc.wait(timeout=30) == 0, wl.proc.stderr.read()
             docs += [obs.read(timeout=10) for _ in range(2)]
             verdicts[(shape, mode)] = _verdict(docs, pid)
+    ex = executor_of(d)
     _stop(obs)
     for shape in SHAPES:
         g, f = verdicts[(shape, "gated")], verdicts[(shape, "forwarded")]
@@ -261,11 +261,13 @@ def test_attach_to_the_executor_shows_the_work_it_runs_for_its_clients(emulator,
     skip map): its runtime calls are the forwarded clients' work, all of it."""
     emulator()
     d = daemons(0, env=acl_env)
+    wl = spawn([obs_programs["linked"], KLIB, "--device-first", "--wait", "--hold"], env=fwd_env)
+    wl.read(timeout=30)  # connected to the executor (its device is selected)
     ex = executor_of(d)
     att = flexnpu_proc("attach", str(ex), "0.1", "--json", env=acl_env)
     assert att.read(timeout=60)["pid"] == ex
-    wl = spawn([obs_programs["linked"], KLIB, "--device-first", "--hold"], env=fwd_env)
-    wl.read(timeout=30)
+    wl.proc.stdin.write("go\n")
+    wl.proc.stdin.flush()
     truth = truth_of(wl.read(timeout=60))
     launches = _until_equal(lambda: att.read(timeout=10),
                             lambda doc: {"kernel": sum(e["counters"]["ops"]["kernel"] for e in doc["processes"])},
