@@ -21,6 +21,10 @@
  *                       an aclnn attention operator (class fixed by its symbol): named[]
  *   handle-making calls on return, the handle and its kernel name go to Python (`names`)
  *   device selection    the thread's device, on successful return
+ * Forwarded execution: a forwarded client's calls never reach the runtime library in its
+ * process; they are probed where the client makes them (the fxf_* functions and the exported
+ * operators of libflexnpu_fwd.so), and the executor that makes the runtime calls for every
+ * client is in the `skip` map, so each call is counted once, for the process that made it.
  * Sync and alloc calls nest (aclrtSynchronizeStream calls aclrtSynchronizeStreamWithTimeout
  * inside the runtime): a per-thread depth counts the outermost call only.
  */
@@ -39,12 +43,17 @@ BPF_RINGBUF_OUTPUT(names, 16); /* kernel names of new handles: rare (programs ma
 BPF_RINGBUF_OUTPUT(events, FX_RINGBUF_PAGES);
 #endif
 
+/* Processes whose calls are never counted, written by Python: the executors of forwarded
+ * execution, which call the runtime for their clients (the clients' calls are counted where
+ * they make them, at the forward library's entry points). */
+BPF_HASH(skip, u32, u8, FX_MAX_SKIP);
+
 static __always_inline int fx_skip(u32 tgid)
 {
 #if FX_TGID
     return tgid != FX_TGID;
 #else
-    return 0;
+    return skip.lookup(&tgid) != 0;
 #endif
 }
 

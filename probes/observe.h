@@ -34,6 +34,9 @@
 #ifndef FX_MAX_SHAPES
 #define FX_MAX_SHAPES 65536 /* (process, device, shape bucket) histogram entries */
 #endif
+#ifndef FX_MAX_SKIP
+#define FX_MAX_SKIP 1024 /* processes never counted (executors) */
+#endif
 #ifndef FX_NAME_LEN
 #define FX_NAME_LEN 96 /* bytes of a kernel name sent to Python (longer names are cut) */
 #endif

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from flexnpu.runtimes import ACLNN, ASCEND_RT
-from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig, ProbedLibrary, build
+from flexnpu.observe.probegen import DEFAULT_LIBRARIES, FORWARD_SONAME, ProbeConfig, ProbedLibrary, build
 from flexnpu.runtimes import ASCENDCL, Direction, Op
 
 
@@ -22,7 +22,7 @@ def _body(text: str, fn: str) -> str:
 
 def test_one_probe_per_symbol_with_returns_where_needed() -> None:
     prog = build()
-    probes = {p.symbol: p for p in prog.probes}
+    probes = {p.symbol: p for p in prog.probes if p.library != FORWARD_SONAME}
     namers = {n.name for prof in (ASCENDCL, ASCEND_RT, ACLNN) for n in prof.namers}
     assert set(probes) == {s.name for s in ASCENDCL.symbols} | {s.name for s in ASCEND_RT.symbols} | namers
     for s in ASCENDCL.symbols:
@@ -93,7 +93,7 @@ def test_namers_are_probed_and_never_required() -> None:
     """aclrtBinaryGetFunction: name and out-handle on entry, the handle on return; aclnn
     operators: a constant class from the name table, no argument read."""
     prog = build()
-    by = {p.symbol: p for p in prog.probes}
+    by = {p.symbol: p for p in prog.probes if p.library != FORWARD_SONAME}
     gf = by["aclrtBinaryGetFunction"]
     assert gf.library == "libascendcl.so" and gf.return_fn and not gf.required
     assert "fx_namer_enter(FX_SYM_aclrtBinaryGetFunction, (u64)PT_REGS_PARM2(ctx), (u64)PT_REGS_PARM3(ctx))" \
@@ -112,3 +112,51 @@ def test_module_prints_the_program(capsys) -> None:
 
     assert probegen.main(["--pid", "9"]) == 0
     assert "#define FX_TGID 9" in capsys.readouterr().out
+
+
+def test_forward_probes_follow_the_profile_and_the_forward_build() -> None:
+    """Forwarded execution: every profile symbol the shim wraps is probed as fxf_<name> in
+    libflexnpu_fwd.so with the same accounting and argument positions as in libascendcl.so;
+    namers under their own names, never required; the names are the ones the forward build's
+    generated prototypes declare (gen_shim's FX_FORWARD block)."""
+    from flexnpu.forward.gen_shim import generate
+
+    prog = build()
+    fwd = {p.symbol: p for p in prog.probes if p.library == FORWARD_SONAME}
+    wrapped = [s for s in ASCENDCL.symbols if s.wrap]
+    assert {f"fxf_{s.name}" for s in wrapped} <= set(fwd)
+    declared = set(re.findall(r"\bfxf_(\w+)\(", generate(ASCENDCL)))
+    assert declared == {s.name for s in wrapped}
+    for s in wrapped:
+        p = fwd[f"fxf_{s.name}"]
+        assert p.required and p.entry_fn == f"fx_enter_fwd_{s.name}"
+        # the same body as the runtime's probe, under the forward symbol's number
+        same = re.sub(rf"\bFX_SYM_{s.name}\b", f"FX_SYM_fwd_{s.name}", _body(prog.text, f"fx_enter_{s.name}"))
+        assert _body(prog.text, f"fx_enter_fwd_{s.name}") == same, s.name
+        assert (p.return_fn is not None) == (s.op in (Op.SYNC, Op.ALLOC, Op.DEVICE_SET)), s.name
+    # namers: aclrtBinaryGetFunction and the aclnn operators, exported under their own names
+    for n in (*ASCENDCL.namers, *ACLNN.namers):
+        assert n.name in fwd and not fwd[n.name].required, n.name
+    # a trace names the call, not the forward symbol
+    i = prog.symbols.index("aclrtLaunchKernel")
+    assert prog.symbols.count("aclrtLaunchKernel") == 2 and f"#define FX_SYM_aclrtLaunchKernel {i}" in prog.text
+    # the one copy-kind switch serves both libraries
+    assert prog.text.count("fx_direction_ascendcl(int kind)") == 1
+
+
+def test_forward_library_exports_what_is_probed() -> None:
+    """The built libflexnpu_fwd.so defines every required forward probe's symbol."""
+    import shutil
+    import subprocess
+
+    from flexnpu import paths
+
+    lib = paths.forward_shim_library()
+    assert lib.exists(), f"{lib} is missing: run scripts/setup.sh"
+    assert shutil.which("nm"), "nm (binutils) is needed"
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True,
+                         check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    needed = {p.symbol for p in build().probes if p.library == FORWARD_SONAME and p.required}
+    assert needed and needed <= exported, needed - exported
+    assert "aclrtBinaryGetFunction" in exported

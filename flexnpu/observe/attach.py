@@ -14,11 +14,13 @@ from typing import TextIO
 
 from flexnpu.observe import procs, render
 from flexnpu.observe.errors import NoPrivileges, NoRuntimeLibrary, NoSuchProcess
-from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig, build
+from flexnpu.observe.probegen import DEFAULT_LIBRARIES, FORWARD_SONAME, SONAMES, ProbeConfig, build
 from flexnpu.observe.snapshot import ProcessInfo, SnapshotBuilder, process_view
 
-SONAMES = tuple(lib.soname for lib in DEFAULT_LIBRARIES)
 PRIMARY = DEFAULT_LIBRARIES[0].soname
+# a process makes device calls through one of these: the runtime, or the forward build of the
+# shim (flexnpu run --forward), whose calls never reach the runtime in its process
+ENTRY = (PRIMARY, FORWARD_SONAME)
 
 
 class _Stop(Exception):
@@ -76,9 +78,9 @@ def find_runtime(pid: int) -> dict[str, procs.MappedLibrary]:
         raise NoSuchProcess(f"no process with pid {pid}") from None
     except PermissionError:
         raise NoPrivileges(maps_refusal(pid)) from None
-    if PRIMARY not in libs:
-        raise NoRuntimeLibrary(f"pid {pid} ({procs.comm(pid)}) maps no {PRIMARY}; attach to a process "
-                               "that has loaded the device runtime")
+    if not any(so in libs for so in ENTRY):
+        raise NoRuntimeLibrary(f"pid {pid} ({procs.comm(pid)}) maps no {PRIMARY} (nor {FORWARD_SONAME}); "
+                               "attach to a process that has loaded the device runtime")
     return libs
 
 

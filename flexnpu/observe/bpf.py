@@ -203,6 +203,29 @@ class ProbeSession:
                 except KeyError:
                     pass
 
+    # -- processes never counted
+    def skip(self, pids: set[int]) -> None:
+        """Never counts these processes again and drops what was counted for them: the
+        executors of forwarded execution, whose runtime calls are their clients' work (counted
+        in the clients, at the forward library). A one-process session counts its own only."""
+        if not pids or self.config.tgid:
+            return
+        table = self.bpf[b"skip"]
+        for pid in pids:
+            table[table.Key(pid)] = table.Leaf(1)
+        self.forget(pids)
+
+    def unskip(self, pids: set[int]) -> None:
+        """Forgets skipped processes that exited (their pids may come back as others)."""
+        if not pids or self.config.tgid:
+            return
+        table = self.bpf[b"skip"]
+        for pid in pids:
+            try:
+                del table[table.Key(pid)]
+            except KeyError:
+                pass
+
     # -- events (ProbeConfig.trace)
     def open_events(self, callback: Callable[[dict[str, Any]], None]) -> None:
         table = self.bpf[b"events"]

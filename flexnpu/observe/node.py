@@ -8,6 +8,12 @@ now or later, is counted from its first call. Known install paths (the emulator'
 CANN's usual places, --library) are attached at start, so programs started later are
 counted even before a scan finds them.
 
+Forwarded execution (`flexnpu run --forward`): a client's calls are probed in the forward
+build of the shim (libflexnpu_fwd.so, in the client), and the device's executor, which makes
+the runtime calls for every client, is never counted: each scan that meets an executor (its
+executable, see procs.is_executor) puts it in the program's skip map and drops what was
+counted for it, before the interval's maps are read.
+
 Where BPF cannot be loaded (no bcc, no privileges, no kernel support), the observer falls
 back to the shim's counters in the gate segments, and every snapshot says so.
 """
@@ -27,12 +33,11 @@ from flexnpu import cann, paths, rundir, systemd
 from flexnpu.pidlock import AlreadyRunning, PidLock
 from flexnpu.observe import procs
 from flexnpu.observe.errors import BccMissing, BpfUnavailable, NoPrivileges, ObserveError
-from flexnpu.observe.probegen import DEFAULT_LIBRARIES, ProbeConfig
+from flexnpu.observe.probegen import SONAMES, ProbeConfig
 from flexnpu.observe.shimsource import ShimSource
 from flexnpu.observe.snapshot import ProcessInfo, SnapshotBuilder
 
 log = logging.getLogger("flexnpu.observe")
-SONAMES = tuple(lib.soname for lib in DEFAULT_LIBRARIES)
 
 
 
@@ -51,6 +56,8 @@ class NodeObserver:
         self._known_pids: set[int] = set()
         self._last_full = 0.0
         self._info: dict[int, ProcessInfo] = {}
+        self.skipped: set[int] = set()  # executors: their runtime calls are their clients' work
+        self._counted: set[int] = set()  # processes with counts, known not to be executors
         self.libraries: dict[tuple[int, int], str] = {}
         if source not in ("auto", "bpf", "shim"):
             raise ValueError(f"source must be auto, bpf or shim, not {source!r}")
@@ -96,7 +103,7 @@ class NodeObserver:
         for p in extra:
             if not Path(p).exists():
                 log.warning("--library %s does not exist; not attached", p)
-        out = [str(paths.emulator_library()), *extra]
+        out = [str(paths.emulator_library()), str(paths.forward_shim_library()), *extra]
         for d in cann.library_dirs():
             out += [f"{d}/{so}" for so in SONAMES]
         return [p for p in out if Path(p).exists()]
@@ -122,10 +129,22 @@ class NodeObserver:
         full = now - self._last_full >= self.rescan_s
         pids = {self.pid} if self.pid else set(procs.pids())
         todo = pids if full else pids - self._known_pids
+        executor = paths.executor_binary()
         if full:
             self._last_full = now
+            # an executor that exited: its pid may come back as a process to count
+            ended = {pid for pid in self.skipped if pid not in pids or not procs.is_executor(pid, executor)}
+            if ended:
+                self.skipped -= ended
+                self.session.unskip(ended)
         self._known_pids = pids
         for pid in todo:
+            if pid in self.skipped:
+                continue
+            if not self.pid and procs.is_executor(pid, executor):
+                self.skipped.add(pid)
+                self.session.skip({pid})
+                continue
             try:
                 libs = procs.mapped_libraries(pid, SONAMES)
             except (ProcessLookupError, PermissionError, OSError):
@@ -151,7 +170,20 @@ class NodeObserver:
         else:
             reads = self.shim.read()
         if self.pid:
-            reads = {k: v for k, v in reads.items() if k[0] == self.pid}
+            return {k: v for k, v in reads.items() if k[0] == self.pid}
+        if self.session:
+            # a process is looked at once it has counts, before it is in any snapshot: an
+            # executor the scans missed (one that was still its daemon's child, not yet
+            # exec'ed, when a scan saw its pid) is found here
+            new = {pid for pid, _ in reads} - self._counted - self.skipped
+            executor = paths.executor_binary()
+            found = {pid for pid in new if procs.is_executor(pid, executor)}
+            if found:
+                self.skipped |= found
+                self.session.skip(found)
+            self._counted |= new - found
+        if self.skipped:
+            reads = {k: v for k, v in reads.items() if k[0] not in self.skipped}
         return reads
 
     def sample(self) -> dict[str, Any]:
@@ -163,6 +195,7 @@ class NodeObserver:
             self.session.forget(gone)  # reported once more above, now dropped
         for pid in gone:
             self._info.pop(pid, None)
+        self._counted -= gone
         return snap
 
     def close(self) -> None:

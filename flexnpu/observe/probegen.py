@@ -35,19 +35,43 @@ FX_DIR_NONE = 255  # a call that copies nothing
 class ProbedLibrary:
     """A runtime library the program probes. launches_only: a probe-only library beside the
     primary runtime: its KERNEL calls are counted apart (rt_launches), its namers (calls
-    that name the work) are probed, nothing else."""
+    that name the work) are probed, nothing else.
+
+    A profile's calls may be probed in a library other than the profile's own (`library`):
+    the forward build of the shim (libflexnpu_fwd.so) exports the function behind each
+    wrapped symbol as `prefix + name` (fxf_aclrtLaunchKernel, same signature), and the calls
+    it does not wrap under their own names. `tag` keeps the generated C names apart."""
 
     profile: RuntimeProfile
     launches_only: bool = False
+    library: str | None = None
+    prefix: str = ""
+    tag: str = ""
 
     @property
     def soname(self) -> str:
-        return self.profile.library
+        return self.library or self.profile.library
 
+    def symbol_of(self, sym: Symbol | Namer) -> str:
+        """The name the library exports for a profile symbol or namer."""
+        return self.prefix + sym.name if self.prefix and getattr(sym, "wrap", False) else sym.name
+
+
+# The forward build of the shim (flexnpu run --forward): its AscendCL calls never reach
+# libascendcl.so in the client's process, so they are probed in this library, in the
+# client; the device's executor, which makes the runtime calls, is never counted.
+FORWARD_SONAME = paths.forward_shim_library().name
+FORWARD_PREFIX = "fxf_"  # gen_shim.py's FX_FORWARD block: fxf_<name> for every wrapped symbol
 
 # The primary runtime first: its success code is the one the return probes compare with.
 DEFAULT_LIBRARIES = (ProbedLibrary(ASCENDCL),
-                     *(ProbedLibrary(p, launches_only=True) for p in PROBED_WITH[ASCENDCL.name]))
+                     *(ProbedLibrary(p, launches_only=True) for p in PROBED_WITH[ASCENDCL.name]),
+                     ProbedLibrary(ASCENDCL, library=FORWARD_SONAME, prefix=FORWARD_PREFIX, tag="fwd_"),
+                     # operators the forward build exports under their own names (aclnn*)
+                     *(ProbedLibrary(p, launches_only=True, library=FORWARD_SONAME, tag="fwd_")
+                       for p in PROBED_WITH[ASCENDCL.name] if p.namers))
+# every library file a process may map that the program probes, each once
+SONAMES = tuple(dict.fromkeys(lib.soname for lib in DEFAULT_LIBRARIES))
 
 
 @dataclass(frozen=True)
@@ -143,7 +167,7 @@ def _direction_fn(p: RuntimeProfile) -> list[str]:
 def _probe(lib: ProbedLibrary, sym: Symbol, sid: str) -> tuple[list[str], bool]:
     """C of one symbol's probe functions, and whether it has a return probe."""
     p = lib.profile
-    name = _cname(sym.name)
+    name = lib.tag + _cname(sym.name)
     enter = [f"int fx_enter_{name}(struct pt_regs *ctx)", "{"]
     ret: list[str] = []
     op = f"FX_OP_{sym.op.name}"
@@ -173,7 +197,7 @@ def _probe(lib: ProbedLibrary, sym: Symbol, sid: str) -> tuple[list[str], bool]:
         enter.append(f"    return fx_device_reset({sid}, {_arg(sym, sym.device_arg, 's32')});")
     else:
         enter.append(f"    return fx_count({sid}, {op});")
-    out = [f"/* {sym.returns} {sym.name}({_params(sym)}) */",
+    out = [f"/* {sym.returns} {lib.symbol_of(sym)}({_params(sym)}) in {lib.soname} */",
            *enter, "}"]
     if ret:
         out += [f"int fx_return_{name}(struct pt_regs *ctx)", "{", *ret, "}"]
@@ -183,10 +207,11 @@ def _probe(lib: ProbedLibrary, sym: Symbol, sid: str) -> tuple[list[str], bool]:
 _CLASS = {"prefill": "FX_CLS_PREFILL", "decode": "FX_CLS_DECODE", "either": "FX_CLS_EITHER"}
 
 
-def _namer_probe(n: Namer, sid: str) -> tuple[list[str], bool]:
+def _namer_probe(lib: ProbedLibrary, n: Namer, sid: str) -> tuple[list[str], bool]:
     """C of a namer's probe functions, and whether it has a return probe."""
-    name = _cname(n.name)
-    head = [f"/* {n.returns} {n.name}({_params(n)}) */", f"int fx_enter_{name}(struct pt_regs *ctx)", "{"]
+    name = lib.tag + _cname(n.name)
+    head = [f"/* {n.returns} {lib.symbol_of(n)}({_params(n)}) in {lib.soname} */",
+            f"int fx_enter_{name}(struct pt_regs *ctx)", "{"]
     if n.kind == "kernel_handle":
         return head + [f"    return fx_namer_enter({sid}, {_arg(n, n.name_arg, 'u64')}, "
                        f"{_arg(n, n.handle_arg, 'u64')});", "}",
@@ -218,30 +243,32 @@ def build(config: ProbeConfig = ProbeConfig(),
     pre.append("/* symbols, as numbered in trace events */")
     gen: list[str] = ["", "/* ---- generated from the runtime profiles: one probe per symbol ---- */", ""]
     probes: list[Probe] = []
+    directions: set[str] = set()
     for lib in libraries:
-        if not lib.launches_only:
+        if not lib.launches_only and lib.profile.name not in directions:
+            directions.add(lib.profile.name)
             gen += _direction_fn(lib.profile)
         for sym in lib.profile.symbols:
             if lib.launches_only and sym.op is not Op.KERNEL:
                 continue
-            sid = f"FX_SYM_{_cname(sym.name)}"
+            name = lib.tag + _cname(sym.name)
+            sid = f"FX_SYM_{name}"
             pre.append(f"#define {sid} {len(symbols)}")
-            symbols.append(sym.name)
+            symbols.append(sym.name)  # a trace names the call, wherever it was probed
             code, has_ret = _probe(lib, sym, sid)
             gen += code
-            name = _cname(sym.name)
-            probes.append(Probe(lib.soname, sym.name, f"fx_enter_{name}",
+            probes.append(Probe(lib.soname, lib.symbol_of(sym), f"fx_enter_{name}",
                                 f"fx_return_{name}" if has_ret else None, required=not lib.launches_only))
         for n in lib.profile.namers:
             # never required: older runtimes lack aclrtBinaryGetFunction, a libopapi.so
             # need not export every operator version
-            sid = f"FX_SYM_{_cname(n.name)}"
+            name = lib.tag + _cname(n.name)
+            sid = f"FX_SYM_{name}"
             pre.append(f"#define {sid} {len(symbols)}")
             symbols.append(n.name)
-            code, has_ret = _namer_probe(n, sid)
+            code, has_ret = _namer_probe(lib, n, sid)
             gen += code
-            name = _cname(n.name)
-            probes.append(Probe(lib.soname, n.name, f"fx_enter_{name}",
+            probes.append(Probe(lib.soname, lib.symbol_of(n), f"fx_enter_{name}",
                                 f"fx_return_{name}" if has_ret else None, required=False))
     pre.append(f"#define FX_SYM_ITERATION {len(symbols)}")
     symbols.append("iteration")

@@ -83,6 +83,31 @@ def exists(pid: int) -> bool:
         return False
 
 
+EXECUTOR_NAME = "flexnpu-executor"
+
+
+def is_executor(pid: int, known: Path | None = None) -> bool:
+    """Whether pid runs a device's executor (forwarded execution): its executable, which the
+    process cannot rename, is the executor of this install (`known`, same file), or a file
+    named flexnpu-executor that belongs to root and that nobody else may write (another
+    install's, started by its daemon). A copy of some program named so by a user is not."""
+    try:
+        exe = os.readlink(PROC / str(pid) / "exe")
+        st = os.stat(PROC / str(pid) / "exe")
+    except OSError:
+        return False
+    if exe.endswith(" (deleted)"):
+        exe = exe[:-len(" (deleted)")]
+    if known is not None:
+        try:
+            k = os.stat(known)
+            if (k.st_dev, k.st_ino) == (st.st_dev, st.st_ino):
+                return True
+        except OSError:
+            pass
+    return exe.rsplit("/", 1)[-1] == EXECUTOR_NAME and st.st_uid == 0 and not st.st_mode & 0o022
+
+
 def comm(pid: int) -> str:
     try:
         return (PROC / str(pid) / "comm").read_text().strip()

@@ -4,14 +4,16 @@
  * Build (linked):  cc obs_workload.c -I<acl include> -L<lib dir> -lascendcl -lm -pthread
  * Build (dlopen):  cc -DOBS_DLOPEN obs_workload.c -I<acl include> -ldl -lm -pthread
  *                  (never linked with libascendcl; loads it with dlopen at run time)
- * Run:  obs_workload KERNEL_LIBRARY [--device D] [--wait] [--hold]
+ * Run:  obs_workload KERNEL_LIBRARY [--device D] [--wait] [--hold] [--device-first]
  *
  * It prints {"ready":true,"pid":P} once the runtime is loaded and initialised; with
  * --wait it then reads one line on stdin before it starts (so an observer can attach to a
  * running process first). When the work is done it prints the truth, one JSON line: the
  * calls by Op, the bytes copied by direction, memset bytes and the device memory it still
  * holds. With --hold it then waits for a line on stdin before it exits (so its memory can
- * be compared with the emulator's while it is alive).
+ * be compared with the emulator's while it is alive). With --device-first the main thread
+ * selects the device before it loads the kernels (one more aclrtSetDevice, in the truth):
+ * forwarded execution loads a binary on the thread's device.
  *
  * Calls, in total over the three threads (every number prime):
  *   aclrtSetDevice 3, aclrtLaunchKernel 97,
@@ -205,18 +207,23 @@ static void *worker(void *arg)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: obs_workload KERNEL_LIBRARY [--device D] [--wait] [--hold]\n");
+        fprintf(stderr, "usage: obs_workload KERNEL_LIBRARY [--device D] [--wait] [--hold] [--device-first]\n");
         return 2;
     }
-    int wait = 0, hold = 0;
+    int wait = 0, hold = 0, device_first = 0;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--wait")) wait = 1;
         else if (!strcmp(argv[i], "--hold")) hold = 1;
+        else if (!strcmp(argv[i], "--device-first")) device_first = 1;
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) g_dev = atoi(argv[++i]);
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
     load_runtime();
     CHECK(ACL(aclInit)(NULL));
+    if (device_first) {
+        CHECK(ACL(aclrtSetDevice)(g_dev));
+        n_setdev++;
+    }
     aclrtBinHandle bin;
     CHECK(ACL(aclrtBinaryLoadFromFile)(argv[1], NULL, &bin));
     CHECK(ACL(aclrtBinaryGetFunction)(bin, "synthetic", &g_fn));
