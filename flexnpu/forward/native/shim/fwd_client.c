@@ -1072,6 +1072,12 @@ static int fw_bin_load(const void *data, size_t length, aclrtBinHandle *binHandl
     if (length > FWD_RING_BYTES / 4) return fw_set_msg(ACL_ERROR_API_NOT_SUPPORT, "a binary of %zu bytes is too large "
                                                        "to forward (at most %u)", length, FWD_RING_BYTES / 4);
     int d = fw_cur_dev();
+    if (d < 0 && g_acl_inited) {
+        /* the runtime loads a binary before any device is set; its kernels then run on the
+         * program's first device, whose executor holds it (fx_phys_of: virtual 0) */
+        int32_t phys = 0;
+        if (fx_phys_of(0, &phys) == FX_SUCCESS) d = phys;
+    }
     struct fwc *w = fw_get(d);
     if (!w) return t_rc;
     int i = fw_take(g_h_bin, FWD_MAX_BINS, d);
