@@ -18,6 +18,8 @@
 void ex_log(const char *fmt, ...) { (void)fmt; }
 uint64_t ex_now(void) { return 0; }
 void ex_sched_admit(struct ex_client *c) { (void)c; }
+void ex_admit_budgeted(struct ex_client *c, aclrtStream st) { (void)c; (void)st; }
+void ex_budget_dispatched(struct ex_client *c, aclrtStream st) { (void)c; (void)st; }
 
 int ex_fail(struct ex_client *c, int rc, const char *fmt, ...)
 {

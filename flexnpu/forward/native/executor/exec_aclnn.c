@@ -566,10 +566,11 @@ static int op_run(struct ex_client *c, const struct fwd_rec *r)
         if (!e->repeatable) entry_free(e, true);
         return rc ? rc : ACLNN_ERR_PARAM_INVALID;
     }
-    ex_sched_admit(c);
+    ex_admit_budgeted(c, st); /* an operator launches its kernel: it counts against the budget */
     rc = ((aclnnStatus(*)(void *, uint64_t, aclOpExecutor *, aclrtStream))L.run[op])(
         (void *)(uintptr_t)r->a[3], r->a[4], e->ex, st);
     if (rc) lib_fail(c, rc, api);
+    else ex_budget_dispatched(c, st);
     if (!e->repeatable) entry_free(e, false); /* the run freed the library's executor */
     return rc;
 }

@@ -361,11 +361,20 @@ static void budget_wait(struct ex_client *c, aclrtStream st)
     }
 }
 
-static void budget_dispatched(struct ex_client *c, aclrtStream st)
+void ex_budget_dispatched(struct ex_client *c, aclrtStream st)
 {
     uint32_t max = budget_of(c), stride = max / 2 ? max / 2 : 1;
     c->issued++;
     if (c->issued - c->rec_seq >= stride) budget_record(c, st);
+}
+
+/* Before a launch: first the budget (waiting for the client's own work on the device to
+ * finish), then the scheduler's decision, and nothing between that decision and the launch,
+ * so a launch never goes on a decision taken before another client became busy. */
+void ex_admit_budgeted(struct ex_client *c, aclrtStream st)
+{
+    budget_wait(c, st);
+    ex_sched_admit(c);
 }
 
 /* ---------------------------------------------------------------- operations */
@@ -381,11 +390,10 @@ static int op_launch(struct ex_client *c, const struct fwd_rec *r, const uint8_t
     if (!st) return rc;
     rc = ex_check_kernel_args(c, c->funcs[fi].builtin, pl, r->plen);
     if (rc) return rc;
-    ex_sched_admit(c);
-    budget_wait(c, st);
+    ex_admit_budgeted(c, st);
     rc = aclrtLaunchKernel(c->funcs[fi].fn, (uint32_t)r->a[1], r->plen ? pl : NULL, r->plen, st);
     if (rc) return rt_fail(c, rc, "aclrtLaunchKernel");
-    budget_dispatched(c, st);
+    ex_budget_dispatched(c, st);
     return ACL_SUCCESS;
 }
 
@@ -435,11 +443,10 @@ static int op_copy_async(struct ex_client *c, const struct fwd_rec *r, uint8_t *
         staged = pl;
     }
     if ((rc = copy_sides(c, "aclrtMemcpyAsync", r->a[0], r->a[1], r->a[2], n, (int)r->a[4], staged, &d, &s))) return rc;
-    ex_sched_admit(c);
-    budget_wait(c, st);
+    ex_admit_budgeted(c, st);
     rc = aclrtMemcpyAsync(d, n, s, n, (aclrtMemcpyKind)r->a[4], st);
     if (rc) return rt_fail(c, rc, "aclrtMemcpyAsync");
-    budget_dispatched(c, st);
+    ex_budget_dispatched(c, st);
     return ACL_SUCCESS;
 }
 
@@ -467,12 +474,12 @@ static int op_memset(struct ex_client *c, const struct fwd_rec *r, bool async)
     if ((rc = ex_check_dev(c, r->a[0], r->a[3], api))) return rc;
     aclrtStream st = NULL;
     if (async && !(st = ex_stream(c, r->a[4], &rc))) return rc;
-    ex_sched_admit(c);
     if (async) {
-        budget_wait(c, st);
+        ex_admit_budgeted(c, st);
         rc = aclrtMemsetAsync((void *)(uintptr_t)r->a[0], r->a[3], (int32_t)r->a[2], r->a[3], st);
-        if (!rc) budget_dispatched(c, st);
+        if (!rc) ex_budget_dispatched(c, st);
     } else {
+        ex_sched_admit(c);
         rc = aclrtMemset((void *)(uintptr_t)r->a[0], r->a[3], (int32_t)r->a[2], r->a[3]);
     }
     return rc ? rt_fail(c, rc, api) : ACL_SUCCESS;

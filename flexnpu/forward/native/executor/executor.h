@@ -96,6 +96,10 @@ int ex_check_dev(struct ex_client *c, uint64_t p, uint64_t n, const char *what);
 aclrtStream ex_stream(struct ex_client *c, uint64_t h, int *rc);
 /* Before an operation that puts work on the device: the scheduler's decision. */
 void ex_sched_admit(struct ex_client *c);
+/* Before a launch on stream st: the client's in-flight budget, then the scheduler's decision;
+ * after it, ex_budget_dispatched counts it. */
+void ex_admit_budgeted(struct ex_client *c, aclrtStream st);
+void ex_budget_dispatched(struct ex_client *c, aclrtStream st);
 
 /* exec_kernels.c: kernel libraries and launch arguments */
 void ex_kernel_library_parse(struct ex_bin *b, const void *data, size_t len);
