@@ -579,3 +579,29 @@ def test_garbage_peers_do_not_hurt_the_daemon(served, zsocks):
                 s.sendall(junk)
             time.sleep(0.05)
     _intact(d, a.pid)
+
+
+def test_a_role_the_user_may_not_declare_gets_nothing_at_admission(runtime_dir, monkeypatch):
+    """[roles] in flexnpu.toml applies at admission as it does for the controller: a decode
+    declared by a user not listed gets the defaults, not decode's priority."""
+    from flexnpu.forward import api
+
+    cfg = runtime_dir / "flexnpu.toml"
+    cfg.write_text('[roles]\ndecode = ["@fx-no-such-group"]\n')
+    monkeypatch.setenv("FLEXNPU_CONFIG", str(cfg))
+    d = ForwardDaemon(0, runtime_dir)
+    d.open()
+    try:
+        st = d.settings
+        plain = st.new_client_defaults()
+        assert st.new_client_defaults(role=2, mode=1, uid=0) == plain  # root is not in the group
+        assert st.new_client_defaults(role=1, mode=1, uid=0)["priority"] == api.PREFILL_PRIORITY  # prefill: anyone
+    finally:
+        d.close()
+    cfg.write_text("[roles\n")  # unreadable: no role settings at admission at all
+    d = ForwardDaemon(0, runtime_dir)
+    d.open()
+    try:
+        assert d.settings.new_client_defaults(role=1, mode=1, uid=0) == d.settings.new_client_defaults()
+    finally:
+        d.close()

@@ -162,7 +162,7 @@ class Admission:
     """The admission socket of one device and the thread that serves it and reaps clients."""
 
     def __init__(self, device: int, rdir: Path, registry: Registry, policy: access.AccessPolicy,
-                 defaults: Callable[[int, int], dict], per_uid_cap: int = PER_UID_CAP):
+                 defaults: Callable[[int, int, int], dict], per_uid_cap: int = PER_UID_CAP):
         self.device = device
         self.path = paths.gate_socket(device, rdir)
         self.registry = registry
@@ -269,7 +269,7 @@ class Admission:
                 refuse(errno.ENOMEM, f"device {self.device}: no page for a client: {e}")
                 return None
             c = Client(slot, peer.pid, peer.uid, role, peer.start_time, peer.pidfd, conn, page, mode if mode in (0, 1) else 0)
-            d = self.defaults(c.role, c.mode)
+            d = self.defaults(c.role, c.mode, c.uid)
             reg.add(c, kept, d)
         if conn is not None:
             try:

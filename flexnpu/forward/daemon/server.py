@@ -88,6 +88,7 @@ class ForwardDaemon:
         self.registry = Registry(self.device, self.table, self.summary)
         self.settings = GateSettings(self.device, self.table, self.summary, self.registry, self.defaults)
         self.settings.role_admission = self.role_admission
+        self.settings.role_access = self._role_access()
         self.settings.write_defaults()
         until = time.monotonic() + RESERVE_S
         for i in range(self.table.max_slots):
@@ -111,6 +112,18 @@ class ForwardDaemon:
                                    self.settings.new_client_defaults, self.per_uid_cap)
         self.registry.on_change = self.admission.changed
         self.admission.listen()
+
+    def _role_access(self):
+        """Who may declare which role, from the node's flexnpu.toml ([roles]); with no file,
+        anyone (as the controller reads it). A file the daemon cannot read gives no role
+        settings at admission (the controller, which refuses such a file, decides then)."""
+        from flexnpu.control import config, roles
+
+        try:
+            return roles.RoleAccess(config.load(paths.config_file(), required=False).roles)
+        except config.ConfigError as e:
+            log.warning("device %d: %s; declared roles get no settings at admission", self.device, e)
+            return None
 
     def _prepare_rdir(self) -> None:
         """Refuses a runtime dir someone else could write in (flexnpu.rundir): they could replace

@@ -36,6 +36,7 @@ class GateSettings:
         # slot -> (pid, max_inflight_ms): kept here, the gate table has no field for it
         self.inflight_budget_ms: dict[int, tuple[int, float]] = {}
         self.role_admission = True  # a declared role's settings at admission in forward mode (daemon option)
+        self.role_access = None  # who may declare which role ([roles] of the node's flexnpu.toml); None: nobody
 
     # -- the record the drift check compares against
     def record(self, slot: int) -> None:
@@ -286,20 +287,23 @@ class GateSettings:
                 self._wake()
         return dict(d)
 
-    def new_client_defaults(self, role: int = 0, mode: int = 0) -> dict:
+    def new_client_defaults(self, role: int = 0, mode: int = 0, uid: int | None = None) -> dict:
         """A new client's settings: the daemon's defaults; in forward mode, a declared role's
         (decode first, prefill one launch in flight), so the executor interleaves a co-located
         pair from its first operation, before a controller has seen it. A controller's or an
         operator's settings replace them as for anyone. A daemon started with
-        --no-role-admission gives every client the defaults."""
+        --no-role-admission gives every client the defaults, and a role the client's user may
+        not declare ([roles] in flexnpu.toml, the uid the kernel gave) gets nothing."""
         d = self.defaults
         out = {"gate": protocol.GATES[d["gate"]], "priority": d["priority"],
                "max_hold_ns": api.ms_to_ns(d["max_hold_ms"]), "inflight": d.get("inflight", 0)}
-        if not self.role_admission:
+        if not self.role_admission or mode != 1 or role not in (1, 2):
             return out
-        if mode == 1 and role == 2:  # enum fx_role: decode
+        if self.role_access is None or ("decode" if role == 2 else "prefill") not in self.role_access.of(uid)[0]:
+            return out
+        if role == 2:  # enum fx_role: decode
             out.update(priority=api.DECODE_PRIORITY, inflight=0)
-        elif mode == 1 and role == 1:  # prefill
+        else:  # prefill
             out.update(priority=api.PREFILL_PRIORITY, inflight=api.PREFILL_ADMISSION_INFLIGHT)
         return out
 
