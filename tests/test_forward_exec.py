@@ -489,6 +489,7 @@ def test_a_stopped_client_holds_others_at_most_their_max_hold(node, fpeer):
     hi.proc.stdin.write(f"fill {hh} 0 {MIB} 1 async nosync\n")  # its work since its last sync...
     hi.proc.stdin.flush()
     hi.read()
+    ok(hi.ask("meminfo"))  # a synchronous call after it: the executor has taken the copy (in order)
     os.kill(hi.proc.pid, signal.SIGSTOP)  # ...and it stops before the next
     try:
         t = time.monotonic()
