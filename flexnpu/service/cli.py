@@ -90,3 +90,45 @@ def status(
         typer.echo(f"  {Path(s['path']).name:<20} {s['mode']} {s['owner']}:{s['group']}")
     if not st["sockets"]:
         typer.echo("  no sockets")
+
+
+@app.command()
+def probe(
+    service: Annotated[str, typer.Argument(help="daemon, observer or controller.")],
+    device: Annotated[int, typer.Option(help="With daemon: the device whose daemon to ask.")] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 3.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (\"schema\": 1).")] = False,
+) -> None:
+    """Ask one service whether it serves now: exit 0 when it answered, 1 with one line when
+    not. The daemon must answer a ping, the observer publish a snapshot, the controller a
+    report. Containers' readiness and liveness probes run it (docs/kubernetes.md).
+
+    Examples:
+      flexnpu service probe daemon --device 0
+      flexnpu service probe observer --timeout 5
+      flexnpu service probe controller --json
+    """
+    from flexnpu.service import probe as pr
+
+    if service not in pr.SERVICES:
+        err.print(f"flexnpu service probe: the service is one of {', '.join(pr.SERVICES)}, not {service!r}")
+        raise typer.Exit(EXIT_USAGE)
+    if not 0 < timeout <= 600:
+        err.print(f"flexnpu service probe: --timeout takes seconds in (0, 600], not {timeout:g}")
+        raise typer.Exit(EXIT_USAGE)
+    if not 0 <= device <= 63:
+        err.print(f"flexnpu service probe: --device takes a device number 0-63, not {device}")
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        if service == "daemon":
+            r = pr.daemon(device, timeout_s=timeout)
+        elif service == "observer":
+            r = pr.observer(timeout_s=timeout)
+        else:
+            r = pr.controller(timeout_s=timeout)
+    except pr.ProbeFailed as e:
+        if json_out:
+            typer.echo(json.dumps({"schema": 1, "service": service, "ok": False, "error": str(e)}))
+        err.print(f"flexnpu service probe {service}: {e}")
+        raise typer.Exit(1)
+    typer.echo(json.dumps(r.to_json()) if json_out else f"{service}: ok ({r.detail})")
