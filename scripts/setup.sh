@@ -35,8 +35,9 @@ arch=$(dpkg --print-architecture)
 # gcc/cmake/make build the native parts and the C samples, g++ the aclnn C++ test
 # programs; bcc comes only from Debian (it is not on PyPI); its compiler needs kernel headers. systemd gives
 # systemd-analyze (the service tests verify every unit; it does not become PID 1)
-# and strace checks each service's system calls against its unit's filter.
-want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace)
+# and strace checks each service's system calls against its unit's filter. libcap2-bin's setcap
+# gives the Kubernetes observer's interpreter its file capability (tests/test_kubernetes.py).
+want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace libcap2-bin)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
