@@ -308,9 +308,13 @@ class NodeFiles:
                                + f"flexnpu:x:{uid}:{gid}::/nonexistent:/usr/sbin/nologin\n")
         self.group.write_text(Path("/etc/group").read_text() + f"flexnpu:x:{gid}:\n")
 
-    def wrap(self, argv: list[str]) -> list[str]:
+    def wrap(self, argv: list[str], read_only: tuple[Path, ...] = ()) -> list[str]:
+        """argv in a mount namespace of its own with these files, and `read_only` bind-mounted
+        read-only onto themselves (a pod's `readOnly: true` hostPath)."""
+        ro = "".join(f"mount --bind {shlex.quote(str(p))} {shlex.quote(str(p))} && "
+                     f"mount -o remount,bind,ro {shlex.quote(str(p))} && " for p in read_only)
         script = (f"mount --bind {shlex.quote(str(self.passwd))} /etc/passwd && "
-                  f"mount --bind {shlex.quote(str(self.group))} /etc/group && exec \"$@\"")
+                  f"mount --bind {shlex.quote(str(self.group))} /etc/group && {ro}exec \"$@\"")
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
@@ -428,9 +432,11 @@ def test_pod_commands_come_up_on_a_node(node, with_components):
     assert paths.gate_socket(0, rd).stat().st_gid == gid  # given to the node's flexnpu group
 
     # a serving process as the example pod runs it: another uid in the group, the shim from the
-    # node's library dir (and, on this node without CANN, the emulated runtime from there too)
+    # node's library dir (and, on this node without CANN, the emulated runtime from there too),
+    # both host dirs read-only as the pod mounts them
     pod = yaml.safe_load(EXAMPLE.read_text())
     pod_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert all(m["readOnly"] for m in pod["spec"]["containers"][0]["volumeMounts"])
     app_uid = _free_id(uid + 1)
     app_env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "FLEXNPU_ROLE": "decode",
                "LD_PRELOAD": str(lib / Path(pod_env["LD_PRELOAD"]).name), "FLEXNPU_RUNTIME_DIR": str(rd),
@@ -439,7 +445,7 @@ def test_pod_commands_come_up_on_a_node(node, with_components):
     app = subprocess.Popen(node["files"].wrap(
         ["setpriv", f"--reuid={app_uid}", f"--regid={app_uid}", f"--groups={gid}", "--inh-caps=-all",
          "--bounding-set=-all", "--no-new-privs", "--", sys.executable, str(sample),
-         str(paths.emulator_kernel_library()), "--seconds", "15", "--kernel-ms", "1"]),
+         str(paths.emulator_kernel_library()), "--seconds", "15", "--kernel-ms", "1"], read_only=(rd, lib)),
         env=app_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     node["procs"].append(app)
     listed = None
