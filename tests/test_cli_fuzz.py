@@ -132,7 +132,7 @@ def _run(tmp: Path) -> dict[str, st.SearchStrategy[str]]:
 
 OVERRIDES: dict[str, Callable[[Path], dict[str, st.SearchStrategy[str]]]] = {
     "observe": _observe, "attach": _attach, "run": _run}
-FIRST = {"observe": ["--count", "1", "--source", "shim", "--interval-ms", "1"]}
+FIRST = {"observe": ["--count", "1", "--source", "shim", "--interval-ms", "1"], "service probe": ["daemon"]}
 LAST = {"controller": ["--print-config"]}
 
 

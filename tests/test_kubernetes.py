@@ -563,3 +563,28 @@ def _child_of(pid: int, exe: str, timeout: float = 10.0) -> int:
                 continue
         time.sleep(0.1)
     raise AssertionError(f"no process running {exe} under {pid}")
+
+
+@pytest.mark.parametrize("service,sock", [("observer", "observe.sock"), ("controller", "controller.sock"),
+                                          ("daemon", "daemon-0.sock")])
+def test_probe_fails_on_a_socket_left_behind(service: str, sock: str, runtime_dir: Path) -> None:
+    """A probe asks the service: the socket file of a service that died does not pass."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(runtime_dir / sock))  # bound, never listening: what a killed process leaves
+        argv = [str(inst.installed_binary()), "service", "probe", service, "--timeout", "0.5", "--json"]
+        started = time.monotonic()
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "FLEXNPU_RUNTIME_DIR": str(runtime_dir)})
+        took = time.monotonic() - started
+    finally:
+        s.close()
+    assert r.returncode == 1, r
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    out = yaml.safe_load(r.stdout)
+    assert out["ok"] is False and out["service"] == service and out["schema"] == 1
+    assert took < 10, took
+    r = subprocess.run([*argv[:3], "nothing"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "daemon, observer, controller" in r.stderr

@@ -110,15 +110,12 @@ def probe(
     """
     from flexnpu.service import probe as pr
 
+    from flexnpu.cliargs import check_at_least, check_positive, fail
+
+    check_positive("service probe", "--timeout", timeout, most=600, unit=" s")
+    check_at_least("service probe", "--device", device, 0, 63)
     if service not in pr.SERVICES:
-        err.print(f"flexnpu service probe: the service is one of {', '.join(pr.SERVICES)}, not {service!r}")
-        raise typer.Exit(EXIT_USAGE)
-    if not 0 < timeout <= 600:
-        err.print(f"flexnpu service probe: --timeout takes seconds in (0, 600], not {timeout:g}")
-        raise typer.Exit(EXIT_USAGE)
-    if not 0 <= device <= 63:
-        err.print(f"flexnpu service probe: --device takes a device number 0-63, not {device}")
-        raise typer.Exit(EXIT_USAGE)
+        fail("service probe", f"the service is one of {', '.join(pr.SERVICES)}, not {service!r}")
     try:
         if service == "daemon":
             r = pr.daemon(device, timeout_s=timeout)
