@@ -304,9 +304,13 @@ class NodeFiles:
 
     def __init__(self, where: Path, uid: int, gid: int) -> None:
         self.passwd, self.group = where / "passwd", where / "group"
-        self.passwd.write_text(Path("/etc/passwd").read_text()
-                               + f"flexnpu:x:{uid}:{gid}::/nonexistent:/usr/sbin/nologin\n")
-        self.group.write_text(Path("/etc/group").read_text() + f"flexnpu:x:{gid}:\n")
+
+        def others(path: str) -> str:  # this machine's own entries, less any flexnpu it has
+            return "".join(ln for ln in Path(path).read_text().splitlines(keepends=True)
+                           if not ln.startswith("flexnpu:"))
+
+        self.passwd.write_text(others("/etc/passwd") + f"flexnpu:x:{uid}:{gid}::/nonexistent:/usr/sbin/nologin\n")
+        self.group.write_text(others("/etc/group") + f"flexnpu:x:{gid}:\n")
 
     def wrap(self, argv: list[str], read_only: tuple[Path, ...] = ()) -> list[str]:
         """argv in a mount namespace of its own with these files, and `read_only` bind-mounted
