@@ -36,7 +36,10 @@ arch=$(dpkg --print-architecture)
 # programs; bcc comes only from Debian (it is not on PyPI); its compiler needs kernel headers. systemd gives
 # systemd-analyze (the service tests verify every unit; it does not become PID 1)
 # and strace checks each service's system calls against its unit's filter.
-want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace)
+# systemd-container (systemd-nspawn) and debootstrap boot a real systemd as PID 1 in a Debian
+# container for tests/test_service_systemd.py.
+want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace systemd-container
+      debootstrap)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
