@@ -143,6 +143,15 @@ def _nspid(pid: int) -> list[int]:
     return []
 
 
+def _is_systemd(pid: int) -> bool:
+    """PID 1 of the container once nspawn's child has exec'd systemd (before that, nsenter would
+    enter a mount namespace that is not yet the container's)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe").endswith("/systemd")
+    except OSError:
+        return False
+
+
 def _kernel_headers() -> list[str]:
     """Read-only binds of the host's kernel headers, where bcc looks for them."""
     binds = []
@@ -238,7 +247,7 @@ def _remove_state(machine: str) -> None:
 @contextlib.contextmanager
 def booted(tree: Path, work: Path, binds: list[str], log, boot_timeout: float = 90) -> Iterator[Container]:
     """Boots the tree (overlay over it), yields the container once systemd says it is up, and
-    powers it off at the end; a container that does not go within 30 s is killed, process by
+    powers it off at the end; a container that does not go within 60 s is killed, process by
     process. Every client started through `popen` is killed first."""
     machine = f"flexnpu-test-{os.getpid()}"
     console = work / "console.log"
@@ -258,19 +267,19 @@ def booted(tree: Path, work: Path, binds: list[str], log, boot_timeout: float = 
                 raise RuntimeError(f"systemd-nspawn exited {ns.returncode} at boot:\n{console.read_text()[-4000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no container PID 1 within {boot_timeout} s:\n{console.read_text()[-4000:]}")
-            leader = next((p for p in _tree(ns.pid)[1:] if _nspid(p)[-1:] == [1]), None)
+            leader = next((p for p in _tree(ns.pid)[1:] if _nspid(p)[-1:] == [1] and _is_systemd(p)), None)
             time.sleep(0.05)
         c = Container(ns, machine, leader, console)
         # PID 1 is nspawn's own until it execs systemd, and systemctl answers once systemd's
-        # private socket is bound
+        # private socket is bound (before that: nothing, or "offline")
         state = ""
-        while state == "":
+        while state in ("", "offline"):
             if ns.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the container's systemd did not come up within {boot_timeout} s:\n"
                                    f"{console.read_text()[-4000:]}")
             left = max(1.0, deadline - time.monotonic())
             state = c.run("systemctl", "is-system-running", "--wait", timeout=left, check=False).stdout.strip()
-            if state == "":
+            if state in ("", "offline"):
                 time.sleep(0.1)
         if state not in ("running", "degraded"):
             raise RuntimeError(f"the container's systemd is {state!r}:\n{console.read_text()[-4000:]}")
@@ -284,7 +293,7 @@ def booted(tree: Path, work: Path, binds: list[str], log, boot_timeout: float = 
         if ns.poll() is None:
             ns.send_signal(signal.SIGTERM)  # nspawn asks the container's systemd to halt
             try:
-                ns.wait(30)
+                ns.wait(60)  # the halt stops the units: the observer's uprobes take seconds to go
             except subprocess.TimeoutExpired:
                 for p in reversed(_tree(ns.pid)):
                     with contextlib.suppress(ProcessLookupError):

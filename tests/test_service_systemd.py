@@ -122,7 +122,9 @@ def test_units_start_in_declared_order_and_report_ready(node):
     for name in ("daemon-0.admin.sock", "daemon-1.admin.sock"):
         assert have.get(name) == ["600", "flexnpu", "flexnpu"], (name, have)
     st = json.loads(node.run(FLEXNPU, "service", "status", "--json").stdout)
-    _log(f"service status: {json.dumps(st)[:400]}")
+    assert [(u["unit"], u["enabled"], u["active"]) for u in st["units"]] == [(u, "enabled", "active") for u in ALL], st
+    # whether this kernel's cgroups let systemd account (and so limit) memory and tasks here
+    _log("cgroup accounting: " + ", ".join(f"{u} {node.show(u, 'MemoryCurrent', 'TasksCurrent')}" for u in ALL))
 
 
 def _caps(node, unit: str) -> dict[str, int]:
