@@ -38,6 +38,7 @@ PKG = f"{nsf.VENV}/lib/python3.11/site-packages/flexnpu"
 SAMPLE = f"{PKG}/samples/sample_loop.py"
 KERNELS = f"{PKG}/_native/share/kernels.fxk"
 CAP_SYS_ADMIN = 21
+SYS_BPF = {"x86_64": 321, "aarch64": 280}  # the bpf() system call's number (asm/unistd.h)
 
 _missing = [t for t in ("systemd-nspawn", "debootstrap", "nsenter") if shutil.which(t) is None]
 pytestmark = [
@@ -273,7 +274,7 @@ def _bpf_prog_exists(prog_id: int) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     attr = (ctypes.c_uint8 * 128)()
     ctypes.memmove(attr, ctypes.byref(ctypes.c_uint32(prog_id)), 4)
-    fd = libc.syscall(321, 13, attr, 128)  # SYS_bpf, BPF_PROG_GET_FD_BY_ID
+    fd = libc.syscall(SYS_BPF[os.uname().machine], 13, attr, 128)  # BPF_PROG_GET_FD_BY_ID
     if fd >= 0:
         os.close(fd)
         return True
