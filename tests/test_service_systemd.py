@@ -10,8 +10,8 @@ as docs/reliability.md says, and a new client runs); `systemctl stop` leaves no 
 socket and no BPF program of the units; `flexnpu service uninstall` removes what install made.
 The container and what it mounted are gone at the end, also when a test fails.
 
-Cold (no cached tree: debootstrap and the venv) about 3 minutes on the development VM, warm
-about 1.5; docs/service.md gives the figures.
+Cold (no cached tree: debootstrap and the venv) about 2 minutes on the development VM, warm
+about 1; docs/service.md gives the figures.
 """
 
 from __future__ import annotations
