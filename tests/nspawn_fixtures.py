@@ -13,7 +13,7 @@ Why the container is started this way (docs/service.md, "Under a real systemd"):
   every process under the container's systemd inherits it (the observer's map creation fails
   with EPERM without it);
 - the host's kernel headers (/lib/modules, /usr/src, /usr/lib/linux-kbuild-*) read-only, for
-  bcc's compiler.
+  bcc's compiler, and the host's tracefs.
 """
 
 from __future__ import annotations
@@ -158,6 +158,10 @@ def _kernel_headers() -> list[str]:
     for d in [Path("/lib/modules"), Path("/usr/src"), *Path("/usr/lib").glob("linux-kbuild-*")]:
         if d.is_dir():
             binds.append(f"--bind-ro={d}")
+    # tracefs, as systemd mounts it on a host (in the container its mount unit's condition,
+    # CAP_SYS_RAWIO, fails): bcc looks up its probes there when it detaches them
+    if os.path.ismount("/sys/kernel/tracing"):
+        binds.append("--bind=/sys/kernel/tracing")
     return binds
 
 

@@ -124,6 +124,12 @@ def test_units_start_in_declared_order_and_report_ready(node):
         assert have.get(name) == ["600", "flexnpu", "flexnpu"], (name, have)
     st = json.loads(node.run(FLEXNPU, "service", "status", "--json").stdout)
     assert [(u["unit"], u["enabled"], u["active"]) for u in st["units"]] == [(u, "enabled", "active") for u in ALL], st
+    # doctor's service checks, under systemd: the group, the runtime dir's modes, every unit active
+    doc = json.loads(node.run(FLEXNPU, "doctor", "--json", check=False, timeout=120).stdout)
+    checks = {c["name"]: c for c in doc["checks"]}
+    for name in ("service_group", "runtime_modes", "services"):
+        assert checks[name]["ok"], checks[name]
+    _log("doctor: " + "; ".join(f"{c['name']} {'ok' if c['ok'] else 'FAIL'}: {c['detail']}" for c in doc["checks"]))
     # whether this kernel's cgroups let systemd account (and so limit) memory and tasks here
     _log("cgroup accounting: " + ", ".join(f"{u} {node.show(u, 'MemoryCurrent', 'TasksCurrent')}" for u in ALL))
 
@@ -293,10 +299,11 @@ def test_stop_leaves_nothing_behind(node):
     node.run("systemctl", "stop", *ALL, timeout=180)
     TIMINGS["stop_s"] = time.monotonic() - t0
     for u in ALL:
-        s = node.show(u, "ActiveState", "MainPID", "ControlGroup")
+        s = node.show(u, "ActiveState", "MainPID", "ControlGroup", "Result")
         # ControlGroup= is empty once systemd has removed the unit's cgroup, which it does when
-        # no process is left in it
-        assert (s["ActiveState"], s["MainPID"], s["ControlGroup"]) == ("inactive", "0", ""), (u, s)
+        # no process is left in it; Result=success: it exited cleanly on SIGTERM
+        assert (s["ActiveState"], s["MainPID"], s["ControlGroup"], s["Result"]) == ("inactive", "0", "", "success"), \
+            (u, s, node.journal(u)[-3000:])
     # no process of the units: none of the service user's, no unit cgroup left with a process
     procs = node.sh(f"ps -o pid=,comm= -u {uid} || true").strip()
     assert procs == "", procs
