@@ -37,7 +37,10 @@ arch=$(dpkg --print-architecture)
 # systemd-analyze (the service tests verify every unit; it does not become PID 1)
 # and strace checks each service's system calls against its unit's filter. libcap2-bin's setcap
 # gives the Kubernetes observer's interpreter its file capability (tests/test_kubernetes.py).
-want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace libcap2-bin)
+# systemd-container (systemd-nspawn) and debootstrap boot a real systemd as PID 1 in a Debian
+# container for tests/test_service_systemd.py.
+want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace libcap2-bin
+      systemd-container debootstrap)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.

@@ -362,14 +362,15 @@ def client_group_view(runner, account) -> tuple[str, ...]:
 
 @needs_root
 @needs_strace
-def test_with_the_client_group_emulator_and_daemon_stay_in_their_filters(runner, account, client_group_view):
-    """The path where the emulator and the daemon give their sockets to the client group
-    (chown) and check a peer's supplementary groups in /proc."""
+def test_with_the_client_group_services_stay_in_their_filters(runner, account, client_group_view):
+    """The path where the emulator, the daemon and the controller give their sockets to the
+    client group (chown) and the first two check a peer's supplementary groups in /proc."""
     u = _units(account, runner)
     n = NotifySocket(None)
     traces = []
     try:
-        for name, key, kw in (("emu", units.EMU, {}), ("daemon", units.DAEMON_TEMPLATE, {"instance": "0"})):
+        for name, key, kw in (("emu", units.EMU, {}), ("daemon", units.DAEMON_TEMPLATE, {"instance": "0"}),
+                              ("controller", units.CONTROLLER, {})):
             n.messages.clear()
             out = runner.rdir.parent / f"{name}-group.strace"
             svc = runner.start(name, u[key], n, wrap=("strace", "-f", "-qq", "-s", "120", "-o", str(out),
@@ -377,7 +378,8 @@ def test_with_the_client_group_emulator_and_daemon_stay_in_their_filters(runner,
             _wait_ready(n, svc, 60)
             traces.append((name, u[key], svc, out))
         for p, mode in ((paths.emulator_socket(runner.rdir), paths.EMU_SOCKET_MODE),
-                        (paths.daemon_socket(0, runner.rdir), paths.CLIENT_SOCKET_MODE)):
+                        (paths.daemon_socket(0, runner.rdir), paths.CLIENT_SOCKET_MODE),
+                        (paths.controller_socket(runner.rdir), paths.PUBLISH_SOCKET_MODE)):
             st = p.stat()
             assert st.st_mode & 0o777 == mode and st.st_gid != os.stat(runner.rdir).st_gid, (p, oct(st.st_mode))
         assert control.status(runner.rdir)["devices"]

@@ -184,6 +184,9 @@ _NO_PRIVILEGED = ("SystemCallFilter", "~@privileged @resources")
 # libzmq's I/O threads set their policy (SCHED_OTHER) at start, seen by strace; a real-time one
 # stays refused by RestrictRealtime=
 _ZMQ_THREADS = ("SystemCallFilter", "sched_setscheduler")
+# Gives a socket it bound to the client group (rundir.give_group: lchown, in @privileged), as
+# its owner and a member of the group, so no capability is needed.
+_CHOWN = ("SystemCallFilter", "chown fchown fchownat lchown")
 # Processes that never look at other processes: /proc shows them only their own (and no
 # kernel files).
 _OWN_PROC = {"ProtectProc": "invisible", "ProcSubset": "pid"}
@@ -198,7 +201,7 @@ def emu_unit(cfg: ServiceConfig) -> Unit:
               *_start_limits()],
         service=_service(cfg, f"{cfg.binary} emu start --foreground --devices {cfg.emu_devices}",
                          {**_COMMON_SANDBOX, "ProcSubset": "pid"})
-        + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown")] + EMU_LIMITS.items(),
+        + [_NO_PRIVILEGED, _CHOWN] + EMU_LIMITS.items(),
     )
 
 
@@ -213,7 +216,7 @@ def daemon_unit(cfg: ServiceConfig) -> Unit:
     # sockets and gate table to the client group (chown, in @privileged) as their owner.
     return Unit(DAEMON_TEMPLATE, unit=unit + _start_limits(),
                 service=_service(cfg, f"{cfg.binary} daemon --device %i", _COMMON_SANDBOX)
-                + [_NO_PRIVILEGED, ("SystemCallFilter", "chown fchown fchownat lchown"), _ZMQ_THREADS]
+                + [_NO_PRIVILEGED, _CHOWN, _ZMQ_THREADS]
                 + DAEMON_LIMITS.items())
 
 
@@ -250,7 +253,9 @@ def controller_unit(cfg: ServiceConfig) -> Unit:
                       ("After", " ".join(after)),
                       *_start_limits()],
                 service=_service(cfg, f"{cfg.binary} controller", {**_COMMON_SANDBOX, **_OWN_PROC},
-                                 extra_env=env) + [_NO_PRIVILEGED, _ZMQ_THREADS] + CONTROLLER_LIMITS.items())
+                                 extra_env=env)
+                # it gives controller.sock to the client group, as the observer does observe.sock
+                + [_NO_PRIVILEGED, _CHOWN, _ZMQ_THREADS] + CONTROLLER_LIMITS.items())
 
 
 def render(cfg: ServiceConfig) -> dict[str, str]:
