@@ -264,6 +264,11 @@ class SnapshotCollector(Collector):
                 if mem is not None:
                     used.add_metric(lb, mem)
                 procs.add_metric(lb, len(d.get("pids") or ()))
+            elif snap:  # no observed process on it: nothing held, nothing busy
+                for p in PHASES:
+                    busy.add_metric(lb + [p], 0.0)
+                used.add_metric(lb, 0.0)
+                procs.add_metric(lb, 0)
             if t is not None:
                 for p in PHASES:
                     busy_s.add_metric(lb + [p], t.busy_s[p])
