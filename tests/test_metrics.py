@@ -39,6 +39,9 @@ from test_observe_fixtures import NEEDS_BPF, PROGS, REPO, build, flexnpu_argv
 DASHBOARD = REPO / "deploy" / "grafana" / "flexnpu.json"
 GEN = REPO / "scripts" / "gen_grafana_dashboard.py"
 KLIB = paths.emulator_kernel_library
+# The observer sees every process on the machine that maps a runtime library, other nodes'
+# too (tests run side by side): the programs here use a device index others leave alone.
+DEV = 11
 
 
 # ------------------------------------------------------------------ helpers
@@ -320,12 +323,13 @@ def node(workload_program: Path) -> Iterator[Node]:
     from flexnpu.bench.node import LocalNode
 
     port = free_port()
-    with LocalNode(devices=1, observer="bpf", observe_interval_ms=100, policy="flexpd",
+    with LocalNode(devices=DEV + 1, observer="bpf", observe_interval_ms=100, policy="flexpd",
                    observe_args=["--metrics", f"127.0.0.1:{port}"]) as ln:
         n = Node(ln, port)
         until(lambda: _try_scrape(n.url), 60, "the observer's metrics")
         for role in ("prefill", "decode"):
-            p = ln.spawn([str(workload_program), str(KLIB()), "--hold"], role=role, stdin=subprocess.PIPE, bufsize=1)
+            p = ln.spawn([str(workload_program), str(KLIB()), "--hold"], role=role, devices=str(DEV),
+                         stdin=subprocess.PIPE, bufsize=1)
             ready = json.loads(p.stdout.readline())
             truth = json.loads(p.stdout.readline())
             assert truth["pid"] == ready["pid"] == p.pid
@@ -342,7 +346,7 @@ def node(workload_program: Path) -> Iterator[Node]:
 def test_scrape_matches_the_emulator(node: Node) -> None:
     """Every per-process and per-device count equals the emulator's; the text passes promtool."""
     emu = node.node.emulator_status()
-    dev = emu["devices"][0]
+    dev = emu["devices"][DEV]
     clients = {c["pid"]: c for c in dev["clients"]}
 
     def settled() -> Samples | None:
@@ -355,7 +359,8 @@ def test_scrape_matches_the_emulator(node: Node) -> None:
     for role, (p, truth) in node.programs.items():
         c = clients[p.pid]
         pid = str(p.pid)
-        assert value(s, "flexnpu_process_launches_total", pid=pid, id="0") == c["ops"]["kernel"] == truth["ops"]["kernel"]
+        assert value(s, "flexnpu_process_launches_total", pid=pid, id=str(DEV)) == c["ops"]["kernel"] \
+            == truth["ops"]["kernel"]
         for d in ("h2d", "d2h", "d2d"):
             assert value(s, "flexnpu_process_transfer_bytes_total", pid=pid, direction=d) == c["bytes_copied"][d], d
         assert value(s, "flexnpu_process_memory_used_bytes", pid=pid) == c["memory_used"]
@@ -363,13 +368,13 @@ def test_scrape_matches_the_emulator(node: Node) -> None:
         phases = [lb for lb, v in s["flexnpu_process_phase"] if lb["pid"] == pid]
         assert len(phases) == 1 and phases[0]["phase_source"] == "role" and phases[0]["phase"] == role
     model = dev["soc"]
-    assert value(s, "flexnpu_npu_chip_info_hbm_used_memory_bytes", id="0", model_name=model) == dev["memory"]["used"]
-    assert value(s, "flexnpu_npu_chip_info_hbm_total_memory_bytes", id="0", model_name=model) == dev["memory"]["total"]
-    assert value(s, "flexnpu_npu_chip_info_launches_total", id="0") == sum(c["ops"]["kernel"] for c in clients.values())
+    assert value(s, "flexnpu_npu_chip_info_hbm_used_memory_bytes", id=str(DEV), model_name=model) == dev["memory"]["used"]
+    assert value(s, "flexnpu_npu_chip_info_hbm_total_memory_bytes", id=str(DEV), model_name=model) == dev["memory"]["total"]
+    assert value(s, "flexnpu_npu_chip_info_launches_total", id=str(DEV)) == sum(c["ops"]["kernel"] for c in clients.values())
     for d in ("h2d", "d2h", "d2d"):
-        assert value(s, "flexnpu_npu_chip_info_transfer_bytes_total", id="0", direction=d) == \
+        assert value(s, "flexnpu_npu_chip_info_transfer_bytes_total", id=str(DEV), direction=d) == \
             sum(c["bytes_copied"][d] for c in clients.values())
-    assert value(s, "flexnpu_npu_chip_info_processes", id="0") == 2
+    assert value(s, "flexnpu_npu_chip_info_processes", id=str(DEV)) == 2
     assert value(s, "flexnpu_observer_info", source="bpf") == 1
     promtool_check(scrape(node.url))
     assert listening(node.port) == ["0100007F"]
@@ -385,7 +390,7 @@ def test_gates_and_decisions_match_the_daemon(node: Node) -> None:
     pids = {role: p.pid for role, (p, _) in node.programs.items()}
 
     def controlled() -> list | None:
-        with DaemonClient(0, node.node.rdir, timeout=2.0) as c:
+        with DaemonClient(DEV, node.node.rdir, timeout=2.0) as c:
             views = {v.pid: v for v in c.list() if v.pid in pids.values()}
         ok = len(views) == 2 and all(v.owner == "controller" for v in views.values())
         return list(views.values()) if ok else None
@@ -394,10 +399,10 @@ def test_gates_and_decisions_match_the_daemon(node: Node) -> None:
 
     def agree() -> bool:
         s = node.samples()
-        with DaemonClient(0, node.node.rdir, timeout=2.0) as c:
+        with DaemonClient(DEV, node.node.rdir, timeout=2.0) as c:
             now = {v.pid: v for v in c.list() if v.pid in pids.values()}
         for pid, v in now.items():
-            lb = {"pid": str(pid), "id": "0", "owner": "controller"}
+            lb = {"pid": str(pid), "id": str(DEV), "owner": "controller"}
             if value(s, "flexnpu_gate_priority", **lb) != v.priority or \
                     value(s, "flexnpu_gate_inflight_limit", **lb) != v.inflight or \
                     value(s, "flexnpu_gate_open", **lb) != (1 if v.gate == "open" else 0) or \
@@ -426,13 +431,14 @@ class Prometheus:
         cfg = tmp / "prometheus.yml"
         cfg.write_text(
             "global:\n"
-            f"  scrape_interval: {scrape_s}s\n"
-            f"  scrape_timeout: {scrape_s}s\n"
+            f"  scrape_interval: {round(scrape_s * 1000)}ms\n"
+            f"  scrape_timeout: {round(scrape_s * 1000)}ms\n"
             "scrape_configs:\n"
             "  - job_name: flexnpu\n"
             "    static_configs:\n"
             f"      - targets: ['127.0.0.1:{target_port}']\n")
-        self.log = open(tmp / "prometheus.log", "wb")
+        self.log_path = tmp / "prometheus.log"
+        self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
@@ -454,7 +460,8 @@ class Prometheus:
         try:
             targets = self.api("/api/v1/targets")["data"]["activeTargets"]
         except OSError:
-            assert self.proc.poll() is None, f"prometheus exited {self.proc.returncode}"
+            assert self.proc.poll() is None, \
+                f"prometheus exited {self.proc.returncode}:\n{self.log_path.read_text(errors='replace')[-2000:]}"
             return False
         return any(t["health"] == "up" for t in targets)
 
@@ -490,7 +497,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
 def test_real_prometheus_scrapes_the_observer(node: Node, prometheus: Callable[[int], Prometheus]) -> None:
     prom = prometheus(node.port)
     until(prom.up, 60, "prometheus to find the observer up")
-    emu = node.node.emulator_status()["devices"][0]
+    emu = node.node.emulator_status()["devices"][DEV]
     clients = {c["pid"]: c for c in emu["clients"]}
 
     def one(expr: str) -> float | None:
@@ -504,8 +511,8 @@ def test_real_prometheus_scrapes_the_observer(node: Node, prometheus: Callable[[
         assert got == clients[p.pid]["ops"]["kernel"]
         assert one(f'sum(flexnpu_process_transfer_bytes_total{{pid="{p.pid}"}})') == \
             sum(clients[p.pid]["bytes_copied"][d] for d in ("h2d", "d2h", "d2d"))
-    assert one('flexnpu_npu_chip_info_hbm_used_memory_bytes{id="0"}') == emu["memory"]["used"]
-    assert one('flexnpu_npu_chip_info_launches_total{id="0"}') == sum(c["ops"]["kernel"] for c in clients.values())
+    assert one(f'flexnpu_npu_chip_info_hbm_used_memory_bytes{{id="{DEV}"}}') == emu["memory"]["used"]
+    assert one(f'flexnpu_npu_chip_info_launches_total{{id="{DEV}"}}') == sum(c["ops"]["kernel"] for c in clients.values())
     assert one("up") == 1
 
     # every query of the dashboard parses and names only what the observer exports
@@ -534,14 +541,13 @@ def test_thousand_short_processes_leave_no_series(short_program: Path) -> None:
     from flexnpu.bench.node import LocalNode
 
     port = free_port()
-    with LocalNode(devices=1, observer="bpf", observe_interval_ms=50, daemons=False,
+    with LocalNode(devices=DEV + 1, observer="bpf", observe_interval_ms=50, daemons=False,
                    observe_args=["--metrics", f"127.0.0.1:{port}"]) as ln:
         url = f"http://127.0.0.1:{port}/metrics"
         until(lambda: _try_scrape(url), 60, "the observer's metrics")
-        base = parse(scrape(url))
-        assert value(base, "flexnpu_npu_chip_info_launches_total", id="0") in (None, 0)
+        assert value(parse(scrape(url)), "flexnpu_npu_chip_info_launches_total", id=str(DEV)) in (None, 0)
         env = ln.program_env(shim=False)
-        argv = [str(short_program), str(KLIB())]
+        argv = [str(short_program), str(KLIB()), str(DEV)]
 
         def run_one(_: int) -> int:
             r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
@@ -555,26 +561,34 @@ def test_thousand_short_processes_leave_no_series(short_program: Path) -> None:
                 t0 = time.monotonic()
                 s = parse(scrape(url))
                 scrapes.append(time.monotonic() - t0)
-                most = max(most, len(s.get("flexnpu_process_launches_total", ())))
+                most = max(most, sum(1 for lb, _ in s.get("flexnpu_process_launches_total", ()) if lb["id"] == str(DEV)))
                 time.sleep(0.05)
             pids = {f.result() for f in futures}
         assert len(pids) == N_SHORT
 
         def counted() -> Samples | None:
             s = parse(scrape(url))
-            return s if value(s, "flexnpu_npu_chip_info_launches_total", id="0") == N_SHORT * SHORT_LAUNCHES else None
+            return s if value(s, "flexnpu_npu_chip_info_launches_total", id=str(DEV)) == N_SHORT * SHORT_LAUNCHES else None
 
-        s = until(counted, 30, f"{N_SHORT * SHORT_LAUNCHES} launches on the device")
-        assert value(s, "flexnpu_npu_chip_info_transfer_bytes_total", id="0", direction="h2d") == N_SHORT * SHORT_BYTES
-        assert value(s, "flexnpu_npu_chip_info_transfer_bytes_total", id="0", direction="d2h") == N_SHORT * SHORT_BYTES
-        s = until(lambda: (lambda x: x if not x.get("flexnpu_process_launches_total") else None)(parse(scrape(url))),
-                  10, "every process series to go")
-        names_left = {lb.get("pid") for fam, rows in s.items() for lb, _ in rows if lb.get("pid")}
-        assert not names_left & {str(p) for p in pids}
-        assert value(s, "flexnpu_npu_chip_info_hbm_used_memory_bytes", id="0") == 0
-        series = sum(len(rows) for rows in s.values())
-        assert series <= sum(len(rows) for rows in base.values()) + 8, "series left after the processes exited"
-        assert 0 < most <= 100, f"{most} process series at once for 4 programs at a time"
+        try:
+            s = until(counted, 10, f"{N_SHORT * SHORT_LAUNCHES} launches on the device")
+        except AssertionError:
+            s = parse(scrape(url))
+        assert value(s, "flexnpu_npu_chip_info_launches_total", id=str(DEV)) == N_SHORT * SHORT_LAUNCHES
+        for d in ("h2d", "d2h"):
+            assert value(s, "flexnpu_npu_chip_info_transfer_bytes_total", id=str(DEV), direction=d) == N_SHORT * SHORT_BYTES
+        def settled() -> Samples | None:
+            s = parse(scrape(url))
+            return s if not [lb for lb, _ in s.get("flexnpu_process_launches_total", ()) if lb["id"] == str(DEV)] else None
+
+        s = until(settled, 10, "every process series to go")
+        left = [(name, lb) for name, rows in s.items() for lb, _ in rows if lb.get("pid") in {str(p) for p in pids}]
+        assert not left, left[:5]
+        assert value(s, "flexnpu_npu_chip_info_hbm_used_memory_bytes", id=str(DEV)) == 0
+        series = sum(1 for rows in s.values() for lb, _ in rows if lb.get("id") == str(DEV))
+        assert series <= 16, f"{series} series of device {DEV} after the processes exited"
+        # a process is in the snapshots of at most two intervals after it exits: far fewer than all
+        assert 0 < most <= N_SHORT // 4, f"{most} process series at once for 4 programs at a time"
         scrapes.sort()
         print(f"\n{N_SHORT} short processes: at most {most} process series at once; "
               f"scrape median {scrapes[len(scrapes) // 2] * 1e3:.1f} ms, max {scrapes[-1] * 1e3:.1f} ms "

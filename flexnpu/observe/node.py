@@ -58,6 +58,7 @@ class NodeObserver:
         self._info: dict[int, ProcessInfo] = {}
         self.skipped: set[int] = set()  # executors: their runtime calls are their clients' work
         self._counted: set[int] = set()  # processes with counts, known not to be executors
+        self._dying: set[int] = set()  # found exited after the last read: dropped after this one
         self.libraries: dict[tuple[int, int], str] = {}
         if source not in ("auto", "bpf", "shim"):
             raise ValueError(f"source must be auto, bpf or shim, not {source!r}")
@@ -190,12 +191,15 @@ class NodeObserver:
         self.discover()
         reads = self.read()
         snap = self.builder.build(reads, info=self.info)
+        # A process found gone after this read may have made calls between the read and its
+        # exit: it is dropped after the next read, when its counts are final for certain.
         gone = {pid for pid, _ in reads if not procs.exists(pid)}
-        if gone and self.session:
-            self.session.forget(gone)  # reported once more above, now dropped
-        for pid in gone:
+        final, self._dying = self._dying, gone - self._dying
+        if final and self.session:
+            self.session.forget(final)  # reported once more above, now dropped
+        for pid in final:
             self._info.pop(pid, None)
-        self._counted -= gone
+        self._counted -= final
         return snap
 
     def close(self) -> None:
