@@ -2,10 +2,12 @@
  * and exits, so a thousand of them show that the observer's metrics drop exited processes.
  *
  * Build: cc metrics_short.c -I<acl include> -L<lib dir> -lascendcl
- * Run:   metrics_short KERNEL_LIBRARY [DEVICE]
+ * Run:   metrics_short KERNEL_LIBRARY [DEVICE] [--hold]
  *
  * Calls: aclrtLaunchKernel 3 times, aclrtMemcpy 4096 bytes host to device and 4096 bytes
- * device to host, one page allocated and freed; prints {"pid":P} last.
+ * device to host, one page allocated and freed; prints {"pid":P} once they are made. With
+ * --hold it then keeps its page until a line comes on stdin (scripts/bench_metrics.py keeps
+ * many alive that way).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -37,7 +39,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: metrics_short KERNEL_LIBRARY [DEVICE]\n");
         return 2;
     }
-    int dev = argc > 2 ? atoi(argv[2]) : 0;
+    int dev = argc > 2 && argv[2][0] != '-' ? atoi(argv[2]) : 0;
+    int hold = !strcmp(argv[argc - 1], "--hold");
     CHECK(aclInit(NULL));
     CHECK(aclrtSetDevice(dev));
     aclrtBinHandle bin;
@@ -55,10 +58,13 @@ int main(int argc, char **argv)
     for (int i = 0; i < N_LAUNCH; i++) CHECK(aclrtLaunchKernel(fn, 1, &k, sizeof k, s));
     CHECK(aclrtSynchronizeStream(s));
     CHECK(aclrtMemcpy(host, BYTES, d, BYTES, ACL_MEMCPY_DEVICE_TO_HOST));
+    printf("{\"pid\":%d}\n", (int)getpid());
+    fflush(stdout);
+    char line[16];
+    if (hold && !fgets(line, sizeof line, stdin)) { /* EOF: exit all the same */ }
     CHECK(aclrtFree(d));
     CHECK(aclrtDestroyStream(s));
     CHECK(aclrtResetDevice(dev));
     CHECK(aclFinalize());
-    printf("{\"pid\":%d}\n", (int)getpid());
     return 0;
 }
