@@ -344,38 +344,41 @@ def node(workload_program: Path) -> Iterator[Node]:
 @bpf
 @pytest.mark.slow
 def test_scrape_matches_the_emulator(node: Node) -> None:
-    """Every per-process and per-device count equals the emulator's; the text passes promtool."""
-    emu = node.node.emulator_status()
-    dev = emu["devices"][DEV]
-    clients = {c["pid"]: c for c in dev["clients"]}
+    """Every per-process and per-device count equals the emulator's; the text passes promtool.
+    A snapshot trails the emulator by up to an interval, so both are read again until they
+    agree (or the time is up, and the differences are the failure)."""
 
-    def settled() -> Samples | None:
+    def mismatches() -> list[str]:
+        dev = node.node.emulator_status()["devices"][DEV]
+        clients = {c["pid"]: c for c in dev["clients"]}
         s = node.samples()
-        pids = {lb["pid"] for lb, _ in s.get("flexnpu_process_launches_total", ())}
-        want = {str(p.pid) for p, _ in node.programs.values()}
-        return s if want <= pids else None
+        want: list[tuple[str, dict, Any]] = []
+        for role, (p, truth) in node.programs.items():
+            c, pid = clients[p.pid], str(p.pid)
+            want.append(("flexnpu_process_launches_total", {"pid": pid, "id": str(DEV), "role": role},
+                         c["ops"]["kernel"]))
+            want += [("flexnpu_process_transfer_bytes_total", {"pid": pid, "direction": d}, c["bytes_copied"][d])
+                     for d in ("h2d", "d2h", "d2d")]
+            want.append(("flexnpu_process_memory_used_bytes", {"pid": pid}, c["memory_used"]))
+            phases = [(lb["phase"], v) for lb, v in s.get("flexnpu_process_phase", ()) if lb["pid"] == pid]
+            if len(phases) != 1 or phases[0] not in ((role, 1), ("idle", 1)):  # done, it holds its memory
+                want.append(("flexnpu_process_phase", {"pid": pid, "phase": role}, f"one series, {role} or idle"))
+            assert c["ops"]["kernel"] == truth["ops"]["kernel"]
+        lb = {"id": str(DEV), "model_name": dev["soc"]}
+        want += [("flexnpu_npu_chip_info_hbm_used_memory_bytes", lb, dev["memory"]["used"]),
+                 ("flexnpu_npu_chip_info_hbm_total_memory_bytes", lb, dev["memory"]["total"]),
+                 ("flexnpu_npu_chip_info_launches_total", lb, sum(c["ops"]["kernel"] for c in clients.values())),
+                 ("flexnpu_npu_chip_info_processes", lb, len(clients)),
+                 ("flexnpu_observer_info", {"source": "bpf"}, 1)]
+        want += [("flexnpu_npu_chip_info_transfer_bytes_total", {**lb, "direction": d},
+                  sum(c["bytes_copied"][d] for c in clients.values())) for d in ("h2d", "d2h", "d2d")]
+        return [f"{name}{labels} = {value(s, name, **labels)}, emulator {v}"
+                for name, labels, v in want if value(s, name, **labels) != v]
 
-    s = until(settled, 30, "both programs in the metrics")
-    for role, (p, truth) in node.programs.items():
-        c = clients[p.pid]
-        pid = str(p.pid)
-        assert value(s, "flexnpu_process_launches_total", pid=pid, id=str(DEV)) == c["ops"]["kernel"] \
-            == truth["ops"]["kernel"]
-        for d in ("h2d", "d2h", "d2d"):
-            assert value(s, "flexnpu_process_transfer_bytes_total", pid=pid, direction=d) == c["bytes_copied"][d], d
-        assert value(s, "flexnpu_process_memory_used_bytes", pid=pid) == c["memory_used"]
-        assert value(s, "flexnpu_process_launches_total", pid=pid, role=role) is not None
-        phases = [lb for lb, v in s["flexnpu_process_phase"] if lb["pid"] == pid]
-        assert len(phases) == 1 and phases[0]["phase_source"] == "role" and phases[0]["phase"] == role
-    model = dev["soc"]
-    assert value(s, "flexnpu_npu_chip_info_hbm_used_memory_bytes", id=str(DEV), model_name=model) == dev["memory"]["used"]
-    assert value(s, "flexnpu_npu_chip_info_hbm_total_memory_bytes", id=str(DEV), model_name=model) == dev["memory"]["total"]
-    assert value(s, "flexnpu_npu_chip_info_launches_total", id=str(DEV)) == sum(c["ops"]["kernel"] for c in clients.values())
-    for d in ("h2d", "d2h", "d2d"):
-        assert value(s, "flexnpu_npu_chip_info_transfer_bytes_total", id=str(DEV), direction=d) == \
-            sum(c["bytes_copied"][d] for c in clients.values())
-    assert value(s, "flexnpu_npu_chip_info_processes", id=str(DEV)) == 2
-    assert value(s, "flexnpu_observer_info", source="bpf") == 1
+    deadline = time.monotonic() + 30
+    while (wrong := mismatches()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not wrong, "\n".join(wrong)
     promtool_check(scrape(node.url))
     assert listening(node.port) == ["0100007F"]
 
