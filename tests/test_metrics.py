@@ -124,7 +124,9 @@ def test_address_forms() -> None:
     assert parse_address(":9400") == ("127.0.0.1", 9400)
     assert parse_address("0.0.0.0:9400") == ("0.0.0.0", 9400)
     assert parse_address("[::1]:9400") == ("::1", 9400)
-    for bad in ("", "x", "127.0.0.1:65536", "127.0.0.1:-1", "::1:9400", "[::1", "no-such-host.invalid:9400"):
+    assert parse_address("localhost:0") == ("127.0.0.1", 0)
+    for bad in ("", "x", "127.0.0.1:65536", "127.0.0.1:-1", "::1:9400", "[::1", "no-such-host.invalid:9400",
+                "example.org:80", "127.0.0.1:٣"):
         with pytest.raises(AddressError) as e:
             parse_address(bad)
         assert "\n" not in str(e.value)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -69,7 +68,8 @@ class AddressError(ValueError):
 
 def parse_address(text: str) -> tuple[str, int]:
     """(host, port) from HOST:PORT, [V6]:PORT, :PORT or PORT (host 127.0.0.1: metrics name
-    the node's processes, so they are served beyond it only when asked). Port 0: any free."""
+    the node's processes, so they are served beyond it only when asked). HOST is an IP
+    address or localhost, never looked up. Port 0: any free."""
     s = text.strip()
     if not s:
         raise AddressError("an empty address; give HOST:PORT, e.g. 127.0.0.1:9400")
@@ -85,15 +85,15 @@ def parse_address(text: str) -> tuple[str, int]:
     else:
         host, port = "", s
     host = host or DEFAULT_HOST
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise AddressError(f"{text!r}: the port must be a number from 0 to 65535 (0: any free port)")
+    if host == "localhost":  # the one name taken: a bind address needs no name service
+        host = DEFAULT_HOST
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        try:
-            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            raise AddressError(f"{text!r}: {host!r} is not an address of this machine's names") from None
+        raise AddressError(f"{text!r}: the host must be an IP address of this machine (127.0.0.1, "
+                           "0.0.0.0 for every interface, [::1]) or localhost") from None
     return host, int(port)
 
 
