@@ -225,6 +225,12 @@ def test_bad_address_is_one_line(address: str, observe_env: dict[str, str]) -> N
     assert "Traceback" not in r.stderr
 
 
+def test_address_not_here_is_one_line(observe_env: dict[str, str]) -> None:
+    r = _observe("--source", "shim", "--count", "1", "--metrics", "192.0.2.1:9400", env=observe_env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "not an address of this machine" in r.stderr
+
+
 def test_bad_config_key_is_one_line(observe_env: dict[str, str]) -> None:
     Path(observe_env["FLEXNPU_CONFIG"]).write_text('[observe]\nmetrics = "127.0.0.1:port"\n')
     r = _observe("--source", "shim", "--count", "1", env=observe_env)

@@ -17,6 +17,7 @@ never by the free text, which names pids and times.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import re
@@ -377,7 +378,10 @@ class MetricsServer:
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=registry(state))
         except OSError as e:
-            why = "the port is in use (another exporter?); pick another" if e.errno == 98 else (e.strerror or str(e))
+            why = {errno.EADDRINUSE: "the port is in use (another exporter?); pick another",
+                   errno.EADDRNOTAVAIL: "not an address of this machine",
+                   errno.EAFNOSUPPORT: "no network here (a unit with PrivateNetwork=, docs/metrics.md)",
+                   errno.EACCES: "permission denied (ports below 1024 need root)"}.get(e.errno, e.strerror or str(e))
             raise AddressError(f"cannot serve metrics on {host}:{port}: {why}") from None
         self.host, self.port = self._server.server_address[:2]
 
