@@ -107,7 +107,7 @@ def observe_command(
     pid: Annotated[int, typer.Option("-p", "--pid", help="Observe only this process.")] = 0,
     metrics: Annotated[Optional[str], typer.Option(
         help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; "
-             "0.0.0.0 for every interface). Default: [observe] metrics in flexnpu.toml, else none.",
+             "0.0.0.0 for every interface). Default: \\[observe] metrics in flexnpu.toml, else none.",
         metavar="HOST:PORT")] = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the BPF program and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
