@@ -251,7 +251,7 @@ def test_config_key_serves_and_port_in_use_is_one_line(observe_env: dict[str, st
         assert "flexnpu_observer_snapshots_total" in text
         # bound to the loopback address only, as asked
         assert listening(port) == ["0100007F"], listening(port)
-        # a second observer is refused by the node's lock; the port is checked by a process of its own
+        # an observer of another runtime dir (one observer per dir) asked for a port in use
         with socket.socket() as held:
             held.bind(("127.0.0.1", 0))
             held.listen()
