@@ -41,6 +41,9 @@ arch=$(dpkg --print-architecture)
 # container for tests/test_service_systemd.py.
 want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace libcap2-bin
       systemd-container debootstrap)
+# prometheus gives promtool (checks the observer's metrics text) and a real server the metrics
+# tests start on their own config; its packaged service is never left running (below).
+want+=(prometheus)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
@@ -56,12 +59,41 @@ for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
 if ((${#missing[@]})); then
     # Refresh the package lists only when something must actually be installed.
     apt-get update -qq || die "apt-get update failed; check the network / apt sources"
+    # no package's service may start during the install (prometheus's would listen on :9090):
+    # a policy-rc.d that denies every start, removed again unless one was there before
+    deny=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        deny=1
+    fi
+    rc=0
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-        >/dev/null || die "apt-get install ${missing[*]} failed"
+        >/dev/null || rc=$?
+    [[ -z $deny ]] || rm -f /usr/sbin/policy-rc.d
+    ((rc == 0)) || die "apt-get install ${missing[*]} failed"
     note "installed apt packages ${missing[*]}"
 fi
 py=$(command -v python3.11 || true)
 [[ -n $py ]] || die "python3.11 is not on PATH even after installing python3"
+
+# --- no packaged prometheus service ------------------------------------------
+# The tests start their own prometheus; the package's service (enabled by its install) would
+# hold port 9090 and scrape nothing of ours, so it is stopped and kept from starting at boot.
+if [[ -e /lib/systemd/system/prometheus.service && -d /run/systemd/system ]]; then
+    if systemctl is-enabled -q prometheus 2>/dev/null || systemctl is-active -q prometheus 2>/dev/null; then
+        systemctl disable -q --now prometheus 2>/dev/null || die "systemctl disable --now prometheus failed"
+        note "stopped and disabled the packaged prometheus service"
+    fi
+elif [[ -x /etc/init.d/prometheus ]]; then
+    if /etc/init.d/prometheus status >/dev/null 2>&1; then
+        /etc/init.d/prometheus stop >/dev/null || die "/etc/init.d/prometheus stop failed"
+        note "stopped the packaged prometheus service"
+    fi
+    if ls /etc/rc[2-5].d/S*prometheus >/dev/null 2>&1; then
+        update-rc.d prometheus disable >/dev/null 2>&1 || true
+        note "disabled the packaged prometheus service at boot"
+    fi
+fi
 
 # --- kernel headers for bcc -------------------------------------------------
 # bcc compiles BPF C against /lib/modules/$(uname -r)/build. When the running

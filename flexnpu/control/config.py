@@ -17,6 +17,8 @@
     [run.decode]                       # how `flexnpu run --role decode` runs a program (also prefill, auto)
     mode = "forward"                   # gated | forward (`--forward` / `--gated` override it)
     fallback = "gated"                 # with forward: gated (run gated where forwarding cannot) | none
+    [observe]
+    metrics = "127.0.0.1:9400"         # `flexnpu observe` serves Prometheus metrics there ("": none)
 
 Every key has a default; an unknown section or key, a value of the wrong type or out of
 range is refused with a `ConfigError` that names the key (`[policy.flexpd] tpot_slack`) and
@@ -78,11 +80,29 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
+class ObserveOptions:
+    metrics: str = opt("", "HOST:PORT where `flexnpu observe` serves Prometheus metrics (\"\": none; "
+                       "`--metrics` overrides it)")
+
+    def check(self) -> tuple[str, str] | None:
+        if not self.metrics:
+            return None
+        from flexnpu.observe.metrics import AddressError, parse_address
+
+        try:
+            parse_address(self.metrics)
+        except AddressError as e:
+            return "metrics", str(e)
+        return None
+
+
+@dataclass(frozen=True)
 class Config:
     controller: ControllerOptions
     policies: dict[str, Any]  # policy name -> its options dataclass
     roles: roles.RoleRules = roles.RoleRules()
     run: dict[str, RunOptions] = dataclasses.field(default_factory=lambda: {r: RunOptions() for r in RUN_ROLES})
+    observe: ObserveOptions = ObserveOptions()
 
     @property
     def policy_options(self) -> Any:
@@ -226,8 +246,9 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
         if k not in RUN_ROLES:
             raise ConfigError(f"[run.{_key(k)}]: unknown role; known: {', '.join(RUN_ROLES)}")
     run_opts = {r: _build(RunOptions, f"run.{r}", run.get(r, {})) for r in RUN_ROLES}
+    observe = _build(ObserveOptions, "observe", data.pop("observe", {}))
     for k in data:
-        raise ConfigError(f"[{_key(k)}]: unknown section; known: [controller], [roles], "
+        raise ConfigError(f"[{_key(k)}]: unknown section; known: [controller], [roles], [observe], "
                           + ", ".join(f"[policy.{p}]" for p in POLICIES) + ", "
                           + ", ".join(f"[run.{r}]" for r in RUN_ROLES))
     if not isinstance(pol, dict):
@@ -240,7 +261,7 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
         raise ConfigError(f"[controller] renew_ms = {controller.renew_ms:g}: must be at most lease_ms / 2 "
                           f"({controller.lease_ms / 2:g}), or the lease runs out between renewals")
     policies = {name: _build(mod.Options, f"policy.{name}", pol.get(name, {})) for name, mod in POLICIES.items()}
-    return Config(controller, policies, role_rules, run_opts)
+    return Config(controller, policies, role_rules, run_opts, observe)
 
 
 def load(path: Path | None, required: bool, overrides: dict[str, Any] | None = None) -> Config:
@@ -274,4 +295,5 @@ def to_toml(cfg: Config) -> str:
     out += [""] + roles.to_toml(cfg.roles)
     for r, opts in cfg.run.items():
         out += [""] + _section(f"run.{r}", opts)
+    out += [""] + _section("observe", cfg.observe)
     return "\n".join(out) + "\n"

@@ -31,6 +31,31 @@ def trace_problem(path: Path) -> str | None:
     return output_file_problem(path)
 
 
+def metrics_address(option: str | None) -> tuple[str, int] | None:
+    """Where to serve metrics: --metrics, else [observe] metrics of the node's configuration
+    (absent file: none); a bad address or file exits 2 with one line."""
+    from flexnpu import paths
+    from flexnpu.control import config as cfgmod
+    from flexnpu.observe.metrics import AddressError, parse_address
+
+    text = option
+    if text is None:
+        try:
+            text = cfgmod.load(paths.config_file(), required=False).observe.metrics
+        except cfgmod.ConfigError as e:
+            fail("observe", str(e))
+        where = f"[observe] metrics in {paths.config_file()}"
+    else:
+        where = "--metrics"
+    if not text:
+        return None
+    try:
+        return parse_address(text)
+    except AddressError as e:
+        fail("observe", f"{where}: {e}")
+    return None
+
+
 def attach_command(
     pid: Annotated[int, typer.Argument(help="Process to observe.")],
     interval: Annotated[float, typer.Argument(help="Seconds between lines.")] = 1.0,
@@ -80,6 +105,10 @@ def observe_command(
     count: Annotated[Optional[int], typer.Option(help="Stop after this many snapshots.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Also print each snapshot on stdout.")] = False,
     pid: Annotated[int, typer.Option("-p", "--pid", help="Observe only this process.")] = 0,
+    metrics: Annotated[Optional[str], typer.Option(
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; "
+             "0.0.0.0 for every interface). Default: \\[observe] metrics in flexnpu.toml, else none.",
+        metavar="HOST:PORT")] = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the BPF program and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
@@ -90,6 +119,7 @@ def observe_command(
       flexnpu observe
       flexnpu observe --interval-ms 500 --json
       flexnpu observe -p 1234 --json
+      flexnpu observe --metrics 127.0.0.1:9400   # then: curl -s 127.0.0.1:9400/metrics
     """
     from flexnpu.observe.probegen import ProbeConfig, build
 
@@ -102,6 +132,7 @@ def observe_command(
     check_at_least("observe", "--count", count, 1)
     if source not in ("auto", "bpf", "shim"):
         fail("observe", f"--source takes auto, bpf or shim, not {source!r}")
+    address = metrics_address(metrics)
     from flexnpu.observe import node, procs
 
     if pid and not procs.exists(pid):
@@ -109,7 +140,8 @@ def observe_command(
     logs.setup(verbose)
 
     try:
-        node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out, pid=pid)
+        node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out, pid=pid,
+                   metrics=address)
     except ObserveError as e:
         _fail("observe", e)
     except KeyboardInterrupt:

@@ -58,6 +58,7 @@ class NodeObserver:
         self._info: dict[int, ProcessInfo] = {}
         self.skipped: set[int] = set()  # executors: their runtime calls are their clients' work
         self._counted: set[int] = set()  # processes with counts, known not to be executors
+        self._dying: set[int] = set()  # found exited after the last read: dropped after this one
         self.libraries: dict[tuple[int, int], str] = {}
         if source not in ("auto", "bpf", "shim"):
             raise ValueError(f"source must be auto, bpf or shim, not {source!r}")
@@ -190,12 +191,15 @@ class NodeObserver:
         self.discover()
         reads = self.read()
         snap = self.builder.build(reads, info=self.info)
+        # A process found gone after this read may have made calls between the read and its
+        # exit: it is dropped after the next read, when its counts are final for certain.
         gone = {pid for pid, _ in reads if not procs.exists(pid)}
-        if gone and self.session:
-            self.session.forget(gone)  # reported once more above, now dropped
-        for pid in gone:
+        final, self._dying = self._dying, gone - self._dying
+        if final and self.session:
+            self.session.forget(final)  # reported once more above, now dropped
+        for pid in final:
             self._info.pop(pid, None)
-        self._counted -= gone
+        self._counted -= final
         return snap
 
     def close(self) -> None:
@@ -228,9 +232,80 @@ def node_lock(rdir: Path | None = None) -> PidLock:
         raise ObserveError(f"cannot use the runtime dir {rdir}: {e.strerror}; {hint}") from None
 
 
+class MetricsFeed:
+    """The observer's side of `--metrics`: the HTTP endpoint, the controller's reports (zmq
+    SUB on controller.sock, read without waiting once per interval, in the loop's thread)
+    and what is known of each device, handed to the metrics' state with each snapshot."""
+
+    CHIPS_EVERY_S = 10.0
+
+    def __init__(self, ctx: Any, rdir: Path, host: str, port: int) -> None:
+        import zmq
+
+        from flexnpu.observe.metrics import MetricsServer, MetricsState
+
+        self.rdir = rdir
+        self.state = MetricsState()
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 1000)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # zmq connects once the controller binds, and again after it restarts
+        self.sub.connect(f"ipc://{paths.controller_socket(rdir)}")
+        self._chips_at = 0.0
+        try:
+            self.server = MetricsServer(host, port, self.state)
+        except BaseException:
+            self.sub.close(0)
+            raise
+        log.info("serving metrics on %s", self.server.url)
+
+    def feed(self, snap: dict[str, Any], obs: NodeObserver) -> None:
+        import zmq
+
+        from flexnpu.control.wire import ControllerReport, WireError
+
+        while True:
+            try:
+                raw = self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                self.state.controller_report(ControllerReport.from_json(raw))
+            except WireError as e:
+                log.debug("not a controller report: %s", e)
+        now = time.monotonic()
+        if now - self._chips_at >= self.CHIPS_EVERY_S:
+            self._chips_at = now
+            self.state.set_chips(chip_info(self.rdir))
+        # the shim's views are read only while daemons run: none left, no clients
+        self.state.update(snap, obs.shim.views if obs.shim.devices() else {})
+
+    def close(self) -> None:
+        self.server.close()
+        self.sub.close(0)
+
+
+def chip_info(rdir: Path) -> dict[int, dict[str, Any]]:
+    """Model name and memory capacity by device, where the device says them: the emulator's
+    device server does; real devices are not asked (empty)."""
+    from flexnpu.emulator import control
+
+    if not paths.emulator_socket(rdir).exists():
+        return {}
+    try:
+        st = control.status(rdir, timeout=0.5)
+    except control.EmulatorError:
+        return {}
+    return {int(d["index"]): {"model_name": d.get("soc"), "total_bytes": (d.get("memory") or {}).get("total")}
+            for d in st.get("devices") or () if isinstance(d, dict) and isinstance(d.get("index"), int)}
+
+
 def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, ...] = (),
-          count: int | None = None, print_json: bool = False, out: TextIO | None = None, pid: int = 0) -> int:
-    """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop."""
+          count: int | None = None, print_json: bool = False, out: TextIO | None = None, pid: int = 0,
+          metrics: tuple[str, int] | None = None) -> int:
+    """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop.
+    metrics: (host, port) to serve Prometheus metrics on, or None."""
     import zmq
 
     out = out or sys.stdout  # looked up now: the stdout of the moment, not of the import
@@ -243,6 +318,7 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         raise
     sock_path = paths.observe_socket(obs.rdir)
     ctx = pub = None
+    feed: MetricsFeed | None = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _Stop()
@@ -260,6 +336,13 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         except zmq.ZMQError as e:
             raise ObserveError(f"cannot publish on {sock_path}: {e.strerror}") from None
         bound = True
+        if metrics is not None:
+            from flexnpu.observe.metrics import AddressError
+
+            try:
+                feed = MetricsFeed(ctx, obs.rdir, *metrics)
+            except AddressError as e:
+                raise ObserveError(str(e)) from None
         msg = f"observing through {obs.source}" + (f": {obs.note}" if obs.note else "") + \
               f"; publishing on ipc://{sock_path} every {interval_s * 1000:.0f} ms"
         (log.warning if obs.source != "bpf" else log.info)(msg)
@@ -272,6 +355,8 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
             deadline = max(deadline + interval_s, time.monotonic())
             snap = obs.sample()
             data = json.dumps(snap)
+            if feed is not None:
+                feed.feed(snap, obs)
             try:
                 pub.send(data.encode(), zmq.NOBLOCK)
             except zmq.Again:
@@ -286,6 +371,8 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
+            if feed is not None:
+                feed.close()
             if pub is not None:
                 pub.close(0)
             if ctx is not None:

@@ -22,6 +22,7 @@ class ShimSource:
         self.rdir = Path(rdir or paths.runtime_dir())
         self._clients: dict[int, Any] = {}
         self.roles: dict[int, str] = {}  # pid -> prefill/decode, from the daemons
+        self.views: dict[tuple[int, int], Any] = {}  # (pid, device) -> api.ClientView of the last read
 
     def devices(self) -> list[int]:
         return paths.daemon_devices(self.rdir)
@@ -39,6 +40,7 @@ class ShimSource:
 
         out: dict[tuple[int, int], dict[str, Any]] = {}
         roles: dict[int, str] = {}
+        views: dict[tuple[int, int], Any] = {}
         for dev in self.devices():
             try:
                 clients = self._client(dev).list()
@@ -49,6 +51,7 @@ class ShimSource:
                     continue
                 if v.role in ("prefill", "decode"):
                     roles[v.pid] = v.role
+                views[(v.pid, dev)] = v
                 out[(v.pid, dev)] = {
                     "ops": [v.ops.get(o.name.lower(), 0) for o in Op],
                     "bytes": [v.bytes.get(d.name.lower(), 0) for d in Direction],
@@ -66,6 +69,7 @@ class ShimSource:
                     "class_iters": None, "class_ns": None,
                 }
         self.roles = roles
+        self.views = views
         return out
 
     def close(self) -> None:

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Writes deploy/grafana/flexnpu.json, the Grafana dashboard of the observer's metrics
+(docs/metrics.md), from the short description below.
+
+Usage: python3 scripts/gen_grafana_dashboard.py           # (re)write the file
+       python3 scripts/gen_grafana_dashboard.py --check   # exit 1 if the file is not what this writes
+
+Each panel is (title, unit, kind, [(PromQL, legend), ...]); $id is the dashboard's device
+variable and $datasource its Prometheus, chosen at import.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "flexnpu.json"
+RATE = "$__rate_interval"
+DEV = 'id=~"$id"'
+PROC = "{{pid}} {{comm}} ({{role}}, npu {{id}})"
+
+# (row title, [(panel title, unit, kind, [(expr, legend)])]); kind: timeseries, stacked, bars
+ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
+    ("Devices", [
+        ("Busy by phase", "percentunit", "stacked", [
+            (f"rate(flexnpu_npu_chip_info_busy_seconds_total{{{DEV}}}[{RATE}])", "npu {{id}} {{phase}}")]),
+        ("Device memory", "bytes", "timeseries", [
+            (f"flexnpu_npu_chip_info_hbm_used_memory_bytes{{{DEV}}}", "npu {{id}} used"),
+            (f"flexnpu_npu_chip_info_hbm_total_memory_bytes{{{DEV}}}", "npu {{id}} total")]),
+        ("Kernel launches", "ops", "timeseries", [
+            (f"rate(flexnpu_npu_chip_info_launches_total{{{DEV}}}[{RATE}])", "npu {{id}}")]),
+        ("Copies by direction", "Bps", "timeseries", [
+            (f"rate(flexnpu_npu_chip_info_transfer_bytes_total{{{DEV}}}[{RATE}])", "npu {{id}} {{direction}}")]),
+    ]),
+    ("Processes", [
+        ("Launches per process", "ops", "timeseries", [
+            (f"rate(flexnpu_process_launches_total{{{DEV}}}[{RATE}])", PROC)]),
+        ("Copies per process", "Bps", "timeseries", [
+            (f"sum by (pid, comm, role, id) (rate(flexnpu_process_transfer_bytes_total{{{DEV}}}[{RATE}]))", PROC)]),
+        ("Device memory per process", "bytes", "stacked", [
+            (f"flexnpu_process_memory_used_bytes{{{DEV}}}", PROC)]),
+        ("Phase per process", "short", "timeseries", [
+            (f"max by (pid, comm, role, id, phase) (flexnpu_process_phase{{{DEV}}})", PROC + " {{phase}}")]),
+        ("Gate wait (share of time)", "percentunit", "timeseries", [
+            (f"rate(flexnpu_process_gate_wait_seconds_total{{{DEV}}}[{RATE}])", PROC + " gate"),
+            (f"rate(flexnpu_process_inflight_wait_seconds_total{{{DEV}}}[{RATE}])", PROC + " in-flight")]),
+    ]),
+    ("Controller", [
+        ("Decisions by reason", "short", "bars", [
+            (f"sum by (policy, reason) (increase(flexnpu_controller_decisions_total{{{DEV}}}[{RATE}]))",
+             "{{policy}}: {{reason}}")]),
+        ("Gate settings", "short", "timeseries", [
+            (f"flexnpu_gate_priority{{{DEV}}}", "pid {{pid}} npu {{id}} priority"),
+            (f"flexnpu_gate_inflight_limit{{{DEV}}}", "pid {{pid}} npu {{id}} in-flight budget"),
+            (f"flexnpu_gate_open{{{DEV}}}", "pid {{pid}} npu {{id}} open")]),
+        ("Controller up", "short", "timeseries", [
+            ("flexnpu_controller_up", "{{policy}}")]),
+    ]),
+]
+
+
+def panel(pid: int, x: int, y: int, title: str, unit: str, kind: str, targets: list[tuple[str, str]]) -> dict:
+    custom: dict = {"drawStyle": "bars" if kind == "bars" else "line", "fillOpacity": 60 if kind != "timeseries" else 10,
+                    "stacking": {"mode": "normal" if kind in ("stacked", "bars") else "none", "group": "A"}}
+    return {
+        "id": pid, "type": "timeseries", "title": title,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit, "custom": custom}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                    "tooltip": {"mode": "multi", "sort": "desc"}},
+        "targets": [{"refId": chr(ord("A") + i), "expr": e, "legendFormat": lg,
+                     "datasource": {"type": "prometheus", "uid": "${datasource}"}} for i, (e, lg) in enumerate(targets)],
+    }
+
+
+def dashboard() -> dict:
+    panels, pid, y = [], 1, 0
+    for row, items in ROWS:
+        panels.append({"id": pid, "type": "row", "title": row, "collapsed": False, "panels": [],
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})
+        pid, y = pid + 1, y + 1
+        for i, item in enumerate(items):
+            panels.append(panel(pid, 12 * (i % 2), y + 8 * (i // 2), *item))
+            pid += 1
+        y += 8 * ((len(items) + 1) // 2)
+    return {
+        "title": "FlexNPU", "uid": "flexnpu-node", "tags": ["flexnpu", "npu"], "editable": True,
+        "schemaVersion": 39, "version": 1, "refresh": "5s", "time": {"from": "now-15m", "to": "now"},
+        "timezone": "", "graphTooltip": 1,
+        "description": "Generated by scripts/gen_grafana_dashboard.py from the metrics of `flexnpu observe --metrics` "
+                       "(docs/metrics.md).",
+        "templating": {"list": [
+            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+             "current": {}, "hide": 0},
+            {"name": "id", "label": "NPU", "type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
+             "query": {"query": "label_values(flexnpu_npu_chip_info_launches_total, id)", "refId": "id"},
+             "definition": "label_values(flexnpu_npu_chip_info_launches_total, id)",
+             "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
+        ]},
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def text() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:] == ["--check"]:
+        same = OUT.exists() and OUT.read_text() == text()
+        if not same:
+            print(f"{OUT} is not what scripts/gen_grafana_dashboard.py writes; run it", file=sys.stderr)
+        return 0 if same else 1
+    if argv[1:]:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text())
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
