@@ -533,8 +533,10 @@ def test_observer_container_command_attaches_as_the_pod_user(node, rendered):
     r = subprocess.run(as_pod_user(uid, gid, [str(py), "-c", "pass"]), capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "Operation not permitted" in r.stderr, r
 
-    # a network namespace of its own, as the pod has: --metrics 0.0.0.0:9464 binds there
-    proc = _start(node, "observer", ["unshare", "--net", "--", *pod_caps, *argv])
+    # a network namespace of its own with its loopback up, as a pod's is: --metrics 0.0.0.0:9464
+    # binds there
+    proc = _start(node, "observer", ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                                     *pod_caps, *argv])
     _until_probe(node, containers(rendered)["observer"], "observer", proc, 150)
     r = _run_probe(node, containers(rendered)["observer"])
     assert r.returncode == 0 and "source bpf" in r.stdout, r
