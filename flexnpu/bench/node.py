@@ -109,13 +109,15 @@ class LocalNode:
     policy: None (no controller) or a policy name for `flexnpu controller`;
     controller_args: extra command-line options for the controller (e.g. ["--tick-ms", "5"]);
     daemon_args: extra command-line options for every daemon (e.g. ["--pending-grace-ms", "5"]);
+    observe_args: extra command-line options for the observer (e.g. ["--publish-tcp", "127.0.0.1:7781"]);
     partition: the emulator's `--partition prefill=S,decode=S` (fixed shares by role), or None.
     """
 
     def __init__(self, devices: int = 1, mode: str = "contexts", profile: str = "910b", time_scale: float = 1.0,
                  observer: str | None = "shim", observe_interval_ms: float = 50.0, policy: str | None = None,
                  controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None,
-                 partition: str | None = None, daemon_args: Sequence[str] = ()) -> None:
+                 partition: str | None = None, daemon_args: Sequence[str] = (),
+                 observe_args: Sequence[str] = ()) -> None:
         self.devices = devices
         self.mode = mode
         self.profile = profile
@@ -125,6 +127,7 @@ class LocalNode:
         self.policy = policy
         self.controller_args = list(controller_args)
         self.daemon_args = list(daemon_args)
+        self.observe_args = list(observe_args)  # extra options for the observer (e.g. --publish-tcp)
         self.partition = partition  # the emulator's --partition (vNPU-like split by role), or None
         self.want_daemons = daemons
         self._own_rdir = rdir is None
@@ -184,7 +187,7 @@ class LocalNode:
                 self._ready(f"daemon-{dev}", lambda d=dev: self._daemon_up(d))
         if self.observer:
             self._service("observe", ["observe", "--source", self.observer,
-                                      "--interval-ms", f"{self.observe_interval_ms:g}"])
+                                      "--interval-ms", f"{self.observe_interval_ms:g}", *self.observe_args])
             self._ready("observe", lambda: paths.observe_socket(self.rdir).exists())
         if self.policy:
             self._service("controller", ["controller", "--policy", self.policy, *self.controller_args])

@@ -16,8 +16,23 @@ from flexnpu import logs
 from flexnpu.cliargs import (MAX_INTERVAL_S, check_at_least, check_pid, check_positive, fail,
                              output_file_problem)
 from flexnpu.observe.errors import ObserveError
+from flexnpu.remote.cliopts import Authorized, PublishTcp, ServerKey
 
 
+
+
+def _tcp_target(publish_tcp: str | None, key: Path | None, authorized: Path | None, config: Path | None):  # type: ignore[no-untyped-def]
+    """Where to publish on TCP as well: the options over the configuration's [publish]."""
+    from flexnpu import paths
+    from flexnpu.control import config as cfgmod
+    from flexnpu.remote.cliopts import resolve
+
+    try:
+        cfg = cfgmod.load(config if config is not None else paths.config_file(), config is not None)
+    except cfgmod.ConfigError as e:
+        fail("observe", str(e))
+    p = cfg.publish
+    return resolve("observe", publish_tcp, key, authorized, p.observe_tcp, p.secret_key, p.authorized_dir)
 
 
 def _fail(cmd: str, e: ObserveError) -> None:
@@ -82,14 +97,22 @@ def observe_command(
     pid: Annotated[int, typer.Option("-p", "--pid", help="Observe only this process.")] = 0,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the BPF program and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    publish_tcp: PublishTcp = None,
+    key: ServerKey = None,
+    authorized: Authorized = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", metavar="FILE", help="TOML configuration, for its [publish] section (default "
+                                         "/etc/flexnpu/flexnpu.toml or $FLEXNPU_CONFIG).")] = None,
 ) -> None:
     """Watch every process on this node that uses a device runtime, and publish a snapshot per
-    interval on ipc://$FLEXNPU_RUNTIME_DIR/observe.sock (zmq PUB, JSON with "schema": 1).
+    interval on ipc://$FLEXNPU_RUNTIME_DIR/observe.sock (zmq PUB, JSON with "schema": 1),
+    and with --publish-tcp (or [publish] observe_tcp) on TCP too, CURVE only.
 
     Examples:
       flexnpu observe
       flexnpu observe --interval-ms 500 --json
       flexnpu observe -p 1234 --json
+      flexnpu observe --publish-tcp 10.0.0.1:7781   # keys: flexnpu keys --help
     """
     from flexnpu.observe.probegen import ProbeConfig, build
 
@@ -106,10 +129,11 @@ def observe_command(
 
     if pid and not procs.exists(pid):
         fail("observe", f"no process with pid {pid}; give -p the pid of a running process", 3)
+    tcp = _tcp_target(publish_tcp, key, authorized, config)
     logs.setup(verbose)
 
     try:
-        node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out, pid=pid)
+        node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out, pid=pid, tcp=tcp)
     except ObserveError as e:
         _fail("observe", e)
     except KeyboardInterrupt:

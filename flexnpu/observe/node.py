@@ -229,8 +229,10 @@ def node_lock(rdir: Path | None = None) -> PidLock:
 
 
 def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, ...] = (),
-          count: int | None = None, print_json: bool = False, out: TextIO | None = None, pid: int = 0) -> int:
-    """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop."""
+          count: int | None = None, print_json: bool = False, out: TextIO | None = None, pid: int = 0,
+          tcp: Any = None) -> int:
+    """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop. tcp: a
+    flexnpu.remote.curve.PublishTarget to publish on as well (CURVE), or None."""
     import zmq
 
     out = out or sys.stdout  # looked up now: the stdout of the moment, not of the import
@@ -242,7 +244,7 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         lock.release()
         raise
     sock_path = paths.observe_socket(obs.rdir)
-    ctx = pub = None
+    ctx = pub = tcp_pub = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _Stop()
@@ -260,8 +262,16 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         except zmq.ZMQError as e:
             raise ObserveError(f"cannot publish on {sock_path}: {e.strerror}") from None
         bound = True
+        if tcp is not None:
+            from flexnpu.remote.curve import CurvePublisher, PublishError
+
+            try:
+                tcp_pub = CurvePublisher(tcp.endpoint, tcp.secret_key, tcp.authorized, ctx=ctx)
+            except PublishError as e:
+                raise ObserveError(str(e)) from None
         msg = f"observing through {obs.source}" + (f": {obs.note}" if obs.note else "") + \
-              f"; publishing on ipc://{sock_path} every {interval_s * 1000:.0f} ms"
+              f"; publishing on ipc://{sock_path}" + (f" and {tcp.endpoint.zmq()} (CURVE)" if tcp else "") + \
+              f" every {interval_s * 1000:.0f} ms"
         (log.warning if obs.source != "bpf" else log.info)(msg)
         systemd.notify("READY=1", f"STATUS=source {obs.source}")
         deadline = time.monotonic() + interval_s
@@ -276,6 +286,8 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
                 pub.send(data.encode(), zmq.NOBLOCK)
             except zmq.Again:
                 pass
+            if tcp_pub is not None:
+                tcp_pub.send(data.encode())
             if print_json:
                 print(data, file=out, flush=True)
             n += 1
@@ -288,6 +300,8 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         try:
             if pub is not None:
                 pub.close(0)
+            if tcp_pub is not None:
+                tcp_pub.close()
             if ctx is not None:
                 ctx.term()
             if bound:
