@@ -144,7 +144,7 @@ def secret_problem(st: os.stat_result, path: Path) -> str | None:
         return (f"{path}: the secret key is readable by others than its owner (mode "
                 f"{stat.S_IMODE(st.st_mode):04o}); anyone who reads it can pose as this node or client: "
                 f"chmod 600 {path}, and make a new key pair if others may have read it")
-    if st.st_uid not in (0, os.geteuid()):
+    if os.geteuid() != 0 and st.st_uid not in (0, os.geteuid()):
         return (f"{path}: the secret key belongs to {_owner(st.st_uid)}, not to this user; use your own "
                 f"key (flexnpu keys new NAME)")
     return None
