@@ -124,7 +124,7 @@ def authorize_command(
 
     Examples:
       sudo flexnpu keys authorize alice /tmp/alice-client.key
-      sudo flexnpu keys authorize laptop 'rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7'
+      sudo flexnpu keys authorize laptop "$(ssh laptop flexnpu keys show client)"
     """
     kd = _dir(d)
     _guard("authorize", lambda: keys.check_name(name))
