@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -117,6 +118,20 @@ def netns_argv(name: str, argv: Sequence[str]) -> list[str]:
     """argv run inside the named network namespace; nsenter execs it (the pid stays)."""
     nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
     return [nsenter, f"--net={NETNS_DIR / name}", "--", *map(str, argv)]
+
+
+def netns_address(name: str) -> str:
+    """The first IPv4 address of a named namespace's interfaces other than lo."""
+    from pyroute2 import NetNS
+
+    if not (NETNS_DIR / name).exists():
+        raise NetnsError(f"no network namespace {name} (ip netns lists those there are)")
+    with NetNS(name) as ns:
+        lo = ns.link_lookup(ifname="lo")
+        for a in ns.get_addr(family=socket.AF_INET):
+            if a["index"] not in lo:
+                return a.get_attr("IFA_ADDRESS")
+    raise NetnsError(f"network namespace {name} has no IPv4 address but on lo")
 
 
 # ---------------------------------------------------------------- leftovers
