@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -18,10 +18,14 @@ from flexnpu.cliargs import (MAX_INTERVAL_S, check_at_least, check_pid, check_po
 from flexnpu.observe.errors import ObserveError
 from flexnpu.remote.cliopts import Authorized, PublishTcp, ServerKey
 
+if TYPE_CHECKING:
+    from flexnpu.remote.curve import PublishTarget
 
 
 
-def _tcp_target(publish_tcp: str | None, key: Path | None, authorized: Path | None, config: Path | None):  # type: ignore[no-untyped-def]
+
+def _tcp_target(publish_tcp: str | None, key: Path | None, authorized: Path | None,
+                config: Path | None) -> "PublishTarget | None":
     """Where to publish on TCP as well: the options over the configuration's [publish]."""
     from flexnpu import paths
     from flexnpu.control import config as cfgmod
