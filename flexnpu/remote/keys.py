@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexnpu import paths
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flexnpu import SCHEMA, paths
-from flexnpu.control.wire import ControllerReport, Decision, WireError
+from flexnpu.control.wire import ControllerReport, WireError
 from flexnpu.remote import curve, keys
 from flexnpu.snapshot import NA, NodeSnapshot, SnapshotError
 from flexnpu.tui.model import (CONTROLLER_STALE_S, DECISIONS_KEPT, HISTORY, OBSERVER_STALE_S, DaemonState, Frame,
