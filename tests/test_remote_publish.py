@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 
+import pytest
 import zmq
 
 from flexnpu.bench.node import LocalNode
@@ -166,3 +167,36 @@ def test_configuration_puts_the_observer_on_tcp(keyring: Keyring, tmp_path, monk
             sub.close()
             plain.close(0)
     assert NodeSnapshot.from_json(msgs[0]).source == "shim"
+
+
+def test_ipv6_endpoint(keyring: Keyring) -> None:  # noqa: F811
+    """[::1]:PORT: the publisher and the subscriber turn zmq's IPv6 on; CURVE holds as on IPv4."""
+    import socket
+
+    ring = keyring
+    with socket.socket(socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError as e:
+            pytest.skip(f"no IPv6 loopback here: {e}")
+        port = s.getsockname()[1]
+    ctx = zmq.Context()
+    pub = curve.CurvePublisher(f"[::1]:{port}", ring.server_secret, ring.authorized, ctx=ctx)
+    ok = curve.CurveSubscriber(f"[::1]:{port}", ring.client, ring.server.public, ctx=ctx)
+    bad = curve.CurveSubscriber(f"[::1]:{port}", ring.stranger, ring.server.public, ctx=ctx)
+    try:
+        got: list[bytes] = []
+        end = time.monotonic() + WINDOW_S
+        while time.monotonic() < end and (len(got) < 20 or bad.state != curve.LINK_UNAUTHORIZED):
+            pub.send(b'{"x": 1}')
+            got += ok.recv_all()
+            bad.poll_events()
+            assert bad.recv_all() == []
+            time.sleep(0.02)
+        assert len(got) >= 20
+        assert bad.state == curve.LINK_UNAUTHORIZED
+    finally:
+        ok.close()
+        bad.close()
+        pub.close()
+        ctx.term()

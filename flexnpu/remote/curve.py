@@ -167,6 +167,7 @@ class CurvePublisher:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, hwm)
             s.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+            s.setsockopt(zmq.IPV6, 1 if ":" in self.endpoint.host else 0)  # zmq binds IPv4 only unless told
             s.curve_secretkey = pair.secret
             s.curve_publickey = pair.public
             s.curve_server = True
@@ -232,6 +233,7 @@ class CurveSubscriber:
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         s.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
         s.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        s.setsockopt(zmq.IPV6, 1 if ":" in self.endpoint.host else 0)
         s.curve_serverkey = server_public
         s.curve_publickey = client.public
         s.curve_secretkey = client.secret
