@@ -40,6 +40,7 @@ def _register_optional() -> None:
     app.command("top")(__import__("flexnpu.tui.cli", fromlist=["top_command"]).top_command)
     app.add_typer(__import__("flexnpu.service.cli", fromlist=["app"]).app, name="service")
     app.add_typer(__import__("flexnpu.bench.cli", fromlist=["app"]).app, name="bench")
+    app.add_typer(__import__("flexnpu.remote.cli", fromlist=["app"]).app, name="keys")
     app.command("demo")(__import__("flexnpu.bench.demo", fromlist=["demo_command"]).demo_command)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 DEFAULT_RUNTIME_DIR = "/run/flexnpu"
 DEFAULT_CONFIG = "/etc/flexnpu/flexnpu.toml"
+SERVICE_KEYS_DIR = "/etc/flexnpu/keys"  # CURVE keys of the services (flexnpu/remote/keys.py)
+USER_KEYS_DIR = "~/.config/flexnpu/keys"  # a user's own (under $XDG_CONFIG_HOME when set)
 
 # The trust boundary on a node: who may use FlexNPU's sockets and files (docs/service.md).
 # The services run as SERVICE_USER, whose group is CLIENT_GROUP (the forward layer's group of
@@ -162,3 +164,21 @@ def gate_table(device: int, rdir: Path | None = None) -> Path:
 def config_file() -> Path:
     """The node's configuration: $FLEXNPU_CONFIG, else /etc/flexnpu/flexnpu.toml."""
     return Path(os.environ.get("FLEXNPU_CONFIG") or DEFAULT_CONFIG)
+
+
+def keys_dir() -> Path:
+    """Where CURVE key pairs, authorized clients and known servers live: $FLEXNPU_KEYS_DIR;
+    else SERVICE_KEYS_DIR for root and the service user; else the user's own
+    ($XDG_CONFIG_HOME/flexnpu/keys, ~/.config/flexnpu/keys)."""
+    if os.environ.get("FLEXNPU_KEYS_DIR"):
+        return Path(os.environ["FLEXNPU_KEYS_DIR"])
+    import pwd
+
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        me = ""
+    if os.geteuid() == 0 or me == service_user():
+        return Path(SERVICE_KEYS_DIR)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return Path(xdg) / "flexnpu" / "keys" if xdg else Path(USER_KEYS_DIR).expanduser()

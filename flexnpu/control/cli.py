@@ -15,6 +15,7 @@ import typer
 
 from flexnpu import logs, paths, rundir, systemd
 from flexnpu.pidlock import AlreadyRunning, PidLock
+from flexnpu.remote.cliopts import Authorized, PublishTcp, ServerKey
 
 
 def _node_lock() -> PidLock:
@@ -49,6 +50,9 @@ def controller_command(
                                                                       "(TOML) and exit.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print each report as a JSON line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    publish_tcp: PublishTcp = None,
+    key: ServerKey = None,
+    authorized: Authorized = None,
 ) -> None:
     """Decide when each process may dispatch: read the observer's snapshots, set every
     device's gates through its daemon with a policy, and publish each decision and its reason
@@ -63,6 +67,7 @@ def controller_command(
       flexnpu controller
       flexnpu controller --policy static-split --json
       flexnpu controller --config my.toml --print-config > effective.toml
+      flexnpu controller --publish-tcp 10.0.0.1:7782   # CURVE; see flexnpu keys --help
     """
     from flexnpu.control import config as cfgmod
 
@@ -76,6 +81,10 @@ def controller_command(
     if print_config:
         sys.stdout.write(cfgmod.to_toml(cfg))
         return
+    from flexnpu.remote.cliopts import resolve
+
+    p = cfg.publish
+    tcp = resolve("controller", publish_tcp, key, authorized, p.controller_tcp, p.secret_key, p.authorized_dir)
 
     from flexnpu.control.controller import Controller
 
@@ -87,7 +96,7 @@ def controller_command(
             sys.stdout.flush()
     lock = _node_lock()
     try:
-        ctl = Controller(cfg, on_report=on_report)
+        ctl = Controller(cfg, on_report=on_report, tcp=tcp)
     except Exception as e:  # zmq.ZMQError (the socket), OSError: say it in one line
         lock.release()
         print(f"flexnpu controller: cannot start: {e}", file=sys.stderr)

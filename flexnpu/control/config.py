@@ -19,6 +19,11 @@
     fallback = "gated"                 # with forward: gated (run gated where forwarding cannot) | none
     [observe]
     metrics = "127.0.0.1:9400"         # `flexnpu observe` serves Prometheus metrics there ("": none)
+    [publish]                          # also publish on TCP, CURVE only (docs/multinode.md); "" = off
+    observe_tcp = "10.0.0.1:7781"      # `flexnpu observe`'s snapshots (--publish-tcp overrides it)
+    controller_tcp = "10.0.0.1:7782"   # `flexnpu controller`'s decisions
+    secret_key = ""                    # the server's secret key file ("": <keys dir>/server.key_secret)
+    authorized_dir = ""                # the clients' public keys ("": <keys dir>/authorized)
 
 Every key has a default; an unknown section or key, a value of the wrong type or out of
 range is refused with a `ConfigError` that names the key (`[policy.flexpd] tpot_slack`) and
@@ -72,6 +77,31 @@ RUN_ROLES = ("prefill", "decode", "auto")
 
 
 @dataclass(frozen=True)
+class PublishOptions:
+    observe_tcp: str = opt("", "HOST:PORT where `flexnpu observe` also publishes its snapshots, CURVE only "
+                           "(\"\": IPC only)")
+    controller_tcp: str = opt("", "HOST:PORT where `flexnpu controller` also publishes its decisions, CURVE "
+                              "only (\"\": IPC only)")
+    secret_key: str = opt("", "the server's secret key file (\"\": <keys dir>/server.key_secret)")
+    authorized_dir: str = opt("", "the public keys of the clients that may subscribe (\"\": <keys "
+                              "dir>/authorized)")
+
+    def check(self) -> tuple[str, str] | None:
+        from flexnpu.remote.curve import parse_endpoint
+
+        for name in ("observe_tcp", "controller_tcp"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    parse_endpoint(value)
+                except ValueError as e:
+                    return name, str(e)
+        if self.observe_tcp and self.observe_tcp == self.controller_tcp:
+            return "controller_tcp", f"{self.controller_tcp!r} is observe_tcp's too; give each its own port"
+        return None
+
+
+@dataclass(frozen=True)
 class RunOptions:
     mode: str = opt("gated", "how `flexnpu run` runs a program of this role: gated or forward",
                     choices=("gated", "forward"))
@@ -103,6 +133,7 @@ class Config:
     roles: roles.RoleRules = roles.RoleRules()
     run: dict[str, RunOptions] = dataclasses.field(default_factory=lambda: {r: RunOptions() for r in RUN_ROLES})
     observe: ObserveOptions = ObserveOptions()
+    publish: PublishOptions = PublishOptions()
 
     @property
     def policy_options(self) -> Any:
@@ -247,8 +278,9 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
             raise ConfigError(f"[run.{_key(k)}]: unknown role; known: {', '.join(RUN_ROLES)}")
     run_opts = {r: _build(RunOptions, f"run.{r}", run.get(r, {})) for r in RUN_ROLES}
     observe = _build(ObserveOptions, "observe", data.pop("observe", {}))
+    publish = _build(PublishOptions, "publish", data.pop("publish", {}))
     for k in data:
-        raise ConfigError(f"[{_key(k)}]: unknown section; known: [controller], [roles], [observe], "
+        raise ConfigError(f"[{_key(k)}]: unknown section; known: [controller], [roles], [observe], [publish], "
                           + ", ".join(f"[policy.{p}]" for p in POLICIES) + ", "
                           + ", ".join(f"[run.{r}]" for r in RUN_ROLES))
     if not isinstance(pol, dict):
@@ -261,7 +293,7 @@ def build(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Conf
         raise ConfigError(f"[controller] renew_ms = {controller.renew_ms:g}: must be at most lease_ms / 2 "
                           f"({controller.lease_ms / 2:g}), or the lease runs out between renewals")
     policies = {name: _build(mod.Options, f"policy.{name}", pol.get(name, {})) for name, mod in POLICIES.items()}
-    return Config(controller, policies, role_rules, run_opts, observe)
+    return Config(controller, policies, role_rules, run_opts, observe, publish)
 
 
 def load(path: Path | None, required: bool, overrides: dict[str, Any] | None = None) -> Config:
@@ -296,4 +328,5 @@ def to_toml(cfg: Config) -> str:
     for r, opts in cfg.run.items():
         out += [""] + _section(f"run.{r}", opts)
     out += [""] + _section("observe", cfg.observe)
+    out += [""] + _section("publish", cfg.publish)
     return "\n".join(out) + "\n"

@@ -120,7 +120,7 @@ class Controller:
     the I/O pool; a link's status, error and clients change together under its lock."""
 
     def __init__(self, cfg: Config, rdir: Path | None = None, on_report: Callable[[ControllerReport], Any] | None
-                 = None, publish: bool = True) -> None:
+                 = None, publish: bool = True, tcp: Any = None) -> None:
         import zmq
 
         self.cfg = cfg
@@ -144,6 +144,7 @@ class Controller:
         self.stop_flag = threading.Event()
         self._stop_requested = False  # set by request_stop(), from a signal handler
         self.pub = None
+        self.tcp_pub = None  # flexnpu.remote.curve.CurvePublisher when tcp (a PublishTarget) is given
         if publish:
             self.pub = zmq.Context.instance().socket(zmq.PUB)
             self.pub.setsockopt(zmq.LINGER, 0)
@@ -151,6 +152,11 @@ class Controller:
             sock = paths.controller_socket(self.rdir)
             sock.unlink(missing_ok=True)  # a dead controller's file; a live one would not be replaced silently
             rundir.bind_published(self.pub, sock)
+            if tcp is not None:
+                from flexnpu.remote.curve import CurvePublisher
+
+                self.tcp_pub = CurvePublisher(tcp.endpoint, tcp.secret_key, tcp.authorized,
+                                              ctx=zmq.Context.instance(), hwm=64)
 
     # ------------------------------------------------------------------ devices
 
@@ -314,10 +320,13 @@ class Controller:
         self.recent.extend(pending)
         rep = replace(rep, recent=tuple(self.recent))
         if self.pub is not None:
+            data = rep.to_json()
             try:
-                self.pub.send(rep.to_json(), flags=self._noblock)
+                self.pub.send(data, flags=self._noblock)
             except Exception as e:  # zmq.Again: a full queue; reports are advisory, the next one comes
                 log.debug("report %d not sent: %s", rep.seq, e)
+            if self.tcp_pub is not None:
+                self.tcp_pub.send(data)
         if self.on_report is not None:
             self.on_report(rep)
         return rep
@@ -384,6 +393,9 @@ class Controller:
         for link in self.links.values():
             link.client.close()
         self.sub.close()
+        if self.tcp_pub is not None:
+            self.tcp_pub.close()
+            self.tcp_pub = None
         if self.pub is not None:
             self.pub.close(0)
             self.pub = None

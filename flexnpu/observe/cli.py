@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -16,8 +16,27 @@ from flexnpu import logs
 from flexnpu.cliargs import (MAX_INTERVAL_S, check_at_least, check_pid, check_positive, fail,
                              output_file_problem)
 from flexnpu.observe.errors import ObserveError
+from flexnpu.remote.cliopts import Authorized, PublishTcp, ServerKey
+
+if TYPE_CHECKING:
+    from flexnpu.remote.curve import PublishTarget
 
 
+
+
+def _tcp_target(publish_tcp: str | None, key: Path | None, authorized: Path | None,
+                config: Path | None) -> "PublishTarget | None":
+    """Where to publish on TCP as well: the options over the configuration's [publish]."""
+    from flexnpu import paths
+    from flexnpu.control import config as cfgmod
+    from flexnpu.remote.cliopts import resolve
+
+    try:
+        cfg = cfgmod.load(config if config is not None else paths.config_file(), config is not None)
+    except cfgmod.ConfigError as e:
+        fail("observe", str(e))
+    p = cfg.publish
+    return resolve("observe", publish_tcp, key, authorized, p.observe_tcp, p.secret_key, p.authorized_dir)
 
 
 def _fail(cmd: str, e: ObserveError) -> None:
@@ -31,9 +50,9 @@ def trace_problem(path: Path) -> str | None:
     return output_file_problem(path)
 
 
-def metrics_address(option: str | None) -> tuple[str, int] | None:
-    """Where to serve metrics: --metrics, else [observe] metrics of the node's configuration
-    (absent file: none); a bad address or file exits 2 with one line."""
+def metrics_address(option: str | None, config: Path | None = None) -> tuple[str, int] | None:
+    """Where to serve metrics: --metrics, else [observe] metrics of --config or the node's
+    configuration (absent default file: none); a bad address or file exits 2 with one line."""
     from flexnpu import paths
     from flexnpu.control import config as cfgmod
     from flexnpu.observe.metrics import AddressError, parse_address
@@ -41,10 +60,11 @@ def metrics_address(option: str | None) -> tuple[str, int] | None:
     text = option
     if text is None:
         try:
-            text = cfgmod.load(paths.config_file(), required=False).observe.metrics
+            text = cfgmod.load(config if config is not None else paths.config_file(),
+                               required=config is not None).observe.metrics
         except cfgmod.ConfigError as e:
             fail("observe", str(e))
-        where = f"[observe] metrics in {paths.config_file()}"
+        where = f"[observe] metrics in {config if config is not None else paths.config_file()}"
     else:
         where = "--metrics"
     if not text:
@@ -111,15 +131,23 @@ def observe_command(
         metavar="HOST:PORT")] = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the BPF program and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    publish_tcp: PublishTcp = None,
+    key: ServerKey = None,
+    authorized: Authorized = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", metavar="FILE", help="TOML configuration, for its [observe] and [publish] sections (default "
+                                         "/etc/flexnpu/flexnpu.toml or $FLEXNPU_CONFIG).")] = None,
 ) -> None:
     """Watch every process on this node that uses a device runtime, and publish a snapshot per
-    interval on ipc://$FLEXNPU_RUNTIME_DIR/observe.sock (zmq PUB, JSON with "schema": 1).
+    interval on ipc://$FLEXNPU_RUNTIME_DIR/observe.sock (zmq PUB, JSON with "schema": 1),
+    and with --publish-tcp (or [publish] observe_tcp) on TCP too, CURVE only.
 
     Examples:
       flexnpu observe
       flexnpu observe --interval-ms 500 --json
       flexnpu observe -p 1234 --json
       flexnpu observe --metrics 127.0.0.1:9400   # then: curl -s 127.0.0.1:9400/metrics
+      flexnpu observe --publish-tcp 10.0.0.1:7781   # keys: flexnpu keys --help
     """
     from flexnpu.observe.probegen import ProbeConfig, build
 
@@ -132,16 +160,17 @@ def observe_command(
     check_at_least("observe", "--count", count, 1)
     if source not in ("auto", "bpf", "shim"):
         fail("observe", f"--source takes auto, bpf or shim, not {source!r}")
-    address = metrics_address(metrics)
+    address = metrics_address(metrics, config)
     from flexnpu.observe import node, procs
 
     if pid and not procs.exists(pid):
         fail("observe", f"no process with pid {pid}; give -p the pid of a running process", 3)
+    tcp = _tcp_target(publish_tcp, key, authorized, config)
     logs.setup(verbose)
 
     try:
         node.serve(interval_ms / 1000, source, tuple(library or ()), count, json_out, pid=pid,
-                   metrics=address)
+                   metrics=address, tcp=tcp)
     except ObserveError as e:
         _fail("observe", e)
     except KeyboardInterrupt:

@@ -303,9 +303,10 @@ def chip_info(rdir: Path) -> dict[int, dict[str, Any]]:
 
 def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, ...] = (),
           count: int | None = None, print_json: bool = False, out: TextIO | None = None, pid: int = 0,
-          metrics: tuple[str, int] | None = None) -> int:
+          metrics: tuple[str, int] | None = None, tcp: Any = None) -> int:
     """Runs the observer until SIGINT/SIGTERM (or count snapshots); 0 on a clean stop.
-    metrics: (host, port) to serve Prometheus metrics on, or None."""
+    metrics: (host, port) to serve Prometheus metrics on, or None; tcp: a
+    flexnpu.remote.curve.PublishTarget to publish on as well (CURVE), or None."""
     import zmq
 
     out = out or sys.stdout  # looked up now: the stdout of the moment, not of the import
@@ -317,7 +318,7 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
         lock.release()
         raise
     sock_path = paths.observe_socket(obs.rdir)
-    ctx = pub = None
+    ctx = pub = tcp_pub = None
     feed: MetricsFeed | None = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -343,8 +344,16 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
                 feed = MetricsFeed(ctx, obs.rdir, *metrics)
             except AddressError as e:
                 raise ObserveError(str(e)) from None
+        if tcp is not None:
+            from flexnpu.remote.curve import CurvePublisher, PublishError
+
+            try:
+                tcp_pub = CurvePublisher(tcp.endpoint, tcp.secret_key, tcp.authorized, ctx=ctx)
+            except PublishError as e:
+                raise ObserveError(str(e)) from None
         msg = f"observing through {obs.source}" + (f": {obs.note}" if obs.note else "") + \
-              f"; publishing on ipc://{sock_path} every {interval_s * 1000:.0f} ms"
+              f"; publishing on ipc://{sock_path}" + (f" and {tcp.endpoint.zmq()} (CURVE)" if tcp else "") + \
+              f" every {interval_s * 1000:.0f} ms"
         (log.warning if obs.source != "bpf" else log.info)(msg)
         systemd.notify("READY=1", f"STATUS=source {obs.source}")
         deadline = time.monotonic() + interval_s
@@ -361,6 +370,8 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
                 pub.send(data.encode(), zmq.NOBLOCK)
             except zmq.Again:
                 pass
+            if tcp_pub is not None:
+                tcp_pub.send(data.encode())
             if print_json:
                 print(data, file=out, flush=True)
             n += 1
@@ -375,6 +386,8 @@ def serve(interval_s: float = 0.1, source: str = "auto", libraries: tuple[str, .
                 feed.close()
             if pub is not None:
                 pub.close(0)
+            if tcp_pub is not None:
+                tcp_pub.close()
             if ctx is not None:
                 ctx.term()
             if bound:

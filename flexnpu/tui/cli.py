@@ -15,12 +15,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
 from flexnpu import paths
-from flexnpu.cliargs import MAX_INTERVAL_S, check_positive
+from flexnpu.cliargs import MAX_INTERVAL_S, check_positive, fail
 from flexnpu.tui.model import Sampler, anything_running, refused_sources
 from flexnpu.tui.view import ViewState, render
 
@@ -99,7 +99,8 @@ def _follow_terminal_size(console: object) -> None:
     console.size = (size.columns, size.lines)  # type: ignore[attr-defined]
 
 
-def run_live(sampler: Sampler, interval: float) -> None:
+def run_live(sampler: Any, interval: float, draw: Callable[..., Any] = render) -> None:
+    """The live screen of a Sampler (or a NodesSampler, with its own draw)."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -117,7 +118,7 @@ def run_live(sampler: Sampler, interval: float) -> None:
                 if frame is None:
                     shown = Text("flexnpu top: sampling...")
                 else:
-                    shown = render(frame, view, width=console.width, height=console.height)
+                    shown = draw(frame, view, width=console.width, height=console.height)
                 live.update(shown, refresh=True)
                 quit_now = False
                 for key in _keys_from(reader, interval):
@@ -146,6 +147,17 @@ def top_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print what one frame is drawn from (snapshot, "
                                            "controller report, daemon lists) as one JSON object.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between screen refreshes.")] = 0.5,
+    nodes: Annotated[Optional[str], typer.Option(
+        "--nodes", metavar="NODES",
+        help="Watch these nodes instead of this one, NAME=HOST:PORT[/CTRLPORT],...: each node's observer at HOST:PORT (its --publish-tcp) "
+             "and, after '/', its controller's port on the same host; over TCP with CURVE.")] = None,
+    key: Annotated[Optional[Path], typer.Option(
+        "--key", metavar="FILE", help="With --nodes: your secret key file (default: <keys dir>/client.key_secret; "
+                                      "flexnpu keys new client).")] = None,
+    server_key: Annotated[Optional[str], typer.Option(
+        "--server-key", metavar="FILE|KEY",
+        help="With --nodes: the public key every node must hold (default: each node's own, "
+             "<keys dir>/servers/NAME.key, saved by `flexnpu keys trust NAME`).")] = None,
 ) -> None:
     """Watch every device, process, dispatch gate and controller decision.
 
@@ -163,8 +175,15 @@ def top_command(
       flexnpu top --interval 1
       flexnpu top --once
       flexnpu top --json | jq .snapshot.devices
+      flexnpu top --nodes n1=10.0.0.1:7781/7782,n2=10.0.0.2:7781
+      flexnpu top --nodes n1=10.0.0.1:7781 --once --json | jq '.nodes[].up'
     """
     check_positive("top", "--interval", interval, most=MAX_INTERVAL_S, unit=" s")
+    if nodes is not None:
+        _top_nodes(nodes, key, server_key, once, json_out, interval)
+        return
+    if key is not None or server_key is not None:
+        fail("top", "--key and --server-key go with --nodes")
     rdir: Path = paths.runtime_dir()
     if not anything_running(rdir):
         print(f"flexnpu top: nothing to show: no observer ({paths.observe_socket(rdir)}) and no daemon "
@@ -193,5 +212,43 @@ def top_command(
                 console.print(render(frame, ViewState(), width=console.width))
             return
         run_live(sampler, interval)
+    finally:
+        sampler.stop()
+
+
+def _top_nodes(text: str, key: Path | None, server_key: str | None, once: bool, json_out: bool,
+               interval: float) -> None:
+    """`top --nodes`: every key checked before anything connects; one line and exit 2 if not."""
+    from flexnpu.remote import keys
+    from flexnpu.tui import nodes_view
+    from flexnpu.tui.nodes import NodesSampler, parse_nodes, server_key_for
+
+    try:
+        specs = parse_nodes(text)
+    except ValueError as e:
+        fail("top", f"--nodes {e}")
+    kdir = paths.keys_dir()
+    try:
+        client = keys.read_secret(key or keys.secret_path(kdir, keys.CLIENT_NAME))
+        servers = {s.name: server_key_for(s.name, server_key, kdir) for s in specs}
+    except keys.KeysError as e:
+        hint = " (make one: flexnpu keys new client)" if key is None and "no such key file" in str(e) else ""
+        fail("top", f"{e}{hint}")
+    sampler = NodesSampler(specs, client, servers, interval=interval).start()
+    try:
+        if json_out or once or not sys.stdout.isatty():
+            frame = sampler.wait_ready(ONCE_WAIT_S + 2.0)
+            if frame is None or sampler.error is not None:
+                print(f"flexnpu top: no frame: {sampler.error!r}", file=sys.stderr)
+                raise typer.Exit(1)
+            if json_out:
+                print(json.dumps(frame.to_json()))
+            else:
+                from rich.console import Console
+
+                console = Console()
+                console.print(nodes_view.render(frame, ViewState(), width=console.width))
+            return
+        run_live(sampler, interval, nodes_view.render)
     finally:
         sampler.stop()

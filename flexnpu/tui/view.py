@@ -193,7 +193,9 @@ def notices(frame: Frame) -> list[Text]:
     return out
 
 
-def device_panel(frame: Frame, dev: int, width: int) -> Panel:
+def device_panel(frame: Frame, dev: int, width: int, title: str | None = None, remote: bool = False) -> Panel:
+    """One device's panel; remote: a node seen over TCP, whose gates are known only from its
+    controller's reports (its daemons' sockets are its own)."""
     s: DeviceSample | None = frame.snapshot.device(dev) if frame.snapshot else None
     hist = frame.device_history(dev)
     spark_w = max(0, min(len(hist), width - 4 - 8 - BAR_WIDTH - 5 - 2))
@@ -214,7 +216,11 @@ def device_panel(frame: Frame, dev: int, width: int) -> Panel:
     lines.append(Text(f"memory {fmt_bytes(mem)}  launches/s {fmt_rate(launches)}  "
                       f"H2D {fmt_mbps(s.h2d_Bps if s else NA)} MB/s  D2H {fmt_mbps(s.d2h_Bps if s else NA)} MB/s  "
                       f"processes {nproc}", no_wrap=True, overflow="ellipsis"))
-    if daemon is None:
+    if remote:
+        dline = (Text(f"gates: as the controller set them ({len(daemon.clients)} "
+                           f"client{'' if len(daemon.clients) == 1 else 's'})") if daemon
+                 else Text("gates: N/A (no controller subscribed for this node)", style="dim"))
+    elif daemon is None:
         dline = Text("daemon: none (flexnpu daemon --device %d)" % dev, style="dim")
     elif daemon.state == "ok":
         dflt = dict(daemon.defaults)
@@ -226,7 +232,7 @@ def device_panel(frame: Frame, dev: int, width: int) -> Panel:
     rep = next((d for d in frame.report.devices if d.device == dev), None) if frame.report else None
     if rep and rep.note:
         lines.append(Text(f"controller: {rep.note}", style="dim", overflow="ellipsis", no_wrap=True))
-    return Panel(Group(*lines), title=f"NPU {dev}", title_align="left",
+    return Panel(Group(*lines), title=title or f"NPU {dev}", title_align="left",
                  subtitle=f"policy: {frame.policy()}", subtitle_align="right", box=box.ROUNDED)
 
 
