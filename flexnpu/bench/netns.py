@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` and pyroute2 mount named namespaces
-STATE_DIR = Path("/run/flexnpu-netns")  # one <run prefix>json per topology: its owner and names
+STATE_DIR = Path("/run/flexnpu-netns")  # one <run prefix>.json per topology: its owner and names
 PREFIX = "fxn-"  # every name a topology makes starts with this (unless given another prefix)
 SUBNET = "10.77.0"  # node i is SUBNET.(i+1)/24 on the shared link
 NODE_IF = "eth0"  # each node's interface on the link
@@ -122,11 +122,10 @@ def netns_argv(name: str, argv: Sequence[str]) -> list[str]:
 
 def netns_address(name: str) -> str:
     """The first IPv4 address of a named namespace's interfaces other than lo."""
-    from pyroute2 import NetNS
 
     if not (NETNS_DIR / name).exists():
         raise NetnsError(f"no network namespace {name} (ip netns lists those there are)")
-    with NetNS(name) as ns:
+    with _rtnl(name) as ns:
         lo = ns.link_lookup(ifname="lo")
         for a in ns.get_addr(family=socket.AF_INET):
             if a["index"] not in lo:
@@ -181,15 +180,22 @@ def _remove_netns(name: str) -> bool:
     return True
 
 
+def _rtnl(name: str) -> Any:
+    """An rtnetlink socket in a named namespace that exists (never made on the way: pyroute2's
+    default O_CREAT would make a removed one anew), subscribed to no multicast group, so that
+    no stream of events can crowd out the replies it waits for."""
+    from pyroute2 import NetNS
+
+    return NetNS(name, flags=0, groups=0)
+
+
 def _delete_links(name: str) -> None:
     """Deletes every link but lo in a namespace: a veth's peer goes with it, so a node's link is
     gone even while some process keeps that node's namespace alive."""
-    from pyroute2 import NetNS
-
     if not (NETNS_DIR / name).exists():
         return
     try:
-        with NetNS(name) as ns:
+        with _rtnl(name) as ns:
             for link in ns.get_links():
                 if link.get_attr("IFLA_IFNAME") != "lo":
                     try:
@@ -255,6 +261,28 @@ def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
     return removed
 
 
+def list_topologies(prefix: str = PREFIX) -> list[dict[str, Any]]:
+    """The topologies on this machine whose names start with prefix: their state (owner,
+    names, link, delay) and whether the owner is alive; namespaces no state names come as
+    records with owner None."""
+    out: list[dict[str, Any]] = []
+    claimed: set[str] = set()
+    for path in _state_files(prefix):
+        state = _read_state(path)
+        if state is None:
+            continue
+        owner = state.get("owner") or {}
+        names = [n for n in state.get("names", []) if (NETNS_DIR / n).exists()]
+        claimed.update(state.get("names", []))
+        out.append({"prefix": path.name[:-len(".json")], "owner": owner.get("pid"),
+                    "alive": _owner_alive(int(owner.get("pid", 0) or 0), owner.get("start")),
+                    "names": names, "link": state.get("link"), "delay": state.get("delay")})
+    strays = [n for n in _namespaces(prefix) if n not in claimed]
+    if strays:
+        out.append({"prefix": None, "owner": None, "alive": False, "names": strays, "link": None, "delay": None})
+    return out
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -318,11 +346,12 @@ class Topology:
         self.names = [f"{self.prefix}n{i}" for i in range(nodes)]
         self.switch = f"{self.prefix}sw"
         self.delay = "none"
-        self._state_path = STATE_DIR / f"{self.prefix}json"
+        self._state_path = STATE_DIR / f"{self.prefix}.json"
         self._guard: subprocess.Popen | None = None
         self._relay: subprocess.Popen | None = None
         self._made: list[str] = []
         self._closed = False
+        self._pid = os.getpid()
         self.cleaned = cleanup_leftovers(base)
         if self.cleaned and not quiet:
             print(f"flexnpu: removed network namespaces left by a dead run: {' '.join(self.cleaned)}",
@@ -345,7 +374,7 @@ class Topology:
         os.replace(tmp, self._state_path)
 
     def _build(self) -> None:
-        from pyroute2 import NetNS, netns
+        from pyroute2 import netns
 
         for name in [*self.names, self.switch]:
             if (NETNS_DIR / name).exists():
@@ -356,30 +385,40 @@ class Topology:
             netns.create(name)
             self._made.append(name)
             self._tell_guard(f"netns {name}")
-        with NetNS(self.switch) as sw:
+        # One netlink socket open at a time: pyroute2 forks to enter a namespace, and a socket
+        # left open meanwhile (subscribed to nothing, groups=0) is never shared with a child.
+        with _rtnl(self.switch) as sw:
             self._up(sw, "lo")
             sw.link("add", ifname=BRIDGE_IF, kind="bridge", br_stp_state=0, br_forward_delay=0)
             sw.link("set", index=sw.link_lookup(ifname=BRIDGE_IF)[0], mtu=self.link.mtu, state="up")
-            use_netem = None
             for i, name in enumerate(self.names):
-                port = f"p{i}"
-                sw.link("add", ifname=port, kind="veth", peer={"ifname": NODE_IF, "net_ns_fd": name})
-                with NetNS(name) as ns:
-                    self._up(ns, "lo")
-                    idx = ns.link_lookup(ifname=NODE_IF)[0]
-                    ns.link("set", index=idx, mtu=self.link.mtu)
-                    ns.addr("add", index=idx, address=self.addr(i), prefixlen=24)
-                    ns.link("set", index=idx, state="up")
-                    if use_netem is None:
-                        use_netem = self.link.delay_us > 0 and _netem_ok(ns, idx)
-                        self.delay = self._delay_kind(use_netem)
-                    shape(ns, idx, self.link, use_netem)
-                pidx = sw.link_lookup(ifname=port)[0]
+                # the peer is made straight in the node's namespace, by descriptor (not by name)
+                nsfd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    sw.link("add", ifname=f"p{i}", kind="veth", peer={"ifname": NODE_IF, "net_ns_fd": nsfd})
+                finally:
+                    os.close(nsfd)
+        use_netem = None
+        for i, name in enumerate(self.names):
+            with _rtnl(name) as ns:
+                self._up(ns, "lo")
+                idx = ns.link_lookup(ifname=NODE_IF)[0]
+                ns.link("set", index=idx, mtu=self.link.mtu)
+                ns.addr("add", index=idx, address=self.addr(i), prefixlen=24)
+                ns.link("set", index=idx, state="up")
+                if use_netem is None:
+                    use_netem = self.link.delay_us > 0 and _netem_ok(ns, idx)
+                    self.delay = self._delay_kind(use_netem)
+                shape(ns, idx, self.link, bool(use_netem))
+        with _rtnl(self.switch) as sw:
+            br = sw.link_lookup(ifname=BRIDGE_IF)[0]
+            for i in range(self.nodes):
+                pidx = sw.link_lookup(ifname=f"p{i}")[0]
                 sw.link("set", index=pidx, mtu=self.link.mtu)
                 if self.delay == "relay":
                     self._relay_port(sw, i)
                 else:
-                    sw.link("set", index=pidx, master=sw.link_lookup(ifname=BRIDGE_IF)[0], state="up")
+                    sw.link("set", index=pidx, master=br, state="up")
         if self.delay == "relay":
             self._start_relay()
         self._write_state()
@@ -448,13 +487,21 @@ class Topology:
 
     def link_bytes(self, i: int) -> dict[str, int]:
         """Node i's interface counters on the link, from the kernel."""
-        from pyroute2 import NetNS
-
         self._check(i)
-        with NetNS(self.names[i]) as ns:
+        with _rtnl(self.names[i]) as ns:
             link = ns.get_links(ns.link_lookup(ifname=NODE_IF)[0])[0]
         stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
         return {k: int(stats[k]) for k in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")}
+
+    @property
+    def guard_pid(self) -> int | None:
+        """The pid of this topology's guard (removes it if the owner dies without closing it)."""
+        return self._guard.pid if self._guard is not None else None
+
+    @property
+    def relay_pid(self) -> int | None:
+        """The pid of the user-space delay line, when this topology has one."""
+        return self._relay.pid if self._relay is not None else None
 
     def describe(self) -> dict[str, Any]:
         return {"names": self.names, "switch": self.switch, "addrs": [self.addr(i) for i in range(self.nodes)],
@@ -468,8 +515,8 @@ class Topology:
     def close(self) -> None:
         """Removes everything this topology made (delay line, links, namespaces, state); can be
         called again."""
-        if self._closed:
-            return
+        if self._closed or os.getpid() != self._pid:
+            return  # a forked child (pyroute2 forks to enter namespaces) owns none of it
         self._closed = True
         if self._relay is not None:
             from flexnpu.bench.node import stop_process
@@ -498,10 +545,6 @@ class Topology:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            self.close()
 
 
 def _package_env() -> dict[str, str]:
