@@ -200,11 +200,12 @@ def _reap(p: subprocess.Popen) -> None:
         f.close()
 
 
-def test_sigterm_to_owner_unwinds(prefix: str) -> None:
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 143), (signal.SIGINT, -signal.SIGINT)])
+def test_signal_to_owner_unwinds(prefix: str, sig: int, code: int) -> None:
     p, info = _owner(prefix)
     try:
-        os.kill(p.pid, signal.SIGTERM)
-        assert p.wait(15) == 143
+        os.kill(p.pid, sig)
+        assert p.wait(15) == code
         assert _present(info["names"]) == []  # gone before the owner exited
     finally:
         _reap(p)
@@ -268,7 +269,11 @@ def test_live_owner_is_left_alone(prefix: str) -> None:
         assert cleanup_leftovers(prefix) == []
         assert _present(info["names"]) == info["names"]
         live = [t for t in list_topologies(prefix) if t["prefix"] == prefix]
-        assert live and live[0]["alive"] is True
+        assert live and live[0]["alive"] is True and live[0]["owner"] == p.pid
+        r = subprocess.run([sys.executable, "-m", "flexnpu.cli", "bench", "net", "list", "--prefix", prefix,
+                            "--json"], capture_output=True, text=True, timeout=60)
+        listed = json.loads(r.stdout)["topologies"]
+        assert [(t["owner"], t["alive"], sorted(t["names"])) for t in listed] == [(p.pid, True, sorted(info["names"]))]
         p.stdin.close()  # the owner leaves its with-block
         assert p.wait(15) == 0
         assert _present(info["names"]) == []
