@@ -281,6 +281,20 @@ def test_live_owner_is_left_alone(prefix: str) -> None:
         _reap(p)
 
 
+def test_unclaimed_namespaces_only_automatic_dead_ones_go(prefix: str) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = f"fxn-{dead.pid}-{secrets.token_hex(3)}-n0"  # a run whose state file went missing
+    foreign = f"{prefix}n0"  # not a name this module makes without a state file: maybe someone else's
+    for n in (orphan, foreign):
+        subprocess.run(["ip", "netns", "add", n], check=True)
+    try:
+        assert cleanup_leftovers(orphan[:-2]) == [orphan]
+        assert cleanup_leftovers(prefix) == [] and _present([foreign]) == [foreign]
+    finally:
+        remove_namespaces([orphan, foreign])
+
+
 # ---------------------------------------------------------------- LocalNode in a namespace
 
 

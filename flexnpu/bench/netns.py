@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -157,10 +158,13 @@ def _namespaces(prefix: str) -> list[str]:
         return []
 
 
-def _pid_in_name(name: str, prefix: str) -> int | None:
-    """The owner pid of an automatic run prefix ("fxn-<pid>-<hex>-..."), None for others."""
-    rest = name[len(prefix):].split("-")
-    return int(rest[0]) if len(rest) >= 3 and rest[0].isdigit() else None
+_AUTO_NAME = re.compile(rf"^{re.escape(PREFIX)}(\d+)-[0-9a-f]{{6}}-(n\d+|sw)$")
+
+
+def _pid_in_name(name: str) -> int | None:
+    """The owner pid in a name of an automatic prefix ("fxn-<pid>-<hex>-n0"), None for others."""
+    m = _AUTO_NAME.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _remove_netns(name: str) -> bool:
@@ -248,13 +252,12 @@ def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
         removed += _remove_run(state, names)
         path.unlink(missing_ok=True)
     for name in _namespaces(prefix):
-        if name in claimed:
+        # One no state names: removed only if its name is an automatic one whose owner pid is
+        # dead (every topology writes its state before its first namespace, so this is a run
+        # whose state file went missing); any other name may be someone else's.
+        pid = _pid_in_name(name)
+        if name in claimed or pid is None or _owner_alive(pid, None):
             continue
-        pid = _pid_in_name(name, prefix)
-        if pid is not None and _owner_alive(pid, None):
-            continue  # its owner is alive and has yet to write its state (or lost it): not ours
-        if pid is None and time.time() - _mtime(NETNS_DIR / name) < 10:
-            continue  # a fresh one of an explicit prefix: its owner may be writing its state
         _delete_links(name)
         if _remove_netns(name):
             removed.append(name)
