@@ -296,31 +296,31 @@ def _mtime(path: Path) -> float:
 # ---------------------------------------------------------------- shaping
 
 
-def _netem_ok(ns: Any, index: int) -> bool:
-    """Whether this kernel has sch_netem (many minimal VM kernels do not)."""
-    try:
-        ns.tc("add", "netem", index=index, handle=0x00FF0000, delay=1)
-    except Exception:
-        return False
-    ns.tc("del", index=index, handle=0x00FF0000)
-    return True
-
-
-def shape(ns: Any, index: int, link: LinkSpec, netem: bool) -> None:
+def shape(ns: Any, index: int, link: LinkSpec, netem: bool) -> bool:
     """Shapes an interface's egress: an HTB class at the link's rate (64-bit rates, so above
-    34 Gbit/s too), under it netem with the one-way delay when netem is used, else a FIFO.
+    34 Gbit/s too), under it netem with the one-way delay if netem is asked for; returns
+    whether netem is there (False: this kernel has no sch_netem, as many minimal VM kernels).
 
     The bucket holds 2 ms of the rate (at least 4 maximal GSO packets) so a TCP flow can fill
-    the rate on a timer-driven kernel; the queues hold the bandwidth-delay product and more."""
+    the rate on a timer-driven kernel; netem's queue holds twice the bandwidth-delay product."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     rate = link.rate_bytes
     burst = max(4 * 65536, int(rate * 0.002))
     ns.tc("add", "htb", index=index, handle=0x00010000, default=1)
     ns.tc("add-class", "htb", index=index, handle=0x00010001, parent=0x00010000, rate=rate, ceil=rate,
           burst=burst, cburst=burst, quantum=200_000, mtu=link.mtu + 64)
-    if netem:
-        bdp_pkts = int(rate * (link.delay_us * 1e-6) / 1500) * 2
+    if not netem:
+        return False
+    bdp_pkts = int(rate * (link.delay_us * 1e-6) / 1500) * 2
+    try:
         ns.tc("add", "netem", index=index, handle=0x000A0000, parent=0x00010001, delay=int(link.delay_us),
               limit=max(10_000, bdp_pkts))
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EOPNOTSUPP):  # ENOENT: "unknown qdisc kind"
+            raise
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- the topology
@@ -409,10 +409,10 @@ class Topology:
                 ns.link("set", index=idx, mtu=self.link.mtu)
                 ns.addr("add", index=idx, address=self.addr(i), prefixlen=24)
                 ns.link("set", index=idx, state="up")
-                if use_netem is None:
-                    use_netem = self.link.delay_us > 0 and _netem_ok(ns, idx)
-                    self.delay = self._delay_kind(use_netem)
-                shape(ns, idx, self.link, bool(use_netem))
+                got = shape(ns, idx, self.link, self.link.delay_us > 0 and use_netem is not False)
+                if use_netem is None:  # the first node tells whether this kernel has netem
+                    use_netem = got
+                    self.delay = self._delay_kind(got)
         with _rtnl(self.switch) as sw:
             br = sw.link_lookup(ifname=BRIDGE_IF)[0]
             for i in range(self.nodes):
