@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from flexnpu.bench import netns
+from flexnpu.cliargs import fail
 
 app = typer.Typer(help="Network namespaces of benchmark topologies (nodes joined by a shaped link).",
                   no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,13 +20,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout
 
 def _check_prefix(cmd: str, prefix: str) -> None:
     if not prefix or "/" in prefix or len(prefix) > 64:
-        netns_fail(cmd, f"--prefix must be a short name without '/', got {prefix!r}")
-
-
-def netns_fail(cmd: str, message: str) -> None:
-    from flexnpu.cliargs import fail
-
-    fail(f"bench net {cmd}", message)
+        fail(f"bench net {cmd}", f"--prefix must be a short name without '/', got {prefix!r}")
 
 
 @app.command("clean")
@@ -43,9 +38,8 @@ def clean(prefix: PrefixOpt = netns.PREFIX, as_json: JsonOpt = False) -> None:
     _check_prefix("clean", prefix)
     try:
         removed = netns.cleanup_leftovers(prefix)
-    except (netns.NetnsError, OSError) as e:
-        netns_fail("clean", str(e))
-        return
+    except (netns.NetnsError, OSError) as e:  # no root, most often: not a usage error
+        fail("bench net clean", str(e), code=1)
     if as_json:
         print(json.dumps({"schema": 1, "removed": removed}))
     elif removed:
@@ -70,7 +64,8 @@ def list_command(prefix: PrefixOpt = netns.PREFIX, as_json: JsonOpt = False) -> 
     if not tops:
         print("no topologies")
     for t in tops:
-        owner = "no owner recorded" if t["owner"] is None else f"owner {t['owner']} ({'alive' if t['alive'] else 'dead'})"
+        state = "alive" if t["alive"] else "dead"
+        owner = "no owner recorded" if t["owner"] is None else f"owner {t['owner']} ({state})"
         link = t["link"] or {}
         shaped = f"{link.get('rate_gbit', '?')} Gbit/s, {link.get('delay_us', '?')} us ({t['delay']})" if link else ""
         print(f"{t['prefix'] or '-'}  {owner}  {' '.join(t['names']) or '(gone)'}  {shaped}".rstrip())
