@@ -125,6 +125,16 @@ def test_rate_limits_throughput(prefix: str) -> None:
     assert fast["gbit"] > 2 * slow["gbit"], (slow, fast)
 
 
+def test_long_fast_link_gets_tcp_buffers_for_its_bdp(prefix: str) -> None:
+    # 10 Gbit/s, 2 x 4 ms: a bandwidth-delay product of 10 MB, over the 4 MB a sender gets by default
+    with Topology(nodes=2, link=LinkSpec(10.0, 4000), prefix=prefix) as t:
+        r = subprocess.run(t.argv(1, ["cat", "/proc/sys/net/ipv4/tcp_wmem", "/proc/sys/net/ipv4/tcp_rmem"]),
+                           capture_output=True, text=True, timeout=30)
+    assert [int(line.split()[2]) for line in r.stdout.splitlines()] == [20_000_000, 20_000_000], r.stdout
+    host = Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()
+    assert int(host[2]) != 20_000_000  # the machine's own namespace is not touched
+
+
 def test_link_bytes_counts_a_known_transfer(prefix: str) -> None:
     n = 5_000_011  # prime
     with Topology(nodes=2, link=LinkSpec(10.0, 0), prefix=prefix) as t:
