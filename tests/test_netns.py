@@ -104,9 +104,11 @@ def test_topology_up_nodes_reach_each_other_only_over_the_link() -> None:
     assert _present(names) == []
 
 
-def test_delay_shows_in_rtt(prefix: str) -> None:
-    with Topology(nodes=2, link=LinkSpec(1.0, 2000), prefix=prefix) as t:
-        assert t.delay in ("netem", "relay")
+@pytest.mark.parametrize("delay_by", ["auto", "relay"])
+def test_delay_shows_in_rtt(prefix: str, delay_by: str) -> None:
+    with Topology(nodes=2, link=LinkSpec(1.0, 2000), prefix=prefix, delay_by=delay_by) as t:
+        assert t.delay in (("netem", "relay") if delay_by == "auto" else ("relay",))
+        assert (t.relay_pid is not None) == (t.delay == "relay")
         got = netprobe.rtt(t, 0, 1, count=30)
     # each direction is delayed once, by its sender's egress: 2 x 2 ms
     assert 4000 <= got["median_us"] < 12_000, got

@@ -48,6 +48,7 @@ TCP_BUF_CAP = 256 << 20  # the most a node's TCP buffers are raised to for a lon
 # A Python delay line adds tens of microseconds of its own, so below this a delay is not
 # emulated where the kernel lacks netem (the veth path's own latency is of that order).
 RELAY_MIN_DELAY_US = 100.0
+DELAY_BY = ("auto", "netem", "relay")  # how a Topology makes the delay: auto = netem, else the delay line
 
 
 class NetnsError(RuntimeError):
@@ -334,11 +335,16 @@ class Topology:
     delay: how the delay is made: "netem", "relay" (a user-space delay line, where the
     kernel has no netem; flexnpu/bench/netdelay.py) or "none" (no delay asked, or one below
     RELAY_MIN_DELAY_US without netem: the path's own latency is already of that order);
-    cleaned: the leftovers of dead runs this one removed before starting."""
+    cleaned: the leftovers of dead runs this one removed before starting;
+    delay_by: "auto" (netem where the kernel has it, else the delay line from
+    RELAY_MIN_DELAY_US up), "netem" (an error without it) or "relay" (the delay line always)."""
 
     def __init__(self, nodes: int = 2, link: LinkSpec = DEFAULT_LINK, prefix: str | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, delay_by: str = "auto") -> None:
         require_root()
+        if delay_by not in DELAY_BY:
+            raise NetnsError(f"delay_by takes {', '.join(DELAY_BY)}, got {delay_by!r}")
+        self.delay_by = delay_by
         if not 1 <= nodes <= MAX_NODES:
             raise NetnsError(f"nodes must be between 1 and {MAX_NODES}, got {nodes}")
         if prefix is not None and (not prefix or "/" in prefix or len(prefix) > 64):
@@ -410,7 +416,8 @@ class Topology:
                 ns.link("set", index=idx, mtu=self.link.mtu)
                 ns.addr("add", index=idx, address=self.addr(i), prefixlen=24)
                 ns.link("set", index=idx, state="up")
-                got = shape(ns, idx, self.link, self.link.delay_us > 0 and use_netem is not False)
+                want = self.link.delay_us > 0 and use_netem is not False and self.delay_by != "relay"
+                got = shape(ns, idx, self.link, want)
                 if use_netem is None:  # the first node tells whether this kernel has netem
                     use_netem = got
                     self.delay = self._delay_kind(got)
@@ -446,7 +453,9 @@ class Topology:
     def _delay_kind(self, netem: bool) -> str:
         if netem:
             return "netem"
-        if self.link.delay_us >= RELAY_MIN_DELAY_US:
+        if self.delay_by == "netem" and self.link.delay_us > 0:
+            raise NetnsError("this kernel has no sch_netem (delay_by='netem'); use delay_by='auto' or 'relay'")
+        if self.link.delay_us > 0 and (self.delay_by == "relay" or self.link.delay_us >= RELAY_MIN_DELAY_US):
             return "relay"
         return "none"
 
