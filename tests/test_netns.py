@@ -286,6 +286,9 @@ def test_live_owner_is_left_alone(prefix: str) -> None:
                             "--json"], capture_output=True, text=True, timeout=60)
         listed = json.loads(r.stdout)["topologies"]
         assert [(t["owner"], t["alive"], sorted(t["names"])) for t in listed] == [(p.pid, True, sorted(info["names"]))]
+        with pytest.raises(NetnsError, match="in use"):  # the same prefix again: refused, nothing touched
+            Topology(nodes=2, link=LinkSpec(1.0, 0), prefix=prefix)
+        assert _present(info["names"]) == info["names"] and (STATE_DIR / f"{prefix}.json").exists()
         p.stdin.close()  # the owner leaves its with-block
         assert p.wait(15) == 0
         assert _present(info["names"]) == []

@@ -360,6 +360,7 @@ class Topology:
         self._guard: subprocess.Popen | None = None
         self._relay: subprocess.Popen | None = None
         self._made: list[str] = []
+        self._wrote_state = False  # a prefix in use by a live owner: its state file is not ours
         self._closed = False
         self._pid = os.getpid()
         self.cleaned = cleanup_leftovers(base)
@@ -382,6 +383,7 @@ class Topology:
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self._state_path)
+        self._wrote_state = True
 
     def _build(self) -> None:
         from pyroute2 import netns
@@ -555,7 +557,8 @@ class Topology:
                 if f is not None:
                     f.close()
         remove_namespaces(self._made)
-        self._state_path.unlink(missing_ok=True)
+        if self._wrote_state:
+            self._state_path.unlink(missing_ok=True)
         g, self._guard = self._guard, None
         if g is not None:
             try:
