@@ -23,6 +23,7 @@ from typing import Iterator
 
 import pytest
 
+from flexnpu import paths
 from flexnpu.bench import netprobe
 from flexnpu.bench.guard import start_time
 from flexnpu.bench.netns import (NETNS_DIR, STATE_DIR, LinkSpec, NetnsError, Topology, cleanup_leftovers,
@@ -339,6 +340,19 @@ def test_localnode_runs_inside_namespace_two_at_once(prefix: str) -> None:
             out, _ = client.communicate(timeout=20)
             assert out.strip() == a.host  # b saw a's address: the connection crossed the link
     assert _present(t.names) == []
+
+
+def test_localnode_in_netns_runs_an_acl_program_under_the_shim(prefix: str) -> None:
+    sample = paths.native_dir().parent / "samples" / "sample_loop.py"
+    with Topology(nodes=1, link=LinkSpec(1.0, 0), prefix=prefix) as t, \
+            LocalNode(devices=1, observer="shim", netns=t.names[0]) as node:
+        p = node.spawn([sys.executable, str(sample), str(paths.emulator_kernel_library()), "--seconds", "0.5",
+                        "--kernel-ms", "1", "--kernels", "3"], role="decode")
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        steps = json.loads(out.strip().splitlines()[-1])["steps"]
+        client = next(c for c in node.emulator_status()["devices"][0]["clients"] if c["pid"] == p.pid)
+    assert steps > 0 and client["ops"]["kernel"] == 3 * steps  # every kernel reached the device server
 
 
 def test_localnode_without_netns_is_unchanged() -> None:
