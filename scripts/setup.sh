@@ -37,6 +37,9 @@ arch=$(dpkg --print-architecture)
 # systemd-analyze (the service tests verify every unit; it does not become PID 1)
 # and strace checks each service's system calls against its unit's filter.
 want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace)
+# iproute2: tests/test_netns.py checks with `ip` what the network topologies (made through
+# pyroute2) leave in the machine's own namespace.
+want+=(iproute2)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
