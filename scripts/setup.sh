@@ -44,6 +44,9 @@ want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" syste
 # prometheus gives promtool (checks the observer's metrics text) and a real server the metrics
 # tests start on their own config; its packaged service is never left running (below).
 want+=(prometheus)
+# iproute2: tests/test_netns.py checks with `ip` what the network topologies (made through
+# pyroute2) leave in the machine's own namespace.
+want+=(iproute2)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
