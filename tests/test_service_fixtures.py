@@ -80,10 +80,10 @@ def account() -> Iterator[Account]:
 
 
 def service_config(account: Account, config_file: Path, devices: tuple[int, ...] = (0,),
-                   emulator: bool = True) -> units.ServiceConfig:
+                   emulator: bool = True, network: bool = False) -> units.ServiceConfig:
     return units.ServiceConfig(binary=inst.installed_binary(), devices=devices, emulator=emulator,
                                emu_devices=max(devices) + 1, user=account.user, group=account.group,
-                               config_file=config_file)
+                               config_file=config_file, observe_network=network, controller_network=network)
 
 
 # ------------------------------------------------------------------ sd_notify, systemd's side

@@ -33,9 +33,10 @@ needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
 
 @needs_root
 @needs_analyze
-@pytest.mark.parametrize("emulator", [True, False], ids=["emulator", "cann"])
-def test_every_unit_passes_systemd_analyze_verify(tmp_path, account, emulator):
-    cfg = service_config(account, tmp_path / "flexnpu.toml", devices=(0, 1), emulator=emulator)
+@pytest.mark.parametrize("emulator,network", [(True, False), (False, False), (True, True)],
+                         ids=["emulator", "cann", "network"])
+def test_every_unit_passes_systemd_analyze_verify(tmp_path, account, emulator, network):
+    cfg = service_config(account, tmp_path / "flexnpu.toml", devices=(0, 1), emulator=emulator, network=network)
     files = units.render(cfg)
     assert (units.EMU in files) == emulator
     for name, text in files.items():
@@ -139,6 +140,33 @@ def test_dry_run_prints_every_file_and_changes_nothing(env):
         assert f"would write {prefix / name}:\n{text}" in res.output
     assert f"would write {conf}:" in res.output and "[controller]" in res.output
     assert not prefix.exists() and not conf.exists() and not conf.parent.exists()
+
+
+def _network(files: dict[str, str]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    return {n: (tuple(service_section(t)["PrivateNetwork"]), tuple(service_section(t)["RestrictAddressFamilies"]))
+            for n, t in files.items()}
+
+
+def test_only_units_the_configuration_asks_to_serve_on_tcp_get_a_network(env):
+    """[observe] metrics or [publish] observe_tcp: the observer's unit gets IP sockets;
+    [publish] controller_tcp: the controller's; every other unit stays without a network."""
+    prefix, conf = env
+    none = (("yes",), ("AF_UNIX",))
+    net = (("no",), ("AF_UNIX AF_INET AF_INET6",))
+    assert set(_network(inst.plan("0", prefix).files).values()) == {none}  # no file: no network anywhere
+    conf.parent.mkdir(parents=True)
+    conf.write_text('[observe]\nmetrics = "0.0.0.0:9464"\n')
+    got = _network(inst.plan("0", prefix).files)
+    assert got[units.OBSERVE] == net and got[units.CONTROLLER] == none, got
+    assert got[units.DAEMON_TEMPLATE] == none and got[units.EMU] == none
+    conf.write_text('[publish]\ncontroller_tcp = "10.0.0.1:7782"\n')
+    got = _network(inst.plan("0", prefix).files)
+    assert got[units.OBSERVE] == none and got[units.CONTROLLER] == net, got
+    # a configuration that is not the default path reaches the observer too
+    assert f"FLEXNPU_CONFIG={conf}" in service_section(inst.plan("0", prefix).files[units.OBSERVE])["Environment"]
+    conf.write_text('[observe]\nmetrics = "nowhere"\n')
+    res = cli.invoke(app, ["service", "install", "--dry-run", "--devices", "0", "--prefix", str(prefix)])
+    assert "[observe] metrics" in _one_line_error(res) and not prefix.exists()
 
 
 def test_bad_devices_is_one_line(env):

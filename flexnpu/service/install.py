@@ -144,10 +144,27 @@ def parse_devices(spec: str, emulator: bool, present: list[int] | None = None) -
 def make_config(devices: str, binary: Path | None = None) -> units.ServiceConfig:
     emulator = cann.find_cann_library() is None
     devs = parse_devices(devices, emulator)
+    observe_net, controller_net = network_wanted(paths.config_file())
     return units.ServiceConfig(
         binary=binary or installed_binary(), devices=devs, emulator=emulator,
         emu_devices=max(max(devs) + 1, 1) if emulator else 0,
-        user=paths.service_user(), group=paths.service_group(), config_file=paths.config_file())
+        user=paths.service_user(), group=paths.service_group(), config_file=paths.config_file(),
+        observe_network=observe_net, controller_network=controller_net)
+
+
+def network_wanted(config_file: Path) -> tuple[bool, bool]:
+    """Whether the observer's and the controller's units need IP sockets: the node's
+    configuration (read at install; absent: no) serves metrics or publishes on TCP. A bad
+    file is refused here, before any unit is written."""
+    from flexnpu.control import config as cfgmod
+
+    try:
+        c = cfgmod.load(config_file, required=False)
+    except cfgmod.ConfigError as e:
+        raise ServiceError(f"{config_file}: {e}") from None
+    except OSError:  # not this user's to read (a dry run as a user); root, who installs, reads it
+        return False, False
+    return bool(c.observe.metrics or c.publish.observe_tcp), bool(c.publish.controller_tcp)
 
 
 _CONFIG_HEAD = "# FlexNPU's node configuration; `flexnpu controller --print-config` shows the effective one.\n"

@@ -79,6 +79,19 @@ class ServiceConfig:
     user: str = paths.SERVICE_USER
     group: str = paths.SERVICE_GROUP
     config_file: Path = Path(paths.DEFAULT_CONFIG)
+    # the configuration asks the observer to serve metrics or publish on TCP ([observe] metrics,
+    # [publish] observe_tcp), the controller to publish on TCP ([publish] controller_tcp): their
+    # units get IP sockets; every other unit stays without a network
+    observe_network: bool = False
+    controller_network: bool = False
+
+
+# What a unit that serves on TCP gets instead of PrivateNetwork=yes and AF_UNIX alone.
+_NETWORK = {"PrivateNetwork": "no", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6"}
+
+
+def _config_env(cfg: ServiceConfig) -> tuple[str, ...]:
+    return () if str(cfg.config_file) == paths.DEFAULT_CONFIG else (f"FLEXNPU_CONFIG={cfg.config_file}",)
 
 
 @dataclass
@@ -234,8 +247,11 @@ def observe_unit(cfg: ServiceConfig) -> Unit:
         # applications may run from a home directory: the uprobe names their library's file
         "ProtectHome": "read-only",
         "SystemCallFilter": "@system-service bpf perf_event_open",
+        # metrics and TCP publishing, only where the configuration asks for them
+        **(_NETWORK if cfg.observe_network else {}),
     })
-    items = _service(cfg, f"{cfg.binary} observe --source bpf", sandbox, status_timeout_s=120)
+    items = _service(cfg, f"{cfg.binary} observe --source bpf", sandbox, status_timeout_s=120,
+                     extra_env=_config_env(cfg))
     # CAP_SYS_ADMIN would allow these; nothing in the observer calls them
     # (not @resources: bcc's LLVM threads call sched_setscheduler, seen by strace)
     items.append(("SystemCallFilter", "~@module @mount @reboot @swap @raw-io @clock @cpu-emulation @obsolete"))
@@ -247,13 +263,13 @@ def observe_unit(cfg: ServiceConfig) -> Unit:
 
 def controller_unit(cfg: ServiceConfig) -> Unit:
     after = ([EMU] if cfg.emulator else []) + [daemon_instance(d) for d in cfg.devices]
-    env = () if str(cfg.config_file) == paths.DEFAULT_CONFIG else (f"FLEXNPU_CONFIG={cfg.config_file}",)
+    env = _config_env(cfg)
+    sandbox = {**_COMMON_SANDBOX, **_OWN_PROC, **(_NETWORK if cfg.controller_network else {})}
     return Unit(CONTROLLER,
                 unit=[("Description", "FlexNPU controller (gate settings from the observer's snapshots)"),
                       ("After", " ".join(after)),
                       *_start_limits()],
-                service=_service(cfg, f"{cfg.binary} controller", {**_COMMON_SANDBOX, **_OWN_PROC},
-                                 extra_env=env)
+                service=_service(cfg, f"{cfg.binary} controller", sandbox, extra_env=env)
                 # it gives controller.sock to the client group, as the observer does observe.sock
                 + [_NO_PRIVILEGED, _CHOWN, _ZMQ_THREADS] + CONTROLLER_LIMITS.items())
 
