@@ -37,6 +37,9 @@ arch=$(dpkg --print-architecture)
 # systemd-analyze (the service tests verify every unit; it does not become PID 1)
 # and strace checks each service's system calls against its unit's filter.
 want=(gcc g++ make cmake tmux python3-bpfcc libbpfcc "linux-headers-$arch" systemd strace)
+# libibverbs1, ibverbs-providers: mooncake-transfer-engine-non-cuda (bench pd --kv-net) links
+# libibverbs even for its TCP transport
+want+=(libibverbs1 ibverbs-providers)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
