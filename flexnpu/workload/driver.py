@@ -555,7 +555,16 @@ def _check_gated(stats: dict[str, dict], status: dict, setup: Setup, time_scale:
     problems: list[str] = []
     place = dict(setup.instances())
     mixed = any(p.role == "mixed" for p in place.values())
-    if setup.kv_ipc and not mixed:  # each prefill's whole pool, exported once, imported once by each decode of its node
+    pair = sorted(place) == ["decode", "prefill"] and place["decode"].node == place["prefill"].node
+    if setup.kv_ipc and pair:  # the prefill's whole pool, exported once and imported once
+        pool = stats.get("prefill", {}).get("kv_pool_bytes", 0)
+        exp, imp = (handoff or {}).get("prefill", {}), (handoff or {}).get("decode", {})
+        if exp.get("exports") != 1 or imp.get("imports") != 1 or not \
+                pool <= imp.get("import_bytes", -1) == exp.get("export_bytes"):
+            problems.append(f"emulator shows {exp.get('exports')} exports of {exp.get('export_bytes')} bytes and "
+                            f"{imp.get('imports')} imports of {imp.get('import_bytes')} once the KV was shared, "
+                            f"want one each of the prefill's {pool}-byte pool")
+    elif setup.kv_ipc and not mixed:  # each prefill's whole pool, exported once, imported once by each decode of its node
         h = handoff or {}
         for name, p in place.items():
             peers = [n for n, q in place.items() if q.node == p.node and q.role != p.role]
