@@ -7,6 +7,8 @@ The owner writes one line per thing to clean up on the guard's stdin, as it star
     pid PID START     a process (START: its start time in /proc/PID/stat, so a pid the
                       kernel has given to another process since is never signalled)
     dir PATH          a directory to remove
+    netns NAME        a network namespace to remove, with the links in it (a Topology's)
+    file PATH         a file to remove (a Topology's state file)
     done              the owner stopped everything itself: exit without doing anything
 
 End of file without `done` means the owner is gone: the kernel closes its end of the pipe
@@ -15,7 +17,9 @@ fires when the *thread* that started a child exits, and benchmarks start program
 threads; the device server is started in its own session, by code the node does not own).
 The processes get SIGTERM, newest first, then SIGKILL after STOP_S; processes that carry the
 runtime dir in their environment or command line (children of children, or one started just
-as the owner died) are swept the same way; then the directories are removed.
+as the owner died) are swept the same way; then the directories are removed, and the network
+namespaces (their links first, so that a veth goes even while a straggler keeps its node's
+namespace alive) and the files.
 
 The guard runs in its own session and ignores SIGINT and SIGHUP: a closed terminal or Ctrl-C
 is the owner's to handle, and the guard must outlive it.
@@ -90,6 +94,8 @@ def main() -> int:
         signal.signal(sig, signal.SIG_IGN)
     procs: list[tuple[int, int]] = []
     dirs: list[str] = []
+    namespaces: list[str] = []
+    files: list[str] = []
     for raw in sys.stdin.buffer:
         word, _, rest = raw.rstrip(b"\n").partition(b" ")
         if word == b"done":
@@ -99,11 +105,24 @@ def main() -> int:
             procs.append((int(pid), int(start)))
         elif word == b"dir":
             dirs.append(os.fsdecode(rest))
+        elif word == b"netns":
+            namespaces.append(os.fsdecode(rest))
+        elif word == b"file":
+            files.append(os.fsdecode(rest))
     stop_all(procs)
     if dirs:
         stop_all(_strays(dirs, os.getuid()))
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
+    if namespaces:
+        from flexnpu.bench.netns import remove_namespaces
+
+        remove_namespaces(namespaces)
+    for f in files:
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
     return 0
 
 

@@ -13,6 +13,11 @@ If the owner dies without stopping them (kill -9, a crash), the node's guard
 starts) stops them and removes the runtime dir. An owner that handles SIGINT, SIGTERM and
 SIGHUP (stop_signals) unwinds through `stop()` on each of them.
 
+With netns (a network namespace, e.g. one node of a flexnpu.bench.netns.Topology), every
+process the node starts (device server, daemons, observer, controller, spawned programs)
+runs inside that namespace, as its own pid (nsenter execs it); `host` is the node's address
+there, for peers on other nodes to reach its services.
+
 Benchmarks import this, never tests/ (tests may import it too).
 """
 
@@ -109,13 +114,15 @@ class LocalNode:
     policy: None (no controller) or a policy name for `flexnpu controller`;
     controller_args: extra command-line options for the controller (e.g. ["--tick-ms", "5"]);
     daemon_args: extra command-line options for every daemon (e.g. ["--pending-grace-ms", "5"]);
-    partition: the emulator's `--partition prefill=S,decode=S` (fixed shares by role), or None.
+    partition: the emulator's `--partition prefill=S,decode=S` (fixed shares by role), or None;
+    netns: a network namespace (a name under /run/netns) in which all of it runs, or None.
     """
 
     def __init__(self, devices: int = 1, mode: str = "contexts", profile: str = "910b", time_scale: float = 1.0,
                  observer: str | None = "shim", observe_interval_ms: float = 50.0, policy: str | None = None,
                  controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None,
-                 partition: str | None = None, daemon_args: Sequence[str] = ()) -> None:
+                 partition: str | None = None, daemon_args: Sequence[str] = (),
+                 netns: str | None = None) -> None:
         self.devices = devices
         self.mode = mode
         self.profile = profile
@@ -135,6 +142,20 @@ class LocalNode:
         self._argv: dict[str, list[str]] = {}  # each service's command line, for restart()
         self.programs: list[subprocess.Popen] = []
         self._guard: subprocess.Popen | None = None
+        self.netns = netns
+        self.host = "127.0.0.1"  # the node's IPv4 address (its namespace's link address with netns)
+        if netns is not None:
+            from flexnpu.bench.netns import netns_address
+
+            self.host = netns_address(netns)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """argv as this node runs it: inside its network namespace, as the same pid."""
+        if self.netns is None:
+            return [str(a) for a in argv]
+        from flexnpu.bench.netns import netns_argv
+
+        return netns_argv(self.netns, argv)
 
     # -- environment
     def base_env(self) -> dict[str, str]:
@@ -175,7 +196,7 @@ class LocalNode:
         self.logs.mkdir(exist_ok=True)
         self._start_guard()
         self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir,
-                                     partition=self.partition)
+                                     partition=self.partition, wrap=self.wrap([]))
         self._watch(self.emu_pid)
         if self.want_daemons:
             for dev in range(self.devices):
@@ -237,7 +258,7 @@ class LocalNode:
         self._argv[name] = args
         log = open(self.logs / f"{name}.log", "ab")  # a restarted service appends to its log
         try:
-            self.services[name] = subprocess.Popen([*FLEXNPU, *args], env=self.base_env(), stdout=log,
+            self.services[name] = subprocess.Popen(self.wrap([*FLEXNPU, *args]), env=self.base_env(), stdout=log,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             log.close()
@@ -305,7 +326,7 @@ class LocalNode:
         popen.setdefault("stderr", subprocess.PIPE)
         popen.setdefault("stdin", subprocess.DEVNULL)
         popen.setdefault("text", True)
-        p = subprocess.Popen(list(argv), env=self.program_env(role, shim, devices, extra_env, forward), **popen)
+        p = subprocess.Popen(self.wrap(argv), env=self.program_env(role, shim, devices, extra_env, forward), **popen)
         self.programs.append(p)
         self._watch(p.pid)
         return p
@@ -325,7 +346,7 @@ class LocalNode:
 
         if name == "emu":
             self.emu_pid = control.start(self.devices, self.profile, self.mode, self.time_scale, rdir=self.rdir,
-                                         partition=self.partition)
+                                         partition=self.partition, wrap=self.wrap([]))
             self._watch(self.emu_pid)
             return
         old = self.services[name]

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Sequence
 
 from flexnpu import paths, rundir
 from flexnpu.emulator.profiles import PROFILES
@@ -181,12 +182,15 @@ def start(
     timeout: float = 10.0,
     partition: str | None = None,
     context_switch_us: float | None = None,
+    wrap: Sequence[str] = (),
 ) -> int:
     """Starts the device server; returns its pid. `mode` is one mode for all devices or a
     comma list with one per device. With foreground=True, runs it in this process's place.
     `partition` ("prefill=0.6,decode=0.4"): every device split by role in fixed shares of its
     compute and bandwidth, like Ascend's vNPU templates (docs/emulator.md).
-    `context_switch_us`: the contexts mode's switch cost, instead of the profile's."""
+    `context_switch_us`: the contexts mode's switch cost, instead of the profile's.
+    `wrap`: a command that execs the server (e.g. nsenter into a network namespace), so the
+    pid returned is still the server's."""
     rdir = Path(rdir or paths.runtime_dir())
     if profile not in PROFILES:
         raise EmulatorError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -217,6 +221,8 @@ def start(
         *(["--partition", partition] if partition else []),
         "--client-group", paths.CLIENT_GROUP,
     ]
+    if wrap and not foreground:
+        argv = [*wrap, *argv]
     dirfd = _prepare_runtime_dir(rdir)
     try:
         return _launch(argv, rdir, dirfd, foreground, timeout)

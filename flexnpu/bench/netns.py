@@ -1,0 +1,512 @@
+"""Nodes joined by a shaped network on one machine: a network namespace per node, joined
+through a switch (a Linux bridge in a namespace of its own) by one veth pair per node, each
+node's egress shaped to a link's rate (HTB) and one-way delay (netem, or a user-space delay
+line where the kernel has no netem).
+
+    with Topology(nodes=2, link=DEFAULT_LINK) as topo:
+        subprocess.run(topo.argv(1, ["ping", "-c", "1", topo.addr(0)]))
+        with LocalNode(netns=topo.names[0]) as a, LocalNode(netns=topo.names[1]) as b:
+            ...
+
+Everything a topology makes lives inside its own namespaces (nothing is added to the
+machine's own network namespace), so removing the namespaces removes the links, the bridge
+and the qdiscs with them. It is removed by `close()` (on leaving the with-block, also on an
+exception or on a signal its owner turns into one: `node.stop_signals`), by its guard
+(flexnpu/bench/guard.py) when the owner dies without closing it (kill -9), and, should both
+fail, by the next topology, which removes leftovers whose owner is dead and says so
+(`cleanup_leftovers`). A state file per topology under /run/flexnpu-netns/ names the owner
+(pid and start time), so leftovers of a live owner (another run) are never touched.
+
+Needs root (CAP_NET_ADMIN). Figures and measured limits: docs/network.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+NETNS_DIR = Path("/run/netns")  # where `ip netns` and pyroute2 mount named namespaces
+STATE_DIR = Path("/run/flexnpu-netns")  # one <run prefix>json per topology: its owner and names
+PREFIX = "fxn-"  # every name a topology makes starts with this (unless given another prefix)
+SUBNET = "10.77.0"  # node i is SUBNET.(i+1)/24 on the shared link
+NODE_IF = "eth0"  # each node's interface on the link
+BRIDGE_IF = "br0"  # the switch
+MAX_NODES = 200
+
+# A Python delay line adds tens of microseconds of its own, so below this a delay is not
+# emulated where the kernel lacks netem (the veth path's own latency is of that order).
+RELAY_MIN_DELAY_US = 100.0
+
+
+class NetnsError(RuntimeError):
+    """A topology could not be made (no root, a missing kernel feature, bad input)."""
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One link of the shared network, the same in both directions.
+
+    rate_gbit: rate per direction (each node's egress is shaped to it);
+    delay_us: one-way added delay (so a round trip adds twice this);
+    mtu: the link's MTU (9000: jumbo frames, as RoCE/100 GbE clusters use)."""
+
+    rate_gbit: float
+    delay_us: float
+    mtu: int = 9000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rate_gbit <= 10_000:
+            raise NetnsError(f"rate_gbit must be in (0, 10000], got {self.rate_gbit}")
+        if not 0 <= self.delay_us <= 10_000_000:
+            raise NetnsError(f"delay_us must be in [0, 1e7], got {self.delay_us}")
+        if not 1280 <= self.mtu <= 65_000:
+            raise NetnsError(f"mtu must be in [1280, 65000], got {self.mtu}")
+
+    @property
+    def rate_bytes(self) -> int:
+        return int(self.rate_gbit * 1e9 / 8)
+
+
+# A RoCE v2 link of a 100 GbE NIC through one switch: 100 Gbit/s per direction (RoCE v2 on
+# 100 GbE moves 90-95 Gbit/s of payload with >= 1 KB packets), and 3 us one way (perftest's
+# ib_send_lat reports 0.8 us for 32 B and 2.3 us for 4 KB messages NIC to NIC, half a round
+# trip; a switch hop adds under 1 us). Sources in docs/network.md.
+DEFAULT_LINK = LinkSpec(rate_gbit=100.0, delay_us=3.0)
+
+
+# ---------------------------------------------------------------- privileges and processes
+
+
+def _cap_net_admin() -> bool:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 12))  # CAP_NET_ADMIN = 12
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
+def require_root() -> None:
+    """NetnsError (one line) unless this process may make network namespaces."""
+    if not _cap_net_admin() or os.geteuid() != 0:
+        raise NetnsError("network namespaces need root (CAP_NET_ADMIN); run as root, e.g. with sudo")
+
+
+def _start_time(pid: int) -> int | None:
+    from flexnpu.bench.guard import start_time
+
+    return start_time(pid)
+
+
+def _owner_alive(pid: int, start: int | None) -> bool:
+    now = _start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+def netns_argv(name: str, argv: Sequence[str]) -> list[str]:
+    """argv run inside the named network namespace; nsenter execs it (the pid stays)."""
+    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+    return [nsenter, f"--net={NETNS_DIR / name}", "--", *map(str, argv)]
+
+
+def netns_address(name: str) -> str:
+    """The first IPv4 address of a named namespace's interfaces other than lo."""
+    from pyroute2 import NetNS
+
+    if not (NETNS_DIR / name).exists():
+        raise NetnsError(f"no network namespace {name} (ip netns lists those there are)")
+    with NetNS(name) as ns:
+        lo = ns.link_lookup(ifname="lo")
+        for a in ns.get_addr(family=socket.AF_INET):
+            if a["index"] not in lo:
+                return a.get_attr("IFA_ADDRESS")
+    raise NetnsError(f"network namespace {name} has no IPv4 address but on lo")
+
+
+# ---------------------------------------------------------------- leftovers
+
+
+def _state_files(prefix: str) -> list[Path]:
+    try:
+        return sorted(p for p in STATE_DIR.glob("*.json") if p.name.startswith(prefix))
+    except OSError:
+        return []
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _namespaces(prefix: str) -> list[str]:
+    try:
+        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+
+
+def _pid_in_name(name: str, prefix: str) -> int | None:
+    """The owner pid of an automatic run prefix ("fxn-<pid>-<hex>-..."), None for others."""
+    rest = name[len(prefix):].split("-")
+    return int(rest[0]) if len(rest) >= 3 and rest[0].isdigit() else None
+
+
+def _remove_netns(name: str) -> bool:
+    """Removes a named namespace; True if this call removed it. The namespace itself lives on
+    while a process still runs in it, so the switch's links are deleted first (below)."""
+    from pyroute2 import netns
+
+    path = NETNS_DIR / name
+    if not path.exists():
+        return False
+    try:
+        netns.remove(name)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        return False
+    return True
+
+
+def _delete_links(name: str) -> None:
+    """Deletes every link but lo in a namespace: a veth's peer goes with it, so a node's link is
+    gone even while some process keeps that node's namespace alive."""
+    from pyroute2 import NetNS
+
+    if not (NETNS_DIR / name).exists():
+        return
+    try:
+        with NetNS(name) as ns:
+            for link in ns.get_links():
+                if link.get_attr("IFLA_IFNAME") != "lo":
+                    try:
+                        ns.link("del", index=link["index"])
+                    except Exception:  # a veth already gone with its peer
+                        pass
+    except Exception:
+        pass
+
+
+def remove_namespaces(names: Sequence[str]) -> list[str]:
+    """Deletes the links in each namespace, then the namespaces; returns those removed."""
+    for n in names:
+        _delete_links(n)
+    return [n for n in names if _remove_netns(n)]
+
+
+def _kill(pid: int, start: int | None) -> None:
+    from flexnpu.bench.guard import stop_all
+
+    if start is not None:
+        stop_all([(pid, start)], timeout=2.0)
+
+
+def _remove_run(state: dict[str, Any], names: Sequence[str]) -> list[str]:
+    relay = state.get("relay") or {}
+    if relay.get("pid"):
+        _kill(int(relay["pid"]), relay.get("start"))
+    return remove_namespaces(names)
+
+
+def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
+    """Removes the namespaces (with their links, bridge and qdiscs) and delay lines that
+    topologies with names starting with prefix left behind when their owner died; returns the
+    namespaces it removed. Those of a live owner (another run) are left alone."""
+    require_root()
+    removed: list[str] = []
+    claimed: set[str] = set()
+    for path in _state_files(prefix):
+        state = _read_state(path)
+        if state is None:  # being written by its owner right now, or garbage
+            if time.time() - _mtime(path) > 10:
+                path.unlink(missing_ok=True)
+            continue
+        names = list(state.get("names", []))
+        claimed.update(names)
+        owner = state.get("owner") or {}
+        if _owner_alive(int(owner.get("pid", 0) or 0), owner.get("start")):
+            continue
+        removed += _remove_run(state, names)
+        path.unlink(missing_ok=True)
+    for name in _namespaces(prefix):
+        if name in claimed:
+            continue
+        pid = _pid_in_name(name, prefix)
+        if pid is not None and _owner_alive(pid, None):
+            continue  # its owner is alive and has yet to write its state (or lost it): not ours
+        if pid is None and time.time() - _mtime(NETNS_DIR / name) < 10:
+            continue  # a fresh one of an explicit prefix: its owner may be writing its state
+        _delete_links(name)
+        if _remove_netns(name):
+            removed.append(name)
+    return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# ---------------------------------------------------------------- shaping
+
+
+def _netem_ok(ns: Any, index: int) -> bool:
+    """Whether this kernel has sch_netem (many minimal VM kernels do not)."""
+    try:
+        ns.tc("add", "netem", index=index, handle=0x00FF0000, delay=1)
+    except Exception:
+        return False
+    ns.tc("del", index=index, handle=0x00FF0000)
+    return True
+
+
+def shape(ns: Any, index: int, link: LinkSpec, netem: bool) -> None:
+    """Shapes an interface's egress: an HTB class at the link's rate (64-bit rates, so above
+    34 Gbit/s too), under it netem with the one-way delay when netem is used, else a FIFO.
+
+    The bucket holds 2 ms of the rate (at least 4 maximal GSO packets) so a TCP flow can fill
+    the rate on a timer-driven kernel; the queues hold the bandwidth-delay product and more."""
+    rate = link.rate_bytes
+    burst = max(4 * 65536, int(rate * 0.002))
+    ns.tc("add", "htb", index=index, handle=0x00010000, default=1)
+    ns.tc("add-class", "htb", index=index, handle=0x00010001, parent=0x00010000, rate=rate, ceil=rate,
+          burst=burst, cburst=burst, quantum=200_000, mtu=link.mtu + 64)
+    if netem:
+        bdp_pkts = int(rate * (link.delay_us * 1e-6) / 1500) * 2
+        ns.tc("add", "netem", index=index, handle=0x000A0000, parent=0x00010001, delay=int(link.delay_us),
+              limit=max(10_000, bdp_pkts))
+
+
+# ---------------------------------------------------------------- the topology
+
+
+class Topology:
+    """n nodes, each a network namespace with one interface on a shared switched link.
+
+    names: each node's namespace (f"{prefix}n{i}"); switch: the switch's (f"{prefix}sw");
+    delay: how the delay is made: "netem", "relay" (a user-space delay line, where the
+    kernel has no netem; flexnpu/bench/netdelay.py) or "none" (no delay asked, or one below
+    RELAY_MIN_DELAY_US without netem: the path's own latency is already of that order);
+    cleaned: the leftovers of dead runs this one removed before starting."""
+
+    def __init__(self, nodes: int = 2, link: LinkSpec = DEFAULT_LINK, prefix: str | None = None,
+                 quiet: bool = False) -> None:
+        require_root()
+        if not 1 <= nodes <= MAX_NODES:
+            raise NetnsError(f"nodes must be between 1 and {MAX_NODES}, got {nodes}")
+        if prefix is not None and (not prefix or "/" in prefix or len(prefix) > 64):
+            raise NetnsError(f"prefix must be a short name without '/', got {prefix!r}")
+        self.link = link
+        self.nodes = nodes
+        base = PREFIX if prefix is None else prefix
+        self.prefix = prefix or f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
+        self.names = [f"{self.prefix}n{i}" for i in range(nodes)]
+        self.switch = f"{self.prefix}sw"
+        self.delay = "none"
+        self._state_path = STATE_DIR / f"{self.prefix}json"
+        self._guard: subprocess.Popen | None = None
+        self._relay: subprocess.Popen | None = None
+        self._made: list[str] = []
+        self._closed = False
+        self.cleaned = cleanup_leftovers(base)
+        if self.cleaned and not quiet:
+            print(f"flexnpu: removed network namespaces left by a dead run: {' '.join(self.cleaned)}",
+                  file=sys.stderr)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- building
+    def _write_state(self) -> None:
+        state = {"owner": {"pid": os.getpid(), "start": _start_time(os.getpid())},
+                 "names": [*self.names, self.switch], "link": asdict(self.link), "delay": self.delay}
+        if self._relay is not None:
+            state["relay"] = {"pid": self._relay.pid, "start": _start_time(self._relay.pid)}
+        STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self._state_path)
+
+    def _build(self) -> None:
+        from pyroute2 import NetNS, netns
+
+        for name in [*self.names, self.switch]:
+            if (NETNS_DIR / name).exists():
+                raise NetnsError(f"network namespace {name} exists already (prefix {self.prefix!r} is in use)")
+        self._write_state()  # before the first namespace: a crash from here on leaves a named owner
+        self._start_guard()
+        for name in [self.switch, *self.names]:
+            netns.create(name)
+            self._made.append(name)
+            self._tell_guard(f"netns {name}")
+        with NetNS(self.switch) as sw:
+            self._up(sw, "lo")
+            sw.link("add", ifname=BRIDGE_IF, kind="bridge", br_stp_state=0, br_forward_delay=0)
+            sw.link("set", index=sw.link_lookup(ifname=BRIDGE_IF)[0], mtu=self.link.mtu, state="up")
+            use_netem = None
+            for i, name in enumerate(self.names):
+                port = f"p{i}"
+                sw.link("add", ifname=port, kind="veth", peer={"ifname": NODE_IF, "net_ns_fd": name})
+                with NetNS(name) as ns:
+                    self._up(ns, "lo")
+                    idx = ns.link_lookup(ifname=NODE_IF)[0]
+                    ns.link("set", index=idx, mtu=self.link.mtu)
+                    ns.addr("add", index=idx, address=self.addr(i), prefixlen=24)
+                    ns.link("set", index=idx, state="up")
+                    if use_netem is None:
+                        use_netem = self.link.delay_us > 0 and _netem_ok(ns, idx)
+                        self.delay = self._delay_kind(use_netem)
+                    shape(ns, idx, self.link, use_netem)
+                pidx = sw.link_lookup(ifname=port)[0]
+                sw.link("set", index=pidx, mtu=self.link.mtu)
+                if self.delay == "relay":
+                    self._relay_port(sw, i)
+                else:
+                    sw.link("set", index=pidx, master=sw.link_lookup(ifname=BRIDGE_IF)[0], state="up")
+        if self.delay == "relay":
+            self._start_relay()
+        self._write_state()
+
+    def _delay_kind(self, netem: bool) -> str:
+        if netem:
+            return "netem"
+        if self.link.delay_us >= RELAY_MIN_DELAY_US:
+            return "relay"
+        return "none"
+
+    @staticmethod
+    def _up(ns: Any, ifname: str) -> None:
+        ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
+
+    def _relay_port(self, sw: Any, i: int) -> None:
+        """Without netem, node i's veth end p{i} is not on the bridge: a second veth pair d{i}
+        <-> q{i} is (q{i} on the bridge), and the delay line carries frames from p{i} to d{i}
+        after the delay and from d{i} to p{i} at once."""
+        br = sw.link_lookup(ifname=BRIDGE_IF)[0]
+        sw.link("add", ifname=f"d{i}", kind="veth", peer={"ifname": f"q{i}"})
+        for name in (f"p{i}", f"d{i}", f"q{i}"):
+            sw.link("set", index=sw.link_lookup(ifname=name)[0], mtu=self.link.mtu)
+        sw.link("set", index=sw.link_lookup(ifname=f"q{i}")[0], master=br, state="up")
+        self._up(sw, f"d{i}")
+        self._up(sw, f"p{i}")
+
+    def _start_relay(self) -> None:
+        ports = ",".join(f"p{i}:d{i}" for i in range(self.nodes))
+        argv = netns_argv(self.switch, [sys.executable, "-m", "flexnpu.bench.netdelay", "--ports", ports,
+                                        "--delay-us", f"{self.link.delay_us:g}"])
+        self._relay = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       env=_package_env(), start_new_session=True)
+        start = _start_time(self._relay.pid)
+        if start is not None:
+            self._tell_guard(f"pid {self._relay.pid} {start}")
+        line = self._relay.stdout.readline()  # "ready" once its sockets are bound
+        if line.strip() != b"ready":
+            raise NetnsError(f"the delay line did not start (exit {self._relay.wait(5)})")
+
+    def _start_guard(self) -> None:
+        self._guard = subprocess.Popen([sys.executable, "-m", "flexnpu.bench.guard"], env=_package_env(),
+                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        self._tell_guard(f"file {self._state_path}")
+
+    def _tell_guard(self, line: str) -> None:
+        if self._guard is None or self._guard.stdin is None:
+            return
+        try:
+            self._guard.stdin.write(line.encode() + b"\n")
+            self._guard.stdin.flush()
+        except OSError:
+            pass
+
+    # -- use
+    def addr(self, i: int) -> str:
+        """Node i's IPv4 address on the link."""
+        self._check(i)
+        return f"{SUBNET}.{i + 1}"
+
+    def argv(self, i: int, argv: Sequence[str]) -> list[str]:
+        """argv run inside node i's namespace, as the same pid (nsenter execs it)."""
+        self._check(i)
+        return netns_argv(self.names[i], argv)
+
+    def link_bytes(self, i: int) -> dict[str, int]:
+        """Node i's interface counters on the link, from the kernel."""
+        from pyroute2 import NetNS
+
+        self._check(i)
+        with NetNS(self.names[i]) as ns:
+            link = ns.get_links(ns.link_lookup(ifname=NODE_IF)[0])[0]
+        stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
+        return {k: int(stats[k]) for k in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")}
+
+    def describe(self) -> dict[str, Any]:
+        return {"names": self.names, "switch": self.switch, "addrs": [self.addr(i) for i in range(self.nodes)],
+                "link": asdict(self.link), "delay": self.delay}
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self.nodes:
+            raise NetnsError(f"node index {i} out of range (0..{self.nodes - 1})")
+
+    # -- teardown
+    def close(self) -> None:
+        """Removes everything this topology made (delay line, links, namespaces, state); can be
+        called again."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._relay is not None:
+            from flexnpu.bench.node import stop_process
+
+            stop_process(self._relay, 2.0)
+            for f in (self._relay.stdin, self._relay.stdout):
+                if f is not None:
+                    f.close()
+        remove_namespaces(self._made)
+        self._state_path.unlink(missing_ok=True)
+        g, self._guard = self._guard, None
+        if g is not None:
+            try:
+                g.stdin.write(b"done\n")
+                g.stdin.close()
+            except OSError:
+                pass
+            try:
+                g.wait(5)
+            except subprocess.TimeoutExpired:
+                g.kill()
+                g.wait()
+
+    def __enter__(self) -> Topology:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+def _package_env() -> dict[str, str]:
+    """This process's environment, with this very flexnpu package importable by a child."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
