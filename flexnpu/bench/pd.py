@@ -217,9 +217,9 @@ def forward_refusal(ops: str) -> str | None:
 
 
 def runnable(o: Options) -> Options:
-    """The default configuration list less the forwarded ones where they cannot run and
-    static-disagg-xnode with one node (the reasons in `left_out`, printed with the results);
-    a list given by name is left as it is."""
+    """The default configuration list less the forwarded ones where they cannot run,
+    static-disagg-xnode with one node and static-disagg with one device a node (the reasons
+    in `left_out`, printed with the results); a list given by name is left as it is."""
     why = forward_refusal(o.ops) if any(c in FORWARDED for c in o.configs) else None
     notes = []
     if why:
@@ -228,6 +228,10 @@ def runnable(o: Options) -> Options:
     if o.nodes == 1 and "static-disagg-xnode" in o.configs:
         notes.append(f"static-disagg-xnode left out: it {XNODE_NEEDS.split(' ', 1)[1]}")
         o = replace(o, configs=tuple(c for c in o.configs if c != "static-disagg-xnode"))
+    if o.nodes > 1 and o.devices // o.nodes < 2 and "static-disagg" in o.configs:
+        notes.append(f"static-disagg left out: it needs 2 or more devices a node (--devices {2 * o.nodes} or more "
+                     f"with --nodes {o.nodes}); static-disagg-xnode disaggregates across the nodes")
+        o = replace(o, configs=tuple(c for c in o.configs if c != "static-disagg"))
     return replace(o, left_out="; ".join(notes)) if notes else o
 
 
