@@ -75,7 +75,8 @@ XNODE_NEEDS = "static-disagg-xnode needs --nodes 2 (prefill instances on node 0,
 LINK_OVERHEAD = 0.02  # share of the KV
 LINK_SLACK = 256 * 1024  # bytes, whatever the KV
 # how each configuration's instances run: "none" (no FlexNPU), "gated" (the shim), "forwarded"
-EXECUTION = {"no-shim": "none", "static-disagg": "none", "static-disagg-xnode": "none", "static-colocation": "gated", "uncontrolled": "gated",
+EXECUTION = {"no-shim": "none", "static-disagg": "none", "static-disagg-xnode": "none",
+             "static-colocation": "gated", "uncontrolled": "gated",
              "flexnpu-gated": "gated", "forward-uncontrolled": "forwarded", "flexnpu-forward": "forwarded"}
 MODES = ("contexts", "serial", "shared")
 DEFAULT_MODE = "contexts"  # as Ascend shares a device: contexts take turns, streams of one share cores (docs/emulator.md)

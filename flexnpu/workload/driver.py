@@ -30,9 +30,9 @@ KV goes the way the two instances' places allow: on one device the decode instan
 in the prefill's pool (IPC, nothing copied); on one node across devices it pulls it over the
 device link from the imported pool (every decode instance imports every prefill pool of its
 node); across nodes it goes over TCP with the transfer engine (instance.py --kv-net, each
-node's address from `Setup.node_addrs`), and `Result.kv_net` holds the bytes that crossed
-(the model's prompt_tokens x kv_bytes_per_token of each such request), for a caller to
-compare with the link's own counters. Without placements the run is the one pair of
+node's address from `Setup.node_addrs`, else the node's `host`), and `Result.kv_net` holds
+the bytes that crossed (the model's prompt_tokens x kv_bytes_per_token of each such
+request), for a caller to compare with the link's own counters. Without placements the run is the one pair of
 `prefill_device` and `decode_device` (or the one mixed instance) on the one node, as always.
 
 Every run ends with `check`: the emulator's per-process kernel counts must equal what each
@@ -112,7 +112,7 @@ class Setup:
     role_env: bool = False  # FLEXNPU_ROLE in the instances' environment without the shim (vNPU partitions)
     kv_ipc: bool = True  # hand the KV over through IPC memory (the decode instance imports the prefill's pool)
     placements: tuple[Placement, ...] = ()  # xPyD: every instance's place (empty: the pair above)
-    node_addrs: tuple[str, ...] = ()  # each node's address for KV across nodes (default 127.0.0.1)
+    node_addrs: tuple[str, ...] = ()  # each node's address for KV across nodes (default: the node's .host)
     forward: bool = False  # forwarded: the instances' calls run in the device's executor (needs the node's daemons)
     ops: str = DEFAULT_OPS  # how the instances express a step: kernels, aclnn, aclnn-fia (instance --ops)
     slo: MX.Slo = field(default_factory=MX.Slo)
@@ -394,10 +394,13 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
                                f"{sorted(d for d, p in out.items() if p is None)}")
         return out
 
+    # each node's address for the transfer engine: given, else the node's own (LocalNode.host)
+    addrs = [setup.addr(i) if setup.node_addrs else getattr(n, "host", "127.0.0.1") for i, n in enumerate(nodes)]
+
     def argv(name: str, p: Placement) -> list[str]:
         others = [place[n] for n in (decodes if p.role == "prefill" else prefills)]
         crosses = any(o.node != p.node for o in others)
-        net_addr = setup.addr(p.node) if crosses and p.role != "mixed" else None
+        net_addr = addrs[p.node] if crosses and p.role != "mixed" else None
         if p.role == "mixed":
             return _argv("mixed", setup, p.device, setup.decode_kv_tokens)
         if p.role == "prefill":
@@ -564,7 +567,7 @@ def _check_gated(stats: dict[str, dict], status: dict, setup: Setup, time_scale:
             problems.append(f"emulator shows {exp.get('exports')} exports of {exp.get('export_bytes')} bytes and "
                             f"{imp.get('imports')} imports of {imp.get('import_bytes')} once the KV was shared, "
                             f"want one each of the prefill's {pool}-byte pool")
-    elif setup.kv_ipc and not mixed:  # each prefill's whole pool, exported once, imported once by each decode of its node
+    elif setup.kv_ipc and not mixed:  # each prefill's pool exported once, imported once by each decode of its node
         h = handoff or {}
         for name, p in place.items():
             peers = [n for n, q in place.items() if q.node == p.node and q.role != p.role]

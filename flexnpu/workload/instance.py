@@ -92,8 +92,9 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from flexnpu.workload import model as M
-from flexnpu.workload.acl import (ACL_MEMCPY_DEVICE_TO_HOST, ACL_MEMCPY_HOST_TO_DEVICE, ACL_MEMCPY_INTER_DEVICE_TO_DEVICE,
-                                  ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS, Acl, AclError)
+from flexnpu.workload.acl import (ACL_MEMCPY_DEVICE_TO_HOST, ACL_MEMCPY_HOST_TO_DEVICE,
+                                  ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS, Acl,
+                                  AclError)
 from flexnpu.workload.aclnn import DEFAULT_OPS, OPS, AclnnError, AclnnOps
 
 
@@ -184,7 +185,8 @@ class Instance:
         self.kv_key: bytes | None = None  # prefill, --kv-export: the key of its KV pool
         self.peers: dict[str, Peer] = {}  # decode: prefill instances' KV pools, imported, by name
         self.net = None  # --kv-net: this process's transfer engine (kvnet.KvNet)
-        self.host_kv: int | None = None  # --kv-net: registered host memory (prefill: the pool's mirror; decode: staging)
+        self.host_kv: int | None = None  # --kv-net: registered host memory (prefill: the pool's mirror; decode:
+        # a staging buffer)
         self.host_kv_tokens = 0
         self.saves: queue.Queue = queue.Queue()  # prefill, --kv-net: (request, start) for the transfer thread
         self.d2h = self.h2d = self.net_bytes = 0
@@ -577,7 +579,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode: the prefill instance's device, when it is another one")
     p.add_argument("--kv-net", metavar="ADDR", default=None,
                    help="KV across nodes: this node's address for the transfer engine (Mooncake, TCP)")
-    p.add_argument("--kv-net-log", default=None, help="--kv-net: where the engine's start-up lines go (default: nowhere)")
+    p.add_argument("--kv-net-log", default=None,
+                   help="--kv-net: where the engine's start-up lines go (default: nowhere)")
     p.add_argument("--kv-export", action="store_true",
                    help="prefill: export the KV pool (IPC memory) for the decode instance to import")
     p.add_argument("--chunk-tokens", type=int, default=0, help="chunked prefill: tokens per step (0: whole prompts)")
