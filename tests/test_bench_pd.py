@@ -245,7 +245,7 @@ def test_ops_the_forward_build_does_not_carry_are_refused(monkeypatch):
     assert not set(o.configs) & set(pd.FORWARDED) and "flexnpu-forward" in o.left_out
     one_node = tuple(c for c in pd.CONFIGS if c != "static-disagg-xnode")
     assert pd.runnable(pd.Options(ops="kernels")).configs == one_node
-    assert pd.runnable(pd.Options(ops="kernels", nodes=2)).configs == pd.CONFIGS
+    assert pd.runnable(pd.Options(ops="kernels", nodes=2, devices=4)).configs == pd.CONFIGS
     monkeypatch.setattr(fcli, "carried_calls", lambda: every)
     assert driver.ops_refusal("aclnn") is None and pd.runnable(pd.Options(ops="aclnn")).configs == one_node
 
