@@ -299,6 +299,7 @@ class Run:
     wall_s: float
     nodes: int = 1
     kv_net: dict | None = None  # static-disagg-xnode: the KV across the link against the link's counters
+    link: dict | None = None  # --nodes 2: the topology's link as built (rate, delay, MTU, how the delay is made)
 
     def summary(self) -> dict:
         return summarize(self)
@@ -411,6 +412,7 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
         finally:
             samples = [c.stop() if c else None for c in checkers]
         links_after = [topo.link_bytes(i) for i in range(o.nodes)] if topo else None
+        link = {k: v for k, v in topo.describe().items() if k in ("link", "delay", "addrs")} if topo else None
         status = driver._status(nodes)
     spans_of = [at for (at, _), part in zip(units, parts) if part]
     timings = [t for r in results for t in r.requests]
@@ -438,7 +440,8 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
               for i, sm in enumerate(samples) if sm is not None]
     phase = _phase(scores) if scores else {"accuracy": None, "note": "no observer"}
     busy = _busy(status, m.get("duration_s", 0.0), problems)
-    return Run(v, mode, rate, m, timings, problems, busy, phase, time.monotonic() - t_start, len(nodes), kv_net)
+    return Run(v, mode, rate, m, timings, problems, busy, phase, time.monotonic() - t_start, len(nodes), kv_net,
+               link)
 
 
 def link_check(kv: dict, before: list[dict] | None, after: list[dict] | None) -> dict:
@@ -582,6 +585,7 @@ def summarize(r: Run) -> dict:
         "slo_attainment": round(m["slo_attainment"], 4), "goodput": round(m["goodput"], 3),
         "busy_check": r.busy, "problems": r.problems, "phase": r.phase, "wall_s": round(r.wall_s, 1),
         **({"kv_net": r.kv_net} if r.kv_net is not None else {}),
+        **({"link": r.link} if r.link is not None else {}),
     }
 
 
