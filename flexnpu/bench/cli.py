@@ -183,3 +183,6 @@ def pd_command(
     except Exception as e:  # one line, not a traceback: the node's log names the part that failed
         say(f"flexnpu bench pd: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise typer.Exit(1)
+
+
+app.add_typer(__import__("flexnpu.bench.net_cli", fromlist=["app"]).app, name="net")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` and pyroute2 mount named namespaces
-STATE_DIR = Path("/run/flexnpu-netns")  # one <run prefix>json per topology: its owner and names
+STATE_DIR = Path("/run/flexnpu-netns")  # one <run prefix>.json per topology: its owner and names
 PREFIX = "fxn-"  # every name a topology makes starts with this (unless given another prefix)
 SUBNET = "10.77.0"  # node i is SUBNET.(i+1)/24 on the shared link
 NODE_IF = "eth0"  # each node's interface on the link
@@ -122,11 +123,10 @@ def netns_argv(name: str, argv: Sequence[str]) -> list[str]:
 
 def netns_address(name: str) -> str:
     """The first IPv4 address of a named namespace's interfaces other than lo."""
-    from pyroute2 import NetNS
 
     if not (NETNS_DIR / name).exists():
         raise NetnsError(f"no network namespace {name} (ip netns lists those there are)")
-    with NetNS(name) as ns:
+    with _rtnl(name) as ns:
         lo = ns.link_lookup(ifname="lo")
         for a in ns.get_addr(family=socket.AF_INET):
             if a["index"] not in lo:
@@ -158,10 +158,13 @@ def _namespaces(prefix: str) -> list[str]:
         return []
 
 
-def _pid_in_name(name: str, prefix: str) -> int | None:
-    """The owner pid of an automatic run prefix ("fxn-<pid>-<hex>-..."), None for others."""
-    rest = name[len(prefix):].split("-")
-    return int(rest[0]) if len(rest) >= 3 and rest[0].isdigit() else None
+_AUTO_NAME = re.compile(rf"^{re.escape(PREFIX)}(\d+)-[0-9a-f]{{6}}-(n\d+|sw)$")
+
+
+def _pid_in_name(name: str) -> int | None:
+    """The owner pid in a name of an automatic prefix ("fxn-<pid>-<hex>-n0"), None for others."""
+    m = _AUTO_NAME.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _remove_netns(name: str) -> bool:
@@ -181,15 +184,22 @@ def _remove_netns(name: str) -> bool:
     return True
 
 
+def _rtnl(name: str) -> Any:
+    """An rtnetlink socket in a named namespace that exists (never made on the way: pyroute2's
+    default O_CREAT would make a removed one anew), subscribed to no multicast group, so that
+    no stream of events can crowd out the replies it waits for."""
+    from pyroute2 import NetNS
+
+    return NetNS(name, flags=0, groups=0)
+
+
 def _delete_links(name: str) -> None:
     """Deletes every link but lo in a namespace: a veth's peer goes with it, so a node's link is
     gone even while some process keeps that node's namespace alive."""
-    from pyroute2 import NetNS
-
     if not (NETNS_DIR / name).exists():
         return
     try:
-        with NetNS(name) as ns:
+        with _rtnl(name) as ns:
             for link in ns.get_links():
                 if link.get_attr("IFLA_IFNAME") != "lo":
                     try:
@@ -242,17 +252,38 @@ def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
         removed += _remove_run(state, names)
         path.unlink(missing_ok=True)
     for name in _namespaces(prefix):
-        if name in claimed:
+        # One no state names: removed only if its name is an automatic one whose owner pid is
+        # dead (every topology writes its state before its first namespace, so this is a run
+        # whose state file went missing); any other name may be someone else's.
+        pid = _pid_in_name(name)
+        if name in claimed or pid is None or _owner_alive(pid, None):
             continue
-        pid = _pid_in_name(name, prefix)
-        if pid is not None and _owner_alive(pid, None):
-            continue  # its owner is alive and has yet to write its state (or lost it): not ours
-        if pid is None and time.time() - _mtime(NETNS_DIR / name) < 10:
-            continue  # a fresh one of an explicit prefix: its owner may be writing its state
         _delete_links(name)
         if _remove_netns(name):
             removed.append(name)
     return removed
+
+
+def list_topologies(prefix: str = PREFIX) -> list[dict[str, Any]]:
+    """The topologies on this machine whose names start with prefix: their state (owner,
+    names, link, delay) and whether the owner is alive; namespaces no state names come as
+    records with owner None."""
+    out: list[dict[str, Any]] = []
+    claimed: set[str] = set()
+    for path in _state_files(prefix):
+        state = _read_state(path)
+        if state is None:
+            continue
+        owner = state.get("owner") or {}
+        names = [n for n in state.get("names", []) if (NETNS_DIR / n).exists()]
+        claimed.update(state.get("names", []))
+        out.append({"prefix": path.name[:-len(".json")], "owner": owner.get("pid"),
+                    "alive": _owner_alive(int(owner.get("pid", 0) or 0), owner.get("start")),
+                    "names": names, "link": state.get("link"), "delay": state.get("delay")})
+    strays = [n for n in _namespaces(prefix) if n not in claimed]
+    if strays:
+        out.append({"prefix": None, "owner": None, "alive": False, "names": strays, "link": None, "delay": None})
+    return out
 
 
 def _mtime(path: Path) -> float:
@@ -265,31 +296,31 @@ def _mtime(path: Path) -> float:
 # ---------------------------------------------------------------- shaping
 
 
-def _netem_ok(ns: Any, index: int) -> bool:
-    """Whether this kernel has sch_netem (many minimal VM kernels do not)."""
-    try:
-        ns.tc("add", "netem", index=index, handle=0x00FF0000, delay=1)
-    except Exception:
-        return False
-    ns.tc("del", index=index, handle=0x00FF0000)
-    return True
-
-
-def shape(ns: Any, index: int, link: LinkSpec, netem: bool) -> None:
+def shape(ns: Any, index: int, link: LinkSpec, netem: bool) -> bool:
     """Shapes an interface's egress: an HTB class at the link's rate (64-bit rates, so above
-    34 Gbit/s too), under it netem with the one-way delay when netem is used, else a FIFO.
+    34 Gbit/s too), under it netem with the one-way delay if netem is asked for; returns
+    whether netem is there (False: this kernel has no sch_netem, as many minimal VM kernels).
 
     The bucket holds 2 ms of the rate (at least 4 maximal GSO packets) so a TCP flow can fill
-    the rate on a timer-driven kernel; the queues hold the bandwidth-delay product and more."""
+    the rate on a timer-driven kernel; netem's queue holds twice the bandwidth-delay product."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     rate = link.rate_bytes
     burst = max(4 * 65536, int(rate * 0.002))
     ns.tc("add", "htb", index=index, handle=0x00010000, default=1)
     ns.tc("add-class", "htb", index=index, handle=0x00010001, parent=0x00010000, rate=rate, ceil=rate,
           burst=burst, cburst=burst, quantum=200_000, mtu=link.mtu + 64)
-    if netem:
-        bdp_pkts = int(rate * (link.delay_us * 1e-6) / 1500) * 2
+    if not netem:
+        return False
+    bdp_pkts = int(rate * (link.delay_us * 1e-6) / 1500) * 2
+    try:
         ns.tc("add", "netem", index=index, handle=0x000A0000, parent=0x00010001, delay=int(link.delay_us),
               limit=max(10_000, bdp_pkts))
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EOPNOTSUPP):  # ENOENT: "unknown qdisc kind"
+            raise
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- the topology
@@ -318,11 +349,12 @@ class Topology:
         self.names = [f"{self.prefix}n{i}" for i in range(nodes)]
         self.switch = f"{self.prefix}sw"
         self.delay = "none"
-        self._state_path = STATE_DIR / f"{self.prefix}json"
+        self._state_path = STATE_DIR / f"{self.prefix}.json"
         self._guard: subprocess.Popen | None = None
         self._relay: subprocess.Popen | None = None
         self._made: list[str] = []
         self._closed = False
+        self._pid = os.getpid()
         self.cleaned = cleanup_leftovers(base)
         if self.cleaned and not quiet:
             print(f"flexnpu: removed network namespaces left by a dead run: {' '.join(self.cleaned)}",
@@ -345,7 +377,7 @@ class Topology:
         os.replace(tmp, self._state_path)
 
     def _build(self) -> None:
-        from pyroute2 import NetNS, netns
+        from pyroute2 import netns
 
         for name in [*self.names, self.switch]:
             if (NETNS_DIR / name).exists():
@@ -356,30 +388,40 @@ class Topology:
             netns.create(name)
             self._made.append(name)
             self._tell_guard(f"netns {name}")
-        with NetNS(self.switch) as sw:
+        # One netlink socket open at a time: pyroute2 forks to enter a namespace, and a socket
+        # left open meanwhile (subscribed to nothing, groups=0) is never shared with a child.
+        with _rtnl(self.switch) as sw:
             self._up(sw, "lo")
             sw.link("add", ifname=BRIDGE_IF, kind="bridge", br_stp_state=0, br_forward_delay=0)
             sw.link("set", index=sw.link_lookup(ifname=BRIDGE_IF)[0], mtu=self.link.mtu, state="up")
-            use_netem = None
             for i, name in enumerate(self.names):
-                port = f"p{i}"
-                sw.link("add", ifname=port, kind="veth", peer={"ifname": NODE_IF, "net_ns_fd": name})
-                with NetNS(name) as ns:
-                    self._up(ns, "lo")
-                    idx = ns.link_lookup(ifname=NODE_IF)[0]
-                    ns.link("set", index=idx, mtu=self.link.mtu)
-                    ns.addr("add", index=idx, address=self.addr(i), prefixlen=24)
-                    ns.link("set", index=idx, state="up")
-                    if use_netem is None:
-                        use_netem = self.link.delay_us > 0 and _netem_ok(ns, idx)
-                        self.delay = self._delay_kind(use_netem)
-                    shape(ns, idx, self.link, use_netem)
-                pidx = sw.link_lookup(ifname=port)[0]
+                # the peer is made straight in the node's namespace, by descriptor (not by name)
+                nsfd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    sw.link("add", ifname=f"p{i}", kind="veth", peer={"ifname": NODE_IF, "net_ns_fd": nsfd})
+                finally:
+                    os.close(nsfd)
+        use_netem = None
+        for i, name in enumerate(self.names):
+            with _rtnl(name) as ns:
+                self._up(ns, "lo")
+                idx = ns.link_lookup(ifname=NODE_IF)[0]
+                ns.link("set", index=idx, mtu=self.link.mtu)
+                ns.addr("add", index=idx, address=self.addr(i), prefixlen=24)
+                ns.link("set", index=idx, state="up")
+                got = shape(ns, idx, self.link, self.link.delay_us > 0 and use_netem is not False)
+                if use_netem is None:  # the first node tells whether this kernel has netem
+                    use_netem = got
+                    self.delay = self._delay_kind(got)
+        with _rtnl(self.switch) as sw:
+            br = sw.link_lookup(ifname=BRIDGE_IF)[0]
+            for i in range(self.nodes):
+                pidx = sw.link_lookup(ifname=f"p{i}")[0]
                 sw.link("set", index=pidx, mtu=self.link.mtu)
                 if self.delay == "relay":
                     self._relay_port(sw, i)
                 else:
-                    sw.link("set", index=pidx, master=sw.link_lookup(ifname=BRIDGE_IF)[0], state="up")
+                    sw.link("set", index=pidx, master=br, state="up")
         if self.delay == "relay":
             self._start_relay()
         self._write_state()
@@ -448,13 +490,21 @@ class Topology:
 
     def link_bytes(self, i: int) -> dict[str, int]:
         """Node i's interface counters on the link, from the kernel."""
-        from pyroute2 import NetNS
-
         self._check(i)
-        with NetNS(self.names[i]) as ns:
+        with _rtnl(self.names[i]) as ns:
             link = ns.get_links(ns.link_lookup(ifname=NODE_IF)[0])[0]
         stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
         return {k: int(stats[k]) for k in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")}
+
+    @property
+    def guard_pid(self) -> int | None:
+        """The pid of this topology's guard (removes it if the owner dies without closing it)."""
+        return self._guard.pid if self._guard is not None else None
+
+    @property
+    def relay_pid(self) -> int | None:
+        """The pid of the user-space delay line, when this topology has one."""
+        return self._relay.pid if self._relay is not None else None
 
     def describe(self) -> dict[str, Any]:
         return {"names": self.names, "switch": self.switch, "addrs": [self.addr(i) for i in range(self.nodes)],
@@ -468,8 +518,8 @@ class Topology:
     def close(self) -> None:
         """Removes everything this topology made (delay line, links, namespaces, state); can be
         called again."""
-        if self._closed:
-            return
+        if self._closed or os.getpid() != self._pid:
+            return  # a forked child (pyroute2 forks to enter namespaces) owns none of it
         self._closed = True
         if self._relay is not None:
             from flexnpu.bench.node import stop_process
@@ -498,10 +548,6 @@ class Topology:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            self.close()
 
 
 def _package_env() -> dict[str, str]:

@@ -53,14 +53,16 @@ def sink(port: int) -> dict[str, Any]:
     return {"bytes": total, "seconds": round(secs, 4), "gbit": round(total * 8 / secs / 1e9, 4) if secs else 0.0}
 
 
-def send(host: str, port: int, seconds: float) -> dict[str, Any]:
-    data = b"\0" * CHUNK
+def send(host: str, port: int, seconds: float, nbytes: int | None = None) -> dict[str, Any]:
+    """Sends for `seconds`, or exactly nbytes when given."""
+    data = memoryview(b"\0" * CHUNK)
     total = 0
     with socket.create_connection((host, port), timeout=30) as s:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            s.sendall(data)
-            total += len(data)
+        while (total < nbytes) if nbytes is not None else (time.monotonic() - t0 < seconds):
+            n = CHUNK if nbytes is None else min(CHUNK, nbytes - total)
+            s.sendall(data[:n])
+            total += n
     return {"bytes": total}
 
 
@@ -138,10 +140,13 @@ def _env() -> dict[str, str]:
     return _package_env()
 
 
-def throughput(topo: Any, src: int, dst: int, seconds: float = 2.0, port: int = 5201) -> dict[str, Any]:
-    """One TCP stream from node src to node dst for `seconds`: what dst received, and rate."""
+def throughput(topo: Any, src: int, dst: int, seconds: float = 2.0, port: int = 5201,
+               nbytes: int | None = None) -> dict[str, Any]:
+    """One TCP stream from node src to node dst for `seconds` (or of exactly nbytes): what
+    dst received, and at what rate."""
+    extra = ["--bytes", str(nbytes)] if nbytes is not None else []
     got, _ = _pair(topo, dst, ["sink", "--port", str(port)], src,
-                   ["send", "--host", topo.addr(dst), "--port", str(port), "--seconds", str(seconds)],
+                   ["send", "--host", topo.addr(dst), "--port", str(port), "--seconds", str(seconds), *extra],
                    timeout=seconds + 60)
     return got
 
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--bytes", type=int, default=None, dest="nbytes", help="send exactly this many bytes")
     p = sub.add_parser("ping")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "echo":
             out = echo(a.port)
         elif a.cmd == "send":
-            out = send(a.host, a.port, a.seconds)
+            out = send(a.host, a.port, a.seconds, a.nbytes)
         else:
             out = ping(a.host, a.port, a.count)
     except OSError as e:

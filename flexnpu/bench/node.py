@@ -132,6 +132,12 @@ class LocalNode:
                  controller_args: Sequence[str] = (), daemons: bool = True, rdir: Path | None = None,
                  partition: str | None = None, daemon_args: Sequence[str] = (),
                  netns: str | None = None) -> None:
+        self.netns = netns
+        self.host = "127.0.0.1"  # the node's IPv4 address (its namespace's link address with netns)
+        if netns is not None:  # before anything is made: a bad name leaves nothing behind
+            from flexnpu.bench.netns import netns_address
+
+            self.host = netns_address(netns)
         self.devices = devices
         self.mode = mode
         self.profile = profile
@@ -151,12 +157,6 @@ class LocalNode:
         self._argv: dict[str, list[str]] = {}  # each service's command line, for restart()
         self.programs: list[subprocess.Popen] = []
         self._guard: subprocess.Popen | None = None
-        self.netns = netns
-        self.host = "127.0.0.1"  # the node's IPv4 address (its namespace's link address with netns)
-        if netns is not None:
-            from flexnpu.bench.netns import netns_address
-
-            self.host = netns_address(netns)
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """argv as this node runs it: inside its network namespace, as the same pid."""
