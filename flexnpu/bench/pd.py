@@ -181,6 +181,12 @@ class Options:
                              f"--devices {2 * self.nodes} or more with --nodes {self.nodes}")
         if "static-disagg-xnode" in self.configs and self.nodes != 2:
             raise BenchError(XNODE_NEEDS)
+        if "static-disagg-xnode" in self.configs:
+            from flexnpu.workload.kvnet import available
+
+            why = available()
+            if why:
+                raise BenchError(f"static-disagg-xnode cannot run: {why}")
         if self.nodes > 1:
             try:
                 LinkSpec(self.link_gbit, self.link_delay_us)
@@ -226,9 +232,13 @@ def runnable(o: Options) -> Options:
     if why:
         notes.append(f"{', '.join(c for c in o.configs if c in FORWARDED)} left out: {why}")
         o = replace(o, configs=tuple(c for c in o.configs if c not in FORWARDED))
-    if o.nodes == 1 and "static-disagg-xnode" in o.configs:
-        notes.append(f"static-disagg-xnode left out: it {XNODE_NEEDS.split(' ', 1)[1]}")
-        o = replace(o, configs=tuple(c for c in o.configs if c != "static-disagg-xnode"))
+    if "static-disagg-xnode" in o.configs:
+        from flexnpu.workload.kvnet import available
+
+        why = f"it {XNODE_NEEDS.split(' ', 1)[1]}" if o.nodes == 1 else available()
+        if why:
+            notes.append(f"static-disagg-xnode left out: {why}")
+            o = replace(o, configs=tuple(c for c in o.configs if c != "static-disagg-xnode"))
     if o.nodes > 1 and o.devices // o.nodes < 2 and "static-disagg" in o.configs:
         notes.append(f"static-disagg left out: it needs 2 or more devices a node (--devices {2 * o.nodes} or more "
                      f"with --nodes {o.nodes}); static-disagg-xnode disaggregates across the nodes")
