@@ -131,9 +131,12 @@ def test_two_prefills_share_their_pools_with_every_decode_on_one_node():
 def test_kv_across_nodes_goes_over_the_transfer_engine():
     """Prefill on one node, decode on another (two device servers; the nodes' address here
     127.0.0.1): every prompt's KV is copied device->host, read over TCP and copied
-    host->device, and the bytes are the model's prompt_tokens x kv_bytes_per_token."""
+    host->device, and the bytes are the model's prompt_tokens x kv_bytes_per_token; the
+    content too: prefill fills each prompt's KV with a byte of the request's own, and every
+    decode instance finds it in its pool (a range reused by another request, or never
+    written, would hold another byte)."""
     reqs = _trace()
-    setup = driver.Setup(model=MODEL, placements=driver.xpyd(1, 2, nodes=2), shim=False)
+    setup = driver.Setup(model=MODEL, placements=driver.xpyd(1, 2, nodes=2), shim=False, kv_check=True)
     with LocalNode(devices=1, observer=None, daemons=False) as a, LocalNode(devices=2, observer=None,
                                                                             daemons=False) as b:
         res = driver.run([a, b], reqs, setup)
@@ -141,22 +144,28 @@ def test_kv_across_nodes_goes_over_the_transfer_engine():
     assert res.metrics["completed"] == len(reqs)
     kvb = model_by_name(MODEL).kv_bytes_per_token
     want = sum(r.prompt_tokens for r in reqs if r.output_tokens > 1) * kvb
-    assert res.kv_net == {"requests": sum(r.output_tokens > 1 for r in reqs), "bytes": want, "reported": want,
-                          "d2h": want}
+    crossed = sum(r.output_tokens > 1 for r in reqs)
+    assert res.kv_net == {"requests": crossed, "bytes": want, "reported": want, "d2h": want, "checked": crossed,
+                          "bad": 0}
     pre = res.stats["prefill"]
     assert pre["d2h_bytes"] == want and pre["segment"].startswith("127.0.0.1:")
     assert sum(res.stats[d]["h2d_bytes"] for d in ("decode-0", "decode-1")) == want
+    read_back = sum(res.stats[d]["d2h_bytes"] for d in ("decode-0", "decode-1"))  # the check's reads
+    assert 0 < read_back <= crossed * 2 * 4096
     # the emulator saw the copies: device->host on node 0's device, host->device on node 1's
     by_node = {}
     for dev in res.status["devices"]:
         for c in dev["clients"]:
             for kind in ("d2h", "h2d"):
                 by_node[(dev["node"], kind)] = by_node.get((dev["node"], kind), 0) + c["bytes_copied"][kind]
-    assert by_node == {(0, "d2h"): want, (0, "h2d"): 0, (1, "d2h"): 0, (1, "h2d"): want}
+    assert by_node == {(0, "d2h"): want, (0, "h2d"): 0, (1, "d2h"): read_back, (1, "h2d"): want}
     # a reported count that is not the model's is a problem
     timing = {t.id: t for t in res.requests}
     bad = dict(res.kv_net, reported=want - kvb)
     assert any("KV across nodes" in p for p in driver.check(res.stats, res.status, timing, setup, kv_net=bad))
+    wrong = dict(res.kv_net, bad=1)
+    assert any("other bytes than prefill wrote" in p
+               for p in driver.check(res.stats, res.status, timing, setup, kv_net=wrong))
 
 
 # ---------------------------------------------------------------- bench pd
@@ -241,6 +250,7 @@ def test_xnode_kv_crosses_the_shaped_link(tmp_path):
     want = sum(q.prompt_tokens for q in reqs if q.output_tokens > 1) * kvb
     kv = c["kv_net"]
     assert kv["ok"] and kv["bytes"] == kv["reported"] == kv["d2h"] == want > 0
+    assert kv["checked"] == kv["requests"] and kv["bad"] == 0  # every prompt's bytes found on node 1
     assert want <= kv["link_tx_bytes"] <= want * (1 + pd.LINK_OVERHEAD) + pd.LINK_SLACK
     assert kv["link_rx_bytes"] >= want  # what node 1 received on its side of the link
     assert "node 0 sent" in r.stdout

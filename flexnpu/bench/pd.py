@@ -383,7 +383,8 @@ def _units(v: Variant, o: Options, nodes: list[LocalNode], shim: bool, role_env:
     base = dict(model=o.model, profile=o.profile, shim=shim, role_env=role_env, slo=o.slo, ops=o.ops, forward=forward)
     if v.config == "static-disagg-xnode":
         x, y = v.xy
-        return [([0, 1], driver.Setup(placements=driver.xpyd(x, y, nodes=2),
+        # kv_check: each prompt's KV filled with its request's own byte, found again on node 1
+        return [([0, 1], driver.Setup(placements=driver.xpyd(x, y, nodes=2), kv_check=True,
                                       node_addrs=tuple(n.host for n in nodes), **base))]
     if v.config == "static-disagg":
         x, y = v.xy
@@ -431,7 +432,8 @@ def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: floa
     m = MX.compute(timings, o.slo)
     kv_net = None
     if v.config == "static-disagg-xnode":
-        kv = {k: sum(r.kv_net.get(k, 0) for r in results) for k in ("requests", "bytes", "reported", "d2h")}
+        kv = {k: sum(r.kv_net.get(k, 0) for r in results) for k in ("requests", "bytes", "reported", "d2h", "checked",
+                                                                      "bad")}
         kv_net = link_check(kv, links, links_after)
         if not kv_net["ok"]:
             problems.append(f"KV across the link: {kv_net['note']}")
@@ -470,7 +472,8 @@ def link_check(kv: dict, before: list[dict] | None, after: list[dict] | None) ->
     out.update(ok=ok, link_tx_bytes=sent, link_rx_bytes=got,
                overhead=round(sent / kv["bytes"] - 1, 5) if kv["bytes"] else None,
                note=(f"node 0 sent {sent} bytes on the link for {kv['bytes']} bytes of KV "
-                     f"({kv['requests']} prompts; the decode instances read {kv['reported']}); "
+                     f"({kv['requests']} prompts; the decode instances read {kv['reported']}, "
+                     f"{kv['checked'] - kv['bad']} of {kv['checked']} with the bytes prefill wrote); "
                      f"want {out['band']}"))
     return out
 

@@ -36,6 +36,8 @@ _SIGNATURES = {
     "aclrtMallocHost": [ctypes.POINTER(VP), SIZE],
     "aclrtFreeHost": [VP],
     "aclrtMemcpyAsync": [VP, SIZE, VP, SIZE, ctypes.c_int, VP],
+    "aclrtMemcpy": [VP, SIZE, VP, SIZE, ctypes.c_int],
+    "aclrtMemsetAsync": [VP, SIZE, ctypes.c_int32, SIZE, VP],
     "aclrtGetMemInfo": [ctypes.c_int, ctypes.POINTER(SIZE), ctypes.POINTER(SIZE)],
     "aclrtBinaryLoadFromFile": [ctypes.c_char_p, VP, ctypes.POINTER(VP)],
     "aclrtBinaryGetFunction": [VP, ctypes.c_char_p, ctypes.POINTER(VP)],

@@ -113,6 +113,7 @@ class Setup:
     kv_ipc: bool = True  # hand the KV over through IPC memory (the decode instance imports the prefill's pool)
     placements: tuple[Placement, ...] = ()  # xPyD: every instance's place (empty: the pair above)
     node_addrs: tuple[str, ...] = ()  # each node's address for KV across nodes (default: the node's .host)
+    kv_check: bool = False  # KV across nodes: filled with each request's own byte and read back (--kv-check)
     forward: bool = False  # forwarded: the instances' calls run in the device's executor (needs the node's daemons)
     ops: str = DEFAULT_OPS  # how the instances express a step: kernels, aclnn, aclnn-fia (instance --ops)
     slo: MX.Slo = field(default_factory=MX.Slo)
@@ -225,7 +226,7 @@ def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = No
     if role == "prefill" and (s.kv_ipc if export is None else export):
         a += ["--kv-export"]
     if net is not None:
-        a += ["--kv-net", net]
+        a += ["--kv-net", net] + (["--kv-check"] if s.kv_check else [])
     return a + ([] if s.weights else ["--no-weights"])
 
 
@@ -451,7 +452,10 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
         raise RuntimeError(f"an executor restarted during the run (pids {executors} before); its clients' work "
                            "was lost")
     kv_net = dict(net, reported=sum(st.get("net_bytes", 0) for st in stats.values()),
-                  d2h=sum(st.get("d2h_bytes", 0) for st in stats.values()))
+                  d2h=sum(st.get("d2h_bytes", 0) for n, st in stats.items() if place[n].role == "prefill"))
+    if setup.kv_check:
+        kv_net.update(checked=sum(st.get("kv_checked", 0) for st in stats.values()),
+                      bad=sum(st.get("kv_bad", 0) for st in stats.values()))
     problems = check(stats, status, timing, setup, nodes[0].time_scale, nodes[0].mode, handoff, executors, kv_net)
     return Result(MX.compute(list(timing.values()), setup.slo), list(timing.values()), stats, status, problems,
                   setup.describe(), batches, handoff, executors, {n: p.to_json() for n, p in insts},
@@ -549,6 +553,9 @@ def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTimi
             problems.append(f"KV across nodes: the decode instances read {kv_net['reported']} bytes over the network "
                             f"and the prefill instances copied {kv_net['d2h']} out, want the {kv_net['requests']} "
                             f"prompts' {kv_net['bytes']} (prompt tokens x the model's KV bytes per token)")
+        if "checked" in kv_net and (kv_net["bad"] or kv_net["checked"] != kv_net["requests"]):
+            problems.append(f"KV across nodes: {kv_net['bad']} of the {kv_net['checked']} requests read back had "
+                            f"other bytes than prefill wrote ({kv_net['requests']} crossed)")
     return problems
 
 

@@ -70,7 +70,11 @@ decode instance's transfer thread reads them with its engine into registered hos
 its own (a staging buffer of --max-model-len tokens, in chunks for a longer prompt) and copies
 them host->device into its pool (HOST_TO_DEVICE); the request is "taken" once they are there,
 and the prefill instance then frees the range. "stats" counts the bytes each way (d2h_bytes,
-net_bytes, h2d_bytes).
+net_bytes, h2d_bytes). With --kv-check the prefill instance first fills the prompt's range
+with a byte of the request's own (aclrtMemsetAsync, id % 251 + 1) and the decode instance
+reads the head and tail of each chunk back from its pool (aclrtMemcpy DEVICE_TO_HOST) once
+it is there: "stats" says how many requests it checked (kv_checked) and how many had other
+bytes (kv_bad), so the content that crossed is checked end to end, not only its size.
 
 Without an import (no "import" message) the decode instance works as before the IPC calls
 existed: on one device it reserves the request's whole range in its own pool and nothing moves
@@ -81,6 +85,7 @@ prefill device, whose content is not the prefill process's.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import queue
@@ -96,6 +101,14 @@ from flexnpu.workload.acl import (ACL_MEMCPY_DEVICE_TO_HOST, ACL_MEMCPY_HOST_TO_
                                   ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS, Acl,
                                   AclError)
 from flexnpu.workload.aclnn import DEFAULT_OPS, OPS, AclnnError, AclnnOps
+
+
+CHECK_BYTES = 4096  # --kv-check: bytes read back at each end of a chunk
+
+
+def kv_byte(rid: int) -> int:
+    """--kv-check: the byte a request's KV is filled with (never 0, which fresh memory holds)."""
+    return rid % 251 + 1
 
 
 class KvPool:
@@ -190,6 +203,7 @@ class Instance:
         self.host_kv_tokens = 0
         self.saves: queue.Queue = queue.Queue()  # prefill, --kv-net: (request, start) for the transfer thread
         self.d2h = self.h2d = self.net_bytes = 0
+        self.kv_checked = self.kv_bad = 0  # --kv-check: requests whose KV was read back, and those wrong
         self.pull_stream = None
         self._puller_thread: threading.Thread | None = None
         self._window = None  # decode across devices without an import: its own window there
@@ -444,15 +458,33 @@ class Instance:
         host->device into the pool, a staging buffer at a time."""
         kvb = self.cfg.kv_bytes_per_token
         left, off, step = r.prompt * kvb, 0, self.host_kv_tokens * kvb
+        bad = False
         while left > 0:
             n = min(left, step)
             self.net.read(r.segment, self.host_kv, r.addr + off, n)
             self.acl.call("aclrtMemcpyAsync", dst + off, n, self.host_kv, n, ACL_MEMCPY_HOST_TO_DEVICE,
                           self.pull_stream)
             self.acl.call("aclrtSynchronizeStream", self.pull_stream)  # the staging buffer is free again
+            if self.a.kv_check:
+                bad = bad or not self._read_back(r, dst + off, n)
             left, off = left - n, off + n
             self.net_bytes += n
             self.h2d += n
+        if self.a.kv_check:
+            self.kv_checked += 1
+            self.kv_bad += bad
+
+    def _read_back(self, r: Req, at: int, n: int) -> bool:
+        """--kv-check: whether the head and tail of a chunk in the pool hold the request's byte."""
+        k = min(n, CHECK_BYTES)
+        buf = ctypes.create_string_buffer(k)
+        want = bytes([kv_byte(r.id)]) * k
+        ok = True
+        for src in {at, at + n - k}:
+            self.acl.call("aclrtMemcpy", ctypes.addressof(buf), k, src, k, ACL_MEMCPY_DEVICE_TO_HOST)
+            self.d2h += k
+            ok = ok and buf.raw == want
+        return ok
 
     def _saver(self) -> None:
         """Prefill, --kv-net: the transfer thread that copies each prefilled prompt's KV
@@ -464,6 +496,9 @@ class Instance:
             while (job := self.saves.get()) is not None:
                 r, start, t = job
                 n, host = r.prompt * kvb, self.host_kv + start * kvb
+                if self.a.kv_check:  # the request's own byte, for the decode instance to find
+                    acl.call("aclrtMemsetAsync", self.kv_base.value + start * kvb, n, kv_byte(r.id), n,
+                             self.pull_stream)
                 acl.call("aclrtMemcpyAsync", host, n, self.kv_base.value + start * kvb, n, ACL_MEMCPY_DEVICE_TO_HOST,
                          self.pull_stream)
                 acl.call("aclrtSynchronizeStream", self.pull_stream)
@@ -547,7 +582,8 @@ class Instance:
                   tokens=self.tokens, copied_bytes=self.copied, step_spans=self.spans,
                   kv_pool_bytes=max(self.pool.tokens, 1) * self.cfg.kv_bytes_per_token,
                   d2h_bytes=self.d2h, h2d_bytes=self.h2d, net_bytes=self.net_bytes,
-                  net_reads=self.net.reads if self.net else 0, segment=self.net.segment if self.net else None)
+                  net_reads=self.net.reads if self.net else 0, segment=self.net.segment if self.net else None,
+                  kv_checked=self.kv_checked, kv_bad=self.kv_bad)
 
     def close(self) -> None:
         acl = self.acl
@@ -581,6 +617,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV across nodes: this node's address for the transfer engine (Mooncake, TCP)")
     p.add_argument("--kv-net-log", default=None,
                    help="--kv-net: where the engine's start-up lines go (default: nowhere)")
+    p.add_argument("--kv-check", action="store_true",
+                   help="--kv-net: fill each prompt's KV with a byte of its own (prefill) and read it back (decode)")
     p.add_argument("--kv-export", action="store_true",
                    help="prefill: export the KV pool (IPC memory) for the decode instance to import")
     p.add_argument("--chunk-tokens", type=int, default=0, help="chunked prefill: tokens per step (0: whole prompts)")
