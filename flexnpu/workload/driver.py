@@ -214,7 +214,7 @@ class _Proc:
 
 
 def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = None, export: bool | None = None,
-          net: str | None = None) -> list[str]:
+          net: str | None = None, net_log: str | None = None) -> list[str]:
     """An instance's command line; src: the one prefill device it pulls from (--kv-src-device);
     export: whether a prefill exports its pool (default: with kv_ipc); net: its --kv-net address."""
     a = [sys.executable, "-m", "flexnpu.workload.instance", "--role", role, "--model", s.model, "--profile", s.profile,
@@ -226,7 +226,7 @@ def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = No
     if role == "prefill" and (s.kv_ipc if export is None else export):
         a += ["--kv-export"]
     if net is not None:
-        a += ["--kv-net", net] + (["--kv-check"] if s.kv_check else [])
+        a += ["--kv-net", net] + (["--kv-check"] if s.kv_check else []) + (["--kv-net-log", net_log] if net_log else [])
     return a + ([] if s.weights else ["--no-weights"])
 
 
@@ -402,15 +402,18 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
         others = [place[n] for n in (decodes if p.role == "prefill" else prefills)]
         crosses = any(o.node != p.node for o in others)
         net_addr = addrs[p.node] if crosses and p.role != "mixed" else None
+        logs = getattr(nodes[p.node], "logs", None)  # the engine's start-up lines: in the node's logs
+        net_log = str(logs / f"kvnet-{name}.log") if net_addr and logs is not None else None
         if p.role == "mixed":
             return _argv("mixed", setup, p.device, setup.decode_kv_tokens)
         if p.role == "prefill":
             export = setup.kv_ipc and any(o.node == p.node for o in others)
-            return _argv("prefill", setup, p.device, setup.prefill_kv_tokens, export=export, net=net_addr)
+            return _argv("prefill", setup, p.device, setup.prefill_kv_tokens, export=export, net=net_addr,
+                         net_log=net_log)
         near = [o for o in others if o.node == p.node]
         # one prefill instance on another device of this node: --kv-src-device, as the pair always ran
         src = near[0].device if len(near) == 1 and near[0].device != p.device else None
-        return _argv("decode", setup, p.device, setup.decode_kv_tokens, src, net=net_addr)
+        return _argv("decode", setup, p.device, setup.decode_kv_tokens, src, net=net_addr, net_log=net_log)
 
     try:
         for name, p in insts:  # prefill first: its weights are on the device when decode sizes its KV pool
