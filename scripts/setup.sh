@@ -47,6 +47,9 @@ want+=(prometheus)
 # iproute2: tests/test_netns.py checks with `ip` what the network topologies (made through
 # pyroute2) leave in the machine's own namespace.
 want+=(iproute2)
+# libibverbs1, ibverbs-providers: mooncake-transfer-engine-non-cuda (bench pd --kv-net) links
+# libibverbs even for its TCP transport
+want+=(libibverbs1 ibverbs-providers)
 
 # The venv is made with python3.11 from PATH. Debian's own interpreter can only
 # make venvs with python3-venv installed; a pyenv/other build needs nothing.
@@ -157,8 +160,9 @@ fi
 
 # --- the package ------------------------------------------------------------
 # Reinstalled every run; the persistent build/ dir keeps the native rebuild incremental.
-"$VENV/bin/python" -m pip install -q ".[test]" \
-    || die "pip install .[test] into .venv failed; see pip's message above"
+# net: Mooncake's transfer engine, for the KV across nodes (bench pd --nodes 2)
+"$VENV/bin/python" -m pip install -q ".[test,net]" \
+    || die "pip install .[test,net] into .venv failed; see pip's message above"
 "$VENV/bin/python" -c 'import bcc' 2>/dev/null \
     || die ".venv cannot import bcc; rerun after apt-get install --reinstall python3-bpfcc libbpfcc"
 echo "setup: flexnpu $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("flexnpu"))') installed in .venv"

@@ -30,9 +30,12 @@ def test_quick_run_writes_every_configuration(tmp_path):
     (point,) = rep["results"]
     # the forwarded configurations run where the forward build carries the default --ops; else
     # the default list leaves them out and says why
+    # forward-less (where the build lacks it); static-disagg-xnode needs --nodes 2, so one node leaves it out
     left_out = pd.forward_refusal(pd.DEFAULT_OPS)
-    assert set(point["configs"]) == set(pd.CONFIGS) - (set(pd.FORWARDED) if left_out else set())
-    assert (left_out is None) == (not rep["options"]["left_out"])
+    assert set(point["configs"]) == set(pd.CONFIGS) - (set(pd.FORWARDED) if left_out else set()) - {
+        "static-disagg-xnode"}
+    assert (left_out is None) == ("flexnpu-forward" not in rep["options"]["left_out"])
+    assert "static-disagg-xnode left out: it needs --nodes 2" in rep["options"]["left_out"]
     for name, c in point["configs"].items():
         assert c["completed"] == rep["options"]["n"], name
         # the emulator's kernel counts, bytes, busy time and tokens agree with the instances'
@@ -240,9 +243,11 @@ def test_ops_the_forward_build_does_not_carry_are_refused(monkeypatch):
         pd.Options(configs=("flexnpu-forward",), ops="aclnn").check()
     o = pd.runnable(pd.Options(ops="aclnn"))
     assert not set(o.configs) & set(pd.FORWARDED) and "flexnpu-forward" in o.left_out
-    assert pd.runnable(pd.Options(ops="kernels")).configs == pd.CONFIGS
+    one_node = tuple(c for c in pd.CONFIGS if c != "static-disagg-xnode")
+    assert pd.runnable(pd.Options(ops="kernels")).configs == one_node
+    assert pd.runnable(pd.Options(ops="kernels", nodes=2, devices=4)).configs == pd.CONFIGS
     monkeypatch.setattr(fcli, "carried_calls", lambda: every)
-    assert driver.ops_refusal("aclnn") is None and pd.runnable(pd.Options(ops="aclnn")).configs == pd.CONFIGS
+    assert driver.ops_refusal("aclnn") is None and pd.runnable(pd.Options(ops="aclnn")).configs == one_node
 
 
 @pytest.mark.slow

@@ -38,10 +38,15 @@ def _floats(s: str | None, what: str) -> tuple[float, ...]:
 def options_from(trace: str, n: int | None, rate: str | float | None, rates: str | None, devices: int, mode: str,
                  repeat: int, configs: str | None, shares: str | None, model: str | None, seed: int,
                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, quick: bool,
-                 ops: str = pd.DEFAULT_OPS) -> pd.Options:
+                 ops: str = pd.DEFAULT_OPS, nodes: int = 1, link_gbit: float | None = None,
+                 link_delay_us: float | None = None) -> pd.Options:
     o = pd.Options(trace=trace, devices=devices, repeat=repeat, seed=seed,
                    modes=pd.MODES if mode == "all" else tuple(mode.split(",")), observer=pd.default_observer(),
-                   ops=ops)
+                   ops=ops, nodes=nodes)
+    if link_gbit is not None:
+        o.link_gbit = link_gbit
+    if link_delay_us is not None:
+        o.link_delay_us = link_delay_us
     if n is not None:
         o.n = n
     auto = rate is None or str(rate).strip().lower() == "auto"
@@ -101,7 +106,13 @@ def pd_command(
         help="Request rate the targets are judged at (req/s), or auto (the default; --quick: 40): the highest "
              "rate at which the best static co-location is still stable, found by a sweep.")] = None,
     rates: Annotated[Optional[str], typer.Option(help="Load sweep: a comma list of rates (req/s).")] = None,
-    devices: Annotated[int, typer.Option(help="Emulated devices (co-located: one pair each).")] = 2,
+    devices: Annotated[int, typer.Option(help="Emulated devices in all, over all nodes (co-located: one pair "
+                                         "each; static-disagg: the xPyD ratios they allow).")] = 2,
+    nodes: Annotated[int, typer.Option(help="1, or 2: two nodes in network namespaces joined by a shaped link "
+                                       "(root), --devices split between them; adds static-disagg-xnode.")] = 1,
+    link_gbit: Annotated[Optional[float], typer.Option(help="--nodes 2: the link's rate per direction, Gbit/s "
+                                                       "(default: a 100 GbE RoCE link's).")] = None,
+    link_delay_us: Annotated[Optional[float], typer.Option(help="--nodes 2: the link's one-way delay, us.")] = None,
     mode: Annotated[str, typer.Option(help="The emulator's sharing mode: contexts (Ascend-like, the default), "
                                       "serial, shared, or all.")] = pd.DEFAULT_MODE,
     repeat: Annotated[int, typer.Option(help="Run everything this many times; medians and spread.")] = 1,
@@ -122,7 +133,9 @@ def pd_command(
     """Compare ways of sharing devices between a prefill and a decode instance.
 
     Runs one trace under no-shim, uncontrolled (passthrough), static-colocation
-    (the best time or vNPU split of a sweep), static-disagg (separate devices),
+    (the best time or vNPU split of a sweep), static-disagg (separate devices,
+    the best xPyD ratio of a sweep), static-disagg-xnode (--nodes 2: prefill on
+    one node, decode on the other, the KV over the link with Mooncake's engine),
     flexnpu-gated (flexpd, the shim; `flexnpu` is its old name), and forwarded
     (the device's executor runs the instances' calls) forward-uncontrolled and
     flexnpu-forward (flexpd), one after another on the emulator, and prints
@@ -138,6 +151,9 @@ def pd_command(
       flexnpu bench pd --rates 2,4,6,8 --plot load.png
       flexnpu bench pd --mode all --configs static-colocation,flexnpu-gated
       flexnpu bench pd --quick --ops aclnn-fia
+      flexnpu bench pd --quick --devices 4 --configs static-disagg
+      sudo flexnpu bench pd --quick --nodes 2 --devices 4
+      sudo flexnpu bench pd --nodes 2 --devices 4 --link-gbit 25 --link-delay-us 10
     """
     check_output_file("bench pd", "--json", json_path)
     check_output_file("bench pd", "--plot", plot_path)
@@ -145,7 +161,7 @@ def pd_command(
         if mode not in (*pd.MODES, "all"):
             raise pd.BenchError(f"--mode takes {', '.join(pd.MODES)} or all, got {mode!r}")
         o = options_from(trace, n, rate, rates, devices, mode, repeat, configs, shares, model, seed,
-                         slo_ttft_ms, slo_tpot_ms, quick, ops)
+                         slo_ttft_ms, slo_tpot_ms, quick, ops, nodes, link_gbit, link_delay_us)
     except pd.BenchError as e:
         err.print(f"flexnpu bench pd: {e}")
         raise typer.Exit(2)

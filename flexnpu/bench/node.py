@@ -84,7 +84,16 @@ def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
     a closed terminal or a dropped ssh session (SIGHUP) stops a node owner as `kill` does, so
     it unwinds through every `stop()`. A SIGHUP ignored on the way in (nohup) stays ignored."""
     sigs = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else [])
-    old = {s: signal.signal(s, handler) for s in sigs}
+    owner = os.getpid()
+
+    def guarded(signum: int, frame: Any) -> None:
+        # a child forked without exec (pyroute2's namespace helper) inherits the handler: it is
+        # no owner, and unwinding the owner's stack there would run the owner's cleanup
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        handler(signum, frame)
+
+    old = {s: signal.signal(s, guarded) for s in sigs}
     try:
         yield
     finally:

@@ -8,8 +8,15 @@ Configurations (CONFIGS):
   static-colocation  co-located with a fixed split, the better of a time split (`static-split`,
                      its prefill_share) and a spatial split (the emulator's vNPU-like
                      `--partition`), the share chosen by a sweep at the trace's load
-  static-disagg      prefill and decode on separate devices (1:1), the KV copied across
-                     (pulled from the prefill's pool, imported with peer access)
+  static-disagg      prefill and decode instances on separate devices of one node, xPyD: x
+                     prefill and y decode instances (x + y the node's devices), the best ratio
+                     of a sweep (1P1D on two devices; 1P3D, 2P2D, 3P1D on four), one router
+                     (driver.Router), the KV pulled over the device link from the prefill's
+                     pool (imported with peer access)
+  static-disagg-xnode  (--nodes 2) the prefill instances on node 0's x devices, the decode
+                     instances on node 1's y devices (x + y = --devices, the same sweep), every
+                     request's KV over the shaped link with Mooncake's transfer engine (TCP),
+                     the bytes on the link checked against the KV's size
   flexnpu-gated      co-located under the shim, the `flexpd` policy (`flexnpu` in --configs
                      is another name for it, the configuration's name before forwarding)
   forward-uncontrolled  co-located, forwarded (the instances' calls run in the device's
@@ -17,8 +24,12 @@ Configurations (CONFIGS):
   flexnpu-forward    co-located, forwarded, the `flexpd` policy (its settings reach the
                      executor through the daemon's gate table, as the gated shim's do)
 
-On N devices every co-located configuration runs N prefill/decode pairs (the trace dealt
-round-robin), static-disagg N/2 pairs. A co-located pair hands the KV over through IPC
+--devices N is the total every configuration gets. On N devices every co-located
+configuration runs N prefill/decode pairs (the trace dealt round-robin), static-disagg one
+xPyD group. With --nodes 2 the nodes are network namespaces joined by a shaped link
+(flexnpu/bench/netns.py; root): the co-located configurations and static-disagg run on both
+nodes, N/2 devices each, each node with its own daemons, observer and controller, the trace
+dealt across them; static-disagg-xnode spans the two. A co-located pair hands the KV over through IPC
 memory: nothing is copied (forwarded, the decode instance's import is the prefill's memory in
 the executor's context). Every run ends with the workload's own check against the emulator
 (kernel counts, busy time, bytes, no byte copied on one device, tokens; forwarded, the
@@ -33,6 +44,7 @@ their pages): with BPF the probes in libascendcl.so see only the executor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -43,17 +55,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from flexnpu.bench.netns import DEFAULT_LINK, LinkSpec, NetnsError
 from flexnpu.bench.node import LocalNode, machine
 from flexnpu.bench.phasecheck import PhaseCheck
 from flexnpu.workload import driver, metrics as MX, model as M, trace as T
 from flexnpu.workload.aclnn import DECODE_ATTENTION, DEFAULT_OPS, OPS, PREFILL_ATTENTION
 
-CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "flexnpu-gated", "forward-uncontrolled",
-           "flexnpu-forward")
+CONFIGS = ("no-shim", "uncontrolled", "static-colocation", "static-disagg", "static-disagg-xnode", "flexnpu-gated",
+           "forward-uncontrolled", "flexnpu-forward")
 ALIASES = {"flexnpu": "flexnpu-gated"}  # old command lines' names
 FORWARDED = ("forward-uncontrolled", "flexnpu-forward")
+DISAGG = ("static-disagg", "static-disagg-xnode")
+SWEPT = ("static-colocation", *DISAGG)  # configurations whose best variant a sweep picks
+XNODE_NEEDS = "static-disagg-xnode needs --nodes 2 (prefill instances on node 0, decode instances on node 1)"
+# The KV's bytes against the prefill node's bytes sent on the link (its interface's kernel
+# counter): at least the KV, at most the KV plus TCP/IP and Ethernet headers (66 bytes a
+# segment: 0.74% at the link's 9000-byte MTU; GSO counts fewer, 0.2% measured), the engine's
+# request and handshake messages and the ACKs of the few bytes going the other way. The band:
+LINK_OVERHEAD = 0.02  # share of the KV
+LINK_SLACK = 256 * 1024  # bytes, whatever the KV
 # how each configuration's instances run: "none" (no FlexNPU), "gated" (the shim), "forwarded"
-EXECUTION = {"no-shim": "none", "static-disagg": "none", "static-colocation": "gated", "uncontrolled": "gated",
+EXECUTION = {"no-shim": "none", "static-disagg": "none", "static-disagg-xnode": "none",
+             "static-colocation": "gated", "uncontrolled": "gated",
              "flexnpu-gated": "gated", "forward-uncontrolled": "forwarded", "flexnpu-forward": "forwarded"}
 MODES = ("contexts", "serial", "shared")
 DEFAULT_MODE = "contexts"  # as Ascend shares a device: contexts take turns, streams of one share cores (docs/emulator.md)
@@ -109,7 +132,10 @@ class Options:
     observer: str = "auto"  # bpf where it can attach, else the shim's counters
     ops: str = DEFAULT_OPS  # how the instances express a step (instance --ops)
     quick: bool = False
-    left_out: str = ""  # why the forwarded configurations were left out of the default list (`runnable`)
+    left_out: str = ""  # why configurations were left out of the default list (`runnable`)
+    nodes: int = 1  # 2: two nodes in network namespaces joined by a shaped link
+    link_gbit: float = DEFAULT_LINK.rate_gbit
+    link_delay_us: float = DEFAULT_LINK.delay_us
 
     def check(self) -> None:
         if self.trace not in TRACES and not Path(self.trace).is_file():
@@ -143,8 +169,32 @@ class Options:
             raise BenchError(f"--mode takes {', '.join(MODES)} or all, got {','.join(self.modes)}")
         if not self.shares or any(not 0.05 <= s <= 0.95 for s in self.shares):
             raise BenchError("--shares takes prefill shares between 0.05 and 0.95")
+        if self.nodes not in (1, 2):
+            raise BenchError(f"--nodes takes 1 or 2, got {self.nodes}")
+        if self.devices % self.nodes:
+            raise BenchError(f"--devices is the total over the nodes: with --nodes {self.nodes} it must be a multiple "
+                             f"of {self.nodes}, got {self.devices}")
         if "static-disagg" in self.configs and self.devices < 2:
             raise BenchError("static-disagg needs --devices 2 or more (prefill and decode on separate devices)")
+        if "static-disagg" in self.configs and self.devices // self.nodes < 2:
+            raise BenchError(f"static-disagg needs 2 or more devices a node (prefill and decode on separate devices): "
+                             f"--devices {2 * self.nodes} or more with --nodes {self.nodes}")
+        if "static-disagg-xnode" in self.configs and self.nodes != 2:
+            raise BenchError(XNODE_NEEDS)
+        if "static-disagg-xnode" in self.configs:
+            from flexnpu.workload.kvnet import available
+
+            why = available()
+            if why:
+                raise BenchError(f"static-disagg-xnode cannot run: {why}")
+        if self.nodes > 1:
+            try:
+                LinkSpec(self.link_gbit, self.link_delay_us)
+                from flexnpu.bench.netns import require_root
+
+                require_root()
+            except NetnsError as e:
+                raise BenchError(f"--nodes {self.nodes}: {e}") from None
         try:
             M.model_by_name(self.model)
         except (KeyError, ValueError) as e:
@@ -174,13 +224,26 @@ def forward_refusal(ops: str) -> str | None:
 
 
 def runnable(o: Options) -> Options:
-    """The default configuration list less the forwarded ones where they cannot run (the
-    reason in `left_out`, printed with the results); a list given by name is left as it is."""
+    """The default configuration list less the forwarded ones where they cannot run,
+    static-disagg-xnode with one node and static-disagg with one device a node (the reasons
+    in `left_out`, printed with the results); a list given by name is left as it is."""
     why = forward_refusal(o.ops) if any(c in FORWARDED for c in o.configs) else None
-    if not why:
-        return o
-    return replace(o, configs=tuple(c for c in o.configs if c not in FORWARDED),
-                   left_out=f"{', '.join(c for c in o.configs if c in FORWARDED)} left out: {why}")
+    notes = []
+    if why:
+        notes.append(f"{', '.join(c for c in o.configs if c in FORWARDED)} left out: {why}")
+        o = replace(o, configs=tuple(c for c in o.configs if c not in FORWARDED))
+    if "static-disagg-xnode" in o.configs:
+        from flexnpu.workload.kvnet import available
+
+        why = f"it {XNODE_NEEDS.split(' ', 1)[1]}" if o.nodes == 1 else available()
+        if why:
+            notes.append(f"static-disagg-xnode left out: {why}")
+            o = replace(o, configs=tuple(c for c in o.configs if c != "static-disagg-xnode"))
+    if o.nodes > 1 and o.devices // o.nodes < 2 and "static-disagg" in o.configs:
+        notes.append(f"static-disagg left out: it needs 2 or more devices a node (--devices {2 * o.nodes} or more "
+                     f"with --nodes {o.nodes}); static-disagg-xnode disaggregates across the nodes")
+        o = replace(o, configs=tuple(c for c in o.configs if c != "static-disagg"))
+    return replace(o, left_out="; ".join(notes)) if notes else o
 
 
 def canonical(configs: tuple[str, ...]) -> tuple[str, ...]:
@@ -221,10 +284,16 @@ class Variant:
     config: str
     form: str = ""  # static-colocation: "time" or "vnpu"
     share: float = 0.0
+    ratio: str = ""  # static-disagg*: xPyD, e.g. "1P3D"
 
     @property
     def label(self) -> str:
-        return f"{self.form} {self.share:.2f}" if self.form else ""
+        return f"{self.form} {self.share:.2f}" if self.form else self.ratio
+
+    @property
+    def xy(self) -> tuple[int, int]:
+        x, y = self.ratio.rstrip("D").split("P")
+        return int(x), int(y)
 
 
 @dataclass
@@ -238,22 +307,50 @@ class Run:
     busy: dict  # the emulator's busy-time check
     phase: dict  # the observer's phase against the workload's
     wall_s: float
+    nodes: int = 1
+    kv_net: dict | None = None  # static-disagg-xnode: the KV across the link against the link's counters
+    link: dict | None = None  # --nodes 2: the topology's link as built (rate, delay, MTU, how the delay is made)
 
     def summary(self) -> dict:
         return summarize(self)
 
 
-def _pairs(cfg: str, devices: int) -> list[tuple[int, int]]:
-    if cfg == "static-disagg":
-        return [(2 * i, 2 * i + 1) for i in range(devices // 2)]
-    return [(d, d) for d in range(devices)]
+def ratios(devices: int) -> list[tuple[int, int]]:
+    """The xPyD ratios `devices` allow: x prefill and y decode instances, x + y = devices."""
+    return [(x, devices - x) for x in range(1, devices)]
 
 
-def _node(v: Variant, o: Options, mode: str, tmp: Path) -> tuple[LocalNode, bool, bool, bool]:
+def disagg_variants(c: str, o: Options) -> list[Variant]:
+    """static-disagg: the ratios of one node's devices; static-disagg-xnode: of all devices."""
+    per = o.devices if c == "static-disagg-xnode" else o.devices // o.nodes
+    return [Variant(c, ratio=driver.ratio_name(x, y)) for x, y in ratios(per)]
+
+
+def variants(c: str, o: Options) -> list[Variant]:
+    """The variants a configuration's sweep tries (one for a configuration without a sweep)."""
+    if c == "static-colocation":
+        return static_variants(o)
+    if c in DISAGG:
+        return disagg_variants(c, o)
+    return [Variant(c)]
+
+
+def _layout(v: Variant, o: Options) -> list[int]:
+    """Each node's device count: static-disagg-xnode x on node 0 and y on node 1, every other
+    configuration --devices / --nodes on each."""
+    if v.config == "static-disagg-xnode":
+        return list(v.xy)
+    return [o.devices // o.nodes] * o.nodes
+
+
+def _node(v: Variant, o: Options, mode: str, tmp: Path, devices: int | None = None,
+          netns: str | None = None) -> tuple[LocalNode, bool, bool, bool]:
     """The node of a variant, whether the instances run under the shim, whether they carry
     FLEXNPU_ROLE without it, and whether they run forwarded."""
-    common = dict(devices=o.devices, mode=mode, profile=o.profile)
-    if v.config in ("no-shim", "static-disagg"):
+    common: dict[str, Any] = dict(devices=o.devices if devices is None else devices, mode=mode, profile=o.profile)
+    if netns is not None:
+        common["netns"] = netns
+    if v.config in ("no-shim", *DISAGG):
         return LocalNode(observer=None, daemons=False, **common), False, False, False
     if v.config == "static-colocation" and v.form == "vnpu":
         part = f"prefill={v.share:g},decode={1 - v.share:g}"
@@ -278,54 +375,140 @@ def _node(v: Variant, o: Options, mode: str, tmp: Path) -> tuple[LocalNode, bool
             True, False, forward)
 
 
+def _units(v: Variant, o: Options, nodes: list[LocalNode], shim: bool, role_env: bool,
+           forward: bool) -> list[tuple[list[int], driver.Setup]]:
+    """The variant's driver runs: (the nodes it spans, by index, its setup). Co-located: a
+    pair on every device of every node; static-disagg: one xPyD group a node;
+    static-disagg-xnode: one group across the two."""
+    base = dict(model=o.model, profile=o.profile, shim=shim, role_env=role_env, slo=o.slo, ops=o.ops, forward=forward)
+    if v.config == "static-disagg-xnode":
+        x, y = v.xy
+        # kv_check: each prompt's KV filled with its request's own byte, found again on node 1
+        return [([0, 1], driver.Setup(placements=driver.xpyd(x, y, nodes=2), kv_check=True,
+                                      node_addrs=tuple(n.host for n in nodes), **base))]
+    if v.config == "static-disagg":
+        x, y = v.xy
+        return [([i], driver.Setup(placements=driver.xpyd(x, y), **base)) for i in range(len(nodes))]
+    return [([i], driver.Setup(prefill_device=d, decode_device=d, **base))
+            for i, n in enumerate(nodes) for d in range(n.devices)]
+
+
 def run_one(v: Variant, reqs: list[T.Request], o: Options, mode: str, rate: float,
             on_done: Callable[[int], None] | None = None) -> Run:
-    """Runs the trace once under one variant on a fresh node; everything it started is gone after."""
+    """Runs the trace once under one variant on fresh nodes (with --nodes 2 in a fresh
+    topology); everything it started is gone after."""
     t_start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as td:
-        node, shim, role_env, forward = _node(v, o, mode, Path(td))
-        pairs = _pairs(v.config, o.devices)
-        parts = [reqs[i::len(pairs)] for i in range(len(pairs))]
-        with node:
-            checker = PhaseCheck(node.rdir) if node.observer else None
-            if checker:
-                checker.start()
-            try:
-                results = run_pairs(node, [(driver.Setup(model=o.model, profile=o.profile, prefill_device=p,
-                                                         decode_device=d, shim=shim, role_env=role_env, slo=o.slo,
-                                                         ops=o.ops, forward=forward), part)
-                                           for (p, d), part in zip(pairs, parts) if part], on_done)
-            finally:
-                samples = checker.stop() if checker else None
-            status = node.emulator_status()
+    if v.config in DISAGG and not v.ratio:  # the plain configuration name: its first ratio
+        v = disagg_variants(v.config, o)[0]
+    with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as td, contextlib.ExitStack() as stack:
+        topo = None
+        if o.nodes > 1:
+            from flexnpu.bench.netns import Topology
+
+            topo = stack.enter_context(Topology(nodes=o.nodes, link=LinkSpec(o.link_gbit, o.link_delay_us)))
+        made = [_node(v, o, mode, Path(td), k, topo.names[i] if topo else None)
+                for i, k in enumerate(_layout(v, o))]
+        nodes = [stack.enter_context(n) for n, *_ in made]
+        _, shim, role_env, forward = made[0]
+        units = _units(v, o, nodes, shim, role_env, forward)
+        parts = [reqs[i::len(units)] for i in range(len(units))]
+        checkers = [PhaseCheck(n.rdir) if n.observer else None for n in nodes]
+        for c in checkers:
+            if c:
+                c.start()
+        links = [topo.link_bytes(i) for i in range(o.nodes)] if topo else None
+        try:
+            work = [([nodes[i] for i in at], s, part) for (at, s), part in zip(units, parts) if part]
+            results = run_pairs(work, on_done)
+        finally:
+            samples = [c.stop() if c else None for c in checkers]
+        links_after = [topo.link_bytes(i) for i in range(o.nodes)] if topo else None
+        link = {k: v for k, v in topo.describe().items() if k in ("link", "delay", "addrs")} if topo else None
+        status = driver._status(nodes)
+    spans_of = [at for (at, _), part in zip(units, parts) if part]
     timings = [t for r in results for t in r.requests]
     problems = [f"pair {i}: {p}" for i, r in enumerate(results) for p in r.problems]
     problems += _token_truth(results, status, o.model)
     m = MX.compute(timings, o.slo)
-    roles = {r.stats[k]["pid"]: k for r in results for k in r.stats if r.stats[k]}
+    kv_net = None
+    if v.config == "static-disagg-xnode":
+        kv = {k: sum(r.kv_net.get(k, 0) for r in results) for k in ("requests", "bytes", "reported", "d2h", "checked",
+                                                                      "bad")}
+        kv_net = link_check(kv, links, links_after)
+        if not kv_net["ok"]:
+            problems.append(f"KV across the link: {kv_net['note']}")
+    # each instance's role and its node (global index), for each node's observer
+    roles: list[dict[int, str]] = [{} for _ in nodes]
+    spans: list[dict[int, list]] = [{} for _ in nodes]
+    for r, at in zip(results, spans_of):
+        for name, st in r.stats.items():
+            if st:
+                pl = r.placements[name]
+                roles[at[pl["node"]]][st["pid"]] = pl["role"]
+                spans[at[pl["node"]]][st["pid"]] = st.get("step_spans", [])
     # forwarded, the emulator knows only the executor's time: each instance's own step spans
     # say when it had work on the device
-    spans = ({r.stats[k]["pid"]: r.stats[k].get("step_spans", []) for r in results for k in r.stats if r.stats[k]}
-             if forward else None)
-    phase = (PhaseCheck.score(samples, roles, spans) if samples is not None
-             else {"accuracy": None, "note": "no observer"})
+    scores = [PhaseCheck.score(sm, roles[i], spans[i] if forward else None)
+              for i, sm in enumerate(samples) if sm is not None]
+    phase = _phase(scores) if scores else {"accuracy": None, "note": "no observer"}
     busy = _busy(status, m.get("duration_s", 0.0), problems)
-    return Run(v, mode, rate, m, timings, problems, busy, phase, time.monotonic() - t_start)
+    return Run(v, mode, rate, m, timings, problems, busy, phase, time.monotonic() - t_start, len(nodes), kv_net,
+               link)
 
 
-def run_pairs(node: LocalNode, work: list[tuple[driver.Setup, list[T.Request]]],
+def link_check(kv: dict, before: list[dict] | None, after: list[dict] | None) -> dict:
+    """The KV that crossed nodes (the model's bytes; what the decode instances read) against
+    the prefill node's bytes sent on its link (node 0's interface counter) over the run:
+    within [KV, KV x (1 + LINK_OVERHEAD) + LINK_SLACK]."""
+    out = dict(kv, band=f"[KV, KV x {1 + LINK_OVERHEAD:g} + {LINK_SLACK // 1024} KiB]")
+    if before is None or after is None:
+        out.update(ok=kv["bytes"] == kv["reported"], link_tx_bytes=None,
+                   note="no link counters (the nodes share this namespace)")
+        return out
+    sent = after[0]["tx_bytes"] - before[0]["tx_bytes"]
+    got = after[1]["rx_bytes"] - before[1]["rx_bytes"]
+    hi = kv["bytes"] * (1 + LINK_OVERHEAD) + LINK_SLACK
+    ok = kv["bytes"] == kv["reported"] and kv["bytes"] <= sent <= hi
+    out.update(ok=ok, link_tx_bytes=sent, link_rx_bytes=got,
+               overhead=round(sent / kv["bytes"] - 1, 5) if kv["bytes"] else None,
+               note=(f"node 0 sent {sent} bytes on the link for {kv['bytes']} bytes of KV "
+                     f"({kv['requests']} prompts; the decode instances read {kv['reported']}, "
+                     f"{kv['checked'] - kv['bad']} of {kv['checked']} with the bytes prefill wrote); "
+                     f"want {out['band']}"))
+    return out
+
+
+def _phase(scores: list[dict]) -> dict:
+    """Each node's observer's score, together: accuracy over all their intervals."""
+    if len(scores) == 1:
+        return scores[0]
+    total = sum(s["intervals"] for s in scores)
+    right = sum((s["accuracy"] or 0) * s["intervals"] for s in scores)
+    wrong: dict[str, int] = {}
+    for s in scores:
+        for k, n in s.get("wrong", {}).items():
+            wrong[k] = wrong.get(k, 0) + n
+    return {"accuracy": round(right / total, 4) if total else None, "intervals": total,
+            "edge": sum(s.get("edge", 0) for s in scores), "wrong": wrong, "source": scores[0].get("source"),
+            "phase_sources": scores[0].get("phase_sources"), "error": next((s["error"] for s in scores
+                                                                             if s.get("error")), None),
+            "nodes": len(scores)}
+
+
+def run_pairs(work: list[tuple[Any, driver.Setup, list[T.Request]]],
               on_done: Callable[[int], None] | None = None) -> list[driver.Result]:
-    """driver.run for each (setup, requests) at once, in daemon threads: an interrupt in the
-    caller's thread is not held up by them (the node's stop ends their instances)."""
+    """driver.run for each (node or nodes, setup, requests) at once, in daemon threads: an
+    interrupt in the caller's thread is not held up by them (the node's stop ends their
+    instances)."""
     out: list[Any] = [None] * len(work)
 
-    def one(i: int, s: driver.Setup, reqs: list[T.Request]) -> None:
+    def one(i: int, node: Any, s: driver.Setup, reqs: list[T.Request]) -> None:
         try:
-            out[i] = driver.run(node, reqs, s, on_done)
+            out[i] = driver.run(node if len(node) > 1 else node[0], reqs, s, on_done)
         except BaseException as e:  # handed to the caller's thread
             out[i] = e
 
-    threads = [threading.Thread(target=one, args=(i, s, r), daemon=True) for i, (s, r) in enumerate(work)]
+    threads = [threading.Thread(target=one, args=(i, n, s, r), daemon=True) for i, (n, s, r) in enumerate(work)]
     for t in threads:
         t.start()
     for t in threads:
@@ -351,14 +534,16 @@ def _token_truth(results: list[driver.Result], status: dict, model: str) -> list
                 acc[k] = acc.get(k, 0) + n
     out = []
     for i, r in enumerate(results):
-        pre, dec = r.stats.get("prefill") or {}, r.stats.get("decode") or {}
         # forwarded, the kernels are the executor's: only the prefill instance launches prefill
         # attention and only the decode instance decode attention, so its counts still tell them apart
         ex = r.executors or {}
-        pre_pid = ex.get(r.setup["prefill_device"], pre.get("pid"))
-        dec_pid = ex.get(r.setup["decode_device"], dec.get("pid"))
-        firsts = sum(by_pid.get(pre_pid, {}).get(k, 0) for k in PREFILL_ATTENTION)
-        steps = sum(by_pid.get(dec_pid, {}).get(k, 0) for k in DECODE_ATTENTION)
+
+        def pids(roles: tuple[str, ...]) -> set:
+            return {ex.get(pl["device"], (r.stats.get(n) or {}).get("pid")) for n, pl in r.placements.items()
+                    if pl["role"] in roles}
+
+        firsts = sum(by_pid.get(p, {}).get(k, 0) for p in pids(("prefill", "mixed")) for k in PREFILL_ATTENTION)
+        steps = sum(by_pid.get(p, {}).get(k, 0) for p in pids(("decode",)) for k in DECODE_ATTENTION)
         n = len(r.requests)
         later = sum(len(t.token_times) - 1 for t in r.requests)
         if firsts != layers * n:
@@ -373,8 +558,8 @@ def _busy(status: dict, duration_s: float, problems: list[str]) -> dict:
     devs = status["devices"]
     share = [round(d["busy_ns"] / (duration_s * 1e9), 3) if duration_s > 0 else None for d in devs]
     return {"ok": not problems, "problems": len(problems), "device_busy_share": share,
-            "check": "kernel counts, inter-device bytes and tokens per instance; no byte copied on a "
-                     "same-device hand-off (the KV pool shared through IPC memory); busy time against the "
+            "check": "kernel counts, inter-device and host<->device bytes and tokens per instance; no byte "
+                     "copied on a same-device hand-off (the KV pool shared through IPC memory); busy time against the "
                      "modelled kernel times (serial and contexts modes, partitions; 2%); forwarded: the "
                      "executor's counts, bytes and busy time against the sum of its instances', the "
                      "instances' own pids idle, the decode's imported pointer the prefill's pool"}
@@ -404,6 +589,7 @@ def summarize(r: Run) -> dict:
     return {
         "variant": r.variant.label or None,
         "execution": EXECUTION[r.variant.config],
+        "nodes": r.nodes,
         "completed": m.get("completed", 0),
         "duration_s": round(m.get("duration_s", 0.0), 3),
         "ttft_ms": _ms(m["ttft_s"]), "tpot_ms": _ms(m["tpot_s"]), "itl_ms": _ms(m["itl_s"]),
@@ -411,6 +597,8 @@ def summarize(r: Run) -> dict:
         "output_tps": round(m["output_throughput"], 2), "request_ps": round(m["request_throughput"], 3),
         "slo_attainment": round(m["slo_attainment"], 4), "goodput": round(m["goodput"], 3),
         "busy_check": r.busy, "problems": r.problems, "phase": r.phase, "wall_s": round(r.wall_s, 1),
+        **({"kv_net": r.kv_net} if r.kv_net is not None else {}),
+        **({"link": r.link} if r.link is not None else {}),
     }
 
 
@@ -573,10 +761,10 @@ def plan(o: Options) -> Plan:
         for rate in rates_of(o):
             for rep in range(o.repeat):
                 for c in o.configs:
-                    if c != "static-colocation":
+                    if c not in SWEPT:
                         p.steps.append((mode, rate, rep, Variant(c)))
                     elif rep == 0:
-                        p.steps += [(mode, rate, rep, v) for v in static_variants(o)]
+                        p.steps += [(mode, rate, rep, v) for v in variants(c, o)]
                     else:
                         p.steps.append((mode, rate, rep, None))  # the sweep's choice
     return p
@@ -679,7 +867,7 @@ def static_variants(o: Options) -> list[Variant]:
 
 
 def _better(a: Run, b: Run) -> Run:
-    """The honest best static split: one that serves the load (`serves`), else a stable one
+    """The honest best static split (or xPyD ratio): one that serves the load (`serves`), else a stable one
     (one whose queue grows over the run is overloaded at this load, whatever its goodput over
     a finite trace); then more goodput; then lower TTFT p99."""
     sa, sb = serves(a), serves(b)
@@ -719,10 +907,12 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
             runs: dict[str, list[dict]] = {}
             raw: dict[str, list[Run]] = {}
             sweep: list[dict] = []
-            chosen: Variant | None = None
+            dsweep: dict[str, list[dict]] = {}
+            choices: dict[str, Variant] = {}
             for rep in range(o.repeat):
                 for c in o.configs:
-                    vs = [Variant(c)] if c != "static-colocation" else (static_variants(o) if chosen is None else [chosen])
+                    chosen = choices.get(c)
+                    vs = variants(c, o) if chosen is None else [chosen]
                     best: Run | None = None
                     for v in vs:
                         desc = f"{mode} {rate:g} req/s #{rep + 1}: {c}" + (f" ({v.label})" if v.label else "")
@@ -736,15 +926,21 @@ def run(o: Options, progress: Callable[[str, int], None] | None = None,
                         if c == "static-colocation" and chosen is None:
                             sweep.append({"form": v.form, "prefill_share": v.share, **_brief(summarize(r)),
                                           "stable": stability(r.timings)["stable"], "serves": serves(r)["serves"]})
+                        elif c in DISAGG and chosen is None:
+                            dsweep.setdefault(c, []).append({"ratio": v.ratio, **_brief(summarize(r)),
+                                                             "stable": stability(r.timings)["stable"],
+                                                             "serves": serves(r)["serves"]})
                         best = r if best is None else _better(best, r)
-                    if c == "static-colocation" and chosen is None and best is not None:
-                        chosen = best.variant
-                        say(f"{mode} {rate:g} req/s: static-colocation uses {chosen.label} (best of the sweep)")
+                    if c in SWEPT and chosen is None and best is not None:
+                        choices[c] = best.variant
+                        if len(vs) > 1:
+                            say(f"{mode} {rate:g} req/s: {c} uses {best.variant.label} (best of the sweep)")
                     runs.setdefault(c, []).append(summarize(best))
                     raw.setdefault(c, []).append(best)
             point = {"mode": mode, "rate": rate, "trace": tdesc, "ttft_floor_ms": ttft_floor(reqs, o.model, o.profile),
                      "configs": {c: combine(rs) for c, rs in runs.items()}, "static_sweep": sweep,
-                     "static_choice": chosen.label if chosen else None}
+                     "static_choice": choices["static-colocation"].label if "static-colocation" in choices else None,
+                     "disagg_sweep": dsweep, "disagg_choice": {c: choices[c].label for c in DISAGG if c in choices}}
             point["_raw"] = raw
             points.append(point)
     return report(o, points, time.time() - t0, op)
@@ -808,6 +1004,9 @@ def report(o: Options, points: list[dict], wall_s: float, op: dict | None = None
                     "shares": list(o.shares), "auto_rates": list(o.auto_rates) if op else None},
         "machine": machine(),
         "flexpd_config": FLEXPD_TOML,
+        "network": ({"nodes": o.nodes, "link": {"rate_gbit": o.link_gbit, "delay_us": o.link_delay_us},
+                     "kv_link_band": f"[KV, KV x {1 + LINK_OVERHEAD:g} + {LINK_SLACK // 1024} KiB]"}
+                    if o.nodes > 1 else {"nodes": 1}),
         "operating_point": op or {"rate": o.rate, "note": "given with --rate"},
         "observer": _observer_note(points),
         "wall_s": round(wall_s, 1),

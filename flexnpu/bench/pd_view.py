@@ -39,7 +39,9 @@ def results_table(point: dict) -> Table:
         c = point["configs"].get(name)
         if c is None:
             continue
-        label = name + (f" [dim]{c['variant']}[/]" if c.get("variant") else "")
+        tags = [c["variant"]] if c.get("variant") else []
+        tags += [f"{c['nodes']} nodes"] if c.get("nodes", 1) > 1 else []
+        label = name + (f" [dim]{', '.join(tags)}[/]" if tags else "")
         ph = c.get("phase") or {}
         acc = ph.get("accuracy")
         t.add_row(label,
@@ -69,6 +71,36 @@ def sweep_table(point: dict) -> Table | None:
                   _f(s["goodput"], 2), f"{s['slo_attainment']:.0%}",
                   "N/A" if st is None else "yes" if st else "[red]no[/]")
     return t
+
+
+def disagg_tables(point: dict) -> list[Table]:
+    """Each disaggregated configuration's xPyD sweep, where it tried more than one ratio."""
+    out = []
+    for c, rows in (point.get("disagg_sweep") or {}).items():
+        if len(rows) < 2:
+            continue
+        t = Table(title=f"{c} xPyD sweep ({point['mode']}, {point['rate']:g} req/s): chosen "
+                        f"{(point.get('disagg_choice') or {}).get(c)}", title_justify="left")
+        for h in ("ratio", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "out tok/s", "goodput", "SLO", "serves"):
+            t.add_column(h, justify="right" if h != "ratio" else "left")
+        for s in rows:
+            st = s.get("serves")
+            t.add_row(s["ratio"], _f(s["ttft_p50_ms"]), _f(s["ttft_p99_ms"]), _f(s["tpot_p50_ms"], 2),
+                      _f(s["output_tps"]), _f(s["goodput"], 2), f"{s['slo_attainment']:.0%}",
+                      "N/A" if st is None else "yes" if st else "[red]no[/]")
+        out.append(t)
+    return out
+
+
+def kv_net_text(point: dict) -> list[Text]:
+    """The KV that crossed nodes against the link's byte counter."""
+    out = []
+    for name, c in point["configs"].items():
+        kv = c.get("kv_net")
+        if kv:
+            out.append(Text(f"{name}: {kv['note']} ({'ok' if kv['ok'] else 'OUT OF BAND'})",
+                            style="" if kv["ok"] else "red"))
+    return out
 
 
 def targets_table(rep: dict) -> Table:
@@ -120,6 +152,8 @@ def render(rep: dict) -> RenderableType:
         s = sweep_table(p)
         if s is not None:
             parts.append(s)
+        parts += disagg_tables(p)
+        parts += kv_net_text(p)
     for mode, sw in rep["load_sweep"].items():
         if sw:
             parts.append(load_table(mode, sw))

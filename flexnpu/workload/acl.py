@@ -11,7 +11,9 @@ import ctypes
 VP = ctypes.c_void_p
 SIZE = ctypes.c_size_t
 ACL_MEM_MALLOC_HUGE_FIRST = 0
-ACL_MEMCPY_INTER_DEVICE_TO_DEVICE = 7  # acl_rt.h: aclrtMemcpyKind
+ACL_MEMCPY_HOST_TO_DEVICE = 1  # acl_rt.h: aclrtMemcpyKind
+ACL_MEMCPY_DEVICE_TO_HOST = 2
+ACL_MEMCPY_INTER_DEVICE_TO_DEVICE = 7
 ACL_HBM_MEM = 1
 ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION = 0x1  # acl_rt.h
 ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS = 0x1
@@ -31,7 +33,11 @@ _SIGNATURES = {
     "aclrtSynchronizeStream": [VP],
     "aclrtMalloc": [ctypes.POINTER(VP), SIZE, ctypes.c_int],
     "aclrtFree": [VP],
+    "aclrtMallocHost": [ctypes.POINTER(VP), SIZE],
+    "aclrtFreeHost": [VP],
     "aclrtMemcpyAsync": [VP, SIZE, VP, SIZE, ctypes.c_int, VP],
+    "aclrtMemcpy": [VP, SIZE, VP, SIZE, ctypes.c_int],
+    "aclrtMemsetAsync": [VP, SIZE, ctypes.c_int32, SIZE, VP],
     "aclrtGetMemInfo": [ctypes.c_int, ctypes.POINTER(SIZE), ctypes.POINTER(SIZE)],
     "aclrtBinaryLoadFromFile": [ctypes.c_char_p, VP, ctypes.POINTER(VP)],
     "aclrtBinaryGetFunction": [VP, ctypes.c_char_p, ctypes.POINTER(VP)],
@@ -78,6 +84,12 @@ class Acl:
     def malloc(self, size: int) -> VP:
         ptr = VP()
         self.call("aclrtMalloc", ctypes.byref(ptr), size, ACL_MEM_MALLOC_HUGE_FIRST)
+        return ptr
+
+    def malloc_host(self, size: int) -> VP:
+        """aclrtMallocHost: host memory for copies to and from the device."""
+        ptr = VP()
+        self.call("aclrtMallocHost", ctypes.byref(ptr), size)
         return ptr
 
     def mem_info(self) -> tuple[int, int]:

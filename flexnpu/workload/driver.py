@@ -21,6 +21,20 @@ instance's pid (both from their "ready") and the decode instance import the pref
 on one device the prefill's range is then released when the decode instance is "done" with the
 request, as the decode instance reads the prompt's KV where it is.
 
+xPyD (`Setup.placements`): one run is a list of instance placements (role, node, device) on
+one or more nodes (a LocalNode each) and one `Router`: each request goes to the prefill
+instance with the fewest prompt tokens outstanding (sent, not yet prefilled), and once
+prefilled to the decode instance with the fewest sequences in hand (handed over, not
+finished), then the fewest KV tokens (prompt + output of those), then the first listed. The
+KV goes the way the two instances' places allow: on one device the decode instance reads it
+in the prefill's pool (IPC, nothing copied); on one node across devices it pulls it over the
+device link from the imported pool (every decode instance imports every prefill pool of its
+node); across nodes it goes over TCP with the transfer engine (instance.py --kv-net, each
+node's address from `Setup.node_addrs`, else the node's `host`), and `Result.kv_net` holds
+the bytes that crossed (the model's prompt_tokens x kv_bytes_per_token of each such
+request), for a caller to compare with the link's own counters. Without placements the run is the one pair of
+`prefill_device` and `decode_device` (or the one mixed instance) on the one node, as always.
+
 Every run ends with `check`: the emulator's per-process kernel counts must equal what each
 instance says it launched, its busy time the sum of the modelled kernel times within
 `Setup.busy_tolerance` (serial mode; contexts mode too for an instance that copied nothing
@@ -45,7 +59,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from flexnpu.workload import metrics as MX
 from flexnpu.workload.aclnn import DEFAULT_OPS
@@ -53,6 +67,32 @@ from flexnpu.workload.model import model_by_name
 from flexnpu.workload.trace import Request
 
 COPY_NAMES = ("memcpy", "memset")
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one instance runs: its role, the node (an index into the run's nodes) and device."""
+    role: str
+    node: int = 0
+    device: int = 0
+
+    def to_json(self) -> dict:
+        return {"role": self.role, "node": self.node, "device": self.device}
+
+
+def ratio_name(x: int, y: int) -> str:
+    """1P3D: x prefill and y decode instances."""
+    return f"{x}P{y}D"
+
+
+def xpyd(x: int, y: int, nodes: int = 1) -> tuple[Placement, ...]:
+    """x prefill instances on devices 0..x-1 and y decode instances on the devices after them,
+    one node; with nodes=2 the prefill instances on node 0's devices 0..x-1 and the decode
+    instances on node 1's devices 0..y-1."""
+    if nodes == 1:
+        return tuple([Placement("prefill", 0, d) for d in range(x)] + [Placement("decode", 0, x + d) for d in range(y)])
+    return tuple([Placement("prefill", 0, d) for d in range(x)] + [Placement("decode", 1, d) for d in range(y)])
 
 
 @dataclass
@@ -71,6 +111,9 @@ class Setup:
     shim: bool = True
     role_env: bool = False  # FLEXNPU_ROLE in the instances' environment without the shim (vNPU partitions)
     kv_ipc: bool = True  # hand the KV over through IPC memory (the decode instance imports the prefill's pool)
+    placements: tuple[Placement, ...] = ()  # xPyD: every instance's place (empty: the pair above)
+    node_addrs: tuple[str, ...] = ()  # each node's address for KV across nodes (default: the node's .host)
+    kv_check: bool = False  # KV across nodes: filled with each request's own byte and read back (--kv-check)
     forward: bool = False  # forwarded: the instances' calls run in the device's executor (needs the node's daemons)
     ops: str = DEFAULT_OPS  # how the instances express a step: kernels, aclnn, aclnn-fia (instance --ops)
     slo: MX.Slo = field(default_factory=MX.Slo)
@@ -80,7 +123,46 @@ class Setup:
     def describe(self) -> dict:
         d = dict(vars(self))
         d["slo"] = vars(self.slo)
+        d["placements"] = [p.to_json() for p in self.placements]
+        d["node_addrs"] = list(self.node_addrs)
         return d
+
+    def instances(self) -> list[tuple[str, Placement]]:
+        """Every instance's name and place, prefill instances first. The names are the roles
+        where each role has one instance ("prefill", "decode"; the mixed instance is "prefill"),
+        else role-index ("prefill-0", "decode-2")."""
+        if not self.placements:
+            if self.mixed:
+                return [("prefill", Placement("mixed", 0, self.prefill_device))]
+            return [("prefill", Placement("prefill", 0, self.prefill_device)),
+                    ("decode", Placement("decode", 0, self.decode_device))]
+        order = sorted(self.placements, key=lambda p: p.role != "prefill")
+        out, seen = [], {}
+        for p in order:
+            k = seen[p.role] = seen.get(p.role, -1) + 1
+            many = sum(q.role == p.role for q in order) > 1
+            out.append((f"{p.role}-{k}" if many else ("prefill" if p.role == "mixed" else p.role), p))
+        return out
+
+    def addr(self, node: int) -> str:
+        return self.node_addrs[node] if node < len(self.node_addrs) else "127.0.0.1"
+
+    def refusal(self) -> str | None:
+        """Why these placements cannot run (None: they can)."""
+        if not self.placements:
+            return None
+        roles = [p.role for p in self.placements]
+        if any(r not in ROLES for r in roles):
+            return f"placements take the roles {', '.join(ROLES)}, got {roles}"
+        if "mixed" in roles and len(roles) > 1:
+            return "a mixed instance runs alone"
+        if "mixed" not in roles and ("prefill" not in roles or "decode" not in roles):
+            return "xPyD needs at least one prefill and one decode instance"
+        if len(set(self.placements)) != len(self.placements):
+            return "two instances of one role on one device"
+        if not self.kv_ipc and len({(p.node, p.device) for p in self.placements if p.role == "prefill"}) > 1:
+            return "several prefill instances need the KV shared through IPC memory (kv_ipc)"
+        return None
 
 
 @dataclass
@@ -94,6 +176,9 @@ class Result:
     decode_batches: list[int]  # requests decoded in each decode step, in order
     handoff: dict | None = None  # kv_ipc: the emulator's IPC record of each instance once the import is made
     executors: dict[int, int] | None = None  # forward: device -> its executor's pid (the emulator's client)
+    placements: dict[str, dict] = field(default_factory=dict)  # instance name -> its role, node, device
+    routes: dict[int, list[str]] = field(default_factory=dict)  # request id -> [prefill, decode] instance names
+    kv_net: dict = field(default_factory=dict)  # KV across nodes: requests, bytes (the model's), reported
 
 
 class _Proc:
@@ -102,7 +187,9 @@ class _Proc:
         self.lock = threading.Lock()
         self.ready = threading.Event()
         self.info: dict = {}
-        self.imported: dict = {}  # its "imported" event (decode)
+        self.imported: dict = {}  # its "imported" event (decode; the last one)
+        self.acks: dict[str, threading.Semaphore] = {"allowed": threading.Semaphore(0),
+                                                     "imported": threading.Semaphore(0)}
         self.stats: dict | None = None
         self.thread = threading.Thread(target=self._read, args=(on_event,), daemon=True)
         self.thread.start()
@@ -126,16 +213,56 @@ class _Proc:
             self.p.stdin.flush()
 
 
-def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = None) -> list[str]:
+def _argv(role: str, s: Setup, device: int, kv_tokens: int, src: int | None = None, export: bool | None = None,
+          net: str | None = None, net_log: str | None = None) -> list[str]:
+    """An instance's command line; src: the one prefill device it pulls from (--kv-src-device);
+    export: whether a prefill exports its pool (default: with kv_ipc); net: its --kv-net address."""
     a = [sys.executable, "-m", "flexnpu.workload.instance", "--role", role, "--model", s.model, "--profile", s.profile,
          "--device", str(device), "--chunk-tokens", str(s.chunk_tokens), "--max-batched-tokens",
          str(s.max_batched_tokens), "--max-num-seqs", str(s.max_num_seqs), "--kv-tokens", str(kv_tokens),
          "--ops", s.ops]
     if src is not None:
         a += ["--kv-src-device", str(src)]
-    if role == "prefill" and s.kv_ipc:
+    if role == "prefill" and (s.kv_ipc if export is None else export):
         a += ["--kv-export"]
+    if net is not None:
+        a += ["--kv-net", net] + (["--kv-check"] if s.kv_check else []) + (["--kv-net-log", net_log] if net_log else [])
     return a + ([] if s.weights else ["--no-weights"])
+
+
+class Router:
+    """Deals requests to x prefill and y decode instances (module docstring): prefill by the
+    fewest prompt tokens outstanding, decode by the fewest sequences in hand, then the fewest
+    KV tokens, then the order given. Called from the instances' reader threads: locked."""
+
+    def __init__(self, prefills: Sequence[str], decodes: Sequence[str]) -> None:
+        self.prefills, self.decodes = list(prefills), list(decodes)
+        self.outstanding = {n: 0 for n in self.prefills}  # prompt tokens sent, not yet prefilled
+        self.seqs = {n: 0 for n in self.decodes}  # requests handed over, not finished
+        self.kv = {n: 0 for n in self.decodes}  # their prompt + output tokens
+        self.lock = threading.Lock()
+
+    def prefill_for(self, r: Request) -> str:
+        with self.lock:
+            name = min(self.prefills, key=lambda n: (self.outstanding[n], self.prefills.index(n)))
+            self.outstanding[name] += r.prompt_tokens
+            return name
+
+    def prefilled(self, name: str, r: Request) -> None:
+        with self.lock:
+            self.outstanding[name] -= r.prompt_tokens
+
+    def decode_for(self, r: Request) -> str:
+        with self.lock:
+            name = min(self.decodes, key=lambda n: (self.seqs[n], self.kv[n], self.decodes.index(n)))
+            self.seqs[name] += 1
+            self.kv[name] += r.prompt_tokens + r.output_tokens
+            return name
+
+    def finished(self, name: str, r: Request) -> None:
+        with self.lock:
+            self.seqs[name] -= 1
+            self.kv[name] -= r.prompt_tokens + r.output_tokens
 
 
 def too_long(reqs: list[Request], setup: Setup) -> None:
@@ -153,10 +280,35 @@ def too_long(reqs: list[Request], setup: Setup) -> None:
                          f"({setup.prefill_kv_tokens} tokens; the first: request {big[0].id}, {big[0].prompt_tokens})")
 
 
+def _nodes(node: Any) -> list[Any]:
+    return list(node) if isinstance(node, (list, tuple)) else [node]
+
+
+def _kv_way(p: Placement, d: Placement, kv_ipc: bool) -> str:
+    """How the KV goes from prefill p to decode d: "shared" (one device, IPC), "peer" (one
+    node, pulled over the device link), "net" (across nodes, the transfer engine)."""
+    if p.node != d.node:
+        return "net"
+    return "shared" if p.device == d.device and kv_ipc else "peer"
+
+
 def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], None] | None = None) -> Result:
-    """Runs the trace on the node (a started LocalNode) and returns metrics and checks.
+    """Runs the trace on the node (a started LocalNode; for placements on several nodes, a
+    list of them, node i of a placement being nodes[i]) and returns metrics and checks.
     on_done(request id) is called, from a reader thread, as each request finishes."""
     too_long(reqs, setup)
+    nodes = _nodes(node)
+    why = setup.refusal()
+    if why:
+        raise ValueError(f"cannot run: {why}")
+    insts = setup.instances()
+    place = dict(insts)
+    if any(p.node >= len(nodes) for p in place.values()):
+        raise ValueError(f"placements name node {max(p.node for p in place.values())}, the run has {len(nodes)}")
+    prefills = [n for n, p in insts if p.role in ("prefill", "mixed")]
+    decodes = [n for n, p in insts if p.role == "decode"]
+    mixed = any(p.role == "mixed" for p in place.values())
+    router = Router(prefills, decodes or prefills)
     timing = {r.id: MX.RequestTiming(r.id, 0.0, r.prompt_tokens, r.output_tokens) for r in reqs}
     by_id = {r.id: r for r in reqs}
     done = threading.Event()
@@ -164,8 +316,9 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
     lock = threading.Lock()
     procs: dict[str, _Proc] = {}
     batches: list[int] = []
-    handshake = {"allowed": threading.Event(), "imported": threading.Event()}
-    shared = setup.kv_ipc and not setup.mixed and setup.prefill_device == setup.decode_device
+    routes: dict[int, list[str]] = {}
+    kvb = model_by_name(setup.model).kv_bytes_per_token
+    net = {"requests": 0, "bytes": 0}
 
     def finished(rid: int) -> None:
         with lock:
@@ -180,16 +333,29 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
         if kind == "first":
             rt = timing[ev["id"]]
             rt.token_times.append(ev["t"])
+            router.prefilled(src.name, by_id[ev["id"]])
             if rt.output_tokens <= 1:
                 finished(ev["id"])
         elif kind == "handoff":
             r = by_id[ev["id"]]
-            procs["decode"].send(op="kv", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens,
-                                 kv_start=ev.get("kv_start", -1))
-        elif kind == "taken" and not shared or kind == "done":  # the decode instance needs the prefill's KV no more
-            procs["prefill"].send(op="release", id=ev["id"])
-        elif kind in handshake:
-            handshake[kind].set()
+            dname = router.decode_for(r)
+            way = _kv_way(place[src.name], place[dname], setup.kv_ipc)
+            routes[r.id] = [src.name, dname, way]
+            msg: dict[str, Any] = dict(op="kv", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens,
+                                       kv_start=ev.get("kv_start", -1))
+            if way == "net":
+                msg.update(segment=ev["segment"], addr=ev["addr"])
+                with lock:
+                    net["requests"] += 1
+                    net["bytes"] += r.prompt_tokens * kvb
+            elif setup.kv_ipc and len(prefills) > 1:
+                msg["peer"] = src.name
+            procs[dname].send(**msg)
+        elif kind == "taken" and routes[ev["id"]][2] != "shared" or kind == "done":
+            # the decode instance needs the prefill's KV no more
+            procs[routes[ev["id"]][0]].send(op="release", id=ev["id"])
+        elif kind in src.acks:
+            src.acks[kind].release()
         elif kind == "tokens":
             batches.append(len(ev["ids"]))
             for rid in ev["ids"]:
@@ -197,55 +363,71 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
                 rt.token_times.append(ev["t"])
                 if len(rt.token_times) >= rt.output_tokens:
                     finished(rid)
+                    router.finished(src.name, by_id[rid])
 
-    def spawn(name: str, argv: list[str], role: str) -> _Proc:
-        env_role = role if role in ("prefill", "decode") else "auto"
+    def spawn(name: str, argv: list[str], p: Placement) -> _Proc:
+        env_role = p.role if p.role in ("prefill", "decode") else "auto"
         extra = {"FLEXNPU_ROLE": env_role} if setup.role_env and not setup.shim else None
-        p = node.spawn(argv, role=env_role, shim=setup.shim, extra_env=extra, stdin=subprocess.PIPE, stderr=None,
-                       forward=setup.forward)
-        procs[name] = _Proc(p, name, on_event)
+        proc = nodes[p.node].spawn(argv, role=env_role, shim=setup.shim, extra_env=extra, stdin=subprocess.PIPE,
+                                   stderr=None, forward=setup.forward)
+        procs[name] = _Proc(proc, name, on_event)
         if not procs[name].ready.wait(60):
             how = " forwarded (its reason is on stderr above)" if setup.forward else ""
-            raise RuntimeError(f"the {name} instance did not start{how} (exit {p.poll()})")
+            raise RuntimeError(f"the {name} instance did not start{how} (exit {proc.poll()})")
         return procs[name]
 
-    cross = setup.prefill_device != setup.decode_device
     handoff = None
     executors: dict[int, int] | None = None
+    fwd_devices = sorted({p.device for p in place.values()})
     if setup.forward:
-        if cross:
+        if len(fwd_devices) > 1 or any(p.node for p in place.values()):
             raise RuntimeError("cannot forward: forwarded instances are co-located here (prefill and decode on one "
                                "device); run the cross-device pair gated")
-        why = node.forward_refusal(sorted({setup.prefill_device, setup.decode_device})) or ops_refusal(setup.ops)
+        why = nodes[0].forward_refusal(fwd_devices) or ops_refusal(setup.ops)
         if why:
             raise RuntimeError(f"cannot forward: {why}")
 
     def executors_now() -> dict[int, int]:
         # a daemon starts its executor at the first forwarded client: the instances are up now
-        out = {d: node.executor_pid(d) for d in {setup.prefill_device, setup.decode_device}}
+        out = {d: nodes[0].executor_pid(d) for d in fwd_devices}
         if any(pid is None for pid in out.values()):
             raise RuntimeError(f"cannot forward: no executor serves device(s) "
                                f"{sorted(d for d, p in out.items() if p is None)}")
         return out
 
+    # each node's address for the transfer engine: given, else the node's own (LocalNode.host)
+    addrs = [setup.addr(i) if setup.node_addrs else getattr(n, "host", "127.0.0.1") for i, n in enumerate(nodes)]
+
+    def argv(name: str, p: Placement) -> list[str]:
+        others = [place[n] for n in (decodes if p.role == "prefill" else prefills)]
+        crosses = any(o.node != p.node for o in others)
+        net_addr = addrs[p.node] if crosses and p.role != "mixed" else None
+        logs = getattr(nodes[p.node], "logs", None)  # the engine's start-up lines: in the node's logs
+        net_log = str(logs / f"kvnet-{name}.log") if net_addr and logs is not None else None
+        if p.role == "mixed":
+            return _argv("mixed", setup, p.device, setup.decode_kv_tokens)
+        if p.role == "prefill":
+            export = setup.kv_ipc and any(o.node == p.node for o in others)
+            return _argv("prefill", setup, p.device, setup.prefill_kv_tokens, export=export, net=net_addr,
+                         net_log=net_log)
+        near = [o for o in others if o.node == p.node]
+        # one prefill instance on another device of this node: --kv-src-device, as the pair always ran
+        src = near[0].device if len(near) == 1 and near[0].device != p.device else None
+        return _argv("decode", setup, p.device, setup.decode_kv_tokens, src, net=net_addr, net_log=net_log)
+
     try:
-        if setup.mixed:
-            spawn("prefill", _argv("mixed", setup, setup.prefill_device, setup.decode_kv_tokens), "mixed")
-            executors = executors_now() if setup.forward else None
-        else:  # prefill first: its weights are on the device when decode sizes its KV pool
-            spawn("prefill", _argv("prefill", setup, setup.prefill_device, setup.prefill_kv_tokens), "prefill")
-            spawn("decode", _argv("decode", setup, setup.decode_device, setup.decode_kv_tokens,
-                                  setup.prefill_device if cross else None), "decode")
-            executors = executors_now() if setup.forward else None
-            if setup.kv_ipc:
-                handoff = _share_kv(node, procs["prefill"], procs["decode"], handshake, executors)
+        for name, p in insts:  # prefill first: its weights are on the device when decode sizes its KV pool
+            spawn(name, argv(name, p), p)
+        executors = executors_now() if setup.forward else None
+        if setup.kv_ipc and not mixed:
+            handoff = _share_kv(nodes, procs, place, executors)
         t0 = time.monotonic()
         for r in sorted(reqs, key=lambda r: r.arrival_s):
             delay = t0 + r.arrival_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             timing[r.id].arrival = time.monotonic()
-            procs["prefill"].send(op="req", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens)
+            procs[router.prefill_for(r)].send(op="req", id=r.id, prompt=r.prompt_tokens, output=r.output_tokens)
         deadline = time.monotonic() + setup.timeout_s
         while reqs and not done.wait(0.2):  # an instance that dies ends the run now, not at the timeout
             gone = [(n, p.p.returncode) for n, p in procs.items() if p.p.poll() is not None]
@@ -254,7 +436,7 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
                                    f"requests unfinished (its reason is on stderr above)")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{remaining[0]} of {len(reqs)} requests unfinished after {setup.timeout_s:g} s")
-        for name in ("decode", "prefill"):  # an importer closes before its exporter (CANN's order)
+        for name in decodes + prefills:  # an importer closes before its exporter (CANN's order)
             if (p := procs.get(name)) is None:
                 continue
             p.send(op="drain")
@@ -262,19 +444,35 @@ def run(node: Any, reqs: list[Request], setup: Setup, on_done: Callable[[int], N
             if p.p.wait(60) != 0:
                 raise RuntimeError(f"the {name} instance exited {p.p.returncode}")
             p.thread.join(10)
-        status = node.emulator_status()
+        status = _status(nodes)
     finally:
         for p in procs.values():
             if p.p.poll() is None:
                 p.p.kill()
                 p.p.wait()
     stats = {name: p.stats or {} for name, p in procs.items()}
-    if executors is not None and any(node.executor_pid(d) != pid for d, pid in executors.items()):
+    if executors is not None and any(nodes[0].executor_pid(d) != pid for d, pid in executors.items()):
         raise RuntimeError(f"an executor restarted during the run (pids {executors} before); its clients' work "
                            "was lost")
-    problems = check(stats, status, timing, setup, node.time_scale, node.mode, handoff, executors)
+    kv_net = dict(net, reported=sum(st.get("net_bytes", 0) for st in stats.values()),
+                  d2h=sum(st.get("d2h_bytes", 0) for n, st in stats.items() if place[n].role == "prefill"))
+    if setup.kv_check:
+        kv_net.update(checked=sum(st.get("kv_checked", 0) for st in stats.values()),
+                      bad=sum(st.get("kv_bad", 0) for st in stats.values()))
+    problems = check(stats, status, timing, setup, nodes[0].time_scale, nodes[0].mode, handoff, executors, kv_net)
     return Result(MX.compute(list(timing.values()), setup.slo), list(timing.values()), stats, status, problems,
-                  setup.describe(), batches, handoff, executors)
+                  setup.describe(), batches, handoff, executors, {n: p.to_json() for n, p in insts},
+                  {k: v[:2] for k, v in routes.items()}, kv_net)
+
+
+def _status(nodes: list[Any]) -> dict:
+    """The emulator's status: one node's as it is; several nodes' devices one after another
+    (each tagged with its node), and each node's own under "nodes"."""
+    if len(nodes) == 1:
+        return nodes[0].emulator_status()
+    each = [n.emulator_status() for n in nodes]
+    devices = [dict(d, node=i) for i, st in enumerate(each) for d in st["devices"]]
+    return {"devices": devices, "nodes": each}
 
 
 def ops_refusal(ops: str) -> str | None:
@@ -296,39 +494,55 @@ def ops_refusal(ops: str) -> str | None:
     return None
 
 
-def _share_kv(node: Any, prefill: _Proc, decode: _Proc, handshake: dict[str, threading.Event],
+def _share_kv(nodes: list[Any], procs: dict[str, _Proc], place: dict[str, Placement],
               executors: dict[int, int] | None = None) -> dict:
-    """The prefill instance lets the decode instance's pid import its KV pool, then the decode
-    instance imports it. Returns the emulator's IPC record of each, taken then; forwarded, the
+    """On each node, every prefill instance lets every decode instance's pid import its KV pool,
+    then every decode instance imports every prefill pool (one node, one device: the pair's
+    one pool). Returns the emulator's IPC record of each instance, taken then; forwarded, the
     executors' records (by device) and the exported and imported device pointers."""
-    pre, dec = prefill.info, decode.info
-    prefill.send(op="allow", pid=dec["pid"])
-    if not handshake["allowed"].wait(60):
-        raise RuntimeError(f"the prefill instance did not allow the import (exit {prefill.p.poll()})")
-    decode.send(op="import", key=pre["kv_key"], tokens=pre["kv_tokens"])
-    if not handshake["imported"].wait(60):
-        raise RuntimeError(f"the decode instance did not import the KV pool (exit {decode.p.poll()})")
+    for i in range(len(nodes)):
+        pre = [n for n, p in place.items() if p.node == i and p.role == "prefill"]
+        dec = [n for n, p in place.items() if p.node == i and p.role == "decode"]
+        if not pre or not dec:
+            continue
+        for n in pre:
+            pids = [procs[d].info["pid"] for d in dec]
+            procs[n].send(op="allow", **({"pid": pids[0]} if len(pids) == 1 else {"pids": pids}))
+            if not procs[n].acks["allowed"].acquire(timeout=60):
+                raise RuntimeError(f"the {n} instance did not allow the import (exit {procs[n].p.poll()})")
+        for d in dec:
+            for n in pre:
+                info = procs[n].info
+                procs[d].send(op="import", key=info["kv_key"], tokens=info["kv_tokens"], peer=n,
+                              device=place[n].device)
+                if not procs[d].acks["imported"].acquire(timeout=60):
+                    raise RuntimeError(f"the {d} instance did not import {n}'s KV pool (exit {procs[d].p.poll()})")
     ipc: dict[str, Any] = {}
-    whose = [("prefill", pre["pid"]), ("decode", dec["pid"])]
+    whose = [(n, p.info["pid"], place[n].node) for n, p in procs.items()]
     if executors is not None:
-        whose += [(f"executor-{d}", pid) for d, pid in executors.items()]
-        ipc.update(exported_ptr=pre.get("kv_ptr"), imported_ptr=decode.imported.get("ptr"))
-    for dev in node.emulator_status()["devices"]:
-        for c in dev["clients"]:
-            for name, pid in whose:
-                if c["pid"] == pid:
-                    rec = ipc.setdefault(name, {"exports": 0, "export_bytes": 0, "imports": 0, "import_bytes": 0})
-                    for k in rec:
-                        rec[k] += c["ipc"][k]
+        whose += [(f"executor-{d}", pid, 0) for d, pid in executors.items()]
+        pre = next(n for n, p in place.items() if p.role == "prefill")
+        dec = next(n for n, p in place.items() if p.role == "decode")
+        ipc.update(exported_ptr=procs[pre].info.get("kv_ptr"), imported_ptr=procs[dec].imported.get("ptr"))
+    for i, node in enumerate(nodes):
+        for dev in node.emulator_status()["devices"]:
+            for c in dev["clients"]:
+                for name, pid, at in whose:
+                    if c["pid"] == pid and at == i:
+                        rec = ipc.setdefault(name, {"exports": 0, "export_bytes": 0, "imports": 0, "import_bytes": 0})
+                        for k in rec:
+                            rec[k] += c["ipc"][k]
     return ipc
 
 
 def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTiming], setup: Setup,
           time_scale: float = 1.0, mode: str = "contexts", handoff: dict | None = None,
-          executors: dict[int, int] | None = None) -> list[str]:
+          executors: dict[int, int] | None = None, kv_net: dict | None = None) -> list[str]:
     """What the instances report against the emulator's ground truth; [] when they agree.
     handoff: the emulator's IPC records once the KV import was made (Setup.kv_ipc);
-    executors: forwarded, device -> the executor's pid, whose record holds the instances' work."""
+    executors: forwarded, device -> the executor's pid, whose record holds the instances' work;
+    kv_net: the KV that crossed nodes (`Result.kv_net`): the model's bytes against what the
+    decode instances read and the prefill instances copied out."""
     if executors is not None:
         problems = check_forwarded(stats, status, setup, time_scale, mode, handoff, executors)
     else:
@@ -337,6 +551,14 @@ def check(stats: dict[str, dict], status: dict, timing: dict[int, MX.RequestTimi
     measured = sum(len(t.token_times) for t in timing.values())
     if reported != measured:
         problems.append(f"instances report {reported} tokens, the driver saw {measured}")
+    if kv_net and (kv_net.get("bytes") or kv_net.get("reported") or kv_net.get("d2h")):
+        if not kv_net["reported"] == kv_net["d2h"] == kv_net["bytes"]:
+            problems.append(f"KV across nodes: the decode instances read {kv_net['reported']} bytes over the network "
+                            f"and the prefill instances copied {kv_net['d2h']} out, want the {kv_net['requests']} "
+                            f"prompts' {kv_net['bytes']} (prompt tokens x the model's KV bytes per token)")
+        if "checked" in kv_net and (kv_net["bad"] or kv_net["checked"] != kv_net["requests"]):
+            problems.append(f"KV across nodes: {kv_net['bad']} of the {kv_net['checked']} requests read back had "
+                            f"other bytes than prefill wrote ({kv_net['requests']} crossed)")
     return problems
 
 
@@ -344,8 +566,10 @@ def _check_gated(stats: dict[str, dict], status: dict, setup: Setup, time_scale:
                  handoff: dict | None) -> list[str]:
     """Each instance its own emulator client: its record against what it says it did."""
     problems: list[str] = []
-    same_device = not setup.mixed and setup.prefill_device == setup.decode_device
-    if setup.kv_ipc and not setup.mixed:  # the prefill's whole pool, exported once and imported once
+    place = dict(setup.instances())
+    mixed = any(p.role == "mixed" for p in place.values())
+    pair = sorted(place) == ["decode", "prefill"] and place["decode"].node == place["prefill"].node
+    if setup.kv_ipc and pair:  # the prefill's whole pool, exported once and imported once
         pool = stats.get("prefill", {}).get("kv_pool_bytes", 0)
         exp, imp = (handoff or {}).get("prefill", {}), (handoff or {}).get("decode", {})
         if exp.get("exports") != 1 or imp.get("imports") != 1 or not \
@@ -353,6 +577,26 @@ def _check_gated(stats: dict[str, dict], status: dict, setup: Setup, time_scale:
             problems.append(f"emulator shows {exp.get('exports')} exports of {exp.get('export_bytes')} bytes and "
                             f"{imp.get('imports')} imports of {imp.get('import_bytes')} once the KV was shared, "
                             f"want one each of the prefill's {pool}-byte pool")
+    elif setup.kv_ipc and not mixed:  # each prefill's pool exported once, imported once by each decode of its node
+        h = handoff or {}
+        for name, p in place.items():
+            peers = [n for n, q in place.items() if q.node == p.node and q.role != p.role]
+            if not peers:
+                continue
+            if p.role == "prefill":
+                pool = stats.get(name, {}).get("kv_pool_bytes", 0)
+                exp = h.get(name, {})
+                if exp.get("exports") != 1 or not pool <= exp.get("export_bytes", -1):
+                    problems.append(f"emulator shows {exp.get('exports')} exports of {exp.get('export_bytes')} bytes "
+                                    f"by {name} once the KV was shared, want one of its {pool}-byte pool")
+            else:
+                imp = h.get(name, {})
+                want = sum(h.get(n, {}).get("export_bytes", 0) for n in peers)
+                pools = sum(stats.get(n, {}).get("kv_pool_bytes", 0) for n in peers)
+                if imp.get("imports") != len(peers) or not pools <= imp.get("import_bytes", -1) == want:
+                    problems.append(f"emulator shows {imp.get('imports')} imports of {imp.get('import_bytes')} bytes "
+                                    f"by {name} once the KV was shared, want {len(peers)} of the exported "
+                                    f"{want} ({'+'.join(peers)}'s pools, {pools} bytes)")
     clients = {}
     for dev in status["devices"]:
         for c in dev["clients"]:
@@ -361,6 +605,10 @@ def _check_gated(stats: dict[str, dict], status: dict, setup: Setup, time_scale:
         if not st:
             problems.append(f"{name}: no stats reported")
             continue
+        p = place.get(name)
+        others = [q for q in place.values() if p is not None and q.role != p.role]
+        # the hand-off maps the prefill's KV where every counterpart is on this very device
+        same_device = not mixed and bool(others) and all((q.node, q.device) == (p.node, p.device) for q in others)
         recs = clients.get(st["pid"], [])
         counts: dict[str, int] = {}
         busy = 0.0
@@ -372,6 +620,12 @@ def _check_gated(stats: dict[str, dict], status: dict, setup: Setup, time_scale:
         copied = sum(c["bytes_copied"].get("inter_d2d", 0) for c in recs)
         if copied != st.get("copied_bytes", 0):
             problems.append(f"{name}: emulator copied {copied} bytes between devices, the instance {st['copied_bytes']}")
+        host = 0
+        for kind, key in (("d2h", "d2h_bytes"), ("h2d", "h2d_bytes")):  # KV across nodes, through host memory
+            moved = sum(c["bytes_copied"].get(kind, 0) for c in recs)
+            host += moved
+            if moved != st.get(key, 0):
+                problems.append(f"{name}: emulator copied {moved} bytes {kind}, the instance {st.get(key, 0)}")
         if same_device:  # the hand-off maps the prefill's KV: no copy of any kind, by anyone
             moved = sum(sum(c["bytes_copied"].values()) for c in recs)
             if moved or any(c["ops"]["copy"] for c in recs):
@@ -379,10 +633,10 @@ def _check_gated(stats: dict[str, dict], status: dict, setup: Setup, time_scale:
         if counts != st["kernels"]:
             problems.append(f"{name}: emulator counted {counts}, the instance launched {st['kernels']}")
         want = st["modelled_s"] * 1e9 * time_scale
-        # In contexts mode a KV pull on the instance's second stream may run beside its kernels,
-        # and the device's time is then split between them: only an instance that pulled nothing
-        # must match its modelled kernel time.
-        exact = mode == "serial" or (mode == "contexts" and not copied)
+        # In contexts mode a KV copy on the instance's second stream may run beside its kernels,
+        # and the device's time is then split between them: only an instance that copied
+        # nothing must match its modelled kernel time.
+        exact = mode == "serial" or (mode == "contexts" and not copied and not host)
         if exact and want > 0 and abs(busy - want) > setup.busy_tolerance * want:
             problems.append(f"{name}: emulator busy {busy / 1e6:.3f} ms, modelled {want / 1e6:.3f} ms "
                             f"(tolerance {setup.busy_tolerance:.0%})")
@@ -404,8 +658,8 @@ def check_forwarded(stats: dict[str, dict], status: dict, setup: Setup, time_sca
     they did (module docstring); the instances themselves ran nothing on the emulator."""
     problems: list[str] = []
     recs = _records(status)
-    device = {"prefill": setup.prefill_device, "decode": setup.decode_device}
-    same_device = not setup.mixed and setup.prefill_device == setup.decode_device
+    device = {n: p.device for n, p in setup.instances()}
+    same_device = not setup.mixed and len(set(device.values())) == 1
     for name, st in stats.items():
         if not st:
             problems.append(f"{name}: no stats reported")

@@ -11,12 +11,16 @@ Control is JSON lines on stdin, events are JSON lines on stdout (see `driver`):
 
   in:  {"op": "req", "id", "prompt", "output"}   a request to prefill (prefill, mixed)
        {"op": "allow", "pid"}                    this process may import the KV pool (prefill, --kv-export)
-       {"op": "import", "key", "tokens"}         import the prefill instance's KV pool (decode)
-       {"op": "kv", "id", "prompt", "output", "kv_start"}  a prefilled request handed over (decode)
+       {"op": "allow", "pids"}                   these processes may import it (several decode instances)
+       {"op": "import", "key", "tokens"[, "peer", "device"]}  import a prefill instance's KV pool (decode)
+       {"op": "kv", "id", "prompt", "output", "kv_start"[, "peer"][, "segment", "addr"]}
+                                                 a prefilled request handed over (decode)
        {"op": "release", "id"}                   the decode instance needs this KV no more (prefill)
        {"op": "drain"}                           no more requests: finish the work and exit
-  out: {"ev": "ready", "pid", "kv_tokens", "kv_key", "kv_ptr"}  {"ev": "allowed"}  {"ev": "imported", "bytes", "ptr"}
-       {"ev": "first", "id", "t"}  {"ev": "handoff", "id", "t", "kv_start"}  {"ev": "taken", "id", "t"}
+  out: {"ev": "ready", "pid", "kv_tokens", "kv_key", "kv_ptr", "segment"}  {"ev": "allowed"}
+       {"ev": "imported", "bytes", "ptr", "peer"}
+       {"ev": "first", "id", "t"}  {"ev": "handoff", "id", "t", "kv_start"[, "segment", "addr", "bytes"]}
+       {"ev": "taken", "id", "t"}
        {"ev": "done", "id"}  {"ev": "tokens", "t", "ids"}  {"ev": "stats", ...}
 
 Times are CLOCK_MONOTONIC seconds (time.monotonic) taken right after the step's stream
@@ -51,6 +55,27 @@ prefill process's own. The emulator moves them with the host's CPU inside the ca
 modelled on the link): on the transfer thread that cost delays only the requests being pulled,
 where inline in the decode loop it stalled every step.
 
+Several prefill instances (xPyD): a decode instance imports each one's pool ("import" with
+the prefill's name as "peer" and its device; peer access where that is another device) and
+each "kv" names the pool its prompt is in; a prefill instance lets every decode instance's pid
+import its pool in one "allow" ("pids").
+
+Across nodes (--kv-net ADDR, both instances): the KV goes over TCP with Mooncake's transfer
+engine (kvnet.py), as a disaggregated deployment without RDMA moves it. The prefill
+instance's engine registers host memory (aclrtMallocHost) as large as its KV pool; after a
+request's prefill its transfer thread copies the prompt's KV device->host into the same token
+range there (aclrtMemcpyAsync DEVICE_TO_HOST on a stream of its own, timed by the emulator on
+the host link) and then says "handoff" with the engine's segment and the bytes' address. The
+decode instance's transfer thread reads them with its engine into registered host memory of
+its own (a staging buffer of --max-model-len tokens, in chunks for a longer prompt) and copies
+them host->device into its pool (HOST_TO_DEVICE); the request is "taken" once they are there,
+and the prefill instance then frees the range. "stats" counts the bytes each way (d2h_bytes,
+net_bytes, h2d_bytes). With --kv-check the prefill instance first fills the prompt's range
+with a byte of the request's own (aclrtMemsetAsync, id % 251 + 1) and the decode instance
+reads the head and tail of each chunk back from its pool (aclrtMemcpy DEVICE_TO_HOST) once
+it is there: "stats" says how many requests it checked (kv_checked) and how many had other
+bytes (kv_bad), so the content that crossed is checked end to end, not only its size.
+
 Without an import (no "import" message) the decode instance works as before the IPC calls
 existed: on one device it reserves the request's whole range in its own pool and nothing moves
 (the hand-off is only accounted); across devices it pulls from a window of its own on the
@@ -60,6 +85,7 @@ prefill device, whose content is not the prefill process's.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import queue
@@ -71,9 +97,18 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from flexnpu.workload import model as M
-from flexnpu.workload.acl import (ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS, Acl,
+from flexnpu.workload.acl import (ACL_MEMCPY_DEVICE_TO_HOST, ACL_MEMCPY_HOST_TO_DEVICE,
+                                  ACL_MEMCPY_INTER_DEVICE_TO_DEVICE, ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS, Acl,
                                   AclError)
 from flexnpu.workload.aclnn import DEFAULT_OPS, OPS, AclnnError, AclnnOps
+
+
+CHECK_BYTES = 4096  # --kv-check: bytes read back at each end of a chunk
+
+
+def kv_byte(rid: int) -> int:
+    """--kv-check: the byte a request's KV is filled with (never 0, which fresh memory holds)."""
+    return rid % 251 + 1
 
 
 class KvPool:
@@ -121,6 +156,18 @@ class Req:
     ctx: int = 0  # decode: tokens in the context
     left: int = 0  # decode: tokens still to generate
     kv_start: int = -1  # decode: where the prompt's KV is in the prefill instance's pool (-1: unknown)
+    peer: str | None = None  # decode: the imported pool it is in (None: the only one, if any)
+    segment: str = ""  # decode, --kv-net: the prefill's transfer engine holding the prompt's KV
+    addr: int = 0  # ... and where in its registered memory
+
+
+@dataclass
+class Peer:
+    """A prefill instance's KV pool, imported (decode)."""
+    ptr: int
+    tokens: int
+    key: bytes
+    device: int
 
 
 class Instance:
@@ -149,8 +196,16 @@ class Instance:
         self.draining = False
         self.allocs: list = []
         self.kv_key: bytes | None = None  # prefill, --kv-export: the key of its KV pool
-        self.peer_kv: int | None = None  # decode: the prefill instance's KV pool, imported
-        self.peer_kv_tokens = 0
+        self.peers: dict[str, Peer] = {}  # decode: prefill instances' KV pools, imported, by name
+        self.net = None  # --kv-net: this process's transfer engine (kvnet.KvNet)
+        self.host_kv: int | None = None  # --kv-net: registered host memory (prefill: the pool's mirror; decode:
+        # a staging buffer)
+        self.host_kv_tokens = 0
+        self.saves: queue.Queue = queue.Queue()  # prefill, --kv-net: (request, start) for the transfer thread
+        self.d2h = self.h2d = self.net_bytes = 0
+        self.kv_checked = self.kv_bad = 0  # --kv-check: requests whose KV was read back, and those wrong
+        self.pull_stream = None
+        self._puller_thread: threading.Thread | None = None
         self._window = None  # decode across devices without an import: its own window there
         self.nn: AclnnOps | None = None  # --ops aclnn*: the step as aclnn operator calls
 
@@ -171,18 +226,21 @@ class Instance:
         if op == "req":
             self.waiting.append(Req(m["id"], m["prompt"], m["output"]))
         elif op == "kv":
-            self.pending.append(Req(m["id"], m["prompt"], m["output"], kv_start=m.get("kv_start", -1)))
+            self.pending.append(Req(m["id"], m["prompt"], m["output"], kv_start=m.get("kv_start", -1),
+                                    peer=m.get("peer"), segment=m.get("segment", ""), addr=m.get("addr", 0)))
         elif op == "release":
             self.pool.free(m["id"])
         elif op == "allow":  # prefill: the decode instance may import the KV pool
-            self.acl.set_import_pids(self.kv_key, [m["pid"]])
+            self.acl.set_import_pids(self.kv_key, list(m["pids"]) if "pids" in m else [m["pid"]])
             self.emit(ev="allowed")
         elif op == "import":  # decode: the prefill instance's KV pool, mapped here
-            self.import_peer_kv(m["key"].encode(), m["tokens"])
+            self.import_peer_kv(m["key"].encode(), m["tokens"], m.get("peer", "prefill"), m.get("device"))
         elif op == "pulled":  # the transfer thread: these requests' KV is in the pool
             for rid in m["ids"]:
                 self.start_decode(self.pulling.pop(rid))
-        elif op == "pull-failed":
+        elif op == "saved":  # the transfer thread: the prompt's KV is in registered host memory
+            self.emit(ev="handoff", **m["ev"])
+        elif op in ("pull-failed", "save-failed"):
             raise AclError(m["error"])
         elif op == "drain":
             self.draining = True
@@ -193,7 +251,8 @@ class Instance:
         acl.call("aclInit", None)
         acl.call("aclrtSetDevice", a.device)
         self.stream = acl.handle("aclrtCreateStream")
-        self.pull_stream = acl.handle("aclrtCreateStream") if a.kv_src_device is not None else None
+        if a.kv_src_device is not None:
+            self.pull_stream = acl.handle("aclrtCreateStream")
         with tempfile.NamedTemporaryFile("w", suffix=".fxk", delete=False) as f:
             f.write(M.kernel_library_text())
         self.binary = acl.handle("aclrtBinaryLoadFromFile", f.name.encode(), None)
@@ -212,24 +271,67 @@ class Instance:
         self.pool = KvPool(kv_tokens)
         if a.kv_export:  # shared with the decode instance through IPC memory, once
             self.kv_key = acl.export_key(self.kv_base, max(kv_tokens, 1) * self.cfg.kv_bytes_per_token)
+        if a.kv_net:
+            self.setup_net(kv_tokens)
         self.pid = acl.bare_tgid()  # as the device sees it: what the emulator reports, and imports are granted to
         self.emit(ev="ready", pid=self.pid, kv_tokens=kv_tokens,
-                  kv_key=self.kv_key.decode() if self.kv_key else None, kv_ptr=self.kv_base.value)
+                  kv_key=self.kv_key.decode() if self.kv_key else None, kv_ptr=self.kv_base.value,
+                  segment=self.net.segment if self.net else None)
 
-    def import_peer_kv(self, key: bytes, tokens: int) -> None:
-        """Maps the prefill instance's KV pool: on this device, or on the prefill instance's
-        (--kv-src-device) with peer access."""
-        flags = ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS if self.a.kv_src_device is not None else 0
-        self.peer_kv = self.acl.import_key(key, flags).value
-        self.peer_key = key
-        self.peer_kv_tokens = tokens
-        self.emit(ev="imported", bytes=tokens * self.cfg.kv_bytes_per_token, ptr=self.peer_kv)
+    def setup_net(self, kv_tokens: int) -> None:
+        """--kv-net: the transfer engine and its registered host memory: for prefill a mirror
+        of the KV pool (a request's KV goes to its own token range there), for decode a
+        staging buffer of --max-model-len tokens."""
+        from flexnpu.workload.kvnet import KvNet, KvNetError
+
+        try:
+            self.net = KvNet(self.a.kv_net, self.a.kv_net_log)
+        except KvNetError as e:
+            raise AclError(str(e)) from None
+        self.host_kv_tokens = max(kv_tokens if self.a.role == "prefill" else self.a.max_model_len, 1)
+        size = self.host_kv_tokens * self.cfg.kv_bytes_per_token
+        self.host_kv = self.acl.malloc_host(size).value
+        try:
+            self.net.register(self.host_kv, size)
+        except KvNetError as e:
+            raise AclError(str(e)) from None
+        self.ensure_pull_stream()
+
+    def ensure_pull_stream(self) -> None:
+        """The transfer stream (decode: pulls; prefill --kv-net: saves), made once."""
+        if self.pull_stream is None:
+            self.pull_stream = self.acl.handle("aclrtCreateStream")
+
+    def import_peer_kv(self, key: bytes, tokens: int, name: str = "prefill", device: int | None = None) -> None:
+        """Maps a prefill instance's KV pool: on this device, or on another one (its device,
+        or --kv-src-device) with peer access."""
+        if device is None:
+            device = self.a.kv_src_device if self.a.kv_src_device is not None else self.a.device
+        flags = ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS if device != self.a.device else 0
+        ptr = self.acl.import_key(key, flags).value
+        self.peers[name] = Peer(ptr, tokens, key, device)
+        if device != self.a.device:
+            self.ensure_pull_stream()
+        self.emit(ev="imported", bytes=tokens * self.cfg.kv_bytes_per_token, ptr=ptr, peer=name)
+
+    def peer_of(self, r: Req) -> Peer | None:
+        """The imported pool a request's prompt KV is in (None: no import)."""
+        if r.peer is not None:
+            if r.peer not in self.peers:
+                raise AclError(f"request {r.id}: no KV pool imported from {r.peer}")
+            return self.peers[r.peer]
+        return next(iter(self.peers.values()), None) if len(self.peers) == 1 else None
+
+    def shared(self, r: Req) -> bool:
+        """Whether the request's prompt KV stays where prefill wrote it (same device, imported)."""
+        if r.segment:
+            return False
+        peer = self.peer_of(r)
+        return peer is not None and peer.device == self.a.device
 
     def window(self) -> tuple[int, int]:
         """Where cross-device pulls read from: the imported pool, or else a window of this
         process's own on the prefill device (tokens); made on first use."""
-        if self.peer_kv is not None:
-            return self.peer_kv, self.peer_kv_tokens
         if self._window is None:
             self.acl.call("aclrtSetDevice", self.a.kv_src_device)
             self._window = self.acl.malloc(self.a.max_model_len * self.cfg.kv_bytes_per_token)
@@ -292,23 +394,31 @@ class Instance:
         a = self.a
         while self.pending and len(self.running) + len(self.pulling) < a.max_num_seqs:
             r = self.pending[0]
-            shared = self.peer_kv is not None and a.kv_src_device is None  # prompt KV stays in prefill's pool
-            if shared and not 0 <= r.kv_start <= self.peer_kv_tokens - r.prompt:
+            shared = self.shared(r)  # prompt KV stays in prefill's pool
+            peer = self.peer_of(r)
+            if shared and not 0 <= r.kv_start <= peer.tokens - r.prompt:
                 raise AclError(f"request {r.id}: KV at {r.kv_start} is outside the imported pool")
             start = self.pool.reserve(r.id, r.output if shared else r.prompt + r.output)
             if start is None:
                 break
             self.pending.popleft()
-            if a.kv_src_device is None:
+            if shared or (not r.segment and peer is None and a.kv_src_device is None):
                 self.start_decode(r)
             else:  # pull the prompt's KV over the device link; it decodes once the bytes are here
                 self.pulling[r.id] = r
+                self.start_puller()
                 self.pulls.put((r, self.kv_base.value + start * self.cfg.kv_bytes_per_token))
 
     def start_decode(self, r: Req) -> None:
         r.ctx, r.left = r.prompt + 1, r.output - 1
         self.running.append(r)
         self.emit(ev="taken", id=r.id, t=time.monotonic())
+
+    def start_puller(self) -> None:
+        if self._puller_thread is None:
+            self.ensure_pull_stream()
+            self._puller_thread = threading.Thread(target=self._puller, daemon=True)
+            self._puller_thread.start()
 
     def _puller(self) -> None:
         """The transfer thread: pulls each request's KV on the transfer stream, in hand-off order,
@@ -318,11 +428,18 @@ class Instance:
             acl.call("aclrtSetDevice", self.a.device)  # the current device is per thread
             while (job := self.pulls.get()) is not None:  # None: the decode loop is done
                 r, dst = job
-                src, tokens = self.window()
-                if self.peer_kv is not None:  # the prompt's own KV, where prefill wrote it
+                if r.segment:
+                    self._pull_net(r, dst)
+                    self.inbox.put({"op": "pulled", "ids": [r.id]})
+                    continue
+                peer = self.peer_of(r)
+                if peer is not None:  # the prompt's own KV, where prefill wrote it
+                    src, tokens = peer.ptr, peer.tokens
                     if not 0 <= r.kv_start <= tokens - r.prompt:
                         raise AclError(f"request {r.id}: KV at {r.kv_start} is outside the imported pool")
                     src += r.kv_start * kvb
+                else:
+                    src, tokens = self.window()
                 left, off = r.prompt * kvb, 0
                 while left > 0:
                     n = min(left, tokens * kvb)
@@ -333,6 +450,63 @@ class Instance:
                 self.inbox.put({"op": "pulled", "ids": [r.id]})
         except AclError as e:
             self.inbox.put({"op": "pull-failed", "error": str(e)})
+        except Exception as e:  # the transfer engine's own failure (kvnet.KvNetError)
+            self.inbox.put({"op": "pull-failed", "error": f"KV over the network: {e}"})
+
+    def _pull_net(self, r: Req, dst: int) -> None:
+        """--kv-net: the prompt's KV from the prefill's engine into the staging buffer, then
+        host->device into the pool, a staging buffer at a time."""
+        kvb = self.cfg.kv_bytes_per_token
+        left, off, step = r.prompt * kvb, 0, self.host_kv_tokens * kvb
+        bad = False
+        while left > 0:
+            n = min(left, step)
+            self.net.read(r.segment, self.host_kv, r.addr + off, n)
+            self.acl.call("aclrtMemcpyAsync", dst + off, n, self.host_kv, n, ACL_MEMCPY_HOST_TO_DEVICE,
+                          self.pull_stream)
+            self.acl.call("aclrtSynchronizeStream", self.pull_stream)  # the staging buffer is free again
+            if self.a.kv_check:
+                bad = bad or not self._read_back(r, dst + off, n)
+            left, off = left - n, off + n
+            self.net_bytes += n
+            self.h2d += n
+        if self.a.kv_check:
+            self.kv_checked += 1
+            self.kv_bad += bad
+
+    def _read_back(self, r: Req, at: int, n: int) -> bool:
+        """--kv-check: whether the head and tail of a chunk in the pool hold the request's byte."""
+        k = min(n, CHECK_BYTES)
+        buf = ctypes.create_string_buffer(k)
+        want = bytes([kv_byte(r.id)]) * k
+        ok = True
+        for src in {at, at + n - k}:
+            self.acl.call("aclrtMemcpy", ctypes.addressof(buf), k, src, k, ACL_MEMCPY_DEVICE_TO_HOST)
+            self.d2h += k
+            ok = ok and buf.raw == want
+        return ok
+
+    def _saver(self) -> None:
+        """Prefill, --kv-net: the transfer thread that copies each prefilled prompt's KV
+        device->host into the registered mirror of its range, then says "handoff" (through
+        the loop's inbox, so that it comes after the request's "first")."""
+        acl, kvb = self.acl, self.cfg.kv_bytes_per_token
+        try:
+            acl.call("aclrtSetDevice", self.a.device)
+            while (job := self.saves.get()) is not None:
+                r, start, t = job
+                n, host = r.prompt * kvb, self.host_kv + start * kvb
+                if self.a.kv_check:  # the request's own byte, for the decode instance to find
+                    acl.call("aclrtMemsetAsync", self.kv_base.value + start * kvb, n, kv_byte(r.id), n,
+                             self.pull_stream)
+                acl.call("aclrtMemcpyAsync", host, n, self.kv_base.value + start * kvb, n, ACL_MEMCPY_DEVICE_TO_HOST,
+                         self.pull_stream)
+                acl.call("aclrtSynchronizeStream", self.pull_stream)
+                self.d2h += n
+                self.inbox.put({"op": "saved", "ev": {"id": r.id, "t": t, "kv_start": start,
+                                                       "segment": self.net.segment, "addr": host, "bytes": n}})
+        except AclError as e:
+            self.inbox.put({"op": "save-failed", "error": str(e)})
 
     def step(self) -> bool:
         """One engine step; False when there was nothing to do."""
@@ -354,6 +528,8 @@ class Instance:
             self.emit(ev="first", id=r.id, t=t)
             if r.output <= 1:
                 self.pool.free(r.id)
+            elif self.a.role == "prefill" and self.net is not None:
+                self.saves.put((r, self.pool.held[r.id][0], t))  # "handoff" once the KV is in host memory
             elif self.a.role == "prefill":
                 self.emit(ev="handoff", id=r.id, t=t, kv_start=self.pool.held[r.id][0])
             else:
@@ -367,7 +543,7 @@ class Instance:
                 if r.left <= 0:
                     self.running.remove(r)
                     self.pool.free(r.id)
-                    if self.peer_kv is not None and self.a.kv_src_device is None:
+                    if self.shared(r):
                         self.emit(ev="done", id=r.id)  # its prompt KV in prefill's pool may go (before "tokens")
             self.emit(ev="tokens", t=t, ids=[r.id for r in decoding])
         return True
@@ -378,10 +554,12 @@ class Instance:
 
     def serve(self) -> None:
         threading.Thread(target=self._reader, daemon=True).start()
-        puller = None
-        if self.pull_stream is not None:
-            puller = threading.Thread(target=self._puller, daemon=True)
-            puller.start()
+        saver = None
+        if self.a.role == "decode" and self.pull_stream is not None:
+            self.start_puller()
+        elif self.a.role == "prefill" and self.net is not None:
+            saver = threading.Thread(target=self._saver, daemon=True)
+            saver.start()
         while True:
             try:
                 while True:
@@ -393,20 +571,29 @@ class Instance:
             if self.draining and not self.busy():
                 break
             self._handle(self.inbox.get())  # nothing runnable: wait for the next message
-        if puller is not None:
+        if self._puller_thread is not None:
             self.pulls.put(None)
-            puller.join()
+            self._puller_thread.join()
+        if saver is not None:
+            self.saves.put(None)
+            saver.join()
         self.emit(ev="stats", pid=self.pid, role=self.a.role, ops=self.a.ops, kernels=dict(self.kernels),
                   operators=dict(self.nn.calls) if self.nn else {}, modelled_s=self.modelled_s, steps=self.steps,
                   tokens=self.tokens, copied_bytes=self.copied, step_spans=self.spans,
-                  kv_pool_bytes=max(self.pool.tokens, 1) * self.cfg.kv_bytes_per_token)
+                  kv_pool_bytes=max(self.pool.tokens, 1) * self.cfg.kv_bytes_per_token,
+                  d2h_bytes=self.d2h, h2d_bytes=self.h2d, net_bytes=self.net_bytes,
+                  net_reads=self.net.reads if self.net else 0, segment=self.net.segment if self.net else None,
+                  kv_checked=self.kv_checked, kv_bad=self.kv_bad)
 
     def close(self) -> None:
         acl = self.acl
         if self.nn is not None:
             self.nn.close()
-        if self.peer_kv is not None:  # an importer closes first (CANN's order)
-            acl.call("aclrtIpcMemClose", self.peer_key)
+        for peer in self.peers.values():  # an importer closes first (CANN's order)
+            acl.call("aclrtIpcMemClose", peer.key)
+        if self.net is not None:
+            self.net.close()
+            acl.call("aclrtFreeHost", self.host_kv)
         if self.kv_key is not None:
             acl.call("aclrtIpcMemClose", self.kv_key)
         for p in self.allocs + [self.kv_base]:
@@ -426,6 +613,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--kv-src-device", type=int, default=None,
                    help="decode: the prefill instance's device, when it is another one")
+    p.add_argument("--kv-net", metavar="ADDR", default=None,
+                   help="KV across nodes: this node's address for the transfer engine (Mooncake, TCP)")
+    p.add_argument("--kv-net-log", default=None,
+                   help="--kv-net: where the engine's start-up lines go (default: nowhere)")
+    p.add_argument("--kv-check", action="store_true",
+                   help="--kv-net: fill each prompt's KV with a byte of its own (prefill) and read it back (decode)")
     p.add_argument("--kv-export", action="store_true",
                    help="prefill: export the KV pool (IPC memory) for the decode instance to import")
     p.add_argument("--chunk-tokens", type=int, default=0, help="chunked prefill: tokens per step (0: whole prompts)")
