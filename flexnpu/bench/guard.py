@@ -89,6 +89,24 @@ def stop_all(procs: list[tuple[int, int]], timeout: float = STOP_S) -> None:
             return
 
 
+def dismiss(g: "subprocess.Popen | None") -> None:
+    """The owner's side at a clean end: says `done` (the guard then does nothing) and reaps it."""
+    import subprocess
+
+    if g is None:
+        return
+    try:
+        g.stdin.write(b"done\n")
+        g.stdin.close()
+    except OSError:  # the guard is gone (someone killed it)
+        pass
+    try:
+        g.wait(5)
+    except subprocess.TimeoutExpired:
+        g.kill()
+        g.wait()
+
+
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)

@@ -559,18 +559,10 @@ class Topology:
         remove_namespaces(self._made)
         if self._wrote_state:
             self._state_path.unlink(missing_ok=True)
+        from flexnpu.bench.guard import dismiss
+
         g, self._guard = self._guard, None
-        if g is not None:
-            try:
-                g.stdin.write(b"done\n")
-                g.stdin.close()
-            except OSError:
-                pass
-            try:
-                g.wait(5)
-            except subprocess.TimeoutExpired:
-                g.kill()
-                g.wait()
+        dismiss(g)
 
     def __enter__(self) -> Topology:
         return self

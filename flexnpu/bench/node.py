@@ -252,19 +252,10 @@ class LocalNode:
             self._tell_guard(f"pid {pid} {start}".encode())
 
     def _stop_guard(self) -> None:
+        from flexnpu.bench.guard import dismiss
+
         g, self._guard = self._guard, None
-        if g is None:
-            return
-        try:
-            g.stdin.write(b"done\n")
-            g.stdin.close()
-        except OSError:
-            pass
-        try:
-            g.wait(5)
-        except subprocess.TimeoutExpired:
-            g.kill()
-            g.wait()
+        dismiss(g)
 
     def _service(self, name: str, args: list[str]) -> None:
         self._argv[name] = args

@@ -167,7 +167,48 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-class Sampler:
+class SamplerThread:
+    """The view's side of a sampler: `start()` launches `_run` in a daemon thread; `frame()`
+    is the newest frame it published (None before the first); `wait_ready(timeout)` waits
+    until the thread says it is ready (for `--once`); `stop()` ends it; `error` is what ended
+    it, if anything did. The thread publishes with `_publish`."""
+
+    THREAD_NAME = "flexnpu-top-sampler"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._frame: Any = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _publish(self, frame: Any) -> None:
+        with self._lock:
+            self._frame = frame
+
+    def start(self) -> Any:
+        self._thread.start()
+        return self
+
+    def frame(self) -> Any:
+        with self._lock:
+            return self._frame
+
+    def wait_ready(self, timeout: float) -> Any:
+        self._ready.wait(timeout)
+        return self.frame()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+class Sampler(SamplerThread):
     """Samples the observer, the controller and the daemons in its own thread.
 
     `start()` launches it; `frame()` is the newest Frame (None before the first tick);
@@ -176,15 +217,10 @@ class Sampler:
     """
 
     def __init__(self, rdir: Path | None = None, interval: float = 0.5) -> None:
+        super().__init__()
         self.rdir = Path(rdir or paths.runtime_dir())
         self.interval = interval
         self.node = os.uname().nodename
-        self._lock = threading.Lock()
-        self._frame: Frame | None = None
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="flexnpu-top-sampler", daemon=True)
-        self.error: BaseException | None = None
         # state below is touched by the sampler thread only
         self._history: dict[int, deque] = {}
         self._decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
@@ -194,25 +230,6 @@ class Sampler:
         self._snap_at = 0.0
         self._waits: dict[tuple[int, int], tuple[int, float]] = {}  # (dev, pid) -> (gate_wait_ns, mono s)
         self._lists: dict[int, int] = {}  # device -> lists done
-
-    # -- the view's side
-
-    def start(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def frame(self) -> Frame | None:
-        with self._lock:
-            return self._frame
-
-    def wait_ready(self, timeout: float) -> Frame | None:
-        self._ready.wait(timeout)
-        return self.frame()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     # -- the sampler thread
 
@@ -276,8 +293,7 @@ class Sampler:
             history=tuple((d, tuple(h)) for d, h in sorted(self._history.items())),
             observer_note=sub.last_error or "",
         )
-        with self._lock:
-            self._frame = frame
+        self._publish(frame)
 
     def _take_report(self, raw: bytes) -> None:
         try:

@@ -13,7 +13,6 @@ column is what the controller last applied.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from flexnpu.control.wire import ControllerReport, WireError
 from flexnpu.remote import curve, keys
 from flexnpu.snapshot import NA, NodeSnapshot, SnapshotError
 from flexnpu.tui.model import (CONTROLLER_STALE_S, DECISIONS_KEPT, HISTORY, OBSERVER_STALE_S, DaemonState, Frame,
-                               GateClient, _report_json)
+                               GateClient, SamplerThread, _report_json)
 
 READY_WAIT_S = 3.0  # --once waits this long at most for every node to answer or fail
 
@@ -178,39 +177,19 @@ def _link_state(sub: curve.CurveSubscriber | None, have: bool, age_s: float, sta
     return "starting" if sub.state in (curve.LINK_UP, curve.LINK_CONNECTING) else sub.state
 
 
-class NodesSampler:
+class NodesSampler(SamplerThread):
     """Samples every node's publishers in its own thread; the same face as model.Sampler
-    (start, frame, wait_ready, stop, error), so one live loop draws either."""
+    (SamplerThread: start, frame, wait_ready, stop, error), so one live loop draws either."""
+
+    THREAD_NAME = "flexnpu-top-nodes"
 
     def __init__(self, specs: list[NodeSpec], client: keys.KeyPair, server_keys: dict[str, bytes],
                  interval: float = 0.5) -> None:
+        super().__init__()
         self.specs = specs
         self.client = client
         self.server_keys = server_keys
         self.interval = interval
-        self._lock = threading.Lock()
-        self._frame: NodesFrame | None = None
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="flexnpu-top-nodes", daemon=True)
-        self.error: BaseException | None = None
-
-    def start(self) -> NodesSampler:
-        self._thread.start()
-        return self
-
-    def frame(self) -> NodesFrame | None:
-        with self._lock:
-            return self._frame
-
-    def wait_ready(self, timeout: float) -> NodesFrame | None:
-        self._ready.wait(timeout)
-        return self.frame()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         import zmq
@@ -267,8 +246,7 @@ class NodesSampler:
                           observer_note=n.note)
             views.append(NodeView(n.spec, n.server_key.decode(), observer == "ok", self._why(n, observer, now),
                                   frame))
-        with self._lock:
-            self._frame = NodesFrame(time.time(), tuple(views))
+        self._publish(NodesFrame(time.time(), tuple(views)))
 
     @staticmethod
     def _why(n: _Node, observer: str, now: float) -> str:
