@@ -196,11 +196,18 @@ def top_command(
               f"{'is' if len(refused) == 1 else 'are'} for root and the {paths.CLIENT_GROUP} group; "
               f"ask an administrator to add you to it (usermod -aG {paths.CLIENT_GROUP} $USER)", file=sys.stderr)
         raise typer.Exit(1)
-    sampler = Sampler(rdir, interval=interval).start()
+    show(Sampler(rdir, interval=interval), once, json_out, interval, render, ONCE_WAIT_S + 1.0)
+
+
+def show(sampler: Any, once: bool, json_out: bool, interval: float, draw: Callable[..., Any],
+         wait_s: float) -> None:
+    """Starts the sampler and shows its frames: the live screen, or one frame (--once, --json,
+    or stdout not a terminal) after at most wait_s; stops the sampler whatever happens."""
+    sampler.start()
     try:
         if json_out or once or not sys.stdout.isatty():
-            frame = sampler.wait_ready(ONCE_WAIT_S + 1.0)
-            if frame is None:
+            frame = sampler.wait_ready(wait_s)
+            if frame is None or sampler.error is not None:
                 print(f"flexnpu top: no frame: {sampler.error!r}", file=sys.stderr)
                 raise typer.Exit(1)
             if json_out:
@@ -209,9 +216,9 @@ def top_command(
                 from rich.console import Console
 
                 console = Console()
-                console.print(render(frame, ViewState(), width=console.width))
+                console.print(draw(frame, ViewState(), width=console.width))
             return
-        run_live(sampler, interval)
+        run_live(sampler, interval, draw)
     finally:
         sampler.stop()
 
@@ -234,21 +241,5 @@ def _top_nodes(text: str, key: Path | None, server_key: str | None, once: bool, 
     except keys.KeysError as e:
         hint = " (make one: flexnpu keys new client)" if key is None and "no such key file" in str(e) else ""
         fail("top", f"{e}{hint}")
-    sampler = NodesSampler(specs, client, servers, interval=interval).start()
-    try:
-        if json_out or once or not sys.stdout.isatty():
-            frame = sampler.wait_ready(ONCE_WAIT_S + 2.0)
-            if frame is None or sampler.error is not None:
-                print(f"flexnpu top: no frame: {sampler.error!r}", file=sys.stderr)
-                raise typer.Exit(1)
-            if json_out:
-                print(json.dumps(frame.to_json()))
-            else:
-                from rich.console import Console
-
-                console = Console()
-                console.print(nodes_view.render(frame, ViewState(), width=console.width))
-            return
-        run_live(sampler, interval, nodes_view.render)
-    finally:
-        sampler.stop()
+    show(NodesSampler(specs, client, servers, interval=interval), once, json_out, interval, nodes_view.render,
+         ONCE_WAIT_S + 2.0)
