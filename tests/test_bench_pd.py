@@ -87,6 +87,14 @@ def test_targets_and_max_rate():
     # without the forwarded configurations, no rows of theirs
     t2 = {x.name for x in pd.targets({"no-shim": cfg(6, 20, 1000)}, "balanced", None)}
     assert "flexnpu-gated TTFT p50 vs static-colocation" in t2 and not any("forward" in n for n in t2)
+    assert not any("xnode" in n for n in t2 | set(t))  # no rows against a configuration not run
+    # across nodes (--nodes 2): throughput and TTFT against the disaggregation the cluster runs
+    tx = {x.name: x for x in pd.targets({"flexnpu-forward": cfg(30, 22, 1000),
+                                         "static-disagg-xnode": cfg(40, 20, 800)}, "prefill-heavy", None)}
+    assert tx["flexnpu-forward throughput vs static-disagg-xnode (prefill-heavy trace)"].ratio == 1.25
+    assert tx["flexnpu-forward throughput vs static-disagg-xnode (prefill-heavy trace)"].ok
+    assert tx["flexnpu-forward throughput vs static-disagg-xnode (balanced trace)"].ok is None
+    assert tx["flexnpu-forward TTFT p50 vs static-disagg-xnode"].ratio == 0.75
     assert pd.max_rate([(1, 1.0), (2, 0.95), (3, 0.85)]) == pytest.approx(2.5)
     assert pd.max_rate([(1, 1.0), (2, 1.0)]) == 2
     assert pd.max_rate([(1, 0.5)]) is None
