@@ -109,6 +109,8 @@ def test_targets_and_max_rate():
     (["--rates", "1,x"], "--rates"),
     (["--json", "/nonexistent/dir/x.json"], "--json"),
     (["--ops", "cuda"], "--ops takes kernels, aclnn, aclnn-fia"),
+    (["--link-gbit", "0"], "--link-gbit must be"),  # refused with one node too, not ignored
+    (["--link-delay-us", "-1"], "--link-delay-us must be"),
 ])
 def test_bad_input_is_one_line(args, says):
     r = flexnpu("bench", "pd", *args, timeout=60)

@@ -187,6 +187,11 @@ class Options:
             why = available()
             if why:
                 raise BenchError(f"static-disagg-xnode cannot run: {why}")
+        # checked with one node too: an option given and then ignored would be a silent mistake
+        if not 0 < self.link_gbit <= 10_000:  # NaN fails both comparisons
+            raise BenchError(f"--link-gbit must be a number above 0 and at most 10000 (Gbit/s), got {self.link_gbit:g}")
+        if not 0 <= self.link_delay_us <= 10_000_000:
+            raise BenchError(f"--link-delay-us must be a number from 0 to 10000000 (us), got {self.link_delay_us:g}")
         if self.nodes > 1:
             try:
                 LinkSpec(self.link_gbit, self.link_delay_us)
