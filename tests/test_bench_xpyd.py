@@ -212,8 +212,8 @@ def test_ratio_sweep_lists_the_ratios_and_picks_the_best():
     (["--nodes", "3"], "--nodes takes 1 or 2"),
     (["--nodes", "2", "--devices", "3"], "must be a multiple of 2"),
     (["--nodes", "2", "--devices", "2", "--configs", "static-disagg"], "static-disagg needs 2 or more devices a node"),
-    (["--nodes", "2", "--devices", "4", "--link-gbit", "0"], "rate_gbit must be in"),
-    (["--nodes", "2", "--devices", "4", "--link-delay-us", "-1"], "delay_us must be in"),
+    (["--nodes", "2", "--devices", "4", "--link-gbit", "0"], "--link-gbit must be a number above 0"),
+    (["--nodes", "2", "--devices", "4", "--link-delay-us", "-1"], "--link-delay-us must be a number from 0"),
 ])
 def test_bad_combinations_are_one_line(args, says):
     r = flexnpu("bench", "pd", "--quick", *args, timeout=60)
