@@ -33,6 +33,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flexnpu import paths
+from flexnpu.bench.node import stop_process
 from flexnpu.observe.metrics import AddressError, MetricsState, parse_address, reason_kind, registry
 from test_observe_fixtures import NEEDS_BPF, PROGS, REPO, build, flexnpu_argv
 
@@ -263,12 +264,7 @@ def test_config_key_serves_and_port_in_use_is_one_line(observe_env: dict[str, st
         assert "in use" in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert not (Path(other["FLEXNPU_RUNTIME_DIR"]) / "observe.sock").exists()  # cleaned up on the way out
     finally:
-        p.terminate()
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p, 30)
         p.stderr.close()
     assert listening(port) == []
 

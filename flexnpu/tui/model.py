@@ -167,6 +167,21 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+def take_report(raw: bytes, prev: ControllerReport | None, decisions: deque) -> ControllerReport | None:
+    """A controller's report off the wire, its new decisions added to `decisions`; None (and
+    nothing added) when raw is no report."""
+    try:
+        r = ControllerReport.from_json(raw)
+    except WireError:
+        return None
+    # a restarted controller starts its seq again; the same one never repeats a seq
+    if prev is None or r.pid != prev.pid or r.seq > prev.seq:
+        # the first report seen carries the controller's recent history; later ones, what is new
+        seen = set(decisions)
+        decisions.extend(d for d in (r.recent or r.decisions) if d not in seen)
+    return r
+
+
 class SamplerThread:
     """The view's side of a sampler: `start()` launches `_run` in a daemon thread; `frame()`
     is the newest frame it published (None before the first); `wait_ready(timeout)` waits
@@ -296,17 +311,9 @@ class Sampler(SamplerThread):
         self._publish(frame)
 
     def _take_report(self, raw: bytes) -> None:
-        try:
-            r = ControllerReport.from_json(raw)
-        except WireError:
-            return
-        prev = self._report
-        # a restarted controller starts its seq again; the same one never repeats a seq
-        if prev is None or r.pid != prev.pid or r.seq > prev.seq:
-            # the first report seen carries the controller's recent history; later ones, what is new
-            seen = set(self._decisions)
-            self._decisions.extend(d for d in (r.recent or r.decisions) if d not in seen)
-        self._report, self._report_at = r, time.monotonic()
+        r = take_report(raw, self._report, self._decisions)
+        if r is not None:
+            self._report, self._report_at = r, time.monotonic()
 
     def _poll_daemons(self, clients: dict[int, Any]) -> tuple[DaemonState, ...]:
         from flexnpu.forward.api import DaemonClient, DaemonError

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from flexnpu import SCHEMA, paths
-from flexnpu.control.wire import ControllerReport, WireError
+from flexnpu.control.wire import ControllerReport
 from flexnpu.remote import curve, keys
 from flexnpu.snapshot import NA, NodeSnapshot, SnapshotError
 from flexnpu.tui.model import (CONTROLLER_STALE_S, DECISIONS_KEPT, HISTORY, OBSERVER_STALE_S, DaemonState, Frame,
-                               GateClient, SamplerThread, _report_json)
+                               GateClient, SamplerThread, _report_json, take_report)
 
 READY_WAIT_S = 3.0  # --once waits this long at most for every node to answer or fail
 
@@ -146,15 +146,9 @@ class _Node:
     decisions: deque = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))
 
     def take_report(self, raw: bytes) -> None:
-        try:
-            r = ControllerReport.from_json(raw)
-        except WireError:
-            return
-        prev = self.report
-        if prev is None or r.pid != prev.pid or r.seq > prev.seq:
-            seen = set(self.decisions)
-            self.decisions.extend(d for d in (r.recent or r.decisions) if d not in seen)
-        self.report, self.report_at = r, time.monotonic()
+        r = take_report(raw, self.report, self.decisions)
+        if r is not None:
+            self.report, self.report_at = r, time.monotonic()
 
     def settled(self) -> bool:
         """Whether --once may print this node: it answered, or why it will not is known."""
