@@ -215,6 +215,9 @@ def test_applies_settings_and_publishes_reports(pair, observer, controller, runt
         assert sub.poll(3000)
         second = ControllerReport.from_json(sub.recv())
         assert second.seq > first.seq and second.pid == c.proc.pid
+        # joined after the decisions: they are in recent, numbered by decided
+        assert second.decided is not None and second.decided >= len(rep.decisions)
+        assert all(d in second.new_decisions(None)[0] for d in rep.decisions), (rep.decisions, second.recent)
     finally:
         sub.close(0)
 

@@ -564,3 +564,32 @@ def test_the_observer_publishes_what_the_work_showed_beside_a_declared_role() ->
     assert plain["phase"] == "prefill" and "observed_phase" not in plain
     p = NodeSnapshot.from_json(raw).processes[0]
     assert (p.phase, p.observed_phase, p.observed_source) == ("decode", "prefill", "shape")
+
+
+@pytest.mark.parametrize("source", ["bpf", "shim"])
+def test_no_evidence_is_never_observed_decode(source: str) -> None:
+    """A process declared decode whose interval shows nothing of its phase (set-up copies; a
+    first pass only just queued) is published as observed idle, not decode: a user refused
+    the decode role would otherwise get decode's priority in exactly those intervals. Once
+    its work showed prefill, an interval without evidence keeps that."""
+    from flexnpu.observe.snapshot import ProcessInfo, SnapshotBuilder
+    from test_observe_phase import counters
+
+    b = SnapshotBuilder(source, start_ns=0)
+    shp = (lambda d: d) if source == "bpf" else (lambda d: None)
+    info = lambda pid: ProcessInfo("p", "decode")  # noqa: E731
+    b.build({(10, 0): counters(shapes=shp({}))}, now_ns=100 * MS, info=info)
+
+    def observed(now_ms: int, **c) -> tuple[str, str]:
+        e = b.build({(10, 0): counters(**c)}, now_ns=now_ms * MS, info=info)["processes"][0]
+        assert (e["phase"], e["phase_source"]) == ("decode", "role"), e
+        return e["observed_phase"], e["observed_source"]
+
+    assert observed(200, MEMCPY=2, H2D=1 << 20, shapes=shp({})) == ("idle", "idle")  # set-up copies
+    queued = dict(MEMCPY=2, H2D=1 << 20, KERNEL=4, iter_start_ns=300 * MS - 50_000, iter_launches=4, shapes=shp({}))
+    assert observed(300, **queued) == ("idle", "idle")  # 4 kernels queued 50 us ago
+    done = dict(MEMCPY=2, H2D=1 << 20, KERNEL=8, SYNC=1, iterations=1, iter_ns=8 * MS, iter_ns_last=8 * MS,
+                shapes=shp({(27, 5, 0): [1, 8 * MS, 4]}))
+    assert observed(400, **done)[0] == "prefill"  # a pass of 4 kernels, 2 ms each
+    still = dict(done, iter_start_ns=500 * MS - 50_000, iter_launches=0)
+    assert observed(500, **still)[0] == "prefill"  # nothing new: what it showed stands

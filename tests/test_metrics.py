@@ -206,6 +206,51 @@ def test_device_counters_keep_exited_processes_and_their_series_go() -> None:
         promtool_check(_text(st))
 
 
+def _report(pid: int, decided: int | None, recent: int, new: int = 0) -> Any:
+    """A controller report from controller `pid` that has made `decided` decisions, with the
+    last `recent` of them, `new` of which are this report's own."""
+    from flexnpu.control.wire import ControllerReport, Decision, GateSetting
+
+    ds = tuple(Decision(float(i), 0, 100 + i, GateSetting(), f"decode pid {100 + i} shares device 0 with prefill: "
+                        "priority 7, no budget") for i in range(recent))
+    rep = ControllerReport(1, 0.0, 0, pid, "flexpd", 5.0, "ok", (), ds[len(ds) - new:] if new else (), ds,
+                           decided)
+    return ControllerReport.from_json(rep.to_json())  # as the observer reads it
+
+
+def test_decisions_are_counted_once_however_late_the_observer_joins() -> None:
+    """Decisions made before the observer subscribed, or in reports it lost, are counted from
+    the next report's recent ones, by number; none twice; a restarted controller starts anew."""
+    st = MetricsState()
+
+    def counted() -> float:
+        return value(parse(_text(st)), "flexnpu_controller_decisions_total", policy="flexpd", id="0",
+                     reason="decode_priority") or 0
+
+    st.controller_report(_report(40, 3, 3))  # joined after three decisions, none of them new now
+    assert counted() == 3
+    st.controller_report(_report(40, 3, 3))  # the periodic report: nothing new
+    assert counted() == 3
+    st.controller_report(_report(40, 6, 6, new=1))  # 4 and 5 were in reports it lost
+    assert counted() == 6
+    st.controller_report(_report(40, 40, 16, new=2))  # 7..24 are gone for good: 16 counted
+    assert counted() == 22
+    st.controller_report(_report(41, 2, 2, new=2))  # a new controller
+    assert counted() == 24
+    st.controller_report(_report(41, None, 3, new=3))  # an older controller: its own decisions
+    assert counted() == 27
+
+
+def test_a_report_whose_count_contradicts_it_is_refused() -> None:
+    from flexnpu.control.wire import ControllerReport, WireError
+
+    good = json.loads(_report(40, 3, 3).to_json())
+    for bad in (2, -1, True, "3", 2.5):
+        with pytest.raises(WireError):
+            ControllerReport.from_json(json.dumps({**good, "decided": bad}))
+    assert ControllerReport.from_json(json.dumps({**good, "decided": 9})).decided == 9
+
+
 def _observe(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(flexnpu_argv("observe", *args), env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -163,8 +163,21 @@ def test_open_iteration_counts_with_what_it_did_so_far() -> None:
     # a prefill pass that dispatched everything earlier and now waits in its sync
     waiting = feats(open_iter_ns=150 * MS, open_launches=160, shapes=())
     assert PhaseClassifier().classify(waiting, key=1).phase == "prefill"
-    short = feats(dispatches=41, launches=40, open_iter_ns=2 * MS, open_launches=40, shapes=())
-    assert PhaseClassifier().classify(short, key=1).phase == "decode"
+    # a first pass 2 ms under way is no evidence of decode: its kernels may only have been
+    # queued (a new prefill process caught early is not put first); once it ends, it says
+    for short in (feats(dispatches=41, launches=40, open_iter_ns=2 * MS, open_launches=40, shapes=()),
+                  feats(dispatches=41, launches=40, open_iter_ns=2 * MS, open_launches=40)):  # shim totals
+        c = PhaseClassifier()
+        v = c.classify(short, key=1)
+        assert (v.phase, v.source) == ("idle", "idle") and "too short to tell" in v.reason, v
+        ended = feats(dispatches=41, launches=40, iterations=1, iter_ns=2 * MS,
+                      shapes=shapes((1, 2.0, 40)) if short.shapes is not None else None)
+        assert c.classify(ended, key=1).phase == "decode"
+        v = c.classify(short, key=1)  # the next one under way: as the process's passes go
+        assert v.phase == "decode", v
+    # a prefill pass caught 0.5 ms in after queueing 2 kernels: already 250 us a launch
+    v = PhaseClassifier().classify(feats(dispatches=2, launches=2, open_iter_ns=MS // 2, open_launches=2), key=1)
+    assert v.phase == "prefill", v
     # named: the open iteration's calls say what it is
     c = PhaseClassifier()
     v = c.classify(feats(dispatches=30, launches=30, open_iter_ns=80 * MS, open_launches=30,

@@ -139,6 +139,7 @@ class Controller:
         self.pending_lock = threading.Lock()  # decisions come from the links' I/O threads
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="daemon-io")
         self.recent: deque[Decision] = deque(maxlen=RECENT_KEPT)
+        self.decided = 0  # decisions made since start: the number of the newest in recent
         self.reported_ns = 0
         self.scanned_ns = 0
         self.stop_flag = threading.Event()
@@ -318,7 +319,8 @@ class Controller:
         rep = ControllerReport(self.seq, wall, now_ns, os.getpid(), self.opts.policy, self.opts.tick_ms,
                                self.observer_status(now_ns), devices, tuple(pending))
         self.recent.extend(pending)
-        rep = replace(rep, recent=tuple(self.recent))
+        self.decided += len(pending)
+        rep = replace(rep, recent=tuple(self.recent), decided=self.decided)
         if self.pub is not None:
             data = rep.to_json()
             try:

@@ -16,12 +16,16 @@ Wire format, schema 1:
      "decisions": [{"time": unix s, "device": int, "pid": int,
                     "setting": {"gate", "priority", "max_hold_ms", "inflight", "max_inflight_ms"},
                     "reason": str}],
-     "recent": [the same, up to RECENT_KEPT]}
+     "recent": [the same, up to RECENT_KEPT],
+     "decided": int}
 
 "decisions" holds the changes applied since the previous message (the newest last);
 "recent" the last RECENT_KEPT decisions, the newest last, so that a subscriber that joins
 late (a `flexnpu top` started after the gates were set) still sees why they are as they
-are; "clients" the settings in force as the controller last applied or read them. A setting is
+are; "decided" how many decisions this controller (this pid) has made since it started, so
+"recent" holds those numbered decided - len(recent) + 1 .. decided: a subscriber that counts
+decisions (the observer's metrics) counts each once, also those made before it joined or in
+a message it lost (absent from older controllers' reports: None); "clients" the settings in force as the controller last applied or read them. A setting is
 flexnpu.forward.api.GateSetting (durations in ms, as on the daemon's API).
 """
 
@@ -92,6 +96,19 @@ class ControllerReport:
     devices: tuple[DeviceReport, ...]
     decisions: tuple[Decision, ...] = field(default=())
     recent: tuple[Decision, ...] = field(default=())
+    decided: int | None = None
+
+    def new_decisions(self, counted: int | None) -> tuple[tuple[Decision, ...], int]:
+        """The decisions of this report not yet counted by a subscriber that has counted
+        this controller's decisions up to number `counted` (None: none of them yet), and how
+        many fell between the two that no report it holds carries any more. Without
+        `decided` (an older controller): this report's own decisions."""
+        if self.decided is None:
+            return self.decisions, 0
+        first = self.decided - len(self.recent) + 1
+        after = 0 if counted is None or counted > self.decided else counted
+        new = tuple(d for i, d in enumerate(self.recent) if first + i > after)
+        return new, max(0, first - 1 - after)
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -102,6 +119,7 @@ class ControllerReport:
                         for d in self.devices],
             "decisions": [x.as_dict() for x in self.decisions],
             "recent": [x.as_dict() for x in self.recent],
+            **({} if self.decided is None else {"decided": self.decided}),
         }).encode()
 
     @classmethod
@@ -112,7 +130,7 @@ class ControllerReport:
                 raise WireError("not a controller report")
             if isinstance(d.get("schema"), bool) or d.get("schema") != SCHEMA:
                 raise WireError(f"controller report schema {d.get('schema')!r}; this FlexNPU reads {SCHEMA}")
-            return cls(
+            rep = cls(
                 seq=int(d["seq"]), time=float(d["time"]), mono_ns=int(d["mono_ns"]), pid=int(d["pid"]),
                 policy=str(d["policy"]), tick_ms=float(d["tick_ms"]), observer=str(d["observer"]),
                 devices=tuple(DeviceReport(
@@ -122,8 +140,20 @@ class ControllerReport:
                     for x in d.get("devices") or ()),
                 decisions=tuple(Decision.from_dict(x) for x in d.get("decisions") or ()),
                 recent=tuple(Decision.from_dict(x) for x in d.get("recent") or ()),
+                decided=_count(d.get("decided")),
             )
+            if rep.decided is not None and rep.decided < len(rep.recent):
+                raise WireError(f"decided {rep.decided} but {len(rep.recent)} recent decisions")
+            return rep
         except WireError:
             raise
         except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise WireError(f"malformed controller report: {type(e).__name__}: {e}") from None
+
+
+def _count(v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise WireError(f"decided {v!r}: a count is an integer >= 0")
+    return v

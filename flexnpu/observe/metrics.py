@@ -12,7 +12,10 @@ only, so an exited process's series are gone one interval after its last report.
 counters (launches, bytes, busy seconds) are kept per device by adding each process's
 increase since the previous snapshot, so they keep counting what exited processes did.
 Controller decisions are counted by policy, device and the kind of reason (`reason_kind`),
-never by the free text, which names pids and times.
+never by the free text, which names pids and times. Each decision is counted once, by its
+number in the controller's reports (wire.ControllerReport.decided): the recent ones a
+controller made before the observer subscribed, or in a report the observer lost, come
+with the next report.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ class MetricsState:
         self._reports = 0
         self._policy: str | None = None
         self._controller_seen = 0.0
+        self._counted: tuple[int, int] | None = None  # (controller pid, decisions counted up to)
 
     def update(self, snap: dict[str, Any], clients: dict[tuple[int, int], Any] | None = None) -> None:
         """Takes one published snapshot (and the daemons' clients read with it)."""
@@ -183,8 +187,16 @@ class MetricsState:
             self._reports += 1
             self._policy = report.policy
             self._controller_seen = time.monotonic()
-            for d in report.decisions:
+            # each decision once, by its number: those made before this observer joined
+            # (or in a report it lost) come with the next report's recent ones
+            counted = self._counted[1] if self._counted and self._counted[0] == report.pid else None
+            new, missed = report.new_decisions(counted)
+            if missed and counted is not None:  # the first report's older ones predate this observer
+                log.warning("%d controller decisions were made and dropped before they could be counted", missed)
+            for d in new:
                 self._decisions[(report.policy, d.device, reason_kind(d.reason))] += 1
+            if report.decided is not None:
+                self._counted = (report.pid, report.decided)
 
     def view(self) -> _View:
         with self._lock:

@@ -257,6 +257,11 @@ class PhaseClassifier:
         self.state: dict[object, _ProcessState] = {}
         self.last: dict[object, dict[str, PhaseVerdict | None]] = {}
 
+    def seen(self, key: object) -> PhaseVerdict | None:
+        """The last verdict a signal gave on key's work (what stands while none has evidence)."""
+        st = self.state.get(key)
+        return st.seen if st is not None else None
+
     def forget(self, key: object) -> None:
         self.state.pop(key, None)
         self.last.pop(key, None)
@@ -274,19 +279,23 @@ class PhaseClassifier:
         self.last[key] = by
         if idle:
             return PhaseVerdict("idle", "idle", 0.0, "no work dispatched or pending")
+        ev = next((by[s] for s in ("aclnn", "kernel", "shape") if by[s] is not None), None)
+        if ev is not None:
+            st.seen = ev  # declared or not: what the work showed last stands while nothing shows
         if role in ("prefill", "decode"):
             return PhaseVerdict(role, "role", 1.0 if role == "prefill" else 0.0, f"FLEXNPU_ROLE={role}")
-        for source in ("aclnn", "kernel", "shape"):
-            if by[source] is not None:
-                st.seen = by[source]
-                return by[source]
+        if ev is not None:
+            return ev
         # work pending (copies, a synchronisation) but no kernel launched: no evidence of a
         # phase. What the process ran before stands; a process that has launched nothing yet
         # is not called decode (under flexpd that would put a new, unknown process first).
+        # Kernels launched in an iteration still too short to tell are no evidence either.
+        what = "no kernel launched" if not (f.launches or f.open_launches) else \
+            f"an iteration under way, {f.open_iter_ns / 1e6:.1f} ms so far: too short to tell"
         if st.seen is not None:
             v = st.seen
-            return PhaseVerdict(v.phase, v.source, v.prefill_share, f"no kernel launched; as before ({v.reason})")
-        return PhaseVerdict("idle", "idle", 0.0, "no kernel launched yet")
+            return PhaseVerdict(v.phase, v.source, v.prefill_share, f"{what}; as before ({v.reason})")
+        return PhaseVerdict("idle", "idle", 0.0, what if f.launches or f.open_launches else f"{what} yet")
 
     # ---------------------------------------------------------------- verdicts
     def _verdict(self, source: str, p_ns: float, d_ns: float, why: str) -> PhaseVerdict | None:
@@ -338,9 +347,12 @@ class PhaseClassifier:
     def _by_shape(self, f: IntervalFeatures, st: _ProcessState) -> PhaseVerdict | None:
         ref, desc = self.shape.model(st)
         if not ref and f.open_iter_ns and f.open_launches:  # a first pass, still running
+            # its span so far is a lower bound: long enough already, it is prefill; short,
+            # it is no evidence of decode (its kernels may have only just been queued)
             pt = _Point(float(f.open_iter_ns), float(f.open_launches), 1.0)
-            pre = self.shape._mode_is_prefill([pt])
-            ref, desc = [(pt, pre)], f"first pass, {self.shape._per_launch(pt) / 1e3:.0f} us per launch so far"
+            if not self.shape._mode_is_prefill([pt]):
+                return None
+            ref, desc = [(pt, True)], f"first pass, {self.shape._per_launch(pt) / 1e3:.0f} us per launch so far"
         if not ref:
             return None
         p_ns = d_ns = 0.0
@@ -376,6 +388,12 @@ class PhaseClassifier:
         votes = {"span": span_ns >= r.long_iter_ms * 1e6, "launches": launches >= r.prefill_launches,
                  "h2d": f.h2d_bytes / per_iter >= r.prefill_h2d_bytes, "cadence": rate <= r.decode_min_rate}
         prefill = dense or sum(votes.values()) >= 3
+        if not prefill and f.iterations == 0:
+            # only an iteration still open: its span, launches and bytes so far are lower
+            # bounds, each of which can only grow towards prefill. Past a prefill bound they
+            # prove it; short of them they are no evidence of decode (its kernels may only
+            # just have been queued: a new prefill process is not to be put first for that)
+            return None
         why = ", ".join(f"{k}:{'P' if v else 'D'}" for k, v in votes.items())
         why = (f"span {span_ns / 1e6:.1f} ms, {launches:.0f} launches/iter, {rate:.0f} iter/s, "
                f"per launch {'>=' if dense else '<'} {r.prefill_ns_per_launch / 1e3:.0f} us ({why})")

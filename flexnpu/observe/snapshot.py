@@ -237,8 +237,14 @@ class SnapshotBuilder:
             return {}
         by = self.classifier.last.get(key) or {}
         seen = next((by[s] for s in ("aclnn", "kernel", "shape") if by.get(s) is not None), None)
-        if seen is None:  # as the classifier says of undeclared work that launched nothing
-            return {"observed_phase": "decode", "observed_source": "shape"}
+        if seen is None:
+            # no evidence this interval (copies only, a pass too short to tell): as the
+            # classifier says of undeclared work, what it showed before, else no phase. Never
+            # decode for want of evidence: a role refused to its user would get decode's
+            # priority through it.
+            seen = self.classifier.seen(key)
+            if seen is None:
+                return {"observed_phase": "idle", "observed_source": "idle"}
         return {"observed_phase": seen.phase, "observed_source": seen.source}
 
     def _devices(self, entries: list[dict[str, Any]], dt_ns: int) -> list[dict[str, Any]]:
