@@ -100,12 +100,19 @@ def test_static_split_gives_the_configured_shares(acl_programs, tmp_path: Path) 
 
 def test_flexpd_keeps_decode_within_budget_and_gives_prefill_the_rest(acl_programs, tmp_path: Path) -> None:
     """A half-loaded decode instance (20 ms steps of 10 x 2 ms kernels, 20 ms pauses) alone
-    first, so flexpd learns its step time, then a prefill instance of many 1 ms kernels."""
+    first, so flexpd learns its step time, then a prefill instance of many 0.5 ms kernels.
+
+    A kernel on the device cannot be pulled back: a decode step can find prefill's whole
+    in-flight budget ahead of it (up to prefill_inflight_max = 2 kernels, 1 ms here) and a
+    wake-up, against a slack of 10% of 20 ms. With 1 ms kernels that worst case (2 ms) is
+    the slack itself and the test would measure the machine's noise; docs/control.md
+    ("Limit") covers kernels longer than the slack. Both windows hold about 70 steps, so
+    each p99 is a tail of its own and not one outlier."""
     exe = acl_programs["engine_loop"]
     with LocalNode(observer="shim", policy="flexpd", controller_args=["--tick-ms", "5"]) as node:
-        dec = _start_loop(node, exe, "decode", 10, 2.0, 7.0, gap_ms=20.0)
-        time.sleep(2.0)
-        pre = _start_loop(node, exe, "prefill", 40, 1.0, 4.5)
+        dec = _start_loop(node, exe, "decode", 10, 2.0, 10.0, gap_ms=20.0)
+        time.sleep(3.0)
+        pre = _start_loop(node, exe, "prefill", 80, 0.5, 6.0)
         t_pre = time.monotonic()
         wait_for(lambda: _clients(node).get(pre.pid, {}).get("priority") == 0
                  and _clients(node)[dec.pid]["priority"] == 7, 5.0, "flexpd to set the priorities")
@@ -118,7 +125,7 @@ def test_flexpd_keeps_decode_within_budget_and_gives_prefill_the_rest(acl_progra
     # monotonic ms of the window in the loops' own clock (CLOCK_MONOTONIC, as time.monotonic)
     alone = [s["step_ms"] for s in steps if s["t0_ms"] < t_pre * 1e3 and s["step"] > 5]
     shared = [s["step_ms"] for s in steps if w0 * 1e3 <= s["t0_ms"] <= w1 * 1e3]
-    assert len(alone) >= 20 and len(shared) >= 40, (len(alone), len(shared))
+    assert len(alone) >= 50 and len(shared) >= 50, (len(alone), len(shared))
     budget = _p(alone, 0.99) * 1.10
     assert _p(shared, 0.99) <= budget, (
         f"decode step p99 {_p(shared, 0.99):.2f} ms beside prefill, alone p99 {_p(alone, 0.99):.2f} ms "
@@ -126,4 +133,6 @@ def test_flexpd_keeps_decode_within_budget_and_gives_prefill_the_rest(acl_progra
     window_ns = (w1 - w0) * 1e9
     p_busy, d_busy = b1[pre.pid] - b0[pre.pid], b1[dec.pid] - b0[dec.pid]
     left = window_ns - d_busy
+    print(f"alone p99 {_p(alone, 0.99):.2f} ms, shared p99 {_p(shared, 0.99):.2f} ms (budget {budget:.2f} ms), "
+          f"prefill used {p_busy / left:.1%} of what decode left")
     assert p_busy >= 0.80 * left, f"prefill used {p_busy / left:.1%} of the device time decode left idle"
