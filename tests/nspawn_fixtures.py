@@ -67,14 +67,65 @@ def _nspawn_run(tree: Path, binds: list[str], cmd: str, timeout: float, what: st
                  "--pipe", *binds, "/bin/sh", "-ec", cmd], timeout, what)
 
 
-def cached_tree(log) -> Path:
-    """The tree for this checkout's dependencies, made (debootstrap, venv) if missing."""
+@contextlib.contextmanager
+def cached_tree(log) -> Iterator[Path]:
+    """The tree for this checkout's dependencies, made (debootstrap, venv) if missing, held
+    in use (a shared lock on <key>.use) while the caller boots it. Trees made from other
+    inputs (about 820 MB each) that no run is using are removed, and the log says so."""
     key = tree_key()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with _held(CACHE / f"{key}.use"):  # taken before the tree is made: a pruning run sees it in use
+        tree = _made(key, log)
+        with open(CACHE / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for what in prune(CACHE, key):
+                log(what)
+        yield tree
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """A shared lock on path, on the file that is there once it is held (a pruning run may
+    have removed the one opened while it waited)."""
+    while True:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                same = os.fstat(f.fileno()).st_ino == path.stat().st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield
+                return
+
+
+def prune(cache: Path, keep: str) -> list[str]:
+    """Removes every cached tree but `keep` that no run holds (its <key>.use lock), and
+    unfinished builds; the caller holds cache/.lock. Returns what it did, a line each."""
+    done = []
+    for d in sorted(cache.iterdir()):
+        if not d.is_dir() or d.name == keep:
+            continue
+        key = d.name.removesuffix(".tmp")
+        if key == keep and d.name.endswith(".tmp"):
+            continue
+        with open(cache / f"{key}.use", "a") as use:
+            try:
+                fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another run boots it now
+            size = sum(f.lstat().st_size for f in d.rglob("*") if not f.is_symlink() and f.is_file())
+            shutil.rmtree(d, ignore_errors=True)
+            (cache / f"{key}.use").unlink(missing_ok=True)
+        done.append(f"removed the cached tree {d.name} ({size / 1e6:.0f} MB): made from other inputs, not in use")
+    return done
+
+
+def _made(key: str, log) -> Path:
     final = CACHE / key / "root"
     if (CACHE / key / "ok").exists():
         return final
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
+    with open(CACHE / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once build it once
         if (CACHE / key / "ok").exists():
             return final

@@ -16,6 +16,7 @@ about 1; docs/service.md gives the figures.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -62,11 +63,12 @@ def node(tmp_path_factory):
     """The container with FlexNPU's services installed and started by `flexnpu service install`."""
     t0 = time.monotonic()
     work = tmp_path_factory.mktemp("nspawn")
-    tree = nsf.cached_tree(_log)
-    TIMINGS["tree_s"] = time.monotonic() - t0
-    wheel = nsf.build_wheel(work / "wheel")
-    TIMINGS["wheel_s"] = time.monotonic() - t0 - TIMINGS["tree_s"]
-    with nsf.booted(tree, work, [f"--bind-ro={wheel.parent}:/mnt/wheel"], _log) as c:
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(nsf.cached_tree(_log))
+        TIMINGS["tree_s"] = time.monotonic() - t0
+        wheel = nsf.build_wheel(work / "wheel")
+        TIMINGS["wheel_s"] = time.monotonic() - t0 - TIMINGS["tree_s"]
+        c = stack.enter_context(nsf.booted(tree, work, [f"--bind-ro={wheel.parent}:/mnt/wheel"], _log))
         try:
             TIMINGS["boot_s"] = time.monotonic() - t0 - TIMINGS["tree_s"] - TIMINGS["wheel_s"]
             c.run(f"{nsf.VENV}/bin/pip", "install", "-q", "--no-deps", "--no-index", f"/mnt/wheel/{wheel.name}",
