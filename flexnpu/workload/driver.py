@@ -244,7 +244,7 @@ class Router:
 
     def prefill_for(self, r: Request) -> str:
         with self.lock:
-            name = min(self.prefills, key=lambda n: (self.outstanding[n], self.prefills.index(n)))
+            name = min(self.prefills, key=self.outstanding.__getitem__)  # ties: the first listed
             self.outstanding[name] += r.prompt_tokens
             return name
 
@@ -254,7 +254,7 @@ class Router:
 
     def decode_for(self, r: Request) -> str:
         with self.lock:
-            name = min(self.decodes, key=lambda n: (self.seqs[n], self.kv[n], self.decodes.index(n)))
+            name = min(self.decodes, key=lambda n: (self.seqs[n], self.kv[n]))  # ties: the first listed
             self.seqs[name] += 1
             self.kv[name] += r.prompt_tokens + r.output_tokens
             return name
