@@ -39,3 +39,30 @@ def test_shim_source_counts_equal_the_truth(emulator, daemons, spawn, shim_env, 
     assert emu.client(pid)["memory_used"] == truth["live_bytes"]
     entry = next(e for e in snap["processes"] if e["pid"] == pid)
     assert entry["role"] == "decode" and entry["counters"]["sync_ns"] is None  # the shim has no sync times
+
+
+def test_a_process_blocked_in_a_long_sync_is_not_idle(emulator, daemons, spawn, shim_env, acl_env,
+                                                      acl_programs, flexnpu_proc) -> None:
+    """One 400 ms kernel a pass, then its synchronisation: most 100 ms intervals hold no call
+    and no ended iteration, while the device runs the pass. The daemon says how long the open
+    iteration has run, so those intervals are busy (the role's phase, the time open), not idle
+    as the counters alone would make them."""
+    emulator()
+    daemons(0)
+    obs = flexnpu_proc("observe", "--source", "shim", "--interval-ms", "100", "--json", env=acl_env)
+    assert obs.read(timeout=60)["source"] == "shim"
+    loop = spawn([acl_programs["engine_loop"], KLIB, "0", "1", "400", "--seconds", "1.5"],
+                 env={**shim_env, "FLEXNPU_ROLE": "prefill"})
+    pid = loop.read(timeout=30)["pid"]
+    quiet: list[dict] = []  # entries of intervals with no call and no ended iteration
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and loop.proc.poll() is None:
+        snap = obs.read(timeout=10)
+        e = next((e for e in snap["processes"] if e["pid"] == pid), None)
+        if e is not None and e["rates"]["launches_per_s"] == 0 and e["iteration"]["count"] == 0:
+            quiet.append(e)
+    assert len(quiet) >= 3, f"{len(quiet)} intervals inside a pass"
+    for e in quiet:
+        assert (e["phase"], e["phase_source"]) == ("prefill", "role"), e
+        assert e["iteration"]["open_ms"] >= 50, e["iteration"]
+    assert any(e["rates"]["busy"] >= 0.9 for e in quiet), [e["rates"] for e in quiet]

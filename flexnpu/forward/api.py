@@ -219,6 +219,7 @@ class ClientView:
     iterations: int | None = None
     iter_total_ms: float | None = None
     iter_last_ms: float | None = None
+    iter_open_ms: float | None = None  # its open iteration's age at the read (0: none)
     gate_waits: int | None = None
     gate_wait_ms: float | None = None
     gate_expired: int | None = None
@@ -265,7 +266,7 @@ class ClientView:
             memset_bytes=_opt_int(d, "memset_bytes"), mem_held=_opt_int(d, "mem_held"),
             mem_peak=_opt_int(d, "mem_peak"), iterations=_opt_int(d, "iterations"),
             iter_total_ms=ms("iter_total_ms", "iter_ns_total"), iter_last_ms=ms("iter_last_ms", "iter_ns_last"),
-            gate_waits=_opt_int(d, "gate_waits"), gate_wait_ms=ms("gate_wait_ms", "gate_wait_ns"),
+            iter_open_ms=ms("iter_open_ms"), gate_waits=_opt_int(d, "gate_waits"), gate_wait_ms=ms("gate_wait_ms", "gate_wait_ns"),
             gate_expired=_opt_int(d, "gate_expired"),
             last_release_lag_ms=ms("last_release_lag_ms", "last_release_lag_ns"),
             last_hold_lag_ms=ms("last_hold_lag_ms", "last_hold_lag_ns"),

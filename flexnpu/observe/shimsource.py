@@ -3,7 +3,7 @@ device's gate, for processes that run under the shim (`flexnpu run`, LD_PRELOAD)
 
 Used when BPF cannot be loaded. It sees only processes under the shim, counts successful
 calls rather than calls made, and has no time blocked in synchronisations and no span
-histogram; snapshots built from it say "source": "shim". The pages are the daemon's (each
+histogram (an iteration still open is seen: the daemon says how long it has run); snapshots built from it say "source": "shim". The pages are the daemon's (each
 client's is a sealed memfd, docs/security.md), so they are read through each daemon's
 read-only control socket (`list`: root and the flexnpu group); pids and roles there are the
 daemon's, from the kernel.
@@ -11,6 +11,7 @@ daemon's, from the kernel.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ class ShimSource:
                 clients = self._client(dev).list()
             except (DaemonError, ApiError):
                 continue
+            read_ns = time.monotonic_ns()  # the daemon read the pages just before (CLOCK_MONOTONIC)
             for v in clients:
                 if v.pid <= 0:
                     continue
@@ -65,7 +67,11 @@ class ShimSource:
                     # the observer's fields are in ns (observe/snapshot.py); the API's in ms
                     "iter_ns": None if v.iter_total_ms is None else ms_to_ns(v.iter_total_ms),
                     "iter_ns_last": None if v.iter_last_ms is None else ms_to_ns(v.iter_last_ms),
-                    "iter_start_ns": None,
+                    # an iteration still open (work dispatched, no sync yet): where it began,
+                    # so that a process blocked in a long sync is not idle (daemons that do
+                    # not say: None, as before)
+                    "iter_start_ns": None if v.iter_open_ms is None else
+                    (read_ns - ms_to_ns(v.iter_open_ms) if v.iter_open_ms > 0 else 0),
                     "class_iters": None, "class_ns": None,
                 }
         self.roles = roles

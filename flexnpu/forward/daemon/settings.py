@@ -100,6 +100,10 @@ class GateSettings:
         v["gate_wait_ms"] = api.ns_to_ms(v["gate_wait_ns"])
         v["iter_total_ms"] = api.ns_to_ms(v["iter_ns_total"])
         v["iter_last_ms"] = api.ns_to_ms(v["iter_ns_last"])
+        # the iteration open now (work dispatched since its last sync): how long it has run
+        start = v.pop("iter_start_ns")
+        now = now_ns()
+        v["iter_open_ms"] = api.ns_to_ms(now - start) if v["pending"] and 0 < start <= now else 0.0
         v["last_release_lag_ms"] = api.ns_to_ms(v["last_release_lag_ns"])
         v["last_hold_lag_ms"] = api.ns_to_ms(v["last_hold_lag_ns"])
         return v
