@@ -25,7 +25,8 @@ late (a `flexnpu top` started after the gates were set) still sees why they are 
 are; "decided" how many decisions this controller (this pid) has made since it started, so
 "recent" holds those numbered decided - len(recent) + 1 .. decided: a subscriber that counts
 decisions (the observer's metrics) counts each once, also those made before it joined or in
-a message it lost (absent from older controllers' reports: None); "clients" the settings in force as the controller last applied or read them. A setting is
+a message it lost (absent from older controllers' reports: None); "clients" the settings in
+force as the controller last applied or read them. A setting is
 flexnpu.forward.api.GateSetting (durations in ms, as on the daemon's API).
 """
 

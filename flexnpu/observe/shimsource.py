@@ -3,10 +3,11 @@ device's gate, for processes that run under the shim (`flexnpu run`, LD_PRELOAD)
 
 Used when BPF cannot be loaded. It sees only processes under the shim, counts successful
 calls rather than calls made, and has no time blocked in synchronisations and no span
-histogram (an iteration still open is seen: the daemon says how long it has run); snapshots built from it say "source": "shim". The pages are the daemon's (each
-client's is a sealed memfd, docs/security.md), so they are read through each daemon's
-read-only control socket (`list`: root and the flexnpu group); pids and roles there are the
-daemon's, from the kernel.
+histogram (an iteration still open is seen: the daemon says how long it has run);
+snapshots built from it say "source": "shim". The pages are the daemon's (each client's is
+a sealed memfd, docs/security.md), so they are read through each daemon's read-only
+control socket (`list`: root and the flexnpu group); pids and roles there are the daemon's,
+from the kernel.
 """
 
 from __future__ import annotations

@@ -204,8 +204,8 @@ class SlotView:
 
 
 _ZERO_COUNTERS = {"pending": 0, "waiting": 0, "released": 0, "memset_bytes": 0, "mem_held": 0, "mem_peak": 0,
-                  "iterations": 0, "iter_ns_total": 0, "iter_ns_last": 0, "iter_start_ns": 0, "gate_waits": 0, "gate_wait_ns": 0,
-                  "gate_expired": 0, "last_release_lag_ns": 0, "last_hold_lag_ns": 0, "inflight_now": 0,
+                  "iterations": 0, "iter_ns_total": 0, "iter_ns_last": 0, "iter_start_ns": 0, "gate_waits": 0,
+                  "gate_wait_ns": 0, "gate_expired": 0, "last_release_lag_ns": 0, "last_hold_lag_ns": 0, "inflight_now": 0,
                   "inflight_waits": 0, "inflight_wait_ns": 0}
 
 
@@ -300,7 +300,8 @@ class GateTable:
             pending=bool(c["pending"]), waiting=c["waiting"], released=bool(c["released"]),
             ops=c["ops"], bytes=c["bytes"], memset_bytes=c["memset_bytes"], mem_held=c["mem_held"],
             mem_peak=c["mem_peak"], iterations=c["iterations"], iter_ns_total=c["iter_ns_total"],
-            iter_ns_last=c["iter_ns_last"], iter_start_ns=c["iter_start_ns"], gate_waits=c["gate_waits"], gate_wait_ns=c["gate_wait_ns"],
+            iter_ns_last=c["iter_ns_last"], iter_start_ns=c["iter_start_ns"], gate_waits=c["gate_waits"],
+            gate_wait_ns=c["gate_wait_ns"],
             gate_expired=c["gate_expired"], last_release_lag_ns=c["last_release_lag_ns"],
             last_hold_lag_ns=c["last_hold_lag_ns"], inflight_now=c["inflight_now"],
             inflight_waits=c["inflight_waits"], inflight_wait_ns=c["inflight_wait_ns"],

@@ -10,8 +10,8 @@ Units: every duration on the wire is a JSON number of milliseconds and its key e
 the table (api.ms_to_ns) and back where it reads it. Counters the table keeps in ns are sent
 in ms ("gate_wait_ms", "iter_total_ms", "iter_last_ms", "last_release_lag_ms",
 "last_hold_lag_ms", "inflight_wait_ms"), and "iter_open_ms" is how long the client's open
-iteration (work dispatched since its last sync) had run when the daemon read it (0: none); their schema-1 nanosecond twins (LEGACY_NS_KEYS:
-"gate_wait_ns", "iter_ns_total", "iter_ns_last", "last_release_lag_ns",
+iteration (work dispatched since its last sync) had run when the daemon read it (0: none);
+their schema-1 nanosecond twins (LEGACY_NS_KEYS: "gate_wait_ns", "iter_ns_total", "iter_ns_last", "last_release_lag_ns",
 "last_hold_lag_ns") are still sent, unchanged in meaning, for readers of schema 1.
 
 Commands
