@@ -205,8 +205,8 @@ class SlotView:
 
 _ZERO_COUNTERS = {"pending": 0, "waiting": 0, "released": 0, "memset_bytes": 0, "mem_held": 0, "mem_peak": 0,
                   "iterations": 0, "iter_ns_total": 0, "iter_ns_last": 0, "iter_start_ns": 0, "gate_waits": 0,
-                  "gate_wait_ns": 0, "gate_expired": 0, "last_release_lag_ns": 0, "last_hold_lag_ns": 0, "inflight_now": 0,
-                  "inflight_waits": 0, "inflight_wait_ns": 0}
+                  "gate_wait_ns": 0, "gate_expired": 0, "last_release_lag_ns": 0, "last_hold_lag_ns": 0,
+                  "inflight_now": 0, "inflight_waits": 0, "inflight_wait_ns": 0}
 
 
 class GateTable:
