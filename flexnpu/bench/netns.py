@@ -55,6 +55,14 @@ class NetnsError(RuntimeError):
     """A topology could not be made (no root, a missing kernel feature, bad input)."""
 
 
+class LinkError(NetnsError):
+    """A link figure out of its bounds: which field, what it must be, what it was."""
+
+    def __init__(self, field: str, want: str, value: float) -> None:
+        super().__init__(f"{field} must be {want}, got {value:g}")
+        self.field, self.want, self.value = field, want, value
+
+
 @dataclass(frozen=True)
 class LinkSpec:
     """One link of the shared network, the same in both directions.
@@ -68,12 +76,12 @@ class LinkSpec:
     mtu: int = 9000
 
     def __post_init__(self) -> None:
-        if not 0 < self.rate_gbit <= 10_000:
-            raise NetnsError(f"rate_gbit must be in (0, 10000], got {self.rate_gbit}")
+        if not 0 < self.rate_gbit <= 10_000:  # NaN fails both comparisons
+            raise LinkError("rate_gbit", "a number above 0 and at most 10000 (Gbit/s)", self.rate_gbit)
         if not 0 <= self.delay_us <= 10_000_000:
-            raise NetnsError(f"delay_us must be in [0, 1e7], got {self.delay_us}")
+            raise LinkError("delay_us", "a number from 0 to 10000000 (us)", self.delay_us)
         if not 1280 <= self.mtu <= 65_000:
-            raise NetnsError(f"mtu must be in [1280, 65000], got {self.mtu}")
+            raise LinkError("mtu", "from 1280 to 65000 (bytes)", self.mtu)
 
     @property
     def rate_bytes(self) -> int:
