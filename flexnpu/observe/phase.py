@@ -290,12 +290,13 @@ class PhaseClassifier:
         # phase. What the process ran before stands; a process that has launched nothing yet
         # is not called decode (under flexpd that would put a new, unknown process first).
         # Kernels launched in an iteration still too short to tell are no evidence either.
-        what = "no kernel launched" if not (f.launches or f.open_launches) else \
-            f"an iteration under way, {f.open_iter_ns / 1e6:.1f} ms so far: too short to tell"
+        launched = bool(f.launches or f.open_launches)
+        what = (f"an iteration under way, {f.open_iter_ns / 1e6:.1f} ms so far: too short to tell" if launched
+                else "no kernel launched")
         if st.seen is not None:
             v = st.seen
             return PhaseVerdict(v.phase, v.source, v.prefill_share, f"{what}; as before ({v.reason})")
-        return PhaseVerdict("idle", "idle", 0.0, what if f.launches or f.open_launches else f"{what} yet")
+        return PhaseVerdict("idle", "idle", 0.0, what if launched else f"{what} yet")
 
     # ---------------------------------------------------------------- verdicts
     def _verdict(self, source: str, p_ns: float, d_ns: float, why: str) -> PhaseVerdict | None:
